@@ -1,0 +1,97 @@
+//! The flow hash: one definition, used by the datapath to pick a ring slot and
+//! by userspace and the tests to predict that choice.
+//!
+//! MurmurHash3 (x86, 32-bit) over a fixed number of 32-bit words: cheap in BPF
+//! (no loops the verifier must bound, no tables), well mixed, and identical on
+//! every little- and big-endian host because words are read little-endian.
+
+const SEED: u32 = 0x6c62_7831; // "lbx1"
+
+#[inline(always)]
+const fn mix(h: u32, k: u32) -> u32 {
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+const fn finish(h: u32, len_bytes: u32) -> u32 {
+    let mut h = h ^ len_bytes;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[inline(always)]
+const fn word(a: &[u8; 16], i: usize) -> u32 {
+    u32::from_le_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]])
+}
+
+/// Hash of a client address alone (`source-ip` hashing: every connection of
+/// one client lands on one backend).
+#[inline(always)]
+pub const fn hash_src(src: &[u8; 16]) -> u32 {
+    let mut h = SEED;
+    h = mix(h, word(src, 0));
+    h = mix(h, word(src, 4));
+    h = mix(h, word(src, 8));
+    h = mix(h, word(src, 12));
+    finish(h, 16)
+}
+
+/// Hash of a flow's 5-tuple. The destination address is left out: within one
+/// VIP's ring it is the same for every flow (ports are host order).
+#[inline(always)]
+pub const fn hash_5tuple(src: &[u8; 16], sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h = SEED;
+    h = mix(h, word(src, 0));
+    h = mix(h, word(src, 4));
+    h = mix(h, word(src, 8));
+    h = mix(h, word(src, 12));
+    h = mix(h, ((sport as u32) << 16) | dport as u32);
+    h = mix(h, proto as u32);
+    finish(h, 24)
+}
+
+/// Hash of a backend address with a seed, for the Maglev permutation.
+#[inline(always)]
+pub const fn hash_addr_seeded(addr: &[u8; 16], seed: u32) -> u32 {
+    let mut h = SEED ^ seed;
+    h = mix(h, word(addr, 0));
+    h = mix(h, word(addr, 4));
+    h = mix(h, word(addr, 8));
+    h = mix(h, word(addr, 12));
+    finish(h, 16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn differs_per_field() {
+        let a = [1u8; 16];
+        let mut b = a;
+        b[15] = 2;
+        assert_ne!(hash_src(&a), hash_src(&b));
+        assert_ne!(hash_5tuple(&a, 1, 80, 6), hash_5tuple(&a, 2, 80, 6));
+        assert_ne!(hash_5tuple(&a, 1, 80, 6), hash_5tuple(&a, 1, 80, 17));
+        assert_ne!(hash_addr_seeded(&a, 1), hash_addr_seeded(&a, 2));
+    }
+
+    #[test]
+    fn known_vector() {
+        // Pins the function: a change here changes every LB node's choices,
+        // so it must be deliberate.
+        let client = [198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(hash_5tuple(&client, 40000, 80, 6), 614508554);
+        assert_eq!(hash_src(&client), 3358244290);
+    }
+}

@@ -1,0 +1,251 @@
+//! Types shared by the XDP datapath (`lb-ebpf`) and userspace (`lb-user`, `tests`).
+//!
+//! Everything here crosses the kernel/user boundary through BPF maps, so every
+//! type is `#[repr(C)]`, states its padding explicitly, and uses integer flags
+//! instead of `bool` or Rust enums. Addresses are stored as 16 bytes in network
+//! order (IPv4 in the first four bytes, the rest zero); ports are host order
+//! (the datapath converts once, when it parses).
+//!
+//! Layout: capacities and map names, then the map key/value types, then the
+//! verdict counters, then the flow hash that kernel and userspace share.
+#![no_std]
+
+pub mod hash;
+
+/// Address family tags used in [`VipKey::family`] and [`Backend::family`].
+pub const AF_INET: u8 = 4;
+pub const AF_INET6: u8 = 6;
+
+/// IP protocol numbers the datapath balances.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Upper bound on VIPs (the VIP id indexes the per-VIP stats and the rings).
+pub const MAX_VIPS: u32 = 64;
+/// Upper bound on backends over all VIPs; id 0 is reserved as "no backend".
+pub const MAX_BACKENDS: u32 = 4096;
+/// Largest Maglev ring a VIP can have (a prime). Each VIP owns two halves of
+/// this size in [`RINGS`](MAP_RINGS) so that an update is one atomic flip.
+pub const MAX_RING_SIZE: u32 = 65537;
+/// Default Maglev ring size (a prime, as Maglev requires).
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Default connection-table size; the agent overrides it at load time.
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
+/// Number of devmap slots for `XDP_REDIRECT` (indexed by ifindex).
+pub const MAX_TX_PORTS: u32 = 256;
+
+/// Map names, as the loader and the pins see them.
+pub const MAP_VIPS: &str = "VIPS";
+pub const MAP_BACKENDS: &str = "BACKENDS";
+pub const MAP_RINGS: &str = "RINGS";
+pub const MAP_FLOWS: &str = "FLOWS";
+pub const MAP_VERDICTS: &str = "VERDICTS";
+pub const MAP_VIP_STATS: &str = "VIP_STATS";
+pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
+pub const MAP_TX_PORTS: &str = "TX_PORTS";
+pub const MAP_SETTINGS: &str = "SETTINGS";
+pub const MAP_DECAP_ADDRS: &str = "DECAP_ADDRS";
+pub const MAP_DECAP_VERDICTS: &str = "DECAP_VERDICTS";
+pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
+
+/// Program names in the object file.
+pub const PROG_BALANCER: &str = "lb_xdp";
+pub const PROG_DECAP: &str = "lb_decap";
+pub const PROG_PASS: &str = "lb_pass";
+pub const PROG_FLOOR_DROP: &str = "floor_drop";
+pub const PROG_FLOOR_TX: &str = "floor_tx";
+
+/// Key of the VIP table: (address, port, protocol). Port 0 matches every port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct VipKey {
+    /// Network order; IPv4 uses the first four bytes.
+    pub addr: [u8; 16],
+    /// Host order; 0 = every port.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u8,
+}
+
+/// [`VipMeta::flags`]: hash the client address only (source-ip stickiness).
+pub const VIP_F_HASH_SRC_IP: u32 = 1 << 0;
+/// [`VipMeta::flags`]: no connection table, every packet goes through the ring.
+pub const VIP_F_NO_FLOW_TABLE: u32 = 1 << 1;
+/// [`VipMeta::flags`]: encapsulate (IPIP / IP6IP6) instead of L2 DSR.
+pub const VIP_F_IPIP: u32 = 1 << 2;
+
+/// Value of the VIP table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct VipMeta {
+    /// Index into the per-VIP stats and the rings, `< MAX_VIPS`.
+    pub vip_id: u32,
+    /// `VIP_F_*` bits.
+    pub flags: u32,
+    /// Which half of the VIP's double-buffered ring is live (0 or 1).
+    pub active_half: u32,
+    /// Ring size M of this VIP (prime, `<= MAX_RING_SIZE`).
+    pub ring_size: u32,
+    /// Idle timeout of this VIP's flows in seconds (0 = only LRU eviction).
+    pub idle_timeout_s: u32,
+    pub _pad: u32,
+}
+
+/// Index of the first slot of a VIP's ring half in the `RINGS` array.
+#[inline(always)]
+pub const fn ring_base(vip_id: u32, half: u32) -> u32 {
+    (vip_id * 2 + (half & 1)) * MAX_RING_SIZE
+}
+
+/// [`Backend::state`] values.
+pub const BACKEND_UP: u8 = 0;
+pub const BACKEND_DRAINING: u8 = 1;
+pub const BACKEND_DOWN: u8 = 2;
+
+/// Value of the backend table, indexed by backend id (id 0 = "no backend").
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Backend {
+    /// Network order; IPv4 uses the first four bytes.
+    pub addr: [u8; 16],
+    /// Next-hop MAC (the backend's, or its gateway's); all zero = not known yet.
+    pub dst_mac: [u8; 6],
+    /// Source MAC to send with (the egress interface's own address).
+    pub src_mac: [u8; 6],
+    /// Egress ifindex; 0 or the ingress ifindex = `XDP_TX`, else `XDP_REDIRECT`.
+    pub ifindex: u32,
+    /// [`AF_INET`] or [`AF_INET6`]; 0 = unused slot.
+    pub family: u8,
+    /// `BACKEND_UP`, `BACKEND_DRAINING` or `BACKEND_DOWN`.
+    pub state: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Key of the connection table: the flow's 5-tuple as the client sent it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Host order.
+    pub sport: u16,
+    /// Host order.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the connection table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Flow {
+    pub backend_id: u32,
+    pub vip_id: u32,
+    /// `bpf_ktime_get_ns()` of the last packet, in seconds (for idle expiry).
+    pub last_seen_s: u64,
+}
+
+/// Packets, bytes and new flows: one per VIP and one per backend (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Global datapath settings (one entry in `SETTINGS`), written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Settings {
+    /// Outer IPv4 source for IPIP: the upper 16 bits come from here, the lower
+    /// 16 from the flow hash, so receivers can spread flows over queues.
+    pub ipip_src_v4: [u8; 4],
+    /// Outer IPv6 source for IP6IP6; the last 4 bytes come from the flow hash.
+    pub ipip_src_v6: [u8; 16],
+}
+
+/// Verdict reasons. Every exit of the balancer increments exactly one of
+/// these, so they sum to the packets the program saw. The names double as
+/// metric labels.
+pub mod verdict {
+    /// Rewritten and sent with `XDP_TX`.
+    pub const TX: u32 = 0;
+    /// Rewritten and sent with `XDP_REDIRECT`.
+    pub const REDIRECT: u32 = 1;
+    /// Not addressed to a VIP: passed to the kernel untouched.
+    pub const PASS_NON_VIP: u32 = 2;
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): passed untouched.
+    pub const PASS_NON_IP: u32 = 3;
+    /// IPv6 with an extension header before the transport header: passed.
+    pub const PASS_IPV6_EXT: u32 = 4;
+    /// Headers shorter than they claim, bad version or IHL: dropped if the
+    /// packet was headed to a VIP, passed (to be judged by the kernel) otherwise.
+    pub const MALFORMED: u32 = 5;
+    /// VIP matched but the ring has no live backend: dropped.
+    pub const NO_BACKEND: u32 = 6;
+    /// IPv4 fragment addressed to a VIP: dropped (documented limitation).
+    pub const FRAGMENT: u32 = 7;
+    /// Backend chosen but its next-hop MAC is not known yet: passed.
+    pub const NO_NEIGH: u32 = 8;
+    /// `bpf_xdp_adjust_head` failed while encapsulating: dropped.
+    pub const ENCAP_FAILED: u32 = 9;
+    /// ICMP error routed to the backend of the flow it belongs to.
+    pub const ICMP_TO_FLOW: u32 = 10;
+    /// Number of verdict reasons.
+    pub const COUNT: u32 = 11;
+
+    /// Metric label of each verdict, by index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "tx",
+        "redirect",
+        "pass_non_vip",
+        "pass_non_ip",
+        "pass_ipv6_ext",
+        "malformed",
+        "no_backend",
+        "fragment",
+        "no_neigh",
+        "encap_failed",
+        "icmp_to_flow",
+    ];
+}
+
+/// Verdict counters of the decap program (in `VERDICTS` of the decap object).
+pub mod decap_verdict {
+    pub const DECAPSULATED: u32 = 0;
+    pub const PASS: u32 = 1;
+    pub const MALFORMED: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], made only of integers and byte
+    // arrays, with explicit padding (checked by bytemuck's derive).
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipMeta {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::Traffic {}
+    unsafe impl aya::Pod for super::Settings {}
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<VipKey>() == 20);
+    assert!(core::mem::size_of::<VipMeta>() == 24);
+    assert!(core::mem::size_of::<Backend>() == 36);
+    assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::size_of::<Flow>() == 16);
+    assert!(core::mem::size_of::<Settings>() == 20);
+};

@@ -1,0 +1,215 @@
+//! Header rewrites: L2 direct server return and IPIP / IP6IP6 encapsulation.
+//!
+//! Preconditions for both: `pkt` came from [`crate::parse::parse`] on this
+//! very `ctx`, and `b` has a known next-hop MAC. On return the packet is
+//! ready to leave; the caller picks `XDP_TX` or `XDP_REDIRECT`.
+
+use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::{AF_INET, Backend, Settings};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
+
+use crate::{
+    csum,
+    parse::{IPPROTO_IPIP, IPPROTO_IPV6, Packet, ptr_at},
+};
+
+const ENCAP_TTL: u8 = 64;
+
+/// Writes the backend's next-hop MAC and our source MAC.
+#[inline(always)]
+pub fn set_macs(ctx: &XdpContext, b: &Backend) -> Result<(), ()> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: ptr_at checked the bounds.
+    unsafe {
+        (*eth).dst_addr = b.dst_mac;
+        (*eth).src_addr = b.src_mac;
+    }
+    Ok(())
+}
+
+/// Moves the L2 header (`l3_off` bytes) from `from` to offset 0.
+/// Precondition: `l3_off <= from`, so the regions do not overlap.
+#[inline(always)]
+fn move_l2(ctx: &XdpContext, from: usize, l3_off: usize) -> Result<(), ()> {
+    // The VLAN tag, if any, follows the Ethernet header: 14 or 18 bytes.
+    let src: *const [u8; 14] = ptr_at(ctx, from)?;
+    let dst: *mut [u8; 14] = ptr_at(ctx, 0)?;
+    // SAFETY: both ranges checked by ptr_at; they do not overlap.
+    unsafe { *dst = *src };
+    if l3_off > EthHdr::LEN {
+        let src: *const [u8; 4] = ptr_at(ctx, from + EthHdr::LEN)?;
+        let dst: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN)?;
+        // SAFETY: as above.
+        unsafe { *dst = *src };
+    }
+    Ok(())
+}
+
+/// Encapsulates the packet to backend `b`. `hash` varies the outer source
+/// address (IPv4: low 16 bits; IPv6: last 32 bits and the flow label) so
+/// that receivers can spread flows over queues.
+#[inline(always)]
+pub fn encap(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    b: &Backend,
+    s: &Settings,
+    hash: u32,
+) -> Result<(), ()> {
+    if pkt.family == AF_INET {
+        encap_v4(ctx, pkt, b, s, hash)
+    } else {
+        encap_v6(ctx, pkt, b, s, hash)
+    }
+}
+
+#[inline(always)]
+fn grow(ctx: &XdpContext, by: usize) -> Result<(), ()> {
+    // SAFETY: the helper only moves ctx->data; every pointer is re-derived
+    // from ctx (and re-checked by ptr_at) afterwards.
+    let rc = unsafe { bpf_xdp_adjust_head(ctx.ctx, -(by as i32)) };
+    if rc != 0 { Err(()) } else { Ok(()) }
+}
+
+#[inline(always)]
+fn encap_v4(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    b: &Backend,
+    s: &Settings,
+    hash: u32,
+) -> Result<(), ()> {
+    // Same value as pkt.l3_off, spelled as one of two constants so the
+    // verifier sees fixed offsets after adjust_head.
+    let l3_off = if pkt.l3_off > EthHdr::LEN {
+        18
+    } else {
+        EthHdr::LEN
+    };
+    // The inner TOS is copied to the outer header (before the head moves).
+    let inner: *const Ipv4Hdr = ptr_at(ctx, l3_off)?;
+    // SAFETY: ptr_at checked the bounds.
+    let tos = unsafe { (*inner).tos };
+    grow(ctx, Ipv4Hdr::LEN)?;
+    move_l2(ctx, Ipv4Hdr::LEN, l3_off)?;
+    set_macs(ctx, b)?;
+
+    let tot_len = pkt.ip_len + Ipv4Hdr::LEN as u16;
+    let src = [
+        s.ipip_src_v4[0],
+        s.ipip_src_v4[1],
+        (hash >> 8) as u8,
+        hash as u8,
+    ];
+    let dst = [b.addr[0], b.addr[1], b.addr[2], b.addr[3]];
+    let words: [u16; 10] = [
+        0x4500 | tos as u16,
+        tot_len,
+        0,
+        0,
+        ((ENCAP_TTL as u16) << 8) | IPPROTO_IPIP as u16,
+        0,
+        u16::from_be_bytes([src[0], src[1]]),
+        u16::from_be_bytes([src[2], src[3]]),
+        u16::from_be_bytes([dst[0], dst[1]]),
+        u16::from_be_bytes([dst[2], dst[3]]),
+    ];
+    let check = csum::ipv4_header(&words);
+    let outer: *mut Ipv4Hdr = ptr_at(ctx, l3_off)?;
+    // SAFETY: ptr_at checked the bounds (after adjust_head).
+    unsafe {
+        (*outer).vihl = 0x45;
+        (*outer).tos = tos;
+        (*outer).tot_len = tot_len.to_be_bytes();
+        (*outer).id = [0, 0];
+        (*outer).frags = [0, 0];
+        (*outer).ttl = ENCAP_TTL;
+        (*outer).proto = IPPROTO_IPIP;
+        (*outer).check = check.to_be_bytes();
+        (*outer).src_addr = src;
+        (*outer).dst_addr = dst;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn encap_v6(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    b: &Backend,
+    s: &Settings,
+    hash: u32,
+) -> Result<(), ()> {
+    let l3_off = if pkt.l3_off > EthHdr::LEN {
+        18
+    } else {
+        EthHdr::LEN
+    };
+    let inner: *const [u8; 2] = ptr_at(ctx, l3_off)?;
+    // SAFETY: ptr_at checked the bounds. Traffic class spans both bytes.
+    let tc_bytes = unsafe { *inner };
+    grow(ctx, Ipv6Hdr::LEN)?;
+    move_l2(ctx, Ipv6Hdr::LEN, l3_off)?;
+    set_macs(ctx, b)?;
+
+    let mut src = s.ipip_src_v6;
+    let hb = hash.to_be_bytes();
+    src[12] = hb[0];
+    src[13] = hb[1];
+    src[14] = hb[2];
+    src[15] = hb[3];
+    let label = hash & 0x000f_ffff;
+    let vcf = [
+        tc_bytes[0],
+        (tc_bytes[1] & 0xf0) | (label >> 16) as u8,
+        (label >> 8) as u8,
+        label as u8,
+    ];
+    let outer: *mut Ipv6Hdr = ptr_at(ctx, l3_off)?;
+    // SAFETY: ptr_at checked the bounds (after adjust_head).
+    unsafe {
+        (*outer).vcf = vcf;
+        (*outer).payload_len = pkt.ip_len.to_be_bytes();
+        (*outer).next_hdr = IPPROTO_IPV6;
+        (*outer).hop_limit = ENCAP_TTL;
+        (*outer).src_addr = src;
+        (*outer).dst_addr = b.addr;
+    }
+    Ok(())
+}
+
+/// Strips an outer IPv4 (protocol 4) or IPv6 (next header 41) header in
+/// front of an inner header of the same family. `outer_len` is the outer
+/// header's length; the L2 header is moved forward over it.
+#[inline(always)]
+pub fn decap(ctx: &XdpContext, l3_off: usize, outer_len: usize) -> Result<(), ()> {
+    // Move L2 forward: copy to [outer_len, outer_len + l3_off).
+    let src: *const [u8; 14] = ptr_at(ctx, 0)?;
+    let dst: *mut [u8; 14] = ptr_at(ctx, outer_len)?;
+    // Read the whole L2 header into locals before writing, so the source and
+    // destination ranges may overlap (they do with a VLAN tag and IPv4).
+    // SAFETY: bounds checked by ptr_at.
+    let (eth, tag) = unsafe {
+        let eth = *src;
+        let tag = if l3_off > EthHdr::LEN {
+            let t: *const [u8; 4] = ptr_at(ctx, EthHdr::LEN)?;
+            Some(*t)
+        } else {
+            None
+        };
+        (eth, tag)
+    };
+    // SAFETY: bounds checked above.
+    unsafe { *dst = eth };
+    if let Some(tag) = tag {
+        let t: *mut [u8; 4] = ptr_at(ctx, outer_len + EthHdr::LEN)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { *t = tag };
+    }
+    // SAFETY: shrinking the head; pointers are re-derived afterwards.
+    let rc = unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) };
+    if rc != 0 { Err(()) } else { Ok(()) }
+}

@@ -1,0 +1,60 @@
+//! Every map of the datapath, in one place. Sizes here are defaults: the
+//! loader resizes `FLOWS` (and may shrink `RINGS`) at load time.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, DEFAULT_FLOW_TABLE_SIZE, Flow, FlowKey, MAX_BACKENDS, MAX_RING_SIZE, MAX_TX_PORTS,
+    MAX_VIPS, Settings, Traffic, VipKey, VipMeta, decap_verdict, verdict,
+};
+
+/// (address, port, protocol) → VIP. Port 0 entries match every port.
+#[map(name = "VIPS")]
+pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS * 2, 0);
+
+/// Addresses that carry at least one VIP (port 0, protocol 0 keys), so that
+/// fragments, which may lack ports, can be recognised as VIP traffic.
+#[map(name = "VIP_ADDRS")]
+pub static VIP_ADDRS: HashMap<VipKey, u32> = HashMap::with_max_entries(MAX_VIPS * 2, 0);
+
+/// Backend id → backend. Id 0 stays zeroed: "no backend".
+#[map(name = "BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Maglev rings: for VIP v and half h, slots `ring_base(v, h) ..+ ring_size`
+/// hold backend ids.
+#[map(name = "RINGS")]
+pub static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * 2 * MAX_RING_SIZE, 0);
+
+/// Connection table: client 5-tuple → backend.
+#[map(name = "FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+/// One counter per verdict reason.
+#[map(name = "VERDICTS")]
+pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(verdict::COUNT, 0);
+
+/// One counter per `decap_verdict` reason of the decap program.
+#[map(name = "DECAP_VERDICTS")]
+pub static DECAP_VERDICTS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(decap_verdict::COUNT, 0);
+
+#[map(name = "VIP_STATS")]
+pub static VIP_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+
+#[map(name = "BACKEND_STATS")]
+pub static BACKEND_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Egress interfaces for `XDP_REDIRECT`, keyed by ifindex.
+#[map(name = "TX_PORTS")]
+pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
+
+#[map(name = "SETTINGS")]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// Addresses the `decap` program strips tunnels for (the backend's own).
+#[map(name = "DECAP_ADDRS")]
+pub static DECAP_ADDRS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(64, 0);

@@ -1,0 +1,290 @@
+//! Packet parsing: the only place that computes header offsets.
+//!
+//! [`parse`] reads Ethernet (at most one 802.1Q tag), IPv4 (any IHL) or IPv6
+//! (no extension headers), then TCP, UDP, or the header embedded in an
+//! ICMP "fragmentation needed" / ICMPv6 "packet too big" error, and fills one
+//! [`Packet`]. Byte order is converted here, once; later stages read only the
+//! `Packet`.
+
+use aya_ebpf::programs::XdpContext;
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_IPV6: u8 = 41;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+/// IPv4 `frag_off` bits: more-fragments flag and the offset.
+const IPV4_MF_OFFSET: u16 = 0x3fff;
+const ICMP_HDR_LEN: usize = 8;
+
+/// The packet description every later stage reads.
+///
+/// For an ICMP error, the addresses and ports are those of the flow the error
+/// is about, as the client sent it (the embedded header reversed), so the
+/// error reaches the same backend as its flow.
+pub struct Packet {
+    /// Offset of the (outer) IP header: 14, or 18 with a VLAN tag.
+    pub l3_off: usize,
+    /// [`lb_common::AF_INET`] or [`lb_common::AF_INET6`].
+    pub family: u8,
+    /// Transport protocol of the flow (TCP or UDP for a balanced packet).
+    pub proto: u8,
+    /// Client address (network order, IPv4 in the first four bytes).
+    pub src: [u8; 16],
+    /// Destination (VIP) address.
+    pub dst: [u8; 16],
+    /// Host order.
+    pub sport: u16,
+    /// Host order.
+    pub dport: u16,
+    /// Bytes from the IP header to the end of the IP packet.
+    pub ip_len: u16,
+    /// IPv4 fragment (first or later).
+    pub fragment: bool,
+    /// An ICMP error about a VIP flow.
+    pub icmp_error: bool,
+}
+
+/// Why [`parse`] did not produce a [`Packet`].
+pub enum Skip {
+    /// Neither IPv4 nor IPv6.
+    NotIp,
+    /// IPv6 with an extension header before the transport header.
+    Ipv6Ext,
+    /// Truncated or inconsistent headers.
+    Malformed,
+}
+
+/// The only way to touch packet memory: a pointer to a `T` at `off`, or
+/// `Err` if the packet is too short.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Result<*mut T, ()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return Err(());
+    }
+    Ok((start + off) as *mut T)
+}
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+#[inline(always)]
+fn v4_addr(a: [u8; 4]) -> [u8; 16] {
+    [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
+/// Reads the Ethernet header (and one VLAN tag). Returns (ethertype, l3 offset).
+#[inline(always)]
+pub fn parse_l2(ctx: &XdpContext) -> Result<(u16, usize), Skip> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).map_err(|_| Skip::Malformed)?;
+    // SAFETY: ptr_at checked the bounds.
+    let ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    if ether_type == ETH_P_8021Q {
+        let vlan: *const VlanHdr = ptr_at(ctx, EthHdr::LEN).map_err(|_| Skip::Malformed)?;
+        // SAFETY: ptr_at checked the bounds.
+        let inner = u16::from_be(unsafe { (*vlan).ether_type });
+        return Ok((inner, EthHdr::LEN + VlanHdr::LEN));
+    }
+    Ok((ether_type, EthHdr::LEN))
+}
+
+/// Parses the whole packet. See the module documentation.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, Skip> {
+    let (ether_type, l3_off) = parse_l2(ctx)?;
+    match ether_type {
+        ETH_P_IP => parse_v4(ctx, l3_off),
+        ETH_P_IPV6 => parse_v6(ctx, l3_off),
+        _ => Err(Skip::NotIp),
+    }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &XdpContext, l3_off: usize) -> Result<Packet, Skip> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off).map_err(|_| Skip::Malformed)?;
+    // SAFETY (each read below): ptr_at checked the bounds of the whole header.
+    let vihl = unsafe { (*ip).vihl };
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return Err(Skip::Malformed);
+    }
+    let tot_len = be16(unsafe { (*ip).tot_len });
+    if (tot_len as usize) < ihl || ctx.data() + l3_off + tot_len as usize > ctx.data_end() {
+        return Err(Skip::Malformed);
+    }
+    let proto = unsafe { (*ip).proto };
+    let fragment = be16(unsafe { (*ip).frags }) & IPV4_MF_OFFSET != 0;
+    let src = v4_addr(unsafe { (*ip).src_addr });
+    let dst = v4_addr(unsafe { (*ip).dst_addr });
+    let mut pkt = Packet {
+        l3_off,
+        family: lb_common::AF_INET,
+        proto,
+        src,
+        dst,
+        sport: 0,
+        dport: 0,
+        ip_len: tot_len,
+        fragment,
+        icmp_error: false,
+    };
+    if fragment {
+        // Later fragments carry no ports; the caller drops VIP fragments.
+        return Ok(pkt);
+    }
+    let l4_off = l3_off + ihl;
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let (s, d) = ports(ctx, l4_off, proto)?;
+            pkt.sport = s;
+            pkt.dport = d;
+        }
+        IPPROTO_ICMP => icmp4_error(ctx, l4_off, &mut pkt)?,
+        _ => {}
+    }
+    Ok(pkt)
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &XdpContext, l3_off: usize) -> Result<Packet, Skip> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, l3_off).map_err(|_| Skip::Malformed)?;
+    // SAFETY (each read below): ptr_at checked the bounds of the whole header.
+    if unsafe { (*ip).vcf[0] } >> 4 != 6 {
+        return Err(Skip::Malformed);
+    }
+    let payload_len = be16(unsafe { (*ip).payload_len });
+    if ctx.data() + l3_off + Ipv6Hdr::LEN + payload_len as usize > ctx.data_end() {
+        return Err(Skip::Malformed);
+    }
+    let proto = unsafe { (*ip).next_hdr };
+    let mut pkt = Packet {
+        l3_off,
+        family: lb_common::AF_INET6,
+        proto,
+        src: unsafe { (*ip).src_addr },
+        dst: unsafe { (*ip).dst_addr },
+        sport: 0,
+        dport: 0,
+        ip_len: payload_len + Ipv6Hdr::LEN as u16,
+        fragment: false,
+        icmp_error: false,
+    };
+    let l4_off = l3_off + Ipv6Hdr::LEN;
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let (s, d) = ports(ctx, l4_off, proto)?;
+            pkt.sport = s;
+            pkt.dport = d;
+        }
+        IPPROTO_ICMPV6 => icmp6_error(ctx, l4_off, &mut pkt)?,
+        // Hop-by-hop, routing, fragment, destination options, AH, ESP,
+        // mobility, HIP, shim6: the transport header is further in.
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 => return Err(Skip::Ipv6Ext),
+        _ => {}
+    }
+    Ok(pkt)
+}
+
+/// Source and destination port (host order) of a TCP or UDP header.
+#[inline(always)]
+fn ports(ctx: &XdpContext, l4_off: usize, proto: u8) -> Result<(u16, u16), Skip> {
+    if proto == IPPROTO_TCP {
+        let th: *const TcpHdr = ptr_at(ctx, l4_off).map_err(|_| Skip::Malformed)?;
+        // SAFETY: ptr_at checked the bounds.
+        let (s, d) = unsafe { ((*th).source, (*th).dest) };
+        Ok((be16(s), be16(d)))
+    } else {
+        let uh: *const UdpHdr = ptr_at(ctx, l4_off).map_err(|_| Skip::Malformed)?;
+        // SAFETY: ptr_at checked the bounds.
+        let (s, d) = unsafe { ((*uh).src, (*uh).dst) };
+        Ok((be16(s), be16(d)))
+    }
+}
+
+/// First 4 bytes of the embedded transport header: its two ports, read as
+/// raw big-endian pairs (an ICMP error quotes at least 8 bytes of it).
+#[inline(always)]
+fn quoted_ports(ctx: &XdpContext, off: usize) -> Result<(u16, u16), Skip> {
+    let p: *const [u8; 4] = ptr_at(ctx, off).map_err(|_| Skip::Malformed)?;
+    // SAFETY: ptr_at checked the bounds.
+    let b = unsafe { *p };
+    Ok((be16([b[0], b[1]]), be16([b[2], b[3]])))
+}
+
+/// If this ICMP packet is "fragmentation needed", rewrites `pkt` to describe
+/// the flow the quoted header belongs to. Other ICMP types are left alone.
+#[inline(always)]
+fn icmp4_error(ctx: &XdpContext, l4_off: usize, pkt: &mut Packet) -> Result<(), Skip> {
+    let icmp: *const [u8; 2] = ptr_at(ctx, l4_off).map_err(|_| Skip::Malformed)?;
+    // SAFETY: ptr_at checked the bounds.
+    let [ty, code] = unsafe { *icmp };
+    if ty != ICMP_DEST_UNREACH || code != ICMP_FRAG_NEEDED {
+        return Ok(());
+    }
+    let inner_off = l4_off + ICMP_HDR_LEN;
+    let ip: *const Ipv4Hdr = ptr_at(ctx, inner_off).map_err(|_| Skip::Malformed)?;
+    // SAFETY (each read below): ptr_at checked the bounds of the whole header.
+    let vihl = unsafe { (*ip).vihl };
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return Err(Skip::Malformed);
+    }
+    let proto = unsafe { (*ip).proto };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Ok(());
+    }
+    // The quoted packet went from the VIP to the client: reverse it.
+    let (vip_port, client_port) = quoted_ports(ctx, inner_off + ihl)?;
+    pkt.src = v4_addr(unsafe { (*ip).dst_addr });
+    pkt.dst = v4_addr(unsafe { (*ip).src_addr });
+    pkt.sport = client_port;
+    pkt.dport = vip_port;
+    pkt.proto = proto;
+    pkt.icmp_error = true;
+    Ok(())
+}
+
+/// The ICMPv6 "packet too big" counterpart of [`icmp4_error`].
+#[inline(always)]
+fn icmp6_error(ctx: &XdpContext, l4_off: usize, pkt: &mut Packet) -> Result<(), Skip> {
+    let icmp: *const [u8; 2] = ptr_at(ctx, l4_off).map_err(|_| Skip::Malformed)?;
+    // SAFETY: ptr_at checked the bounds.
+    let [ty, _code] = unsafe { *icmp };
+    if ty != ICMPV6_PKT_TOOBIG {
+        return Ok(());
+    }
+    let inner_off = l4_off + ICMP_HDR_LEN;
+    let ip: *const Ipv6Hdr = ptr_at(ctx, inner_off).map_err(|_| Skip::Malformed)?;
+    // SAFETY (each read below): ptr_at checked the bounds of the whole header.
+    let proto = unsafe { (*ip).next_hdr };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Ok(());
+    }
+    let (vip_port, client_port) = quoted_ports(ctx, inner_off + Ipv6Hdr::LEN)?;
+    pkt.src = unsafe { (*ip).dst_addr };
+    pkt.dst = unsafe { (*ip).src_addr };
+    pkt.sport = client_port;
+    pkt.dport = vip_port;
+    pkt.proto = proto;
+    pkt.icmp_error = true;
+    Ok(())
+}

@@ -1,0 +1,286 @@
+//! A typed facade over the datapath's maps. The agent and the tests program
+//! the datapath only through this module.
+//!
+//! Ring updates are atomic from the datapath's point of view: the new table
+//! is written into the VIP's idle half, then the VIP entry is replaced in one
+//! map update that flips `active_half`.
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
+};
+use lb_common::{
+    Backend, Flow, FlowKey, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, Settings, Traffic, VipKey,
+    VipMeta, decap_verdict, ring_base, verdict,
+};
+
+/// What went wrong programming the datapath.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("map `{name}` is missing from the datapath object")]
+    MissingMap { name: &'static str },
+    #[error("map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("no VIP {key:?} in the datapath")]
+    NoSuchVip { key: VipKey },
+    #[error("VIP id {id} is out of range (at most {max} VIPs)")]
+    VipIdOutOfRange { id: u32, max: u32 },
+    #[error("backend id {id} is out of range (1..{max}; 0 is reserved)")]
+    BackendIdOutOfRange { id: u32, max: u32 },
+    #[error("ring of size {size} is not allowed (1..={max})")]
+    BadRingSize { size: usize, max: u32 },
+    #[error("devmap: {0}")]
+    DevMap(String),
+}
+
+type Result<T> = std::result::Result<T, DataplaneError>;
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+/// The `ADDRS` key for an address: port 0, protocol 0.
+fn addr_key(key: &VipKey) -> VipKey {
+    VipKey {
+        addr: key.addr,
+        port: 0,
+        proto: 0,
+        family: key.family,
+    }
+}
+
+/// Typed access to a loaded datapath's maps.
+pub struct Dataplane<'a> {
+    ebpf: &'a mut Ebpf,
+}
+
+impl<'a> Dataplane<'a> {
+    pub fn new(ebpf: &'a mut Ebpf) -> Self {
+        Self { ebpf }
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap { name })
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
+        self.ebpf
+            .map(name)
+            .ok_or(DataplaneError::MissingMap { name })
+    }
+
+    fn vips(&mut self) -> Result<HashMap<&mut MapData, VipKey, VipMeta>> {
+        let name = lb_common::MAP_VIPS;
+        HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))
+    }
+
+    /// Adds or replaces a VIP. `meta.active_half` and `meta.ring_size` are
+    /// kept from the existing entry if there is one (the ring stays live).
+    pub fn upsert_vip(&mut self, key: &VipKey, mut meta: VipMeta) -> Result<()> {
+        if meta.vip_id >= MAX_VIPS {
+            return Err(DataplaneError::VipIdOutOfRange {
+                id: meta.vip_id,
+                max: MAX_VIPS,
+            });
+        }
+        let mut vips = self.vips()?;
+        if let Ok(old) = vips.get(key, 0)
+            && old.vip_id == meta.vip_id
+        {
+            meta.active_half = old.active_half;
+            meta.ring_size = old.ring_size;
+        }
+        vips.insert(key, meta, 0)
+            .map_err(map_err(lb_common::MAP_VIPS))?;
+        let name = lb_common::MAP_VIP_ADDRS;
+        let mut addrs: HashMap<_, VipKey, u32> =
+            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        addrs.insert(addr_key(key), 1, 0).map_err(map_err(name))
+    }
+
+    /// The VIP entry for `key`.
+    pub fn vip(&mut self, key: &VipKey) -> Result<VipMeta> {
+        self.vips()?
+            .get(key, 0)
+            .map_err(|_| DataplaneError::NoSuchVip { key: *key })
+    }
+
+    /// Every VIP in the datapath.
+    pub fn list_vips(&mut self) -> Result<Vec<(VipKey, VipMeta)>> {
+        let vips = self.vips()?;
+        vips.iter()
+            .map(|r| r.map_err(map_err(lb_common::MAP_VIPS)))
+            .collect()
+    }
+
+    /// Removes a VIP (its ring slots are left as they are; a new VIP with the
+    /// same id overwrites them before it goes live).
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        let mut vips = self.vips()?;
+        vips.remove(key)
+            .map_err(|_| DataplaneError::NoSuchVip { key: *key })?;
+        let still_used = vips
+            .keys()
+            .filter_map(|k| k.ok())
+            .any(|k| k.addr == key.addr && k.family == key.family);
+        if !still_used {
+            let name = lb_common::MAP_VIP_ADDRS;
+            let mut addrs: HashMap<_, VipKey, u32> =
+                HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+            let _ = addrs.remove(&addr_key(key));
+        }
+        Ok(())
+    }
+
+    /// Writes backend `id` (1..MAX_BACKENDS).
+    pub fn set_backend(&mut self, id: u32, b: &Backend) -> Result<()> {
+        if id == 0 || id >= MAX_BACKENDS {
+            return Err(DataplaneError::BackendIdOutOfRange {
+                id,
+                max: MAX_BACKENDS,
+            });
+        }
+        let name = lb_common::MAP_BACKENDS;
+        let mut a: Array<_, Backend> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        a.set(id, b, 0).map_err(map_err(name))
+    }
+
+    /// Reads backend `id`.
+    pub fn backend(&self, id: u32) -> Result<Backend> {
+        let name = lb_common::MAP_BACKENDS;
+        let a: Array<_, Backend> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
+        a.get(&id, 0).map_err(map_err(name))
+    }
+
+    /// Changes only the state of backend `id` (`BACKEND_UP`, `_DRAINING`, `_DOWN`).
+    pub fn set_backend_state(&mut self, id: u32, state: u8) -> Result<()> {
+        let mut b = self.backend(id)?;
+        b.state = state;
+        self.set_backend(id, &b)
+    }
+
+    /// Installs a Maglev table for the VIP: fills the idle half, then flips
+    /// the VIP to it in one update. The table's length is the ring size.
+    pub fn install_ring(&mut self, key: &VipKey, table: &[u32]) -> Result<()> {
+        if table.is_empty() || table.len() > MAX_RING_SIZE as usize {
+            return Err(DataplaneError::BadRingSize {
+                size: table.len(),
+                max: MAX_RING_SIZE,
+            });
+        }
+        let mut meta = self.vip(key)?;
+        let idle = meta.active_half ^ 1;
+        let base = ring_base(meta.vip_id, idle);
+        {
+            let name = lb_common::MAP_RINGS;
+            let mut rings: Array<_, u32> =
+                Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+            for (i, id) in table.iter().enumerate() {
+                rings.set(base + i as u32, id, 0).map_err(map_err(name))?;
+            }
+        }
+        meta.active_half = idle;
+        meta.ring_size = table.len() as u32;
+        self.vips()?
+            .insert(key, meta, 0)
+            .map_err(map_err(lb_common::MAP_VIPS))
+    }
+
+    /// The VIP's live ring, as the datapath reads it.
+    pub fn ring(&mut self, key: &VipKey) -> Result<Vec<u32>> {
+        let meta = self.vip(key)?;
+        let base = ring_base(meta.vip_id, meta.active_half);
+        let name = lb_common::MAP_RINGS;
+        let rings: Array<_, u32> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
+        (0..meta.ring_size)
+            .map(|i| rings.get(&(base + i), 0).map_err(map_err(name)))
+            .collect()
+    }
+
+    /// Sets the global settings (IPIP outer source addresses).
+    pub fn set_settings(&mut self, s: &Settings) -> Result<()> {
+        let name = lb_common::MAP_SETTINGS;
+        let mut a: Array<_, Settings> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        a.set(0, s, 0).map_err(map_err(name))
+    }
+
+    /// Adds `ifindex` as a redirect target.
+    pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        let name = lb_common::MAP_TX_PORTS;
+        let mut m: DevMapHash<_> =
+            DevMapHash::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        m.insert(ifindex, ifindex, None, 0)
+            .map_err(|e| DataplaneError::DevMap(e.to_string()))
+    }
+
+    /// Adds a local address the `decap` program strips tunnels for.
+    pub fn add_decap_addr(&mut self, addr: [u8; 16]) -> Result<()> {
+        let name = lb_common::MAP_DECAP_ADDRS;
+        let mut m: HashMap<_, [u8; 16], u32> =
+            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        m.insert(addr, 1, 0).map_err(map_err(name))
+    }
+
+    fn sum_counters(&self, name: &'static str, count: u32) -> Result<Vec<u64>> {
+        let a: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
+        (0..count)
+            .map(|i| a.get(&i, 0).map(|v| v.iter().sum()).map_err(map_err(name)))
+            .collect()
+    }
+
+    /// Verdict counters of the balancer, summed over CPUs, by `verdict::*` index.
+    pub fn verdicts(&self) -> Result<Vec<u64>> {
+        self.sum_counters(lb_common::MAP_VERDICTS, verdict::COUNT)
+    }
+
+    /// Verdict counters of the decap program, by `decap_verdict::*` index.
+    pub fn decap_verdicts(&self) -> Result<Vec<u64>> {
+        self.sum_counters(lb_common::MAP_DECAP_VERDICTS, decap_verdict::COUNT)
+    }
+
+    fn traffic(&self, name: &'static str, id: u32) -> Result<Traffic> {
+        let a: PerCpuArray<_, Traffic> =
+            PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
+        let per_cpu = a.get(&id, 0).map_err(map_err(name))?;
+        Ok(per_cpu.iter().fold(Traffic::default(), |acc, t| Traffic {
+            packets: acc.packets + t.packets,
+            bytes: acc.bytes + t.bytes,
+            new_flows: acc.new_flows + t.new_flows,
+        }))
+    }
+
+    /// Packets, bytes and new flows of a VIP, summed over CPUs.
+    pub fn vip_traffic(&self, vip_id: u32) -> Result<Traffic> {
+        self.traffic(lb_common::MAP_VIP_STATS, vip_id)
+    }
+
+    /// Packets, bytes and new flows of a backend, summed over CPUs.
+    pub fn backend_traffic(&self, id: u32) -> Result<Traffic> {
+        self.traffic(lb_common::MAP_BACKEND_STATS, id)
+    }
+
+    /// The connection-table entry of a flow, if any.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<Flow>> {
+        let name = lb_common::MAP_FLOWS;
+        let m: HashMap<_, FlowKey, Flow> =
+            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        Ok(m.get(key, 0).ok())
+    }
+
+    /// Every entry in the connection table.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
+        let name = lb_common::MAP_FLOWS;
+        let m: HashMap<_, FlowKey, Flow> =
+            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        Ok(m.iter().filter_map(|r| r.ok()).collect())
+    }
+}

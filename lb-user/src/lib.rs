@@ -1,0 +1,5 @@
+//! The userspace side of the load balancer: loading the datapath and
+//! programming its maps (`loader`, `dataplane`).
+
+pub mod dataplane;
+pub mod loader;

@@ -1,0 +1,211 @@
+//! Test support for the privileged tests: loading the datapath, running it
+//! through BPF_PROG_TEST_RUN, building packets (etherparse), and network
+//! namespaces that are always removed.
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf,
+    programs::{TestRun, TestRunOptions},
+};
+use etherparse::PacketBuilder;
+pub use lb_user::{dataplane::Dataplane, loader};
+
+/// MACs used in fixtures.
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
+
+/// Loads the datapath with a small connection table (tests run many loads).
+pub fn load() -> Result<Ebpf> {
+    loader::load(&loader::LoadOptions {
+        flow_table_size: 65536,
+    })
+}
+
+/// Result of one BPF_PROG_TEST_RUN.
+#[derive(Debug)]
+pub struct Run {
+    pub action: u32,
+    pub out: Vec<u8>,
+}
+
+/// Runs program `prog` once on `pkt`.
+pub fn run(ebpf: &mut Ebpf, prog: &str, pkt: &[u8]) -> Result<Run> {
+    let p = loader::xdp_program(ebpf, prog)?;
+    let mut out = vec![0u8; pkt.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(pkt),
+        data_out: Some(&mut out),
+        ..Default::default()
+    };
+    let r = p.test_run(opts).context("BPF_PROG_TEST_RUN failed")?;
+    out.truncate(r.data_size_out as usize);
+    Ok(Run {
+        action: r.return_value,
+        out,
+    })
+}
+
+/// Runs `prog` `repeat` times on `pkt` and returns the kernel's mean ns per run.
+pub fn time(ebpf: &mut Ebpf, prog: &str, pkt: &[u8], repeat: u32) -> Result<f64> {
+    let p = loader::xdp_program(ebpf, prog)?;
+    let mut out = vec![0u8; pkt.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(pkt),
+        data_out: Some(&mut out),
+        repeat,
+        ..Default::default()
+    };
+    let r = p.test_run(opts).context("BPF_PROG_TEST_RUN failed")?;
+    Ok(r.duration.as_nanos() as f64)
+}
+
+/// XDP action codes.
+pub mod action {
+    pub const ABORTED: u32 = 0;
+    pub const DROP: u32 = 1;
+    pub const PASS: u32 = 2;
+    pub const TX: u32 = 3;
+    pub const REDIRECT: u32 = 4;
+}
+
+/// Address helpers: 16-byte network-order form used by the maps.
+pub fn v4(a: [u8; 4]) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    o[..4].copy_from_slice(&a);
+    o
+}
+
+pub fn v6(a: std::net::Ipv6Addr) -> [u8; 16] {
+    a.octets()
+}
+
+/// An Ethernet/IPv4/TCP SYN from `src:sport` to `dst:dport`.
+pub fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1000, 65535)
+        .syn();
+    let mut v = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut v, payload)
+        .expect("writing to a Vec cannot fail");
+    v
+}
+
+/// An Ethernet/IPv4/UDP datagram.
+pub fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4(src, dst, 64)
+        .udp(sport, dport);
+    let mut v = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut v, payload)
+        .expect("writing to a Vec cannot fail");
+    v
+}
+
+/// An Ethernet/IPv6/TCP SYN.
+pub fn tcp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv6(src, dst, 64)
+        .tcp(sport, dport, 1000, 65535)
+        .syn();
+    let mut v = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut v, payload)
+        .expect("writing to a Vec cannot fail");
+    v
+}
+
+/// An Ethernet/IPv6/UDP datagram.
+pub fn udp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv6(src, dst, 64)
+        .udp(sport, dport);
+    let mut v = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut v, payload)
+        .expect("writing to a Vec cannot fail");
+    v
+}
+
+/// Runs a command, failing with its stderr if it fails.
+pub fn sh(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace that is deleted when dropped (also when a test fails
+/// and unwinds). Names carry the test's prefix and the pid, so parallel and
+/// crashed runs never collide; [`Netns::sweep`] removes leftovers.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Result<Self> {
+        let name = format!("lbt-{tag}-{}", std::process::id());
+        let _ = sh("ip", &["netns", "del", &name]);
+        sh("ip", &["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.exec("ip", &["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, cmd: &str, args: &[&str]) -> Result<String> {
+        let mut a = vec!["netns", "exec", &self.name, cmd];
+        a.extend_from_slice(args);
+        sh("ip", &a)
+    }
+
+    /// Runs `f` with the calling thread moved into the namespace, then moves
+    /// it back. Sockets and BPF attachments made in `f` belong to it.
+    pub fn enter<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        use std::os::fd::AsRawFd;
+        let own = std::fs::File::open("/proc/thread-self/ns/net").context("opening own netns")?;
+        let target =
+            std::fs::File::open(format!("/run/netns/{}", self.name)).context("opening netns")?;
+        // SAFETY: setns on valid fds only changes this thread's namespace.
+        if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!(
+                "setns into {}: {}",
+                self.name,
+                std::io::Error::last_os_error()
+            );
+        }
+        let r = f();
+        // SAFETY: as above.
+        if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns back: {}", std::io::Error::last_os_error());
+        }
+        Ok(r)
+    }
+
+    /// Deletes every namespace an earlier (crashed) run of this tag left.
+    pub fn sweep(tag: &str) {
+        if let Ok(list) = sh("ip", &["netns", "list"]) {
+            for line in list.lines() {
+                let name = line.split_whitespace().next().unwrap_or("");
+                if name.starts_with(&format!("lbt-{tag}-")) {
+                    let _ = sh("ip", &["netns", "del", name]);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh("ip", &["netns", "del", &self.name]);
+    }
+}

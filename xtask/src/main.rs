@@ -1,0 +1,368 @@
+//! Developer and CI tasks: `setup` (idempotent prerequisite installer),
+//! `test` (the whole suite, as CI runs it), `demo` (the README's first
+//! command), `bench`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod demo;
+
+#[derive(Parser)]
+#[command(about = "Developer and CI tasks for the load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (only what is missing).
+    Setup,
+    /// fmt check, clippy, unit tests, privileged tests: what CI runs.
+    Test,
+    /// Build, load and attach the datapath in a throw-away namespace and show it working.
+    Demo,
+    /// Benchmarks (`micro`: ns/packet through BPF_PROG_TEST_RUN).
+    Bench {
+        #[arg(default_value = "micro")]
+        suite: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The nightly that builds the eBPF crate must use this LLVM major, the one
+/// bpf-linker is built against.
+const LLVM_MAJOR: &str = "22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the tests and the demo use.
+const APT_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("ethtool", "ethtool")];
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Test => test(),
+        Cmd::Demo => {
+            setup()?;
+            demo::run_demo(&root()?)
+        }
+        Cmd::Bench { suite, json } => {
+            setup()?;
+            bench(&suite, json)
+        }
+    }
+}
+
+fn root() -> Result<PathBuf> {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    Ok(Path::new(dir)
+        .parent()
+        .context("xtask has no parent directory")?
+        .to_path_buf())
+}
+
+fn step(msg: &str) {
+    eprintln!("\x1b[1m==> {msg}\x1b[0m");
+}
+
+/// Runs a command with inherited output; fails if it fails.
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout, or None if it cannot run or fails.
+fn output(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn have(cmd: &str) -> bool {
+    output("sh", &["-c", &format!("command -v {cmd}")]).is_some()
+}
+
+fn setup() -> Result<()> {
+    step("setup: checking prerequisites");
+    if !have("rustup") {
+        bail!(
+            "rustup is missing; install it from your distribution or rustup.rs, then rerun `cargo xtask setup`"
+        );
+    }
+    // Host toolchain (pinned in rust-toolchain.toml) and its components.
+    let toolchains = output("rustup", &["toolchain", "list"]).unwrap_or_default();
+    if !toolchains.lines().any(|l| l.starts_with("1.95.0")) {
+        bail!("the pinned host toolchain 1.95.0 is missing; run `rustup toolchain install 1.95.0`");
+    }
+    let comps = output(
+        "rustup",
+        &["component", "list", "--toolchain", "1.95.0", "--installed"],
+    )
+    .unwrap_or_default();
+    for c in ["rustfmt", "clippy"] {
+        if !comps.lines().any(|l| l.starts_with(c)) {
+            eprintln!("    installing {c} for 1.95.0");
+            run(Command::new("rustup").args(["component", "add", c, "--toolchain", "1.95.0"]))?;
+        }
+    }
+    // The nightly that builds the eBPF crate: present, right LLVM, rust-src.
+    let Some(vv) = output("rustup", &["run", "nightly", "rustc", "-vV"]) else {
+        bail!(
+            "the `nightly` toolchain is missing; install one that uses LLVM {LLVM_MAJOR} \
+             (e.g. `rustup toolchain install nightly-2026-05-19 && rustup default stable`, then \
+             `rustup toolchain link nightly ...`); newer nightlies use LLVM 23, which bpf-linker {BPF_LINKER_VERSION} cannot read"
+        );
+    };
+    let llvm = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .unwrap_or("?")
+        .to_string();
+    if llvm.split('.').next() != Some(LLVM_MAJOR) {
+        bail!(
+            "the `nightly` toolchain uses LLVM {llvm}, but bpf-linker is built against LLVM {LLVM_MAJOR}; \
+             install a nightly with LLVM {LLVM_MAJOR} (2026-05-19 has 22.1) and do not update it"
+        );
+    }
+    let ncomps = output(
+        "rustup",
+        &["component", "list", "--toolchain", "nightly", "--installed"],
+    )
+    .unwrap_or_default();
+    if !ncomps.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("    installing rust-src for nightly (needed to build core for the BPF target)");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))
+        .context("`rustup component add rust-src --toolchain nightly` failed")?;
+    }
+    // Debian packages: LLVM 22 for bpf-linker, and the tools the tests use.
+    let mut missing: Vec<&str> = Vec::new();
+    if !Path::new(&format!("/usr/lib/llvm-{LLVM_MAJOR}/bin/llvm-config")).exists() {
+        missing.push("llvm-22-dev");
+    }
+    for (cmd, pkg) in APT_PACKAGES {
+        if !have(cmd) && !Path::new(&format!("/usr/sbin/{cmd}")).exists() {
+            missing.push(pkg);
+        }
+    }
+    if !missing.is_empty() {
+        eprintln!("    installing Debian packages: {}", missing.join(" "));
+        let fix = format!("apt-get update && apt-get install -y {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-qq"]))
+            .with_context(|| format!("apt-get update failed; run as root: {fix}"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+        .with_context(|| {
+            format!(
+                "installing {} failed; run as root: {fix}",
+                missing.join(" ")
+            )
+        })?;
+    }
+    // bpf-linker, built against LLVM 22.
+    let linker = output("bpf-linker", &["--version"]).unwrap_or_default();
+    if !linker.contains(BPF_LINKER_VERSION) {
+        eprintln!(
+            "    installing bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about a minute)"
+        );
+        let fix = format!(
+            "LLVM_PREFIX=/usr/lib/llvm-{LLVM_MAJOR} cargo install bpf-linker@{BPF_LINKER_VERSION} --locked \
+             --no-default-features --features llvm-{LLVM_MAJOR}"
+        );
+        run(Command::new("cargo")
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--no-default-features",
+            ])
+            .args(["--features", &format!("llvm-{LLVM_MAJOR}")])
+            .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}")))
+        .with_context(|| format!("installing bpf-linker failed; try: {fix}"))?;
+    }
+    eprintln!(
+        "    ok: toolchain 1.95.0, nightly (LLVM {llvm}) + rust-src, bpf-linker {BPF_LINKER_VERSION}, llvm-{LLVM_MAJOR}, iproute2, ethtool"
+    );
+    Ok(())
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut c = Command::new("cargo");
+    c.current_dir(root);
+    c
+}
+
+fn test() -> Result<()> {
+    let root = root()?;
+    setup()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!(
+            "the privileged tests load BPF programs and create network namespaces: run `cargo xtask test` as root"
+        );
+    }
+    step("cargo fmt --check");
+    run(cargo(&root).args(["fmt", "--all", "--check"]))
+        .context("formatting differs; run `cargo fmt --all`")?;
+    step("cargo clippy (host crates) -- -D warnings");
+    run(cargo(&root).args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    let mut total = Tally::default();
+    step("unit tests");
+    total.add(run_tests(cargo(&root).args([
+        "test",
+        "-p",
+        "lb-common",
+        "-p",
+        "lb-user",
+        "-p",
+        "xtask",
+    ]))?);
+    step("privileged tests (BPF_PROG_TEST_RUN, network namespaces)");
+    total.add(run_tests(cargo(&root).args(["test", "-p", "lb-tests"]))?);
+    step("all tests passed");
+    println!(
+        "summary: {} passed, {} failed, {} skipped",
+        total.passed, total.failed, total.ignored
+    );
+    Ok(())
+}
+
+/// Sums of libtest's `test result:` lines.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Tally {
+    fn add(&mut self, o: Tally) {
+        self.passed += o.passed;
+        self.failed += o.failed;
+        self.ignored += o.ignored;
+    }
+
+    /// Reads `test result: ok. 3 passed; 0 failed; 1 ignored; ...`.
+    fn parse(line: &str) -> Option<Tally> {
+        let rest = line.trim().strip_prefix("test result: ")?;
+        let num = |word: &str| -> u64 {
+            rest.split(';')
+                .find_map(|part| {
+                    let part = part
+                        .trim()
+                        .trim_start_matches("ok. ")
+                        .trim_start_matches("FAILED. ");
+                    part.strip_suffix(word).and_then(|n| n.trim().parse().ok())
+                })
+                .unwrap_or(0)
+        };
+        Some(Tally {
+            passed: num("passed"),
+            failed: num("failed"),
+            ignored: num("ignored"),
+        })
+    }
+}
+
+/// Runs `cargo test ...`, streaming its output, and tallies its results.
+fn run_tests(cmd: &mut Command) -> Result<Tally> {
+    use std::io::{BufRead as _, BufReader};
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("could not start {shown}"))?;
+    let mut tally = Tally::default();
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(t) = Tally::parse(&line) {
+                tally.add(t);
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        println!(
+            "summary: {} passed, {} failed, {} skipped",
+            tally.passed,
+            tally.failed.max(1),
+            tally.ignored
+        );
+        bail!("{shown} failed with {status}");
+    }
+    Ok(tally)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tally;
+
+    #[test]
+    fn parses_libtest_summary() {
+        let t = Tally::parse(
+            "test result: ok. 3 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out",
+        )
+        .unwrap();
+        assert_eq!((t.passed, t.failed, t.ignored), (3, 1, 2));
+        let t = Tally::parse("test result: FAILED. 0 passed; 4 failed; 0 ignored").unwrap();
+        assert_eq!((t.passed, t.failed), (0, 4));
+        assert!(Tally::parse("running 3 tests").is_none());
+    }
+}
+
+fn bench(suite: &str, json: bool) -> Result<()> {
+    let root = root()?;
+    match suite {
+        "micro" => {
+            let mut c = cargo(&root);
+            c.args([
+                "test",
+                "--release",
+                "-p",
+                "lb-tests",
+                "--test",
+                "micro",
+                "--",
+                "--ignored",
+                "--nocapture",
+            ]);
+            if json {
+                c.env("LB_BENCH_JSON", "1");
+            }
+            run(&mut c)
+        }
+        other => bail!("unknown bench suite `{other}`; available: micro"),
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
