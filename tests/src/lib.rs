@@ -209,3 +209,92 @@ impl Drop for Netns {
         let _ = sh("ip", &["netns", "del", &self.name]);
     }
 }
+
+/// The MAC the fixtures give backend `id`: 02:00:00:00:01:<id>.
+pub fn backend_mac(id: u32) -> [u8; 6] {
+    [0x02, 0, 0, 0, (id >> 8) as u8 | 0x01, id as u8]
+}
+
+/// Which backend a forwarded frame was sent to, from its destination MAC.
+pub fn backend_of(frame: &[u8]) -> u32 {
+    assert!(frame.len() >= 6, "frame too short to carry a MAC");
+    (((frame[4] & !0x01) as u32) << 8) | frame[5] as u32
+}
+
+/// A loaded datapath with VIPs and backends programmed through the facade.
+pub struct Fixture {
+    pub ebpf: Ebpf,
+}
+
+/// One VIP as the fixtures set it up.
+pub struct VipSpec {
+    pub key: lb_common::VipKey,
+    pub vip_id: u32,
+    pub flags: u32,
+    pub ring_size: u32,
+    /// (backend id, address, weight)
+    pub backends: Vec<(u32, [u8; 16], u32)>,
+}
+
+impl Fixture {
+    pub fn new() -> Result<Self> {
+        let mut ebpf = load()?;
+        Dataplane::new(&mut ebpf).set_settings(&lb_common::Settings {
+            ipip_src_v4: [198, 19, 0, 0],
+            ipip_src_v6: v6("2001:2:0:ff::".parse().expect("literal")),
+        })?;
+        Ok(Self { ebpf })
+    }
+
+    pub fn dp(&mut self) -> Dataplane<'_> {
+        Dataplane::new(&mut self.ebpf)
+    }
+
+    /// Programs the VIP, its backends (each with [`backend_mac`]) and its ring.
+    pub fn add_vip(&mut self, spec: &VipSpec) -> Result<()> {
+        let mut dp = self.dp();
+        dp.upsert_vip(
+            &spec.key,
+            lb_common::VipMeta {
+                vip_id: spec.vip_id,
+                flags: spec.flags,
+                ..Default::default()
+            },
+        )?;
+        for &(id, addr, _) in &spec.backends {
+            dp.set_backend(
+                id,
+                &lb_common::Backend {
+                    addr,
+                    dst_mac: backend_mac(id),
+                    src_mac: LB_MAC,
+                    ifindex: 0,
+                    family: spec.key.family,
+                    state: lb_common::BACKEND_UP,
+                    _pad: [0; 2],
+                },
+            )?;
+        }
+        self.set_ring(spec)
+    }
+
+    /// Rebuilds and installs the VIP's ring from `spec.backends` (weights).
+    pub fn set_ring(&mut self, spec: &VipSpec) -> Result<()> {
+        let entries: Vec<_> = spec
+            .backends
+            .iter()
+            .map(|&(id, addr, weight)| lb_user::maglev::Entry { id, addr, weight })
+            .collect();
+        let table = lb_user::maglev::build(&entries, spec.ring_size);
+        self.dp().install_ring(&spec.key, &table)?;
+        Ok(())
+    }
+
+    pub fn run(&mut self, pkt: &[u8]) -> Result<Run> {
+        run(&mut self.ebpf, lb_common::PROG_BALANCER, pkt)
+    }
+
+    pub fn verdicts(&mut self) -> Result<Vec<u64>> {
+        Ok(self.dp().verdicts()?)
+    }
+}

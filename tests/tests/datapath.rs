@@ -1,0 +1,691 @@
+//! Packet fixtures for the balancer, Katran style: each case is a
+//! description, an input packet built with etherparse, the expected action,
+//! a check of the bytes that leave, and the verdict counter that must move.
+//! All run through BPF_PROG_TEST_RUN on the real program.
+
+use etherparse::{IpNumber, Ipv4Header, Ipv6Header, PacketBuilder};
+use lb_common::{AF_INET, AF_INET6, PROTO_TCP, PROTO_UDP, VIP_F_IPIP, VipKey, verdict};
+use lb_tests::{
+    CLIENT_MAC, Fixture, LB_MAC, VipSpec, action, backend_mac, backend_of, tcp4, tcp6, udp4, udp6,
+    v4, v6,
+};
+
+const VIP4: [u8; 4] = [198, 18, 0, 100];
+const CLIENT4: [u8; 4] = [198, 18, 1, 7];
+const RING: u32 = 65537;
+
+fn vip6() -> [u8; 16] {
+    v6("2001:2::100".parse().unwrap())
+}
+fn client6() -> [u8; 16] {
+    v6("2001:2:1::7".parse().unwrap())
+}
+
+fn vip4_key(port: u16, proto: u8) -> VipKey {
+    VipKey {
+        addr: v4(VIP4),
+        port,
+        proto,
+        family: AF_INET,
+    }
+}
+fn vip6_key(port: u16, proto: u8) -> VipKey {
+    VipKey {
+        addr: vip6(),
+        port,
+        proto,
+        family: AF_INET6,
+    }
+}
+
+fn backends4(n: u32) -> Vec<(u32, [u8; 16], u32)> {
+    (1..=n).map(|i| (i, v4([198, 18, 2, i as u8]), 1)).collect()
+}
+fn backends6(n: u32, first_id: u32) -> Vec<(u32, [u8; 16], u32)> {
+    (0..n)
+        .map(|i| {
+            (
+                first_id + i,
+                v6(format!("2001:2:2::{}", i + 1).parse().unwrap()),
+                1,
+            )
+        })
+        .collect()
+}
+
+/// A fixture with: IPv4 TCP :80 dsr, IPv4 UDP :53 ipip, IPv4 TCP :8080 ipip,
+/// IPv6 TCP :80 dsr, IPv6 UDP :53 ipip, IPv6 TCP :8080 ipip, each over 3 backends.
+fn standard() -> Fixture {
+    let mut f = Fixture::new().expect("load");
+    let specs = [
+        (vip4_key(80, PROTO_TCP), 0, 0),
+        (vip4_key(53, PROTO_UDP), 1, VIP_F_IPIP),
+        (vip4_key(8080, PROTO_TCP), 2, VIP_F_IPIP),
+        (vip4_key(5353, PROTO_UDP), 6, 0),
+        (vip6_key(80, PROTO_TCP), 3, 0),
+        (vip6_key(53, PROTO_UDP), 4, VIP_F_IPIP),
+        (vip6_key(8080, PROTO_TCP), 5, VIP_F_IPIP),
+        (vip6_key(5353, PROTO_UDP), 7, 0),
+    ];
+    for (key, id, flags) in specs {
+        let backends = if key.family == AF_INET {
+            backends4(3)
+        } else {
+            backends6(3, 11)
+        };
+        f.add_vip(&VipSpec {
+            key,
+            vip_id: id,
+            flags,
+            ring_size: RING,
+            backends,
+        })
+        .expect("vip");
+    }
+    f
+}
+
+/// What a case expects of the bytes that leave.
+enum Out {
+    /// Byte-identical to the input.
+    Same,
+    /// Only the Ethernet addresses changed (to a backend, from LB_MAC).
+    DsrRewrite,
+    /// IPv4-in-IPv4 to one of the IPv4 backends; inner packet intact.
+    Ipip4,
+    /// IPv6-in-IPv6 to one of the IPv6 backends; inner packet intact.
+    Ipip6,
+    /// Not checked (dropped packets).
+    Any,
+}
+
+struct Case {
+    desc: &'static str,
+    pkt: Vec<u8>,
+    action: u32,
+    out: Out,
+    verdict: u32,
+}
+
+fn check_out(desc: &str, pkt: &[u8], out: &[u8], want: &Out) {
+    match want {
+        Out::Same => assert_eq!(out, pkt, "{desc}: bytes must be unchanged"),
+        Out::Any => {}
+        Out::DsrRewrite => {
+            assert_eq!(out.len(), pkt.len(), "{desc}: length");
+            let id = backend_of(out);
+            assert_eq!(
+                &out[0..6],
+                &backend_mac(id),
+                "{desc}: dst MAC is a backend's"
+            );
+            assert_eq!(&out[6..12], &LB_MAC, "{desc}: src MAC is ours");
+            assert_eq!(
+                &out[12..],
+                &pkt[12..],
+                "{desc}: everything after the MACs is unchanged"
+            );
+        }
+        Out::Ipip4 => {
+            assert_eq!(
+                out.len(),
+                pkt.len() + 20,
+                "{desc}: grows by one IPv4 header"
+            );
+            assert_eq!(&out[6..12], &LB_MAC, "{desc}: src MAC");
+            let (outer, rest) = Ipv4Header::from_slice(&out[14..]).expect("outer IPv4 header");
+            assert_eq!(outer.protocol, IpNumber::IPV4, "{desc}: outer protocol 4");
+            assert_eq!(
+                outer.header_checksum,
+                outer.calc_header_checksum(),
+                "{desc}: outer checksum"
+            );
+            assert_eq!(
+                outer.total_len as usize,
+                pkt.len() - 14 + 20,
+                "{desc}: outer total length"
+            );
+            let id = backend_of(out);
+            assert_eq!(
+                outer.destination,
+                [198, 18, 2, id as u8],
+                "{desc}: outer dst is the backend"
+            );
+            assert_eq!(
+                &outer.source[..2],
+                &[198, 19],
+                "{desc}: outer src in the configured /16"
+            );
+            assert_eq!(rest, &pkt[14..], "{desc}: inner packet intact");
+        }
+        Out::Ipip6 => {
+            assert_eq!(
+                out.len(),
+                pkt.len() + 40,
+                "{desc}: grows by one IPv6 header"
+            );
+            let (outer, rest) = Ipv6Header::from_slice(&out[14..]).expect("outer IPv6 header");
+            assert_eq!(outer.next_header, IpNumber::IPV6, "{desc}: next header 41");
+            assert_eq!(
+                outer.payload_length as usize,
+                pkt.len() - 14,
+                "{desc}: payload length"
+            );
+            let id = backend_of(out);
+            let want: std::net::Ipv6Addr = format!("2001:2:2::{}", id - 10).parse().unwrap();
+            assert_eq!(
+                outer.destination,
+                want.octets(),
+                "{desc}: outer dst is the backend"
+            );
+            assert_eq!(
+                &outer.source[..8],
+                &[0x20, 0x01, 0, 2, 0, 0, 0, 0xff],
+                "{desc}: outer src prefix"
+            );
+            assert_eq!(rest, &pkt[14..], "{desc}: inner packet intact");
+        }
+    }
+}
+
+fn run_cases(f: &mut Fixture, cases: Vec<Case>) {
+    for c in cases {
+        let before = f.verdicts().expect("counters");
+        let r = f.run(&c.pkt).expect("test run");
+        assert_ne!(r.action, action::ABORTED, "{}: aborted", c.desc);
+        assert_eq!(r.action, c.action, "{}: action", c.desc);
+        check_out(c.desc, &c.pkt, &r.out, &c.out);
+        let after = f.verdicts().expect("counters");
+        let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        let mut want = vec![0u64; delta.len()];
+        want[c.verdict as usize] = 1;
+        assert_eq!(
+            delta,
+            want,
+            "{}: exactly one `{}` verdict",
+            c.desc,
+            verdict::NAMES[c.verdict as usize]
+        );
+    }
+}
+
+fn case(desc: &'static str, pkt: Vec<u8>, action: u32, out: Out, verdict: u32) -> Case {
+    Case {
+        desc,
+        pkt,
+        action,
+        out,
+        verdict,
+    }
+}
+
+#[test]
+fn forwarding_fixtures() {
+    let mut f = standard();
+    let c6 = client6();
+    let v6a = vip6();
+    run_cases(
+        &mut f,
+        vec![
+            case(
+                "v4 tcp dsr",
+                tcp4(CLIENT4, VIP4, 40000, 80, b"x"),
+                action::TX,
+                Out::DsrRewrite,
+                verdict::TX,
+            ),
+            case(
+                "v4 udp dsr",
+                udp4(CLIENT4, VIP4, 40000, 5353, b"q"),
+                action::TX,
+                Out::DsrRewrite,
+                verdict::TX,
+            ),
+            case(
+                "v4 udp ipip",
+                udp4(CLIENT4, VIP4, 40001, 53, b"q"),
+                action::TX,
+                Out::Ipip4,
+                verdict::TX,
+            ),
+            case(
+                "v4 tcp ipip",
+                tcp4(CLIENT4, VIP4, 40002, 8080, b""),
+                action::TX,
+                Out::Ipip4,
+                verdict::TX,
+            ),
+            case(
+                "v6 tcp dsr",
+                tcp6(c6, v6a, 40000, 80, b"x"),
+                action::TX,
+                Out::DsrRewrite,
+                verdict::TX,
+            ),
+            case(
+                "v6 udp dsr",
+                udp6(c6, v6a, 40000, 5353, b"q"),
+                action::TX,
+                Out::DsrRewrite,
+                verdict::TX,
+            ),
+            case(
+                "v6 udp ipip",
+                udp6(c6, v6a, 40001, 53, b"q"),
+                action::TX,
+                Out::Ipip6,
+                verdict::TX,
+            ),
+            case(
+                "v6 tcp ipip",
+                tcp6(c6, v6a, 40002, 8080, b"hello"),
+                action::TX,
+                Out::Ipip6,
+                verdict::TX,
+            ),
+            case(
+                "non-VIP address",
+                tcp4(CLIENT4, [198, 18, 0, 99], 1, 80, b""),
+                action::PASS,
+                Out::Same,
+                verdict::PASS_NON_VIP,
+            ),
+            case(
+                "VIP, wrong port",
+                tcp4(CLIENT4, VIP4, 1, 81, b""),
+                action::PASS,
+                Out::Same,
+                verdict::PASS_NON_VIP,
+            ),
+            case(
+                "VIP, wrong protocol",
+                udp4(CLIENT4, VIP4, 1, 80, b""),
+                action::PASS,
+                Out::Same,
+                verdict::PASS_NON_VIP,
+            ),
+            case(
+                "v6 non-VIP",
+                tcp6(c6, client6(), 1, 80, b""),
+                action::PASS,
+                Out::Same,
+                verdict::PASS_NON_VIP,
+            ),
+            case("ARP", arp(), action::PASS, Out::Same, verdict::PASS_NON_IP),
+            case(
+                "VLAN-tagged v4 tcp dsr",
+                vlan(tcp4(CLIENT4, VIP4, 40003, 80, b"")),
+                action::TX,
+                Out::DsrRewrite,
+                verdict::TX,
+            ),
+            case(
+                "IPv4 with options",
+                with_ip_options(tcp4(CLIENT4, VIP4, 40004, 80, b"o")),
+                action::TX,
+                Out::DsrRewrite,
+                verdict::TX,
+            ),
+            case(
+                "IPv6 hop-by-hop header",
+                v6_hop_by_hop(),
+                action::PASS,
+                Out::Same,
+                verdict::PASS_IPV6_EXT,
+            ),
+            case(
+                "v4 fragment to VIP",
+                fragment(true),
+                action::DROP,
+                Out::Any,
+                verdict::FRAGMENT,
+            ),
+            case(
+                "v4 fragment elsewhere",
+                fragment(false),
+                action::PASS,
+                Out::Same,
+                verdict::PASS_NON_VIP,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn malformed_fixtures() {
+    let mut f = standard();
+    let good = tcp4(CLIENT4, VIP4, 40000, 80, b"");
+    let mut cases = Vec::new();
+    // Truncated at every length from the end of Ethernet to just short of
+    // the full TCP header (BPF_PROG_TEST_RUN needs at least 14 bytes).
+    for len in 14..good.len() {
+        let mut p = good.clone();
+        p.truncate(len);
+        cases.push(case(
+            "truncated v4",
+            p,
+            action::PASS,
+            Out::Same,
+            verdict::MALFORMED,
+        ));
+    }
+    let good6 = tcp6(client6(), vip6(), 40000, 80, b"");
+    for len in 14..good6.len() {
+        let mut p = good6.clone();
+        p.truncate(len);
+        cases.push(case(
+            "truncated v6",
+            p,
+            action::PASS,
+            Out::Same,
+            verdict::MALFORMED,
+        ));
+    }
+    let tagged = vlan(good.clone());
+    for len in 14..18 {
+        let mut p = tagged.clone();
+        p.truncate(len);
+        cases.push(case(
+            "truncated VLAN tag",
+            p,
+            action::PASS,
+            Out::Same,
+            verdict::MALFORMED,
+        ));
+    }
+    // Transport header cut short, with an IP total length that agrees.
+    let mut short_l4 = good.clone();
+    short_l4.truncate(14 + 20 + 10);
+    short_l4[16..18].copy_from_slice(&30u16.to_be_bytes());
+    cases.push(case(
+        "TCP header cut, lengths consistent",
+        short_l4,
+        action::PASS,
+        Out::Same,
+        verdict::MALFORMED,
+    ));
+    let mut ver = good.clone();
+    ver[14] = 0x65;
+    cases.push(case(
+        "IP version 6 in an IPv4 frame",
+        ver,
+        action::PASS,
+        Out::Same,
+        verdict::MALFORMED,
+    ));
+    let mut ihl = good.clone();
+    ihl[14] = 0x44;
+    cases.push(case(
+        "IHL < 5",
+        ihl,
+        action::PASS,
+        Out::Same,
+        verdict::MALFORMED,
+    ));
+    let mut long = good.clone();
+    long[16..18].copy_from_slice(&1500u16.to_be_bytes());
+    cases.push(case(
+        "total length beyond the frame",
+        long,
+        action::PASS,
+        Out::Same,
+        verdict::MALFORMED,
+    ));
+    run_cases(&mut f, cases);
+}
+
+#[test]
+fn no_backend_and_no_neighbour() {
+    let mut f = Fixture::new().expect("load");
+    let key = vip4_key(80, PROTO_TCP);
+    f.add_vip(&VipSpec {
+        key,
+        vip_id: 0,
+        flags: 0,
+        ring_size: 251,
+        backends: vec![],
+    })
+    .expect("vip");
+    let key2 = vip4_key(443, PROTO_TCP);
+    f.add_vip(&VipSpec {
+        key: key2,
+        vip_id: 1,
+        flags: 0,
+        ring_size: 251,
+        backends: backends4(1),
+    })
+    .expect("vip");
+    let mut b = f.dp().backend(1).expect("backend");
+    b.dst_mac = [0; 6];
+    f.dp().set_backend(1, &b).expect("set");
+    run_cases(
+        &mut f,
+        vec![
+            case(
+                "VIP with no backends",
+                tcp4(CLIENT4, VIP4, 1, 80, b""),
+                action::DROP,
+                Out::Any,
+                verdict::NO_BACKEND,
+            ),
+            case(
+                "next hop unknown",
+                tcp4(CLIENT4, VIP4, 1, 443, b""),
+                action::PASS,
+                Out::Same,
+                verdict::NO_NEIGH,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn port_zero_vip_matches_every_port() {
+    let mut f = Fixture::new().expect("load");
+    let key = vip4_key(0, PROTO_TCP);
+    f.add_vip(&VipSpec {
+        key,
+        vip_id: 0,
+        flags: 0,
+        ring_size: 251,
+        backends: backends4(2),
+    })
+    .expect("vip");
+    run_cases(
+        &mut f,
+        vec![
+            case(
+                "any port 80",
+                tcp4(CLIENT4, VIP4, 1, 80, b""),
+                action::TX,
+                Out::DsrRewrite,
+                verdict::TX,
+            ),
+            case(
+                "any port 9999",
+                tcp4(CLIENT4, VIP4, 1, 9999, b""),
+                action::TX,
+                Out::DsrRewrite,
+                verdict::TX,
+            ),
+            case(
+                "but not UDP",
+                udp4(CLIENT4, VIP4, 1, 80, b""),
+                action::PASS,
+                Out::Same,
+                verdict::PASS_NON_VIP,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn icmp_frag_needed_follows_its_flow() {
+    let mut f = standard();
+    for sport in 41000..41020u16 {
+        // The client's flow first, then a router's "fragmentation needed"
+        // about the backend's reply (VIP → client), sent to the VIP.
+        let syn = f.run(&tcp4(CLIENT4, VIP4, sport, 80, b"")).expect("run");
+        let want = backend_of(&syn.out);
+        let err = f
+            .run(&icmp4_frag_needed([198, 18, 9, 1], sport))
+            .expect("run");
+        assert_eq!(err.action, action::TX, "ICMP error forwarded");
+        assert_eq!(
+            backend_of(&err.out),
+            want,
+            "ICMP error for port {sport} goes to its flow's backend"
+        );
+
+        let syn6 = f
+            .run(&tcp6(client6(), vip6(), sport, 80, b""))
+            .expect("run");
+        let err6 = f.run(&icmp6_too_big(sport)).expect("run");
+        assert_eq!(err6.action, action::TX, "ICMPv6 error forwarded");
+        assert_eq!(
+            backend_of(&err6.out),
+            backend_of(&syn6.out),
+            "ICMPv6 too-big follows its flow"
+        );
+    }
+    let v = f.verdicts().expect("counters");
+    assert_eq!(v[verdict::ICMP_TO_FLOW as usize], 40);
+}
+
+#[test]
+fn decap_restores_the_original_packet() {
+    let mut f = standard();
+    for addr in backends4(3).iter().chain(&backends6(3, 11)).map(|b| b.1) {
+        f.dp().add_decap_addr(addr).expect("decap addr");
+    }
+    for pkt in [
+        tcp4(CLIENT4, VIP4, 40010, 8080, b"payload"),
+        udp4(CLIENT4, VIP4, 40011, 53, b"dns?"),
+        tcp6(client6(), vip6(), 40012, 8080, b"payload6"),
+        vlan(tcp4(CLIENT4, VIP4, 40013, 8080, b"tagged")),
+    ] {
+        let enc = f.run(&pkt).expect("encap");
+        assert_eq!(enc.action, action::TX);
+        assert!(enc.out.len() > pkt.len(), "encapsulated");
+        let dec = lb_tests::run(&mut f.ebpf, lb_common::PROG_DECAP, &enc.out).expect("decap");
+        assert_eq!(dec.action, action::PASS);
+        assert_eq!(
+            dec.out.len(),
+            pkt.len(),
+            "decap removes exactly the outer header"
+        );
+        assert_eq!(
+            &dec.out[12..],
+            &pkt[12..],
+            "everything after the MACs is the original packet"
+        );
+    }
+    // Not for us: an IPIP packet to another address passes untouched.
+    let enc = f
+        .run(&tcp4(CLIENT4, VIP4, 40020, 8080, b""))
+        .expect("encap");
+    let mut other = enc.out.clone();
+    other[14 + 16..14 + 20].copy_from_slice(&[198, 18, 3, 3]);
+    let dec = lb_tests::run(&mut f.ebpf, lb_common::PROG_DECAP, &other).expect("decap");
+    assert_eq!((dec.action, dec.out), (action::PASS, other));
+    let dv = f.dp().decap_verdicts().expect("decap counters");
+    assert_eq!(dv, vec![4, 1, 0], "decapsulated, passed, malformed");
+}
+
+// ---- packet builders for the odd cases ----
+
+fn arp() -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&[0xff; 6]);
+    p.extend_from_slice(&CLIENT_MAC);
+    p.extend_from_slice(&[0x08, 0x06]);
+    p.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    p.extend_from_slice(&CLIENT_MAC);
+    p.extend_from_slice(&CLIENT4);
+    p.extend_from_slice(&[0; 6]);
+    p.extend_from_slice(&VIP4);
+    p
+}
+
+/// Inserts an 802.1Q tag (VLAN 42) after the MACs.
+fn vlan(p: Vec<u8>) -> Vec<u8> {
+    let mut o = p[..12].to_vec();
+    o.extend_from_slice(&[0x81, 0x00, 0x00, 42]);
+    o.extend_from_slice(&p[12..]);
+    o
+}
+
+/// Rebuilds an IPv4 packet with a 4-byte options field (IHL 6).
+fn with_ip_options(p: Vec<u8>) -> Vec<u8> {
+    let (mut h, rest) = Ipv4Header::from_slice(&p[14..]).expect("ipv4");
+    h.options = [1, 1, 1, 1][..].try_into().expect("options");
+    h.total_len += 4;
+    h.header_checksum = h.calc_header_checksum();
+    let mut o = p[..14].to_vec();
+    h.write(&mut o).expect("write");
+    o.extend_from_slice(rest);
+    o
+}
+
+fn v6_hop_by_hop() -> Vec<u8> {
+    let p = tcp6(client6(), vip6(), 40000, 80, b"");
+    let mut o = p[..14].to_vec();
+    let mut ip = p[14..54].to_vec();
+    ip[6] = 0; // next header: hop-by-hop options
+    let plen = u16::from_be_bytes([ip[4], ip[5]]) + 8;
+    ip[4..6].copy_from_slice(&plen.to_be_bytes());
+    o.extend_from_slice(&ip);
+    o.extend_from_slice(&[6, 0, 1, 4, 0, 0, 0, 0]); // next: TCP, PadN
+    o.extend_from_slice(&p[54..]);
+    o
+}
+
+/// A first fragment (MF set) of a UDP datagram to the VIP or elsewhere.
+fn fragment(to_vip: bool) -> Vec<u8> {
+    let dst = if to_vip { VIP4 } else { [198, 18, 0, 99] };
+    let mut p = udp4(CLIENT4, dst, 40000, 53, &[0u8; 64]);
+    p[20] |= 0x20; // MF
+    let (mut h, _) = Ipv4Header::from_slice(&p[14..]).expect("ipv4");
+    h.header_checksum = h.calc_header_checksum();
+    let mut hb = Vec::new();
+    h.write(&mut hb).expect("write");
+    p[14..34].copy_from_slice(&hb);
+    p
+}
+
+/// ICMP "fragmentation needed" from a router to the VIP, quoting the
+/// backend's reply VIP:80 → client:`client_port`.
+fn icmp4_frag_needed(router: [u8; 4], client_port: u16) -> Vec<u8> {
+    let quoted = {
+        let b = PacketBuilder::ipv4(VIP4, CLIENT4, 64).tcp(80, client_port, 1, 1000);
+        let mut v = Vec::new();
+        b.write(&mut v, &[]).expect("write");
+        v.truncate(28);
+        v
+    };
+    let b = PacketBuilder::ethernet2([0x02, 0, 0, 0, 0, 0x09], LB_MAC)
+        .ipv4(router, VIP4, 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ));
+    let mut v = Vec::new();
+    b.write(&mut v, &quoted).expect("write");
+    v
+}
+
+fn icmp6_too_big(client_port: u16) -> Vec<u8> {
+    let quoted = {
+        let b = PacketBuilder::ipv6(vip6(), client6(), 64).tcp(80, client_port, 1, 1000);
+        let mut v = Vec::new();
+        b.write(&mut v, &[]).expect("write");
+        v.truncate(48);
+        v
+    };
+    let router = v6("2001:2:9::1".parse().unwrap());
+    let b = PacketBuilder::ethernet2([0x02, 0, 0, 0, 0, 0x09], LB_MAC)
+        .ipv6(router, vip6(), 64)
+        .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 });
+    let mut v = Vec::new();
+    b.write(&mut v, &quoted).expect("write");
+    v
+}
