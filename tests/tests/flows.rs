@@ -1,0 +1,270 @@
+//! Behaviour over many flows: stickiness through the connection table,
+//! rescheduling away from dead backends, source-ip hashing, spread, and
+//! Maglev's minimal disruption, all through the real program.
+
+use lb_common::{
+    AF_INET, BACKEND_DOWN, PROTO_TCP, VIP_F_HASH_SRC_IP, VIP_F_NO_FLOW_TABLE, VipKey, hash,
+};
+use lb_tests::{Fixture, VipSpec, action, backend_of, tcp4, udp4, v4};
+
+const VIP4: [u8; 4] = [198, 18, 0, 100];
+const RING: u32 = 65537;
+
+fn key(proto: u8, port: u16) -> VipKey {
+    VipKey {
+        addr: v4(VIP4),
+        port,
+        proto,
+        family: AF_INET,
+    }
+}
+
+fn backends(n: u32) -> Vec<(u32, [u8; 16], u32)> {
+    (1..=n).map(|i| (i, v4([198, 18, 2, i as u8]), 1)).collect()
+}
+
+/// Client i: an address in 198.19.0.0/16 and a port, so that flows differ
+/// in both.
+fn client(i: u32) -> ([u8; 4], u16) {
+    let a = [198, 19, (i >> 8) as u8 & 0xff, i as u8];
+    (a, 1024 + (i % 50000) as u16)
+}
+
+fn send(f: &mut Fixture, i: u32, dport: u16) -> u32 {
+    let (a, p) = client(i);
+    let r = f.run(&tcp4(a, VIP4, p, dport, b"")).expect("run");
+    assert_eq!(r.action, action::TX, "flow {i} forwarded");
+    backend_of(&r.out)
+}
+
+#[test]
+fn established_flows_keep_their_backend_across_ring_changes() {
+    let mut f = Fixture::new().expect("load");
+    let mut spec = VipSpec {
+        key: key(PROTO_TCP, 80),
+        vip_id: 0,
+        flags: 0,
+        ring_size: RING,
+        backends: backends(3),
+    };
+    f.add_vip(&spec).expect("vip");
+    const N: u32 = 2000;
+    let first: Vec<u32> = (0..N).map(|i| send(&mut f, i, 80)).collect();
+
+    // Add a fourth backend: the ring changes under every flow.
+    spec.backends = backends(4);
+    f.add_vip(&spec).expect("vip");
+    let moved = (0..N)
+        .filter(|&i| send(&mut f, i, 80) != first[i as usize])
+        .count();
+    assert_eq!(
+        moved, 0,
+        "no established flow may move when a backend is added"
+    );
+
+    // New flows do use the new backend.
+    let fresh = (N..N + 2000).filter(|&i| send(&mut f, i, 80) == 4).count();
+    assert!(
+        fresh > 300,
+        "new flows reach the added backend ({fresh} of 2000)"
+    );
+
+    // Draining backend 1 (weight 0, state draining): its flows stay.
+    spec.backends[0].2 = 0;
+    f.set_ring(&spec).expect("ring");
+    f.dp()
+        .set_backend_state(1, lb_common::BACKEND_DRAINING)
+        .expect("drain");
+    let on_1: Vec<u32> = (0..N).filter(|&i| first[i as usize] == 1).collect();
+    assert!(!on_1.is_empty());
+    for &i in &on_1 {
+        assert_eq!(send(&mut f, i, 80), 1, "a draining backend keeps its flows");
+    }
+    let new_on_1 = (2 * N..2 * N + 1000)
+        .filter(|&i| send(&mut f, i, 80) == 1)
+        .count();
+    assert_eq!(new_on_1, 0, "a draining backend gets no new flows");
+}
+
+#[test]
+fn flows_of_a_down_backend_move_to_live_ones() {
+    let mut f = Fixture::new().expect("load");
+    let mut spec = VipSpec {
+        key: key(PROTO_TCP, 80),
+        vip_id: 0,
+        flags: 0,
+        ring_size: RING,
+        backends: backends(3),
+    };
+    f.add_vip(&spec).expect("vip");
+    const N: u32 = 1500;
+    let first: Vec<u32> = (0..N).map(|i| send(&mut f, i, 80)).collect();
+    // Backend 2 dies: the agent marks it down and rebuilds the ring without it.
+    f.dp().set_backend_state(2, BACKEND_DOWN).expect("down");
+    spec.backends.retain(|b| b.0 != 2);
+    f.set_ring(&spec).expect("ring");
+    for i in 0..N {
+        let now = send(&mut f, i, 80);
+        assert_ne!(now, 2, "flow {i} still sent to a down backend");
+        if first[i as usize] != 2 {
+            assert_eq!(
+                now, first[i as usize],
+                "flow {i} on a live backend must not move"
+            );
+        }
+    }
+    // The rescheduled flows' table entries now point at live backends.
+    let flows = f.dp().flows().expect("flows");
+    assert!(
+        flows.iter().all(|(_, fl)| fl.backend_id != 2),
+        "table entries updated"
+    );
+}
+
+#[test]
+fn down_backend_even_while_still_in_the_ring_gets_nothing() {
+    // Between the health check's verdict and the ring flip, the backend's
+    // state alone must keep traffic off it.
+    let mut f = Fixture::new().expect("load");
+    let spec = VipSpec {
+        key: key(PROTO_TCP, 80),
+        vip_id: 0,
+        flags: 0,
+        ring_size: 251,
+        backends: backends(1),
+    };
+    f.add_vip(&spec).expect("vip");
+    f.dp().set_backend_state(1, BACKEND_DOWN).expect("down");
+    let r = f
+        .run(&tcp4([198, 19, 0, 1], VIP4, 1000, 80, b""))
+        .expect("run");
+    assert_eq!(r.action, action::DROP);
+    assert_eq!(
+        f.verdicts().expect("counters")[lb_common::verdict::NO_BACKEND as usize],
+        1
+    );
+}
+
+#[test]
+fn source_ip_hashing_sends_every_port_of_a_client_to_one_backend() {
+    let mut f = Fixture::new().expect("load");
+    let spec = VipSpec {
+        key: key(PROTO_TCP, 0),
+        vip_id: 0,
+        flags: VIP_F_HASH_SRC_IP | VIP_F_NO_FLOW_TABLE,
+        ring_size: RING,
+        backends: backends(5),
+    };
+    f.add_vip(&spec).expect("vip");
+    let mut seen_backends = std::collections::HashSet::new();
+    for c in 0..50u8 {
+        let addr = [198, 19, 7, c];
+        let ring = f.dp().ring(&spec.key).expect("ring");
+        let predicted = ring[(hash::hash_src(&v4(addr)) % RING) as usize];
+        for port in (1000..1400u16).step_by(7) {
+            let r = f
+                .run(&tcp4(addr, VIP4, port, 80 + port % 3, b""))
+                .expect("run");
+            assert_eq!(backend_of(&r.out), predicted, "client {c} port {port}");
+        }
+        seen_backends.insert(predicted);
+    }
+    assert!(
+        seen_backends.len() >= 4,
+        "50 clients spread over the backends: {seen_backends:?}"
+    );
+}
+
+fn spread(weights: &[u32], flows: u32) -> Vec<f64> {
+    let mut f = Fixture::new().expect("load");
+    let mut b = backends(weights.len() as u32);
+    for (e, w) in b.iter_mut().zip(weights) {
+        e.2 = *w;
+    }
+    let spec = VipSpec {
+        key: key(lb_common::PROTO_UDP, 53),
+        vip_id: 0,
+        flags: VIP_F_NO_FLOW_TABLE,
+        ring_size: RING,
+        backends: b,
+    };
+    f.add_vip(&spec).expect("vip");
+    let ring = f.dp().ring(&spec.key).expect("ring");
+    let mut count = vec![0u64; weights.len() + 1];
+    for i in 0..flows {
+        let (a, p) = client(i);
+        let r = f.run(&udp4(a, VIP4, p, 53, b"")).expect("run");
+        let id = backend_of(&r.out);
+        // The datapath and lb-common's hash agree on every choice.
+        let predicted =
+            ring[(hash::hash_5tuple(&v4(a), p, 53, lb_common::PROTO_UDP) % RING) as usize];
+        assert_eq!(
+            id, predicted,
+            "flow {i}: datapath and userspace prediction differ"
+        );
+        count[id as usize] += 1;
+    }
+    count[1..]
+        .iter()
+        .map(|&c| c as f64 / flows as f64)
+        .collect()
+}
+
+#[test]
+fn hundred_thousand_flows_spread_evenly_and_by_weight() {
+    let even = spread(&[1, 1, 1, 1], 100_000);
+    println!("equal weights, 100000 flows: shares {even:?}");
+    for s in &even {
+        assert!(
+            (s - 0.25).abs() / 0.25 <= 0.05,
+            "share {s} not within 5% of 0.25"
+        );
+    }
+    let weighted = spread(&[1, 2, 3], 100_000);
+    println!("weights 1:2:3, 100000 flows: shares {weighted:?}");
+    for (s, w) in weighted.iter().zip([1.0, 2.0, 3.0]) {
+        let want = w / 6.0;
+        assert!(
+            (s - want).abs() / want <= 0.05,
+            "share {s} not within 5% of {want}"
+        );
+    }
+}
+
+#[test]
+fn removing_one_of_ten_backends_moves_only_its_flows() {
+    let mut f = Fixture::new().expect("load");
+    let mut spec = VipSpec {
+        key: key(PROTO_TCP, 80),
+        vip_id: 0,
+        flags: VIP_F_NO_FLOW_TABLE,
+        ring_size: RING,
+        backends: backends(10),
+    };
+    f.add_vip(&spec).expect("vip");
+    const N: u32 = 20_000;
+    let before: Vec<u32> = (0..N).map(|i| send(&mut f, i, 80)).collect();
+    spec.backends.retain(|b| b.0 != 10);
+    f.set_ring(&spec).expect("ring");
+    let mut others = 0;
+    let mut moved = 0;
+    for i in 0..N {
+        let now = send(&mut f, i, 80);
+        assert_ne!(now, 10);
+        if before[i as usize] != 10 {
+            others += 1;
+            if now != before[i as usize] {
+                moved += 1;
+            }
+        }
+    }
+    let frac = moved as f64 / others as f64;
+    println!(
+        "removing 1 of 10 backends (no flow table): {moved} of {others} other flows moved ({:.2}%)",
+        frac * 100.0
+    );
+    assert!(
+        frac < 0.02,
+        "too many flows of surviving backends moved: {frac}"
+    );
+}
