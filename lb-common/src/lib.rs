@@ -54,6 +54,8 @@ pub const PROG_DECAP: &str = "lb_decap";
 pub const PROG_PASS: &str = "lb_pass";
 pub const PROG_FLOOR_DROP: &str = "floor_drop";
 pub const PROG_FLOOR_TX: &str = "floor_tx";
+pub const PROG_BENCH_IPIP: &str = "bench_ipip";
+pub const MAP_BENCH_JUMP: &str = "BENCH_JUMP";
 
 /// Key of the VIP table: (address, port, protocol). Port 0 matches every port.
 #[repr(C)]

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
     Backend, DEFAULT_FLOW_TABLE_SIZE, Flow, FlowKey, MAX_BACKENDS, MAX_RING_SIZE, MAX_TX_PORTS,
@@ -58,3 +58,8 @@ pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 /// Addresses the `decap` program strips tunnels for (the backend's own).
 #[map(name = "DECAP_ADDRS")]
 pub static DECAP_ADDRS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(64, 0);
+
+/// Tail-call slot for the micro-benchmark wrapper `bench_ipip` (empty in
+/// production).
+#[map(name = "BENCH_JUMP")]
+pub static BENCH_JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);

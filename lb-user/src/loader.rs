@@ -39,6 +39,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
         lb_common::PROG_PASS,
         lb_common::PROG_FLOOR_DROP,
         lb_common::PROG_FLOOR_TX,
+        lb_common::PROG_BENCH_IPIP,
     ] {
         xdp_program(&mut ebpf, name)?
             .load()

@@ -1,0 +1,213 @@
+//! Micro-benchmark (run by `cargo xtask bench micro`, not by the test
+//! suite): ns/packet through BPF_PROG_TEST_RUN with `repeat`, the median of
+//! five runs, for the datapath's paths and two floor programs, each also as
+//! a ratio to the swap-MACs-`XDP_TX` floor measured in the same run.
+//!
+//! `repeat` runs every repetition on the buffer the previous one left, so
+//! each case checks afterwards, with the verdict counters, that every
+//! repetition took the path being timed; IPIP is timed through `bench_ipip`,
+//! which strips the previous repetition's outer header and tail-calls the
+//! balancer.
+
+use aya::maps::ProgramArray;
+use lb_common::{AF_INET, AF_INET6, PROTO_TCP, VIP_F_IPIP, VIP_F_NO_FLOW_TABLE, VipKey, verdict};
+use lb_tests::{Fixture, VipSpec, loader, tcp4, tcp6, time, v4, v6};
+
+const REPEAT: u32 = 1_000_000;
+const RUNS: usize = 5;
+
+struct Row {
+    name: &'static str,
+    ns: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+/// Times `prog` on `pkt` and checks that verdict `reason` moved by exactly
+/// `REPEAT` per run (when given).
+fn bench(f: &mut Fixture, prog: &str, pkt: &[u8], reason: Option<u32>) -> f64 {
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        let before = f.verdicts().expect("counters");
+        runs.push(time(&mut f.ebpf, prog, pkt, REPEAT).expect("timed run"));
+        let after = f.verdicts().expect("counters");
+        if let Some(r) = reason {
+            let r = r as usize;
+            assert_eq!(
+                after[r] - before[r],
+                REPEAT as u64,
+                "{prog}: every repetition must take the `{}` path",
+                verdict::NAMES[r]
+            );
+            let total: u64 = after.iter().sum::<u64>() - before.iter().sum::<u64>();
+            assert_eq!(
+                total, REPEAT as u64,
+                "{prog}: no repetition took another path"
+            );
+        }
+    }
+    median(runs)
+}
+
+#[test]
+#[ignore = "benchmark: run with `cargo xtask bench micro`"]
+fn micro() {
+    let mut f = Fixture::new().expect("load");
+    let vip4 = [198, 18, 0, 100];
+    let vip6: std::net::Ipv6Addr = "2001:2::100".parse().unwrap();
+    let b4 = |n: u32| {
+        (1..=n)
+            .map(|i| (i, v4([198, 18, 2, i as u8]), 1))
+            .collect::<Vec<_>>()
+    };
+    let b6 = |n: u32| {
+        (1..=n)
+            .map(|i| (10 + i, v6(format!("2001:2:2::{i}").parse().unwrap()), 1))
+            .collect::<Vec<_>>()
+    };
+    let k4 = |port| VipKey {
+        addr: v4(vip4),
+        port,
+        proto: PROTO_TCP,
+        family: AF_INET,
+    };
+    let k6 = |port| VipKey {
+        addr: v6(vip6),
+        port,
+        proto: PROTO_TCP,
+        family: AF_INET6,
+    };
+    for (key, vip_id, flags, backends) in [
+        (k4(80), 0, 0, b4(10)),
+        (k4(81), 1, VIP_F_NO_FLOW_TABLE, b4(10)),
+        (k4(82), 2, VIP_F_IPIP, b4(10)),
+        (k6(82), 3, VIP_F_IPIP, b6(10)),
+    ] {
+        f.add_vip(&VipSpec {
+            key,
+            vip_id,
+            flags,
+            ring_size: 65537,
+            backends,
+        })
+        .expect("vip");
+    }
+    // bench_ipip tail-calls the balancer.
+    {
+        let fd = loader::xdp_program(&mut f.ebpf, lb_common::PROG_BALANCER)
+            .expect("prog")
+            .fd()
+            .expect("fd")
+            .try_clone()
+            .expect("dup fd");
+        let mut jump: ProgramArray<_> =
+            ProgramArray::try_from(f.ebpf.map_mut(lb_common::MAP_BENCH_JUMP).expect("map"))
+                .expect("program array");
+        jump.set(0, &fd, 0).expect("set tail call");
+    }
+    let client = [198, 19, 0, 1];
+    let c6 = v6("2001:2:1::1".parse().unwrap());
+    let est = tcp4(client, vip4, 40000, 80, &[0; 10]);
+    // Prime the connection table so the timed runs are all established.
+    f.run(&est).expect("prime");
+
+    let rows = vec![
+        Row {
+            name: "floor: XDP_DROP",
+            ns: bench(&mut f, lb_common::PROG_FLOOR_DROP, &est, None),
+        },
+        Row {
+            name: "floor: swap MACs + XDP_TX",
+            ns: bench(&mut f, lb_common::PROG_FLOOR_TX, &est, None),
+        },
+        Row {
+            name: "established IPv4 TCP dsr",
+            ns: bench(&mut f, lb_common::PROG_BALANCER, &est, Some(verdict::TX)),
+        },
+        Row {
+            name: "new flow IPv4 TCP dsr (table off)",
+            ns: bench(
+                &mut f,
+                lb_common::PROG_BALANCER,
+                &tcp4(client, vip4, 40000, 81, &[0; 10]),
+                Some(verdict::TX),
+            ),
+        },
+        Row {
+            name: "IPv4 ipip (via bench_ipip)",
+            ns: bench(
+                &mut f,
+                lb_common::PROG_BENCH_IPIP,
+                &tcp4(client, vip4, 40000, 82, &[0; 10]),
+                Some(verdict::TX),
+            ),
+        },
+        Row {
+            name: "IPv6 ipip (via bench_ipip)",
+            ns: bench(
+                &mut f,
+                lb_common::PROG_BENCH_IPIP,
+                &tcp6(c6, v6(vip6), 40000, 82, &[0; 10]),
+                Some(verdict::TX),
+            ),
+        },
+        Row {
+            name: "non-VIP pass",
+            ns: bench(
+                &mut f,
+                lb_common::PROG_BALANCER,
+                &tcp4(client, [198, 18, 0, 99], 40000, 80, &[0; 10]),
+                Some(verdict::PASS_NON_VIP),
+            ),
+        },
+    ];
+    let floor = rows[1].ns.max(0.001);
+
+    // The Maglev table build the agent does on every ring change.
+    let entries: Vec<_> = (1..=1000u32)
+        .map(|i| lb_user::maglev::Entry {
+            id: i,
+            addr: v4([198, 18, (i >> 8) as u8, i as u8]),
+            weight: 1,
+        })
+        .collect();
+    let builds: Vec<f64> = (0..RUNS)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            std::hint::black_box(lb_user::maglev::build(&entries, 65537));
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    let build_ms = median(builds);
+
+    if std::env::var_os("LB_BENCH_JSON").is_some() {
+        let items: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"case\":\"{}\",\"ns_per_packet\":{:.1},\"ratio_to_floor_tx\":{:.2}}}",
+                    r.name,
+                    r.ns,
+                    r.ns / floor
+                )
+            })
+            .collect();
+        println!(
+            "{{\"repeat\":{REPEAT},\"runs\":{RUNS},\"cases\":[{}],\"maglev_build_1000_backends_m65537_ms\":{build_ms:.1}}}",
+            items.join(",")
+        );
+    } else {
+        println!("\nmicro-benchmark: BPF_PROG_TEST_RUN, repeat {REPEAT}, median of {RUNS} runs");
+        println!("| case | ns/packet | × swap-MACs floor |");
+        println!("|---|---:|---:|");
+        for r in &rows {
+            println!("| {} | {:.1} | {:.2} |", r.name, r.ns, r.ns / floor);
+        }
+        println!(
+            "\nMaglev table build, 1000 backends, M = 65537: {build_ms:.1} ms (median of {RUNS})"
+        );
+    }
+}
