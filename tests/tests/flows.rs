@@ -26,7 +26,7 @@ fn backends(n: u32) -> Vec<(u32, [u8; 16], u32)> {
 /// Client i: an address in 198.19.0.0/16 and a port, so that flows differ
 /// in both.
 fn client(i: u32) -> ([u8; 4], u16) {
-    let a = [198, 19, (i >> 8) as u8 & 0xff, i as u8];
+    let a = [198, 19, (i >> 8) as u8, i as u8];
     (a, 1024 + (i % 50000) as u16)
 }
 
