@@ -1,0 +1,676 @@
+//! The agent's configuration: TOML (serde) → a validated model.
+//!
+//! Every error names the file, line and column and says what is wrong, and
+//! is found before anything touches the datapath: [`load`] either returns a
+//! complete, consistent [`Config`] or an error.
+
+use std::{collections::HashSet, fmt, net::IpAddr, ops::Range, path::Path};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::maglev::is_prime;
+
+/// A configuration error, located in the file.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+    pub msg: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.msg)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn locate(text: &str, file: &str, span: Option<Range<usize>>, msg: String) -> ConfigError {
+    let at = span.map(|s| s.start).unwrap_or(0).min(text.len());
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let col = at - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    ConfigError {
+        file: file.to_string(),
+        line,
+        col,
+        msg,
+    }
+}
+
+// ---- the file as written ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    agent: RawAgent,
+    #[serde(default)]
+    vip: Vec<RawVip>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    interface: String,
+    #[serde(default = "default_mode")]
+    xdp_mode: Spanned<String>,
+    #[serde(default = "default_flow_table")]
+    flow_table_size: Spanned<u32>,
+    #[serde(default = "default_socket")]
+    control_socket: String,
+    #[serde(default = "default_instance")]
+    instance: String,
+    metrics_listen: Option<Spanned<String>>,
+    #[serde(default = "default_src4")]
+    ipip_source_v4: Spanned<String>,
+    #[serde(default = "default_src6")]
+    ipip_source_v6: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVip {
+    address: Spanned<String>,
+    port: u16,
+    #[serde(default = "default_proto")]
+    protocol: Spanned<String>,
+    #[serde(default = "default_forwarding")]
+    forwarding: Spanned<String>,
+    #[serde(default = "default_hash")]
+    hash: Spanned<String>,
+    #[serde(default = "default_ring")]
+    ring_size: Spanned<u32>,
+    #[serde(default = "default_true")]
+    flow_table: bool,
+    #[serde(default)]
+    idle_timeout: u32,
+    #[serde(default)]
+    health: RawHealth,
+    #[serde(default)]
+    backend: Vec<RawBackend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    #[serde(default = "default_check")]
+    kind: Spanned<String>,
+    #[serde(default = "default_interval")]
+    interval_ms: u64,
+    #[serde(default = "default_timeout")]
+    timeout_ms: u64,
+    #[serde(default = "default_rise")]
+    rise: u32,
+    #[serde(default = "default_fall")]
+    fall: u32,
+    port: Option<u16>,
+    #[serde(default = "default_path")]
+    path: String,
+    #[serde(default = "default_status")]
+    expect_status: Spanned<String>,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        Self {
+            kind: default_check(),
+            interval_ms: default_interval(),
+            timeout_ms: default_timeout(),
+            rise: default_rise(),
+            fall: default_fall(),
+            port: None,
+            path: default_path(),
+            expect_status: default_status(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<String>,
+    #[serde(default = "default_weight")]
+    weight: Spanned<u32>,
+}
+
+fn sp<T>(v: T) -> Spanned<T> {
+    Spanned::new(0..0, v)
+}
+fn default_mode() -> Spanned<String> {
+    sp("auto".into())
+}
+fn default_flow_table() -> Spanned<u32> {
+    sp(lb_common::DEFAULT_FLOW_TABLE_SIZE)
+}
+fn default_socket() -> String {
+    "/run/lb/lb.sock".into()
+}
+fn default_instance() -> String {
+    "default".into()
+}
+fn default_src4() -> Spanned<String> {
+    sp("198.19.0.0".into())
+}
+fn default_src6() -> Spanned<String> {
+    sp("2001:2:0:ff::".into())
+}
+fn default_proto() -> Spanned<String> {
+    sp("tcp".into())
+}
+fn default_forwarding() -> Spanned<String> {
+    sp("dsr".into())
+}
+fn default_hash() -> Spanned<String> {
+    sp("5-tuple".into())
+}
+fn default_ring() -> Spanned<u32> {
+    sp(lb_common::DEFAULT_RING_SIZE)
+}
+fn default_true() -> bool {
+    true
+}
+fn default_check() -> Spanned<String> {
+    sp("tcp".into())
+}
+fn default_interval() -> u64 {
+    DEFAULT_INTERVAL_MS
+}
+fn default_timeout() -> u64 {
+    DEFAULT_TIMEOUT_MS
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+fn default_path() -> String {
+    "/healthz".into()
+}
+fn default_status() -> Spanned<String> {
+    sp("200-399".into())
+}
+fn default_weight() -> Spanned<u32> {
+    sp(1)
+}
+
+/// Default probe interval: with `fall = 3`, a refused or timed-out backend
+/// is out of the ring well within one second.
+pub const DEFAULT_INTERVAL_MS: u64 = 200;
+pub const DEFAULT_TIMEOUT_MS: u64 = 150;
+/// Largest backend weight.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+// ---- the validated model ----
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    Native,
+    Skb,
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forwarding {
+    Dsr,
+    Ipip,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HashInput {
+    FiveTuple,
+    SourceIp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckKind {
+    None,
+    Tcp,
+    Http { path: String, status: (u16, u16) },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    pub kind: CheckKind,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub rise: u32,
+    pub fall: u32,
+    /// Port to probe (default: the VIP's port).
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendCfg {
+    pub address: IpAddr,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vip {
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub forwarding: Forwarding,
+    pub hash: HashInput,
+    pub ring_size: u32,
+    pub flow_table: bool,
+    pub idle_timeout_s: u32,
+    pub health: Health,
+    pub backends: Vec<BackendCfg>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Agent {
+    pub interface: String,
+    pub xdp_mode: XdpMode,
+    pub flow_table_size: u32,
+    pub control_socket: String,
+    pub instance: String,
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    pub ipip_source_v4: std::net::Ipv4Addr,
+    pub ipip_source_v6: std::net::Ipv6Addr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub agent: Agent,
+    pub vips: Vec<Vip>,
+}
+
+/// Reads and validates `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        line: 0,
+        col: 0,
+        msg: format!("cannot read the file: {e}"),
+    })?;
+    parse(&text, &file)
+}
+
+/// Parses and validates configuration text; `file` names it in errors.
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+    let err = |span: Option<Range<usize>>, msg: String| locate(text, file, span, msg);
+    let raw: RawFile = toml::from_str(text).map_err(|e| err(e.span(), e.message().to_string()))?;
+
+    let a = &raw.agent;
+    let xdp_mode = match a.xdp_mode.get_ref().as_str() {
+        "native" => XdpMode::Native,
+        "skb" => XdpMode::Skb,
+        "auto" => XdpMode::Auto,
+        other => {
+            return Err(err(
+                Some(a.xdp_mode.span()),
+                format!("xdp_mode `{other}` is not one of \"native\", \"skb\", \"auto\""),
+            ));
+        }
+    };
+    if *a.flow_table_size.get_ref() == 0 {
+        return Err(err(
+            Some(a.flow_table_size.span()),
+            "flow_table_size must be at least 1".into(),
+        ));
+    }
+    if a.interface.is_empty() {
+        return Err(err(
+            None,
+            "agent.interface must name the interface to attach to".into(),
+        ));
+    }
+    let metrics_listen = match &a.metrics_listen {
+        None => None,
+        Some(s) => Some(s.get_ref().parse().map_err(|_| {
+            err(
+                Some(s.span()),
+                format!(
+                    "metrics_listen `{}` is not an address:port such as 127.0.0.1:9100",
+                    s.get_ref()
+                ),
+            )
+        })?),
+    };
+    let ipip_source_v4 = a.ipip_source_v4.get_ref().parse().map_err(|_| {
+        err(
+            Some(a.ipip_source_v4.span()),
+            format!(
+                "ipip_source_v4 `{}` is not an IPv4 address",
+                a.ipip_source_v4.get_ref()
+            ),
+        )
+    })?;
+    let ipip_source_v6 = a.ipip_source_v6.get_ref().parse().map_err(|_| {
+        err(
+            Some(a.ipip_source_v6.span()),
+            format!(
+                "ipip_source_v6 `{}` is not an IPv6 address",
+                a.ipip_source_v6.get_ref()
+            ),
+        )
+    })?;
+    let agent = Agent {
+        interface: a.interface.clone(),
+        xdp_mode,
+        flow_table_size: *a.flow_table_size.get_ref(),
+        control_socket: a.control_socket.clone(),
+        instance: a.instance.clone(),
+        metrics_listen,
+        ipip_source_v4,
+        ipip_source_v6,
+    };
+
+    if raw.vip.len() > lb_common::MAX_VIPS as usize {
+        return Err(err(
+            None,
+            format!(
+                "{} VIPs configured; at most {} are supported",
+                raw.vip.len(),
+                lb_common::MAX_VIPS
+            ),
+        ));
+    }
+    let mut seen_vips = HashSet::new();
+    let mut vips = Vec::new();
+    for v in &raw.vip {
+        let address: IpAddr = v.address.get_ref().parse().map_err(|_| {
+            err(
+                Some(v.address.span()),
+                format!(
+                    "VIP address `{}` is not an IPv4 or IPv6 address",
+                    v.address.get_ref()
+                ),
+            )
+        })?;
+        let protocol = match v.protocol.get_ref().as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            other => {
+                return Err(err(
+                    Some(v.protocol.span()),
+                    format!("protocol `{other}` is not \"tcp\" or \"udp\""),
+                ));
+            }
+        };
+        let forwarding = match v.forwarding.get_ref().as_str() {
+            "dsr" => Forwarding::Dsr,
+            "ipip" => Forwarding::Ipip,
+            other => {
+                return Err(err(
+                    Some(v.forwarding.span()),
+                    format!("forwarding `{other}` is not \"dsr\" or \"ipip\""),
+                ));
+            }
+        };
+        let hash = match v.hash.get_ref().as_str() {
+            "5-tuple" => HashInput::FiveTuple,
+            "source-ip" => HashInput::SourceIp,
+            other => {
+                return Err(err(
+                    Some(v.hash.span()),
+                    format!("hash `{other}` is not \"5-tuple\" or \"source-ip\""),
+                ));
+            }
+        };
+        let ring = *v.ring_size.get_ref();
+        if !is_prime(ring) || ring > lb_common::MAX_RING_SIZE {
+            return Err(err(
+                Some(v.ring_size.span()),
+                format!(
+                    "ring_size {ring} must be a prime no larger than {} (Maglev needs a prime; e.g. 65537, 16381, 251)",
+                    lb_common::MAX_RING_SIZE
+                ),
+            ));
+        }
+        if !seen_vips.insert((address, v.port, protocol)) {
+            return Err(err(
+                Some(v.address.span()),
+                format!(
+                    "duplicate VIP {address} port {} {:?}: each (address, port, protocol) may appear once",
+                    v.port, protocol
+                ),
+            ));
+        }
+        let h = &v.health;
+        let kind = match h.kind.get_ref().as_str() {
+            "none" => CheckKind::None,
+            "tcp" => CheckKind::Tcp,
+            "http" => CheckKind::Http { path: h.path.clone(), status: parse_status(h.expect_status.get_ref()).ok_or_else(|| {
+                err(Some(h.expect_status.span()), format!("expect_status `{}` is not a status or range such as \"200\" or \"200-399\"", h.expect_status.get_ref()))
+            })? },
+            other => return Err(err(Some(h.kind.span()), format!("health kind `{other}` is not \"tcp\", \"http\" or \"none\""))),
+        };
+        if h.interval_ms == 0 || h.timeout_ms == 0 || h.rise == 0 || h.fall == 0 {
+            return Err(err(
+                Some(h.kind.span()),
+                "health interval_ms, timeout_ms, rise and fall must all be at least 1".into(),
+            ));
+        }
+        let mut seen_b = HashSet::new();
+        let mut backends = Vec::new();
+        for b in &v.backend {
+            let baddr: IpAddr = b.address.get_ref().parse().map_err(|_| {
+                err(
+                    Some(b.address.span()),
+                    format!(
+                        "backend address `{}` is not an IPv4 or IPv6 address",
+                        b.address.get_ref()
+                    ),
+                )
+            })?;
+            if baddr.is_ipv4() != address.is_ipv4() {
+                return Err(err(
+                    Some(b.address.span()),
+                    format!(
+                        "backend {baddr} is {} but VIP {address} is {}: `{}` forwarding carries a VIP only to backends of its own family",
+                        fam(&baddr),
+                        fam(&address),
+                        v.forwarding.get_ref()
+                    ),
+                ));
+            }
+            if !seen_b.insert(baddr) {
+                return Err(err(
+                    Some(b.address.span()),
+                    format!("duplicate backend {baddr} in VIP {address}:{}", v.port),
+                ));
+            }
+            let w = *b.weight.get_ref();
+            if w > MAX_WEIGHT {
+                return Err(err(
+                    Some(b.weight.span()),
+                    format!("weight {w} is out of range 0..={MAX_WEIGHT} (0 drains the backend)"),
+                ));
+            }
+            backends.push(BackendCfg {
+                address: baddr,
+                weight: w,
+            });
+        }
+        vips.push(Vip {
+            address,
+            port: v.port,
+            protocol,
+            forwarding,
+            hash,
+            ring_size: ring,
+            flow_table: v.flow_table,
+            idle_timeout_s: v.idle_timeout,
+            health: Health {
+                kind,
+                interval_ms: h.interval_ms,
+                timeout_ms: h.timeout_ms,
+                rise: h.rise,
+                fall: h.fall,
+                port: h.port.unwrap_or(v.port),
+            },
+            backends,
+        });
+    }
+    Ok(Config { agent, vips })
+}
+
+fn fam(a: &IpAddr) -> &'static str {
+    if a.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// "200" or "200-399" → (low, high).
+fn parse_status(s: &str) -> Option<(u16, u16)> {
+    let (lo, hi) = match s.split_once('-') {
+        Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+        None => {
+            let v = s.trim().parse().ok()?;
+            (v, v)
+        }
+    };
+    ((100..=599).contains(&lo) && (100..=599).contains(&hi) && lo <= hi).then_some((lo, hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[agent]
+interface = "eth1"
+
+[[vip]]
+address = "198.18.0.100"
+port = 80
+
+[[vip.backend]]
+address = "198.18.2.1"
+
+[[vip.backend]]
+address = "198.18.2.2"
+weight = 3
+"#;
+
+    fn error_of(text: &str) -> String {
+        parse(text, "lb.toml")
+            .expect_err("must be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(GOOD, "lb.toml").expect("valid");
+        assert_eq!(c.agent.xdp_mode, XdpMode::Auto);
+        assert_eq!(c.agent.flow_table_size, lb_common::DEFAULT_FLOW_TABLE_SIZE);
+        let v = &c.vips[0];
+        assert_eq!(
+            (v.protocol, v.forwarding, v.hash, v.ring_size),
+            (Protocol::Tcp, Forwarding::Dsr, HashInput::FiveTuple, 65537)
+        );
+        assert_eq!(v.health.kind, CheckKind::Tcp);
+        assert_eq!(
+            (
+                v.health.interval_ms,
+                v.health.fall,
+                v.health.rise,
+                v.health.port
+            ),
+            (200, 3, 2, 80)
+        );
+        assert_eq!(v.backends[1].weight, 3);
+    }
+
+    #[test]
+    fn syntax_error_is_located() {
+        let e = error_of("[agent]\ninterface = \"eth1\"\nport = = 3\n");
+        assert!(e.starts_with("lb.toml:3:"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key() {
+        let e = error_of(&GOOD.replace("port = 80", "port = 80\nwieght = 2"));
+        assert!(
+            e.contains("unknown field `wieght`") && e.starts_with("lb.toml:8:1:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_address() {
+        let e = error_of(&GOOD.replace("198.18.2.1", "198.18.2.300"));
+        assert!(
+            e.contains("backend address `198.18.2.300` is not an IPv4 or IPv6 address"),
+            "{e}"
+        );
+        assert!(e.starts_with("lb.toml:10:11:"), "{e}");
+    }
+
+    #[test]
+    fn ring_size_not_prime() {
+        let e = error_of(&GOOD.replace("port = 80", "port = 80\nring_size = 65536"));
+        assert!(e.contains("ring_size 65536 must be a prime"), "{e}");
+    }
+
+    #[test]
+    fn backend_family_mismatch() {
+        let e = error_of(
+            &GOOD
+                .replace("port = 80", "port = 80\nforwarding = \"ipip\"")
+                .replace("198.18.2.1", "2001:2::1"),
+        );
+        assert!(
+            e.contains("backend 2001:2::1 is IPv6 but VIP 198.18.0.100 is IPv4"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn duplicate_vip_and_backend() {
+        let twice = format!("{GOOD}\n[[vip]]\naddress = \"198.18.0.100\"\nport = 80\n");
+        assert!(error_of(&twice).contains("duplicate VIP 198.18.0.100 port 80"));
+        let e = error_of(&GOOD.replace("198.18.2.2", "198.18.2.1"));
+        assert!(e.contains("duplicate backend 198.18.2.1"), "{e}");
+    }
+
+    #[test]
+    fn weight_out_of_range() {
+        let e = error_of(&GOOD.replace("weight = 3", "weight = 10001"));
+        assert!(e.contains("weight 10001 is out of range"), "{e}");
+    }
+
+    #[test]
+    fn bad_enums_and_http_status() {
+        assert!(
+            error_of(&GOOD.replace("port = 80", "port = 80\nhash = \"random\""))
+                .contains("hash `random`")
+        );
+        assert!(
+            error_of(&GOOD.replace(
+                "interface = \"eth1\"",
+                "interface = \"eth1\"\nxdp_mode = \"fast\""
+            ))
+            .contains("xdp_mode `fast`")
+        );
+        let http = GOOD.replace(
+            "port = 80",
+            "port = 80\n[vip.health]\nkind = \"http\"\nexpect_status = \"200-99\"",
+        );
+        assert!(error_of(&http).contains("expect_status `200-99`"));
+        let ok = GOOD.replace(
+            "port = 80",
+            "port = 80\n[vip.health]\nkind = \"http\"\nexpect_status = \"200\"",
+        );
+        let c = parse(&ok, "x").expect("valid");
+        assert_eq!(
+            c.vips[0].health.kind,
+            CheckKind::Http {
+                path: "/healthz".into(),
+                status: (200, 200)
+            }
+        );
+    }
+}
