@@ -3,5 +3,6 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod loader;
 pub mod maglev;

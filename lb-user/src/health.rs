@@ -1,0 +1,203 @@
+//! Health checks: the rise/fall state machine (pure) and the probes (tokio).
+//!
+//! A backend starts up. `fall` failed probes in a row take it down, `rise`
+//! good ones bring it back; every transition carries the reason of the last
+//! probe so the agent can log it.
+
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    time::timeout,
+};
+
+use crate::config::CheckKind;
+
+/// What a probe found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Fail(String),
+}
+
+/// A change of a backend's health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transition {
+    Up,
+    Down,
+}
+
+/// Rise/fall counting for one backend.
+#[derive(Clone, Debug)]
+pub struct HealthState {
+    pub up: bool,
+    rise: u32,
+    fall: u32,
+    good: u32,
+    bad: u32,
+}
+
+impl HealthState {
+    pub fn new(rise: u32, fall: u32) -> Self {
+        Self {
+            up: true,
+            rise: rise.max(1),
+            fall: fall.max(1),
+            good: 0,
+            bad: 0,
+        }
+    }
+
+    /// Records one probe result; returns the transition it caused, if any.
+    pub fn observe(&mut self, ok: bool) -> Option<Transition> {
+        if ok {
+            self.bad = 0;
+            self.good = self.good.saturating_add(1);
+            if !self.up && self.good >= self.rise {
+                self.up = true;
+                return Some(Transition::Up);
+            }
+        } else {
+            self.good = 0;
+            self.bad = self.bad.saturating_add(1);
+            if self.up && self.bad >= self.fall {
+                self.up = false;
+                return Some(Transition::Down);
+            }
+        }
+        None
+    }
+}
+
+/// Runs one probe of `kind` against `addr` within `limit`.
+pub async fn probe(kind: &CheckKind, addr: SocketAddr, limit: Duration) -> Outcome {
+    match kind {
+        CheckKind::None => Outcome::Ok,
+        CheckKind::Tcp => match timeout(limit, TcpStream::connect(addr)).await {
+            Err(_) => Outcome::Fail("timeout".into()),
+            Ok(Err(e)) => Outcome::Fail(io_reason(&e)),
+            Ok(Ok(_)) => Outcome::Ok,
+        },
+        CheckKind::Http { path, status } => match timeout(limit, http_status(addr, path)).await {
+            Err(_) => Outcome::Fail("timeout".into()),
+            Ok(Err(e)) => Outcome::Fail(io_reason(&e)),
+            Ok(Ok(code)) if (status.0..=status.1).contains(&code) => Outcome::Ok,
+            Ok(Ok(code)) => Outcome::Fail(format!("status {code}")),
+        },
+    }
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "refused".into(),
+        std::io::ErrorKind::ConnectionReset => "reset".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// `GET path` over HTTP/1.0 and the status code of the answer. A health
+/// probe needs only the status line, so this stays a few lines rather than
+/// pulling an HTTP client into the agent.
+async fn http_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
+    let mut s = TcpStream::connect(addr).await?;
+    let req = format!(
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = [0u8; 64];
+    let mut n = 0;
+    while n < 12 {
+        let r = s.read(&mut buf[n..]).await?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+    }
+    let line = String::from_utf8_lossy(&buf[..n]);
+    let code = line
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP status line")
+        })?;
+    Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn falls_after_fall_failures_and_rises_after_rise_successes() {
+        let mut h = HealthState::new(2, 3);
+        assert_eq!(h.observe(false), None);
+        assert_eq!(h.observe(false), None);
+        assert_eq!(h.observe(false), Some(Transition::Down));
+        assert_eq!(h.observe(false), None, "no repeated transition");
+        assert_eq!(h.observe(true), None);
+        assert_eq!(h.observe(true), Some(Transition::Up));
+        assert!(h.up);
+    }
+
+    #[test]
+    fn flapping_resets_the_streaks() {
+        let mut h = HealthState::new(2, 2);
+        for _ in 0..10 {
+            assert_eq!(h.observe(false), None);
+            assert_eq!(h.observe(true), None);
+        }
+        assert!(h.up, "alternating results never reach fall=2");
+        h.observe(false);
+        assert_eq!(h.observe(false), Some(Transition::Down));
+        for _ in 0..10 {
+            assert_eq!(h.observe(true), None);
+            assert_eq!(h.observe(false), None);
+        }
+        assert!(!h.up);
+    }
+
+    #[tokio::test]
+    async fn tcp_probe_reports_refused_and_ok() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        assert_eq!(
+            probe(&CheckKind::Tcp, addr, Duration::from_secs(1)).await,
+            Outcome::Ok
+        );
+        drop(l);
+        assert_eq!(
+            probe(&CheckKind::Tcp, addr, Duration::from_secs(1)).await,
+            Outcome::Fail("refused".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn http_probe_checks_the_status() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            for code in [200, 503] {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut b = [0u8; 256];
+                let _ = s.read(&mut b).await;
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {code} X\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        let kind = CheckKind::Http {
+            path: "/healthz".into(),
+            status: (200, 399),
+        };
+        assert_eq!(
+            probe(&kind, addr, Duration::from_secs(2)).await,
+            Outcome::Ok
+        );
+        assert_eq!(
+            probe(&kind, addr, Duration::from_secs(2)).await,
+            Outcome::Fail("status 503".into())
+        );
+    }
+}
