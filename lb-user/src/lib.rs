@@ -1,6 +1,7 @@
 //! The userspace side of the load balancer: loading the datapath and
 //! programming its maps (`loader`, `dataplane`).
 
+pub mod agent;
 pub mod config;
 pub mod dataplane;
 pub mod health;

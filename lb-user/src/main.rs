@@ -33,6 +33,19 @@ impl From<Mode> for loader::AttachMode {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the agent in the foreground: load and attach the datapath, program
+    /// it from the config file, health-check the backends and fail them over.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: std::path::PathBuf,
+    },
+    /// Validate a configuration file without touching the datapath.
+    Check {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: std::path::PathBuf,
+    },
     /// Attach the datapath (no VIPs) to an interface for a while and print its
     /// verdict counters every second: a quick check that XDP works there.
     Attach {
@@ -56,6 +69,16 @@ fn main() -> Result<()> {
             mode,
             seconds,
         } => attach(&iface, mode.into(), seconds),
+        Cmd::Run { config } => {
+            // A bad file is refused before anything touches the datapath.
+            let cfg = lb_user::config::load(&config)?;
+            lb_user::agent::run(cfg)
+        }
+        Cmd::Check { config } => {
+            let cfg = lb_user::config::load(&config)?;
+            println!("{}: ok, {} VIP(s)", config.display(), cfg.vips.len());
+            Ok(())
+        }
     }
 }
 
