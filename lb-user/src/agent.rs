@@ -70,16 +70,16 @@ fn next_hop(addr: IpAddr) -> Option<NextHop> {
         .and_then(|g| g.as_str())
         .map(str::to_string)
         .unwrap_or(addr.to_string());
-    let own = parse_mac(
-        std::fs::read_to_string(format!("/sys/class/net/{dev}/address"))
-            .ok()?
-            .trim(),
-    )?;
-    let ifindex = std::fs::read_to_string(format!("/sys/class/net/{dev}/ifindex"))
-        .ok()?
-        .trim()
-        .parse()
+    // Ask netlink (not /sys, which shows the mount namespace's view) for the
+    // egress device's own address and index.
+    let out = std::process::Command::new("ip")
+        .args(["-j", "link", "show", "dev", &dev])
+        .output()
         .ok()?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let link = links.get(0)?;
+    let own = parse_mac(link.get("address")?.as_str()?)?;
+    let ifindex = link.get("ifindex")?.as_u64()? as u32;
     let out = std::process::Command::new("ip")
         .args(["-j", "neigh", "show", "to", &via, "dev", &dev])
         .output()
@@ -191,16 +191,40 @@ impl Shared {
     }
 }
 
+/// A health transition, as the agent reports it to an embedding caller.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub backend: IpAddr,
+    pub up: bool,
+    pub reason: String,
+    pub at: std::time::Instant,
+}
+
 /// Runs the agent until SIGINT/SIGTERM.
 pub fn run(cfg: Config) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run_async(cfg))
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        run_until(cfg, shutdown, None).await
+    })
 }
 
-async fn run_async(cfg: Config) -> Result<()> {
+/// Runs the agent until `shutdown` completes; health transitions are also
+/// sent to `events` (tests drive the agent this way).
+pub async fn run_until(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+    events: Option<std::sync::mpsc::Sender<Event>>,
+) -> Result<()> {
     let mut ebpf = loader::load(&loader::LoadOptions {
         flow_table_size: cfg.agent.flow_table_size,
     })?;
@@ -298,6 +322,7 @@ async fn run_async(cfg: Config) -> Result<()> {
         for (bi, address) in addrs.into_iter().enumerate() {
             let shared = shared.clone();
             let health = health.clone();
+            let events = events.clone();
             tokio::spawn(async move {
                 let mut state = HealthState::new(health.rise, health.fall);
                 let interval = Duration::from_millis(health.interval_ms);
@@ -337,6 +362,14 @@ async fn run_async(cfg: Config) -> Result<()> {
                             {
                                 eprintln!("lb: updating the datapath failed: {e:#}");
                             }
+                            if let Some(ev) = &events {
+                                let _ = ev.send(Event {
+                                    backend: address,
+                                    up: t == Transition::Up,
+                                    reason: why,
+                                    at: std::time::Instant::now(),
+                                });
+                            }
                         } else if ok && !s.vips[vi].backends[bi].resolved {
                             // Probes resolve the neighbour; pick up a MAC that was unknown.
                             let _ = s.write_backend(vi, bi);
@@ -348,11 +381,7 @@ async fn run_async(cfg: Config) -> Result<()> {
         }
     }
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    shutdown.await;
     eprintln!("lb: shutting down, detaching from {}", cfg.agent.interface);
     Ok(())
 }

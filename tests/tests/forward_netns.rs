@@ -442,3 +442,201 @@ fn dsr_ipv6_tcp_and_udp() {
 fn ipip_ipv6_tcp_and_udp() {
     run_case("fi6", AF_INET6, true);
 }
+
+/// The agent (`lb run`, embedded) on the LB, two backends in the backend
+/// namespace (198.18.11.2 and .3, same host, each with its own health
+/// listener), steady connections through the VIP. Killing one backend's
+/// health listener takes it out within one second; the connections keep
+/// succeeding; bringing it back makes it rejoin.
+#[test]
+fn agent_fails_a_dead_backend_over_within_a_second() {
+    let t = topo("agt");
+    t.backend
+        .exec("ip", &["addr", "add", "198.18.11.3/24", "dev", "b0"])
+        .expect("addr");
+    let bmac = fmt_mac(mac_of(&t.backend, "b0"));
+    t.lb.exec(
+        "ip",
+        &[
+            "neigh",
+            "replace",
+            "198.18.11.3",
+            "lladdr",
+            &bmac,
+            "dev",
+            "l1",
+        ],
+    )
+    .expect("neigh");
+    let mut be = load().expect("load");
+    t.backend
+        .enter(|| {
+            loader::attach(
+                &mut be,
+                lb_common::PROG_PASS,
+                "b0",
+                loader::AttachMode::Native,
+            )
+            .expect("attach")
+        })
+        .expect("setns");
+
+    // Service on the VIP, and one health listener per backend address.
+    let (svc, h2, h3) = t
+        .backend
+        .enter(|| {
+            (
+                TcpListener::bind("198.18.0.100:8080").expect("svc"),
+                TcpListener::bind("198.18.11.2:8080").expect("h2"),
+                TcpListener::bind("198.18.11.3:8080").expect("h3"),
+            )
+        })
+        .expect("setns");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for l in [svc, h2] {
+        let stop = stop.clone();
+        l.set_nonblocking(true).expect("nonblocking");
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut s, _)) => {
+                        s.set_nonblocking(false).ok();
+                        let _ = s.write_all(b"backend\n");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+    }
+    h3.set_nonblocking(true).expect("nonblocking");
+
+    let dir = std::env::temp_dir().join(format!("lb-agent-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cfg_path = dir.join("lb.toml");
+    std::fs::write(
+        &cfg_path,
+        r#"
+[agent]
+interface = "l0"
+xdp_mode = "native"
+flow_table_size = 4096
+
+[[vip]]
+address = "198.18.0.100"
+port = 8080
+protocol = "tcp"
+
+[[vip.backend]]
+address = "198.18.11.2"
+
+[[vip.backend]]
+address = "198.18.11.3"
+"#,
+    )
+    .expect("write config");
+    let cfg = lb_user::config::load(&cfg_path).expect("config");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let (ev_tx, ev_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let lb_ns = t.lb.name.clone();
+    let agent = std::thread::spawn(move || {
+        let ns = std::fs::File::open(format!("/run/netns/{lb_ns}")).expect("netns");
+        use std::os::fd::AsRawFd;
+        // SAFETY: moves only this (dedicated) thread into the LB namespace;
+        // the runtime's threads are created from it and inherit it.
+        assert_eq!(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns"
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(lb_user::agent::run_until(
+            cfg,
+            async {
+                let _ = stop_rx.await;
+            },
+            Some(ev_tx),
+        ))
+    });
+
+    let vip: SocketAddr = "198.18.0.100:8080".parse().unwrap();
+    let connect_ok = || -> bool {
+        let Ok(mut s) = TcpStream::connect_timeout(&vip, Duration::from_secs(2)) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+        let mut r = String::new();
+        s.read_to_string(&mut r).is_ok() && r == "backend\n"
+    };
+    // Health of .3: accept probes for a while, then "die", then come back.
+    let serve = |l: &TcpListener, d: Duration| {
+        let end = std::time::Instant::now() + d;
+        while std::time::Instant::now() < end {
+            if let Ok((s, _)) = l.accept() {
+                drop(s);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    serve(&h3, Duration::from_millis(800));
+    let before = t
+        .client
+        .enter(|| (0..20).filter(|_| connect_ok()).count())
+        .expect("setns");
+
+    let killed = std::time::Instant::now();
+    drop(h3); // backend .3 dies: probes are refused
+    let down = ev_rx
+        .recv_timeout(Duration::from_secs(3))
+        .expect("a DOWN event");
+    let took = down.at.duration_since(killed);
+    println!(
+        "backend {} DOWN ({}) {:.0} ms after the kill",
+        down.backend,
+        down.reason,
+        took.as_secs_f64() * 1e3
+    );
+    assert!(!down.up && down.backend.to_string() == "198.18.11.3");
+    assert!(
+        took < Duration::from_secs(1),
+        "marked down after {took:?}, must be < 1 s"
+    );
+    let during = t
+        .client
+        .enter(|| (0..20).filter(|_| connect_ok()).count())
+        .expect("setns");
+
+    // It comes back: after `rise` good probes it rejoins.
+    let h3 = t
+        .backend
+        .enter(|| TcpListener::bind("198.18.11.3:8080").expect("h3 again"))
+        .expect("setns");
+    h3.set_nonblocking(true).expect("nonblocking");
+    let back = std::time::Instant::now();
+    let mut up = None;
+    while up.is_none() && back.elapsed() < Duration::from_secs(3) {
+        serve(&h3, Duration::from_millis(50));
+        up = ev_rx.try_recv().ok();
+    }
+    let up = up.expect("an UP event");
+    println!(
+        "backend {} UP again after {:.0} ms",
+        up.backend,
+        up.at.duration_since(back).as_secs_f64() * 1e3
+    );
+    assert!(up.up);
+
+    let _ = stop_tx.send(());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    agent
+        .join()
+        .expect("agent thread")
+        .expect("agent ran cleanly");
+    assert_eq!(before, 20, "all connections succeed before the failure");
+    assert_eq!(during, 20, "all connections succeed after the failover");
+}
