@@ -47,6 +47,7 @@ pub const MAP_SETTINGS: &str = "SETTINGS";
 pub const MAP_DECAP_ADDRS: &str = "DECAP_ADDRS";
 pub const MAP_DECAP_VERDICTS: &str = "DECAP_VERDICTS";
 pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
+pub const MAP_BACKEND_IDS: &str = "BACKEND_IDS";
 
 /// Program names in the object file.
 pub const PROG_BALANCER: &str = "lb_xdp";
@@ -164,6 +165,17 @@ pub struct Traffic {
     pub new_flows: u64,
 }
 
+/// Key of `BACKEND_IDS`, a map only userspace uses: which backend id the
+/// agent gave a (VIP, backend address) pair. It lives with the pinned maps so
+/// that a restarted agent keeps every id (flow entries refer to them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct BackendIdKey {
+    pub vip: VipKey,
+    pub addr: [u8; 16],
+}
+
 /// Global datapath settings (one entry in `SETTINGS`), written by the agent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -241,6 +253,7 @@ mod pod {
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::Traffic {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::BackendIdKey {}
 }
 
 const _: () = {

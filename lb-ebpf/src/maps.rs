@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    Backend, DEFAULT_FLOW_TABLE_SIZE, Flow, FlowKey, MAX_BACKENDS, MAX_RING_SIZE, MAX_TX_PORTS,
-    MAX_VIPS, Settings, Traffic, VipKey, VipMeta, decap_verdict, verdict,
+    Backend, BackendIdKey, DEFAULT_FLOW_TABLE_SIZE, Flow, FlowKey, MAX_BACKENDS, MAX_RING_SIZE,
+    MAX_TX_PORTS, MAX_VIPS, Settings, Traffic, VipKey, VipMeta, decap_verdict, verdict,
 };
 
 /// (address, port, protocol) → VIP. Port 0 entries match every port.
@@ -63,3 +63,8 @@ pub static DECAP_ADDRS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(64, 0
 /// production).
 #[map(name = "BENCH_JUMP")]
 pub static BENCH_JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// (VIP, backend address) → backend id. Only userspace reads or writes it;
+/// it is a map so that it is pinned, and survives, with the others.
+#[map(name = "BACKEND_IDS")]
+pub static BACKEND_IDS: HashMap<BackendIdKey, u32> = HashMap::with_max_entries(MAX_BACKENDS, 0);

@@ -134,6 +134,8 @@ struct RawBackend {
     address: Spanned<String>,
     #[serde(default = "default_weight")]
     weight: Spanned<u32>,
+    #[serde(default)]
+    drain: bool,
 }
 
 fn sp<T>(v: T) -> Spanned<T> {
@@ -253,6 +255,8 @@ pub struct Health {
 pub struct BackendCfg {
     pub address: IpAddr,
     pub weight: u32,
+    /// Out of the ring for new flows; existing flows stay.
+    pub drain: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -494,6 +498,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             backends.push(BackendCfg {
                 address: baddr,
                 weight: w,
+                drain: b.drain,
             });
         }
         vips.push(Vip {

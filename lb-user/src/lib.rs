@@ -2,6 +2,8 @@
 //! programming its maps (`loader`, `dataplane`).
 
 pub mod agent;
+pub mod api;
+pub mod confedit;
 pub mod config;
 pub mod dataplane;
 pub mod health;

@@ -68,30 +68,167 @@ pub enum AttachMode {
 
 /// Attaches program `name` to `iface`. Returns the mode actually used.
 pub fn attach(ebpf: &mut Ebpf, name: &str, iface: &str, mode: AttachMode) -> Result<AttachMode> {
+    Ok(attach_with_id(ebpf, name, iface, mode)?.0)
+}
+
+/// [`attach`], also returning the link's id.
+pub fn attach_with_id(
+    ebpf: &mut Ebpf,
+    name: &str,
+    iface: &str,
+    mode: AttachMode,
+) -> Result<(AttachMode, aya::programs::xdp::XdpLinkId)> {
     let prog = xdp_program(ebpf, name)?;
     match mode {
         AttachMode::Native => {
-            prog.attach(iface, XdpMode::Driver).with_context(|| {
+            let id = prog.attach(iface, XdpMode::Driver).with_context(|| {
                 format!(
                     "attaching `{name}` to {iface} in native mode failed - try xdp_mode = \"skb\""
                 )
             })?;
-            Ok(AttachMode::Native)
+            Ok((AttachMode::Native, id))
         }
         AttachMode::Skb => {
-            prog.attach(iface, XdpMode::Skb)
+            let id = prog
+                .attach(iface, XdpMode::Skb)
                 .with_context(|| format!("attaching `{name}` to {iface} in skb mode failed"))?;
-            Ok(AttachMode::Skb)
+            Ok((AttachMode::Skb, id))
         }
         AttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
-            Ok(_) => Ok(AttachMode::Native),
+            Ok(id) => Ok((AttachMode::Native, id)),
             Err(e) => {
                 eprintln!("native XDP on {iface} failed ({e}); falling back to generic (skb) mode");
-                prog.attach(iface, XdpMode::Skb).with_context(|| {
+                let id = prog.attach(iface, XdpMode::Skb).with_context(|| {
                     format!("attaching `{name}` to {iface} failed in both modes")
                 })?;
-                Ok(AttachMode::Skb)
+                Ok((AttachMode::Skb, id))
             }
         },
     }
+}
+
+/// Every map the agent pins (all but the benchmark's tail-call slot).
+pub const PINNED_MAPS: &[&str] = &[
+    lb_common::MAP_VIPS,
+    lb_common::MAP_VIP_ADDRS,
+    lb_common::MAP_BACKENDS,
+    lb_common::MAP_RINGS,
+    lb_common::MAP_FLOWS,
+    lb_common::MAP_VERDICTS,
+    lb_common::MAP_DECAP_VERDICTS,
+    lb_common::MAP_VIP_STATS,
+    lb_common::MAP_BACKEND_STATS,
+    lb_common::MAP_TX_PORTS,
+    lb_common::MAP_SETTINGS,
+    lb_common::MAP_DECAP_ADDRS,
+    lb_common::MAP_BACKEND_IDS,
+];
+
+/// Where an instance's pins live.
+pub fn pin_dir(instance: &str) -> std::path::PathBuf {
+    std::path::Path::new("/sys/fs/bpf/lb").join(instance)
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Mounts bpffs on /sys/fs/bpf if it is not there yet.
+pub fn ensure_bpffs() -> Result<()> {
+    let path = c"/sys/fs/bpf";
+    // SAFETY: statfs into a zeroed struct with a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/sys/fs/bpf").context("creating /sys/fs/bpf")?;
+    // SAFETY: mount(2) with valid C strings and no data.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            path.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        anyhow::bail!(
+            "mounting bpffs on /sys/fs/bpf failed: {} - mount it yourself with `mount -t bpf bpf /sys/fs/bpf`",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Loads the datapath with its maps pinned under `dir/maps/`: maps already
+/// pinned there (by an earlier agent) are reused with their contents, so the
+/// connection table and counters survive a restart.
+pub fn load_pinned(opts: &LoadOptions, dir: &std::path::Path) -> Result<(Ebpf, bool)> {
+    let maps_dir = dir.join("maps");
+    let adopted = maps_dir.join(lb_common::MAP_FLOWS).exists();
+    std::fs::create_dir_all(&maps_dir)
+        .with_context(|| format!("creating {}", maps_dir.display()))?;
+    let mut loader = EbpfLoader::new();
+    loader.map_max_entries(lb_common::MAP_FLOWS, opts.flow_table_size);
+    let paths: Vec<(&str, std::path::PathBuf)> =
+        PINNED_MAPS.iter().map(|n| (*n, maps_dir.join(n))).collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).context(
+        "loading the datapath object into the kernel failed (are you root, with BPF enabled?)",
+    )?;
+    for name in [lb_common::PROG_BALANCER, lb_common::PROG_PASS] {
+        xdp_program(&mut ebpf, name)?
+            .load()
+            .with_context(|| format!("the kernel verifier rejected XDP program `{name}`"))?;
+    }
+    Ok((ebpf, adopted))
+}
+
+/// Attaches the balancer to `iface`, or, if `dir/link` holds a pinned link
+/// from an earlier agent, swaps the new program into that link atomically
+/// (forwarding never stops). Returns the pinned link and what was done.
+pub fn attach_pinned(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    mode: AttachMode,
+    dir: &std::path::Path,
+) -> Result<(aya::programs::links::PinnedLink, String)> {
+    use aya::programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    };
+    let link_path = dir.join("link");
+    let prog = xdp_program(ebpf, lb_common::PROG_BALANCER)?;
+    if link_path.exists() {
+        let pinned = PinnedLink::from_pin(&link_path)
+            .with_context(|| format!("opening the pinned link {}", link_path.display()))?;
+        let fd: FdLink = pinned.into();
+        let link = XdpLink::try_from(fd).context("the pinned link is not an XDP link")?;
+        prog.attach_to_link(link)
+            .context("swapping the new program into the pinned link")?;
+        let pinned = PinnedLink::from_pin(&link_path).context("reopening the pinned link")?;
+        return Ok((
+            pinned,
+            "adopted the running datapath (program replaced atomically)".into(),
+        ));
+    }
+    let (used, id) = attach_with_id(ebpf, lb_common::PROG_BALANCER, iface, mode)?;
+    let prog = xdp_program(ebpf, lb_common::PROG_BALANCER)?;
+    let link = prog.take_link(id).context("taking the XDP link")?;
+    let fd = FdLink::try_from(link).context("XDP link is not an fd link (kernel < 5.9?)")?;
+    let pinned = fd
+        .pin(&link_path)
+        .with_context(|| format!("pinning the link at {}", link_path.display()))?;
+    Ok((pinned, format!("attached to {iface} in {used:?} mode")))
+}
+
+/// Detaches and removes everything an instance pinned.
+pub fn remove_pins(dir: &std::path::Path) -> Result<bool> {
+    if !dir.exists() {
+        return Ok(false);
+    }
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok(true)
 }

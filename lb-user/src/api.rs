@@ -1,0 +1,236 @@
+//! The control API between `lb` CLI commands and the running agent: one
+//! JSON request per line on a Unix socket (mode 0600), one JSON response
+//! line back.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::IpAddr,
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// A VIP as the CLI names it: `ADDRESS:PORT[/tcp|udp]`, e.g.
+/// `198.18.0.100:80/tcp` or `[2001:2::100]:443/udp`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipRef {
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: String,
+}
+
+impl std::str::FromStr for VipRef {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (sock, proto) = match s.rsplit_once('/') {
+            Some((a, p)) => (a, p.to_string()),
+            None => (s, "tcp".to_string()),
+        };
+        if proto != "tcp" && proto != "udp" {
+            return Err(format!("protocol `{proto}` in `{s}` is not tcp or udp"));
+        }
+        let sa: std::net::SocketAddr = sock
+            .parse()
+            .map_err(|_| format!("`{s}` is not ADDRESS:PORT[/tcp|udp] (IPv6 as [2001:2::1]:80)"))?;
+        Ok(Self {
+            address: sa.ip(),
+            port: sa.port(),
+            protocol: proto,
+        })
+    }
+}
+
+impl std::fmt::Display for VipRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.address {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.protocol),
+        }
+    }
+}
+
+/// Settings for `vip add`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VipAdd {
+    pub vip: VipRef,
+    pub forwarding: String,
+    pub hash: String,
+    pub ring_size: u32,
+    pub flow_table: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    VipList,
+    VipAdd(VipAdd),
+    VipRemove {
+        vip: VipRef,
+    },
+    BackendList {
+        vip: Option<VipRef>,
+    },
+    BackendAdd {
+        vip: VipRef,
+        address: IpAddr,
+        weight: u32,
+    },
+    BackendRemove {
+        vip: VipRef,
+        address: IpAddr,
+    },
+    BackendDrain {
+        vip: VipRef,
+        address: IpAddr,
+    },
+    BackendUndrain {
+        vip: VipRef,
+        address: IpAddr,
+    },
+    BackendWeight {
+        vip: VipRef,
+        address: IpAddr,
+        weight: u32,
+    },
+    Health,
+    Stats,
+    Reload,
+    Shutdown,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusInfo {
+    pub instance: String,
+    pub interface: String,
+    pub attach: String,
+    pub config: String,
+    pub uptime_s: f64,
+    pub vips: usize,
+    pub backends: usize,
+    pub backends_up: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VipInfo {
+    pub vip: VipRef,
+    pub forwarding: String,
+    pub hash: String,
+    pub scheduler: String,
+    pub ring_size: u32,
+    pub flow_table: bool,
+    pub health: String,
+    pub backends: usize,
+    pub backends_up: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackendInfo {
+    pub vip: VipRef,
+    pub address: IpAddr,
+    pub id: u32,
+    pub weight: u32,
+    /// "up", "down" or "draining".
+    pub state: String,
+    pub last_result: String,
+    pub last_latency_ms: Option<f64>,
+    pub transitions: u64,
+    pub next_hop_known: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrafficInfo {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatsInfo {
+    pub at_s: f64,
+    pub vips: Vec<(VipRef, TrafficInfo)>,
+    pub backends: Vec<(VipRef, IpAddr, TrafficInfo)>,
+    pub verdicts: Vec<(String, u64)>,
+}
+
+/// Sends one request to the agent at `socket` and returns its data.
+pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
+    let mut s = match UnixStream::connect(socket) {
+        Ok(s) => s,
+        Err(e) => bail!(
+            "the agent is not running (cannot connect to {}: {e}); start it with `lb run --config FILE`, \
+             or point at its socket with --socket",
+            socket.display()
+        ),
+    };
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())
+        .context("sending the request")?;
+    let mut resp = String::new();
+    BufReader::new(&s)
+        .read_line(&mut resp)
+        .context("reading the agent's answer")?;
+    let r: Response =
+        serde_json::from_str(&resp).context("the agent's answer is not valid JSON")?;
+    if !r.ok {
+        bail!(
+            "{}",
+            r.error
+                .unwrap_or_else(|| "the agent refused the request".into())
+        );
+    }
+    Ok(r.data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vip_refs() {
+        let v: VipRef = "198.18.0.100:80".parse().unwrap();
+        assert_eq!(v.to_string(), "198.18.0.100:80/tcp");
+        let v: VipRef = "[2001:2::100]:53/udp".parse().unwrap();
+        assert_eq!((v.port, v.protocol.as_str()), (53, "udp"));
+        assert_eq!(v.to_string(), "[2001:2::100]:53/udp");
+        assert!(
+            "198.18.0.100"
+                .parse::<VipRef>()
+                .unwrap_err()
+                .contains("ADDRESS:PORT")
+        );
+        assert!(
+            "198.18.0.100:80/sctp"
+                .parse::<VipRef>()
+                .unwrap_err()
+                .contains("sctp")
+        );
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let r = Request::BackendAdd {
+            vip: "198.18.0.100:80".parse().unwrap(),
+            address: "198.18.2.9".parse().unwrap(),
+            weight: 2,
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert!(s.contains("\"cmd\":\"backend-add\""), "{s}");
+        let back: Request = serde_json::from_str(&s).unwrap();
+        assert!(matches!(back, Request::BackendAdd { weight: 2, .. }));
+    }
+}
