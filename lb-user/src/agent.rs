@@ -1,27 +1,57 @@
-//! `lb run`: load the datapath, attach it, program VIPs, backends and rings
-//! from the configuration, and keep them in line with the backends' health.
+//! `lb run`: the agent. It loads the datapath with its maps pinned under
+//! `/sys/fs/bpf/lb/<instance>/`, attaches it (or adopts the datapath an
+//! earlier agent left running), programs it from the configuration, health
+//! checks every backend, and serves the control API.
 //!
-//! One tokio task per backend probes it; a transition updates the backend's
-//! state in the datapath and rebuilds its VIP's ring (one atomic flip).
-//! Backend ids are handed out once, in configuration order, and never reused
-//! while the agent runs.
+//! Everything that changes the datapath goes through [`State::reconcile`]:
+//! startup, `SIGHUP`/`lb reload`, and CLI changes (which edit the config
+//! file's text, validate it like a file, reconcile, then save it). So a bad
+//! change is refused before anything is touched, and only the difference is
+//! applied.
+//!
+//! Backend ids live in the pinned `BACKEND_IDS` map with a high-water mark,
+//! so they are stable across restarts and never reused while the agent runs.
 
 use std::{
+    collections::HashSet,
     net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
-use aya::Ebpf;
-use lb_common::{AF_INET, AF_INET6, BACKEND_DOWN, BACKEND_UP, Backend, VipKey, VipMeta};
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{Ebpf, maps::HashMap as BpfHashMap};
+use lb_common::{
+    AF_INET, AF_INET6, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, Backend, BackendIdKey,
+    MAX_BACKENDS, MAX_VIPS, VipKey, VipMeta,
+};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::UnixListener,
+    sync::Notify,
+};
 
 use crate::{
-    config::{Config, Forwarding, HashInput, Protocol, Vip, XdpMode},
+    api::{
+        self, BackendInfo, Request, Response, StatsInfo, StatusInfo, TrafficInfo, VipInfo, VipRef,
+    },
+    confedit::{self, Edit},
+    config::{self, BackendCfg, CheckKind, Config, Forwarding, HashInput, Protocol, Vip, XdpMode},
     dataplane::Dataplane,
     health::{HealthState, Outcome, Transition, probe},
     loader, maglev,
 };
+
+/// A health transition, as the agent reports it to an embedding caller.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub vip: VipRef,
+    pub backend: IpAddr,
+    pub up: bool,
+    pub reason: String,
+    pub at: Instant,
+}
 
 fn addr16(a: IpAddr) -> ([u8; 16], u8) {
     match a {
@@ -31,6 +61,13 @@ fn addr16(a: IpAddr) -> ([u8; 16], u8) {
             (o, AF_INET)
         }
         IpAddr::V6(v) => (v.octets(), AF_INET6),
+    }
+}
+
+fn proto_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
     }
 }
 
@@ -48,6 +85,28 @@ fn vip_key(v: &Vip) -> VipKey {
     }
 }
 
+fn vip_ref(v: &Vip) -> VipRef {
+    VipRef {
+        address: v.address,
+        port: v.port,
+        protocol: proto_name(v.protocol).into(),
+    }
+}
+
+fn vip_flags(v: &Vip) -> u32 {
+    let mut f = 0;
+    if v.forwarding == Forwarding::Ipip {
+        f |= lb_common::VIP_F_IPIP;
+    }
+    if v.hash == HashInput::SourceIp {
+        f |= lb_common::VIP_F_HASH_SRC_IP;
+    }
+    if !v.flow_table {
+        f |= lb_common::VIP_F_NO_FLOW_TABLE;
+    }
+    f
+}
+
 /// The next hop towards an address as the kernel knows it.
 struct NextHop {
     dev: String,
@@ -57,12 +116,19 @@ struct NextHop {
     mac: Option<[u8; 6]>,
 }
 
+/// Asks the kernel (iproute2 over netlink, as JSON) for the route, the
+/// egress device and the neighbour entry. Netlink, not /sys, because /sys
+/// shows the mount namespace's view of devices, not the network namespace's.
 fn next_hop(addr: IpAddr) -> Option<NextHop> {
-    let out = std::process::Command::new("ip")
-        .args(["-j", "route", "get", &addr.to_string()])
-        .output()
-        .ok()?;
-    let routes: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let ip_json = |args: &[&str]| -> Option<serde_json::Value> {
+        let out = std::process::Command::new("ip")
+            .arg("-j")
+            .args(args)
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    let routes = ip_json(&["route", "get", &addr.to_string()])?;
     let r = routes.get(0)?;
     let dev = r.get("dev")?.as_str()?.to_string();
     let via = r
@@ -70,21 +136,11 @@ fn next_hop(addr: IpAddr) -> Option<NextHop> {
         .and_then(|g| g.as_str())
         .map(str::to_string)
         .unwrap_or(addr.to_string());
-    // Ask netlink (not /sys, which shows the mount namespace's view) for the
-    // egress device's own address and index.
-    let out = std::process::Command::new("ip")
-        .args(["-j", "link", "show", "dev", &dev])
-        .output()
-        .ok()?;
-    let links: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let links = ip_json(&["link", "show", "dev", &dev])?;
     let link = links.get(0)?;
-    let own = parse_mac(link.get("address")?.as_str()?)?;
+    let own_mac = parse_mac(link.get("address")?.as_str()?)?;
     let ifindex = link.get("ifindex")?.as_u64()? as u32;
-    let out = std::process::Command::new("ip")
-        .args(["-j", "neigh", "show", "to", &via, "dev", &dev])
-        .output()
-        .ok()?;
-    let neigh: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let neigh = ip_json(&["neigh", "show", "to", &via, "dev", &dev]).unwrap_or_default();
     let mac = neigh
         .as_array()
         .into_iter()
@@ -92,12 +148,12 @@ fn next_hop(addr: IpAddr) -> Option<NextHop> {
         .filter(|n| {
             n.get("state")
                 .and_then(|s| s.as_array())
-                .is_none_or(|s| !s.iter().any(|x| x == "FAILED"))
+                .is_none_or(|s| !s.iter().any(|x| x == "FAILED" || x == "INCOMPLETE"))
         })
         .find_map(|n| n.get("lladdr").and_then(|m| m.as_str()).and_then(parse_mac));
     Some(NextHop {
         dev,
-        own_mac: own,
+        own_mac,
         ifindex,
         mac,
     })
@@ -113,37 +169,131 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 struct BackendRt {
+    cfg: BackendCfg,
     id: u32,
-    address: IpAddr,
-    weight: u32,
-    up: bool,
-    /// Whether the next-hop MAC is known in the datapath.
+    health: HealthState,
+    last_result: String,
+    last_latency_ms: Option<f64>,
+    transitions: u64,
     resolved: bool,
+    /// Health task generation: a task whose generation no longer matches
+    /// (backend removed, health settings changed) ends.
+    generation: u64,
+}
+
+impl BackendRt {
+    fn up(&self) -> bool {
+        self.health.up
+    }
+    fn in_ring(&self) -> bool {
+        self.up() && !self.cfg.drain && self.cfg.weight > 0
+    }
+    fn state_name(&self) -> &'static str {
+        if !self.up() {
+            "down"
+        } else if self.cfg.drain || self.cfg.weight == 0 {
+            "draining"
+        } else {
+            "up"
+        }
+    }
 }
 
 struct VipRt {
     cfg: Vip,
     key: VipKey,
+    vip_id: u32,
     backends: Vec<BackendRt>,
 }
 
-struct Shared {
+/// A health task to start: (VIP key, backend address, generation).
+type Spawn = (VipKey, IpAddr, u64);
+
+struct State {
     ebpf: Ebpf,
+    cfg_path: PathBuf,
+    cfg: Config,
     vips: Vec<VipRt>,
-    iface: String,
+    attach_desc: String,
+    started: Instant,
+    events: Option<std::sync::mpsc::Sender<Event>>,
+    next_generation: u64,
 }
 
-impl Shared {
+/// Sentinel key in BACKEND_IDS whose value is the next unused backend id.
+const HIGH_WATER: BackendIdKey = BackendIdKey {
+    vip: VipKey {
+        addr: [0; 16],
+        port: 0,
+        proto: 0,
+        family: 0,
+    },
+    addr: [0; 16],
+};
+
+impl State {
+    fn ids(&mut self) -> Result<BpfHashMap<&mut aya::maps::MapData, BackendIdKey, u32>> {
+        let m = self
+            .ebpf
+            .map_mut(lb_common::MAP_BACKEND_IDS)
+            .context("BACKEND_IDS map missing")?;
+        Ok(BpfHashMap::try_from(m)?)
+    }
+
+    /// The backend id of (VIP, address): the one it already has (also from
+    /// an earlier agent), or a new one above every id handed out so far.
+    fn backend_id(&mut self, key: &VipKey, addr: IpAddr) -> Result<u32> {
+        let k = BackendIdKey {
+            vip: *key,
+            addr: addr16(addr).0,
+        };
+        let mut ids = self.ids()?;
+        if let Ok(id) = ids.get(&k, 0) {
+            return Ok(id);
+        }
+        let next = ids.get(&HIGH_WATER, 0).unwrap_or(1).max(1);
+        let id = if next < MAX_BACKENDS {
+            next
+        } else {
+            // Ids exhausted: take one no backend holds and no flow refers to.
+            let held: HashSet<u32> = ids.iter().filter_map(|r| r.ok()).map(|(_, v)| v).collect();
+            let in_flows: HashSet<u32> = Dataplane::new(&mut self.ebpf)
+                .flows()?
+                .into_iter()
+                .map(|(_, f)| f.backend_id)
+                .collect();
+            let id = (1..MAX_BACKENDS)
+                .find(|i| !held.contains(i) && !in_flows.contains(i))
+                .ok_or_else(|| anyhow!("all {MAX_BACKENDS} backend ids are in use"))?;
+            ids = self.ids()?;
+            id
+        };
+        ids.insert(k, id, 0)?;
+        ids.insert(HIGH_WATER, (id + 1).max(next), 0)?;
+        Ok(id)
+    }
+
+    fn forget_backend(&mut self, key: &VipKey, addr: IpAddr, id: u32) -> Result<()> {
+        let k = BackendIdKey {
+            vip: *key,
+            addr: addr16(addr).0,
+        };
+        let _ = self.ids()?.remove(&k);
+        // A zeroed entry: flows that still point here are rescheduled.
+        Dataplane::new(&mut self.ebpf).set_backend(id, &Backend::default())?;
+        Ok(())
+    }
+
     fn rebuild_ring(&mut self, vi: usize) -> Result<()> {
         let v = &self.vips[vi];
         let entries: Vec<_> = v
             .backends
             .iter()
-            .filter(|b| b.up)
+            .filter(|b| b.in_ring())
             .map(|b| maglev::Entry {
                 id: b.id,
-                addr: addr16(b.address).0,
-                weight: b.weight,
+                addr: addr16(b.cfg.address).0,
+                weight: b.cfg.weight,
             })
             .collect();
         let table = maglev::build(&entries, v.cfg.ring_size);
@@ -154,14 +304,19 @@ impl Shared {
         Ok(())
     }
 
-    /// Writes backend `bi` of VIP `vi` with its current next hop and state.
-    fn write_backend(&mut self, vi: usize, bi: usize) -> Result<bool> {
+    /// Writes backend `bi` of VIP `vi` with its next hop and state.
+    fn write_backend(&mut self, vi: usize, bi: usize) -> Result<()> {
         let b = &self.vips[vi].backends[bi];
-        let (addr, family) = addr16(b.address);
+        let (addr, family) = addr16(b.cfg.address);
+        let state = match b.state_name() {
+            "down" => BACKEND_DOWN,
+            "draining" => BACKEND_DRAINING,
+            _ => BACKEND_UP,
+        };
         let mut entry = Backend {
             addr,
             family,
-            state: if b.up { BACKEND_UP } else { BACKEND_DOWN },
+            state,
             ..Default::default()
         };
         let id = b.id;
@@ -171,37 +326,292 @@ impl Shared {
             own_mac,
             ifindex,
             mac,
-        }) = next_hop(b.address)
+        }) = next_hop(b.cfg.address)
         {
             entry.src_mac = own_mac;
-            entry.ifindex = if dev == self.iface { 0 } else { ifindex };
+            entry.ifindex = if dev == self.cfg.agent.interface {
+                0
+            } else {
+                ifindex
+            };
             if let Some(m) = mac {
                 entry.dst_mac = m;
                 resolved = true;
             }
-            let mut dp = Dataplane::new(&mut self.ebpf);
             if entry.ifindex != 0 {
-                dp.add_tx_port(ifindex)
+                Dataplane::new(&mut self.ebpf)
+                    .add_tx_port(ifindex)
                     .with_context(|| format!("adding {dev} as a redirect target"))?;
             }
         }
         Dataplane::new(&mut self.ebpf).set_backend(id, &entry)?;
         self.vips[vi].backends[bi].resolved = resolved;
-        Ok(resolved)
+        Ok(())
+    }
+
+    fn new_backend(
+        &mut self,
+        key: &VipKey,
+        cfg: &BackendCfg,
+        health: &config::Health,
+    ) -> Result<BackendRt> {
+        let id = self.backend_id(key, cfg.address)?;
+        self.next_generation += 1;
+        Ok(BackendRt {
+            cfg: cfg.clone(),
+            id,
+            health: HealthState::new(health.rise, health.fall),
+            last_result: "not probed yet".into(),
+            last_latency_ms: None,
+            transitions: 0,
+            resolved: false,
+            generation: self.next_generation,
+        })
+    }
+
+    /// Brings the datapath from the current configuration to `new`, touching
+    /// only what differs. Returns the health tasks to start.
+    fn reconcile(&mut self, new: Config) -> Result<Vec<Spawn>> {
+        if !self.vips.is_empty() && new.agent.interface != self.cfg.agent.interface {
+            bail!(
+                "agent.interface changed from {} to {}: detach first with `lb down`, then start the agent again",
+                self.cfg.agent.interface,
+                new.agent.interface
+            );
+        }
+        let mut spawns = Vec::new();
+        // VIPs that are gone.
+        let keep: HashSet<VipKey> = new.vips.iter().map(vip_key).collect();
+        let mut vi = 0;
+        while vi < self.vips.len() {
+            if keep.contains(&self.vips[vi].key) {
+                vi += 1;
+                continue;
+            }
+            let v = self.vips.remove(vi);
+            Dataplane::new(&mut self.ebpf).remove_vip(&v.key)?;
+            for b in &v.backends {
+                self.forget_backend(&v.key, b.cfg.address, b.id)?;
+            }
+            eprintln!("lb: removed VIP {}", vip_ref(&v.cfg));
+        }
+        // VIPs that are new or changed.
+        let existing_ids: std::collections::HashMap<VipKey, u32> = Dataplane::new(&mut self.ebpf)
+            .list_vips()?
+            .into_iter()
+            .map(|(k, m)| (k, m.vip_id))
+            .collect();
+        for vcfg in &new.vips {
+            let key = vip_key(vcfg);
+            let vi = match self.vips.iter().position(|v| v.key == key) {
+                Some(i) => i,
+                None => {
+                    let used: HashSet<u32> = self.vips.iter().map(|v| v.vip_id).collect();
+                    // Keep the id the pinned datapath already has for this VIP;
+                    // otherwise take one neither live nor pinned.
+                    let vip_id = match existing_ids.get(&key) {
+                        Some(id) if !used.contains(id) => *id,
+                        _ => (0..MAX_VIPS)
+                            .find(|i| !used.contains(i) && !existing_ids.values().any(|e| e == i))
+                            .or_else(|| (0..MAX_VIPS).find(|i| !used.contains(i)))
+                            .ok_or_else(|| anyhow!("at most {MAX_VIPS} VIPs"))?,
+                    };
+                    self.vips.push(VipRt {
+                        cfg: vcfg.clone(),
+                        key,
+                        vip_id,
+                        backends: Vec::new(),
+                    });
+                    self.vips.len() - 1
+                }
+            };
+            let meta = VipMeta {
+                vip_id: self.vips[vi].vip_id,
+                flags: vip_flags(vcfg),
+                idle_timeout_s: vcfg.idle_timeout_s,
+                ..Default::default()
+            };
+            Dataplane::new(&mut self.ebpf).upsert_vip(&key, meta)?;
+            let health_changed = self.vips[vi].cfg.health != vcfg.health;
+            let mut ring_changed =
+                self.vips[vi].cfg.ring_size != vcfg.ring_size || self.vips[vi].backends.is_empty();
+            self.vips[vi].cfg = vcfg.clone();
+            // Backends that are gone.
+            let want: HashSet<IpAddr> = vcfg.backends.iter().map(|b| b.address).collect();
+            let mut bi = 0;
+            while bi < self.vips[vi].backends.len() {
+                if want.contains(&self.vips[vi].backends[bi].cfg.address) {
+                    bi += 1;
+                    continue;
+                }
+                let b = self.vips[vi].backends.remove(bi);
+                self.forget_backend(&key, b.cfg.address, b.id)?;
+                ring_changed = true;
+            }
+            // Backends that are new or changed.
+            for bcfg in &vcfg.backends {
+                match self.vips[vi]
+                    .backends
+                    .iter()
+                    .position(|b| b.cfg.address == bcfg.address)
+                {
+                    Some(bi) => {
+                        if self.vips[vi].backends[bi].cfg != *bcfg {
+                            self.vips[vi].backends[bi].cfg = bcfg.clone();
+                            self.write_backend(vi, bi)?;
+                            ring_changed = true;
+                        }
+                        if health_changed {
+                            self.next_generation += 1;
+                            let b = &mut self.vips[vi].backends[bi];
+                            b.generation = self.next_generation;
+                            b.health = HealthState::new(vcfg.health.rise, vcfg.health.fall);
+                            spawns.push((key, b.cfg.address, b.generation));
+                        }
+                    }
+                    None => {
+                        let b = self.new_backend(&key, bcfg, &vcfg.health)?;
+                        spawns.push((key, b.cfg.address, b.generation));
+                        self.vips[vi].backends.push(b);
+                        let bi = self.vips[vi].backends.len() - 1;
+                        self.write_backend(vi, bi)?;
+                        ring_changed = true;
+                    }
+                }
+            }
+            if ring_changed {
+                self.rebuild_ring(vi)?;
+            }
+        }
+        self.cfg = new;
+        Ok(spawns)
+    }
+
+    fn find(&self, key: &VipKey, addr: IpAddr) -> Option<(usize, usize)> {
+        let vi = self.vips.iter().position(|v| v.key == *key)?;
+        let bi = self.vips[vi]
+            .backends
+            .iter()
+            .position(|b| b.cfg.address == addr)?;
+        Some((vi, bi))
+    }
+
+    fn find_vip(&self, r: &VipRef) -> Result<usize> {
+        self.vips
+            .iter()
+            .position(|v| vip_ref(&v.cfg) == *r)
+            .ok_or_else(|| anyhow!("no VIP {r}; `lb vip list` shows the VIPs"))
+    }
+
+    fn status(&self) -> StatusInfo {
+        let backends: Vec<&BackendRt> = self.vips.iter().flat_map(|v| &v.backends).collect();
+        StatusInfo {
+            instance: self.cfg.agent.instance.clone(),
+            interface: self.cfg.agent.interface.clone(),
+            attach: self.attach_desc.clone(),
+            config: self.cfg_path.display().to_string(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            vips: self.vips.len(),
+            backends: backends.len(),
+            backends_up: backends.iter().filter(|b| b.up()).count(),
+        }
+    }
+
+    fn vip_list(&self) -> Vec<VipInfo> {
+        self.vips
+            .iter()
+            .map(|v| VipInfo {
+                vip: vip_ref(&v.cfg),
+                forwarding: match v.cfg.forwarding {
+                    Forwarding::Dsr => "dsr".into(),
+                    Forwarding::Ipip => "ipip".into(),
+                },
+                hash: match v.cfg.hash {
+                    HashInput::FiveTuple => "5-tuple".into(),
+                    HashInput::SourceIp => "source-ip".into(),
+                },
+                scheduler: "maglev".into(),
+                ring_size: v.cfg.ring_size,
+                flow_table: v.cfg.flow_table,
+                health: match &v.cfg.health.kind {
+                    CheckKind::None => "none".into(),
+                    CheckKind::Tcp => format!(
+                        "tcp :{} every {} ms",
+                        v.cfg.health.port, v.cfg.health.interval_ms
+                    ),
+                    CheckKind::Http { path, .. } => {
+                        format!(
+                            "http :{}{path} every {} ms",
+                            v.cfg.health.port, v.cfg.health.interval_ms
+                        )
+                    }
+                },
+                backends: v.backends.len(),
+                backends_up: v.backends.iter().filter(|b| b.up()).count(),
+            })
+            .collect()
+    }
+
+    fn backend_list(&self, only: Option<&VipRef>) -> Vec<BackendInfo> {
+        self.vips
+            .iter()
+            .filter(|v| only.is_none_or(|r| vip_ref(&v.cfg) == *r))
+            .flat_map(|v| {
+                v.backends.iter().map(|b| BackendInfo {
+                    vip: vip_ref(&v.cfg),
+                    address: b.cfg.address,
+                    id: b.id,
+                    weight: b.cfg.weight,
+                    state: b.state_name().into(),
+                    last_result: b.last_result.clone(),
+                    last_latency_ms: b.last_latency_ms,
+                    transitions: b.transitions,
+                    next_hop_known: b.resolved,
+                })
+            })
+            .collect()
+    }
+
+    fn stats(&mut self) -> Result<StatsInfo> {
+        let at_s = self.started.elapsed().as_secs_f64();
+        let t = |x: lb_common::Traffic| TrafficInfo {
+            packets: x.packets,
+            bytes: x.bytes,
+            new_flows: x.new_flows,
+        };
+        let dp = Dataplane::new(&mut self.ebpf);
+        let mut vips = Vec::new();
+        let mut backends = Vec::new();
+        for v in &self.vips {
+            vips.push((vip_ref(&v.cfg), t(dp.vip_traffic(v.vip_id)?)));
+            for b in &v.backends {
+                backends.push((vip_ref(&v.cfg), b.cfg.address, t(dp.backend_traffic(b.id)?)));
+            }
+        }
+        let verdicts = lb_common::verdict::NAMES
+            .iter()
+            .map(|n| n.to_string())
+            .zip(dp.verdicts()?)
+            .collect::<Vec<_>>();
+        Ok(StatsInfo {
+            at_s,
+            vips,
+            backends,
+            verdicts,
+        })
     }
 }
 
-/// A health transition, as the agent reports it to an embedding caller.
-#[derive(Clone, Debug)]
-pub struct Event {
-    pub backend: IpAddr,
-    pub up: bool,
-    pub reason: String,
-    pub at: std::time::Instant,
+type Shared = Arc<Mutex<State>>;
+
+fn lock(s: &Shared) -> Result<std::sync::MutexGuard<'_, State>> {
+    s.lock()
+        .map_err(|_| anyhow!("agent state poisoned by a panic"))
 }
 
-/// Runs the agent until SIGINT/SIGTERM.
-pub fn run(cfg: Config) -> Result<()> {
+/// Runs the agent until SIGINT/SIGTERM or `lb down`.
+pub fn run(config_path: &Path) -> Result<()> {
+    let cfg = config::load(config_path)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -214,174 +624,497 @@ pub fn run(cfg: Config) -> Result<()> {
                 _ = term.recv() => {}
             }
         };
-        run_until(cfg, shutdown, None).await
+        run_until(config_path, cfg, shutdown, None).await
     })
 }
 
-/// Runs the agent until `shutdown` completes; health transitions are also
-/// sent to `events` (tests drive the agent this way).
+/// Holds the per-instance lock file; a second agent on the same instance is
+/// refused while it is held.
+struct InstanceLock(#[expect(dead_code, reason = "held for its lock")] std::fs::File);
+
+fn lock_instance(instance: &str) -> Result<InstanceLock> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all("/run/lb").context("creating /run/lb")?;
+    let path = format!("/run/lb/{instance}.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another agent is already running instance `{instance}` (it holds {path}); stop it first, \
+             or give this one another `agent.instance`"
+        );
+    }
+    Ok(InstanceLock(f))
+}
+
+/// Runs the agent until `shutdown` completes (or `lb down` asks it to);
+/// health transitions are also sent to `events` (tests drive it this way).
 pub async fn run_until(
+    config_path: &Path,
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()>,
     events: Option<std::sync::mpsc::Sender<Event>>,
 ) -> Result<()> {
-    let mut ebpf = loader::load(&loader::LoadOptions {
-        flow_table_size: cfg.agent.flow_table_size,
-    })?;
+    let _lock = lock_instance(&cfg.agent.instance)?;
+    loader::ensure_bpffs()?;
+    let dir = loader::pin_dir(&cfg.agent.instance);
+    let (mut ebpf, adopted) = loader::load_pinned(
+        &loader::LoadOptions {
+            flow_table_size: cfg.agent.flow_table_size,
+        },
+        &dir,
+    )?;
     Dataplane::new(&mut ebpf).set_settings(&lb_common::Settings {
         ipip_src_v4: cfg.agent.ipip_source_v4.octets(),
         ipip_src_v6: cfg.agent.ipip_source_v6.octets(),
     })?;
-    let mut next_id = 1u32;
-    let mut vips = Vec::new();
-    for (vip_id, v) in cfg.vips.iter().enumerate() {
-        let key = vip_key(v);
-        let mut flags = 0;
-        if v.forwarding == Forwarding::Ipip {
-            flags |= lb_common::VIP_F_IPIP;
-        }
-        if v.hash == HashInput::SourceIp {
-            flags |= lb_common::VIP_F_HASH_SRC_IP;
-        }
-        if !v.flow_table {
-            flags |= lb_common::VIP_F_NO_FLOW_TABLE;
-        }
-        let meta = VipMeta {
-            vip_id: vip_id as u32,
-            flags,
-            idle_timeout_s: v.idle_timeout_s,
-            ..Default::default()
-        };
-        Dataplane::new(&mut ebpf).upsert_vip(&key, meta)?;
-        let backends = v
-            .backends
-            .iter()
-            .map(|b| {
-                let id = next_id;
-                next_id += 1;
-                BackendRt {
-                    id,
-                    address: b.address,
-                    weight: b.weight,
-                    up: true,
-                    resolved: false,
-                }
-            })
-            .collect();
-        vips.push(VipRt {
-            cfg: v.clone(),
-            key,
-            backends,
-        });
-    }
-    let mut shared = Shared {
+    let mut state = State {
         ebpf,
-        vips,
-        iface: cfg.agent.interface.clone(),
+        cfg_path: config_path.to_path_buf(),
+        cfg: cfg.clone(),
+        vips: Vec::new(),
+        attach_desc: String::new(),
+        started: Instant::now(),
+        events,
+        next_generation: 0,
     };
-    for vi in 0..shared.vips.len() {
-        for bi in 0..shared.vips[vi].backends.len() {
-            shared.write_backend(vi, bi)?;
+    if adopted {
+        // VIPs the old agent had that the config no longer has.
+        let stale: Vec<VipKey> = Dataplane::new(&mut state.ebpf)
+            .list_vips()?
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| !cfg.vips.iter().any(|v| vip_key(v) == *k))
+            .collect();
+        for k in stale {
+            Dataplane::new(&mut state.ebpf).remove_vip(&k)?;
         }
-        shared.rebuild_ring(vi)?;
     }
+    let spawns = state.reconcile(cfg.clone())?;
     let mode = match cfg.agent.xdp_mode {
         XdpMode::Native => loader::AttachMode::Native,
         XdpMode::Skb => loader::AttachMode::Skb,
         XdpMode::Auto => loader::AttachMode::Auto,
     };
-    let used = loader::attach(
-        &mut shared.ebpf,
-        lb_common::PROG_BALANCER,
-        &cfg.agent.interface,
-        mode,
-    )?;
+    let (_link, desc) = loader::attach_pinned(&mut state.ebpf, &cfg.agent.interface, mode, &dir)?;
+    state.attach_desc = desc.clone();
     eprintln!(
-        "lb: attached to {} ({used:?} mode), {} VIP(s), {} backend(s)",
-        cfg.agent.interface,
-        shared.vips.len(),
-        next_id - 1
+        "lb: instance `{}`: {desc}; {} VIP(s), {} backend(s); pins in {}",
+        cfg.agent.instance,
+        state.vips.len(),
+        state.vips.iter().map(|v| v.backends.len()).sum::<usize>(),
+        dir.display()
     );
-
-    let shared = Arc::new(Mutex::new(shared));
-    let started = Instant::now();
-    let n_vips = shared
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .vips
-        .len();
-    for vi in 0..n_vips {
-        let (health, addrs) = {
-            let s = shared.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-            let v = &s.vips[vi];
-            (
-                v.cfg.health.clone(),
-                v.backends.iter().map(|b| b.address).collect::<Vec<_>>(),
-            )
-        };
-        for (bi, address) in addrs.into_iter().enumerate() {
-            let shared = shared.clone();
-            let health = health.clone();
-            let events = events.clone();
-            tokio::spawn(async move {
-                let mut state = HealthState::new(health.rise, health.fall);
-                let interval = Duration::from_millis(health.interval_ms);
-                let target = SocketAddr::new(address, health.port);
-                // Spread the probes of different backends (and a little
-                // jitter per round) so they do not fire in lockstep.
-                let mut seed = (vi as u64 * 7919 + bi as u64 * 104_729) | 1;
-                loop {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    let jitter = Duration::from_millis(seed % (health.interval_ms / 10 + 1));
-                    let next = tokio::time::Instant::now() + interval + jitter;
-                    let outcome = probe(
-                        &health.kind,
-                        target,
-                        Duration::from_millis(health.timeout_ms),
-                    )
-                    .await;
-                    let ok = outcome == Outcome::Ok;
-                    let transition = state.observe(ok);
-                    if let Ok(mut s) = shared.lock() {
-                        if let Some(t) = transition {
-                            s.vips[vi].backends[bi].up = t == Transition::Up;
-                            let why = match &outcome {
-                                Outcome::Ok => "healthy".to_string(),
-                                Outcome::Fail(r) => r.clone(),
-                            };
-                            eprintln!(
-                                "lb: t={:.3}s backend {address} of VIP {}:{} is {} ({why})",
-                                started.elapsed().as_secs_f64(),
-                                s.vips[vi].cfg.address,
-                                s.vips[vi].cfg.port,
-                                if t == Transition::Up { "UP" } else { "DOWN" },
-                            );
-                            if let Err(e) = s.write_backend(vi, bi).and_then(|_| s.rebuild_ring(vi))
-                            {
-                                eprintln!("lb: updating the datapath failed: {e:#}");
-                            }
-                            if let Some(ev) = &events {
-                                let _ = ev.send(Event {
-                                    backend: address,
-                                    up: t == Transition::Up,
-                                    reason: why,
-                                    at: std::time::Instant::now(),
-                                });
-                            }
-                        } else if ok && !s.vips[vi].backends[bi].resolved {
-                            // Probes resolve the neighbour; pick up a MAC that was unknown.
-                            let _ = s.write_backend(vi, bi);
-                        }
-                    }
-                    tokio::time::sleep_until(next).await;
-                }
-            });
-        }
+    let shared: Shared = Arc::new(Mutex::new(state));
+    for s in spawns {
+        spawn_health(shared.clone(), s);
     }
 
-    shutdown.await;
-    eprintln!("lb: shutting down, detaching from {}", cfg.agent.interface);
+    let stop = Arc::new(Notify::new());
+    let socket = PathBuf::from(&cfg.agent.control_socket);
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)
+        .with_context(|| format!("binding the control socket {}", socket.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    }
+    tokio::spawn(serve_api(listener, shared.clone(), stop.clone()));
+    if let Some(addr) = cfg.agent.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics on {addr}"))?;
+        eprintln!("lb: Prometheus metrics on http://{addr}/metrics");
+        tokio::spawn(serve_metrics(l, shared.clone()));
+    }
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let reload_shared = shared.clone();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match reload(&reload_shared) {
+                Ok(()) => eprintln!("lb: SIGHUP: configuration reloaded"),
+                Err(e) => eprintln!("lb: SIGHUP: reload refused, nothing changed: {e:#}"),
+            }
+        }
+    });
+
+    tokio::select! {
+        _ = shutdown => {}
+        _ = stop.notified() => {}
+    }
+    let _ = std::fs::remove_file(&socket);
+    eprintln!("lb: agent stopping; the datapath stays attached (pinned) - `lb down` detaches it");
+    Ok(())
+}
+
+fn reload(shared: &Shared) -> Result<()> {
+    let path = lock(shared)?.cfg_path.clone();
+    let cfg = config::load(&path)?;
+    let spawns = lock(shared)?.reconcile(cfg)?;
+    for s in spawns {
+        spawn_health(shared.clone(), s);
+    }
+    Ok(())
+}
+
+/// Applies a CLI change: edit the file's text, validate it like a file,
+/// reconcile, then save it atomically.
+fn change(shared: &Shared, edit: Edit) -> Result<()> {
+    let path = lock(shared)?.cfg_path.clone();
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let new_text = confedit::apply(&text, &edit)?;
+    let cfg = config::parse(&new_text, &path.display().to_string())?;
+    let spawns = lock(shared)?.reconcile(cfg)?;
+    confedit::write_atomic(&path, &new_text)?;
+    for s in spawns {
+        spawn_health(shared.clone(), s);
+    }
+    Ok(())
+}
+
+fn spawn_health(shared: Shared, (key, address, generation): Spawn) {
+    tokio::spawn(async move {
+        let mut seed = (generation.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+        let mut round = 0u64;
+        loop {
+            let (health, vip) = {
+                let Ok(s) = lock(&shared) else { return };
+                let Some((vi, bi)) = s.find(&key, address) else {
+                    return;
+                };
+                if s.vips[vi].backends[bi].generation != generation {
+                    return;
+                }
+                (s.vips[vi].cfg.health.clone(), vip_ref(&s.vips[vi].cfg))
+            };
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            // Up to 10 % jitter so probes of many backends do not fire in lockstep.
+            let jitter = Duration::from_millis(seed % (health.interval_ms / 10 + 1));
+            let next =
+                tokio::time::Instant::now() + Duration::from_millis(health.interval_ms) + jitter;
+            let t0 = Instant::now();
+            let outcome = probe(
+                &health.kind,
+                SocketAddr::new(address, health.port),
+                Duration::from_millis(health.timeout_ms),
+            )
+            .await;
+            let latency = t0.elapsed().as_secs_f64() * 1e3;
+            {
+                let Ok(mut s) = lock(&shared) else { return };
+                let Some((vi, bi)) = s.find(&key, address) else {
+                    return;
+                };
+                if s.vips[vi].backends[bi].generation != generation {
+                    return;
+                }
+                let ok = outcome == Outcome::Ok;
+                let b = &mut s.vips[vi].backends[bi];
+                b.last_result = match &outcome {
+                    Outcome::Ok => "ok".into(),
+                    Outcome::Fail(r) => r.clone(),
+                };
+                b.last_latency_ms = ok.then_some(latency);
+                let transition = b.health.observe(ok);
+                if let Some(t) = transition {
+                    b.transitions += 1;
+                    let why = b.last_result.clone();
+                    eprintln!(
+                        "lb: t={:.3}s backend {address} of VIP {vip} is {} ({why})",
+                        s.started.elapsed().as_secs_f64(),
+                        if t == Transition::Up { "UP" } else { "DOWN" }
+                    );
+                    if let Err(e) = s.write_backend(vi, bi).and_then(|_| s.rebuild_ring(vi)) {
+                        eprintln!("lb: updating the datapath failed: {e:#}");
+                    }
+                    if let Some(ev) = &s.events {
+                        let _ = ev.send(Event {
+                            vip: vip.clone(),
+                            backend: address,
+                            up: t == Transition::Up,
+                            reason: why,
+                            at: Instant::now(),
+                        });
+                    }
+                } else if ok && (!s.vips[vi].backends[bi].resolved || round.is_multiple_of(25)) {
+                    // Probes make the kernel resolve the neighbour; pick up a
+                    // MAC that was unknown or has changed.
+                    if let Err(e) = s.write_backend(vi, bi) {
+                        eprintln!("lb: refreshing the next hop of {address} failed: {e:#}");
+                    }
+                }
+            }
+            round += 1;
+            tokio::time::sleep_until(next).await;
+        }
+    });
+}
+
+async fn serve_api(listener: UnixListener, shared: Shared, stop: Arc<Notify>) {
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = conn.into_split();
+            let mut line = String::new();
+            if BufReader::new(r).read_line(&mut line).await.is_err() {
+                return;
+            }
+            let shutdown = line.contains("\"shutdown\"");
+            let resp = match serde_json::from_str::<Request>(&line) {
+                Err(e) => Response {
+                    ok: false,
+                    error: Some(format!("bad request: {e}")),
+                    data: Default::default(),
+                },
+                Ok(req) => {
+                    let sh = shared.clone();
+                    let r = tokio::task::spawn_blocking(move || handle(&sh, req)).await;
+                    match r {
+                        Ok(Ok(data)) => Response {
+                            ok: true,
+                            error: None,
+                            data,
+                        },
+                        Ok(Err(e)) => Response {
+                            ok: false,
+                            error: Some(format!("{e:#}")),
+                            data: Default::default(),
+                        },
+                        Err(e) => Response {
+                            ok: false,
+                            error: Some(e.to_string()),
+                            data: Default::default(),
+                        },
+                    }
+                }
+            };
+            let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
+            out.push('\n');
+            let _ = w.write_all(out.as_bytes()).await;
+            if shutdown {
+                stop.notify_one();
+            }
+        });
+    }
+}
+
+fn handle(shared: &Shared, req: Request) -> Result<serde_json::Value> {
+    use serde_json::to_value;
+    Ok(match req {
+        Request::Status => to_value(lock(shared)?.status())?,
+        Request::VipList => to_value(lock(shared)?.vip_list())?,
+        Request::BackendList { vip } => {
+            let s = lock(shared)?;
+            if let Some(v) = &vip {
+                s.find_vip(v)?;
+            }
+            to_value(s.backend_list(vip.as_ref()))?
+        }
+        Request::Health => to_value(lock(shared)?.backend_list(None))?,
+        Request::Stats => to_value(lock(shared)?.stats()?)?,
+        Request::VipAdd(a) => {
+            change(shared, Edit::VipAdd(a))?;
+            serde_json::Value::Null
+        }
+        Request::VipRemove { vip } => {
+            change(shared, Edit::VipRemove(vip))?;
+            serde_json::Value::Null
+        }
+        Request::BackendAdd {
+            vip,
+            address,
+            weight,
+        } => {
+            change(
+                shared,
+                Edit::BackendAdd {
+                    vip,
+                    address,
+                    weight,
+                },
+            )?;
+            serde_json::Value::Null
+        }
+        Request::BackendRemove { vip, address } => {
+            change(shared, Edit::BackendRemove { vip, address })?;
+            serde_json::Value::Null
+        }
+        Request::BackendDrain { vip, address } => {
+            change(
+                shared,
+                Edit::BackendSet {
+                    vip,
+                    address,
+                    weight: None,
+                    drain: Some(true),
+                },
+            )?;
+            serde_json::Value::Null
+        }
+        Request::BackendUndrain { vip, address } => {
+            change(
+                shared,
+                Edit::BackendSet {
+                    vip,
+                    address,
+                    weight: None,
+                    drain: Some(false),
+                },
+            )?;
+            serde_json::Value::Null
+        }
+        Request::BackendWeight {
+            vip,
+            address,
+            weight,
+        } => {
+            change(
+                shared,
+                Edit::BackendSet {
+                    vip,
+                    address,
+                    weight: Some(weight),
+                    drain: None,
+                },
+            )?;
+            serde_json::Value::Null
+        }
+        Request::Reload => {
+            reload(shared)?;
+            serde_json::Value::Null
+        }
+        Request::Shutdown => serde_json::Value::Null,
+    })
+}
+
+/// Prometheus text exposition of the counters and health states.
+fn metrics_text(s: &mut State) -> Result<String> {
+    use std::fmt::Write as _;
+    let st = s.stats()?;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# HELP lb_verdicts_total Packets seen by the balancer, by verdict reason."
+    );
+    let _ = writeln!(o, "# TYPE lb_verdicts_total counter");
+    for (n, v) in &st.verdicts {
+        let _ = writeln!(o, "lb_verdicts_total{{reason=\"{n}\"}} {v}");
+    }
+    for (name, help) in [
+        ("packets", "Packets forwarded"),
+        ("bytes", "Bytes forwarded"),
+        ("new_flows", "New flows scheduled"),
+    ] {
+        let _ = writeln!(o, "# HELP lb_vip_{name}_total {help} per VIP.");
+        let _ = writeln!(o, "# TYPE lb_vip_{name}_total counter");
+        for (v, t) in &st.vips {
+            let x = match name {
+                "packets" => t.packets,
+                "bytes" => t.bytes,
+                _ => t.new_flows,
+            };
+            let _ = writeln!(o, "lb_vip_{name}_total{{vip=\"{v}\"}} {x}");
+        }
+        let _ = writeln!(o, "# HELP lb_backend_{name}_total {help} per backend.");
+        let _ = writeln!(o, "# TYPE lb_backend_{name}_total counter");
+        for (v, b, t) in &st.backends {
+            let x = match name {
+                "packets" => t.packets,
+                "bytes" => t.bytes,
+                _ => t.new_flows,
+            };
+            let _ = writeln!(
+                o,
+                "lb_backend_{name}_total{{vip=\"{v}\",backend=\"{b}\"}} {x}"
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP lb_backend_up 1 if the backend passes its health check."
+    );
+    let _ = writeln!(o, "# TYPE lb_backend_up gauge");
+    for b in s.backend_list(None) {
+        let _ = writeln!(
+            o,
+            "lb_backend_up{{vip=\"{}\",backend=\"{}\"}} {}",
+            b.vip,
+            b.address,
+            u8::from(b.state != "down")
+        );
+    }
+    Ok(o)
+}
+
+/// A minimal HTTP/1.0 responder for `/metrics`: scrapers need nothing more,
+/// and the agent avoids an HTTP server dependency for it.
+async fn serve_metrics(listener: tokio::net::TcpListener, shared: Shared) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = tokio::io::AsyncReadExt::read(&mut conn, &mut buf)
+                .await
+                .unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if req.starts_with("GET /metrics") {
+                match lock(&shared).and_then(|mut s| metrics_text(&mut s)) {
+                    Ok(b) => ("200 OK", b),
+                    Err(e) => ("500 Internal Server Error", format!("{e:#}\n")),
+                }
+            } else {
+                ("404 Not Found", "try /metrics\n".to_string())
+            };
+            let resp = format!(
+                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+/// `lb down`: asks a running agent to stop, then detaches and removes every
+/// pin of the instance.
+pub fn down(instance: &str, socket: &Path) -> Result<()> {
+    if socket.exists() && api::call(socket, &Request::Shutdown).is_ok() {
+        // Wait (bounded) for the agent to let go of its instance lock.
+        for _ in 0..50 {
+            if lock_instance(instance).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let dir = loader::pin_dir(instance);
+    if loader::remove_pins(&dir)? {
+        println!(
+            "instance `{instance}`: datapath detached, pins in {} removed",
+            dir.display()
+        );
+    } else {
+        println!(
+            "instance `{instance}`: nothing pinned in {}, nothing to do",
+            dir.display()
+        );
+    }
     Ok(())
 }

@@ -298,3 +298,187 @@ impl Fixture {
         Ok(self.dp().verdicts()?)
     }
 }
+
+/// Three namespaces joined by two veth pairs (see `tests/forward_netns.rs`):
+/// client `c0` 198.18.10.2 ── `l0` 198.18.10.1 LB `l1` 198.18.11.1 ── `b0`
+/// 198.18.11.2 backend (VIPs 198.18.0.100 and 2001:2::100 on its loopback),
+/// with IPv6 alongside (2001:2:10::/64, 2001:2:11::/64).
+pub struct Topo {
+    pub client: Netns,
+    pub lb: Netns,
+    pub backend: Netns,
+}
+
+pub fn mac_of(ns: &Netns, dev: &str) -> [u8; 6] {
+    let s = ns
+        .exec("cat", &[&format!("/sys/class/net/{dev}/address")])
+        .expect("mac");
+    let mut m = [0u8; 6];
+    for (i, p) in s.trim().split(':').enumerate() {
+        m[i] = u8::from_str_radix(p, 16).expect("hex");
+    }
+    m
+}
+
+pub fn ifindex_of(ns: &Netns, dev: &str) -> u32 {
+    ns.exec("cat", &[&format!("/sys/class/net/{dev}/ifindex")])
+        .expect("ifindex")
+        .trim()
+        .parse()
+        .expect("num")
+}
+
+pub fn topo(tag: &str) -> Topo {
+    Netns::sweep(tag);
+    let t = Topo {
+        client: Netns::new(&format!("{tag}-c")).expect("ns"),
+        lb: Netns::new(&format!("{tag}-l")).expect("ns"),
+        backend: Netns::new(&format!("{tag}-b")).expect("ns"),
+    };
+    let (c, l, b) = (&t.client.name, &t.lb.name, &t.backend.name);
+    sh(
+        "ip",
+        &[
+            "link", "add", "c0", "netns", c, "type", "veth", "peer", "name", "l0", "netns", l,
+        ],
+    )
+    .expect("veth");
+    sh(
+        "ip",
+        &[
+            "link", "add", "l1", "netns", l, "type", "veth", "peer", "name", "b0", "netns", b,
+        ],
+    )
+    .expect("veth");
+    let cmds: &[(&Netns, &[&str])] = &[
+        (
+            &t.client,
+            &["ip", "addr", "add", "198.18.10.2/24", "dev", "c0"],
+        ),
+        (
+            &t.client,
+            &[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                "2001:2:10::2/64",
+                "dev",
+                "c0",
+                "nodad",
+            ],
+        ),
+        (&t.client, &["ip", "link", "set", "c0", "up"]),
+        (
+            &t.client,
+            &["ip", "route", "add", "198.18.0.0/24", "via", "198.18.10.1"],
+        ),
+        (
+            &t.client,
+            &[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "2001:2::/64",
+                "via",
+                "2001:2:10::1",
+            ],
+        ),
+        (&t.lb, &["ip", "addr", "add", "198.18.10.1/24", "dev", "l0"]),
+        (
+            &t.lb,
+            &[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                "2001:2:10::1/64",
+                "dev",
+                "l0",
+                "nodad",
+            ],
+        ),
+        (&t.lb, &["ip", "addr", "add", "198.18.11.1/24", "dev", "l1"]),
+        (
+            &t.lb,
+            &[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                "2001:2:11::1/64",
+                "dev",
+                "l1",
+                "nodad",
+            ],
+        ),
+        (&t.lb, &["ip", "link", "set", "l0", "up"]),
+        (&t.lb, &["ip", "link", "set", "l1", "up"]),
+        (&t.lb, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]),
+        (&t.lb, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]),
+        (
+            &t.backend,
+            &["ip", "addr", "add", "198.18.11.2/24", "dev", "b0"],
+        ),
+        (
+            &t.backend,
+            &[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                "2001:2:11::2/64",
+                "dev",
+                "b0",
+                "nodad",
+            ],
+        ),
+        (
+            &t.backend,
+            &["ip", "addr", "add", "198.18.0.100/32", "dev", "lo"],
+        ),
+        (
+            &t.backend,
+            &["ip", "-6", "addr", "add", "2001:2::100/128", "dev", "lo"],
+        ),
+        (&t.backend, &["ip", "link", "set", "b0", "up"]),
+        (
+            &t.backend,
+            &["ip", "route", "add", "default", "via", "198.18.11.1"],
+        ),
+        (
+            &t.backend,
+            &["ip", "-6", "route", "add", "default", "via", "2001:2:11::1"],
+        ),
+        // Packets the XDP program forwards must carry finished checksums: a
+        // veth would otherwise hand over a partial one (TX offload).
+        (&t.client, &["ethtool", "-K", "c0", "tx", "off"]),
+    ];
+    for (ns, cmd) in cmds {
+        ns.exec(cmd[0], &cmd[1..])
+            .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    }
+    // Let the LB learn the backend's neighbour entries the normal way.
+    t.lb.exec(
+        "ip",
+        &[
+            "neigh",
+            "replace",
+            "198.18.11.2",
+            "lladdr",
+            &fmt_mac(mac_of(&t.backend, "b0")),
+            "dev",
+            "l1",
+        ],
+    )
+    .expect("neigh");
+    t
+}
+
+pub fn fmt_mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
