@@ -612,6 +612,10 @@ fn lock(s: &Shared) -> Result<std::sync::MutexGuard<'_, State>> {
 /// Runs the agent until SIGINT/SIGTERM or `lb down`.
 pub fn run(config_path: &Path) -> Result<()> {
     let cfg = config::load(config_path)?;
+    if let Some(ns) = &cfg.agent.netns {
+        // Before any thread exists, so the whole process moves.
+        enter_netns(ns)?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -626,6 +630,21 @@ pub fn run(config_path: &Path) -> Result<()> {
         };
         run_until(config_path, cfg, shutdown, None).await
     })
+}
+
+fn enter_netns(name: &str) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(format!("/run/netns/{name}")).with_context(|| {
+        format!("agent.netns: no network namespace `{name}` (see `ip netns list`)")
+    })?;
+    // SAFETY: setns on an fd we own; called while the process is single-threaded.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!(
+            "entering network namespace `{name}`: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 /// Holds the per-instance lock file; a second agent on the same instance is

@@ -64,6 +64,7 @@ struct RawAgent {
     #[serde(default = "default_instance")]
     instance: String,
     metrics_listen: Option<Spanned<String>>,
+    netns: Option<String>,
     #[serde(default = "default_src4")]
     ipip_source_v4: Spanned<String>,
     #[serde(default = "default_src6")]
@@ -281,6 +282,10 @@ pub struct Agent {
     pub control_socket: String,
     pub instance: String,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Network namespace (a name under /run/netns) the agent enters before
+    /// anything else; for labs and tests. Unlike `ip netns exec`, this keeps
+    /// the host's mount namespace, so pins land in the host's bpffs.
+    pub netns: Option<String>,
     pub ipip_source_v4: std::net::Ipv4Addr,
     pub ipip_source_v6: std::net::Ipv6Addr,
 }
@@ -369,6 +374,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         control_socket: a.control_socket.clone(),
         instance: a.instance.clone(),
         metrics_listen,
+        netns: a.netns.clone(),
         ipip_source_v4,
         ipip_source_v6,
     };

@@ -482,3 +482,188 @@ pub fn fmt_mac(m: [u8; 6]) -> String {
         .collect::<Vec<_>>()
         .join(":")
 }
+
+/// A small data center for agent tests: a client, the LB, and `n` backends,
+/// each backend in its own namespace behind its own veth from the LB:
+/// client `c0` 198.18.10.2 ── `l0` LB; LB `l<i>` 198.18.1<i>.1 ── `b0`
+/// 198.18.1<i>.2 in backend i (1-based), which owns VIP 198.18.0.100 on
+/// loopback and has the `lb_pass` XDP program on `b0` (native redirect into
+/// a veth needs a program on the receiving side).
+pub struct Dc {
+    pub client: Netns,
+    pub lb: Netns,
+    pub backends: Vec<Netns>,
+    /// Keeps the backends' pass programs attached.
+    _pass: Vec<Ebpf>,
+}
+
+pub fn backend_addr(i: usize) -> String {
+    format!("198.18.{}.2", 10 + i)
+}
+
+pub fn dc(tag: &str, n: usize) -> Result<Dc> {
+    Netns::sweep(tag);
+    let client = Netns::new(&format!("{tag}-c"))?;
+    let lb = Netns::new(&format!("{tag}-l"))?;
+    sh(
+        "ip",
+        &[
+            "link",
+            "add",
+            "c0",
+            "netns",
+            &client.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "l0",
+            "netns",
+            &lb.name,
+        ],
+    )?;
+    client.exec("ip", &["addr", "add", "198.18.10.2/24", "dev", "c0"])?;
+    client.exec("ip", &["link", "set", "c0", "up"])?;
+    client.exec(
+        "ip",
+        &["route", "add", "198.18.0.0/24", "via", "198.18.10.1"],
+    )?;
+    client.exec("ethtool", &["-K", "c0", "tx", "off"])?;
+    lb.exec("ip", &["addr", "add", "198.18.10.1/24", "dev", "l0"])?;
+    lb.exec("ip", &["link", "set", "l0", "up"])?;
+    lb.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    let mut backends = Vec::new();
+    let mut pass = Vec::new();
+    for i in 1..=n {
+        let b = Netns::new(&format!("{tag}-b{i}"))?;
+        let l = format!("l{i}");
+        sh(
+            "ip",
+            &[
+                "link", "add", &l, "netns", &lb.name, "type", "veth", "peer", "name", "b0",
+                "netns", &b.name,
+            ],
+        )?;
+        lb.exec(
+            "ip",
+            &["addr", "add", &format!("198.18.{}.1/24", 10 + i), "dev", &l],
+        )?;
+        lb.exec("ip", &["link", "set", &l, "up"])?;
+        b.exec(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", backend_addr(i)),
+                "dev",
+                "b0",
+            ],
+        )?;
+        b.exec("ip", &["addr", "add", "198.18.0.100/32", "dev", "lo"])?;
+        b.exec("ip", &["link", "set", "b0", "up"])?;
+        b.exec(
+            "ip",
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("198.18.{}.1", 10 + i),
+            ],
+        )?;
+        let mut e = load()?;
+        b.enter(|| {
+            loader::attach(
+                &mut e,
+                lb_common::PROG_PASS,
+                "b0",
+                loader::AttachMode::Native,
+            )
+        })??;
+        pass.push(e);
+        backends.push(b);
+    }
+    Ok(Dc {
+        client,
+        lb,
+        backends,
+        _pass: pass,
+    })
+}
+
+/// A test backend server: on `0.0.0.0:8080` in its namespace it answers
+/// every connection with its name and a newline, then echoes lines until
+/// the client closes. `stop()` closes the listener (new connections are
+/// refused, as when the server process dies); open connections go on.
+pub struct TestServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub fn start(ns: &Netns, name: &str) -> Result<Self> {
+        use std::io::{BufRead as _, Write as _};
+        let l = ns.enter(|| std::net::TcpListener::bind("0.0.0.0:8080"))??;
+        l.set_nonblocking(true)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let name = format!("{name}\n");
+        let thread = std::thread::spawn(move || {
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut c, _)) => {
+                        let name = name.clone();
+                        std::thread::spawn(move || {
+                            let _ = c.set_nonblocking(false);
+                            let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(20)));
+                            if c.write_all(name.as_bytes()).is_err() {
+                                return;
+                            }
+                            let Ok(r) = c.try_clone() else { return };
+                            for line in std::io::BufReader::new(r).lines() {
+                                let Ok(line) = line else { return };
+                                if c.write_all(format!("{line}\n").as_bytes()).is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(2)),
+                }
+            }
+        });
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Closes the listener and waits until it is closed.
+    pub fn stop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One short request through the VIP from the calling thread's namespace:
+/// the name of the backend that answered, or an error.
+pub fn ask_vip(timeout: std::time::Duration) -> Result<String> {
+    use std::io::BufRead as _;
+    let vip: std::net::SocketAddr = "198.18.0.100:8080".parse().expect("literal");
+    let s = std::net::TcpStream::connect_timeout(&vip, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line)?;
+    if line.is_empty() {
+        bail!("connection closed without an answer");
+    }
+    Ok(line.trim().to_string())
+}

@@ -1,0 +1,517 @@
+//! The `lb` command line: `lb run` is the agent; the other commands talk to
+//! it over its control socket (see `api`). The binary's `main` only calls
+//! [`main`] here, so tests can build the very same CLI.
+
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use crate::{
+    api::{self, BackendInfo, Request, StatsInfo, StatusInfo, VipAdd, VipInfo, VipRef},
+    dataplane::Dataplane,
+    loader,
+};
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lb_common::verdict;
+
+#[derive(Parser)]
+#[command(
+    name = "lb",
+    version,
+    about = "XDP layer-4 load balancer: agent and CLI"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Native,
+    Skb,
+    Auto,
+}
+
+impl From<Mode> for loader::AttachMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Native => Self::Native,
+            Mode::Skb => Self::Skb,
+            Mode::Auto => Self::Auto,
+        }
+    }
+}
+
+/// Options every command that talks to the agent takes.
+#[derive(Args, Clone)]
+struct Conn {
+    /// The agent's control socket (`agent.control_socket`).
+    #[arg(long, global = true, default_value = "/run/lb/lb.sock")]
+    socket: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent in the foreground (logs to stderr): load and attach the
+    /// datapath, program it from the config file, health-check the backends
+    /// and fail them over. SIGHUP reloads the file.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file without touching anything.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Stop the agent of an instance and detach and remove its datapath.
+    Down {
+        /// Instance name (`agent.instance`).
+        #[arg(long, default_value = "default")]
+        instance: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Ask the running agent to re-read its config file and apply the difference.
+    Reload {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// The agent's instance, interface, uptime and backend counts.
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Manage VIPs.
+    Vip {
+        #[command(subcommand)]
+        cmd: VipCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Manage backends of a VIP.
+    Backend {
+        #[command(subcommand)]
+        cmd: BackendCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Health of every backend: state, last result, latency, transitions.
+    Health {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Traffic per VIP and per backend, and the verdict counters.
+    Stats {
+        /// Refresh in place every second, with rates.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Attach the datapath (no VIPs) to an interface for a while and print
+    /// its verdict counters every second: a check that XDP works there.
+    Attach {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, value_enum, default_value = "auto")]
+        mode: Mode,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum VipCmd {
+    /// List VIPs.
+    List,
+    /// Add a VIP (no backends yet): `lb vip add 198.18.0.100:80/tcp`.
+    Add {
+        /// ADDRESS:PORT[/tcp|udp]
+        vip: VipRef,
+        #[arg(long, default_value = "dsr")]
+        forwarding: String,
+        #[arg(long, default_value = "5-tuple")]
+        hash: String,
+        #[arg(long, default_value_t = lb_common::DEFAULT_RING_SIZE)]
+        ring_size: u32,
+        /// Disable the connection table (stateless Maglev).
+        #[arg(long)]
+        no_flow_table: bool,
+    },
+    /// Remove a VIP and its backends.
+    Remove { vip: VipRef },
+}
+
+#[derive(Subcommand)]
+enum BackendCmd {
+    /// List backends (of one VIP, or all).
+    List { vip: Option<VipRef> },
+    /// Add a backend: `lb backend add 198.18.0.100:80 198.18.2.4 --weight 2`.
+    Add {
+        vip: VipRef,
+        address: IpAddr,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    /// Remove a backend (its flows move to the others).
+    Remove { vip: VipRef, address: IpAddr },
+    /// No new flows, existing flows stay until they end.
+    Drain { vip: VipRef, address: IpAddr },
+    /// Undo `drain`.
+    Undrain { vip: VipRef, address: IpAddr },
+    /// Change a backend's weight (0 drains it).
+    Weight {
+        vip: VipRef,
+        address: IpAddr,
+        weight: u32,
+    },
+}
+
+/// Runs the CLI with the process's arguments and exits on error.
+pub fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("lb: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run { config } => crate::agent::run(&config),
+        Cmd::Check { config } => {
+            let cfg = crate::config::load(&config)?;
+            println!("{}: ok, {} VIP(s)", config.display(), cfg.vips.len());
+            Ok(())
+        }
+        Cmd::Down { instance, conn } => crate::agent::down(&instance, &conn.socket),
+        Cmd::Reload { conn } => {
+            api::call(&conn.socket, &Request::Reload)?;
+            println!("reloaded");
+            Ok(())
+        }
+        Cmd::Status { conn } => {
+            let v = api::call(&conn.socket, &Request::Status)?;
+            if conn.json {
+                return print_json(&v);
+            }
+            let s: StatusInfo = serde_json::from_value(v)?;
+            println!("instance   {}", s.instance);
+            println!("interface  {} ({})", s.interface, s.attach);
+            println!("config     {}", s.config);
+            println!("uptime     {:.0} s", s.uptime_s);
+            println!("VIPs       {}", s.vips);
+            println!("backends   {} up of {}", s.backends_up, s.backends);
+            Ok(())
+        }
+        Cmd::Vip { cmd, conn } => vip(cmd, &conn),
+        Cmd::Backend { cmd, conn } => backend(cmd, &conn),
+        Cmd::Health { conn } => {
+            let v = api::call(&conn.socket, &Request::Health)?;
+            if conn.json {
+                return print_json(&v);
+            }
+            let list: Vec<BackendInfo> = serde_json::from_value(v)?;
+            println!(
+                "{:<28} {:<40} {:<9} {:<14} {:>9} {:>11}",
+                "VIP", "BACKEND", "STATE", "LAST", "LATENCY", "TRANSITIONS"
+            );
+            for b in list {
+                let lat = b
+                    .last_latency_ms
+                    .map(|l| format!("{l:.1} ms"))
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<28} {:<40} {:<9} {:<14} {:>9} {:>11}",
+                    b.vip.to_string(),
+                    b.address.to_string(),
+                    b.state,
+                    b.last_result,
+                    lat,
+                    b.transitions
+                );
+            }
+            Ok(())
+        }
+        Cmd::Stats { watch, conn } => stats(watch, &conn),
+        Cmd::Attach {
+            iface,
+            mode,
+            seconds,
+        } => attach(&iface, mode.into(), seconds),
+    }
+}
+
+fn print_json(v: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn done(conn: &Conn, what: String) -> Result<()> {
+    if conn.json {
+        println!("{{\"ok\":true}}");
+    } else {
+        println!("{what} (saved to the config file)");
+    }
+    Ok(())
+}
+
+fn vip(cmd: VipCmd, conn: &Conn) -> Result<()> {
+    match cmd {
+        VipCmd::List => {
+            let v = api::call(&conn.socket, &Request::VipList)?;
+            if conn.json {
+                return print_json(&v);
+            }
+            let list: Vec<VipInfo> = serde_json::from_value(v)?;
+            println!(
+                "{:<28} {:<5} {:<10} {:<8} {:>6} {:<6} {:<9} HEALTH",
+                "VIP", "FWD", "HASH", "SCHED", "RING", "TABLE", "BACKENDS"
+            );
+            for v in list {
+                println!(
+                    "{:<28} {:<5} {:<10} {:<8} {:>6} {:<6} {:<9} {}",
+                    v.vip.to_string(),
+                    v.forwarding,
+                    v.hash,
+                    v.scheduler,
+                    v.ring_size,
+                    if v.flow_table { "on" } else { "off" },
+                    format!("{}/{} up", v.backends_up, v.backends),
+                    v.health
+                );
+            }
+            Ok(())
+        }
+        VipCmd::Add {
+            vip,
+            forwarding,
+            hash,
+            ring_size,
+            no_flow_table,
+        } => {
+            let what = format!("added VIP {vip}");
+            api::call(
+                &conn.socket,
+                &Request::VipAdd(VipAdd {
+                    vip,
+                    forwarding,
+                    hash,
+                    ring_size,
+                    flow_table: !no_flow_table,
+                }),
+            )?;
+            done(conn, what)
+        }
+        VipCmd::Remove { vip } => {
+            let what = format!("removed VIP {vip}");
+            api::call(&conn.socket, &Request::VipRemove { vip })?;
+            done(conn, what)
+        }
+    }
+}
+
+fn backend(cmd: BackendCmd, conn: &Conn) -> Result<()> {
+    let (req, what) = match cmd {
+        BackendCmd::List { vip } => {
+            let v = api::call(&conn.socket, &Request::BackendList { vip })?;
+            if conn.json {
+                return print_json(&v);
+            }
+            let list: Vec<BackendInfo> = serde_json::from_value(v)?;
+            println!(
+                "{:<28} {:<40} {:>5} {:>6} {:<9} NEXT HOP",
+                "VIP", "BACKEND", "ID", "WEIGHT", "STATE"
+            );
+            for b in list {
+                println!(
+                    "{:<28} {:<40} {:>5} {:>6} {:<9} {}",
+                    b.vip.to_string(),
+                    b.address.to_string(),
+                    b.id,
+                    b.weight,
+                    b.state,
+                    if b.next_hop_known {
+                        "known"
+                    } else {
+                        "unresolved"
+                    }
+                );
+            }
+            return Ok(());
+        }
+        BackendCmd::Add {
+            vip,
+            address,
+            weight,
+        } => (
+            Request::BackendAdd {
+                vip: vip.clone(),
+                address,
+                weight,
+            },
+            format!("added {address} to {vip}"),
+        ),
+        BackendCmd::Remove { vip, address } => (
+            Request::BackendRemove {
+                vip: vip.clone(),
+                address,
+            },
+            format!("removed {address} from {vip}"),
+        ),
+        BackendCmd::Drain { vip, address } => (
+            Request::BackendDrain {
+                vip: vip.clone(),
+                address,
+            },
+            format!("draining {address} of {vip}"),
+        ),
+        BackendCmd::Undrain { vip, address } => (
+            Request::BackendUndrain {
+                vip: vip.clone(),
+                address,
+            },
+            format!("{address} of {vip} back in rotation"),
+        ),
+        BackendCmd::Weight {
+            vip,
+            address,
+            weight,
+        } => (
+            Request::BackendWeight {
+                vip: vip.clone(),
+                address,
+                weight,
+            },
+            format!("weight of {address} in {vip} is now {weight}"),
+        ),
+    };
+    api::call(&conn.socket, &req)?;
+    done(conn, what)
+}
+
+fn stats(watch: bool, conn: &Conn) -> Result<()> {
+    let fetch = || -> Result<(serde_json::Value, StatsInfo)> {
+        let v = api::call(&conn.socket, &Request::Stats)?;
+        let s = serde_json::from_value(v.clone())?;
+        Ok((v, s))
+    };
+    let (v, mut prev) = fetch()?;
+    if conn.json && !watch {
+        return print_json(&v);
+    }
+    if !watch {
+        print_stats(&prev, None);
+        return Ok(());
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let (v, now) = fetch()?;
+        if conn.json {
+            println!("{}", serde_json::to_string(&v)?);
+        } else {
+            // Clear the screen and redraw in place.
+            print!("\x1b[2J\x1b[H");
+            print_stats(&now, Some(&prev));
+        }
+        prev = now;
+    }
+}
+
+fn print_stats(s: &StatsInfo, prev: Option<&StatsInfo>) {
+    let dt = prev.map(|p| (s.at_s - p.at_s).max(1e-3));
+    let rate = |now: u64, before: Option<u64>| match (dt, before) {
+        (Some(dt), Some(b)) => format!("{:.0}/s", now.saturating_sub(b) as f64 / dt),
+        _ => "-".into(),
+    };
+    println!(
+        "{:<28} {:<40} {:>12} {:>10} {:>14} {:>10} {:>10}",
+        "VIP", "BACKEND", "PACKETS", "PPS", "BYTES", "NEW FLOWS", "FLOWS/S"
+    );
+    for (i, (v, t)) in s.vips.iter().enumerate() {
+        let p = prev.and_then(|p| p.vips.get(i)).map(|x| &x.1);
+        println!(
+            "{:<28} {:<40} {:>12} {:>10} {:>14} {:>10} {:>10}",
+            v.to_string(),
+            "(all)",
+            t.packets,
+            rate(t.packets, p.map(|x| x.packets)),
+            t.bytes,
+            t.new_flows,
+            rate(t.new_flows, p.map(|x| x.new_flows))
+        );
+        for (j, (bv, b, bt)) in s
+            .backends
+            .iter()
+            .enumerate()
+            .filter(|(_, (bv, _, _))| bv == v)
+        {
+            let p = prev
+                .and_then(|p| p.backends.get(j))
+                .filter(|x| x.0 == *bv)
+                .map(|x| &x.2);
+            println!(
+                "{:<28} {:<40} {:>12} {:>10} {:>14} {:>10} {:>10}",
+                "",
+                b.to_string(),
+                bt.packets,
+                rate(bt.packets, p.map(|x| x.packets)),
+                bt.bytes,
+                bt.new_flows,
+                rate(bt.new_flows, p.map(|x| x.new_flows))
+            );
+        }
+    }
+    println!();
+    let shown: Vec<String> = s
+        .verdicts
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
+    println!(
+        "verdicts: {}",
+        if shown.is_empty() {
+            "none yet".into()
+        } else {
+            shown.join(" ")
+        }
+    );
+}
+
+fn attach(iface: &str, mode: loader::AttachMode, seconds: u64) -> Result<()> {
+    if seconds == 0 {
+        bail!("--seconds must be at least 1");
+    }
+    let mut ebpf = loader::load(&loader::LoadOptions {
+        flow_table_size: 4096,
+    })?;
+    let used = loader::attach(&mut ebpf, lb_common::PROG_BALANCER, iface, mode)?;
+    println!(
+        "attached {} to {iface} in {used:?} mode for {seconds}s",
+        lb_common::PROG_BALANCER
+    );
+    for s in 1..=seconds {
+        std::thread::sleep(Duration::from_secs(1));
+        let v = Dataplane::new(&mut ebpf)
+            .verdicts()
+            .context("reading counters")?;
+        let shown: Vec<String> = verdict::NAMES
+            .iter()
+            .zip(&v)
+            .filter(|(_, n)| **n > 0)
+            .map(|(name, n)| format!("{name}={n}"))
+            .collect();
+        println!(
+            "t={s}s packets={} {}",
+            v.iter().sum::<u64>(),
+            shown.join(" ")
+        );
+    }
+    println!("detaching");
+    Ok(())
+}

@@ -1,0 +1,516 @@
+//! The agent end to end: `lb run` (the real CLI binary) in the LB namespace
+//! of a small data center, real TCP from a client namespace, and the CLI
+//! driving it. Every namespace, pin and process is removed at the end, also
+//! when a test fails.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::TcpStream,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{Dc, TestServer, ask_vip, backend_addr, dc};
+use lb_user::api::{self, BackendInfo, Request};
+
+const LB: &str = env!("CARGO_BIN_EXE_lb");
+
+/// A running `lb run` process and everything it owns.
+struct Agent {
+    child: Option<Child>,
+    instance: String,
+    socket: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn config_text(instance: &str, socket: &std::path::Path, lb_ns: &str, n: usize) -> String {
+        let mut s = format!(
+            "# test agent\n[agent]\ninterface = \"l0\"\nxdp_mode = \"native\"\nflow_table_size = 65536\n\
+             instance = \"{instance}\"\ncontrol_socket = \"{}\"\nnetns = \"{lb_ns}\"\n\n[[vip]]\naddress = \"198.18.0.100\"\nport = 8080\n",
+            socket.display()
+        );
+        for i in 1..=n {
+            s.push_str(&format!(
+                "\n[[vip.backend]] # backend {i}\naddress = \"{}\"\n",
+                backend_addr(i)
+            ));
+        }
+        s
+    }
+
+    fn start(tag: &str, d: &Dc, n: usize) -> Self {
+        let instance = format!("t-{tag}-{}", std::process::id());
+        let socket = PathBuf::from(format!("/run/lb/{instance}.sock"));
+        let dir = std::env::temp_dir().join(&instance);
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let config = dir.join("lb.toml");
+        std::fs::write(
+            &config,
+            Self::config_text(&instance, &socket, &d.lb.name, n),
+        )
+        .expect("config");
+        let mut a = Agent {
+            child: None,
+            instance,
+            socket,
+            config,
+            log: dir.join("agent.log"),
+        };
+        a.spawn();
+        a.wait_ready(n);
+        a
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new(LB)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start lb run");
+        self.child = Some(child);
+    }
+
+    /// Waits until the agent answers and `n` backends are up with their
+    /// next hop known.
+    fn wait_ready(&self, n: usize) {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(v) = api::call(&self.socket, &Request::BackendList { vip: None }) {
+                let list: Vec<BackendInfo> = serde_json::from_value(v).expect("backend list");
+                if list
+                    .iter()
+                    .filter(|b| b.next_hop_known && b.state == "up")
+                    .count()
+                    >= n
+                {
+                    return;
+                }
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "agent not ready; its log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs the CLI against this agent.
+    fn cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(LB)
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .expect("run lb");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    fn backends(&self) -> Vec<BackendInfo> {
+        serde_json::from_str(
+            &self
+                .cli(&["backend", "list", "--json"])
+                .expect("backend list"),
+        )
+        .expect("json")
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-9", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = Command::new(LB)
+            .args(["down", "--instance", &self.instance, "--socket"])
+            .arg(&self.socket)
+            .stdout(Stdio::null())
+            .status();
+        self.kill9();
+        let _ = std::fs::remove_file(format!("/run/lb/{}.lock", self.instance));
+        if let Some(dir) = self.config.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Sends `n` requests, `gap` apart, from the client namespace; returns
+/// (send time, backend name or error) for each.
+fn traffic(d: &Dc, n: usize, gap: Duration) -> Vec<(Instant, Result<String, String>)> {
+    d.client
+        .enter(|| {
+            (0..n)
+                .map(|_| {
+                    let t = Instant::now();
+                    let r = ask_vip(Duration::from_millis(500)).map_err(|e| e.to_string());
+                    if let Some(rest) = gap.checked_sub(t.elapsed()) {
+                        std::thread::sleep(rest);
+                    }
+                    (t, r)
+                })
+                .collect()
+        })
+        .expect("setns")
+}
+
+fn servers(d: &Dc) -> Vec<TestServer> {
+    d.backends
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| TestServer::start(ns, &format!("b{}", i + 1)).expect("server"))
+        .collect()
+}
+
+#[test]
+fn failover_within_a_second_and_recovery() {
+    let d = dc("agf", 3).expect("dc");
+    let mut srv = servers(&d);
+    let agent = Agent::start("agf", &d, 3);
+    let warm = traffic(&d, 60, Duration::ZERO);
+    let mut seen: Vec<&str> = warm.iter().filter_map(|(_, r)| r.as_deref().ok()).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(
+        seen,
+        ["b1", "b2", "b3"],
+        "traffic reaches all three backends: {warm:?}"
+    );
+    assert!(
+        warm.iter().all(|(_, r)| r.is_ok()),
+        "no errors before the failure"
+    );
+
+    // Kill b2's server, keep sending for 2.5 s.
+    let t_kill = Instant::now();
+    srv[1].stop();
+    let during = traffic(&d, 250, Duration::from_millis(10));
+    let last_b2 = during
+        .iter()
+        .filter(|(_, r)| r.as_deref() == Ok("b2"))
+        .map(|(t, _)| t.duration_since(t_kill))
+        .max();
+    let errors: Vec<Duration> = during
+        .iter()
+        .filter(|(_, r)| r.is_err())
+        .map(|(t, _)| t.duration_since(t_kill))
+        .collect();
+    let last_error = errors.iter().max().copied();
+    println!(
+        "kill → last new connection answered by b2: {last_b2:?}; {} failed connections, the last {last_error:?} after the kill",
+        errors.len()
+    );
+    assert!(last_b2.is_none(), "a killed server cannot answer");
+    assert!(
+        last_error.is_none_or(|e| e <= Duration::from_secs(1)),
+        "new connections still sent to the dead backend {last_error:?} after the kill"
+    );
+    let late_ok = during
+        .iter()
+        .filter(|(t, _)| t.duration_since(t_kill) > Duration::from_secs(1));
+    assert!(
+        late_ok.clone().all(|(_, r)| r.is_ok()),
+        "after failover every connection succeeds"
+    );
+
+    // The failure shows in `lb health` and `lb stats`.
+    let health = agent.cli(&["health"]).expect("lb health");
+    println!("{health}");
+    let b2 = agent
+        .backends()
+        .into_iter()
+        .find(|b| b.address.to_string() == backend_addr(2))
+        .expect("b2");
+    assert_eq!(
+        (b2.state.as_str(), b2.last_result.as_str()),
+        ("down", "refused")
+    );
+    assert!(health.contains("down") && health.contains("refused"));
+    let stats: serde_json::Value =
+        serde_json::from_str(&agent.cli(&["stats", "--json"]).expect("stats")).expect("json");
+    assert!(
+        stats["verdicts"].to_string().contains("redirect"),
+        "{stats}"
+    );
+
+    // Bring it back: it rejoins after `rise` good probes.
+    srv[1] = TestServer::start(&d.backends[1], "b2").expect("server");
+    let t_back = Instant::now();
+    loop {
+        let b2 = agent
+            .backends()
+            .into_iter()
+            .find(|b| b.address.to_string() == backend_addr(2))
+            .expect("b2");
+        if b2.state == "up" {
+            break;
+        }
+        assert!(
+            t_back.elapsed() < Duration::from_secs(3),
+            "b2 did not rejoin"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "b2 rejoined {:?} after its server came back",
+        t_back.elapsed()
+    );
+    let after = traffic(&d, 60, Duration::ZERO);
+    assert!(
+        after.iter().any(|(_, r)| r.as_deref() == Ok("b2")),
+        "new connections reach b2 again"
+    );
+    assert!(after.iter().all(|(_, r)| r.is_ok()));
+}
+
+#[test]
+fn drain_keeps_a_long_lived_connection_and_sends_new_ones_elsewhere() {
+    let d = dc("agd", 2).expect("dc");
+    let _srv = servers(&d);
+    let agent = Agent::start("agd", &d, 2);
+    let (mut conn, name) = d
+        .client
+        .enter(|| {
+            let c = TcpStream::connect_timeout(
+                &"198.18.0.100:8080".parse().unwrap(),
+                Duration::from_secs(1),
+            )
+            .expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut line = String::new();
+            BufReader::new(c.try_clone().unwrap())
+                .read_line(&mut line)
+                .expect("name");
+            (c, line.trim().to_string())
+        })
+        .expect("setns");
+    let idx: usize = name.trim_start_matches('b').parse().expect("backend name");
+    let addr = backend_addr(idx);
+    agent
+        .cli(&["backend", "drain", "198.18.0.100:8080", &addr])
+        .expect("drain");
+    assert!(
+        std::fs::read_to_string(&agent.config)
+            .unwrap()
+            .contains("drain = true"),
+        "drain saved to the config"
+    );
+
+    // New connections avoid it while the old one keeps working.
+    let fresh = traffic(&d, 40, Duration::ZERO);
+    assert!(fresh.iter().all(|(_, r)| r.is_ok()), "{fresh:?}");
+    assert!(
+        fresh.iter().all(|(_, r)| r.as_deref() != Ok(name.as_str())),
+        "no new flow to the drained backend"
+    );
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    for i in 0..10 {
+        conn.write_all(format!("ping {i}\n").as_bytes())
+            .expect("write on the drained connection");
+        let mut echo = String::new();
+        reader
+            .read_line(&mut echo)
+            .expect("echo on the drained connection");
+        assert_eq!(echo, format!("ping {i}\n"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let b = agent
+        .backends()
+        .into_iter()
+        .find(|b| b.address.to_string() == addr)
+        .unwrap();
+    assert_eq!(b.state, "draining");
+
+    agent
+        .cli(&["backend", "undrain", "198.18.0.100:8080", &addr])
+        .expect("undrain");
+    let back = traffic(&d, 60, Duration::ZERO);
+    assert!(
+        back.iter().any(|(_, r)| r.as_deref() == Ok(name.as_str())),
+        "undrained backend gets new flows again"
+    );
+}
+
+#[test]
+fn agent_kill_9_and_restart_loses_nothing_and_cli_changes_persist() {
+    let d = dc("agr", 2).expect("dc");
+    let _srv = servers(&d);
+    let mut agent = Agent::start("agr", &d, 2);
+
+    // A CLI change before the crash: a third (weight 0) backend entry.
+    agent
+        .cli(&[
+            "backend",
+            "add",
+            "198.18.0.100:8080",
+            "198.18.0.77",
+            "--weight",
+            "0",
+        ])
+        .expect("backend add");
+    let listed = agent.cli(&["backend", "list", "--json"]).expect("list");
+    assert!(listed.contains("198.18.0.77"), "{listed}");
+
+    // A long-lived connection, and steady short ones, across kill -9 + restart.
+    let (mut conn, name) = d
+        .client
+        .enter(|| {
+            let c = TcpStream::connect_timeout(
+                &"198.18.0.100:8080".parse().unwrap(),
+                Duration::from_secs(1),
+            )
+            .expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut line = String::new();
+            BufReader::new(c.try_clone().unwrap())
+                .read_line(&mut line)
+                .expect("name");
+            (c, line.trim().to_string())
+        })
+        .expect("setns");
+    let client_ns = d.client.name.clone();
+    let sender = std::thread::spawn(move || {
+        let ns = std::fs::File::open(format!("/run/netns/{client_ns}")).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: only this thread moves into the client namespace.
+        assert_eq!(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let t0 = Instant::now();
+        let mut results = Vec::new();
+        while t0.elapsed() < Duration::from_secs(4) {
+            results.push(ask_vip(Duration::from_millis(800)).map_err(|e| e.to_string()));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        results
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    agent.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    agent.spawn();
+    agent.wait_ready(2);
+    let results = sender.join().expect("sender");
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    println!(
+        "{} requests across kill -9 and restart, {failed} failed",
+        results.len()
+    );
+    println!("{}", agent.cli(&["stats"]).unwrap_or_default());
+    println!("{}", agent.log_text());
+    assert!(results.len() > 100);
+    assert_eq!(
+        failed,
+        0,
+        "requests failed: {:?}",
+        results.iter().filter(|r| r.is_err()).collect::<Vec<_>>()
+    );
+    assert!(
+        agent.log_text().contains("adopted the running datapath"),
+        "restart adopted the pins:\n{}",
+        agent.log_text()
+    );
+
+    // The long-lived connection still talks to the same backend.
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    conn.write_all(b"still there\n")
+        .expect("write after restart");
+    let mut echo = String::new();
+    reader.read_line(&mut echo).expect("echo after restart");
+    assert_eq!(
+        echo, "still there\n",
+        "connection to {name} survived the restart"
+    );
+
+    // The CLI change survived the restart (written to the config file).
+    let listed = agent.cli(&["backend", "list", "--json"]).expect("list");
+    assert!(listed.contains("198.18.0.77"), "{listed}");
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    assert!(
+        text.contains("# backend 1") && text.contains("198.18.0.77"),
+        "comments kept, change saved:\n{text}"
+    );
+}
+
+#[test]
+fn bad_config_is_refused_and_changes_nothing() {
+    let d = dc("agb", 2).expect("dc");
+    let _srv = servers(&d);
+    let agent = Agent::start("agb", &d, 2);
+    let before = agent.cli(&["vip", "list", "--json"]).expect("vip list");
+
+    let good = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        good.replace("port = 8080", "port = 8080\nring_size = 65536"),
+    )
+    .unwrap();
+    let err = agent
+        .cli(&["reload"])
+        .expect_err("reload of a bad file must fail");
+    println!("lb reload: {err}");
+    assert!(
+        err.contains("lb.toml:") && err.contains("ring_size 65536 must be a prime"),
+        "{err}"
+    );
+    assert_eq!(
+        agent.cli(&["vip", "list", "--json"]).expect("vip list"),
+        before,
+        "datapath config unchanged"
+    );
+    let t = traffic(&d, 30, Duration::ZERO);
+    assert!(
+        t.iter().all(|(_, r)| r.is_ok()),
+        "traffic unaffected: {t:?}"
+    );
+
+    // `lb check` says the same without an agent; `lb run` refuses it too.
+    let out = Command::new(LB)
+        .args(["check", "--config"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("must be a prime")
+    );
+
+    // A second agent on the same instance is refused.
+    std::fs::write(&agent.config, &good).unwrap();
+    let out = Command::new(LB)
+        .args(["run", "--config"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && msg.contains("another agent is already running"),
+        "{msg}"
+    );
+
+    // And the good file reloads.
+    agent.cli(&["reload"]).expect("reload good file");
+}
