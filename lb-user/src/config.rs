@@ -685,3 +685,14 @@ weight = 3
         );
     }
 }
+
+#[cfg(test)]
+mod example {
+    #[test]
+    fn shipped_example_is_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/lb.example.toml");
+        let c = super::load(std::path::Path::new(path)).expect("the shipped example must be valid");
+        assert_eq!(c.vips.len(), 1);
+        assert_eq!(c.vips[0].backends.len(), 2);
+    }
+}
