@@ -29,7 +29,7 @@ impl Agent {
     fn config_text(instance: &str, socket: &std::path::Path, lb_ns: &str, n: usize) -> String {
         let mut s = format!(
             "# test agent\n[agent]\ninterface = \"l0\"\nxdp_mode = \"native\"\nflow_table_size = 65536\n\
-             instance = \"{instance}\"\ncontrol_socket = \"{}\"\nnetns = \"{lb_ns}\"\n\n[[vip]]\naddress = \"198.18.0.100\"\nport = 8080\n",
+             instance = \"{instance}\"\ncontrol_socket = \"{}\"\nnetns = \"{lb_ns}\"\nmetrics_listen = \"127.0.0.1:9100\"\n\n[[vip]]\naddress = \"198.18.0.100\"\nport = 8080\n",
             socket.display()
         );
         for i in 1..=n {
