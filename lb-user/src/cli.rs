@@ -112,6 +112,11 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// The namespace lab: a small data center to try the LB in (see README).
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
     /// Attach the datapath (no VIPs) to an interface for a while and print
     /// its verdict counters every second: a check that XDP works there.
     Attach {
@@ -122,6 +127,45 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Build the lab (removing what an earlier run left first).
+    Up {
+        #[arg(long, default_value = "lab")]
+        prefix: String,
+    },
+    /// Remove every namespace, process and pin of the lab.
+    Down {
+        #[arg(long, default_value = "lab")]
+        prefix: String,
+    },
+    /// Show which lab namespaces exist and which backends serve.
+    Status {
+        #[arg(long, default_value = "lab")]
+        prefix: String,
+    },
+    /// Control a lab backend: stop, start, fail-health, ok, slow (with --ms).
+    Backend {
+        /// Backend number, 1..=3.
+        n: usize,
+        #[arg(value_parser = ["stop", "start", "fail-health", "ok", "slow"])]
+        action: String,
+        #[arg(long, default_value_t = 200)]
+        ms: u64,
+        #[arg(long, default_value = "lab")]
+        prefix: String,
+    },
+    /// The lab's backend HTTP server (the lab starts it in each backend).
+    Serve {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "[::]:80")]
+        listen: String,
+    },
+    /// The demo: lab, agent, traffic, a backend killed and restored, report.
+    Demo,
 }
 
 #[derive(Subcommand)]
@@ -243,6 +287,52 @@ fn real_main() -> Result<()> {
             mode,
             seconds,
         } => attach(&iface, mode.into(), seconds),
+        Cmd::Lab { cmd } => lab(cmd),
+    }
+}
+
+fn lab(cmd: LabCmd) -> Result<()> {
+    use crate::lab::Lab;
+    match cmd {
+        LabCmd::Up { prefix } => {
+            let l = Lab::new(&prefix);
+            l.up()?;
+            print!("{}", l.status()?);
+            Ok(())
+        }
+        LabCmd::Down { prefix } => {
+            Lab::new(&prefix).down()?;
+            println!("lab `{prefix}` removed");
+            Ok(())
+        }
+        LabCmd::Status { prefix } => {
+            print!("{}", Lab::new(&prefix).status()?);
+            Ok(())
+        }
+        LabCmd::Backend {
+            n,
+            action,
+            ms,
+            prefix,
+        } => {
+            let l = Lab::new(&prefix);
+            if !(1..=crate::lab::BACKENDS).contains(&n) {
+                bail!(
+                    "backend {n} does not exist; the lab has b1..b{}",
+                    crate::lab::BACKENDS
+                );
+            }
+            match action.as_str() {
+                "stop" => l.stop_backend(n)?,
+                "start" => l.start_backend(n)?,
+                "fail-health" => println!("{}", l.backend_ctl(n, "/admin/fail-health")?),
+                "ok" => println!("{}", l.backend_ctl(n, "/admin/ok")?),
+                _ => println!("{}", l.backend_ctl(n, &format!("/admin/slow?ms={ms}"))?),
+            }
+            Ok(())
+        }
+        LabCmd::Serve { name, listen } => crate::lab::serve(&name, &listen),
+        LabCmd::Demo => crate::demo::run(),
     }
 }
 

@@ -7,6 +7,8 @@ pub mod cli;
 pub mod confedit;
 pub mod config;
 pub mod dataplane;
+pub mod demo;
 pub mod health;
+pub mod lab;
 pub mod loader;
 pub mod maglev;

@@ -25,8 +25,13 @@ enum Cmd {
     Setup,
     /// fmt check, clippy, unit tests, privileged tests: what CI runs.
     Test,
-    /// Build, load and attach the datapath in a throw-away namespace and show it working.
+    /// The lab, the agent, steady traffic, a backend killed and brought back, a report.
     Demo,
+    /// The namespace lab on its own: up, down or status.
+    Lab {
+        #[arg(value_parser = ["up", "down", "status"])]
+        action: String,
+    },
     /// Benchmarks (`micro`: ns/packet through BPF_PROG_TEST_RUN).
     Bench {
         #[arg(default_value = "micro")]
@@ -52,6 +57,10 @@ fn main() -> Result<()> {
         Cmd::Demo => {
             setup()?;
             demo::run_demo(&root()?)
+        }
+        Cmd::Lab { action } => {
+            setup()?;
+            demo::lab(&root()?, &action)
         }
         Cmd::Bench { suite, json } => {
             setup()?;

@@ -1,0 +1,600 @@
+//! The lab: a small data center in network namespaces, for the demo, the
+//! end-to-end tests and the benchmarks. Only 198.18.0.0/15 and 2001:2::/48,
+//! only inside namespaces it creates; nothing touches the host's interfaces.
+//!
+//! ```text
+//!  <p>-c1 (198.18.0.11-18)  <p>-c2 (198.18.0.21-28)     clients
+//!        │ eth0                   │ eth0
+//!  ┌─────┴────────── <p>-br: bridge br0 ──────────┬─────────┬─────────┐
+//!  │                                              │         │         │
+//!  <p>-lb eth0 198.18.0.2 (lb_xdp, native)   <p>-b1 .31  <p>-b2 .32  <p>-b3 .33
+//!                                             VIP 198.18.0.100 / 2001:2::100 on lo
+//! ```
+//! IPv6 alongside: 2001:2::2 (LB), 2001:2::11.. (clients), 2001:2::31.. (backends).
+//! Clients route the VIPs via the LB; backends answer clients directly (DSR).
+//! The bridge-side peer of the LB's veth carries `lb_pass` (native `XDP_TX`
+//! on a veth needs an XDP program on the peer); backends carry `lb_decap`
+//! for `ipip` VIPs. These programs stay attached through pinned links under
+//! `/sys/fs/bpf/lb-lab/<prefix>/`.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{dataplane::Dataplane, loader};
+
+pub const VIP4: &str = "198.18.0.100";
+pub const VIP6: &str = "2001:2::100";
+pub const LB4: &str = "198.18.0.2";
+pub const LB6: &str = "2001:2::2";
+pub const BACKENDS: usize = 3;
+pub const CLIENTS: usize = 2;
+pub const ADDRS_PER_CLIENT: usize = 8;
+
+pub fn backend4(i: usize) -> String {
+    format!("198.18.0.{}", 30 + i)
+}
+pub fn backend6(i: usize) -> String {
+    format!("2001:2::{}", 30 + i)
+}
+/// Client `c` (1-based), address `k` (0-based).
+pub fn client4(c: usize, k: usize) -> String {
+    format!("198.18.0.{}", 10 * c + 1 + k)
+}
+pub fn client6(c: usize, k: usize) -> String {
+    format!("2001:2::{}", 10 * c + 1 + k)
+}
+
+fn run_ok(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Moves the calling thread into network namespace `ns` for `f`, then back.
+pub fn in_netns<T>(ns: &str, f: impl FnOnce() -> T) -> Result<T> {
+    use std::os::fd::AsRawFd;
+    let own = std::fs::File::open("/proc/thread-self/ns/net").context("opening own netns")?;
+    let target = std::fs::File::open(format!("/run/netns/{ns}"))
+        .with_context(|| format!("no netns {ns}"))?;
+    // SAFETY: setns on fds we own; only this thread changes namespace.
+    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns into {ns}: {}", std::io::Error::last_os_error());
+    }
+    let r = f();
+    // SAFETY: as above.
+    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns back: {}", std::io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
+/// One lab, named by a prefix (so tests can run several side by side).
+#[derive(Clone, Debug)]
+pub struct Lab {
+    pub prefix: String,
+}
+
+impl Lab {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    pub fn ns(&self, node: &str) -> String {
+        format!("{}-{node}", self.prefix)
+    }
+    pub fn lb_ns(&self) -> String {
+        self.ns("lb")
+    }
+    pub fn client_ns(&self, c: usize) -> String {
+        self.ns(&format!("c{c}"))
+    }
+    pub fn backend_ns(&self, i: usize) -> String {
+        self.ns(&format!("b{i}"))
+    }
+    fn nodes(&self) -> Vec<String> {
+        let mut v = vec![self.ns("br"), self.lb_ns()];
+        v.extend((1..=CLIENTS).map(|c| self.client_ns(c)));
+        v.extend((1..=BACKENDS).map(|i| self.backend_ns(i)));
+        v
+    }
+    /// Runtime files: pid files, the agent's config and log.
+    pub fn run_dir(&self) -> PathBuf {
+        PathBuf::from("/run/lb-lab").join(&self.prefix)
+    }
+    fn pin_dir(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf/lb-lab").join(&self.prefix)
+    }
+
+    fn exec(&self, ns: &str, args: &[&str]) -> Result<String> {
+        let mut a = vec!["netns", "exec", ns];
+        a.extend_from_slice(args);
+        run_ok("ip", &a)
+    }
+
+    /// Builds the lab (after removing whatever an earlier run left).
+    pub fn up(&self) -> Result<()> {
+        self.down()?;
+        loader::ensure_bpffs()?;
+        std::fs::create_dir_all(self.run_dir())?;
+        std::fs::create_dir_all(self.pin_dir())?;
+        for ns in self.nodes() {
+            run_ok("ip", &["netns", "add", &ns])?;
+            self.exec(&ns, &["ip", "link", "set", "lo", "up"])?;
+        }
+        let br = self.ns("br");
+        self.exec(&br, &["ip", "link", "add", "br0", "type", "bridge"])?;
+        self.exec(&br, &["ip", "link", "set", "br0", "up"])?;
+        // One veth per node: eth0 in the node, p-<node> on the bridge.
+        let mut nodes: Vec<(String, String)> = vec![("lb".into(), self.lb_ns())];
+        nodes.extend((1..=CLIENTS).map(|c| (format!("c{c}"), self.client_ns(c))));
+        nodes.extend((1..=BACKENDS).map(|i| (format!("b{i}"), self.backend_ns(i))));
+        for (short, ns) in &nodes {
+            let port = format!("p-{short}");
+            run_ok(
+                "ip",
+                &[
+                    "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port,
+                    "netns", &br,
+                ],
+            )?;
+            self.exec(&br, &["ip", "link", "set", &port, "master", "br0"])?;
+            self.exec(&br, &["ip", "link", "set", &port, "up"])?;
+            self.exec(ns, &["ip", "link", "set", "eth0", "up"])?;
+        }
+        let lb = self.lb_ns();
+        self.exec(
+            &lb,
+            &["ip", "addr", "add", &format!("{LB4}/24"), "dev", "eth0"],
+        )?;
+        self.exec(
+            &lb,
+            &[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{LB6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        )?;
+        for c in 1..=CLIENTS {
+            let ns = self.client_ns(c);
+            for k in 0..ADDRS_PER_CLIENT {
+                self.exec(
+                    &ns,
+                    &[
+                        "ip",
+                        "addr",
+                        "add",
+                        &format!("{}/24", client4(c, k)),
+                        "dev",
+                        "eth0",
+                    ],
+                )?;
+                self.exec(
+                    &ns,
+                    &[
+                        "ip",
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{}/64", client6(c, k)),
+                        "dev",
+                        "eth0",
+                        "nodad",
+                    ],
+                )?;
+            }
+            self.exec(
+                &ns,
+                &["ip", "route", "add", &format!("{VIP4}/32"), "via", LB4],
+            )?;
+            self.exec(
+                &ns,
+                &[
+                    "ip",
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("{VIP6}/128"),
+                    "via",
+                    LB6,
+                ],
+            )?;
+            // The LB forwards client packets with XDP: they must leave with
+            // finished checksums (no TX checksum offload on the veth).
+            self.exec(&ns, &["ethtool", "-K", "eth0", "tx", "off"])?;
+        }
+        for i in 1..=BACKENDS {
+            let ns = self.backend_ns(i);
+            self.exec(
+                &ns,
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{}/24", backend4(i)),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+            self.exec(
+                &ns,
+                &[
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{}/64", backend6(i)),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )?;
+            self.exec(
+                &ns,
+                &["ip", "addr", "add", &format!("{VIP4}/32"), "dev", "lo"],
+            )?;
+            self.exec(
+                &ns,
+                &[
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{VIP6}/128"),
+                    "dev",
+                    "lo",
+                ],
+            )?;
+            // The VIP on loopback must not be announced on the segment.
+            self.exec(&ns, &["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"])?;
+            self.exec(&ns, &["sysctl", "-qw", "net.ipv4.conf.all.arp_announce=2"])?;
+        }
+        // XDP helpers, kept attached by pinned links.
+        self.pin_program(&br, "p-lb", lb_common::PROG_PASS, &[])?;
+        for i in 1..=BACKENDS {
+            let addrs = [backend4(i).parse()?, backend6(i).parse()?];
+            self.pin_program(&self.backend_ns(i), "eth0", lb_common::PROG_DECAP, &addrs)?;
+        }
+        for i in 1..=BACKENDS {
+            self.start_backend(i)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches `prog` natively to `dev` in `ns` and pins its link, so it
+    /// stays after this process exits (`decap_addrs` for `lb_decap`).
+    fn pin_program(&self, ns: &str, dev: &str, prog: &str, decap_addrs: &[IpAddr]) -> Result<()> {
+        use aya::programs::links::FdLink;
+        let path = self.pin_dir().join(format!("{ns}-{dev}"));
+        let mut ebpf = loader::load(&loader::LoadOptions {
+            flow_table_size: 1024,
+        })?;
+        for a in decap_addrs {
+            let mut k = [0u8; 16];
+            match a {
+                IpAddr::V4(v) => k[..4].copy_from_slice(&v.octets()),
+                IpAddr::V6(v) => k = v.octets(),
+            }
+            Dataplane::new(&mut ebpf).add_decap_addr(k)?;
+        }
+        in_netns(ns, || -> Result<()> {
+            let (_, id) = loader::attach_with_id(&mut ebpf, prog, dev, loader::AttachMode::Native)?;
+            let p = loader::xdp_program(&mut ebpf, prog)?;
+            let link = p.take_link(id)?;
+            let fd = FdLink::try_from(link).context("XDP link is not an fd link")?;
+            fd.pin(&path)
+                .with_context(|| format!("pinning {}", path.display()))?;
+            Ok(())
+        })??;
+        Ok(())
+    }
+
+    fn pid_file(&self, i: usize) -> PathBuf {
+        self.run_dir().join(format!("b{i}.pid"))
+    }
+
+    /// Starts backend i's HTTP server (`lb lab serve`) in its namespace.
+    pub fn start_backend(&self, i: usize) -> Result<()> {
+        let exe = std::env::current_exe().context("locating the lb binary")?;
+        let log = std::fs::File::create(self.run_dir().join(format!("b{i}.log")))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.backend_ns(i)])
+            .arg(exe)
+            .args(["lab", "serve", "--name", &format!("b{i}")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting a lab backend server")?;
+        std::fs::write(self.pid_file(i), child.id().to_string())?;
+        // Wait until it answers (bounded).
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            if self.backend_ctl(i, "/healthz").is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "lab backend b{i} did not come up; see {}",
+            self.run_dir().join(format!("b{i}.log")).display()
+        )
+    }
+
+    /// Kills backend i's server (as a crash would).
+    pub fn stop_backend(&self, i: usize) -> Result<()> {
+        if let Ok(pid) = std::fs::read_to_string(self.pid_file(i)) {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            let _ = std::fs::remove_file(self.pid_file(i));
+        }
+        Ok(())
+    }
+
+    /// Sends `GET path` to backend i's own server (inside its namespace):
+    /// `/healthz`, `/admin/fail-health`, `/admin/ok`, `/admin/slow?ms=N`.
+    pub fn backend_ctl(&self, i: usize, path: &str) -> Result<String> {
+        in_netns(&self.backend_ns(i), || {
+            http_get(&format!("{}:80", backend4(i)).parse()?, None, path)
+        })?
+    }
+
+    pub fn down(&self) -> Result<()> {
+        for i in 1..=BACKENDS {
+            let _ = self.stop_backend(i);
+        }
+        let _ = std::fs::remove_dir_all(self.pin_dir());
+        let list = run_ok("ip", &["netns", "list"]).unwrap_or_default();
+        for line in list.lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if self.nodes().iter().any(|n| n == name) {
+                run_ok("ip", &["netns", "del", name])?;
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.run_dir());
+        Ok(())
+    }
+
+    pub fn status(&self) -> Result<String> {
+        let list = run_ok("ip", &["netns", "list"]).unwrap_or_default();
+        let mut o = String::new();
+        for n in self.nodes() {
+            let up = list
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(&n));
+            o.push_str(&format!("{n:<16} {}\n", if up { "up" } else { "absent" }));
+        }
+        for i in 1..=BACKENDS {
+            let s = match self.backend_ctl(i, "/healthz") {
+                Ok(_) => "serving".to_string(),
+                Err(e) => format!("not serving ({e})"),
+            };
+            o.push_str(&format!("backend b{i:<8} {} {s}\n", backend4(i)));
+        }
+        Ok(o)
+    }
+
+    /// An agent configuration for the lab: one VIP (IPv4 and IPv6) over the
+    /// three backends. `forwarding` is "dsr" or "ipip", `hash` "5-tuple" or
+    /// "source-ip".
+    pub fn agent_config(&self, forwarding: &str, hash: &str, health: &str) -> String {
+        let mut s = format!(
+            "# lab agent\n[agent]\ninterface = \"eth0\"\nxdp_mode = \"native\"\nflow_table_size = 65536\n\
+             instance = \"{p}\"\ncontrol_socket = \"{sock}\"\nnetns = \"{ns}\"\n",
+            p = self.prefix,
+            sock = self.socket().display(),
+            ns = self.lb_ns()
+        );
+        for (vip, f) in [(VIP4, backend4 as fn(usize) -> String), (VIP6, backend6)] {
+            s.push_str(&format!(
+                "\n[[vip]]\naddress = \"{vip}\"\nport = 80\nforwarding = \"{forwarding}\"\nhash = \"{hash}\"\n\n[vip.health]\n{health}\n"
+            ));
+            for i in 1..=BACKENDS {
+                s.push_str(&format!("\n[[vip.backend]]\naddress = \"{}\"\n", f(i)));
+            }
+        }
+        s
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.run_dir().join("lb.sock")
+    }
+}
+
+/// One HTTP/1.0 GET over a new connection, optionally from a given local
+/// address; returns the body.
+pub fn http_get(to: &SocketAddr, from: Option<IpAddr>, path: &str) -> Result<String> {
+    let timeout = Duration::from_millis(1000);
+    let s = match from {
+        None => TcpStream::connect_timeout(to, timeout)?,
+        Some(src) => {
+            let sock = socket2::Socket::new(
+                socket2::Domain::for_address(*to),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            sock.bind(&SocketAddr::new(src, 0).into())?;
+            sock.connect_timeout(&(*to).into(), timeout)?;
+            sock.into()
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut w = s.try_clone()?;
+    write!(w, "GET {path} HTTP/1.0\r\nHost: lab\r\n\r\n")?;
+    let mut r = BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    let code: u16 = status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no HTTP status")?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = String::new();
+    r.read_to_string(&mut body)?;
+    if code != 200 {
+        bail!("status {code}");
+    }
+    Ok(body.trim().to_string())
+}
+
+/// `lb lab serve`: the lab's backend HTTP server. `/` answers the server's
+/// name; `/healthz` answers 200 (or 503 after `/admin/fail-health`, until
+/// `/admin/ok`); `/admin/slow?ms=N` delays every answer by N ms.
+pub fn serve(name: &str, listen: &str) -> Result<()> {
+    let server = Arc::new(
+        tiny_http::Server::http(listen)
+            .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?,
+    );
+    let failing = Arc::new(AtomicBool::new(false));
+    let slow_ms = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for _ in 0..16 {
+        let server = server.clone();
+        let failing = failing.clone();
+        let slow_ms = slow_ms.clone();
+        let name = name.to_string();
+        threads.push(std::thread::spawn(move || {
+            while let Ok(req) = server.recv() {
+                let url = req.url().to_string();
+                let (code, body) = match url.split('?').next().unwrap_or("") {
+                    "/healthz" if failing.load(Ordering::Relaxed) => (503, "failing\n".to_string()),
+                    "/healthz" => (200, "ok\n".to_string()),
+                    "/admin/fail-health" => {
+                        failing.store(true, Ordering::Relaxed);
+                        (200, "health now fails\n".into())
+                    }
+                    "/admin/ok" => {
+                        failing.store(false, Ordering::Relaxed);
+                        slow_ms.store(0, Ordering::Relaxed);
+                        (200, "healthy\n".into())
+                    }
+                    "/admin/slow" => {
+                        let ms = url
+                            .split("ms=")
+                            .nth(1)
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        slow_ms.store(ms, Ordering::Relaxed);
+                        (200, format!("slow {ms} ms\n"))
+                    }
+                    _ => {
+                        let ms = slow_ms.load(Ordering::Relaxed);
+                        if ms > 0 {
+                            std::thread::sleep(Duration::from_millis(ms));
+                        }
+                        (200, format!("{name}\n"))
+                    }
+                };
+                let resp = tiny_http::Response::from_string(body)
+                    .with_status_code(code)
+                    .with_header(
+                        tiny_http::Header::from_bytes(&b"X-Backend"[..], name.as_bytes())
+                            .expect("header"),
+                    );
+                let _ = req.respond(resp);
+            }
+        }));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+/// One request's outcome in a load run.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub at: Duration,
+    pub client: IpAddr,
+    /// The answering backend's name, or the error.
+    pub result: Result<String, String>,
+}
+
+/// Steady HTTP load from every client address of the lab, `rate` requests
+/// per second in all, for `duration`; each request on a new connection.
+/// Samples are appended to `out` as they complete.
+pub fn load(
+    lab: &Lab,
+    v6: bool,
+    rate: u32,
+    duration: Duration,
+    out: Arc<std::sync::Mutex<Vec<Sample>>>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let start = Instant::now();
+    let senders = CLIENTS * ADDRS_PER_CLIENT;
+    let gap = Duration::from_secs_f64(senders as f64 / rate.max(1) as f64);
+    let vip: SocketAddr = if v6 {
+        format!("[{VIP6}]:80")
+    } else {
+        format!("{VIP4}:80")
+    }
+    .parse()
+    .expect("literal");
+    let mut handles = Vec::new();
+    for c in 1..=CLIENTS {
+        for k in 0..ADDRS_PER_CLIENT {
+            let ns = lab.client_ns(c);
+            let src: IpAddr = if v6 { client6(c, k) } else { client4(c, k) }
+                .parse()
+                .expect("literal");
+            let out = out.clone();
+            handles.push(std::thread::spawn(move || {
+                let _ = in_netns(&ns, || {
+                    // Stagger the senders over one gap.
+                    std::thread::sleep(
+                        gap.mul_f64((k as f64 + c as f64 * 0.5) / ADDRS_PER_CLIENT as f64),
+                    );
+                    let mut next = Instant::now();
+                    while start.elapsed() < duration {
+                        let at = start.elapsed();
+                        let result = http_get(&vip, Some(src), "/").map_err(|e| e.to_string());
+                        if let Ok(mut o) = out.lock() {
+                            o.push(Sample {
+                                at,
+                                client: src,
+                                result,
+                            });
+                        }
+                        next += gap;
+                        if let Some(d) = next.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(d);
+                        }
+                    }
+                });
+            }));
+        }
+    }
+    handles
+}
