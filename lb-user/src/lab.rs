@@ -92,12 +92,25 @@ pub fn in_netns<T>(ns: &str, f: impl FnOnce() -> T) -> Result<T> {
 #[derive(Clone, Debug)]
 pub struct Lab {
     pub prefix: String,
+    /// The `lb` binary that runs the backend servers.
+    pub exe: PathBuf,
 }
 
 impl Lab {
+    /// A lab whose backend servers run this very binary (`lb lab serve`).
     pub fn new(prefix: &str) -> Self {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("lb"));
         Self {
             prefix: prefix.to_string(),
+            exe,
+        }
+    }
+
+    /// A lab whose backend servers run `exe` (tests pass the `lb` binary).
+    pub fn with_exe(prefix: &str, exe: &std::path::Path) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+            exe: exe.to_path_buf(),
         }
     }
 
@@ -321,7 +334,7 @@ impl Lab {
 
     /// Starts backend i's HTTP server (`lb lab serve`) in its namespace.
     pub fn start_backend(&self, i: usize) -> Result<()> {
-        let exe = std::env::current_exe().context("locating the lb binary")?;
+        let exe = &self.exe;
         let log = std::fs::File::create(self.run_dir().join(format!("b{i}.log")))?;
         let child = Command::new("ip")
             .args(["netns", "exec", &self.backend_ns(i)])

@@ -1,0 +1,325 @@
+//! End-to-end scenarios on the lab (`lb lab`): the real agent binary, the
+//! lab's backend HTTP servers, HTTP from 16 client addresses. The tests in
+//! this file run one at a time (each builds its own lab, and the VM has two
+//! cores); each removes its lab, agent and pins, also when it fails.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use lb_user::{
+    api::{self, BackendInfo, Request},
+    lab::{self, Lab, Sample},
+};
+
+const LB: &str = env!("CARGO_BIN_EXE_lb");
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Running {
+    lab: Lab,
+    agent: Option<Child>,
+    config: PathBuf,
+}
+
+impl Running {
+    /// Builds the lab `prefix` and starts the agent with the given VIP
+    /// settings and health block.
+    fn start(prefix: &str, forwarding: &str, hash: &str, health: &str) -> Self {
+        let lab = Lab::with_exe(prefix, std::path::Path::new(LB));
+        lab.up().expect("lab up");
+        let config = lab.run_dir().join("lb.toml");
+        let mut r = Running {
+            lab,
+            agent: None,
+            config,
+        };
+        r.agent_with(forwarding, hash, health);
+        r
+    }
+
+    fn agent_with(&mut self, forwarding: &str, hash: &str, health: &str) {
+        self.stop_agent();
+        std::fs::write(
+            &self.config,
+            self.lab.agent_config(forwarding, hash, health),
+        )
+        .expect("config");
+        let log = std::fs::File::create(self.lab.run_dir().join("agent.log")).expect("log");
+        self.agent = Some(
+            Command::new(LB)
+                .args(["run", "--config"])
+                .arg(&self.config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("lb run"),
+        );
+        let t0 = Instant::now();
+        loop {
+            if let Ok(b) = self.backends()
+                && b.iter()
+                    .filter(|b| b.state == "up" && b.next_hop_known)
+                    .count()
+                    == 2 * lab::BACKENDS
+            {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "agent not ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop_agent(&mut self) {
+        let _ = Command::new(LB)
+            .args(["down", "--instance", &self.lab.prefix, "--socket"])
+            .arg(self.lab.socket())
+            .stdout(Stdio::null())
+            .status();
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.lab.run_dir().join("agent.log")).unwrap_or_default()
+    }
+
+    fn backends(&self) -> anyhow::Result<Vec<BackendInfo>> {
+        Ok(serde_json::from_value(api::call(
+            &self.lab.socket(),
+            &Request::BackendList { vip: None },
+        )?)?)
+    }
+
+    fn state(&self, addr: &str) -> String {
+        self.backends()
+            .expect("backends")
+            .into_iter()
+            .find(|b| b.address.to_string() == addr)
+            .map(|b| b.state)
+            .unwrap_or_default()
+    }
+
+    /// Runs the lab's load for `secs` at `rate`, calling `during` once with
+    /// the start time, and returns every sample.
+    fn load(&self, v6: bool, rate: u32, secs: f64, during: impl FnOnce(Instant)) -> Vec<Sample> {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let start = Instant::now();
+        let handles = lab::load(
+            &self.lab,
+            v6,
+            rate,
+            Duration::from_secs_f64(secs),
+            samples.clone(),
+        );
+        during(start);
+        for h in handles {
+            h.join().expect("load thread");
+        }
+        let s = samples.lock().unwrap().clone();
+        s
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop_agent();
+        let _ = self.lab.down();
+    }
+}
+
+fn per_backend(samples: &[Sample]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for s in samples {
+        if let Ok(n) = &s.result {
+            *m.entry(n.clone()).or_default() += 1;
+        }
+    }
+    m
+}
+
+#[test]
+fn five_tuple_spreads_evenly_and_source_ip_sticks() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut r = Running::start("lt-sp", "dsr", "5-tuple", "kind = \"tcp\"");
+    let s = r.load(false, 400, 6.0, |_| {});
+    let failed = s.iter().filter(|x| x.result.is_err()).count();
+    let m = per_backend(&s);
+    let ok = s.len() - failed;
+    println!(
+        "5-tuple: {} connections from 16 addresses, {failed} failed, per backend {m:?}",
+        s.len()
+    );
+    assert_eq!(failed, 0);
+    assert!(ok >= 1500, "enough connections for the statistic");
+    for (name, n) in &m {
+        let share = *n as f64 / ok as f64;
+        assert!(
+            (share - 1.0 / 3.0).abs() <= 0.1 / 3.0,
+            "{name}: share {share:.3} not within ±10 % of 1/3"
+        );
+    }
+
+    r.agent_with("dsr", "source-ip", "kind = \"tcp\"");
+    let s = r.load(false, 300, 3.0, |_| {});
+    let mut by_client: HashMap<std::net::IpAddr, BTreeMap<String, usize>> = HashMap::new();
+    for x in &s {
+        let name = x.result.clone().expect("no failures with source-ip");
+        *by_client
+            .entry(x.client)
+            .or_default()
+            .entry(name)
+            .or_default() += 1;
+    }
+    let used: std::collections::BTreeSet<&String> =
+        by_client.values().flat_map(|m| m.keys()).collect();
+    println!(
+        "source-ip: {} clients, backends used {used:?}",
+        by_client.len()
+    );
+    assert_eq!(by_client.len(), 16);
+    for (c, m) in &by_client {
+        assert_eq!(
+            m.len(),
+            1,
+            "every connection of client {c} goes to one backend: {m:?}"
+        );
+    }
+    assert!(
+        used.len() >= 2,
+        "different clients land on different backends"
+    );
+}
+
+#[test]
+fn failover_within_a_second_recovery_and_no_errors_elsewhere() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let r = Running::start(
+        "lt-fo",
+        "dsr",
+        "5-tuple",
+        "kind = \"http\"\npath = \"/healthz\"",
+    );
+    let mut kill_at = None;
+    let s = r.load(false, 200, 6.0, |start| {
+        std::thread::sleep(Duration::from_secs(2));
+        r.lab.stop_backend(2).expect("kill b2");
+        kill_at = Some(start.elapsed());
+    });
+    let kill_at = kill_at.unwrap();
+    let failed: Vec<Duration> = s
+        .iter()
+        .filter(|x| x.result.is_err())
+        .map(|x| x.at)
+        .collect();
+    let last = failed.iter().max().map(|t| t.saturating_sub(kill_at));
+    println!(
+        "kill at {kill_at:?}: {} failed connections, the last {last:?} after the kill",
+        failed.len()
+    );
+    assert!(
+        failed.iter().all(|t| *t >= kill_at),
+        "no failure before the kill"
+    );
+    assert!(
+        last.is_none_or(|l| l <= Duration::from_secs(1)),
+        "new connections reached the dead backend {last:?} after the kill"
+    );
+    assert!(
+        s.iter()
+            .filter(|x| x.at > kill_at)
+            .all(|x| x.result.as_deref() != Ok("b2")),
+        "a dead server answers nothing"
+    );
+    assert_eq!(r.state(&lab::backend4(2)), "down");
+
+    // Recovery: the server returns and the backend rejoins after `rise`.
+    r.lab.start_backend(2).expect("restart b2");
+    let t0 = Instant::now();
+    while r.state(&lab::backend4(2)) != "up" {
+        assert!(t0.elapsed() < Duration::from_secs(3), "b2 did not rejoin");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("b2 rejoined {:?} after its server came back", t0.elapsed());
+    let s = r.load(false, 200, 2.0, |_| {});
+    assert!(s.iter().all(|x| x.result.is_ok()));
+    assert!(per_backend(&s).contains_key("b2"), "b2 serves again");
+}
+
+#[test]
+fn ipip_with_decap_carries_http_over_ipv4_and_ipv6() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let r = Running::start("lt-ip", "ipip", "5-tuple", "kind = \"tcp\"");
+    for v6 in [false, true] {
+        let s = r.load(v6, 200, 2.0, |_| {});
+        let m = per_backend(&s);
+        let failed = s.iter().filter(|x| x.result.is_err()).count();
+        println!(
+            "ipip {}: {} requests, {failed} failed, {m:?}",
+            if v6 { "IPv6" } else { "IPv4" },
+            s.len()
+        );
+        assert_eq!(failed, 0);
+        assert_eq!(m.len(), 3, "all three backends answer through their decap");
+    }
+}
+
+#[test]
+fn http_check_takes_out_a_503_backend_and_tcp_check_keeps_it() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut r = Running::start(
+        "lt-hc",
+        "dsr",
+        "5-tuple",
+        "kind = \"http\"\npath = \"/healthz\"",
+    );
+    r.lab
+        .backend_ctl(1, "/admin/fail-health")
+        .expect("fail health");
+    let t0 = Instant::now();
+    while r.state(&lab::backend4(1)) != "down" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "503 backend not taken out under an http check"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "http check: b1 down {:?} after /healthz turned 503",
+        t0.elapsed()
+    );
+    let b1 = r
+        .backends()
+        .unwrap()
+        .into_iter()
+        .find(|b| b.address.to_string() == lab::backend4(1))
+        .unwrap();
+    assert_eq!(b1.last_result, "status 503");
+    let s = r.load(false, 200, 1.5, |_| {});
+    assert!(
+        s.iter()
+            .all(|x| x.result.is_ok() && x.result.as_deref() != Ok("b1")),
+        "no traffic to b1"
+    );
+
+    // The same failure under a tcp check: the port still accepts, so b1 stays.
+    r.agent_with("dsr", "5-tuple", "kind = \"tcp\"");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        r.state(&lab::backend4(1)),
+        "up",
+        "a tcp check only sees that the port accepts"
+    );
+    let s = r.load(false, 200, 1.5, |_| {});
+    assert!(per_backend(&s).contains_key("b1"));
+}
