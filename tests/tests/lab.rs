@@ -126,8 +126,7 @@ impl Running {
         for h in handles {
             h.join().expect("load thread");
         }
-        let s = samples.lock().unwrap().clone();
-        s
+        samples.lock().unwrap().clone()
     }
 }
 
