@@ -268,3 +268,41 @@ fn removing_one_of_ten_backends_moves_only_its_flows() {
         "too many flows of surviving backends moved: {frac}"
     );
 }
+
+#[test]
+fn idle_flows_are_rescheduled_after_the_vip_idle_timeout() {
+    let mut f = Fixture::new().expect("load");
+    let mut spec = VipSpec {
+        key: key(PROTO_TCP, 80),
+        vip_id: 0,
+        flags: 0,
+        ring_size: 251,
+        backends: backends(2),
+    };
+    f.add_vip(&spec).expect("vip");
+    // idle_timeout_s = 1 on this VIP.
+    let meta = f.dp().vip(&spec.key).expect("meta");
+    f.dp()
+        .upsert_vip(
+            &spec.key,
+            lb_common::VipMeta {
+                idle_timeout_s: 1,
+                ..meta
+            },
+        )
+        .expect("timeout");
+    let first: Vec<u32> = (0..50).map(|i| send(&mut f, i, 80)).collect();
+    // Take backend 1 out of the ring (draining): its flows stay while active...
+    spec.backends[0].2 = 0;
+    f.set_ring(&spec).expect("ring");
+    let active: Vec<u32> = (0..50).map(|i| send(&mut f, i, 80)).collect();
+    assert_eq!(active, first, "active flows keep their backend");
+    // ...but after more than the idle timeout without packets they are new flows.
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    let after: Vec<u32> = (0..50).map(|i| send(&mut f, i, 80)).collect();
+    assert!(first.contains(&1), "some flows started on backend 1");
+    assert!(
+        after.iter().all(|&b| b == 2),
+        "idle flows were rescheduled through the ring: {after:?}"
+    );
+}
