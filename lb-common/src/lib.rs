@@ -56,6 +56,10 @@ pub const PROG_PASS: &str = "lb_pass";
 pub const PROG_FLOOR_DROP: &str = "floor_drop";
 pub const PROG_FLOOR_TX: &str = "floor_tx";
 pub const PROG_BENCH_IPIP: &str = "bench_ipip";
+pub const PROG_LOADGEN: &str = "loadgen";
+pub const PROG_SINK: &str = "sink";
+pub const MAP_LOADGEN: &str = "LOADGEN";
+pub const MAP_SINK: &str = "SINK";
 pub const MAP_BENCH_JUMP: &str = "BENCH_JUMP";
 
 /// Key of the VIP table: (address, port, protocol). Port 0 matches every port.
@@ -188,6 +192,26 @@ pub struct Settings {
     pub ipip_src_v6: [u8; 16],
 }
 
+/// Settings of the `loadgen` program (one entry in `LOADGEN`): how it varies
+/// the template frame per packet so that `flows` distinct flows leave.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct LoadgenCfg {
+    /// Number of distinct flows (>= 1). Flow f uses source address
+    /// `base + (f & 0xffff)` (last two bytes) and source port `1024 + (f >> 16)`.
+    pub flows: u32,
+    /// Offset of the IP header in the frame.
+    pub l3_off: u32,
+    /// Offset of the transport header.
+    pub l4_off: u32,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u8,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    pub _pad: [u8; 2],
+}
+
 /// Verdict reasons. Every exit of the balancer increments exactly one of
 /// these, so they sum to the packets the program saw. The names double as
 /// metric labels.
@@ -254,6 +278,7 @@ mod pod {
     unsafe impl aya::Pod for super::Traffic {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::BackendIdKey {}
+    unsafe impl aya::Pod for super::LoadgenCfg {}
 }
 
 const _: () = {

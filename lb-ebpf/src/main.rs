@@ -15,6 +15,7 @@
 
 mod csum;
 mod forward;
+mod loadgen;
 mod maps;
 mod parse;
 mod stats;
@@ -51,6 +52,18 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
         Ok(action) => action,
         Err(()) => decap_verdict(decap_verdict::MALFORMED, xdp_action::XDP_PASS),
     }
+}
+
+/// Traffic generator (see `loadgen`); run only through BPF_PROG_TEST_RUN.
+#[xdp]
+pub fn loadgen(ctx: XdpContext) -> u32 {
+    loadgen::try_loadgen(&ctx).unwrap_or(xdp_action::XDP_ABORTED)
+}
+
+/// Counts and drops: the receiving end of packet-rate benchmarks.
+#[xdp]
+pub fn sink(ctx: XdpContext) -> u32 {
+    loadgen::sink(&ctx)
 }
 
 #[xdp]

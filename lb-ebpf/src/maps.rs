@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    Backend, BackendIdKey, DEFAULT_FLOW_TABLE_SIZE, Flow, FlowKey, MAX_BACKENDS, MAX_RING_SIZE,
-    MAX_TX_PORTS, MAX_VIPS, Settings, Traffic, VipKey, VipMeta, decap_verdict, verdict,
+    Backend, BackendIdKey, DEFAULT_FLOW_TABLE_SIZE, Flow, FlowKey, LoadgenCfg, MAX_BACKENDS,
+    MAX_RING_SIZE, MAX_TX_PORTS, MAX_VIPS, Settings, Traffic, VipKey, VipMeta, decap_verdict,
+    verdict,
 };
 
 /// (address, port, protocol) → VIP. Port 0 entries match every port.
@@ -68,3 +69,15 @@ pub static BENCH_JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
 /// it is a map so that it is pinned, and survives, with the others.
 #[map(name = "BACKEND_IDS")]
 pub static BACKEND_IDS: HashMap<BackendIdKey, u32> = HashMap::with_max_entries(MAX_BACKENDS, 0);
+
+/// Settings of the `loadgen` traffic generator.
+#[map(name = "LOADGEN")]
+pub static LOADGEN: Array<LoadgenCfg> = Array::with_max_entries(1, 0);
+
+/// Per-CPU packet sequence of `loadgen` (which flow the next frame is).
+#[map(name = "LOADGEN_SEQ")]
+pub static LOADGEN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Packets counted by the `sink` program.
+#[map(name = "SINK")]
+pub static SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

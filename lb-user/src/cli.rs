@@ -112,6 +112,9 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Line-rate traffic generator: sends from XDP with BPF_PROG_TEST_RUN
+    /// live frames. Progress each second on stderr, a summary on stdout.
+    Loadgen(LoadgenArgs),
     /// The namespace lab: a small data center to try the LB in (see README).
     Lab {
         #[command(subcommand)]
@@ -127,6 +130,50 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+}
+
+#[derive(Args)]
+struct LoadgenArgs {
+    /// Interface to send on (frames leave it as if received and bounced by XDP).
+    #[arg(long)]
+    iface: String,
+    /// Destination ADDRESS:PORT (IPv4, or IPv6 in brackets), e.g. the VIP.
+    #[arg(long)]
+    dst: std::net::SocketAddr,
+    /// Destination MAC (default: the kernel's neighbour entry for --dst).
+    #[arg(long)]
+    dst_mac: Option<String>,
+    /// Base source address; flow f varies its last two bytes (and the source
+    /// port past 65536 flows). Default 198.19.0.0 or 2001:2:0:1::.
+    #[arg(long)]
+    src: Option<IpAddr>,
+    /// udp, or syn (TCP SYNs).
+    #[arg(long, default_value = "udp", value_parser = ["udp", "syn"])]
+    proto: String,
+    /// Frame size in bytes without FCS (64 = minimum Ethernet frame).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Number of distinct flows.
+    #[arg(long, default_value_t = 1)]
+    flows: u32,
+    /// Packets per second over all threads; 0 = flat out.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Seconds to send (one of --duration and --count is needed).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Packets to send.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Sending threads (each runs on its own CPU when it can).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Network namespace to send from (a name under /run/netns).
+    #[arg(long)]
+    netns: Option<String>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -288,7 +335,68 @@ fn real_main() -> Result<()> {
             seconds,
         } => attach(&iface, mode.into(), seconds),
         Cmd::Lab { cmd } => lab(cmd),
+        Cmd::Loadgen(a) => loadgen(a),
     }
+}
+
+fn loadgen(a: LoadgenArgs) -> Result<()> {
+    use crate::loadgen::{Options, parse_mac, run};
+    if let Some(ns) = &a.netns {
+        // Move the whole process (it is still single-threaded here).
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
+        // SAFETY: setns on an fd we own, before any thread exists.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!(
+                "entering network namespace {ns}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    let dst_mac = match &a.dst_mac {
+        Some(m) => Some(
+            parse_mac(m)
+                .with_context(|| format!("--dst-mac `{m}` is not a MAC like 02:00:00:00:00:01"))?,
+        ),
+        None => None,
+    };
+    let src = a.src.unwrap_or_else(|| {
+        if a.dst.is_ipv4() {
+            "198.19.0.0".parse().expect("literal")
+        } else {
+            "2001:2:0:1::".parse().expect("literal")
+        }
+    });
+    let o = Options {
+        iface: a.iface,
+        dst: a.dst,
+        dst_mac,
+        src,
+        tcp_syn: a.proto == "syn",
+        size: a.size,
+        flows: a.flows,
+        rate: a.rate,
+        duration: a.duration.map(Duration::from_secs_f64),
+        count: a.count,
+        threads: a.threads,
+        progress: !a.json,
+    };
+    let s = run(&o)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        println!(
+            "sent {} packets of {} bytes in {:.2} s: {:.3} Mpps, {:.2} Gbps, {} flows, {} thread(s)",
+            s.packets,
+            s.frame_size,
+            s.seconds,
+            s.pps / 1e6,
+            s.gbps,
+            s.flows,
+            s.threads
+        );
+    }
+    Ok(())
 }
 
 fn lab(cmd: LabCmd) -> Result<()> {

@@ -11,4 +11,5 @@ pub mod demo;
 pub mod health;
 pub mod lab;
 pub mod loader;
+pub mod loadgen;
 pub mod maglev;

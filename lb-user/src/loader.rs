@@ -40,6 +40,8 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
         lb_common::PROG_FLOOR_DROP,
         lb_common::PROG_FLOOR_TX,
         lb_common::PROG_BENCH_IPIP,
+        lb_common::PROG_LOADGEN,
+        lb_common::PROG_SINK,
     ] {
         xdp_program(&mut ebpf, name)?
             .load()

@@ -1,0 +1,92 @@
+//! The traffic generator's XDP side, run with BPF_PROG_TEST_RUN in
+//! live-frames mode (the xdp-trafficgen technique): every run rewrites the
+//! template frame's source address and port to the next of `flows` flows,
+//! patches the checksums incrementally (RFC 1624) and sends it with
+//! `XDP_TX`. And `sink`, which counts and drops what arrives.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::{AF_INET, PROTO_TCP};
+
+use crate::{
+    maps::{LOADGEN, LOADGEN_SEQ, SINK},
+    parse::ptr_at,
+};
+
+/// Ones'-complement update of checksum `c` when a 16-bit word changes from
+/// `old` to `new` (RFC 1624, eqn. 3). All values big-endian as in the packet.
+#[inline(always)]
+fn csum_replace(c: u16, old: u16, new: u16) -> u16 {
+    let mut sum = (!c as u32) + (!old as u32 & 0xffff) + new as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+#[inline(always)]
+fn rd16(p: *const [u8; 2]) -> u16 {
+    // SAFETY: callers pass pointers checked by ptr_at.
+    u16::from_be_bytes(unsafe { *p })
+}
+
+#[inline(always)]
+fn wr16(p: *mut [u8; 2], v: u16) {
+    // SAFETY: callers pass pointers checked by ptr_at.
+    unsafe { *p = v.to_be_bytes() };
+}
+
+pub fn try_loadgen(ctx: &XdpContext) -> Result<u32, ()> {
+    let cfg = *LOADGEN.get(0).ok_or(())?;
+    let seq = LOADGEN_SEQ.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: per-CPU slot.
+    let n = unsafe {
+        let n = *seq;
+        *seq = n + 1;
+        n
+    };
+    let flows = if cfg.flows == 0 { 1 } else { cfg.flows as u64 };
+    let flow = (n % flows) as u32;
+    let addr_lo = (flow & 0xffff) as u16;
+    let port = 1024u16.wrapping_add((flow >> 16) as u16);
+
+    // Offsets bounded for the verifier (the frame is ours: Ethernet, maybe VLAN).
+    let l3 = (cfg.l3_off & 0x3f) as usize;
+    let l4 = (cfg.l4_off & 0xff) as usize;
+    // Source address: its last two bytes. IPv4: bytes 14..16 of the header
+    // are the low half of the source; IPv6: bytes 22..24.
+    let src_lo_off = if cfg.family == AF_INET {
+        l3 + 14
+    } else {
+        l3 + 22
+    };
+    let src_lo: *mut [u8; 2] = ptr_at(ctx, src_lo_off)?;
+    let old_addr = rd16(src_lo);
+    wr16(src_lo, addr_lo);
+    if cfg.family == AF_INET {
+        let ipc: *mut [u8; 2] = ptr_at(ctx, l3 + 10)?;
+        wr16(ipc, csum_replace(rd16(ipc), old_addr, addr_lo));
+    }
+    let sport: *mut [u8; 2] = ptr_at(ctx, l4)?;
+    let old_port = rd16(sport);
+    wr16(sport, port);
+    // The transport checksum covers the pseudo-header (address) and the port.
+    let csum_off = if cfg.proto == PROTO_TCP {
+        l4 + 16
+    } else {
+        l4 + 6
+    };
+    let l4c: *mut [u8; 2] = ptr_at(ctx, csum_off)?;
+    let c = rd16(l4c);
+    if c != 0 || cfg.family != AF_INET || cfg.proto == PROTO_TCP {
+        let c = csum_replace(c, old_addr, addr_lo);
+        wr16(l4c, csum_replace(c, old_port, port));
+    }
+    Ok(xdp_action::XDP_TX)
+}
+
+pub fn sink(_ctx: &XdpContext) -> u32 {
+    if let Some(c) = SINK.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot.
+        unsafe { *c += 1 };
+    }
+    xdp_action::XDP_DROP
+}
