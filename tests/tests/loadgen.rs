@@ -119,11 +119,7 @@ fn loadgen_sends_distinct_flows_through_the_balancer() {
             "198.18.20.100:9",
             "--dst-mac",
         ])
-        .arg(
-            lb_user::loadgen::parse_mac(&lb_tests::fmt_mac(l0_mac))
-                .map(lb_tests::fmt_mac)
-                .unwrap(),
-        )
+        .arg(lb_tests::fmt_mac(l0_mac))
         .args([
             "--count",
             &N.to_string(),
