@@ -1,0 +1,549 @@
+//! Benchmarks run by `cargo xtask bench` (ignored by the test suite). Each
+//! prints one `BENCH_JSON {...}` line that xtask collects into the report.
+//! Every comparison is measured in the same run, and every figure is the
+//! median of several runs.
+
+use std::{
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use lb_common::{AF_INET, Backend, FlowKey, PROTO_TCP, PROTO_UDP, VipKey, VipMeta};
+use lb_tests::{Dataplane, Netns, backend_of, load, loader, mac_of, sh, tcp4, v4};
+use lb_user::{
+    api::{self, BackendInfo, Request},
+    lab::{self, Lab},
+};
+use serde_json::json;
+
+const LB: &str = env!("CARGO_BIN_EXE_lb");
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn emit(v: serde_json::Value) {
+    println!("BENCH_JSON {v}");
+}
+
+fn sink_count(ebpf: &aya::Ebpf) -> u64 {
+    let m = ebpf.map(lb_common::MAP_SINK).expect("SINK");
+    let a: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(m).expect("percpu");
+    a.get(&0, 0).expect("get").iter().sum()
+}
+
+/// Generator veth g0 wired straight to the LB's veth l0; the LB bounces
+/// (`XDP_TX`) to g0, where `sink` counts. So the figure is the LB's rate,
+/// not a bridge's.
+struct RateRig {
+    gen_ns: Netns,
+    lb_ns: Netns,
+    sink: aya::Ebpf,
+    l0_mac: [u8; 6],
+}
+
+impl RateRig {
+    fn new(tag: &str) -> Self {
+        Netns::sweep(tag);
+        let gen_ns = Netns::new(&format!("{tag}-g")).expect("ns");
+        let lb_ns = Netns::new(&format!("{tag}-l")).expect("ns");
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                "g0",
+                "netns",
+                &gen_ns.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "l0",
+                "netns",
+                &lb_ns.name,
+            ],
+        )
+        .expect("veth");
+        gen_ns.exec("ip", &["link", "set", "g0", "up"]).expect("up");
+        lb_ns.exec("ip", &["link", "set", "l0", "up"]).expect("up");
+        let mut sink = load().expect("sink");
+        gen_ns
+            .enter(|| {
+                loader::attach(
+                    &mut sink,
+                    lb_common::PROG_SINK,
+                    "g0",
+                    loader::AttachMode::Native,
+                )
+            })
+            .expect("setns")
+            .expect("attach sink");
+        let l0_mac = mac_of(&lb_ns, "l0");
+        Self {
+            gen_ns,
+            lb_ns,
+            sink,
+            l0_mac,
+        }
+    }
+
+    /// Sends flat out for `secs` and returns (sent pps, forwarded pps at the sink).
+    fn blast(&self, dst: &str, syn: bool, flows: u32, secs: f64) -> (f64, f64) {
+        let before = sink_count(&self.sink);
+        let t0 = Instant::now();
+        let o = lb_user::loadgen::Options {
+            iface: "g0".into(),
+            dst: dst.parse().unwrap(),
+            dst_mac: Some(self.l0_mac),
+            src: "198.19.0.0".parse().unwrap(),
+            tcp_syn: syn,
+            size: 64,
+            flows,
+            rate: 0,
+            duration: Some(Duration::from_secs_f64(secs)),
+            count: None,
+            threads: 1,
+            progress: false,
+        };
+        let s = self
+            .gen_ns
+            .enter(|| lb_user::loadgen::run(&o))
+            .expect("setns")
+            .expect("loadgen");
+        std::thread::sleep(Duration::from_millis(100));
+        let got = sink_count(&self.sink) - before;
+        let secs = t0
+            .elapsed()
+            .as_secs_f64()
+            .min(s.seconds + 0.1)
+            .max(s.seconds);
+        (s.pps, got as f64 / secs)
+    }
+}
+
+/// A balancer programmed with one VIP over three (fake-MAC) backends that all
+/// lead back to the generator's veth.
+fn balancer(rig: &RateRig, vip: VipKey, table_size: u32) -> aya::Ebpf {
+    let mut lb = loader::load(&loader::LoadOptions {
+        flow_table_size: table_size,
+    })
+    .expect("load");
+    let mut dp = Dataplane::new(&mut lb);
+    dp.upsert_vip(
+        &vip,
+        VipMeta {
+            vip_id: 0,
+            ..Default::default()
+        },
+    )
+    .expect("vip");
+    let mut entries = Vec::new();
+    for i in 1..=3u32 {
+        // Distinct MACs so a moved flow shows; XDP on g0 (the sink) sees
+        // every frame whatever its destination MAC.
+        let b = Backend {
+            addr: v4([198, 18, 21, i as u8]),
+            dst_mac: lb_tests::backend_mac(i),
+            src_mac: rig.l0_mac,
+            ifindex: 0,
+            family: AF_INET,
+            state: lb_common::BACKEND_UP,
+            _pad: [0; 2],
+        };
+        dp.set_backend(i, &b).expect("backend");
+        entries.push(lb_user::maglev::Entry {
+            id: i,
+            addr: b.addr,
+            weight: 1,
+        });
+    }
+    dp.install_ring(&vip, &lb_user::maglev::build(&entries, 65537))
+        .expect("ring");
+    lb
+}
+
+#[test]
+#[ignore = "benchmark: cargo xtask bench"]
+fn bench_packet_rate() {
+    let rig = RateRig::new("bpr");
+    let vip = VipKey {
+        addr: v4([198, 18, 20, 100]),
+        port: 9,
+        proto: PROTO_UDP,
+        family: AF_INET,
+    };
+    let mut rows = Vec::new();
+    for flows in [1u32, 1000, 100_000] {
+        let mut floor_runs = Vec::new();
+        let mut lb_runs = Vec::new();
+        let mut sent_runs = Vec::new();
+        for _ in 0..3 {
+            // The floor program in the LB's place, then the balancer, alternating.
+            let mut floor = load().expect("load");
+            rig.lb_ns
+                .enter(|| {
+                    loader::attach(
+                        &mut floor,
+                        lb_common::PROG_FLOOR_TX,
+                        "l0",
+                        loader::AttachMode::Native,
+                    )
+                })
+                .expect("setns")
+                .expect("attach floor");
+            floor_runs.push(rig.blast("198.18.20.100:9", false, flows, 2.0).1);
+            drop(floor);
+            let mut lb = balancer(&rig, vip, 1 << 18);
+            rig.lb_ns
+                .enter(|| {
+                    loader::attach(
+                        &mut lb,
+                        lb_common::PROG_BALANCER,
+                        "l0",
+                        loader::AttachMode::Native,
+                    )
+                })
+                .expect("setns")
+                .expect("attach lb");
+            let (sent, fwd) = rig.blast("198.18.20.100:9", false, flows, 2.0);
+            sent_runs.push(sent);
+            lb_runs.push(fwd);
+            drop(lb);
+        }
+        let (f, l) = (median(floor_runs), median(lb_runs));
+        println!(
+            "{flows:>7} flows: floor {:.3} Mpps, lb {:.3} Mpps, ratio {:.2}",
+            f / 1e6,
+            l / 1e6,
+            l / f
+        );
+        rows.push(json!({"flows": flows, "floor_pps": f, "lb_pps": l, "ratio": l / f, "offered_pps": median(sent_runs)}));
+    }
+    emit(json!({"bench": "packet_rate", "frame": 64, "runs": 3, "seconds": 2, "rows": rows}));
+}
+
+#[test]
+#[ignore = "benchmark: cargo xtask bench"]
+fn bench_syn_flood() {
+    let rig = RateRig::new("bsf");
+    let vip = VipKey {
+        addr: v4([198, 18, 20, 100]),
+        port: 80,
+        proto: PROTO_TCP,
+        family: AF_INET,
+    };
+    let table = 1u32 << 20;
+    let mut lb = balancer(&rig, vip, table);
+    // 1000 established flows, from addresses the flood does not use.
+    let est: Vec<([u8; 4], u16)> = (0..1000u32)
+        .map(|i| ([198, 18, 30 + (i / 250) as u8, (i % 250) as u8], 40000))
+        .collect();
+    let mut first = Vec::new();
+    for (a, p) in &est {
+        let r = lb_tests::run(
+            &mut lb,
+            lb_common::PROG_BALANCER,
+            &tcp4(*a, [198, 18, 20, 100], *p, 80, b""),
+        )
+        .expect("run");
+        first.push(backend_of(&r.out));
+    }
+    rig.lb_ns
+        .enter(|| {
+            loader::attach(
+                &mut lb,
+                lb_common::PROG_BALANCER,
+                "l0",
+                loader::AttachMode::Native,
+            )
+        })
+        .expect("setns")
+        .expect("attach");
+    let t0 = Instant::now();
+    let (sent, fwd) = rig.blast("198.18.20.100:80", true, 1_000_000, 4.0);
+    let secs = t0.elapsed().as_secs_f64();
+    let dp = Dataplane::new(&mut lb);
+    let new_flows = dp.vip_traffic(0).expect("stats").new_flows;
+    let still_in_table = est
+        .iter()
+        .filter(|(a, p)| {
+            let k = FlowKey {
+                src: v4(*a),
+                dst: v4([198, 18, 20, 100]),
+                sport: *p,
+                dport: 80,
+                proto: PROTO_TCP,
+                _pad: [0; 3],
+            };
+            dp.flow(&k).ok().flatten().is_some()
+        })
+        .count();
+    let mut moved = 0;
+    for ((a, p), b) in est.iter().zip(&first) {
+        let r = lb_tests::run(
+            &mut lb,
+            lb_common::PROG_BALANCER,
+            &tcp4(*a, [198, 18, 20, 100], *p, 80, b""),
+        )
+        .expect("run");
+        if backend_of(&r.out) != *b {
+            moved += 1;
+        }
+    }
+    println!(
+        "SYN flood over {secs:.1} s: offered {:.3} Mpps, forwarded {:.3} Mpps, {new_flows} new flows; \
+         established flows still in the table {still_in_table}/1000, moved to another backend {moved}",
+        sent / 1e6,
+        fwd / 1e6
+    );
+    emit(
+        json!({"bench": "syn_flood", "sources": 1_000_000, "table_size": table, "offered_pps": sent, "forwarded_pps": fwd,
+        "new_flows": new_flows, "established": 1000, "established_still_in_table": still_in_table, "established_moved": moved}),
+    );
+}
+
+/// The lab with the agent running (DSR, tcp checks).
+struct LabRun {
+    lab: Lab,
+    agent: Option<std::process::Child>,
+}
+
+impl LabRun {
+    fn start(prefix: &str, health: &str) -> Self {
+        let lab = Lab::with_exe(prefix, std::path::Path::new(LB));
+        lab.up().expect("lab up");
+        let cfg = lab.run_dir().join("lb.toml");
+        std::fs::write(&cfg, lab.agent_config("dsr", "5-tuple", health)).expect("config");
+        let log = std::fs::File::create(lab.run_dir().join("agent.log")).expect("log");
+        let agent = Command::new(LB)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("agent");
+        let r = LabRun {
+            lab,
+            agent: Some(agent),
+        };
+        let t0 = Instant::now();
+        while r
+            .backends()
+            .iter()
+            .filter(|b| b.state == "up" && b.next_hop_known)
+            .count()
+            < 2 * lab::BACKENDS
+        {
+            assert!(t0.elapsed() < Duration::from_secs(15), "agent not ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        r
+    }
+    fn backends(&self) -> Vec<BackendInfo> {
+        api::call(&self.lab.socket(), &Request::BackendList { vip: None })
+            .ok()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for LabRun {
+    fn drop(&mut self) {
+        let _ = Command::new(LB)
+            .args(["down", "--instance", &self.lab.prefix, "--socket"])
+            .arg(self.lab.socket())
+            .stdout(Stdio::null())
+            .status();
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        let _ = self.lab.down();
+    }
+}
+
+/// wrk's figures: requests/s, p50 and p99 latency in ms.
+fn wrk(ns: &str, url: &str, secs: u32) -> (f64, f64, f64) {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "wrk",
+            "-t2",
+            "-c32",
+            &format!("-d{secs}s"),
+            "--latency",
+            "-H",
+            "Connection: close",
+            url,
+        ])
+        .output()
+        .expect("wrk (install it: apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ms = |s: &str| -> f64 {
+        let s = s.trim();
+        if let Some(v) = s.strip_suffix("us") {
+            v.parse::<f64>().unwrap_or(f64::NAN) / 1000.0
+        } else if let Some(v) = s.strip_suffix("ms") {
+            v.parse().unwrap_or(f64::NAN)
+        } else if let Some(v) = s.strip_suffix('s') {
+            v.parse::<f64>().unwrap_or(f64::NAN) * 1000.0
+        } else {
+            f64::NAN
+        }
+    };
+    let mut rps = f64::NAN;
+    let (mut p50, mut p99) = (f64::NAN, f64::NAN);
+    for line in text.lines() {
+        let l = line.trim();
+        if let Some(v) = l.strip_prefix("Requests/sec:") {
+            rps = v.trim().parse().unwrap_or(f64::NAN);
+        } else if let Some(v) = l.strip_prefix("50%") {
+            p50 = ms(v);
+        } else if let Some(v) = l.strip_prefix("99%") {
+            p99 = ms(v);
+        }
+    }
+    (rps, p50, p99)
+}
+
+#[test]
+#[ignore = "benchmark: cargo xtask bench"]
+fn bench_http() {
+    let r = LabRun::start("bh", "kind = \"tcp\"");
+    let lb_ns = r.lab.lb_ns();
+    // HAProxy (TCP mode) and nftables DNAT (numgen) in the LB namespace, on
+    // the LB's own address, in front of the same three backends.
+    let hap = r.lab.run_dir().join("haproxy.cfg");
+    let mut cfg = String::from(
+        "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n\
+         frontend f\n  bind 198.18.0.2:8080\n  default_backend b\nbackend b\n  balance roundrobin\n",
+    );
+    for i in 1..=lab::BACKENDS {
+        cfg.push_str(&format!("  server b{i} {}:80\n", lab::backend4(i)));
+    }
+    std::fs::write(&hap, cfg).unwrap();
+    let pid = r.lab.run_dir().join("haproxy.pid");
+    let ok = Command::new("ip")
+        .args(["netns", "exec", &lb_ns, "haproxy", "-D", "-f"])
+        .arg(&hap)
+        .arg("-p")
+        .arg(&pid)
+        .status()
+        .expect("haproxy (install it: apt-get install haproxy)");
+    assert!(ok.success(), "haproxy failed to start");
+    let nft = format!(
+        "table ip lbbench {{\n  chain pre {{\n    type nat hook prerouting priority -100;\n    \
+         ip daddr {lb} tcp dport 8081 dnat to numgen inc mod 3 map {{ 0 : {b1}, 1 : {b2}, 2 : {b3} }} : 80\n  }}\n  \
+         chain post {{\n    type nat hook postrouting priority 100;\n    ip daddr {{ {b1}, {b2}, {b3} }} tcp dport 80 masquerade\n  }}\n}}\n",
+        lb = lab::LB4,
+        b1 = lab::backend4(1),
+        b2 = lab::backend4(2),
+        b3 = lab::backend4(3)
+    );
+    let nft_file = r.lab.run_dir().join("nft.conf");
+    std::fs::write(&nft_file, nft).unwrap();
+    for cmd in [
+        vec!["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+        vec!["sysctl", "-qw", "net.ipv4.conf.all.send_redirects=0"],
+        vec!["sysctl", "-qw", "net.ipv4.conf.eth0.send_redirects=0"],
+        vec!["nft", "-f", nft_file.to_str().unwrap()],
+    ] {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &lb_ns])
+            .args(&cmd)
+            .status()
+            .expect("nft/sysctl");
+        assert!(st.success(), "{cmd:?} failed");
+    }
+    let client = r.lab.client_ns(1);
+    let targets = [
+        (
+            "direct (one backend, no balancer)",
+            format!("http://{}/", lab::backend4(1)),
+        ),
+        ("lb (XDP, L2 DSR)", format!("http://{}/", lab::VIP4)),
+        ("HAProxy (TCP mode)", format!("http://{}:8080/", lab::LB4)),
+        (
+            "nftables DNAT (numgen)",
+            format!("http://{}:8081/", lab::LB4),
+        ),
+    ];
+    let mut rows = Vec::new();
+    let mut results: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); targets.len()];
+    for _ in 0..3 {
+        for (i, (_, url)) in targets.iter().enumerate() {
+            results[i].push(wrk(&client, url, 3));
+        }
+    }
+    for (i, (name, _)) in targets.iter().enumerate() {
+        let rps = median(results[i].iter().map(|x| x.0).collect());
+        let p50 = median(results[i].iter().map(|x| x.1).collect());
+        let p99 = median(results[i].iter().map(|x| x.2).collect());
+        println!("{name:<36} {rps:>10.0} req/s  p50 {p50:.2} ms  p99 {p99:.2} ms");
+        rows.push(json!({"target": name, "rps": rps, "p50_ms": p50, "p99_ms": p99}));
+    }
+    if let Ok(p) = std::fs::read_to_string(&pid) {
+        let _ = Command::new("kill").arg(p.trim()).status();
+    }
+    emit(
+        json!({"bench": "http", "tool": "wrk -t2 -c32 -d3s, Connection: close", "runs": 3, "rows": rows}),
+    );
+}
+
+#[test]
+#[ignore = "benchmark: cargo xtask bench"]
+fn bench_failover() {
+    let r = LabRun::start("bf", "kind = \"http\"\npath = \"/healthz\"");
+    let mut times = Vec::new();
+    for rep in 0..10 {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let start = Instant::now();
+        let handles = lab::load(
+            &r.lab,
+            false,
+            200,
+            Duration::from_secs_f64(2.2),
+            samples.clone(),
+        );
+        std::thread::sleep(Duration::from_millis(700));
+        r.lab.stop_backend(2).expect("kill");
+        let kill = start.elapsed();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let last = samples
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.result.is_err() && s.at >= kill)
+            .map(|s| (s.at - kill).as_secs_f64())
+            .fold(0.0, f64::max);
+        println!(
+            "failover {rep}: last new connection to the dead backend {:.0} ms after the kill",
+            last * 1e3
+        );
+        times.push(last);
+        r.lab.start_backend(2).expect("restart");
+        let t0 = Instant::now();
+        while !r
+            .backends()
+            .iter()
+            .filter(|b| b.address.to_string() == lab::backend4(2))
+            .all(|b| b.state == "up")
+        {
+            assert!(t0.elapsed() < Duration::from_secs(5), "b2 did not rejoin");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let mut s = times.clone();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    emit(
+        json!({"bench": "failover", "repetitions": 10, "min_s": s[0], "median_s": median(times.clone()), "max_s": s[s.len() - 1],
+        "health": "http /healthz every 200 ms, timeout 150 ms, fall 3 (defaults)", "rate_rps": 200}),
+    );
+}
