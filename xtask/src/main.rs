@@ -10,6 +10,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 
 #[derive(Parser)]
@@ -32,9 +33,9 @@ enum Cmd {
         #[arg(value_parser = ["up", "down", "status"])]
         action: String,
     },
-    /// Benchmarks (`micro`: ns/packet through BPF_PROG_TEST_RUN).
+    /// Benchmarks: `all` (default) writes BENCHMARKS.md; `micro` only the datapath.
     Bench {
-        #[arg(default_value = "micro")]
+        #[arg(default_value = "all")]
         suite: String,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -64,7 +65,7 @@ fn main() -> Result<()> {
         }
         Cmd::Bench { suite, json } => {
             setup()?;
-            bench(&suite, json)
+            bench::bench(&root()?, &suite, json)
         }
     }
 }
@@ -343,31 +344,6 @@ mod tests {
         let t = Tally::parse("test result: FAILED. 0 passed; 4 failed; 0 ignored").unwrap();
         assert_eq!((t.passed, t.failed), (0, 4));
         assert!(Tally::parse("running 3 tests").is_none());
-    }
-}
-
-fn bench(suite: &str, json: bool) -> Result<()> {
-    let root = root()?;
-    match suite {
-        "micro" => {
-            let mut c = cargo(&root);
-            c.args([
-                "test",
-                "--release",
-                "-p",
-                "lb-tests",
-                "--test",
-                "micro",
-                "--",
-                "--ignored",
-                "--nocapture",
-            ]);
-            if json {
-                c.env("LB_BENCH_JSON", "1");
-            }
-            run(&mut c)
-        }
-        other => bail!("unknown bench suite `{other}`; available: micro"),
     }
 }
 
