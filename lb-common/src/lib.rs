@@ -47,6 +47,9 @@ pub const MAP_SETTINGS: &str = "SETTINGS";
 pub const MAP_DECAP_ADDRS: &str = "DECAP_ADDRS";
 pub const MAP_DECAP_VERDICTS: &str = "DECAP_VERDICTS";
 pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
+pub const MAP_ACTIVE: &str = "ACTIVE";
+pub const MAP_RR_POS: &str = "RR_POS";
+pub const MAP_REGIONS: &str = "REGIONS";
 pub const MAP_BACKEND_IDS: &str = "BACKEND_IDS";
 
 /// Program names in the object file.
@@ -99,6 +102,44 @@ pub struct VipMeta {
     pub ring_size: u32,
     /// Idle timeout of this VIP's flows in seconds (0 = only LRU eviction).
     pub idle_timeout_s: u32,
+    /// How new flows pick a backend: `SCHED_*`.
+    pub scheduler: u32,
+}
+
+/// [`VipMeta::scheduler`]: Maglev consistent hashing over the ring.
+pub const SCHED_MAGLEV: u32 = 0;
+/// [`VipMeta::scheduler`]: the ring holds a (smooth weighted) round-robin
+/// sequence; each CPU walks it in turn.
+pub const SCHED_ROUND_ROBIN: u32 = 1;
+/// [`VipMeta::scheduler`]: the ring lists the live backends; a new flow
+/// goes to the one with the fewest active flows relative to its weight
+/// (exact for up to [`LC_EXACT_MAX`] backends, power of two choices above).
+pub const SCHED_LEAST_CONN: u32 = 2;
+/// Pools up to this size get the exact least-connections minimum.
+pub const LC_EXACT_MAX: u32 = 16;
+/// [`VipMeta::flags`]: client prefixes map to regions (see `REGIONS`).
+pub const VIP_F_REGIONS: u32 = 1 << 3;
+
+/// Key of the `REGIONS` LPM trie: the VIP id (32 bits, always matched) then
+/// the client address; `prefix_len` = 32 + the client prefix length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RegionKey {
+    /// Big-endian, so that it is the most significant part of the prefix.
+    pub vip_id_be: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+/// Value of the `REGIONS` trie: which ring slot serves this region's clients.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RegionMeta {
+    /// A ring slot id (like a VIP id) holding the region's two ring halves.
+    pub ring_id: u32,
+    pub active_half: u32,
+    pub ring_size: u32,
     pub _pad: u32,
 }
 
@@ -130,7 +171,8 @@ pub struct Backend {
     pub family: u8,
     /// `BACKEND_UP`, `BACKEND_DRAINING` or `BACKEND_DOWN`.
     pub state: u8,
-    pub _pad: [u8; 2],
+    /// Weight, for least-connections (active flows are compared per weight).
+    pub weight: u16,
 }
 
 /// Key of the connection table: the flow's 5-tuple as the client sent it.
@@ -154,10 +196,15 @@ pub struct FlowKey {
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Flow {
     pub backend_id: u32,
-    pub vip_id: u32,
+    pub vip_id: u16,
+    /// `FLOW_F_*` bits.
+    pub flags: u16,
     /// `bpf_ktime_get_ns()` of the last packet, in seconds (for idle expiry).
     pub last_seen_s: u64,
 }
+
+/// [`Flow::flags`]: counted in `ACTIVE` (a least-connections VIP's flow).
+pub const FLOW_F_COUNTED: u16 = 1 << 0;
 
 /// Packets, bytes and new flows: one per VIP and one per backend (per CPU).
 #[repr(C)]
@@ -279,6 +326,8 @@ mod pod {
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::BackendIdKey {}
     unsafe impl aya::Pod for super::LoadgenCfg {}
+    unsafe impl aya::Pod for super::RegionKey {}
+    unsafe impl aya::Pod for super::RegionMeta {}
 }
 
 const _: () = {
@@ -288,4 +337,6 @@ const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<Flow>() == 16);
     assert!(core::mem::size_of::<Settings>() == 20);
+    assert!(core::mem::size_of::<RegionKey>() == 20);
+    assert!(core::mem::size_of::<RegionMeta>() == 16);
 };

@@ -12,6 +12,10 @@
 //! rewrites), `csum`.
 #![no_std]
 #![no_main]
+// `core::sync::atomic` offers no fetch_add on the BPF target; the intrinsic
+// lowers to BPF's atomic add instruction.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod csum;
 mod forward;
@@ -23,9 +27,13 @@ mod stats;
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
 };
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::{
-    BACKEND_DOWN, Backend, Flow, FlowKey, VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NO_FLOW_TABLE,
-    VipKey, VipMeta, decap_verdict, hash, ring_base, verdict,
+    BACKEND_DOWN, Backend, FLOW_F_COUNTED, Flow, FlowKey, LC_EXACT_MAX, RegionKey,
+    SCHED_LEAST_CONN, SCHED_ROUND_ROBIN, VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NO_FLOW_TABLE,
+    VIP_F_REGIONS, VipKey, VipMeta, decap_verdict, hash, ring_base, verdict,
 };
 use network_types::{
     eth::EthHdr,
@@ -33,7 +41,10 @@ use network_types::{
 };
 
 use crate::{
-    maps::{BACKENDS, DECAP_ADDRS, FLOWS, RINGS, SETTINGS, TX_PORTS, VIP_ADDRS, VIPS},
+    maps::{
+        ACTIVE, BACKENDS, DECAP_ADDRS, FLOWS, REGIONS, RINGS, RR_POS, SETTINGS, TX_PORTS,
+        VIP_ADDRS, VIPS,
+    },
     parse::{Packet, Skip},
     stats::{decap_verdict, verdict},
 };
@@ -125,26 +136,134 @@ fn is_vip_addr(pkt: &Packet) -> bool {
 }
 
 #[inline(always)]
-fn backend(id: u32) -> Option<Backend> {
+fn backend(id: u32) -> Option<&'static Backend> {
     if id == 0 {
         return None;
     }
+    // A reference into the map, not a copy: the BPF stack is 512 bytes.
     let b = BACKENDS.get(id)?;
     if b.family == 0 || b.state == BACKEND_DOWN {
         return None;
     }
-    Some(*b)
+    Some(b)
 }
 
-/// Picks a backend through the VIP's live ring half.
+/// The ring a new flow is scheduled over: the VIP's, or its client's
+/// region's (longest-prefix match on the client address).
+struct Ring {
+    id: u32,
+    half: u32,
+    size: u32,
+}
+
 #[inline(always)]
-fn from_ring(vip: &VipMeta, h: u32) -> Option<(u32, Backend)> {
-    if vip.ring_size == 0 {
+fn ring_for(pkt: &Packet, vip: &VipMeta) -> Ring {
+    if vip.flags & VIP_F_REGIONS != 0 {
+        let key = Key::new(
+            32 + 128,
+            RegionKey {
+                vip_id_be: vip.vip_id.to_be_bytes(),
+                addr: pkt.src,
+            },
+        );
+        if let Some(r) = REGIONS.get(&key) {
+            return Ring {
+                id: r.ring_id,
+                half: r.active_half,
+                size: r.ring_size,
+            };
+        }
+    }
+    Ring {
+        id: vip.vip_id,
+        half: vip.active_half,
+        size: vip.ring_size,
+    }
+}
+
+#[inline(always)]
+fn ring_entry(base: u32, i: u32) -> Option<(u32, &'static Backend)> {
+    let id = *RINGS.get(base + i)?;
+    Some((id, backend(id)?))
+}
+
+#[inline(always)]
+fn active(id: u32) -> u64 {
+    ACTIVE.get(id).copied().unwrap_or(0)
+}
+
+/// Adds `delta` (wrapping: u64::MAX is -1) to a backend's active flows.
+#[inline(always)]
+fn active_add(id: u32, delta: u64) {
+    if let Some(p) = ACTIVE.get_ptr_mut(id) {
+        // SAFETY: a valid map value pointer; every CPU updates it atomically.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, delta) };
+    }
+}
+
+/// Whether `a` (active flows, weight) is less loaded than `b`.
+#[inline(always)]
+fn less_loaded(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 * b.1 < b.0 * a.1
+}
+
+/// Least connections: the exact minimum of active/weight over small rings
+/// (which list each live backend once), two hashed candidates otherwise.
+#[inline(always)]
+fn least_conn(base: u32, size: u32, h: u32) -> Option<(u32, &'static Backend)> {
+    let load = |id: u32, b: &Backend| (active(id), (b.weight as u64).max(1));
+    if size <= LC_EXACT_MAX {
+        let mut best: Option<(u32, &'static Backend)> = None;
+        let mut best_load = (0u64, 1u64);
+        let mut i = 0;
+        while i < LC_EXACT_MAX {
+            if i >= size {
+                break;
+            }
+            if let Some((id, b)) = ring_entry(base, i) {
+                let l = load(id, &b);
+                if best.is_none() || less_loaded(l, best_load) {
+                    best = Some((id, b));
+                    best_load = l;
+                }
+            }
+            i += 1;
+        }
+        return best;
+    }
+    let a = ring_entry(base, h % size);
+    let b = ring_entry(base, (h.rotate_left(16) ^ 0x9e37_79b9) % size);
+    match (a, b) {
+        (Some(x), Some(y)) => Some(if less_loaded(load(y.0, &y.1), load(x.0, &x.1)) {
+            y
+        } else {
+            x
+        }),
+        (x, y) => x.or(y),
+    }
+}
+
+/// Picks a backend for a new flow with the VIP's scheduler.
+#[inline(always)]
+fn schedule(vip: &VipMeta, ring: &Ring, h: u32) -> Option<(u32, &'static Backend)> {
+    if ring.size == 0 {
         return None;
     }
-    let slot = h % vip.ring_size;
-    let id = *RINGS.get(ring_base(vip.vip_id, vip.active_half) + slot)?;
-    Some((id, backend(id)?))
+    let base = ring_base(ring.id, ring.half);
+    match vip.scheduler {
+        SCHED_ROUND_ROBIN => {
+            let pos = RR_POS.get_ptr_mut(ring.id)?;
+            // SAFETY: per-CPU slot.
+            let p = unsafe {
+                let p = *pos;
+                *pos = p.wrapping_add(1);
+                p
+            };
+            ring_entry(base, p % ring.size)
+        }
+        SCHED_LEAST_CONN => least_conn(base, ring.size, h),
+        _ => ring_entry(base, h % ring.size),
+    }
 }
 
 #[inline(always)]
@@ -188,13 +307,16 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
 
     // Known flow: keep its backend unless that backend is down or the flow
     // sat idle past the VIP's timeout.
-    let mut chosen: Option<(u32, Backend)> = None;
+    let mut chosen: Option<(u32, &'static Backend)> = None;
     let mut now = 0;
+    // A least-connections flow counted in ACTIVE that is being rescheduled
+    // (its backend died or it idled out): uncount it from the old backend.
+    let mut uncount: Option<u32> = None;
     if use_table && let Some(f) = FLOWS.get_ptr_mut(&key) {
         // SAFETY: the pointer comes from a successful lookup; a concurrent
         // writer can at worst make us reschedule a flow, never read garbage
         // out of bounds.
-        let (id, last) = unsafe { ((*f).backend_id, (*f).last_seen_s) };
+        let (id, last, flags) = unsafe { ((*f).backend_id, (*f).last_seen_s, (*f).flags) };
         let fresh = if vip.idle_timeout_s != 0 {
             now = now_s();
             if now.saturating_sub(last) <= vip.idle_timeout_s as u64 {
@@ -209,14 +331,23 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         } else {
             true
         };
+        let counted = flags & FLOW_F_COUNTED != 0;
         if fresh && let Some(b) = backend(id) {
+            if counted && pkt.tcp_flags & (parse::TCP_FIN | parse::TCP_RST) != 0 {
+                // The connection is ending: it no longer counts as active.
+                active_add(id, u64::MAX);
+                // SAFETY: as above.
+                unsafe { (*f).flags = flags & !FLOW_F_COUNTED };
+            }
             chosen = Some((id, b));
+        } else if counted {
+            uncount = Some(id);
         }
     }
     let new_flow = chosen.is_none();
     let (id, b) = match chosen {
         Some(c) => c,
-        None => match from_ring(&vip, h) {
+        None => match schedule(&vip, &ring_for(&pkt, &vip), h) {
             Some(c) => c,
             None => return Ok(verdict(verdict::NO_BACKEND, xdp_action::XDP_DROP)),
         },
@@ -228,14 +359,22 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         if now == 0 && vip.idle_timeout_s != 0 {
             now = now_s();
         }
+        let count = vip.scheduler == SCHED_LEAST_CONN
+            && pkt.tcp_flags & (parse::TCP_FIN | parse::TCP_RST) == 0;
         let flow = Flow {
             backend_id: id,
-            vip_id: vip.vip_id,
+            vip_id: vip.vip_id as u16,
+            flags: if count { FLOW_F_COUNTED } else { 0 },
             last_seen_s: now,
         };
         // A full table evicts its least recently used entry; a failed insert
         // only costs this flow its stickiness, so the error is ignored.
-        let _ = FLOWS.insert(&key, &flow, 0);
+        if FLOWS.insert(&key, &flow, 0).is_ok() && count {
+            active_add(id, 1);
+        }
+        if let Some(old) = uncount {
+            active_add(old, u64::MAX);
+        }
     }
 
     if vip.flags & VIP_F_IPIP != 0 {

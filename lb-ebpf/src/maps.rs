@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
     Backend, BackendIdKey, DEFAULT_FLOW_TABLE_SIZE, Flow, FlowKey, LoadgenCfg, MAX_BACKENDS,
-    MAX_RING_SIZE, MAX_TX_PORTS, MAX_VIPS, Settings, Traffic, VipKey, VipMeta, decap_verdict,
-    verdict,
+    MAX_RING_SIZE, MAX_TX_PORTS, MAX_VIPS, RegionKey, RegionMeta, Settings, Traffic, VipKey,
+    VipMeta, decap_verdict, verdict,
 };
 
 /// (address, port, protocol) → VIP. Port 0 entries match every port.
@@ -81,3 +81,16 @@ pub static LOADGEN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Packets counted by the `sink` program.
 #[map(name = "SINK")]
 pub static SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Active flows per backend (least-connections). Updated with atomic adds
+/// by every CPU; the agent reconciles it against `FLOWS` periodically.
+#[map(name = "ACTIVE")]
+pub static ACTIVE: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Per-CPU position in each ring for round-robin.
+#[map(name = "RR_POS")]
+pub static RR_POS: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+
+/// (VIP id, client prefix) → the region's ring (longest prefix wins).
+#[map(name = "REGIONS")]
+pub static REGIONS: LpmTrie<RegionKey, RegionMeta> = LpmTrie::with_max_entries(1024, 0);

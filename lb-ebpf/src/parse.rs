@@ -58,7 +58,13 @@ pub struct Packet {
     pub fragment: bool,
     /// An ICMP error about a VIP flow.
     pub icmp_error: bool,
+    /// TCP flags byte (0 for other protocols).
+    pub tcp_flags: u8,
 }
+
+/// TCP flags the datapath reacts to (end of a connection).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
 
 /// Why [`parse`] did not produce a [`Packet`].
 pub enum Skip {
@@ -146,6 +152,7 @@ fn parse_v4(ctx: &XdpContext, l3_off: usize) -> Result<Packet, Skip> {
         ip_len: tot_len,
         fragment,
         icmp_error: false,
+        tcp_flags: 0,
     };
     if fragment {
         // Later fragments carry no ports; the caller drops VIP fragments.
@@ -154,9 +161,10 @@ fn parse_v4(ctx: &XdpContext, l3_off: usize) -> Result<Packet, Skip> {
     let l4_off = l3_off + ihl;
     match proto {
         IPPROTO_TCP | IPPROTO_UDP => {
-            let (s, d) = ports(ctx, l4_off, proto)?;
+            let (s, d, f) = ports(ctx, l4_off, proto)?;
             pkt.sport = s;
             pkt.dport = d;
+            pkt.tcp_flags = f;
         }
         IPPROTO_ICMP => icmp4_error(ctx, l4_off, &mut pkt)?,
         _ => {}
@@ -187,13 +195,15 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize) -> Result<Packet, Skip> {
         ip_len: payload_len + Ipv6Hdr::LEN as u16,
         fragment: false,
         icmp_error: false,
+        tcp_flags: 0,
     };
     let l4_off = l3_off + Ipv6Hdr::LEN;
     match proto {
         IPPROTO_TCP | IPPROTO_UDP => {
-            let (s, d) = ports(ctx, l4_off, proto)?;
+            let (s, d, f) = ports(ctx, l4_off, proto)?;
             pkt.sport = s;
             pkt.dport = d;
+            pkt.tcp_flags = f;
         }
         IPPROTO_ICMPV6 => icmp6_error(ctx, l4_off, &mut pkt)?,
         // Hop-by-hop, routing, fragment, destination options, AH, ESP,
@@ -204,19 +214,21 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize) -> Result<Packet, Skip> {
     Ok(pkt)
 }
 
-/// Source and destination port (host order) of a TCP or UDP header.
+/// Source and destination port (host order) of a TCP or UDP header, and
+/// the TCP flags byte (0 for UDP).
 #[inline(always)]
-fn ports(ctx: &XdpContext, l4_off: usize, proto: u8) -> Result<(u16, u16), Skip> {
+fn ports(ctx: &XdpContext, l4_off: usize, proto: u8) -> Result<(u16, u16, u8), Skip> {
     if proto == IPPROTO_TCP {
-        let th: *const TcpHdr = ptr_at(ctx, l4_off).map_err(|_| Skip::Malformed)?;
+        // The whole fixed header must be there; flags are its byte 13.
+        let th: *const [u8; TcpHdr::LEN] = ptr_at(ctx, l4_off).map_err(|_| Skip::Malformed)?;
         // SAFETY: ptr_at checked the bounds.
-        let (s, d) = unsafe { ((*th).source, (*th).dest) };
-        Ok((be16(s), be16(d)))
+        let h = unsafe { *th };
+        Ok((be16([h[0], h[1]]), be16([h[2], h[3]]), h[13]))
     } else {
         let uh: *const UdpHdr = ptr_at(ctx, l4_off).map_err(|_| Skip::Malformed)?;
         // SAFETY: ptr_at checked the bounds.
         let (s, d) = unsafe { ((*uh).src, (*uh).dst) };
-        Ok((be16(s), be16(d)))
+        Ok((be16(s), be16(d), 0))
     }
 }
 

@@ -271,7 +271,7 @@ impl Fixture {
                     ifindex: 0,
                     family: spec.key.family,
                     state: lb_common::BACKEND_UP,
-                    _pad: [0; 2],
+                    weight: 1,
                 },
             )?;
         }

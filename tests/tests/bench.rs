@@ -151,7 +151,7 @@ fn balancer(rig: &RateRig, vip: VipKey, table_size: u32) -> aya::Ebpf {
             ifindex: 0,
             family: AF_INET,
             state: lb_common::BACKEND_UP,
-            _pad: [0; 2],
+            weight: 1,
         };
         dp.set_backend(i, &b).expect("backend");
         entries.push(lb_user::maglev::Entry {

@@ -120,7 +120,7 @@ fn run_case(tag: &str, family: u8, ipip: bool) {
                 ifindex: l1,
                 family,
                 state: lb_common::BACKEND_UP,
-                _pad: [0; 2],
+                weight: 1,
             },
         )
         .expect("backend");

@@ -68,7 +68,7 @@ fn loadgen_sends_distinct_flows_through_the_balancer() {
             ifindex: 0,
             family: AF_INET,
             state: lb_common::BACKEND_UP,
-            _pad: [0; 2],
+            weight: 1,
         };
         dp.set_backend(1, &b).expect("backend");
         let table = lb_user::maglev::build(
