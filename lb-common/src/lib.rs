@@ -116,7 +116,7 @@ pub const SCHED_ROUND_ROBIN: u32 = 1;
 /// (exact for up to [`LC_EXACT_MAX`] backends, power of two choices above).
 pub const SCHED_LEAST_CONN: u32 = 2;
 /// Pools up to this size get the exact least-connections minimum.
-pub const LC_EXACT_MAX: u32 = 16;
+pub const LC_EXACT_MAX: u32 = 8;
 /// [`VipMeta::flags`]: client prefixes map to regions (see `REGIONS`).
 pub const VIP_F_REGIONS: u32 = 1 << 3;
 

@@ -174,6 +174,11 @@ fn ring_for(pkt: &Packet, vip: &VipMeta) -> Ring {
             };
         }
     }
+    vip_ring(vip)
+}
+
+#[inline(always)]
+fn vip_ring(vip: &VipMeta) -> Ring {
     Ring {
         id: vip.vip_id,
         half: vip.active_half,
@@ -213,22 +218,8 @@ fn less_loaded(a: (u64, u64), b: (u64, u64)) -> bool {
 fn least_conn(base: u32, size: u32, h: u32) -> Option<(u32, &'static Backend)> {
     let load = |id: u32, b: &Backend| (active(id), (b.weight as u64).max(1));
     if size <= LC_EXACT_MAX {
-        let mut best: Option<(u32, &'static Backend)> = None;
-        let mut best_load = (0u64, 1u64);
-        let mut i = 0;
-        while i < LC_EXACT_MAX {
-            if i >= size {
-                break;
-            }
-            if let Some((id, b)) = ring_entry(base, i) {
-                let l = load(id, &b);
-                if best.is_none() || less_loaded(l, best_load) {
-                    best = Some((id, b));
-                    best_load = l;
-                }
-            }
-            i += 1;
-        }
+        let best_id = lc_scan(base, size, h);
+        let best = backend(best_id).map(|b| (best_id, b));
         return best;
     }
     let a = ring_entry(base, h % size);
@@ -241,6 +232,45 @@ fn least_conn(base: u32, size: u32, h: u32) -> Option<(u32, &'static Backend)> {
         }),
         (x, y) => x.or(y),
     }
+}
+
+/// The exact least-connections scan over a small ring (at most
+/// `LC_EXACT_MAX` entries). The verifier walks this unrolled scan once per
+/// path into it; 16 entries exceeded its one-million-instruction budget, 8
+/// fit. Returns the chosen backend id, 0 if none is live.
+#[inline(always)]
+fn lc_scan(base: u32, size: u32, h: u32) -> u32 {
+    // Scalars only (no Option of a pointer) keep the verifier's state
+    // count small over the unrolled scan.
+    let mut best_id = 0u32;
+    let mut best_a = 0u64;
+    let mut best_w = 1u64;
+    let mut best_tie = 0u32;
+    let mut i = 0;
+    while i < LC_EXACT_MAX {
+        if i >= size {
+            break;
+        }
+        if let Some(id) = RINGS.get(base + i).copied()
+            && let Some(b) = backend(id)
+        {
+            let (a, w) = (active(id), (b.weight as u64).max(1));
+            // Ties between equally loaded backends go to the one whose
+            // id hashes lowest with this flow: spread, not first-wins.
+            let tie = (id ^ h).wrapping_mul(0x9e37_79b1);
+            let better = best_id == 0
+                || a * best_w < best_a * w
+                || (a * best_w == best_a * w && tie < best_tie);
+            if better {
+                best_id = id;
+                best_a = a;
+                best_w = w;
+                best_tie = tie;
+            }
+        }
+        i += 1;
+    }
+    best_id
 }
 
 /// Picks a backend for a new flow with the VIP's scheduler.
@@ -347,10 +377,19 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
     let new_flow = chosen.is_none();
     let (id, b) = match chosen {
         Some(c) => c,
-        None => match schedule(&vip, &ring_for(&pkt, &vip), h) {
-            Some(c) => c,
-            None => return Ok(verdict(verdict::NO_BACKEND, xdp_action::XDP_DROP)),
-        },
+        None => {
+            let ring = ring_for(&pkt, &vip);
+            let regional = ring.id != vip.vip_id;
+            match schedule(&vip, &ring, h) {
+                Some(c) => c,
+                // A region with no live backend: its clients use the whole VIP.
+                None if regional => match schedule(&vip, &vip_ring(&vip), h) {
+                    Some(c) => c,
+                    None => return Ok(verdict(verdict::NO_BACKEND, xdp_action::XDP_DROP)),
+                },
+                None => return Ok(verdict(verdict::NO_BACKEND, xdp_action::XDP_DROP)),
+            }
+        }
     };
     if b.dst_mac == [0; 6] {
         return Ok(verdict(verdict::NO_NEIGH, xdp_action::XDP_PASS));

@@ -10,8 +10,8 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
 };
 use lb_common::{
-    Backend, Flow, FlowKey, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, Settings, Traffic, VipKey,
-    VipMeta, decap_verdict, ring_base, verdict,
+    Backend, Flow, FlowKey, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, RegionKey, RegionMeta, Settings,
+    Traffic, VipKey, VipMeta, decap_verdict, ring_base, verdict,
 };
 
 /// What went wrong programming the datapath.
@@ -191,6 +191,115 @@ impl<'a> Dataplane<'a> {
         self.vips()?
             .insert(key, meta, 0)
             .map_err(map_err(lb_common::MAP_VIPS))
+    }
+
+    /// Writes `table` into half `half` of ring slot `ring_id` (not yet live).
+    pub fn write_ring(&mut self, ring_id: u32, half: u32, table: &[u32]) -> Result<()> {
+        if table.len() > MAX_RING_SIZE as usize {
+            return Err(DataplaneError::BadRingSize {
+                size: table.len(),
+                max: MAX_RING_SIZE,
+            });
+        }
+        if ring_id >= MAX_VIPS {
+            return Err(DataplaneError::VipIdOutOfRange {
+                id: ring_id,
+                max: MAX_VIPS,
+            });
+        }
+        let base = ring_base(ring_id, half);
+        let name = lb_common::MAP_RINGS;
+        let mut rings: Array<_, u32> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for (i, id) in table.iter().enumerate() {
+            rings.set(base + i as u32, id, 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    fn regions(
+        &mut self,
+    ) -> Result<aya::maps::lpm_trie::LpmTrie<&mut MapData, RegionKey, RegionMeta>> {
+        let name = lb_common::MAP_REGIONS;
+        aya::maps::lpm_trie::LpmTrie::try_from(self.map_mut(name)?).map_err(map_err(name))
+    }
+
+    /// The region entry for a VIP's client prefix, if any.
+    pub fn region(
+        &mut self,
+        vip_id: u32,
+        addr: [u8; 16],
+        prefix_len: u32,
+    ) -> Result<Option<RegionMeta>> {
+        let k = aya::maps::lpm_trie::Key::new(
+            32 + prefix_len,
+            RegionKey {
+                vip_id_be: vip_id.to_be_bytes(),
+                addr,
+            },
+        );
+        Ok(self.regions()?.get(&k, 0).ok())
+    }
+
+    /// Installs `table` as the ring of a region (client prefix of a VIP),
+    /// in ring slot `ring_id`: fills the idle half, then points the prefix's
+    /// entry at it in one update.
+    pub fn install_region_ring(
+        &mut self,
+        vip_id: u32,
+        addr: [u8; 16],
+        prefix_len: u32,
+        ring_id: u32,
+        table: &[u32],
+    ) -> Result<()> {
+        let half = match self.region(vip_id, addr, prefix_len)? {
+            Some(m) if m.ring_id == ring_id => m.active_half ^ 1,
+            _ => 0,
+        };
+        self.write_ring(ring_id, half, table)?;
+        let k = aya::maps::lpm_trie::Key::new(
+            32 + prefix_len,
+            RegionKey {
+                vip_id_be: vip_id.to_be_bytes(),
+                addr,
+            },
+        );
+        let m = RegionMeta {
+            ring_id,
+            active_half: half,
+            ring_size: table.len() as u32,
+            _pad: 0,
+        };
+        self.regions()?
+            .insert(&k, m, 0)
+            .map_err(map_err(lb_common::MAP_REGIONS))
+    }
+
+    /// Removes a region's prefix: its clients use the VIP's ring again.
+    pub fn remove_region(&mut self, vip_id: u32, addr: [u8; 16], prefix_len: u32) -> Result<()> {
+        let k = aya::maps::lpm_trie::Key::new(
+            32 + prefix_len,
+            RegionKey {
+                vip_id_be: vip_id.to_be_bytes(),
+                addr,
+            },
+        );
+        let _ = self.regions()?.remove(&k);
+        Ok(())
+    }
+
+    /// Active flows of a backend (least-connections).
+    pub fn active(&self, id: u32) -> Result<u64> {
+        let name = lb_common::MAP_ACTIVE;
+        let a: Array<_, u64> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
+        a.get(&id, 0).map_err(map_err(name))
+    }
+
+    /// Overwrites a backend's active-flow count (the agent's reconciliation).
+    pub fn set_active(&mut self, id: u32, n: u64) -> Result<()> {
+        let name = lb_common::MAP_ACTIVE;
+        let mut a: Array<_, u64> = Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        a.set(id, n, 0).map_err(map_err(name))
     }
 
     /// The VIP's live ring, as the datapath reads it.

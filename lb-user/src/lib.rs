@@ -13,3 +13,4 @@ pub mod lab;
 pub mod loader;
 pub mod loadgen;
 pub mod maglev;
+pub mod sched;
