@@ -200,7 +200,7 @@ fn least_connections_avoids_a_backend_where_long_flows_pile_up() {
     // Round-robin would send 100 of them there; least-connections only the
     // few that arrive while backend 2 ties with the others.
     assert!(
-        to_2 >= 1 && to_2 <= 5,
+        (1..=5).contains(&to_2),
         "new flows avoid the loaded backend ({to_2})"
     );
 }
