@@ -104,7 +104,24 @@ fn vip_flags(v: &Vip) -> u32 {
     if !v.flow_table {
         f |= lb_common::VIP_F_NO_FLOW_TABLE;
     }
+    if !v.regions.is_empty() {
+        f |= lb_common::VIP_F_REGIONS;
+    }
     f
+}
+
+/// A client prefix as the REGIONS trie stores it.
+fn prefix16(a: IpAddr) -> [u8; 16] {
+    addr16(a).0
+}
+
+/// Seconds on the clock `bpf_ktime_get_ns` reads (CLOCK_MONOTONIC).
+fn monotonic_s() -> u64 {
+    // SAFETY: clock_gettime into a zeroed timespec.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64
 }
 
 /// The next hop towards an address as the kernel knows it.
@@ -204,6 +221,17 @@ struct VipRt {
     key: VipKey,
     vip_id: u32,
     backends: Vec<BackendRt>,
+    regions: Vec<RegionRt>,
+}
+
+/// A region's ring slot (allocated like a VIP id) and its live half.
+struct RegionRt {
+    cfg: config::Region,
+    ring_id: u32,
+    half: u32,
+    /// Whether its prefixes currently point at the region's ring (false:
+    /// no live backend, its clients use the whole VIP).
+    installed: bool,
 }
 
 /// A health task to start: (VIP key, backend address, generation).
@@ -296,11 +324,126 @@ impl State {
                 weight: b.cfg.weight,
             })
             .collect();
-        let table = maglev::build(&entries, v.cfg.ring_size);
+        let table = crate::sched::ring(v.cfg.scheduler, &entries, v.cfg.ring_size);
         let key = v.key;
+        let vip_id = v.vip_id;
         Dataplane::new(&mut self.ebpf)
             .install_ring(&key, &table)
             .context("installing ring")?;
+        // Each region: its live backends' ring, or (none live) no entry at
+        // all, so that its clients fall back to the whole VIP.
+        for ri in 0..self.vips[vi].regions.len() {
+            let r = &self.vips[vi].regions[ri];
+            let sched = self.vips[vi].cfg.scheduler;
+            let m = self.vips[vi].cfg.ring_size;
+            let sub: Vec<_> = entries
+                .iter()
+                .filter(|e| r.cfg.backends.iter().any(|a| addr16(*a).0 == e.addr))
+                .copied()
+                .collect();
+            let (ring_id, half, prefixes) = (r.ring_id, r.half ^ 1, r.cfg.prefixes.clone());
+            let mut dp = Dataplane::new(&mut self.ebpf);
+            if sub.is_empty() {
+                for (a, l) in &prefixes {
+                    dp.remove_region(vip_id, prefix16(*a), *l as u32)?;
+                }
+                self.vips[vi].regions[ri].installed = false;
+                continue;
+            }
+            let table = crate::sched::ring(sched, &sub, m);
+            dp.write_ring(ring_id, half, &table)?;
+            for (a, l) in &prefixes {
+                dp.set_region(
+                    vip_id,
+                    prefix16(*a),
+                    *l as u32,
+                    ring_id,
+                    half,
+                    table.len() as u32,
+                )?;
+            }
+            let r = &mut self.vips[vi].regions[ri];
+            r.half = half;
+            r.installed = true;
+        }
+        Ok(())
+    }
+
+    /// Replaces VIP `vi`'s regions: old prefixes removed, ring slots for new
+    /// regions taken from the ids no VIP or region uses.
+    fn set_regions(&mut self, vi: usize, regions: &[config::Region]) -> Result<()> {
+        let vip_id = self.vips[vi].vip_id;
+        for r in std::mem::take(&mut self.vips[vi].regions) {
+            for (a, l) in &r.cfg.prefixes {
+                Dataplane::new(&mut self.ebpf).remove_region(vip_id, prefix16(*a), *l as u32)?;
+            }
+        }
+        for r in regions {
+            let used: HashSet<u32> = self
+                .vips
+                .iter()
+                .map(|v| v.vip_id)
+                .chain(
+                    self.vips
+                        .iter()
+                        .flat_map(|v| v.regions.iter().map(|r| r.ring_id)),
+                )
+                .collect();
+            let ring_id = (0..MAX_VIPS)
+                .rev()
+                .find(|i| !used.contains(i))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "no ring slot left for region `{}` (VIPs and regions share {MAX_VIPS})",
+                        r.name
+                    )
+                })?;
+            self.vips[vi].regions.push(RegionRt {
+                cfg: r.clone(),
+                ring_id,
+                half: 0,
+                installed: false,
+            });
+        }
+        Ok(())
+    }
+
+    /// Least-connections: overwrite each backend's active count with the
+    /// number of counted flows in the connection table, so the datapath's
+    /// atomic counts cannot drift (evictions and idle expiry never
+    /// decrement them).
+    fn reconcile_active(&mut self) -> Result<()> {
+        let lc: Vec<u32> = self
+            .vips
+            .iter()
+            .filter(|v| v.cfg.scheduler == crate::sched::Scheduler::LeastConnections)
+            .flat_map(|v| v.backends.iter().map(|b| b.id))
+            .collect();
+        if lc.is_empty() {
+            return Ok(());
+        }
+        let mut counts: std::collections::HashMap<u32, u64> =
+            lc.iter().map(|id| (*id, 0)).collect();
+        let now_s = monotonic_s();
+        for (_, f) in Dataplane::new(&mut self.ebpf).flows()? {
+            let idle_limit = self
+                .vips
+                .iter()
+                .find(|v| v.vip_id == f.vip_id as u32)
+                .map(|v| v.cfg.idle_timeout_s as u64)
+                .unwrap_or(0);
+            let expired = idle_limit != 0 && now_s.saturating_sub(f.last_seen_s) > idle_limit;
+            if f.flags & lb_common::FLOW_F_COUNTED != 0
+                && !expired
+                && let Some(c) = counts.get_mut(&f.backend_id)
+            {
+                *c += 1;
+            }
+        }
+        let mut dp = Dataplane::new(&mut self.ebpf);
+        for (id, n) in counts {
+            dp.set_active(id, n)?;
+        }
         Ok(())
     }
 
@@ -417,10 +560,15 @@ impl State {
                             .ok_or_else(|| anyhow!("at most {MAX_VIPS} VIPs"))?,
                     };
                     self.vips.push(VipRt {
-                        cfg: vcfg.clone(),
+                        // Regions empty: the comparison below installs them.
+                        cfg: Vip {
+                            regions: Vec::new(),
+                            ..vcfg.clone()
+                        },
                         key,
                         vip_id,
                         backends: Vec::new(),
+                        regions: Vec::new(),
                     });
                     self.vips.len() - 1
                 }
@@ -429,12 +577,18 @@ impl State {
                 vip_id: self.vips[vi].vip_id,
                 flags: vip_flags(vcfg),
                 idle_timeout_s: vcfg.idle_timeout_s,
+                scheduler: vcfg.scheduler.datapath(),
                 ..Default::default()
             };
             Dataplane::new(&mut self.ebpf).upsert_vip(&key, meta)?;
             let health_changed = self.vips[vi].cfg.health != vcfg.health;
-            let mut ring_changed =
-                self.vips[vi].cfg.ring_size != vcfg.ring_size || self.vips[vi].backends.is_empty();
+            let mut ring_changed = self.vips[vi].cfg.ring_size != vcfg.ring_size
+                || self.vips[vi].backends.is_empty()
+                || self.vips[vi].cfg.scheduler != vcfg.scheduler
+                || self.vips[vi].cfg.regions != vcfg.regions;
+            if self.vips[vi].cfg.regions != vcfg.regions {
+                self.set_regions(vi, &vcfg.regions)?;
+            }
             self.vips[vi].cfg = vcfg.clone();
             // Backends that are gone.
             let want: HashSet<IpAddr> = vcfg.backends.iter().map(|b| b.address).collect();
@@ -530,7 +684,7 @@ impl State {
                     HashInput::FiveTuple => "5-tuple".into(),
                     HashInput::SourceIp => "source-ip".into(),
                 },
-                scheduler: "maglev".into(),
+                scheduler: v.cfg.scheduler.name().into(),
                 ring_size: v.cfg.ring_size,
                 flow_table: v.cfg.flow_table,
                 health: match &v.cfg.health.kind {
@@ -566,10 +720,20 @@ impl State {
                     last_result: b.last_result.clone(),
                     last_latency_ms: b.last_latency_ms,
                     transitions: b.transitions,
+                    active_flows: (v.cfg.scheduler == crate::sched::Scheduler::LeastConnections)
+                        .then(|| self.active_of(b.id)),
                     next_hop_known: b.resolved,
                 })
             })
             .collect()
+    }
+
+    fn active_of(&self, id: u32) -> u64 {
+        self.ebpf
+            .map(lb_common::MAP_ACTIVE)
+            .and_then(|m| aya::maps::Array::<_, u64>::try_from(m).ok())
+            .and_then(|a| a.get(&id, 0).ok())
+            .unwrap_or(0)
     }
 
     fn stats(&mut self) -> Result<StatsInfo> {
@@ -578,6 +742,7 @@ impl State {
             packets: x.packets,
             bytes: x.bytes,
             new_flows: x.new_flows,
+            active: None,
         };
         let dp = Dataplane::new(&mut self.ebpf);
         let mut vips = Vec::new();
@@ -585,7 +750,11 @@ impl State {
         for v in &self.vips {
             vips.push((vip_ref(&v.cfg), t(dp.vip_traffic(v.vip_id)?)));
             for b in &v.backends {
-                backends.push((vip_ref(&v.cfg), b.cfg.address, t(dp.backend_traffic(b.id)?)));
+                let mut tr = t(dp.backend_traffic(b.id)?);
+                if v.cfg.scheduler == crate::sched::Scheduler::LeastConnections {
+                    tr.active = Some(dp.active(b.id)?);
+                }
+                backends.push((vip_ref(&v.cfg), b.cfg.address, tr));
             }
         }
         let verdicts = lb_common::verdict::NAMES
@@ -754,6 +923,18 @@ pub async fn run_until(
         eprintln!("lb: Prometheus metrics on http://{addr}/metrics");
         tokio::spawn(serve_metrics(l, shared.clone()));
     }
+    let lc_shared = shared.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let r = tokio::task::block_in_place(|| {
+                lock(&lc_shared).and_then(|mut s| s.reconcile_active())
+            });
+            if let Err(e) = r {
+                eprintln!("lb: reconciling least-connections counts failed: {e:#}");
+            }
+        }
+    });
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let reload_shared = shared.clone();
     tokio::spawn(async move {

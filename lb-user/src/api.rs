@@ -148,6 +148,9 @@ pub struct BackendInfo {
     pub last_latency_ms: Option<f64>,
     pub transitions: u64,
     pub next_hop_known: bool,
+    /// Active flows (least-connections VIPs only).
+    #[serde(default)]
+    pub active_flows: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -155,6 +158,9 @@ pub struct TrafficInfo {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// Active flows, for backends of least-connections VIPs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -522,12 +522,16 @@ fn backend(cmd: BackendCmd, conn: &Conn) -> Result<()> {
             }
             let list: Vec<BackendInfo> = serde_json::from_value(v)?;
             println!(
-                "{:<28} {:<40} {:>5} {:>6} {:<9} NEXT HOP",
-                "VIP", "BACKEND", "ID", "WEIGHT", "STATE"
+                "{:<28} {:<40} {:>5} {:>6} {:<9} {:<10} ACTIVE",
+                "VIP", "BACKEND", "ID", "WEIGHT", "STATE", "NEXT HOP"
             );
             for b in list {
+                let active = b
+                    .active_flows
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "-".into());
                 println!(
-                    "{:<28} {:<40} {:>5} {:>6} {:<9} {}",
+                    "{:<28} {:<40} {:>5} {:>6} {:<9} {:<10} {active}",
                     b.vip.to_string(),
                     b.address.to_string(),
                     b.id,
@@ -627,20 +631,21 @@ fn print_stats(s: &StatsInfo, prev: Option<&StatsInfo>) {
         _ => "-".into(),
     };
     println!(
-        "{:<28} {:<40} {:>12} {:>10} {:>14} {:>10} {:>10}",
-        "VIP", "BACKEND", "PACKETS", "PPS", "BYTES", "NEW FLOWS", "FLOWS/S"
+        "{:<28} {:<40} {:>12} {:>10} {:>14} {:>10} {:>10} {:>8}",
+        "VIP", "BACKEND", "PACKETS", "PPS", "BYTES", "NEW FLOWS", "FLOWS/S", "ACTIVE"
     );
     for (i, (v, t)) in s.vips.iter().enumerate() {
         let p = prev.and_then(|p| p.vips.get(i)).map(|x| &x.1);
         println!(
-            "{:<28} {:<40} {:>12} {:>10} {:>14} {:>10} {:>10}",
+            "{:<28} {:<40} {:>12} {:>10} {:>14} {:>10} {:>10} {:>8}",
             v.to_string(),
             "(all)",
             t.packets,
             rate(t.packets, p.map(|x| x.packets)),
             t.bytes,
             t.new_flows,
-            rate(t.new_flows, p.map(|x| x.new_flows))
+            rate(t.new_flows, p.map(|x| x.new_flows)),
+            "-"
         );
         for (j, (bv, b, bt)) in s
             .backends
@@ -653,14 +658,17 @@ fn print_stats(s: &StatsInfo, prev: Option<&StatsInfo>) {
                 .filter(|x| x.0 == *bv)
                 .map(|x| &x.2);
             println!(
-                "{:<28} {:<40} {:>12} {:>10} {:>14} {:>10} {:>10}",
+                "{:<28} {:<40} {:>12} {:>10} {:>14} {:>10} {:>10} {:>8}",
                 "",
                 b.to_string(),
                 bt.packets,
                 rate(bt.packets, p.map(|x| x.packets)),
                 bt.bytes,
                 bt.new_flows,
-                rate(bt.new_flows, p.map(|x| x.new_flows))
+                rate(bt.new_flows, p.map(|x| x.new_flows)),
+                bt.active
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "-".into())
             );
         }
     }

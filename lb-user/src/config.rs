@@ -90,8 +90,12 @@ struct RawVip {
     idle_timeout: u32,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default = "default_scheduler")]
+    scheduler: Spanned<String>,
     #[serde(default)]
     backend: Vec<RawBackend>,
+    #[serde(default)]
+    region: Vec<RawRegion>,
 }
 
 #[derive(Deserialize)]
@@ -127,6 +131,14 @@ impl Default for RawHealth {
             expect_status: default_status(),
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegion {
+    name: String,
+    prefixes: Vec<Spanned<String>>,
+    backends: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -195,6 +207,9 @@ fn default_path() -> String {
 }
 fn default_status() -> Spanned<String> {
     sp("200-399".into())
+}
+fn default_scheduler() -> Spanned<String> {
+    sp("maglev".into())
 }
 fn default_weight() -> Spanned<u32> {
     sp(1)
@@ -271,7 +286,19 @@ pub struct Vip {
     pub flow_table: bool,
     pub idle_timeout_s: u32,
     pub health: Health,
+    pub scheduler: crate::sched::Scheduler,
     pub backends: Vec<BackendCfg>,
+    pub regions: Vec<Region>,
+}
+
+/// Clients from `prefixes` are balanced over `backends` (a subset of the
+/// VIP's) while any of those is up; otherwise over all of the VIP's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Region {
+    pub name: String,
+    /// (network address, prefix length).
+    pub prefixes: Vec<(IpAddr, u8)>,
+    pub backends: Vec<IpAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -507,7 +534,81 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
                 drain: b.drain,
             });
         }
+        use crate::sched::Scheduler;
+        let scheduler = match v.scheduler.get_ref().as_str() {
+            "maglev" => Scheduler::Maglev,
+            "round-robin" => Scheduler::RoundRobin,
+            "weighted-round-robin" => Scheduler::WeightedRoundRobin,
+            "least-connections" => Scheduler::LeastConnections,
+            other => {
+                return Err(err(
+                    Some(v.scheduler.span()),
+                    format!(
+                        "scheduler `{other}` is not one of \"maglev\", \"round-robin\", \"weighted-round-robin\", \"least-connections\""
+                    ),
+                ));
+            }
+        };
+        let mut regions = Vec::new();
+        for r in &v.region {
+            let mut prefixes = Vec::new();
+            for p in &r.prefixes {
+                let bad = || {
+                    err(
+                        Some(p.span()),
+                        format!(
+                            "region `{}`: `{}` is not a prefix such as 198.18.7.0/24 or 2001:2:7::/48",
+                            r.name,
+                            p.get_ref()
+                        ),
+                    )
+                };
+                let (a, l) = p.get_ref().split_once('/').ok_or_else(bad)?;
+                let a: IpAddr = a.parse().map_err(|_| bad())?;
+                let l: u8 = l.parse().map_err(|_| bad())?;
+                if l > if a.is_ipv4() { 32 } else { 128 } {
+                    return Err(bad());
+                }
+                if a.is_ipv4() != address.is_ipv4() {
+                    return Err(err(
+                        Some(p.span()),
+                        format!(
+                            "region `{}`: prefix {} is not of the VIP's address family",
+                            r.name,
+                            p.get_ref()
+                        ),
+                    ));
+                }
+                prefixes.push((a, l));
+            }
+            let mut rb = Vec::new();
+            for b in &r.backends {
+                let a: IpAddr = b.get_ref().parse().map_err(|_| {
+                    err(
+                        Some(b.span()),
+                        format!("region `{}`: `{}` is not an address", r.name, b.get_ref()),
+                    )
+                })?;
+                if !backends.iter().any(|x: &BackendCfg| x.address == a) {
+                    return Err(err(
+                        Some(b.span()),
+                        format!(
+                            "region `{}`: {a} is not one of this VIP's backends; add it as a [[vip.backend]] first",
+                            r.name
+                        ),
+                    ));
+                }
+                rb.push(a);
+            }
+            regions.push(Region {
+                name: r.name.clone(),
+                prefixes,
+                backends: rb,
+            });
+        }
         vips.push(Vip {
+            scheduler,
+            regions,
             address,
             port: v.port,
             protocol,
@@ -651,6 +752,34 @@ weight = 3
     fn weight_out_of_range() {
         let e = error_of(&GOOD.replace("weight = 3", "weight = 10001"));
         assert!(e.contains("weight 10001 is out of range"), "{e}");
+    }
+
+    #[test]
+    fn schedulers_and_regions() {
+        let t = GOOD.replace("port = 80", "port = 80\nscheduler = \"least-connections\"")
+            + "\n[[vip.region]]\nname = \"east\"\nprefixes = [\"198.19.7.0/24\"]\nbackends = [\"198.18.2.1\"]\n";
+        let c = parse(&t, "x").expect("valid");
+        assert_eq!(
+            c.vips[0].scheduler,
+            crate::sched::Scheduler::LeastConnections
+        );
+        assert_eq!(
+            c.vips[0].regions[0].prefixes,
+            vec![("198.19.7.0".parse().unwrap(), 24)]
+        );
+        assert!(
+            error_of(&GOOD.replace("port = 80", "port = 80\nscheduler = \"random\""))
+                .contains("scheduler `random`")
+        );
+        let e = error_of(&t.replace("backends = [\"198.18.2.1\"]", "backends = [\"198.18.2.9\"]"));
+        assert!(
+            e.contains("198.18.2.9 is not one of this VIP's backends"),
+            "{e}"
+        );
+        let e = error_of(&t.replace("198.19.7.0/24", "198.19.7.0/33"));
+        assert!(e.contains("is not a prefix"), "{e}");
+        let e = error_of(&t.replace("198.19.7.0/24", "2001:2::/48"));
+        assert!(e.contains("not of the VIP's address family"), "{e}");
     }
 
     #[test]

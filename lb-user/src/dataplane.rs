@@ -275,6 +275,34 @@ impl<'a> Dataplane<'a> {
             .map_err(map_err(lb_common::MAP_REGIONS))
     }
 
+    /// Points a region's prefix at ring slot `ring_id`, half `half`.
+    pub fn set_region(
+        &mut self,
+        vip_id: u32,
+        addr: [u8; 16],
+        prefix_len: u32,
+        ring_id: u32,
+        half: u32,
+        ring_size: u32,
+    ) -> Result<()> {
+        let k = aya::maps::lpm_trie::Key::new(
+            32 + prefix_len,
+            RegionKey {
+                vip_id_be: vip_id.to_be_bytes(),
+                addr,
+            },
+        );
+        let m = RegionMeta {
+            ring_id,
+            active_half: half,
+            ring_size,
+            _pad: 0,
+        };
+        self.regions()?
+            .insert(&k, m, 0)
+            .map_err(map_err(lb_common::MAP_REGIONS))
+    }
+
     /// Removes a region's prefix: its clients use the VIP's ring again.
     pub fn remove_region(&mut self, vip_id: u32, addr: [u8; 16], prefix_len: u32) -> Result<()> {
         let k = aya::maps::lpm_trie::Key::new(

@@ -416,6 +416,17 @@ impl Lab {
     /// three backends. `forwarding` is "dsr" or "ipip", `hash` "5-tuple" or
     /// "source-ip".
     pub fn agent_config(&self, forwarding: &str, hash: &str, health: &str) -> String {
+        self.agent_config_with(forwarding, hash, "maglev", health)
+    }
+
+    /// [`Lab::agent_config`] with a scheduler.
+    pub fn agent_config_with(
+        &self,
+        forwarding: &str,
+        hash: &str,
+        scheduler: &str,
+        health: &str,
+    ) -> String {
         let mut s = format!(
             "# lab agent\n[agent]\ninterface = \"eth0\"\nxdp_mode = \"native\"\nflow_table_size = 65536\n\
              instance = \"{p}\"\ncontrol_socket = \"{sock}\"\nnetns = \"{ns}\"\n",
@@ -425,7 +436,7 @@ impl Lab {
         );
         for (vip, f) in [(VIP4, backend4 as fn(usize) -> String), (VIP6, backend6)] {
             s.push_str(&format!(
-                "\n[[vip]]\naddress = \"{vip}\"\nport = 80\nforwarding = \"{forwarding}\"\nhash = \"{hash}\"\n\n[vip.health]\n{health}\n"
+                "\n[[vip]]\naddress = \"{vip}\"\nport = 80\nforwarding = \"{forwarding}\"\nhash = \"{hash}\"\nscheduler = \"{scheduler}\"\n\n[vip.health]\n{health}\n"
             ));
             for i in 1..=BACKENDS {
                 s.push_str(&format!("\n[[vip.backend]]\naddress = \"{}\"\n", f(i)));
@@ -483,8 +494,10 @@ pub fn http_get(to: &SocketAddr, from: Option<IpAddr>, path: &str) -> Result<Str
 }
 
 /// `lb lab serve`: the lab's backend HTTP server. `/` answers the server's
-/// name; `/healthz` answers 200 (or 503 after `/admin/fail-health`, until
-/// `/admin/ok`); `/admin/slow?ms=N` delays every answer by N ms.
+/// name; `/sleep?ms=N` answers it after N ms (a long request);
+/// `/healthz` answers 200 (or 503 after `/admin/fail-health`, until
+/// `/admin/ok`); `/admin/slow?ms=N` delays every answer by N ms;
+/// `/admin/inflight` tells how many requests are being served.
 pub fn serve(name: &str, listen: &str) -> Result<()> {
     let server = Arc::new(
         tiny_http::Server::http(listen)
@@ -492,16 +505,31 @@ pub fn serve(name: &str, listen: &str) -> Result<()> {
     );
     let failing = Arc::new(AtomicBool::new(false));
     let slow_ms = Arc::new(AtomicU64::new(0));
+    let inflight = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
-    for _ in 0..16 {
+    for _ in 0..64 {
         let server = server.clone();
         let failing = failing.clone();
         let slow_ms = slow_ms.clone();
+        let inflight = inflight.clone();
         let name = name.to_string();
         threads.push(std::thread::spawn(move || {
             while let Ok(req) = server.recv() {
                 let url = req.url().to_string();
+                inflight.fetch_add(1, Ordering::Relaxed);
                 let (code, body) = match url.split('?').next().unwrap_or("") {
+                    "/admin/inflight" => {
+                        (200, format!("{}\n", inflight.load(Ordering::Relaxed) - 1))
+                    }
+                    "/sleep" => {
+                        let ms = url
+                            .split("ms=")
+                            .nth(1)
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        std::thread::sleep(Duration::from_millis(ms));
+                        (200, format!("{name}\n"))
+                    }
                     "/healthz" if failing.load(Ordering::Relaxed) => (503, "failing\n".to_string()),
                     "/healthz" => (200, "ok\n".to_string()),
                     "/admin/fail-health" => {
@@ -537,6 +565,7 @@ pub fn serve(name: &str, listen: &str) -> Result<()> {
                             .expect("header"),
                     );
                 let _ = req.respond(resp);
+                inflight.fetch_sub(1, Ordering::Relaxed);
             }
         }));
     }
@@ -565,6 +594,20 @@ pub fn load(
     duration: Duration,
     out: Arc<std::sync::Mutex<Vec<Sample>>>,
 ) -> Vec<std::thread::JoinHandle<()>> {
+    load_mix(lab, v6, rate, duration, None, out)
+}
+
+/// [`load`] where every `n`-th request of each sender is a long one
+/// (`/sleep?ms=ms`), given `long = Some((n, ms))`. Each sender thread waits
+/// for its request to finish, so long requests hold a connection open.
+pub fn load_mix(
+    lab: &Lab,
+    v6: bool,
+    rate: u32,
+    duration: Duration,
+    long: Option<(usize, u64)>,
+    out: Arc<std::sync::Mutex<Vec<Sample>>>,
+) -> Vec<std::thread::JoinHandle<()>> {
     let start = Instant::now();
     let senders = CLIENTS * ADDRS_PER_CLIENT;
     let gap = Duration::from_secs_f64(senders as f64 / rate.max(1) as f64);
@@ -590,9 +633,15 @@ pub fn load(
                         gap.mul_f64((k as f64 + c as f64 * 0.5) / ADDRS_PER_CLIENT as f64),
                     );
                     let mut next = Instant::now();
+                    let mut n = 0usize;
                     while start.elapsed() < duration {
                         let at = start.elapsed();
-                        let result = http_get(&vip, Some(src), "/").map_err(|e| e.to_string());
+                        n += 1;
+                        let path = match long {
+                            Some((every, ms)) if n % every == 0 => format!("/sleep?ms={ms}"),
+                            _ => "/".to_string(),
+                        };
+                        let result = http_get(&vip, Some(src), &path).map_err(|e| e.to_string());
                         if let Ok(mut o) = out.lock() {
                             o.push(Sample {
                                 at,

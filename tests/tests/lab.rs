@@ -42,10 +42,15 @@ impl Running {
     }
 
     fn agent_with(&mut self, forwarding: &str, hash: &str, health: &str) {
+        self.agent_sched(forwarding, hash, "maglev", health);
+    }
+
+    fn agent_sched(&mut self, forwarding: &str, hash: &str, scheduler: &str, health: &str) {
         self.stop_agent();
         std::fs::write(
             &self.config,
-            self.lab.agent_config(forwarding, hash, health),
+            self.lab
+                .agent_config_with(forwarding, hash, scheduler, health),
         )
         .expect("config");
         let log = std::fs::File::create(self.lab.run_dir().join("agent.log")).expect("log");
@@ -321,4 +326,65 @@ fn http_check_takes_out_a_503_backend_and_tcp_check_keeps_it() {
     );
     let s = r.load(false, 200, 1.5, |_| {});
     assert!(per_backend(&s).contains_key("b1"));
+}
+
+/// Mean over the run of (most − fewest) requests in flight across the
+/// three backends, under steady load where every 4th request takes 600 ms.
+fn inflight_spread(r: &Running) -> (f64, usize) {
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let handles = lab::load_mix(
+        &r.lab,
+        false,
+        120,
+        Duration::from_secs(5),
+        Some((4, 600)),
+        samples.clone(),
+    );
+    let mut spreads = Vec::new();
+    std::thread::sleep(Duration::from_millis(1000));
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(3500) {
+        let n: Vec<i64> = (1..=lab::BACKENDS)
+            .map(|i| {
+                r.lab
+                    .backend_ctl(i, "/admin/inflight")
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0)
+            })
+            .collect();
+        spreads.push((n.iter().max().unwrap() - n.iter().min().unwrap()) as f64);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+    let failed = samples
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.result.is_err())
+        .count();
+    (
+        spreads.iter().sum::<f64>() / spreads.len().max(1) as f64,
+        failed,
+    )
+}
+
+#[test]
+fn least_connections_keeps_backends_closer_than_round_robin() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut r = Running::start("lt-lc", "dsr", "5-tuple", "kind = \"tcp\"");
+    r.agent_sched("dsr", "5-tuple", "round-robin", "kind = \"tcp\"");
+    let (rr, rr_failed) = inflight_spread(&r);
+    r.agent_sched("dsr", "5-tuple", "least-connections", "kind = \"tcp\"");
+    let (lc, lc_failed) = inflight_spread(&r);
+    println!(
+        "mean spread of in-flight requests across backends (max - min): round-robin {rr:.2}, least-connections {lc:.2}"
+    );
+    assert_eq!((rr_failed, lc_failed), (0, 0));
+    assert!(
+        lc < rr,
+        "least-connections ({lc:.2}) should keep backends closer than round-robin ({rr:.2})"
+    );
 }
