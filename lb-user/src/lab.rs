@@ -638,7 +638,9 @@ pub fn load_mix(
                         let at = start.elapsed();
                         n += 1;
                         let path = match long {
-                            Some((every, ms)) if n.is_multiple_of(every) => format!("/sleep?ms={ms}"),
+                            Some((every, ms)) if n.is_multiple_of(every) => {
+                                format!("/sleep?ms={ms}")
+                            }
                             _ => "/".to_string(),
                         };
                         let result = http_get(&vip, Some(src), &path).map_err(|e| e.to_string());

@@ -10,8 +10,11 @@
 //! balancer.
 
 use aya::maps::ProgramArray;
-use lb_common::{AF_INET, AF_INET6, PROTO_TCP, VIP_F_IPIP, VIP_F_NO_FLOW_TABLE, VipKey, verdict};
+use lb_common::{
+    AF_INET, AF_INET6, PROTO_TCP, VIP_F_IPIP, VIP_F_NO_FLOW_TABLE, VipKey, VipMeta, verdict,
+};
 use lb_tests::{Fixture, VipSpec, loader, tcp4, tcp6, time, v4, v6};
+use lb_user::sched::{self, Scheduler};
 
 const REPEAT: u32 = 1_000_000;
 const RUNS: usize = 5;
@@ -85,6 +88,9 @@ fn micro() {
         (k4(81), 1, VIP_F_NO_FLOW_TABLE, b4(10)),
         (k4(82), 2, VIP_F_IPIP, b4(10)),
         (k6(82), 3, VIP_F_IPIP, b6(10)),
+        (k4(83), 4, VIP_F_NO_FLOW_TABLE, b4(8)),
+        (k4(84), 5, VIP_F_NO_FLOW_TABLE, b4(8)),
+        (k4(85), 6, VIP_F_NO_FLOW_TABLE, b4(20)),
     ] {
         f.add_vip(&VipSpec {
             key,
@@ -94,6 +100,30 @@ fn micro() {
             backends,
         })
         .expect("vip");
+    }
+    // The other policies on the stateless path (every packet schedules).
+    for (port, sched, n) in [
+        (83, Scheduler::RoundRobin, 8u32),
+        (84, Scheduler::LeastConnections, 8),
+        (85, Scheduler::LeastConnections, 20),
+    ] {
+        let key = k4(port);
+        let mut dp = f.dp();
+        let meta = dp.vip(&key).expect("meta");
+        dp.upsert_vip(
+            &key,
+            VipMeta {
+                scheduler: sched.datapath(),
+                ..meta
+            },
+        )
+        .expect("scheduler");
+        let entries: Vec<_> = b4(n)
+            .into_iter()
+            .map(|(id, addr, weight)| lb_user::maglev::Entry { id, addr, weight })
+            .collect();
+        dp.install_ring(&key, &sched::ring(sched, &entries, 65537))
+            .expect("ring");
     }
     // bench_ipip tail-calls the balancer.
     {
@@ -151,6 +181,33 @@ fn micro() {
                 &mut f,
                 lb_common::PROG_BENCH_IPIP,
                 &tcp6(c6, v6(vip6), 40000, 82, &[0; 10]),
+                Some(verdict::TX),
+            ),
+        },
+        Row {
+            name: "new flow, round-robin (table off)",
+            ns: bench(
+                &mut f,
+                lb_common::PROG_BALANCER,
+                &tcp4(client, vip4, 40000, 83, &[0; 10]),
+                Some(verdict::TX),
+            ),
+        },
+        Row {
+            name: "new flow, least-connections exact, 8 backends (table off)",
+            ns: bench(
+                &mut f,
+                lb_common::PROG_BALANCER,
+                &tcp4(client, vip4, 40000, 84, &[0; 10]),
+                Some(verdict::TX),
+            ),
+        },
+        Row {
+            name: "new flow, least-connections P2C, 20 backends (table off)",
+            ns: bench(
+                &mut f,
+                lb_common::PROG_BALANCER,
+                &tcp4(client, vip4, 40000, 85, &[0; 10]),
                 Some(verdict::TX),
             ),
         },
