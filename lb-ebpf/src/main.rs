@@ -320,10 +320,14 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         return Ok(verdict(verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
     };
 
-    let h = if vip.flags & VIP_F_HASH_SRC_IP != 0 {
-        hash::hash_src(&pkt.src)
-    } else {
-        hash::hash_5tuple(&pkt.src, pkt.sport, pkt.dport, pkt.proto)
+    // The flow hash is needed only to schedule a new flow or to vary the
+    // IPIP outer source; established DSR packets skip it.
+    let flow_hash = || {
+        if vip.flags & VIP_F_HASH_SRC_IP != 0 {
+            hash::hash_src(&pkt.src)
+        } else {
+            hash::hash_5tuple(&pkt.src, pkt.sport, pkt.dport, pkt.proto)
+        }
     };
     let use_table = vip.flags & VIP_F_NO_FLOW_TABLE == 0;
     let key = FlowKey {
@@ -380,6 +384,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         None => {
             let ring = ring_for(&pkt, &vip);
             let regional = ring.id != vip.vip_id;
+            let h = flow_hash();
             match schedule(&vip, &ring, h) {
                 Some(c) => c,
                 // A region with no live backend: its clients use the whole VIP.
@@ -421,7 +426,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
             return Ok(verdict(verdict::ENCAP_FAILED, xdp_action::XDP_DROP));
         };
         let s = *s;
-        if forward::encap(ctx, &pkt, &b, &s, h).is_err() {
+        if forward::encap(ctx, &pkt, &b, &s, flow_hash()).is_err() {
             return Ok(verdict(verdict::ENCAP_FAILED, xdp_action::XDP_DROP));
         }
     } else {

@@ -428,6 +428,16 @@ fn bench_http() {
     }
     std::fs::write(&hap, cfg).unwrap();
     let pid = r.lab.run_dir().join("haproxy.pid");
+    // Kill HAProxy however this test ends (it outlives its namespace otherwise).
+    struct KillOnDrop(std::path::PathBuf);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if let Ok(p) = std::fs::read_to_string(&self.0) {
+                let _ = Command::new("kill").arg(p.trim()).status();
+            }
+        }
+    }
+    let _haproxy = KillOnDrop(pid.clone());
     let ok = Command::new("ip")
         .args(["netns", "exec", &lb_ns, "haproxy", "-D", "-f"])
         .arg(&hap)
@@ -486,9 +496,6 @@ fn bench_http() {
         let p99 = median(results[i].iter().map(|x| x.2).collect());
         println!("{name:<36} {rps:>10.0} req/s  p50 {p50:.2} ms  p99 {p99:.2} ms");
         rows.push(json!({"target": name, "rps": rps, "p50_ms": p50, "p99_ms": p99}));
-    }
-    if let Ok(p) = std::fs::read_to_string(&pid) {
-        let _ = Command::new("kill").arg(p.trim()).status();
     }
     emit(
         json!({"bench": "http", "tool": "wrk -t2 -c32 -d3s, Connection: close", "runs": 3, "rows": rows}),
