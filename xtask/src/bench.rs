@@ -367,7 +367,9 @@ fn targets(r: &Value) -> String {
          (DSR replies bypass the balancer entirely). Where it loses: per packet, the datapath costs several times the \
          swap-MACs floor. The floor touches only the Ethernet header; the balancer parses to layer 4 and does two hash \
          lookups (VIP table, connection table with a 40-byte key), an array lookup, and three per-CPU counter updates. \
-         That is on par with Katran measured the same way on this VM, but far from the 2× target, and it shows in the \
+         That is the same order as Katran's established path measured the same way on this machine kind (about 105 ns, \
+         from the project's field notes, not re-measured here), far from the 2× target, and single runs of this VM vary \
+         by 20-30 % (the floor itself moves between 8 and 15 ns). It shows in the \
          packet-rate ratio, where the generator and the balancer share this VM's two vCPUs. In the HTTP test the ceiling \
          is the backends' own HTTP server and wrk on the same two vCPUs: `direct` puts all load on one backend with \
          no balancer work at all, so the balancer's share of the CPU is what separates it from direct. The obvious next \
