@@ -200,4 +200,40 @@ mod tests {
             Outcome::Fail("status 503".into())
         );
     }
+
+    /// On tokio's paused clock: a backend that accepts but never answers
+    /// fails its http probe with "timeout" after exactly the probe's limit,
+    /// and `fall` such probes take it down.
+    #[tokio::test(start_paused = true)]
+    async fn silent_backend_times_out_and_falls() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let _hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s); // accept, never answer
+            }
+        });
+        let kind = CheckKind::Http {
+            path: "/healthz".into(),
+            status: (200, 399),
+        };
+        let mut h = HealthState::new(2, 3);
+        let t0 = tokio::time::Instant::now();
+        let mut down_after = None;
+        for i in 1..=3 {
+            let r = probe(&kind, addr, Duration::from_millis(150)).await;
+            assert_eq!(r, Outcome::Fail("timeout".into()));
+            if h.observe(false) == Some(Transition::Down) {
+                down_after = Some(i);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(down_after, Some(3), "down after `fall` = 3 timeouts");
+        assert_eq!(
+            t0.elapsed(),
+            Duration::from_millis(3 * (150 + 50)),
+            "virtual time: 3 probes of 150 ms + 50 ms gaps"
+        );
+    }
 }

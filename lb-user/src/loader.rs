@@ -210,6 +210,7 @@ pub fn attach_pinned(
         let link = XdpLink::try_from(fd).context("the pinned link is not an XDP link")?;
         prog.attach_to_link(link)
             .context("swapping the new program into the pinned link")?;
+        pin_program(ebpf, dir)?;
         let pinned = PinnedLink::from_pin(&link_path).context("reopening the pinned link")?;
         return Ok((
             pinned,
@@ -223,7 +224,18 @@ pub fn attach_pinned(
     let pinned = fd
         .pin(&link_path)
         .with_context(|| format!("pinning the link at {}", link_path.display()))?;
+    pin_program(ebpf, dir)?;
     Ok((pinned, format!("attached to {iface} in {used:?} mode")))
+}
+
+/// Pins the running balancer program at `dir/prog` (replacing an earlier
+/// agent's), next to the maps and the link, for inspection with bpftool.
+fn pin_program(ebpf: &mut Ebpf, dir: &std::path::Path) -> Result<()> {
+    let path = dir.join("prog");
+    let _ = std::fs::remove_file(&path);
+    xdp_program(ebpf, lb_common::PROG_BALANCER)?
+        .pin(&path)
+        .with_context(|| format!("pinning the program at {}", path.display()))
 }
 
 /// Detaches and removes everything an instance pinned.
