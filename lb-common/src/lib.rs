@@ -49,6 +49,7 @@ pub const MAP_DECAP_VERDICTS: &str = "DECAP_VERDICTS";
 pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
 pub const MAP_ACTIVE: &str = "ACTIVE";
 pub const MAP_RR_POS: &str = "RR_POS";
+pub const MAP_FIB_SCRATCH: &str = "FIB_SCRATCH";
 pub const MAP_REGIONS: &str = "REGIONS";
 pub const MAP_BACKEND_IDS: &str = "BACKEND_IDS";
 
@@ -237,7 +238,13 @@ pub struct Settings {
     pub ipip_src_v4: [u8; 4],
     /// Outer IPv6 source for IP6IP6; the last 4 bytes come from the flow hash.
     pub ipip_src_v6: [u8; 16],
+    /// `SETTINGS_F_*` bits.
+    pub flags: u32,
 }
+
+/// [`Settings::flags`]: take each packet's next hop from `bpf_fib_lookup`
+/// (the kernel's routes and neighbours) instead of the backend entry.
+pub const SETTINGS_F_FIB: u32 = 1 << 0;
 
 /// Settings of the `loadgen` program (one entry in `LOADGEN`): how it varies
 /// the template frame per packet so that `flows` distinct flows leave.
@@ -336,7 +343,7 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 36);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<Flow>() == 16);
-    assert!(core::mem::size_of::<Settings>() == 20);
+    assert!(core::mem::size_of::<Settings>() == 24);
     assert!(core::mem::size_of::<RegionKey>() == 20);
     assert!(core::mem::size_of::<RegionMeta>() == 16);
 };

@@ -18,14 +18,22 @@ use crate::{
 
 const ENCAP_TTL: u8 = 64;
 
-/// Writes the backend's next-hop MAC and our source MAC.
+/// Where a packet leaves for: the next hop's MAC, our MAC on the egress
+/// interface, and that interface (0 = the ingress one).
+pub struct Hop {
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub ifindex: u32,
+}
+
+/// Writes the next hop's MAC and our source MAC.
 #[inline(always)]
-pub fn set_macs(ctx: &XdpContext, b: &Backend) -> Result<(), ()> {
+pub fn set_macs(ctx: &XdpContext, hop: &Hop) -> Result<(), ()> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: ptr_at checked the bounds.
     unsafe {
-        (*eth).dst_addr = b.dst_mac;
-        (*eth).src_addr = b.src_mac;
+        (*eth).dst_addr = hop.dmac;
+        (*eth).src_addr = hop.smac;
     }
     Ok(())
 }
@@ -58,11 +66,12 @@ pub fn encap(
     b: &Backend,
     s: &Settings,
     hash: u32,
+    hop: &Hop,
 ) -> Result<(), ()> {
     if pkt.family == AF_INET {
-        encap_v4(ctx, pkt, b, s, hash)
+        encap_v4(ctx, pkt, b, s, hash, hop)
     } else {
-        encap_v6(ctx, pkt, b, s, hash)
+        encap_v6(ctx, pkt, b, s, hash, hop)
     }
 }
 
@@ -81,6 +90,7 @@ fn encap_v4(
     b: &Backend,
     s: &Settings,
     hash: u32,
+    hop: &Hop,
 ) -> Result<(), ()> {
     // Same value as pkt.l3_off, spelled as one of two constants so the
     // verifier sees fixed offsets after adjust_head.
@@ -95,7 +105,7 @@ fn encap_v4(
     let tos = unsafe { (*inner).tos };
     grow(ctx, Ipv4Hdr::LEN)?;
     move_l2(ctx, Ipv4Hdr::LEN, l3_off)?;
-    set_macs(ctx, b)?;
+    set_macs(ctx, hop)?;
 
     let tot_len = pkt.ip_len + Ipv4Hdr::LEN as u16;
     let src = [
@@ -142,6 +152,7 @@ fn encap_v6(
     b: &Backend,
     s: &Settings,
     hash: u32,
+    hop: &Hop,
 ) -> Result<(), ()> {
     let l3_off = if pkt.l3_off > EthHdr::LEN {
         18
@@ -153,7 +164,7 @@ fn encap_v6(
     let tc_bytes = unsafe { *inner };
     grow(ctx, Ipv6Hdr::LEN)?;
     move_l2(ctx, Ipv6Hdr::LEN, l3_off)?;
-    set_macs(ctx, b)?;
+    set_macs(ctx, hop)?;
 
     let mut src = s.ipip_src_v6;
     let hb = hash.to_be_bytes();

@@ -29,10 +29,12 @@ use aya_ebpf::{
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::{
+    bindings::bpf_fib_lookup as FibParams, helpers::generated::bpf_fib_lookup, maps::lpm_trie::Key,
+};
 use lb_common::{
-    BACKEND_DOWN, Backend, FLOW_F_COUNTED, Flow, FlowKey, LC_EXACT_MAX, RegionKey,
-    SCHED_LEAST_CONN, SCHED_ROUND_ROBIN, VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NO_FLOW_TABLE,
+    BACKEND_DOWN, Backend, FLOW_F_COUNTED, Flow, LC_EXACT_MAX, RegionKey, SCHED_LEAST_CONN,
+    SCHED_ROUND_ROBIN, SETTINGS_F_FIB, VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NO_FLOW_TABLE,
     VIP_F_REGIONS, VipKey, VipMeta, decap_verdict, hash, ring_base, verdict,
 };
 use network_types::{
@@ -42,8 +44,8 @@ use network_types::{
 
 use crate::{
     maps::{
-        ACTIVE, BACKENDS, DECAP_ADDRS, FLOWS, REGIONS, RINGS, RR_POS, SETTINGS, TX_PORTS,
-        VIP_ADDRS, VIPS,
+        ACTIVE, BACKENDS, DECAP_ADDRS, FIB_SCRATCH, FLOWS, REGIONS, RINGS, RR_POS, SETTINGS,
+        TX_PORTS, VIP_ADDRS, VIPS,
     },
     parse::{Packet, Skip},
     stats::{decap_verdict, verdict},
@@ -108,9 +110,9 @@ pub fn floor_tx(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn lookup_vip(pkt: &Packet) -> Option<VipMeta> {
     let mut key = VipKey {
-        addr: pkt.dst,
-        port: pkt.dport,
-        proto: pkt.proto,
+        addr: pkt.key.dst,
+        port: pkt.key.dport,
+        proto: pkt.key.proto,
         family: pkt.family,
     };
     // SAFETY: VIP entries are only replaced whole by userspace; a torn read
@@ -127,7 +129,7 @@ fn lookup_vip(pkt: &Packet) -> Option<VipMeta> {
 #[inline(always)]
 fn is_vip_addr(pkt: &Packet) -> bool {
     let key = VipKey {
-        addr: pkt.dst,
+        addr: pkt.key.dst,
         port: 0,
         proto: 0,
         family: pkt.family,
@@ -163,7 +165,7 @@ fn ring_for(pkt: &Packet, vip: &VipMeta) -> Ring {
             32 + 128,
             RegionKey {
                 vip_id_be: vip.vip_id.to_be_bytes(),
-                addr: pkt.src,
+                addr: pkt.key.src,
             },
         );
         if let Some(r) = REGIONS.get(&key) {
@@ -296,6 +298,51 @@ fn schedule(vip: &VipMeta, ring: &Ring, h: u32) -> Option<(u32, &'static Backend
     }
 }
 
+/// The next hop towards backend `b` from the kernel's FIB and neighbour
+/// table (`bpf_fib_lookup`), or `None` when the kernel cannot say yet (no
+/// route, neighbour unresolved). The parameter block lives in a per-CPU
+/// scratch map: at 64 bytes it does not fit the 512-byte stack next to the
+/// rest of the balancer.
+#[inline(always)]
+fn fib_next_hop(ctx: &XdpContext, pkt: &Packet, b: &Backend) -> Option<forward::Hop> {
+    let p = FIB_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU map value of the right type, exclusively ours while
+    // this program runs on this CPU; the helper reads and writes only it.
+    unsafe {
+        core::ptr::write_bytes(p, 0, 1);
+        (*p).ifindex = ctx.ingress_ifindex() as u32;
+        (*p).__bindgen_anon_1.tot_len = pkt.ip_len;
+        if b.family == lb_common::AF_INET {
+            (*p).family = 2; // AF_INET
+            (*p).__bindgen_anon_4.ipv4_dst =
+                u32::from_ne_bytes([b.addr[0], b.addr[1], b.addr[2], b.addr[3]]);
+        } else {
+            (*p).family = 10; // AF_INET6
+            let a = &b.addr;
+            (*p).__bindgen_anon_4.ipv6_dst = [
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            ];
+        }
+        let rc = bpf_fib_lookup(
+            ctx.ctx.cast(),
+            p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        );
+        if rc != 0 {
+            return None;
+        }
+        Some(forward::Hop {
+            dmac: (*p).dmac,
+            smac: (*p).smac,
+            ifindex: (*p).ifindex,
+        })
+    }
+}
+
 #[inline(always)]
 fn now_s() -> u64 {
     // SAFETY: plain helper call without arguments.
@@ -324,20 +371,13 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
     // IPIP outer source; established DSR packets skip it.
     let flow_hash = || {
         if vip.flags & VIP_F_HASH_SRC_IP != 0 {
-            hash::hash_src(&pkt.src)
+            hash::hash_src(&pkt.key.src)
         } else {
-            hash::hash_5tuple(&pkt.src, pkt.sport, pkt.dport, pkt.proto)
+            hash::hash_5tuple(&pkt.key.src, pkt.key.sport, pkt.key.dport, pkt.key.proto)
         }
     };
     let use_table = vip.flags & VIP_F_NO_FLOW_TABLE == 0;
-    let key = FlowKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    };
+    let key = &pkt.key;
 
     // Known flow: keep its backend unless that backend is down or the flow
     // sat idle past the VIP's timeout.
@@ -346,7 +386,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
     // A least-connections flow counted in ACTIVE that is being rescheduled
     // (its backend died or it idled out): uncount it from the old backend.
     let mut uncount: Option<u32> = None;
-    if use_table && let Some(f) = FLOWS.get_ptr_mut(&key) {
+    if use_table && let Some(f) = FLOWS.get_ptr_mut(key) {
         // SAFETY: the pointer comes from a successful lookup; a concurrent
         // writer can at worst make us reschedule a flow, never read garbage
         // out of bounds.
@@ -396,9 +436,23 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
             }
         }
     };
-    if b.dst_mac == [0; 6] {
+    let Some(settings) = SETTINGS.get(0) else {
+        return Ok(verdict(verdict::ENCAP_FAILED, xdp_action::XDP_DROP));
+    };
+    let hop = if settings.flags & SETTINGS_F_FIB != 0 {
+        fib_next_hop(ctx, &pkt, b)
+    } else if b.dst_mac != [0; 6] {
+        Some(forward::Hop {
+            dmac: b.dst_mac,
+            smac: b.src_mac,
+            ifindex: b.ifindex,
+        })
+    } else {
+        None
+    };
+    let Some(hop) = hop else {
         return Ok(verdict(verdict::NO_NEIGH, xdp_action::XDP_PASS));
-    }
+    };
     if new_flow && use_table && !pkt.icmp_error {
         if now == 0 && vip.idle_timeout_s != 0 {
             now = now_s();
@@ -413,7 +467,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         };
         // A full table evicts its least recently used entry; a failed insert
         // only costs this flow its stickiness, so the error is ignored.
-        if FLOWS.insert(&key, &flow, 0).is_ok() && count {
+        if FLOWS.insert(key, &flow, 0).is_ok() && count {
             active_add(id, 1);
         }
         if let Some(old) = uncount {
@@ -422,15 +476,11 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
     }
 
     if vip.flags & VIP_F_IPIP != 0 {
-        let Some(s) = SETTINGS.get(0) else {
-            return Ok(verdict(verdict::ENCAP_FAILED, xdp_action::XDP_DROP));
-        };
-        let s = *s;
-        if forward::encap(ctx, &pkt, &b, &s, flow_hash()).is_err() {
+        if forward::encap(ctx, &pkt, b, settings, flow_hash(), &hop).is_err() {
             return Ok(verdict(verdict::ENCAP_FAILED, xdp_action::XDP_DROP));
         }
     } else {
-        forward::set_macs(ctx, &b)?;
+        forward::set_macs(ctx, &hop)?;
     }
     stats::traffic(
         vip.vip_id,
@@ -443,11 +493,11 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
     } else {
         None
     };
-    if b.ifindex == 0 || b.ifindex as usize == ctx.ingress_ifindex() {
+    if hop.ifindex == 0 || hop.ifindex as usize == ctx.ingress_ifindex() {
         return Ok(verdict(reason.unwrap_or(verdict::TX), xdp_action::XDP_TX));
     }
     let action = TX_PORTS
-        .redirect(b.ifindex, 0)
+        .redirect(hop.ifindex, 0)
         .unwrap_or(xdp_action::XDP_ABORTED);
     Ok(verdict(reason.unwrap_or(verdict::REDIRECT), action))
 }

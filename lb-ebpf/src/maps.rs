@@ -94,3 +94,8 @@ pub static RR_POS: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_VIPS, 0)
 /// (VIP id, client prefix) → the region's ring (longest prefix wins).
 #[map(name = "REGIONS")]
 pub static REGIONS: LpmTrie<RegionKey, RegionMeta> = LpmTrie::with_max_entries(1024, 0);
+
+/// Scratch space for `bpf_fib_lookup`'s parameter block (too big for the stack).
+#[map(name = "FIB_SCRATCH")]
+pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
+    PerCpuArray::with_max_entries(1, 0);

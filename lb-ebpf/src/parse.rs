@@ -7,6 +7,7 @@
 //! `Packet`.
 
 use aya_ebpf::programs::XdpContext;
+use lb_common::FlowKey;
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -42,16 +43,10 @@ pub struct Packet {
     pub l3_off: usize,
     /// [`lb_common::AF_INET`] or [`lb_common::AF_INET6`].
     pub family: u8,
-    /// Transport protocol of the flow (TCP or UDP for a balanced packet).
-    pub proto: u8,
-    /// Client address (network order, IPv4 in the first four bytes).
-    pub src: [u8; 16],
-    /// Destination (VIP) address.
-    pub dst: [u8; 16],
-    /// Host order.
-    pub sport: u16,
-    /// Host order.
-    pub dport: u16,
+    /// The flow as the client sent it: client address and port, VIP address
+    /// and port (host order), transport protocol. It is also the connection
+    /// table's key, kept once here because the BPF stack is 512 bytes.
+    pub key: FlowKey,
     /// Bytes from the IP header to the end of the IP packet.
     pub ip_len: u16,
     /// IPv4 fragment (first or later).
@@ -144,11 +139,14 @@ fn parse_v4(ctx: &XdpContext, l3_off: usize) -> Result<Packet, Skip> {
     let mut pkt = Packet {
         l3_off,
         family: lb_common::AF_INET,
-        proto,
-        src,
-        dst,
-        sport: 0,
-        dport: 0,
+        key: FlowKey {
+            src,
+            dst,
+            sport: 0,
+            dport: 0,
+            proto,
+            _pad: [0; 3],
+        },
         ip_len: tot_len,
         fragment,
         icmp_error: false,
@@ -162,8 +160,8 @@ fn parse_v4(ctx: &XdpContext, l3_off: usize) -> Result<Packet, Skip> {
     match proto {
         IPPROTO_TCP | IPPROTO_UDP => {
             let (s, d, f) = ports(ctx, l4_off, proto)?;
-            pkt.sport = s;
-            pkt.dport = d;
+            pkt.key.sport = s;
+            pkt.key.dport = d;
             pkt.tcp_flags = f;
         }
         IPPROTO_ICMP => icmp4_error(ctx, l4_off, &mut pkt)?,
@@ -187,11 +185,14 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize) -> Result<Packet, Skip> {
     let mut pkt = Packet {
         l3_off,
         family: lb_common::AF_INET6,
-        proto,
-        src: unsafe { (*ip).src_addr },
-        dst: unsafe { (*ip).dst_addr },
-        sport: 0,
-        dport: 0,
+        key: FlowKey {
+            src: unsafe { (*ip).src_addr },
+            dst: unsafe { (*ip).dst_addr },
+            sport: 0,
+            dport: 0,
+            proto,
+            _pad: [0; 3],
+        },
         ip_len: payload_len + Ipv6Hdr::LEN as u16,
         fragment: false,
         icmp_error: false,
@@ -201,8 +202,8 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize) -> Result<Packet, Skip> {
     match proto {
         IPPROTO_TCP | IPPROTO_UDP => {
             let (s, d, f) = ports(ctx, l4_off, proto)?;
-            pkt.sport = s;
-            pkt.dport = d;
+            pkt.key.sport = s;
+            pkt.key.dport = d;
             pkt.tcp_flags = f;
         }
         IPPROTO_ICMPV6 => icmp6_error(ctx, l4_off, &mut pkt)?,
@@ -266,11 +267,11 @@ fn icmp4_error(ctx: &XdpContext, l4_off: usize, pkt: &mut Packet) -> Result<(), 
     }
     // The quoted packet went from the VIP to the client: reverse it.
     let (vip_port, client_port) = quoted_ports(ctx, inner_off + ihl)?;
-    pkt.src = v4_addr(unsafe { (*ip).dst_addr });
-    pkt.dst = v4_addr(unsafe { (*ip).src_addr });
-    pkt.sport = client_port;
-    pkt.dport = vip_port;
-    pkt.proto = proto;
+    pkt.key.src = v4_addr(unsafe { (*ip).dst_addr });
+    pkt.key.dst = v4_addr(unsafe { (*ip).src_addr });
+    pkt.key.sport = client_port;
+    pkt.key.dport = vip_port;
+    pkt.key.proto = proto;
     pkt.icmp_error = true;
     Ok(())
 }
@@ -292,11 +293,11 @@ fn icmp6_error(ctx: &XdpContext, l4_off: usize, pkt: &mut Packet) -> Result<(), 
         return Ok(());
     }
     let (vip_port, client_port) = quoted_ports(ctx, inner_off + Ipv6Hdr::LEN)?;
-    pkt.src = unsafe { (*ip).dst_addr };
-    pkt.dst = unsafe { (*ip).src_addr };
-    pkt.sport = client_port;
-    pkt.dport = vip_port;
-    pkt.proto = proto;
+    pkt.key.src = unsafe { (*ip).dst_addr };
+    pkt.key.dst = unsafe { (*ip).src_addr };
+    pkt.key.sport = client_port;
+    pkt.key.dport = vip_port;
+    pkt.key.proto = proto;
     pkt.icmp_error = true;
     Ok(())
 }

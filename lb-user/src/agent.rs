@@ -859,6 +859,11 @@ pub async fn run_until(
     Dataplane::new(&mut ebpf).set_settings(&lb_common::Settings {
         ipip_src_v4: cfg.agent.ipip_source_v4.octets(),
         ipip_src_v6: cfg.agent.ipip_source_v6.octets(),
+        flags: if cfg.agent.next_hop_fib {
+            lb_common::SETTINGS_F_FIB
+        } else {
+            0
+        },
     })?;
     let mut state = State {
         ebpf,

@@ -65,6 +65,8 @@ struct RawAgent {
     instance: String,
     metrics_listen: Option<Spanned<String>>,
     netns: Option<String>,
+    #[serde(default = "default_next_hop")]
+    next_hop: Spanned<String>,
     #[serde(default = "default_src4")]
     ipip_source_v4: Spanned<String>,
     #[serde(default = "default_src6")]
@@ -165,6 +167,9 @@ fn default_socket() -> String {
 }
 fn default_instance() -> String {
     "default".into()
+}
+fn default_next_hop() -> Spanned<String> {
+    sp("map".into())
 }
 fn default_src4() -> Spanned<String> {
     sp("198.19.0.0".into())
@@ -313,6 +318,9 @@ pub struct Agent {
     /// anything else; for labs and tests. Unlike `ip netns exec`, this keeps
     /// the host's mount namespace, so pins land in the host's bpffs.
     pub netns: Option<String>,
+    /// Next hop per packet from `bpf_fib_lookup` (`next_hop = "fib"`)
+    /// instead of the backend entry the agent keeps fresh (`"map"`).
+    pub next_hop_fib: bool,
     pub ipip_source_v4: std::net::Ipv4Addr,
     pub ipip_source_v6: std::net::Ipv6Addr,
 }
@@ -402,6 +410,16 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         instance: a.instance.clone(),
         metrics_listen,
         netns: a.netns.clone(),
+        next_hop_fib: match a.next_hop.get_ref().as_str() {
+            "map" => false,
+            "fib" => true,
+            other => {
+                return Err(err(
+                    Some(a.next_hop.span()),
+                    format!("next_hop `{other}` is not \"map\" or \"fib\""),
+                ));
+            }
+        },
         ipip_source_v4,
         ipip_source_v6,
     };

@@ -48,6 +48,53 @@ pub fn run(ebpf: &mut Ebpf, prog: &str, pkt: &[u8]) -> Result<Run> {
     })
 }
 
+/// `struct xdp_md` for BPF_PROG_TEST_RUN's context: the whole packet
+/// (`data_end` = its length) received on `ifindex` (of the calling thread's
+/// network namespace).
+pub fn xdp_ctx(len: usize, ifindex: u32) -> [u8; 24] {
+    let mut c = [0u8; 24];
+    c[4..8].copy_from_slice(&(len as u32).to_ne_bytes());
+    c[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    c
+}
+
+/// [`run`] with the packet received on interface `ifindex`.
+pub fn run_on(ebpf: &mut Ebpf, prog: &str, pkt: &[u8], ifindex: u32) -> Result<Run> {
+    let p = loader::xdp_program(ebpf, prog)?;
+    let mut out = vec![0u8; pkt.len() + 256];
+    let ctx = xdp_ctx(pkt.len(), ifindex);
+    let mut ctx_out = [0u8; 24];
+    let opts = TestRunOptions {
+        data_in: Some(pkt),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        ctx_out: Some(&mut ctx_out),
+        ..Default::default()
+    };
+    let r = p.test_run(opts).context("BPF_PROG_TEST_RUN failed")?;
+    out.truncate(r.data_size_out as usize);
+    Ok(Run {
+        action: r.return_value,
+        out,
+    })
+}
+
+/// [`time`] with the packet received on interface `ifindex`.
+pub fn time_on(ebpf: &mut Ebpf, prog: &str, pkt: &[u8], repeat: u32, ifindex: u32) -> Result<f64> {
+    let p = loader::xdp_program(ebpf, prog)?;
+    let mut out = vec![0u8; pkt.len() + 256];
+    let ctx = xdp_ctx(pkt.len(), ifindex);
+    let opts = TestRunOptions {
+        data_in: Some(pkt),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        repeat,
+        ..Default::default()
+    };
+    let r = p.test_run(opts).context("BPF_PROG_TEST_RUN failed")?;
+    Ok(r.duration.as_nanos() as f64)
+}
+
 /// Runs `prog` `repeat` times on `pkt` and returns the kernel's mean ns per run.
 pub fn time(ebpf: &mut Ebpf, prog: &str, pkt: &[u8], repeat: u32) -> Result<f64> {
     let p = loader::xdp_program(ebpf, prog)?;
@@ -242,6 +289,7 @@ impl Fixture {
         Dataplane::new(&mut ebpf).set_settings(&lb_common::Settings {
             ipip_src_v4: [198, 19, 0, 0],
             ipip_src_v6: v6("2001:2:0:ff::".parse().expect("literal")),
+            flags: 0,
         })?;
         Ok(Self { ebpf })
     }

@@ -91,6 +91,7 @@ fn run_case(tag: &str, family: u8, ipip: bool) {
         dp.set_settings(&lb_common::Settings {
             ipip_src_v4: [198, 19, 0, 0],
             ipip_src_v6: v6("2001:2:0:ff::".parse().unwrap()),
+            flags: 0,
         })
         .expect("settings");
         let flags = if ipip { VIP_F_IPIP } else { 0 };
@@ -261,4 +262,135 @@ fn dsr_ipv6_tcp_and_udp() {
 #[test]
 fn ipip_ipv6_tcp_and_udp() {
     run_case("fi6", AF_INET6, true);
+}
+
+/// `next_hop = "fib"`: the next hop comes from the kernel's routes and
+/// neighbours per packet (bpf_fib_lookup), so it follows a neighbour change
+/// at once, and a missing neighbour passes the packet (counted).
+#[test]
+fn fib_next_hop_follows_the_neighbour_table() {
+    use lb_common::{AF_INET, PROTO_TCP, VipKey, VipMeta, verdict};
+    use lb_tests::{action, run_on, tcp4};
+    Netns::sweep("fib");
+    let ns = Netns::new("fib").expect("ns");
+    lb_tests::sh(
+        "ip",
+        &[
+            "link", "add", "v0", "netns", &ns.name, "type", "veth", "peer", "name", "v1", "netns",
+            &ns.name,
+        ],
+    )
+    .expect("veth");
+    ns.exec("ip", &["addr", "add", "198.18.2.254/24", "dev", "v0"])
+        .expect("addr");
+    ns.exec("ip", &["link", "set", "v0", "up"]).expect("up");
+    ns.exec("ip", &["link", "set", "v1", "up"]).expect("up");
+    // bpf_fib_lookup answers "forwarding disabled" unless the host forwards.
+    ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])
+        .expect("forwarding");
+    let v0 = ifindex_of(&ns, "v0");
+    let v0_mac = mac_of(&ns, "v0");
+
+    let mut lb = load().expect("load");
+    let vip = VipKey {
+        addr: v4([198, 18, 0, 100]),
+        port: 80,
+        proto: PROTO_TCP,
+        family: AF_INET,
+    };
+    {
+        let mut dp = Dataplane::new(&mut lb);
+        dp.set_settings(&lb_common::Settings {
+            flags: lb_common::SETTINGS_F_FIB,
+            ..Default::default()
+        })
+        .expect("settings");
+        dp.upsert_vip(
+            &vip,
+            VipMeta {
+                vip_id: 0,
+                ..Default::default()
+            },
+        )
+        .expect("vip");
+        // No MAC in the entry: only the kernel knows it.
+        let b = Backend {
+            addr: v4([198, 18, 2, 1]),
+            family: AF_INET,
+            state: lb_common::BACKEND_UP,
+            weight: 1,
+            ..Default::default()
+        };
+        dp.set_backend(1, &b).expect("backend");
+        let t = lb_user::maglev::build(
+            &[lb_user::maglev::Entry {
+                id: 1,
+                addr: b.addr,
+                weight: 1,
+            }],
+            251,
+        );
+        dp.install_ring(&vip, &t).expect("ring");
+    }
+    let pkt = tcp4([198, 19, 0, 1], [198, 18, 0, 100], 40000, 80, b"");
+    let (r1, r2, r3) = ns
+        .enter(|| {
+            let none = run_on(&mut lb, lb_common::PROG_BALANCER, &pkt, v0).expect("run");
+            ns.exec(
+                "ip",
+                &[
+                    "neigh",
+                    "replace",
+                    "198.18.2.1",
+                    "lladdr",
+                    "02:00:00:00:aa:01",
+                    "dev",
+                    "v0",
+                ],
+            )
+            .expect("neigh");
+            let first = run_on(&mut lb, lb_common::PROG_BALANCER, &pkt, v0).expect("run");
+            ns.exec(
+                "ip",
+                &[
+                    "neigh",
+                    "replace",
+                    "198.18.2.1",
+                    "lladdr",
+                    "02:00:00:00:bb:02",
+                    "dev",
+                    "v0",
+                ],
+            )
+            .expect("neigh");
+            let second = run_on(&mut lb, lb_common::PROG_BALANCER, &pkt, v0).expect("run");
+            (none, first, second)
+        })
+        .expect("setns");
+    assert_eq!(
+        r1.action,
+        action::PASS,
+        "no neighbour yet: passed to the kernel"
+    );
+    assert_eq!(r2.action, action::TX);
+    assert_eq!(
+        &r2.out[0..6],
+        &[0x02, 0, 0, 0, 0xaa, 0x01],
+        "MAC from the neighbour table"
+    );
+    assert_eq!(
+        &r2.out[6..12],
+        &v0_mac,
+        "source MAC of the egress interface"
+    );
+    assert_eq!(
+        &r3.out[0..6],
+        &[0x02, 0, 0, 0, 0xbb, 0x02],
+        "a neighbour change applies to the next packet"
+    );
+    let v = Dataplane::new(&mut lb).verdicts().expect("counters");
+    assert_eq!(
+        (v[verdict::NO_NEIGH as usize], v[verdict::TX as usize]),
+        (1, 2)
+    );
 }

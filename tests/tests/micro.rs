@@ -221,6 +221,8 @@ fn micro() {
             ),
         },
     ];
+    let mut rows = rows;
+    rows.extend(next_hop_rows());
     let floor = rows[1].ns.max(0.001);
 
     // The Maglev table build the agent does on every ring change.
@@ -267,4 +269,111 @@ fn micro() {
             "\nMaglev table build, 1000 backends, M = 65537: {build_ms:.1} ms (median of {RUNS})"
         );
     }
+}
+
+/// The established path with the next hop from the backend entry (what the
+/// agent keeps fresh) against `bpf_fib_lookup` per packet, in a namespace
+/// with a route and neighbour entries for the backends.
+fn next_hop_rows() -> Vec<Row> {
+    use lb_tests::{Netns, time_on};
+    Netns::sweep("mnh");
+    let ns = Netns::new("mnh").expect("ns");
+    lb_tests::sh(
+        "ip",
+        &[
+            "link", "add", "v0", "netns", &ns.name, "type", "veth", "peer", "name", "v1", "netns",
+            &ns.name,
+        ],
+    )
+    .expect("veth");
+    for cmd in [
+        vec!["ip", "addr", "add", "198.18.2.254/24", "dev", "v0"],
+        vec!["ip", "link", "set", "v0", "up"],
+        vec!["ip", "link", "set", "v1", "up"],
+        vec!["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+    ] {
+        ns.exec(cmd[0], &cmd[1..]).expect("setup");
+    }
+    for i in 1..=10 {
+        ns.exec(
+            "ip",
+            &[
+                "neigh",
+                "replace",
+                &format!("198.18.2.{i}"),
+                "lladdr",
+                &format!("02:00:00:00:01:{i:02x}"),
+                "dev",
+                "v0",
+            ],
+        )
+        .expect("neigh");
+    }
+    let v0: u32 = ns
+        .exec("cat", &["/sys/class/net/v0/ifindex"])
+        .expect("ifindex")
+        .trim()
+        .parse()
+        .expect("num");
+    let mut out = Vec::new();
+    for (name, flags) in [
+        (
+            "established IPv4 TCP dsr, next hop from the backend entry",
+            0,
+        ),
+        (
+            "established IPv4 TCP dsr, next hop from bpf_fib_lookup",
+            lb_common::SETTINGS_F_FIB,
+        ),
+    ] {
+        let mut f = Fixture::new().expect("load");
+        f.dp()
+            .set_settings(&lb_common::Settings {
+                flags,
+                ..Default::default()
+            })
+            .expect("settings");
+        let key = VipKey {
+            addr: v4([198, 18, 0, 100]),
+            port: 80,
+            proto: PROTO_TCP,
+            family: AF_INET,
+        };
+        let backends = (1..=10u32)
+            .map(|i| (i, v4([198, 18, 2, i as u8]), 1))
+            .collect();
+        f.add_vip(&VipSpec {
+            key,
+            vip_id: 0,
+            flags: 0,
+            ring_size: 65537,
+            backends,
+        })
+        .expect("vip");
+        let pkt = tcp4([198, 19, 0, 1], [198, 18, 0, 100], 40000, 80, &[0; 10]);
+        let ns_runs = ns
+            .enter(|| {
+                lb_tests::run_on(&mut f.ebpf, lb_common::PROG_BALANCER, &pkt, v0).expect("prime");
+                (0..RUNS)
+                    .map(|_| {
+                        let before = f.verdicts().expect("counters")[verdict::TX as usize];
+                        let t = time_on(&mut f.ebpf, lb_common::PROG_BALANCER, &pkt, REPEAT, v0)
+                            .expect("timed");
+                        let after = f.verdicts().expect("counters")[verdict::TX as usize];
+                        assert_eq!(
+                            after - before,
+                            REPEAT as u64,
+                            "{name}: every repetition forwarded"
+                        );
+                        t
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .expect("setns");
+        out.push(Row {
+            name,
+            ns: median(ns_runs),
+        });
+    }
+    out
 }
