@@ -280,8 +280,8 @@ pub mod verdict {
     pub const PASS_NON_IP: u32 = 3;
     /// IPv6 with an extension header before the transport header: passed.
     pub const PASS_IPV6_EXT: u32 = 4;
-    /// Headers shorter than they claim, bad version or IHL: dropped if the
-    /// packet was headed to a VIP, passed (to be judged by the kernel) otherwise.
+    /// Headers shorter than they claim, bad version or IHL: passed to the
+    /// kernel, whose own checks drop it (the balancer never forwards it).
     pub const MALFORMED: u32 = 5;
     /// VIP matched but the ring has no live backend: dropped.
     pub const NO_BACKEND: u32 = 6;
@@ -312,7 +312,7 @@ pub mod verdict {
     ];
 }
 
-/// Verdict counters of the decap program (in `VERDICTS` of the decap object).
+/// Verdict counters of the decap program (in `DECAP_VERDICTS`).
 pub mod decap_verdict {
     pub const DECAPSULATED: u32 = 0;
     pub const PASS: u32 = 1;

@@ -1,5 +1,12 @@
-//! The userspace side of the load balancer: loading the datapath and
-//! programming its maps (`loader`, `dataplane`).
+//! The userspace side of the load balancer.
+//!
+//! `loader` is the only module that touches aya's program and link APIs;
+//! `dataplane` is the typed facade over the maps; `maglev` and `sched` are
+//! pure ring builders; `config` turns TOML into a validated model and
+//! `confedit` writes runtime changes back; `health` probes; `agent` is
+//! `lb run` (reconcile loop, health tasks, control socket served per `api`);
+//! `cli` is the command line; `lab`, `demo` and `loadgen` are the test
+//! bench that ships with the product.
 
 pub mod agent;
 pub mod api;
