@@ -893,6 +893,24 @@ pub async fn run_until(
         XdpMode::Skb => loader::AttachMode::Skb,
         XdpMode::Auto => loader::AttachMode::Auto,
     };
+    if cfg.agent.next_hop_fib {
+        // bpf_fib_lookup refuses ("forwarding disabled") on a host that does
+        // not forward: every packet would pass as `no_neigh`.
+        for (sysctl, family) in [
+            ("/proc/sys/net/ipv4/ip_forward", "IPv4"),
+            ("/proc/sys/net/ipv6/conf/all/forwarding", "IPv6"),
+        ] {
+            if std::fs::read_to_string(sysctl)
+                .map(|v| v.trim() == "0")
+                .unwrap_or(false)
+            {
+                eprintln!(
+                    "lb: warning: next_hop = \"fib\" but {family} forwarding is off ({sysctl} = 0); \
+                     {family} VIP traffic will pass as no_neigh - enable forwarding or use next_hop = \"map\""
+                );
+            }
+        }
+    }
     let (_link, desc) = loader::attach_pinned(&mut state.ebpf, &cfg.agent.interface, mode, &dir)?;
     state.attach_desc = desc.clone();
     eprintln!(
