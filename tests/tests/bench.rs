@@ -365,10 +365,36 @@ impl Drop for LabRun {
     }
 }
 
-/// wrk's figures: requests/s, p50 and p99 latency in ms.
-fn wrk(ns: &str, url: &str, secs: u32) -> (f64, f64, f64) {
-    let out = Command::new("ip")
+/// Busy CPU time of the whole VM so far, in seconds (/proc/stat: user,
+/// nice, system, irq, softirq; XDP runs in softirq).
+fn busy_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat.lines().next().unwrap_or("");
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let busy = [0, 1, 2, 5, 6]
+        .iter()
+        .filter_map(|&i| f.get(i))
+        .sum::<f64>();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    busy / hz.max(1.0)
+}
+
+/// One wrk run: requests/s, p50 and p99 latency in ms, and the whole VM's
+/// busy CPU microseconds per request (clients, balancer and backends share
+/// it, so differences between paths are the paths' own cost).
+fn wrk(ns: &str, url: &str, secs: u32) -> (f64, f64, f64, f64) {
+    // `timeout`: wrk can hang past its duration when nothing connects.
+    let limit = (secs + 10).to_string();
+    let cpu0 = busy_cpu_s();
+    let out = Command::new("timeout")
         .args([
+            limit.as_str(),
+            "ip",
             "netns",
             "exec",
             ns,
@@ -377,12 +403,11 @@ fn wrk(ns: &str, url: &str, secs: u32) -> (f64, f64, f64) {
             "-c32",
             &format!("-d{secs}s"),
             "--latency",
-            "-H",
-            "Connection: close",
-            url,
         ])
+        .args(["-H", "Connection: close", url])
         .output()
         .expect("wrk (install it: apt-get install wrk)");
+    let cpu = busy_cpu_s() - cpu0;
     let text = String::from_utf8_lossy(&out.stdout);
     let ms = |s: &str| -> f64 {
         let s = s.trim();
@@ -398,6 +423,7 @@ fn wrk(ns: &str, url: &str, secs: u32) -> (f64, f64, f64) {
     };
     let mut rps = f64::NAN;
     let (mut p50, mut p99) = (f64::NAN, f64::NAN);
+    let mut requests = f64::NAN;
     for line in text.lines() {
         let l = line.trim();
         if let Some(v) = l.strip_prefix("Requests/sec:") {
@@ -406,9 +432,15 @@ fn wrk(ns: &str, url: &str, secs: u32) -> (f64, f64, f64) {
             p50 = ms(v);
         } else if let Some(v) = l.strip_prefix("99%") {
             p99 = ms(v);
+        } else if l.contains(" requests in ") {
+            requests = l
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(f64::NAN);
         }
     }
-    (rps, p50, p99)
+    (rps, p50, p99, cpu * 1e6 / requests)
 }
 
 #[test]
@@ -484,7 +516,7 @@ fn bench_http() {
         ),
     ];
     let mut rows = Vec::new();
-    let mut results: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); targets.len()];
+    let mut results: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); targets.len()];
     for _ in 0..3 {
         for (i, (_, url)) in targets.iter().enumerate() {
             results[i].push(wrk(&client, url, 3));
@@ -494,8 +526,11 @@ fn bench_http() {
         let rps = median(results[i].iter().map(|x| x.0).collect());
         let p50 = median(results[i].iter().map(|x| x.1).collect());
         let p99 = median(results[i].iter().map(|x| x.2).collect());
-        println!("{name:<36} {rps:>10.0} req/s  p50 {p50:.2} ms  p99 {p99:.2} ms");
-        rows.push(json!({"target": name, "rps": rps, "p50_ms": p50, "p99_ms": p99}));
+        let cpu_us = median(results[i].iter().map(|x| x.3).collect());
+        println!(
+            "{name:<36} {rps:>10.0} req/s  p50 {p50:.2} ms  p99 {p99:.2} ms  {cpu_us:.1} µs CPU/request (whole VM)"
+        );
+        rows.push(json!({"target": name, "rps": rps, "p50_ms": p50, "p99_ms": p99, "vm_cpu_us_per_request": cpu_us}));
     }
     emit(
         json!({"bench": "http", "tool": "wrk -t2 -c32 -d3s, Connection: close", "runs": 3, "rows": rows}),

@@ -272,18 +272,31 @@ fn markdown(r: &Value) -> String {
         r["http"]["tool"].as_str().unwrap_or(""),
         r["http"]["runs"]
     ));
-    o.push_str("| path | requests/s | vs direct | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|\n");
+    o.push_str(
+        "| path | requests/s | vs direct | p50 ms | p99 ms | VM CPU µs/request |\n|---|---:|---:|---:|---:|---:|\n",
+    );
     let rows = r["http"]["rows"].as_array().cloned().unwrap_or_default();
     let direct = rows.first().map(|x| f(&x["rps"])).unwrap_or(f64::NAN);
     for row in &rows {
         o.push_str(&format!(
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2} |\n",
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} |\n",
             row["target"].as_str().unwrap_or(""),
             f(&row["rps"]),
             f(&row["rps"]) / direct,
             f(&row["p50_ms"]),
-            f(&row["p99_ms"])
+            f(&row["p99_ms"]),
+            f(&row["vm_cpu_us_per_request"])
         ));
+    }
+    if rows
+        .iter()
+        .any(|r| r.get("vm_cpu_us_per_request").is_some())
+    {
+        o.push_str(
+            "\nVM CPU per request is the busy time of the whole VM (wrk, balancer, backends: user, system, irq and \
+             softirq, where XDP runs) over the requests served; the paths differ only in the balancer, so the \
+             difference to `direct` is what each balancer costs per request.\n",
+        );
     }
     let fo = &r["failover"];
     let fo_text = format!(
