@@ -294,8 +294,11 @@ fn markdown(r: &Value) -> String {
     {
         o.push_str(
             "\nVM CPU per request is the busy time of the whole VM (wrk, balancer, backends: user, system, irq and \
-             softirq, where XDP runs) over the requests served; the paths differ only in the balancer, so the \
-             difference to `direct` is what each balancer costs per request.\n",
+             softirq, where XDP runs) over the requests served. The difference to `direct` is what each path \
+             costs per request in this lab, and for every balancer it includes the lab's extra hop: client packets \
+             cross the bridge and a veth pair twice (to the balancer and back out), which costs far more kernel \
+             time than the XDP program itself (about 0.1 µs per packet in the micro-benchmark) and which a \
+             balancer on a real NIC does not pay in the same way.\n",
         );
     }
     let fo = &r["failover"];
