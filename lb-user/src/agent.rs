@@ -549,7 +549,17 @@ impl State {
             let vi = match self.vips.iter().position(|v| v.key == key) {
                 Some(i) => i,
                 None => {
-                    let used: HashSet<u32> = self.vips.iter().map(|v| v.vip_id).collect();
+                    // VIP ids and region ring slots share the ring space.
+                    let used: HashSet<u32> = self
+                        .vips
+                        .iter()
+                        .map(|v| v.vip_id)
+                        .chain(
+                            self.vips
+                                .iter()
+                                .flat_map(|v| v.regions.iter().map(|r| r.ring_id)),
+                        )
+                        .collect();
                     // Keep the id the pinned datapath already has for this VIP;
                     // otherwise take one neither live nor pinned.
                     let vip_id = match existing_ids.get(&key) {

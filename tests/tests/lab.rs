@@ -388,3 +388,80 @@ fn least_connections_keeps_backends_closer_than_round_robin() {
         "least-connections ({lc:.2}) should keep backends closer than round-robin ({rr:.2})"
     );
 }
+
+#[test]
+fn region_clients_stay_on_their_backend_and_fall_back_when_it_dies() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut r = Running::start("lt-rg", "dsr", "5-tuple", "kind = \"tcp\"");
+    // Client 1's eight addresses form region "near", served by b1 alone.
+    let prefixes: Vec<String> = (0..lab::ADDRS_PER_CLIENT)
+        .map(|k| format!("\"{}/32\"", lab::client4(1, k)))
+        .collect();
+    let region = format!(
+        "\n[[vip.region]]\nname = \"near\"\nprefixes = [{}]\nbackends = [\"{}\"]\n",
+        prefixes.join(", "),
+        lab::backend4(1)
+    );
+    let base = r.lab.agent_config("dsr", "5-tuple", "kind = \"tcp\"");
+    let split = base
+        .find("\n[[vip]]\naddress = \"2001:2::100\"")
+        .expect("the IPv6 VIP block");
+    let text = format!("{}{}{}", &base[..split], region, &base[split..]);
+    r.stop_agent();
+    std::fs::write(&r.config, &text).unwrap();
+    r.agent = Some(
+        std::process::Command::new(LB)
+            .args(["run", "--config"])
+            .arg(&r.config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(r.lab.run_dir().join("agent.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    while r
+        .backends()
+        .map(|b| {
+            b.iter()
+                .filter(|b| b.state == "up" && b.next_hop_known)
+                .count()
+        })
+        .unwrap_or(0)
+        < 6
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "agent not ready:\n{}",
+            r.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let is_c1 =
+        |s: &Sample| (0..lab::ADDRS_PER_CLIENT).any(|k| s.client.to_string() == lab::client4(1, k));
+    let s = r.load(false, 200, 2.0, |_| {});
+    let near: BTreeMap<String, usize> =
+        per_backend(&s.iter().filter(|x| is_c1(x)).cloned().collect::<Vec<_>>());
+    let far: BTreeMap<String, usize> =
+        per_backend(&s.iter().filter(|x| !is_c1(x)).cloned().collect::<Vec<_>>());
+    println!("region clients: {near:?}; other clients: {far:?}");
+    assert_eq!(
+        near.keys().collect::<Vec<_>>(),
+        ["b1"],
+        "region clients only on the region's backend"
+    );
+    assert_eq!(far.len(), 3, "other clients over every backend");
+
+    // b1 dies: once it is out, the region's clients fall back to b2 and b3.
+    r.lab.stop_backend(1).unwrap();
+    let t0 = Instant::now();
+    while r.state(&lab::backend4(1)) != "down" {
+        assert!(t0.elapsed() < Duration::from_secs(2), "b1 not taken out");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = r.load(false, 200, 2.0, |_| {});
+    let near = per_backend(&s.iter().filter(|x| is_c1(x)).cloned().collect::<Vec<_>>());
+    let failed = s.iter().filter(|x| x.result.is_err()).count();
+    println!("after b1 died, region clients: {near:?}, {failed} failed");
+    assert_eq!(failed, 0, "region clients are not dropped");
+    assert!(!near.contains_key("b1") && !near.is_empty());
+}
