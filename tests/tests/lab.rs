@@ -465,3 +465,111 @@ fn region_clients_stay_on_their_backend_and_fall_back_when_it_dies() {
     assert_eq!(failed, 0, "region clients are not dropped");
     assert!(!near.contains_key("b1") && !near.is_empty());
 }
+
+#[test]
+fn drain_keeps_a_long_request_and_sends_new_ones_elsewhere() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let r = Running::start("lt-dr", "dsr", "5-tuple", "kind = \"tcp\"");
+    // A long request (3 s) from client 1; find the backend serving it.
+    let ns = r.lab.client_ns(1);
+    let long = std::thread::spawn(move || {
+        lab::in_netns(&ns, || {
+            lab::http_get(
+                &format!("{}:80", lab::VIP4).parse().unwrap(),
+                None,
+                "/sleep?ms=3000",
+            )
+        })
+        .expect("setns")
+    });
+    let t0 = Instant::now();
+    let serving = loop {
+        let busy: Vec<usize> = (1..=lab::BACKENDS)
+            .filter(|&i| {
+                r.lab
+                    .backend_ctl(i, "/admin/inflight")
+                    .is_ok_and(|v| v.trim() == "1")
+            })
+            .collect();
+        if let [i] = busy[..] {
+            break i;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "the long request did not arrive"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = Command::new(LB)
+        .args([
+            "backend",
+            "drain",
+            &format!("{}:80", lab::VIP4),
+            &lab::backend4(serving),
+            "--socket",
+        ])
+        .arg(r.lab.socket())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = r.load(false, 200, 1.5, |_| {});
+    let m = per_backend(&s);
+    println!("b{serving} drained with a long request in flight; new requests: {m:?}");
+    assert!(s.iter().all(|x| x.result.is_ok()));
+    assert!(
+        !m.contains_key(&format!("b{serving}")),
+        "no new flow to the drained backend"
+    );
+    let answer = long.join().unwrap().expect("the long request completes");
+    assert_eq!(
+        answer,
+        format!("b{serving}"),
+        "the drained backend finished its long request"
+    );
+}
+
+#[test]
+fn agent_kill_9_and_restart_under_steady_traffic_fails_nothing() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut r = Running::start("lt-rs", "dsr", "5-tuple", "kind = \"tcp\"");
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let handles = lab::load(
+        &r.lab.clone(),
+        false,
+        200,
+        Duration::from_secs(4),
+        samples.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    if let Some(mut a) = r.agent.take() {
+        let _ = a.kill(); // SIGKILL: no clean-up at all
+        let _ = a.wait();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    r.agent = Some(
+        Command::new(LB)
+            .args(["run", "--config"])
+            .arg(&r.config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(r.lab.run_dir().join("agent2.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    for h in handles {
+        h.join().unwrap();
+    }
+    let s = samples.lock().unwrap().clone();
+    let failed = s.iter().filter(|x| x.result.is_err()).count();
+    let log = std::fs::read_to_string(r.lab.run_dir().join("agent2.log")).unwrap_or_default();
+    println!(
+        "{} requests across kill -9 and restart of the agent, {failed} failed",
+        s.len()
+    );
+    assert!(s.len() > 600);
+    assert_eq!(failed, 0);
+    assert!(log.contains("adopted the running datapath"), "{log}");
+}
