@@ -231,8 +231,11 @@ fn failover_within_a_second_recovery_and_no_errors_elsewhere() {
         "kill at {kill_at:?}: {} failed connections, the last {last:?} after the kill",
         failed.len()
     );
+    // A request already in flight to b2 when its server dies fails too:
+    // allow those that started just before the kill.
+    let in_flight_margin = Duration::from_millis(200);
     assert!(
-        failed.iter().all(|t| *t >= kill_at),
+        failed.iter().all(|t| *t + in_flight_margin >= kill_at),
         "no failure before the kill"
     );
     assert!(
