@@ -150,9 +150,11 @@ struct LoadgenArgs {
     /// udp, or syn (TCP SYNs).
     #[arg(long, default_value = "udp", value_parser = ["udp", "syn"])]
     proto: String,
-    /// Frame size in bytes without FCS (64 = minimum Ethernet frame).
-    #[arg(long, default_value_t = 64)]
-    size: usize,
+    /// Frame size in bytes without the FCS the NIC adds. Default: the
+    /// smallest frame the headers allow, at least 60 (the minimum 64-byte
+    /// Ethernet frame on the wire; 62 for IPv6 UDP, 74 for IPv6 SYNs).
+    #[arg(long)]
+    size: Option<usize>,
     /// Number of distinct flows.
     #[arg(long, default_value_t = 1)]
     flows: u32,
@@ -373,7 +375,7 @@ fn loadgen(a: LoadgenArgs) -> Result<()> {
         dst_mac,
         src,
         tcp_syn: a.proto == "syn",
-        size: a.size,
+        size: a.size.unwrap_or(0),
         flows: a.flows,
         rate: a.rate,
         duration: a.duration.map(Duration::from_secs_f64),

@@ -30,7 +30,8 @@ pub struct Options {
     /// Base source address; flow f uses its last two bytes = f & 0xffff.
     pub src: IpAddr,
     pub tcp_syn: bool,
-    /// Frame size in bytes (without FCS), >= the headers.
+    /// Frame size in bytes (without FCS), >= the headers; 0 = the smallest
+    /// the headers allow, at least 60.
     pub size: usize,
     pub flows: u32,
     /// Packets per second in all; 0 = as fast as possible.
@@ -125,15 +126,15 @@ pub fn template(o: &Options, src_mac: [u8; 6], dst_mac: [u8; 6]) -> Result<(Vec<
         (PROTO_UDP, 8)
     };
     let min = l4_off as usize + hdr;
-    if o.size < min.max(60) {
+    let size = if o.size == 0 { min.max(60) } else { o.size };
+    if size < min.max(60) {
         bail!(
-            "--size {} is too small: at least {} bytes for these headers",
-            o.size,
+            "--size {size} is too small: at least {} bytes for these headers",
             min.max(60)
         );
     }
-    let payload = vec![0u8; o.size - min];
-    let mut frame = Vec::with_capacity(o.size);
+    let payload = vec![0u8; size - min];
+    let mut frame = Vec::with_capacity(size);
     if o.tcp_syn {
         ip.tcp(1024, o.dst.port(), 1, 65535)
             .syn()

@@ -244,7 +244,7 @@ fn markdown(r: &Value) -> String {
         f(&r["micro"]["maglev_build_1000_backends_m65537_ms"])
     ));
     o.push_str(
-        "## Packet rate (64-byte UDP, `lb loadgen` → LB veth → sink, 2 s runs, median of 3)\n\n",
+        "## Packet rate (minimum-size UDP frames: 60 bytes + FCS = 64 on the wire; `lb loadgen` → LB veth → sink, 2 s runs, median of 3)\n\n",
     );
     o.push_str("| flows | floor (swap MACs + XDP_TX) Mpps | lb Mpps | lb / floor |\n|---:|---:|---:|---:|\n");
     for row in r["packet_rate"]["rows"].as_array().into_iter().flatten() {
@@ -411,7 +411,7 @@ fn chart(r: &Value, path: &Path) -> Result<()> {
         .fold(0.0, f64::max)
         / 1e6;
     let mut c = ChartBuilder::on(&left)
-        .caption("Packet rate, 64-byte UDP (Mpps)", ("sans-serif", 18))
+        .caption("Packet rate, 64-byte frames (Mpps)", ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(44)
