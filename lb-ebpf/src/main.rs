@@ -37,10 +37,7 @@ use lb_common::{
     SCHED_ROUND_ROBIN, SETTINGS_F_FIB, VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NO_FLOW_TABLE,
     VIP_F_REGIONS, VipKey, VipMeta, decap_verdict, hash, ring_base, verdict,
 };
-use network_types::{
-    eth::EthHdr,
-    ip::{Ipv4Hdr, Ipv6Hdr},
-};
+use network_types::eth::EthHdr;
 
 use crate::{
     maps::{
@@ -503,50 +500,13 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
 }
 
 fn try_decap(ctx: &XdpContext) -> Result<u32, ()> {
-    let (ether_type, l3_off) = match parse::parse_l2(ctx) {
-        Ok(v) => v,
-        Err(_) => {
-            return Ok(decap_verdict(
-                decap_verdict::MALFORMED,
-                xdp_action::XDP_PASS,
-            ));
-        }
+    let Some(t) = parse::tunnel(ctx)? else {
+        return Ok(decap_verdict(decap_verdict::PASS, xdp_action::XDP_PASS));
     };
-    let pass = || decap_verdict(decap_verdict::PASS, xdp_action::XDP_PASS);
-    // Constant offsets for the verifier: the same value as l3_off.
-    let l3 = if l3_off > EthHdr::LEN {
-        18
-    } else {
-        EthHdr::LEN
-    };
-    let outer_len = match ether_type {
-        parse::ETH_P_IP => {
-            let ip: *const Ipv4Hdr = parse::ptr_at(ctx, l3)?;
-            // SAFETY: ptr_at checked the bounds.
-            let (vihl, proto, dst) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).dst_addr) };
-            if vihl != 0x45 || proto != parse::IPPROTO_IPIP {
-                return Ok(pass());
-            }
-            let key = [
-                dst[0], dst[1], dst[2], dst[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-            ];
-            if DECAP_ADDRS.get_ptr(&key).is_none() {
-                return Ok(pass());
-            }
-            Ipv4Hdr::LEN
-        }
-        parse::ETH_P_IPV6 => {
-            let ip: *const Ipv6Hdr = parse::ptr_at(ctx, l3)?;
-            // SAFETY: ptr_at checked the bounds.
-            let (next, dst) = unsafe { ((*ip).next_hdr, (*ip).dst_addr) };
-            if next != parse::IPPROTO_IPV6 || DECAP_ADDRS.get_ptr(&dst).is_none() {
-                return Ok(pass());
-            }
-            Ipv6Hdr::LEN
-        }
-        _ => return Ok(pass()),
-    };
-    forward::decap(ctx, l3, outer_len)?;
+    if DECAP_ADDRS.get_ptr(&t.dst).is_none() {
+        return Ok(decap_verdict(decap_verdict::PASS, xdp_action::XDP_PASS));
+    }
+    forward::decap(ctx, t.l3_off, t.outer_len)?;
     Ok(decap_verdict(
         decap_verdict::DECAPSULATED,
         xdp_action::XDP_PASS,
@@ -570,32 +530,10 @@ pub fn bench_ipip(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn restore(ctx: &XdpContext) -> Result<(), ()> {
-    let (ether_type, l3_off) = parse::parse_l2(ctx).map_err(|_| ())?;
-    let l3 = if l3_off > EthHdr::LEN {
-        18
-    } else {
-        EthHdr::LEN
-    };
-    let outer_len = match ether_type {
-        parse::ETH_P_IP => {
-            let ip: *const Ipv4Hdr = parse::ptr_at(ctx, l3)?;
-            // SAFETY: ptr_at checked the bounds.
-            if unsafe { (*ip).proto } != parse::IPPROTO_IPIP {
-                return Ok(());
-            }
-            Ipv4Hdr::LEN
-        }
-        parse::ETH_P_IPV6 => {
-            let ip: *const Ipv6Hdr = parse::ptr_at(ctx, l3)?;
-            // SAFETY: ptr_at checked the bounds.
-            if unsafe { (*ip).next_hdr } != parse::IPPROTO_IPV6 {
-                return Ok(());
-            }
-            Ipv6Hdr::LEN
-        }
-        _ => return Ok(()),
-    };
-    forward::decap(ctx, l3, outer_len)
+    match parse::tunnel(ctx)? {
+        Some(t) => forward::decap(ctx, t.l3_off, t.outer_len),
+        None => Ok(()),
+    }
 }
 
 #[cfg(not(test))]

@@ -301,3 +301,56 @@ fn icmp6_error(ctx: &XdpContext, l4_off: usize, pkt: &mut Packet) -> Result<(), 
     pkt.icmp_error = true;
     Ok(())
 }
+
+/// An IPv4-in-IPv4 or IPv6-in-IPv6 packet, as the balancer's `ipip`
+/// forwarding builds it.
+pub struct Tunnel {
+    /// Offset of the outer IP header (14, or 18 with a VLAN tag), as a
+    /// constant the verifier can follow through `bpf_xdp_adjust_head`.
+    pub l3_off: usize,
+    pub outer_len: usize,
+    /// Outer destination (16 bytes, IPv4 in the first four).
+    pub dst: [u8; 16],
+}
+
+/// Recognises a tunnelled packet: outer IPv4 without options carrying
+/// protocol 4, or outer IPv6 whose next header is 41. `Ok(None)` for
+/// anything else; `Err` if the headers are cut short.
+#[inline(always)]
+pub fn tunnel(ctx: &XdpContext) -> Result<Option<Tunnel>, ()> {
+    let (ether_type, l3_off) = parse_l2(ctx).map_err(|_| ())?;
+    let l3 = if l3_off > EthHdr::LEN {
+        18
+    } else {
+        EthHdr::LEN
+    };
+    match ether_type {
+        ETH_P_IP => {
+            let ip: *const Ipv4Hdr = ptr_at(ctx, l3)?;
+            // SAFETY: ptr_at checked the bounds.
+            let (vihl, proto, dst) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).dst_addr) };
+            if vihl != 0x45 || proto != IPPROTO_IPIP {
+                return Ok(None);
+            }
+            Ok(Some(Tunnel {
+                l3_off: l3,
+                outer_len: Ipv4Hdr::LEN,
+                dst: v4_addr(dst),
+            }))
+        }
+        ETH_P_IPV6 => {
+            let ip: *const Ipv6Hdr = ptr_at(ctx, l3)?;
+            // SAFETY: ptr_at checked the bounds.
+            let (next, dst) = unsafe { ((*ip).next_hdr, (*ip).dst_addr) };
+            if next != IPPROTO_IPV6 {
+                return Ok(None);
+            }
+            Ok(Some(Tunnel {
+                l3_off: l3,
+                outer_len: Ipv6Hdr::LEN,
+                dst,
+            }))
+        }
+        _ => Ok(None),
+    }
+}
