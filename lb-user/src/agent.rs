@@ -40,7 +40,7 @@ use crate::{
     config::{self, BackendCfg, CheckKind, Config, Forwarding, HashInput, Protocol, Vip, XdpMode},
     dataplane::Dataplane,
     health::{HealthState, Outcome, Transition, probe},
-    loader, maglev,
+    iproute, loader, maglev,
 };
 
 /// A health transition, as the agent reports it to an embedding caller.
@@ -133,56 +133,17 @@ struct NextHop {
     mac: Option<[u8; 6]>,
 }
 
-/// Asks the kernel (iproute2 over netlink, as JSON) for the route, the
-/// egress device and the neighbour entry. Netlink, not /sys, because /sys
-/// shows the mount namespace's view of devices, not the network namespace's.
+/// The route, egress device and neighbour entry for `addr` (see `iproute`).
 fn next_hop(addr: IpAddr) -> Option<NextHop> {
-    let ip_json = |args: &[&str]| -> Option<serde_json::Value> {
-        let out = std::process::Command::new("ip")
-            .arg("-j")
-            .args(args)
-            .output()
-            .ok()?;
-        serde_json::from_slice(&out.stdout).ok()
-    };
-    let routes = ip_json(&["route", "get", &addr.to_string()])?;
-    let r = routes.get(0)?;
-    let dev = r.get("dev")?.as_str()?.to_string();
-    let via = r
-        .get("gateway")
-        .and_then(|g| g.as_str())
-        .map(str::to_string)
-        .unwrap_or(addr.to_string());
-    let links = ip_json(&["link", "show", "dev", &dev])?;
-    let link = links.get(0)?;
-    let own_mac = parse_mac(link.get("address")?.as_str()?)?;
-    let ifindex = link.get("ifindex")?.as_u64()? as u32;
-    let neigh = ip_json(&["neigh", "show", "to", &via, "dev", &dev]).unwrap_or_default();
-    let mac = neigh
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|n| {
-            n.get("state")
-                .and_then(|s| s.as_array())
-                .is_none_or(|s| !s.iter().any(|x| x == "FAILED" || x == "INCOMPLETE"))
-        })
-        .find_map(|n| n.get("lladdr").and_then(|m| m.as_str()).and_then(parse_mac));
+    let (dev, via) = iproute::route(addr)?;
+    let (own_mac, ifindex) = iproute::link(&dev)?;
+    let mac = iproute::neighbour(&via, &dev);
     Some(NextHop {
         dev,
         own_mac,
         ifindex,
         mac,
     })
-}
-
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut m = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut m {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(m)
 }
 
 struct BackendRt {

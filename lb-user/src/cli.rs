@@ -342,7 +342,10 @@ fn real_main() -> Result<()> {
 }
 
 fn loadgen(a: LoadgenArgs) -> Result<()> {
-    use crate::loadgen::{Options, parse_mac, run};
+    use crate::{
+        iproute::parse_mac,
+        loadgen::{Options, run},
+    };
     if let Some(ns) = &a.netns {
         // Move the whole process (it is still single-threaded here).
         use std::os::fd::AsRawFd;

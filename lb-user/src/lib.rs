@@ -16,6 +16,7 @@ pub mod config;
 pub mod dataplane;
 pub mod demo;
 pub mod health;
+pub mod iproute;
 pub mod lab;
 pub mod loader;
 pub mod loadgen;

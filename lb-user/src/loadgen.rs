@@ -18,7 +18,7 @@ use etherparse::PacketBuilder;
 use lb_common::{AF_INET, AF_INET6, LoadgenCfg, PROTO_TCP, PROTO_UDP};
 use serde::Serialize;
 
-use crate::loader;
+use crate::{iproute, loader};
 
 /// What to send.
 #[derive(Clone, Debug)]
@@ -56,55 +56,15 @@ pub struct Summary {
     pub threads: usize,
 }
 
-fn ifindex(iface: &str) -> Result<u32> {
-    let c = std::ffi::CString::new(iface)?;
-    // SAFETY: valid C string.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if i == 0 {
-        bail!("no interface `{iface}` here (check the namespace: `ip link`)");
-    }
-    Ok(i)
-}
-
-fn ip_json(args: &[&str]) -> Option<serde_json::Value> {
-    let out = std::process::Command::new("ip")
-        .arg("-j")
-        .args(args)
-        .output()
-        .ok()?;
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-fn own_mac(iface: &str) -> Result<[u8; 6]> {
-    let v = ip_json(&["link", "show", "dev", iface]).context("ip link show")?;
-    let s = v
-        .get(0)
-        .and_then(|l| l.get("address"))
-        .and_then(|a| a.as_str())
-        .context("no MAC")?;
-    parse_mac(s).context("bad MAC")
-}
-
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut m = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut m {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(m)
-}
-
 fn neighbour_mac(dst: IpAddr, iface: &str) -> Result<[u8; 6]> {
-    let via = ip_json(&["route", "get", &dst.to_string()])
-        .and_then(|r| r.get(0)?.get("gateway")?.as_str().map(str::to_string))
+    let via = iproute::route(dst)
+        .map(|(_, via)| via)
         .unwrap_or(dst.to_string());
     // Make the kernel resolve it (one UDP datagram to the discard port of the next hop).
     let _ = std::net::UdpSocket::bind(if dst.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
         .and_then(|s| s.send_to(b"", SocketAddr::new(via.parse().unwrap_or(dst), 9)));
     for _ in 0..50 {
-        if let Some(m) = ip_json(&["neigh", "show", "to", &via, "dev", iface])
-            .and_then(|v| v.get(0)?.get("lladdr")?.as_str().and_then(parse_mac))
-        {
+        if let Some(m) = iproute::neighbour(&via, iface) {
             return Ok(m);
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -158,8 +118,12 @@ pub fn run(o: &Options) -> Result<Summary> {
     if o.duration.is_none() && o.count.is_none() {
         bail!("give --duration or --count");
     }
-    let idx = ifindex(&o.iface)?;
-    let src_mac = own_mac(&o.iface)?;
+    let (src_mac, idx) = iproute::link(&o.iface).with_context(|| {
+        format!(
+            "no interface `{}` here (check the namespace: `ip link`)",
+            o.iface
+        )
+    })?;
     let dst_mac = match o.dst_mac {
         Some(m) => m,
         None => neighbour_mac(o.dst.ip(), &o.iface)?,
