@@ -185,14 +185,11 @@ struct VipRt {
     regions: Vec<RegionRt>,
 }
 
-/// A region's ring slot (allocated like a VIP id) and its live half.
+/// A region and its ring slot (allocated like a VIP id). With no live
+/// backend its prefixes are removed, so its clients use the whole VIP.
 struct RegionRt {
     cfg: config::Region,
     ring_id: u32,
-    half: u32,
-    /// Whether its prefixes currently point at the region's ring (false:
-    /// no live backend, its clients use the whole VIP).
-    installed: bool,
 }
 
 /// A health task to start: (VIP key, backend address, generation).
@@ -302,32 +299,39 @@ impl State {
                 .filter(|e| r.cfg.backends.iter().any(|a| addr16(*a).0 == e.addr))
                 .copied()
                 .collect();
-            let (ring_id, half, prefixes) = (r.ring_id, r.half ^ 1, r.cfg.prefixes.clone());
+            let ring_id = r.ring_id;
+            let prefixes: Vec<([u8; 16], u32)> = r
+                .cfg
+                .prefixes
+                .iter()
+                .map(|(a, l)| (prefix16(*a), *l as u32))
+                .collect();
             let mut dp = Dataplane::new(&mut self.ebpf);
             if sub.is_empty() {
                 for (a, l) in &prefixes {
-                    dp.remove_region(vip_id, prefix16(*a), *l as u32)?;
+                    dp.remove_region(vip_id, *a, *l)?;
                 }
-                self.vips[vi].regions[ri].installed = false;
                 continue;
             }
-            let table = crate::sched::ring(sched, &sub, m);
-            dp.write_ring(ring_id, half, &table)?;
-            for (a, l) in &prefixes {
-                dp.set_region(
-                    vip_id,
-                    prefix16(*a),
-                    *l as u32,
-                    ring_id,
-                    half,
-                    table.len() as u32,
-                )?;
-            }
-            let r = &mut self.vips[vi].regions[ri];
-            r.half = half;
-            r.installed = true;
+            dp.install_region_ring(
+                vip_id,
+                &prefixes,
+                ring_id,
+                &crate::sched::ring(sched, &sub, m),
+            )?;
         }
         Ok(())
+    }
+
+    /// Ring slots taken: VIP ids and region ring slots share the ring space.
+    fn ring_ids_in_use(&self) -> HashSet<u32> {
+        let vips = self.vips.iter().map(|v| v.vip_id);
+        vips.chain(
+            self.vips
+                .iter()
+                .flat_map(|v| v.regions.iter().map(|r| r.ring_id)),
+        )
+        .collect()
     }
 
     /// Replaces VIP `vi`'s regions: old prefixes removed, ring slots for new
@@ -340,16 +344,7 @@ impl State {
             }
         }
         for r in regions {
-            let used: HashSet<u32> = self
-                .vips
-                .iter()
-                .map(|v| v.vip_id)
-                .chain(
-                    self.vips
-                        .iter()
-                        .flat_map(|v| v.regions.iter().map(|r| r.ring_id)),
-                )
-                .collect();
+            let used = self.ring_ids_in_use();
             let ring_id = (0..MAX_VIPS)
                 .rev()
                 .find(|i| !used.contains(i))
@@ -362,8 +357,6 @@ impl State {
             self.vips[vi].regions.push(RegionRt {
                 cfg: r.clone(),
                 ring_id,
-                half: 0,
-                installed: false,
             });
         }
         Ok(())
@@ -510,17 +503,7 @@ impl State {
             let vi = match self.vips.iter().position(|v| v.key == key) {
                 Some(i) => i,
                 None => {
-                    // VIP ids and region ring slots share the ring space.
-                    let used: HashSet<u32> = self
-                        .vips
-                        .iter()
-                        .map(|v| v.vip_id)
-                        .chain(
-                            self.vips
-                                .iter()
-                                .flat_map(|v| v.regions.iter().map(|r| r.ring_id)),
-                        )
-                        .collect();
+                    let used = self.ring_ids_in_use();
                     // Keep the id the pinned datapath already has for this VIP;
                     // otherwise take one neither live nor pinned.
                     let vip_id = match existing_ids.get(&key) {

@@ -53,6 +53,18 @@ fn addr_key(key: &VipKey) -> VipKey {
     }
 }
 
+/// The `REGIONS` trie key of a VIP's client prefix: 32 bits of VIP id
+/// always match, then `prefix_len` bits of the address.
+fn region_key(vip_id: u32, addr: [u8; 16], prefix_len: u32) -> aya::maps::lpm_trie::Key<RegionKey> {
+    aya::maps::lpm_trie::Key::new(
+        32 + prefix_len,
+        RegionKey {
+            vip_id_be: vip_id.to_be_bytes(),
+            addr,
+        },
+    )
+}
+
 /// Typed access to a loaded datapath's maps.
 pub struct Dataplane<'a> {
     ebpf: &'a mut Ebpf,
@@ -231,88 +243,50 @@ impl<'a> Dataplane<'a> {
         addr: [u8; 16],
         prefix_len: u32,
     ) -> Result<Option<RegionMeta>> {
-        let k = aya::maps::lpm_trie::Key::new(
-            32 + prefix_len,
-            RegionKey {
-                vip_id_be: vip_id.to_be_bytes(),
-                addr,
-            },
-        );
-        Ok(self.regions()?.get(&k, 0).ok())
+        Ok(self
+            .regions()?
+            .get(&region_key(vip_id, addr, prefix_len), 0)
+            .ok())
     }
 
-    /// Installs `table` as the ring of a region (client prefix of a VIP),
-    /// in ring slot `ring_id`: fills the idle half, then points the prefix's
-    /// entry at it in one update.
+    /// Installs `table` as the ring of a region of VIP `vip_id` in ring slot
+    /// `ring_id`: fills the slot's idle half (the one the first prefix does
+    /// not use), then points every prefix (address, length) at it.
     pub fn install_region_ring(
         &mut self,
         vip_id: u32,
-        addr: [u8; 16],
-        prefix_len: u32,
+        prefixes: &[([u8; 16], u32)],
         ring_id: u32,
         table: &[u32],
     ) -> Result<()> {
-        let half = match self.region(vip_id, addr, prefix_len)? {
-            Some(m) if m.ring_id == ring_id => m.active_half ^ 1,
-            _ => 0,
+        let half = match prefixes.first() {
+            Some(&(addr, len)) => match self.region(vip_id, addr, len)? {
+                Some(m) if m.ring_id == ring_id => m.active_half ^ 1,
+                _ => 0,
+            },
+            None => return Ok(()),
         };
         self.write_ring(ring_id, half, table)?;
-        let k = aya::maps::lpm_trie::Key::new(
-            32 + prefix_len,
-            RegionKey {
-                vip_id_be: vip_id.to_be_bytes(),
-                addr,
-            },
-        );
         let m = RegionMeta {
             ring_id,
             active_half: half,
             ring_size: table.len() as u32,
             _pad: 0,
         };
-        self.regions()?
-            .insert(&k, m, 0)
-            .map_err(map_err(lb_common::MAP_REGIONS))
-    }
-
-    /// Points a region's prefix at ring slot `ring_id`, half `half`.
-    pub fn set_region(
-        &mut self,
-        vip_id: u32,
-        addr: [u8; 16],
-        prefix_len: u32,
-        ring_id: u32,
-        half: u32,
-        ring_size: u32,
-    ) -> Result<()> {
-        let k = aya::maps::lpm_trie::Key::new(
-            32 + prefix_len,
-            RegionKey {
-                vip_id_be: vip_id.to_be_bytes(),
-                addr,
-            },
-        );
-        let m = RegionMeta {
-            ring_id,
-            active_half: half,
-            ring_size,
-            _pad: 0,
-        };
-        self.regions()?
-            .insert(&k, m, 0)
-            .map_err(map_err(lb_common::MAP_REGIONS))
+        let mut regions = self.regions()?;
+        for &(addr, len) in prefixes {
+            regions
+                .insert(&region_key(vip_id, addr, len), m, 0)
+                .map_err(map_err(lb_common::MAP_REGIONS))?;
+        }
+        Ok(())
     }
 
     /// Removes a region's prefix: its clients use the VIP's ring again.
     pub fn remove_region(&mut self, vip_id: u32, addr: [u8; 16], prefix_len: u32) -> Result<()> {
-        let k = aya::maps::lpm_trie::Key::new(
-            32 + prefix_len,
-            RegionKey {
-                vip_id_be: vip_id.to_be_bytes(),
-                addr,
-            },
-        );
-        let _ = self.regions()?.remove(&k);
+        let _ = self
+            .regions()?
+            .remove(&region_key(vip_id, addr, prefix_len));
         Ok(())
     }
 

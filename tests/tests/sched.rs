@@ -248,7 +248,12 @@ fn regions_keep_clients_on_their_backends_and_fall_back() {
         weight: 1,
     }];
     f.dp()
-        .install_region_ring(0, prefix, 24, 5, &lb_user::maglev::build(&entries, 251))
+        .install_region_ring(
+            0,
+            &[(prefix, 24)],
+            5,
+            &lb_user::maglev::build(&entries, 251),
+        )
         .unwrap();
     let regional: Vec<u32> = (0..200u32)
         .map(|i| {
