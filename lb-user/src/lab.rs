@@ -176,51 +176,11 @@ impl Lab {
             self.exec(&br, &["ip", "link", "set", &port, "up"])?;
             self.exec(ns, &["ip", "link", "set", "eth0", "up"])?;
         }
-        let lb = self.lb_ns();
-        self.exec(
-            &lb,
-            &["ip", "addr", "add", &format!("{LB4}/24"), "dev", "eth0"],
-        )?;
-        self.exec(
-            &lb,
-            &[
-                "ip",
-                "-6",
-                "addr",
-                "add",
-                &format!("{LB6}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ],
-        )?;
+        self.add_addrs(&self.lb_ns(), "eth0", LB4, LB6, (24, 64))?;
         for c in 1..=CLIENTS {
             let ns = self.client_ns(c);
             for k in 0..ADDRS_PER_CLIENT {
-                self.exec(
-                    &ns,
-                    &[
-                        "ip",
-                        "addr",
-                        "add",
-                        &format!("{}/24", client4(c, k)),
-                        "dev",
-                        "eth0",
-                    ],
-                )?;
-                self.exec(
-                    &ns,
-                    &[
-                        "ip",
-                        "-6",
-                        "addr",
-                        "add",
-                        &format!("{}/64", client6(c, k)),
-                        "dev",
-                        "eth0",
-                        "nodad",
-                    ],
-                )?;
+                self.add_addrs(&ns, "eth0", &client4(c, k), &client6(c, k), (24, 64))?;
             }
             self.exec(
                 &ns,
@@ -244,46 +204,8 @@ impl Lab {
         }
         for i in 1..=BACKENDS {
             let ns = self.backend_ns(i);
-            self.exec(
-                &ns,
-                &[
-                    "ip",
-                    "addr",
-                    "add",
-                    &format!("{}/24", backend4(i)),
-                    "dev",
-                    "eth0",
-                ],
-            )?;
-            self.exec(
-                &ns,
-                &[
-                    "ip",
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{}/64", backend6(i)),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ],
-            )?;
-            self.exec(
-                &ns,
-                &["ip", "addr", "add", &format!("{VIP4}/32"), "dev", "lo"],
-            )?;
-            self.exec(
-                &ns,
-                &[
-                    "ip",
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{VIP6}/128"),
-                    "dev",
-                    "lo",
-                ],
-            )?;
+            self.add_addrs(&ns, "eth0", &backend4(i), &backend6(i), (24, 64))?;
+            self.add_addrs(&ns, "lo", VIP4, VIP6, (32, 128))?;
             // The VIP on loopback must not be announced on the segment.
             self.exec(&ns, &["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"])?;
             self.exec(&ns, &["sysctl", "-qw", "net.ipv4.conf.all.arp_announce=2"])?;
@@ -297,6 +219,28 @@ impl Lab {
         for i in 1..=BACKENDS {
             self.start_backend(i)?;
         }
+        Ok(())
+    }
+
+    /// Adds an IPv4 and an IPv6 address (prefix lengths `len`) to `dev` in `ns`.
+    fn add_addrs(&self, ns: &str, dev: &str, v4: &str, v6: &str, len: (u8, u8)) -> Result<()> {
+        self.exec(
+            ns,
+            &["ip", "addr", "add", &format!("{v4}/{}", len.0), "dev", dev],
+        )?;
+        self.exec(
+            ns,
+            &[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/{}", len.1),
+                "dev",
+                dev,
+                "nodad",
+            ],
+        )?;
         Ok(())
     }
 

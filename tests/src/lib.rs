@@ -218,24 +218,7 @@ impl Netns {
     /// Runs `f` with the calling thread moved into the namespace, then moves
     /// it back. Sockets and BPF attachments made in `f` belong to it.
     pub fn enter<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
-        use std::os::fd::AsRawFd;
-        let own = std::fs::File::open("/proc/thread-self/ns/net").context("opening own netns")?;
-        let target =
-            std::fs::File::open(format!("/run/netns/{}", self.name)).context("opening netns")?;
-        // SAFETY: setns on valid fds only changes this thread's namespace.
-        if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!(
-                "setns into {}: {}",
-                self.name,
-                std::io::Error::last_os_error()
-            );
-        }
-        let r = f();
-        // SAFETY: as above.
-        if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns back: {}", std::io::Error::last_os_error());
-        }
-        Ok(r)
+        lb_user::lab::in_netns(&self.name, f)
     }
 
     /// Deletes every namespace an earlier (crashed) run of this tag left.
@@ -255,6 +238,14 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = sh("ip", &["netns", "del", &self.name]);
     }
+}
+
+/// Packets the `sink` program of `ebpf` has counted (all CPUs).
+pub fn sink_count(ebpf: &Ebpf) -> u64 {
+    let m = ebpf.map(lb_common::MAP_SINK).expect("SINK map");
+    let a: aya::maps::PerCpuArray<_, u64> =
+        aya::maps::PerCpuArray::try_from(m).expect("per-CPU array");
+    a.get(&0, 0).expect("SINK[0]").iter().sum()
 }
 
 /// The MAC the fixtures give backend `id`: 02:00:00:00:01:<id>.

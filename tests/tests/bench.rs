@@ -10,7 +10,7 @@ use std::{
 };
 
 use lb_common::{AF_INET, Backend, FlowKey, PROTO_TCP, PROTO_UDP, VipKey, VipMeta};
-use lb_tests::{Dataplane, Netns, backend_of, load, loader, mac_of, sh, tcp4, v4};
+use lb_tests::{Dataplane, Netns, backend_of, load, loader, mac_of, sh, sink_count, tcp4, v4};
 use lb_user::{
     api::{self, BackendInfo, Request},
     lab::{self, Lab},
@@ -26,12 +26,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn emit(v: serde_json::Value) {
     println!("BENCH_JSON {v}");
-}
-
-fn sink_count(ebpf: &aya::Ebpf) -> u64 {
-    let m = ebpf.map(lb_common::MAP_SINK).expect("SINK");
-    let a: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(m).expect("percpu");
-    a.get(&0, 0).expect("get").iter().sum()
 }
 
 /// Generator veth g0 wired straight to the LB's veth l0; the LB bounces

@@ -5,15 +5,9 @@
 use std::process::Command;
 
 use lb_common::{AF_INET, Backend, PROTO_UDP, VipKey, VipMeta};
-use lb_tests::{Dataplane, Netns, load, loader, mac_of, sh, v4};
+use lb_tests::{Dataplane, Netns, load, loader, mac_of, sh, sink_count, v4};
 
 const LB: &str = env!("CARGO_BIN_EXE_lb");
-
-fn sink_count(ebpf: &aya::Ebpf) -> u64 {
-    let m = ebpf.map(lb_common::MAP_SINK).expect("SINK");
-    let a: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(m).expect("percpu");
-    a.get(&0, 0).expect("get").iter().sum()
-}
 
 #[test]
 fn loadgen_sends_distinct_flows_through_the_balancer() {

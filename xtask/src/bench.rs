@@ -11,22 +11,11 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use crate::{run, step};
+use crate::{apt_install, have, run, step};
 
 /// Debian packages only the benchmarks need.
 const BENCH_PACKAGES: &[(&str, &str)] =
     &[("wrk", "wrk"), ("haproxy", "haproxy"), ("nft", "nftables")];
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args([
-            "-c",
-            &format!("command -v {cmd} || test -x /usr/sbin/{cmd}"),
-        ])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
 
 fn bench_setup() -> Result<()> {
     let missing: Vec<&str> = BENCH_PACKAGES
@@ -38,18 +27,7 @@ fn bench_setup() -> Result<()> {
         return Ok(());
     }
     eprintln!("    installing for the benchmarks: {}", missing.join(" "));
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-    .with_context(|| {
-        format!(
-            "installing {} failed; run: apt-get install -y {}",
-            missing.join(" "),
-            missing.join(" ")
-        )
-    })
+    apt_install(&missing)
 }
 
 /// Runs a cargo test command and returns the JSON objects it printed.

@@ -106,8 +106,31 @@ fn output(cmd: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Whether `cmd` is on PATH (or in /usr/sbin, which a non-login PATH may lack).
 fn have(cmd: &str) -> bool {
     output("sh", &["-c", &format!("command -v {cmd}")]).is_some()
+        || Path::new(&format!("/usr/sbin/{cmd}")).exists()
+}
+
+/// `apt-get install` of `packages` (after `apt-get update`), failing with
+/// the command to run by hand.
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let fix = format!(
+        "apt-get update && apt-get install -y {}",
+        packages.join(" ")
+    );
+    run(Command::new("apt-get").args(["update", "-qq"]))
+        .with_context(|| format!("apt-get update failed; run as root: {fix}"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .with_context(|| {
+        format!(
+            "installing {} failed; run as root: {fix}",
+            packages.join(" ")
+        )
+    })
 }
 
 fn setup() -> Result<()> {
@@ -174,25 +197,13 @@ fn setup() -> Result<()> {
         missing.push("llvm-22-dev");
     }
     for (cmd, pkg) in APT_PACKAGES {
-        if !have(cmd) && !Path::new(&format!("/usr/sbin/{cmd}")).exists() {
+        if !have(cmd) {
             missing.push(pkg);
         }
     }
     if !missing.is_empty() {
         eprintln!("    installing Debian packages: {}", missing.join(" "));
-        let fix = format!("apt-get update && apt-get install -y {}", missing.join(" "));
-        run(Command::new("apt-get").args(["update", "-qq"]))
-            .with_context(|| format!("apt-get update failed; run as root: {fix}"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))
-        .with_context(|| {
-            format!(
-                "installing {} failed; run as root: {fix}",
-                missing.join(" ")
-            )
-        })?;
+        apt_install(&missing)?;
     }
     // bpf-linker, built against LLVM 22.
     let linker = output("bpf-linker", &["--version"]).unwrap_or_default();
