@@ -234,6 +234,18 @@ impl Netns {
     }
 }
 
+/// A veth pair: `a_dev` in namespace `a`, its peer `b_dev` in `b`.
+pub fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
+    sh(
+        "ip",
+        &[
+            "link", "add", a_dev, "netns", &a.name, "type", "veth", "peer", "name", b_dev, "netns",
+            &b.name,
+        ],
+    )?;
+    Ok(())
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = sh("ip", &["netns", "del", &self.name]);
@@ -374,21 +386,8 @@ pub fn topo(tag: &str) -> Topo {
         lb: Netns::new(&format!("{tag}-l")).expect("ns"),
         backend: Netns::new(&format!("{tag}-b")).expect("ns"),
     };
-    let (c, l, b) = (&t.client.name, &t.lb.name, &t.backend.name);
-    sh(
-        "ip",
-        &[
-            "link", "add", "c0", "netns", c, "type", "veth", "peer", "name", "l0", "netns", l,
-        ],
-    )
-    .expect("veth");
-    sh(
-        "ip",
-        &[
-            "link", "add", "l1", "netns", l, "type", "veth", "peer", "name", "b0", "netns", b,
-        ],
-    )
-    .expect("veth");
+    veth(&t.client, "c0", &t.lb, "l0").expect("veth");
+    veth(&t.lb, "l1", &t.backend, "b0").expect("veth");
     let cmds: &[(&Netns, &[&str])] = &[
         (
             &t.client,
@@ -544,23 +543,7 @@ pub fn dc(tag: &str, n: usize) -> Result<Dc> {
     Netns::sweep(tag);
     let client = Netns::new(&format!("{tag}-c"))?;
     let lb = Netns::new(&format!("{tag}-l"))?;
-    sh(
-        "ip",
-        &[
-            "link",
-            "add",
-            "c0",
-            "netns",
-            &client.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "l0",
-            "netns",
-            &lb.name,
-        ],
-    )?;
+    veth(&client, "c0", &lb, "l0")?;
     client.exec("ip", &["addr", "add", "198.18.10.2/24", "dev", "c0"])?;
     client.exec("ip", &["link", "set", "c0", "up"])?;
     client.exec(
@@ -576,13 +559,7 @@ pub fn dc(tag: &str, n: usize) -> Result<Dc> {
     for i in 1..=n {
         let b = Netns::new(&format!("{tag}-b{i}"))?;
         let l = format!("l{i}");
-        sh(
-            "ip",
-            &[
-                "link", "add", &l, "netns", &lb.name, "type", "veth", "peer", "name", "b0",
-                "netns", &b.name,
-            ],
-        )?;
+        veth(&lb, &l, &b, "b0")?;
         lb.exec(
             "ip",
             &["addr", "add", &format!("198.18.{}.1/24", 10 + i), "dev", &l],

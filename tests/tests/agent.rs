@@ -178,6 +178,23 @@ fn traffic(d: &Dc, n: usize, gap: Duration) -> Vec<(Instant, Result<String, Stri
         .expect("setns")
 }
 
+/// A connection through the VIP from the client that stays open: the
+/// stream and the name of the backend serving it.
+fn open_long_lived(d: &Dc) -> (TcpStream, String) {
+    d.client
+        .enter(|| {
+            let vip = "198.18.0.100:8080".parse().unwrap();
+            let c = TcpStream::connect_timeout(&vip, Duration::from_secs(1)).expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut line = String::new();
+            BufReader::new(c.try_clone().unwrap())
+                .read_line(&mut line)
+                .expect("name");
+            (c, line.trim().to_string())
+        })
+        .expect("setns")
+}
+
 fn servers(d: &Dc) -> Vec<TestServer> {
     d.backends
         .iter()
@@ -292,22 +309,7 @@ fn drain_keeps_a_long_lived_connection_and_sends_new_ones_elsewhere() {
     let d = dc("agd", 2).expect("dc");
     let _srv = servers(&d);
     let agent = Agent::start("agd", &d, 2);
-    let (mut conn, name) = d
-        .client
-        .enter(|| {
-            let c = TcpStream::connect_timeout(
-                &"198.18.0.100:8080".parse().unwrap(),
-                Duration::from_secs(1),
-            )
-            .expect("connect");
-            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            let mut line = String::new();
-            BufReader::new(c.try_clone().unwrap())
-                .read_line(&mut line)
-                .expect("name");
-            (c, line.trim().to_string())
-        })
-        .expect("setns");
+    let (mut conn, name) = open_long_lived(&d);
     let idx: usize = name.trim_start_matches('b').parse().expect("backend name");
     let addr = backend_addr(idx);
     agent
@@ -376,22 +378,7 @@ fn agent_kill_9_and_restart_loses_nothing_and_cli_changes_persist() {
     assert!(listed.contains("198.18.0.77"), "{listed}");
 
     // A long-lived connection, and steady short ones, across kill -9 + restart.
-    let (mut conn, name) = d
-        .client
-        .enter(|| {
-            let c = TcpStream::connect_timeout(
-                &"198.18.0.100:8080".parse().unwrap(),
-                Duration::from_secs(1),
-            )
-            .expect("connect");
-            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            let mut line = String::new();
-            BufReader::new(c.try_clone().unwrap())
-                .read_line(&mut line)
-                .expect("name");
-            (c, line.trim().to_string())
-        })
-        .expect("setns");
+    let (mut conn, name) = open_long_lived(&d);
     let client_ns = d.client.name.clone();
     let sender = std::thread::spawn(move || {
         let ns = std::fs::File::open(format!("/run/netns/{client_ns}")).unwrap();

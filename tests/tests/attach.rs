@@ -11,14 +11,7 @@ fn attached_natively_counts_real_packets() {
     Netns::sweep("att");
     let lb = Netns::new("att-lb").expect("netns");
     let cl = Netns::new("att-cl").expect("netns");
-    lb_tests::sh(
-        "ip",
-        &[
-            "link", "add", "att-lb", "netns", &lb.name, "type", "veth", "peer", "name", "att-cl",
-            "netns", &cl.name,
-        ],
-    )
-    .expect("veth");
+    lb_tests::veth(&lb, "att-lb", &cl, "att-cl").expect("veth");
     lb.exec("ip", &["addr", "add", "198.18.1.1/24", "dev", "att-lb"])
         .expect("addr");
     cl.exec("ip", &["addr", "add", "198.18.1.2/24", "dev", "att-cl"])

@@ -10,7 +10,7 @@ use std::{
 };
 
 use lb_common::{AF_INET, Backend, FlowKey, PROTO_TCP, PROTO_UDP, VipKey, VipMeta};
-use lb_tests::{Dataplane, Netns, backend_of, load, loader, mac_of, sh, sink_count, tcp4, v4};
+use lb_tests::{Dataplane, Netns, backend_of, load, loader, mac_of, sink_count, tcp4, v4};
 use lb_user::{
     api::{self, BackendInfo, Request},
     lab::{self, Lab},
@@ -43,24 +43,7 @@ impl RateRig {
         Netns::sweep(tag);
         let gen_ns = Netns::new(&format!("{tag}-g")).expect("ns");
         let lb_ns = Netns::new(&format!("{tag}-l")).expect("ns");
-        sh(
-            "ip",
-            &[
-                "link",
-                "add",
-                "g0",
-                "netns",
-                &gen_ns.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "l0",
-                "netns",
-                &lb_ns.name,
-            ],
-        )
-        .expect("veth");
+        lb_tests::veth(&gen_ns, "g0", &lb_ns, "l0").expect("veth");
         gen_ns.exec("ip", &["link", "set", "g0", "up"]).expect("up");
         lb_ns.exec("ip", &["link", "set", "l0", "up"]).expect("up");
         let mut sink = load().expect("sink");

@@ -273,14 +273,7 @@ fn fib_next_hop_follows_the_neighbour_table() {
     use lb_tests::{action, run_on, tcp4};
     Netns::sweep("fib");
     let ns = Netns::new("fib").expect("ns");
-    lb_tests::sh(
-        "ip",
-        &[
-            "link", "add", "v0", "netns", &ns.name, "type", "veth", "peer", "name", "v1", "netns",
-            &ns.name,
-        ],
-    )
-    .expect("veth");
+    lb_tests::veth(&ns, "v0", &ns, "v1").expect("veth");
     ns.exec("ip", &["addr", "add", "198.18.2.254/24", "dev", "v0"])
         .expect("addr");
     ns.exec("ip", &["link", "set", "v0", "up"]).expect("up");

@@ -5,7 +5,7 @@
 use std::process::Command;
 
 use lb_common::{AF_INET, Backend, PROTO_UDP, VipKey, VipMeta};
-use lb_tests::{Dataplane, Netns, load, loader, mac_of, sh, sink_count, v4};
+use lb_tests::{Dataplane, Netns, load, loader, mac_of, sink_count, v4};
 
 const LB: &str = env!("CARGO_BIN_EXE_lb");
 
@@ -14,24 +14,7 @@ fn loadgen_sends_distinct_flows_through_the_balancer() {
     Netns::sweep("lg");
     let gen_ns = Netns::new("lg-g").expect("ns");
     let lb_ns = Netns::new("lg-l").expect("ns");
-    sh(
-        "ip",
-        &[
-            "link",
-            "add",
-            "g0",
-            "netns",
-            &gen_ns.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "l0",
-            "netns",
-            &lb_ns.name,
-        ],
-    )
-    .expect("veth");
+    lb_tests::veth(&gen_ns, "g0", &lb_ns, "l0").expect("veth");
     gen_ns.exec("ip", &["link", "set", "g0", "up"]).expect("up");
     lb_ns.exec("ip", &["link", "set", "l0", "up"]).expect("up");
     let g0_mac = mac_of(&gen_ns, "g0");

@@ -278,14 +278,7 @@ fn next_hop_rows() -> Vec<Row> {
     use lb_tests::{Netns, time_on};
     Netns::sweep("mnh");
     let ns = Netns::new("mnh").expect("ns");
-    lb_tests::sh(
-        "ip",
-        &[
-            "link", "add", "v0", "netns", &ns.name, "type", "veth", "peer", "name", "v1", "netns",
-            &ns.name,
-        ],
-    )
-    .expect("veth");
+    lb_tests::veth(&ns, "v0", &ns, "v1").expect("veth");
     for cmd in [
         vec!["ip", "addr", "add", "198.18.2.254/24", "dev", "v0"],
         vec!["ip", "link", "set", "v0", "up"],
