@@ -64,21 +64,10 @@ fn collect(root: &Path, args: &[&str], env: &[(&str, &str)], prefix: &str) -> Re
 }
 
 pub fn bench(root: &Path, suite: &str, json_out: bool) -> Result<()> {
-    let micro_args = [
-        "test",
-        "--release",
-        "-p",
-        "lb-tests",
-        "--test",
-        "micro",
-        "--",
-        "--ignored",
-        "--nocapture",
-    ];
     match suite {
         "micro" => {
             let mut c = Command::new("cargo");
-            c.current_dir(root).args(micro_args);
+            c.current_dir(root).args(MICRO_ARGS);
             if json_out {
                 c.env("LB_BENCH_JSON", "1");
             }
@@ -90,37 +79,41 @@ pub fn bench(root: &Path, suite: &str, json_out: bool) -> Result<()> {
             let dir = root.join("xtask/report");
             let results: Value =
                 serde_json::from_str(&std::fs::read_to_string(dir.join("bench.json"))?)?;
-            chart(&results, &dir.join("bench.svg"))?;
-            std::fs::write(root.join("BENCHMARKS.md"), markdown(&results))?;
-            Ok(())
+            write_report(root, &results).map(|_| ())
         }
         other => bail!("unknown bench suite `{other}`; available: all (default), micro, report"),
     }
+}
+
+/// The micro-benchmark's cargo command line.
+const MICRO_ARGS: &[&str] = &[
+    "test",
+    "--release",
+    "-p",
+    "lb-tests",
+    "--test",
+    "micro",
+    "--",
+    "--ignored",
+    "--nocapture",
+];
+
+/// Writes BENCHMARKS.md and the chart from `results`; returns the Markdown.
+fn write_report(root: &Path, results: &Value) -> Result<String> {
+    chart(results, &root.join("xtask/report/bench.svg"))?;
+    let md = markdown(results);
+    std::fs::write(root.join("BENCHMARKS.md"), &md)?;
+    Ok(md)
 }
 
 fn all(root: &Path) -> Result<()> {
     bench_setup()?;
     let t0 = std::time::Instant::now();
     step("micro-benchmark (BPF_PROG_TEST_RUN)");
-    let micro = collect(
-        root,
-        &[
-            "test",
-            "--release",
-            "-p",
-            "lb-tests",
-            "--test",
-            "micro",
-            "--",
-            "--ignored",
-            "--nocapture",
-        ],
-        &[("LB_BENCH_JSON", "1")],
-        "",
-    )?
-    .into_iter()
-    .next()
-    .context("the micro-benchmark printed no JSON")?;
+    let micro = collect(root, MICRO_ARGS, &[("LB_BENCH_JSON", "1")], "")?
+        .into_iter()
+        .next()
+        .context("the micro-benchmark printed no JSON")?;
     let mut results = json!({"micro": micro});
     for (name, title) in [
         (
@@ -177,9 +170,7 @@ fn all(root: &Path) -> Result<()> {
         dir.join("bench.json"),
         serde_json::to_string_pretty(&results)?,
     )?;
-    chart(&results, &dir.join("bench.svg"))?;
-    let md = markdown(&results);
-    std::fs::write(root.join("BENCHMARKS.md"), &md)?;
+    let md = write_report(root, &results)?;
     println!("\n{md}");
     step(&format!(
         "report written: BENCHMARKS.md, xtask/report/bench.json, xtask/report/bench.svg ({secs:.0} s)"
