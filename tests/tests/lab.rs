@@ -46,24 +46,18 @@ impl Running {
     }
 
     fn agent_sched(&mut self, forwarding: &str, hash: &str, scheduler: &str, health: &str) {
+        let text = self
+            .lab
+            .agent_config_with(forwarding, hash, scheduler, health);
+        self.agent_from(&text);
+    }
+
+    /// Restarts the agent (detached first) with this configuration text and
+    /// waits until it is ready.
+    fn agent_from(&mut self, text: &str) {
         self.stop_agent();
-        std::fs::write(
-            &self.config,
-            self.lab
-                .agent_config_with(forwarding, hash, scheduler, health),
-        )
-        .expect("config");
-        let log = std::fs::File::create(self.lab.run_dir().join("agent.log")).expect("log");
-        self.agent = Some(
-            Command::new(LB)
-                .args(["run", "--config"])
-                .arg(&self.config)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .expect("lb run"),
-        );
+        std::fs::write(&self.config, text).expect("config");
+        self.spawn_agent("agent.log");
         let t0 = Instant::now();
         loop {
             if let Ok(b) = self.backends()
@@ -81,6 +75,21 @@ impl Running {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Starts `lb run` on the config file, logging to `log` in the run dir.
+    fn spawn_agent(&mut self, log: &str) {
+        let log = std::fs::File::create(self.lab.run_dir().join(log)).expect("log");
+        self.agent = Some(
+            Command::new(LB)
+                .args(["run", "--config"])
+                .arg(&self.config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("lb run"),
+        );
     }
 
     fn stop_agent(&mut self) {
@@ -410,35 +419,7 @@ fn region_clients_stay_on_their_backend_and_fall_back_when_it_dies() {
         .find("\n[[vip]]\naddress = \"2001:2::100\"")
         .expect("the IPv6 VIP block");
     let text = format!("{}{}{}", &base[..split], region, &base[split..]);
-    r.stop_agent();
-    std::fs::write(&r.config, &text).unwrap();
-    r.agent = Some(
-        std::process::Command::new(LB)
-            .args(["run", "--config"])
-            .arg(&r.config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(r.lab.run_dir().join("agent.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let t0 = Instant::now();
-    while r
-        .backends()
-        .map(|b| {
-            b.iter()
-                .filter(|b| b.state == "up" && b.next_hop_known)
-                .count()
-        })
-        .unwrap_or(0)
-        < 6
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "agent not ready:\n{}",
-            r.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    r.agent_from(&text);
     let is_c1 =
         |s: &Sample| (0..lab::ADDRS_PER_CLIENT).any(|k| s.client.to_string() == lab::client4(1, k));
     let s = r.load(false, 200, 2.0, |_| {});
@@ -553,15 +534,7 @@ fn agent_kill_9_and_restart_under_steady_traffic_fails_nothing() {
         let _ = a.wait();
     }
     std::thread::sleep(Duration::from_millis(500));
-    r.agent = Some(
-        Command::new(LB)
-            .args(["run", "--config"])
-            .arg(&r.config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(r.lab.run_dir().join("agent2.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    r.spawn_agent("agent2.log");
     for h in handles {
         h.join().unwrap();
     }
