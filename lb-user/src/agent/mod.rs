@@ -933,9 +933,13 @@ pub async fn run_until(
 }
 
 fn reload(shared: &Shared) -> Result<()> {
-    let path = lock(shared)?.cfg_path.clone();
-    let cfg = config::load(&path)?;
-    let spawns = lock(shared)?.reconcile(cfg)?;
+    // The state lock is held from reading the file to applying it, so a
+    // reload and a CLI edit cannot interleave.
+    let spawns = {
+        let mut s = lock(shared)?;
+        let cfg = config::load(&s.cfg_path)?;
+        s.reconcile(cfg)?
+    };
     for s in spawns {
         spawn_health(shared.clone(), s);
     }
@@ -943,15 +947,22 @@ fn reload(shared: &Shared) -> Result<()> {
 }
 
 /// Applies a CLI change: edit the file's text, validate it like a file,
-/// reconcile, then save it atomically.
+/// reconcile, then save it atomically. The whole read → edit → validate →
+/// apply → save runs under the state lock: the agent is the file's only
+/// writer, and two concurrent edits are applied one after the other, never
+/// one over the other.
 fn change(shared: &Shared, edit: Edit) -> Result<()> {
-    let path = lock(shared)?.cfg_path.clone();
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let new_text = confedit::apply(&text, &edit)?;
-    let cfg = config::parse(&new_text, &path.display().to_string())?;
-    let spawns = lock(shared)?.reconcile(cfg)?;
-    confedit::write_atomic(&path, &new_text)?;
+    let spawns = {
+        let mut s = lock(shared)?;
+        let path = s.cfg_path.clone();
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let new_text = confedit::apply(&text, &edit)?;
+        let cfg = config::parse(&new_text, &path.display().to_string())?;
+        let spawns = s.reconcile(cfg)?;
+        confedit::write_atomic(&path, &new_text)?;
+        spawns
+    };
     for s in spawns {
         spawn_health(shared.clone(), s);
     }
@@ -1051,8 +1062,11 @@ async fn serve_api(listener: UnixListener, shared: Shared, stop: Arc<Notify>) {
             if BufReader::new(r).read_line(&mut line).await.is_err() {
                 return;
             }
-            let shutdown = line.contains("\"shutdown\"");
-            let resp = match serde_json::from_str::<Request>(&line) {
+            // Only a request that parses as `Shutdown` stops the agent; the
+            // word inside another request's arguments is just data.
+            let parsed = serde_json::from_str::<Request>(&line);
+            let shutdown = matches!(parsed, Ok(Request::Shutdown));
+            let resp = match parsed {
                 Err(e) => Response {
                     ok: false,
                     error: Some(format!("bad request: {e}")),
