@@ -99,6 +99,10 @@ pub enum Request {
     Health,
     Stats,
     Reload,
+    /// Withdraw every VIP announcement (the node keeps forwarding).
+    NodeDrain,
+    /// Announce again what this node can serve.
+    NodeResume,
     Shutdown,
 }
 
@@ -121,6 +125,32 @@ pub struct StatusInfo {
     pub vips: usize,
     pub backends: usize,
     pub backends_up: usize,
+    /// Announcement (`[announce]`), if configured.
+    #[serde(default)]
+    pub announce: Option<AnnounceStatus>,
+    /// Per VIP: ring digest and announcement.
+    #[serde(default)]
+    pub vip_status: Vec<VipStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AnnounceStatus {
+    /// Kernel table holding the announced routes.
+    pub table: u32,
+    /// `lb node drain` is in effect.
+    pub drained: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub vip: VipRef,
+    /// Digest of the active ring as backend addresses: equal on nodes that
+    /// send the same 5-tuple to the same backend.
+    pub digest: String,
+    /// Whether the VIP's address is announced (None: announcement off).
+    pub announced: Option<bool>,
+    /// Why not, when not.
+    pub why_not: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -99,6 +99,14 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// This node's VIP announcement: `drain` withdraws every VIP and waits
+    /// until new flows stop arriving; `resume` announces again.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Health of every backend: state, last result, latency, transitions.
     Health {
         #[command(flatten)]
@@ -184,6 +192,11 @@ enum LabCmd {
     Up {
         #[arg(long, default_value = "lab")]
         prefix: String,
+        /// LB nodes: 1, or 2..=3 behind a router running BIRD (BGP + BFD,
+        /// ECMP hashed on layer 4); each node's BIRD exports what its agent
+        /// announces.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+        nodes: u8,
     },
     /// Remove every namespace, process and pin of the lab.
     Down {
@@ -215,6 +228,22 @@ enum LabCmd {
     },
     /// The demo: lab, agent, traffic, a backend killed and restored, report.
     Demo,
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Withdraw every VIP, then wait until no new flow has arrived for
+    /// `--quiet` seconds (or `--timeout` passes) and report.
+    Drain {
+        /// Give up waiting after this many seconds (the routes stay withdrawn).
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+        /// Seconds without a new flow that count as drained.
+        #[arg(long, default_value_t = 1.0)]
+        quiet: f64,
+    },
+    /// Announce again every VIP this node can serve.
+    Resume,
 }
 
 #[derive(Subcommand)]
@@ -299,8 +328,34 @@ fn real_main() -> Result<()> {
             println!("uptime     {:.0} s", s.uptime_s);
             println!("VIPs       {}", s.vips);
             println!("backends   {} up of {}", s.backends_up, s.backends);
+            match &s.announce {
+                None => println!("announce   off (no [announce] section)"),
+                Some(a) => println!(
+                    "announce   kernel table {}{}",
+                    a.table,
+                    if a.drained {
+                        ", node DRAINED (`lb node resume`)"
+                    } else {
+                        ""
+                    }
+                ),
+            }
+            if !s.vip_status.is_empty() {
+                println!();
+                println!("{:<28} {:<18} ANNOUNCED", "VIP", "RING DIGEST");
+                for v in &s.vip_status {
+                    let ann = match (v.announced, &v.why_not) {
+                        (None, _) => "-".to_string(),
+                        (Some(true), _) => "yes".to_string(),
+                        (Some(false), Some(w)) => format!("no: {w}"),
+                        (Some(false), None) => "no".to_string(),
+                    };
+                    println!("{:<28} {:<18} {ann}", v.vip.to_string(), v.digest);
+                }
+            }
             Ok(())
         }
+        Cmd::Node { cmd, conn } => node(cmd, &conn),
         Cmd::Vip { cmd, conn } => vip(cmd, &conn),
         Cmd::Backend { cmd, conn } => backend(cmd, &conn),
         Cmd::Health { conn } => {
@@ -338,6 +393,64 @@ fn real_main() -> Result<()> {
         } => attach(&iface, mode.into(), seconds),
         Cmd::Lab { cmd } => lab(cmd),
         Cmd::Loadgen(a) => loadgen(a),
+    }
+}
+
+/// `lb node drain|resume`.
+fn node(cmd: NodeCmd, conn: &Conn) -> Result<()> {
+    match cmd {
+        NodeCmd::Resume => {
+            api::call(&conn.socket, &Request::NodeResume)?;
+            println!("node resumed: VIPs with a live backend are announced again");
+            Ok(())
+        }
+        NodeCmd::Drain { timeout, quiet } => {
+            let new_flows = || -> Result<u64> {
+                let st: StatsInfo =
+                    serde_json::from_value(api::call(&conn.socket, &Request::Stats)?)?;
+                Ok(st.vips.iter().map(|(_, t)| t.new_flows).sum())
+            };
+            let before = new_flows()?;
+            api::call(&conn.socket, &Request::NodeDrain)?;
+            let t0 = std::time::Instant::now();
+            let (mut last, mut last_change) = (new_flows()?, t0);
+            let drained = loop {
+                if last_change.elapsed().as_secs_f64() >= quiet {
+                    break true;
+                }
+                if t0.elapsed().as_secs_f64() >= timeout {
+                    break false;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                let n = new_flows()?;
+                if n != last {
+                    (last, last_change) = (n, std::time::Instant::now());
+                }
+            };
+            let after = last.saturating_sub(before);
+            let r = serde_json::json!({
+                "drained": drained,
+                "seconds": t0.elapsed().as_secs_f64(),
+                "new_flows_since_withdraw": after,
+                "last_new_flow_after_s": last_change.duration_since(t0).as_secs_f64(),
+            });
+            if conn.json {
+                return print_json(&r);
+            }
+            if drained {
+                println!(
+                    "node drained: every VIP withdrawn; {after} new flow(s) arrived after the withdrawal, the last {:.1} s \
+                     after it; none for {quiet:.1} s. Established flows keep being forwarded.",
+                    last_change.duration_since(t0).as_secs_f64()
+                );
+                Ok(())
+            } else {
+                bail!(
+                    "every VIP is withdrawn, but new flows still arrived {timeout:.0} s later ({after} since the \
+                     withdrawal): is the router still sending here? check its routes and the BGP session"
+                )
+            }
+        }
     }
 }
 
@@ -407,8 +520,8 @@ fn loadgen(a: LoadgenArgs) -> Result<()> {
 fn lab(cmd: LabCmd) -> Result<()> {
     use crate::lab::Lab;
     match cmd {
-        LabCmd::Up { prefix } => {
-            let l = Lab::new(&prefix);
+        LabCmd::Up { prefix, nodes } => {
+            let l = Lab::new(&prefix).with_nodes(nodes as usize);
             l.up()?;
             print!("{}", l.status()?);
             Ok(())

@@ -47,8 +47,20 @@ fn locate(text: &str, file: &str, span: Option<Range<usize>>, msg: String) -> Co
 #[serde(deny_unknown_fields)]
 struct RawFile {
     agent: RawAgent,
+    announce: Option<RawAnnounce>,
     #[serde(default)]
     vip: Vec<RawVip>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnnounce {
+    #[serde(default = "default_announce_table")]
+    table: Spanned<u32>,
+}
+
+fn default_announce_table() -> Spanned<u32> {
+    sp(DEFAULT_ANNOUNCE_TABLE)
 }
 
 #[derive(Deserialize)]
@@ -223,6 +235,8 @@ fn default_weight() -> Spanned<u32> {
 /// Default probe interval: with `fall = 3`, a refused or timed-out backend
 /// is out of the ring well within one second.
 pub const DEFAULT_INTERVAL_MS: u64 = 200;
+/// Kernel routing table the agent keeps announced VIP routes in.
+pub const DEFAULT_ANNOUNCE_TABLE: u32 = 100;
 pub const DEFAULT_TIMEOUT_MS: u64 = 150;
 /// Largest backend weight.
 pub const MAX_WEIGHT: u32 = 10_000;
@@ -325,9 +339,18 @@ pub struct Agent {
     pub ipip_source_v6: std::net::Ipv6Addr,
 }
 
+/// VIP announcement: the agent keeps one host route per servable VIP
+/// address in kernel table `table`; the routing daemon (BIRD) learns that
+/// table and announces its routes by BGP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announce {
+    pub table: u32,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub agent: Agent,
+    pub announce: Option<Announce>,
     pub vips: Vec<Vip>,
 }
 
@@ -422,6 +445,23 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         },
         ipip_source_v4,
         ipip_source_v6,
+    };
+
+    let announce = match &raw.announce {
+        None => None,
+        Some(an) => {
+            let table = *an.table.get_ref();
+            if table == 0 || (253..=255).contains(&table) {
+                return Err(err(
+                    Some(an.table.span()),
+                    format!(
+                        "announce.table {table} is reserved (0 unspec, 253 default, 254 main, 255 local); \
+                         use a table of its own such as {DEFAULT_ANNOUNCE_TABLE}, the one BIRD's kernel protocol learns"
+                    ),
+                ));
+            }
+            Some(Announce { table })
+        }
     };
 
     if raw.vip.len() > lb_common::MAX_VIPS as usize {
@@ -646,7 +686,11 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             backends,
         });
     }
-    Ok(Config { agent, vips })
+    Ok(Config {
+        agent,
+        announce,
+        vips,
+    })
 }
 
 fn fam(a: &IpAddr) -> &'static str {
@@ -689,6 +733,24 @@ weight = 3
         parse(text, "lb.toml")
             .expect_err("must be refused")
             .to_string()
+    }
+
+    #[test]
+    fn announce_section() {
+        let c = parse(GOOD, "lb.toml").expect("valid");
+        assert_eq!(c.announce, None, "announcement is off without the section");
+        let text = GOOD.replace("[[vip]]", "[announce]\n\n[[vip]]");
+        let c = parse(&text, "lb.toml").expect("valid");
+        assert_eq!(c.announce, Some(Announce { table: 100 }));
+        let text = GOOD.replace("[[vip]]", "[announce]\ntable = 254\n\n[[vip]]");
+        let e = error_of(&text);
+        assert!(
+            e.starts_with("lb.toml:6:9:") && e.contains("table 254 is reserved"),
+            "{e}"
+        );
+        let text = GOOD.replace("[[vip]]", "[announce]\nprotocol = \"bgp\"\n\n[[vip]]");
+        let e = error_of(&text);
+        assert!(e.contains("unknown field `protocol`"), "{e}");
     }
 
     #[test]

@@ -21,4 +21,5 @@ pub mod lab;
 pub mod loader;
 pub mod loadgen;
 pub mod maglev;
+pub mod netns;
 pub mod sched;

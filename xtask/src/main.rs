@@ -48,7 +48,14 @@ enum Cmd {
 const LLVM_MAJOR: &str = "22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and the demo use.
-const APT_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("ethtool", "ethtool")];
+/// bird2: the routing daemon of the multi-node lab (BGP + BFD); redis-server:
+/// the lab's shared session store.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+    ("bird", "bird2"),
+    ("redis-server", "redis-server"),
+];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -227,7 +234,7 @@ fn setup() -> Result<()> {
         .with_context(|| format!("installing bpf-linker failed; try: {fix}"))?;
     }
     eprintln!(
-        "    ok: toolchain 1.95.0, nightly (LLVM {llvm}) + rust-src, bpf-linker {BPF_LINKER_VERSION}, llvm-{LLVM_MAJOR}, iproute2, ethtool"
+        "    ok: toolchain 1.95.0, nightly (LLVM {llvm}) + rust-src, bpf-linker {BPF_LINKER_VERSION}, llvm-{LLVM_MAJOR}, iproute2, ethtool, bird2, redis-server"
     );
     Ok(())
 }

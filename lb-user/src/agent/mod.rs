@@ -12,8 +12,10 @@
 //! Backend ids live in the pinned `BACKEND_IDS` map with a high-water mark,
 //! so they are stable across restarts and never reused while the agent runs.
 
+mod announce;
+
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -34,7 +36,8 @@ use tokio::{
 
 use crate::{
     api::{
-        self, BackendInfo, Request, Response, StatsInfo, StatusInfo, TrafficInfo, VipInfo, VipRef,
+        self, AnnounceStatus, BackendInfo, Request, Response, StatsInfo, StatusInfo, TrafficInfo,
+        VipInfo, VipRef, VipStatus,
     },
     confedit::{self, Edit},
     config::{self, BackendCfg, CheckKind, Config, Forwarding, HashInput, Protocol, Vip, XdpMode},
@@ -183,6 +186,21 @@ struct VipRt {
     vip_id: u32,
     backends: Vec<BackendRt>,
     regions: Vec<RegionRt>,
+    /// Digest of the active ring as backend addresses (not ids, which are
+    /// per node): equal on every node that makes the same choices.
+    digest: u64,
+}
+
+/// FNV-1a over each ring slot's backend address (zeros for an empty slot).
+fn ring_digest(table: &[u32], addr_of: impl Fn(u32) -> Option<[u8; 16]>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for id in table {
+        for b in addr_of(*id).unwrap_or([0; 16]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
 }
 
 /// A region and its ring slot (allocated like a VIP id). With no live
@@ -204,6 +222,12 @@ struct State {
     started: Instant,
     events: Option<std::sync::mpsc::Sender<Event>>,
     next_generation: u64,
+    /// VIP announcement (`[announce]`): the kernel table of our routes.
+    announce: Option<announce::Routes>,
+    /// `lb node drain`: withdraw everything, whatever the backends say.
+    drained: bool,
+    /// Until the datapath is attached nothing is announced or withdrawn.
+    attached: bool,
 }
 
 /// Sentinel key in BACKEND_IDS whose value is the next unused backend id.
@@ -283,6 +307,11 @@ impl State {
             })
             .collect();
         let table = crate::sched::ring(v.cfg.scheduler, &entries, v.cfg.ring_size);
+        let digest = ring_digest(&table, |id| {
+            entries.iter().find(|e| e.id == id).map(|e| e.addr)
+        });
+        self.vips[vi].digest = digest;
+        let v = &self.vips[vi];
         let key = v.key;
         let vip_id = v.vip_id;
         Dataplane::new(&mut self.ebpf)
@@ -523,6 +552,7 @@ impl State {
                         vip_id,
                         backends: Vec::new(),
                         regions: Vec::new(),
+                        digest: 0,
                     });
                     self.vips.len() - 1
                 }
@@ -591,8 +621,104 @@ impl State {
                 self.rebuild_ring(vi)?;
             }
         }
+        if new.announce != self.cfg.announce || self.announce.is_none() {
+            self.set_announce(new.announce.as_ref())?;
+        }
+        warn_multi_node(&new);
         self.cfg = new;
+        self.sync_announce();
         Ok(spawns)
+    }
+
+    /// Switches announcement on, off, or to another table (withdrawing
+    /// from the old one).
+    fn set_announce(&mut self, cfg: Option<&config::Announce>) -> Result<()> {
+        let file = announce::NodeFile::of(&self.cfg.agent.instance);
+        if let Some(old) = &self.announce
+            && cfg.is_none_or(|c| c.table != old.table)
+        {
+            let n = old.flush()?;
+            eprintln!(
+                "lb: announce: withdrew {n} route(s) from table {}",
+                old.table
+            );
+            file.remove();
+        }
+        self.announce = cfg.map(|c| announce::Routes { table: c.table });
+        if let Some(c) = cfg {
+            file.write(&announce::NodeState {
+                table: c.table,
+                drained: self.drained,
+                netns: self.cfg.agent.netns.clone(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Per VIP address: announced, or why not.
+    fn announce_view(&self) -> BTreeMap<IpAddr, announce::Verdict> {
+        let views: Vec<announce::VipView> = self
+            .vips
+            .iter()
+            .map(|v| announce::VipView {
+                address: v.cfg.address,
+                serving: v.backends.iter().filter(|b| b.in_ring()).count(),
+            })
+            .collect();
+        announce::desired(&views, self.attached, self.drained)
+    }
+
+    /// Brings the kernel's announce table in line with what this node can
+    /// serve; logs every change. Does nothing before the datapath is
+    /// attached, so a restarting agent withdraws nothing.
+    fn sync_announce(&mut self) {
+        let Some(routes) = &self.announce else { return };
+        if !self.attached {
+            return;
+        }
+        let view = self.announce_view();
+        match routes.sync(&view) {
+            Ok((added, removed)) => {
+                for a in added {
+                    eprintln!("lb: announce: {a} announced (table {})", routes.table);
+                }
+                for a in removed {
+                    let why = match view.get(&a) {
+                        Some(announce::Verdict::Withhold(r)) => *r,
+                        _ => "no VIP on this address",
+                    };
+                    eprintln!("lb: announce: {a} withdrawn ({why})");
+                }
+            }
+            Err(e) => eprintln!(
+                "lb: announce: updating table {} failed: {e:#}",
+                routes.table
+            ),
+        }
+    }
+
+    fn set_drained(&mut self, drained: bool) -> Result<()> {
+        let Some(routes) = &self.announce else {
+            bail!(
+                "announcement is off: add an [announce] section to the config to use `lb node drain`"
+            );
+        };
+        self.drained = drained;
+        announce::NodeFile::of(&self.cfg.agent.instance).write(&announce::NodeState {
+            table: routes.table,
+            drained,
+            netns: self.cfg.agent.netns.clone(),
+        })?;
+        eprintln!(
+            "lb: node {}",
+            if drained {
+                "drained: withdrawing every VIP"
+            } else {
+                "resumed: announcing VIPs that can be served"
+            }
+        );
+        self.sync_announce();
+        Ok(())
     }
 
     fn find(&self, key: &VipKey, addr: IpAddr) -> Option<(usize, usize)> {
@@ -622,6 +748,27 @@ impl State {
             vips: self.vips.len(),
             backends: backends.len(),
             backends_up: backends.iter().filter(|b| b.up()).count(),
+            announce: self.announce.as_ref().map(|r| AnnounceStatus {
+                table: r.table,
+                drained: self.drained,
+            }),
+            vip_status: {
+                let view = self.announce_view();
+                self.vips
+                    .iter()
+                    .map(|v| VipStatus {
+                        vip: vip_ref(&v.cfg),
+                        digest: format!("{:016x}", v.digest),
+                        announced: self.announce.as_ref().map(|_| {
+                            view.get(&v.cfg.address) == Some(&announce::Verdict::Announce)
+                        }),
+                        why_not: match (&self.announce, view.get(&v.cfg.address)) {
+                            (Some(_), Some(announce::Verdict::Withhold(r))) => Some(r.to_string()),
+                            _ => None,
+                        },
+                    })
+                    .collect()
+            },
         }
     }
 
@@ -722,6 +869,24 @@ impl State {
             backends,
             verdicts,
         })
+    }
+}
+
+/// Schedulers whose choice depends on this node's own state pick different
+/// backends on different nodes: a flow that ECMP moves loses its backend.
+fn warn_multi_node(cfg: &Config) {
+    if cfg.announce.is_none() {
+        return;
+    }
+    for v in &cfg.vips {
+        if v.scheduler != crate::sched::Scheduler::Maglev {
+            eprintln!(
+                "lb: warning: VIP {} uses scheduler `{}` with announcement on: it is not consistent across \
+                 nodes, so a flow moved to another node by ECMP may reach another backend; use \"maglev\"",
+                vip_ref(v),
+                v.scheduler.name()
+            );
+        }
     }
 }
 
@@ -828,6 +993,11 @@ pub async fn run_until(
         started: Instant::now(),
         events,
         next_generation: 0,
+        announce: None,
+        drained: announce::NodeFile::of(&cfg.agent.instance)
+            .read()
+            .is_some_and(|n| n.drained),
+        attached: false,
     };
     if adopted {
         // VIPs the old agent had that the config no longer has.
@@ -867,6 +1037,8 @@ pub async fn run_until(
     }
     let (_link, desc) = loader::attach_pinned(&mut state.ebpf, &cfg.agent.interface, mode, &dir)?;
     state.attach_desc = desc.clone();
+    state.attached = true;
+    state.sync_announce();
     eprintln!(
         "lb: instance `{}`: {desc}; {} VIP(s), {} backend(s); pins in {}",
         cfg.agent.instance,
@@ -1026,6 +1198,7 @@ fn spawn_health(shared: Shared, (key, address, generation): Spawn) {
                     if let Err(e) = s.write_backend(vi, bi).and_then(|_| s.rebuild_ring(vi)) {
                         eprintln!("lb: updating the datapath failed: {e:#}");
                     }
+                    s.sync_announce();
                     if let Some(ev) = &s.events {
                         let _ = ev.send(Event {
                             vip: vip.clone(),
@@ -1189,6 +1362,14 @@ fn handle(shared: &Shared, req: Request) -> Result<serde_json::Value> {
             reload(shared)?;
             serde_json::Value::Null
         }
+        Request::NodeDrain => {
+            lock(shared)?.set_drained(true)?;
+            serde_json::Value::Null
+        }
+        Request::NodeResume => {
+            lock(shared)?.set_drained(false)?;
+            serde_json::Value::Null
+        }
         Request::Shutdown => serde_json::Value::Null,
     })
 }
@@ -1294,6 +1475,19 @@ pub fn down(instance: &str, socket: &Path) -> Result<()> {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+    let node = announce::NodeFile::of(instance);
+    if let Some(st) = node.read() {
+        let routes = announce::Routes { table: st.table };
+        let n = match &st.netns {
+            Some(ns) => crate::netns::in_netns(ns, || routes.flush())??,
+            None => routes.flush()?,
+        };
+        println!(
+            "instance `{instance}`: withdrew {n} announced route(s) from table {}",
+            st.table
+        );
+        node.remove();
     }
     let dir = loader::pin_dir(instance);
     if loader::remove_pins(&dir)? {

@@ -16,6 +16,14 @@
 //! on a veth needs an XDP program on the peer); backends carry `lb_decap`
 //! for `ipip` VIPs. These programs stay attached through pinned links under
 //! `/sys/fs/bpf/lb-lab/<prefix>/`.
+//!
+//! With `nodes >= 2` (see [`routed`]) the lab grows a routed front: LB nodes
+//! `<p>-lb` (.2), `<p>-lb2` (.3), `<p>-lb3` (.4) and a router `<p>-rt`
+//! (198.18.0.1 / 2001:2::1) on the same segment, each running BIRD; the
+//! router learns the VIPs from every node by BGP (with BFD) and installs an
+//! ECMP route with layer-4 hashing; clients route the VIPs via the router.
+
+pub mod routed;
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -70,23 +78,7 @@ fn run_ok(cmd: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Moves the calling thread into network namespace `ns` for `f`, then back.
-pub fn in_netns<T>(ns: &str, f: impl FnOnce() -> T) -> Result<T> {
-    use std::os::fd::AsRawFd;
-    let own = std::fs::File::open("/proc/thread-self/ns/net").context("opening own netns")?;
-    let target = std::fs::File::open(format!("/run/netns/{ns}"))
-        .with_context(|| format!("no netns {ns}"))?;
-    // SAFETY: setns on fds we own; only this thread changes namespace.
-    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns into {ns}: {}", std::io::Error::last_os_error());
-    }
-    let r = f();
-    // SAFETY: as above.
-    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns back: {}", std::io::Error::last_os_error());
-    }
-    Ok(r)
-}
+pub use crate::netns::in_netns;
 
 /// One lab, named by a prefix (so tests can run several side by side).
 #[derive(Clone, Debug)]
@@ -94,6 +86,8 @@ pub struct Lab {
     pub prefix: String,
     /// The `lb` binary that runs the backend servers.
     pub exe: PathBuf,
+    /// LB nodes: 1 (clients route the VIPs to it) or 2..=3 behind a router.
+    pub nodes: usize,
 }
 
 impl Lab {
@@ -103,7 +97,14 @@ impl Lab {
         Self {
             prefix: prefix.to_string(),
             exe,
+            nodes: 1,
         }
+    }
+
+    /// The same lab with `n` LB nodes behind a BGP router (1..=3).
+    pub fn with_nodes(mut self, n: usize) -> Self {
+        self.nodes = n.clamp(1, routed::MAX_NODES);
+        self
     }
 
     /// A lab whose backend servers run `exe` (tests pass the `lb` binary).
@@ -111,6 +112,7 @@ impl Lab {
         Self {
             prefix: prefix.to_string(),
             exe: exe.to_path_buf(),
+            nodes: 1,
         }
     }
 
@@ -126,8 +128,23 @@ impl Lab {
     pub fn backend_ns(&self, i: usize) -> String {
         self.ns(&format!("b{i}"))
     }
-    fn nodes(&self) -> Vec<String> {
-        let mut v = vec![self.ns("br"), self.lb_ns()];
+    /// LB node `n`'s namespace (1-based; node 1 is `<p>-lb`).
+    pub fn lb_ns_of(&self, n: usize) -> String {
+        if n <= 1 {
+            self.lb_ns()
+        } else {
+            self.ns(&format!("lb{n}"))
+        }
+    }
+    /// The namespaces of this lab; with `all`, every one a lab of this
+    /// prefix may have, whatever `nodes` says (for `down`).
+    fn nodes_of(&self, all: bool) -> Vec<String> {
+        let lbs = if all { routed::MAX_NODES } else { self.nodes };
+        let mut v = vec![self.ns("br")];
+        v.extend((1..=lbs).map(|n| self.lb_ns_of(n)));
+        if all || self.nodes > 1 {
+            v.push(self.ns("rt"));
+        }
         v.extend((1..=CLIENTS).map(|c| self.client_ns(c)));
         v.extend((1..=BACKENDS).map(|i| self.backend_ns(i)));
         v
@@ -140,7 +157,7 @@ impl Lab {
         PathBuf::from("/sys/fs/bpf/lb-lab").join(&self.prefix)
     }
 
-    fn exec(&self, ns: &str, args: &[&str]) -> Result<String> {
+    pub(crate) fn exec(&self, ns: &str, args: &[&str]) -> Result<String> {
         let mut a = vec!["netns", "exec", ns];
         a.extend_from_slice(args);
         run_ok("ip", &a)
@@ -152,7 +169,7 @@ impl Lab {
         loader::ensure_bpffs()?;
         std::fs::create_dir_all(self.run_dir())?;
         std::fs::create_dir_all(self.pin_dir())?;
-        for ns in self.nodes() {
+        for ns in self.nodes_of(false) {
             run_ok("ip", &["netns", "add", &ns])?;
             self.exec(&ns, &["ip", "link", "set", "lo", "up"])?;
         }
@@ -160,7 +177,12 @@ impl Lab {
         self.exec(&br, &["ip", "link", "add", "br0", "type", "bridge"])?;
         self.exec(&br, &["ip", "link", "set", "br0", "up"])?;
         // One veth per node: eth0 in the node, p-<node> on the bridge.
-        let mut nodes: Vec<(String, String)> = vec![("lb".into(), self.lb_ns())];
+        let mut nodes: Vec<(String, String)> = (1..=self.nodes)
+            .map(|n| (routed::short(n), self.lb_ns_of(n)))
+            .collect();
+        if self.nodes > 1 {
+            nodes.push(("rt".into(), self.ns("rt")));
+        }
         nodes.extend((1..=CLIENTS).map(|c| (format!("c{c}"), self.client_ns(c))));
         nodes.extend((1..=BACKENDS).map(|i| (format!("b{i}"), self.backend_ns(i))));
         for (short, ns) in &nodes {
@@ -176,7 +198,21 @@ impl Lab {
             self.exec(&br, &["ip", "link", "set", &port, "up"])?;
             self.exec(ns, &["ip", "link", "set", "eth0", "up"])?;
         }
-        self.add_addrs(&self.lb_ns(), "eth0", LB4, LB6, (24, 64))?;
+        for n in 1..=self.nodes {
+            self.add_addrs(
+                &self.lb_ns_of(n),
+                "eth0",
+                &routed::lb4(n),
+                &routed::lb6(n),
+                (24, 64),
+            )?;
+        }
+        // One LB: clients route the VIPs to it; several: to the router.
+        let (gw4, gw6) = if self.nodes > 1 {
+            (routed::RT4, routed::RT6)
+        } else {
+            (LB4, LB6)
+        };
         for c in 1..=CLIENTS {
             let ns = self.client_ns(c);
             for k in 0..ADDRS_PER_CLIENT {
@@ -184,7 +220,7 @@ impl Lab {
             }
             self.exec(
                 &ns,
-                &["ip", "route", "add", &format!("{VIP4}/32"), "via", LB4],
+                &["ip", "route", "add", &format!("{VIP4}/32"), "via", gw4],
             )?;
             self.exec(
                 &ns,
@@ -195,7 +231,7 @@ impl Lab {
                     "add",
                     &format!("{VIP6}/128"),
                     "via",
-                    LB6,
+                    gw6,
                 ],
             )?;
             // The LB forwards client packets with XDP: they must leave with
@@ -211,7 +247,10 @@ impl Lab {
             self.exec(&ns, &["sysctl", "-qw", "net.ipv4.conf.all.arp_announce=2"])?;
         }
         // XDP helpers, kept attached by pinned links.
-        self.pin_program(&br, "p-lb", lb_common::PROG_PASS, &[])?;
+        for n in 1..=self.nodes {
+            let port = format!("p-{}", routed::short(n));
+            self.pin_program(&br, &port, lb_common::PROG_PASS, &[])?;
+        }
         for i in 1..=BACKENDS {
             let addrs = [backend4(i).parse()?, backend6(i).parse()?];
             self.pin_program(&self.backend_ns(i), "eth0", lb_common::PROG_DECAP, &addrs)?;
@@ -219,11 +258,21 @@ impl Lab {
         for i in 1..=BACKENDS {
             self.start_backend(i)?;
         }
+        if self.nodes > 1 {
+            self.up_routed()?;
+        }
         Ok(())
     }
 
     /// Adds an IPv4 and an IPv6 address (prefix lengths `len`) to `dev` in `ns`.
-    fn add_addrs(&self, ns: &str, dev: &str, v4: &str, v6: &str, len: (u8, u8)) -> Result<()> {
+    pub(crate) fn add_addrs(
+        &self,
+        ns: &str,
+        dev: &str,
+        v4: &str,
+        v6: &str,
+        len: (u8, u8),
+    ) -> Result<()> {
         self.exec(
             ns,
             &["ip", "addr", "add", &format!("{v4}/{}", len.0), "dev", dev],
@@ -325,11 +374,12 @@ impl Lab {
         for i in 1..=BACKENDS {
             let _ = self.stop_backend(i);
         }
+        self.stop_daemons();
         let _ = std::fs::remove_dir_all(self.pin_dir());
         let list = run_ok("ip", &["netns", "list"]).unwrap_or_default();
         for line in list.lines() {
             let name = line.split_whitespace().next().unwrap_or("");
-            if self.nodes().iter().any(|n| n == name) {
+            if self.nodes_of(true).iter().any(|n| n == name) {
                 run_ok("ip", &["netns", "del", name])?;
             }
         }
@@ -340,7 +390,7 @@ impl Lab {
     pub fn status(&self) -> Result<String> {
         let list = run_ok("ip", &["netns", "list"]).unwrap_or_default();
         let mut o = String::new();
-        for n in self.nodes() {
+        for n in self.nodes_of(false) {
             let up = list
                 .lines()
                 .any(|l| l.split_whitespace().next() == Some(&n));
@@ -605,4 +655,77 @@ pub fn load_mix(
         }
     }
     handles
+}
+
+/// A long-lived HTTP/1.1 keep-alive connection from one lab client address
+/// to a VIP: every [`KeepAlive::ask`] sends one request on the same TCP
+/// connection and returns the answering backend's name.
+pub struct KeepAlive {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    pub client: IpAddr,
+}
+
+impl KeepAlive {
+    /// Opens the connection from client `c`'s address `k` (in its namespace).
+    pub fn open(lab: &Lab, c: usize, k: usize, v6: bool) -> Result<Self> {
+        let (src, vip): (IpAddr, SocketAddr) = if v6 {
+            (client6(c, k).parse()?, format!("[{VIP6}]:80").parse()?)
+        } else {
+            (client4(c, k).parse()?, format!("{VIP4}:80").parse()?)
+        };
+        let s: TcpStream = in_netns(&lab.client_ns(c), || -> Result<TcpStream> {
+            let sock = socket2::Socket::new(
+                socket2::Domain::for_address(vip),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            sock.bind(&SocketAddr::new(src, 0).into())?;
+            sock.connect_timeout(&vip.into(), Duration::from_secs(2))?;
+            Ok(sock.into())
+        })??;
+        // Longer than any failover: a request may wait out a node's loss.
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(Self {
+            writer: s.try_clone()?,
+            reader: BufReader::new(s),
+            client: src,
+        })
+    }
+
+    /// One request on the open connection; the body (the backend's name).
+    pub fn ask(&mut self) -> Result<String> {
+        write!(self.writer, "GET / HTTP/1.1\r\nHost: lab\r\n\r\n")?;
+        let mut status = String::new();
+        if self.reader.read_line(&mut status)? == 0 {
+            bail!("connection closed by the peer");
+        }
+        let code: u16 = status
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("no HTTP status in {status:?}"))?;
+        let mut len = 0usize;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line)? == 0 {
+                bail!("connection closed in the headers");
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                len = v.trim().parse().context("bad Content-Length")?;
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.reader.read_exact(&mut body)?;
+        if code != 200 {
+            bail!("status {code}");
+        }
+        Ok(String::from_utf8_lossy(&body).trim().to_string())
+    }
 }

@@ -1,0 +1,472 @@
+//! Several LB nodes behind a router (`lb lab up --nodes 2`): real BIRD
+//! daemons speaking BGP with BFD, the router's ECMP route hashed on layer 4,
+//! one `lb run` per node announcing the VIPs through its kernel table.
+//! Scenarios: spread over nodes and backends, a backend failed over by both
+//! nodes, a node lost and back under steady traffic with long-lived
+//! connections, a graceful `lb node drain`. The tests in this file run one
+//! at a time; each removes its lab, daemons, agents and pins, also when it
+//! fails.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use lb_user::{
+    api::{self, BackendInfo, Request, StatsInfo, StatusInfo},
+    lab::{self, KeepAlive, Lab, Sample},
+};
+
+const LB: &str = env!("CARGO_BIN_EXE_lb");
+static SERIAL: Mutex<()> = Mutex::new(());
+const HEALTH: &str = "kind = \"tcp\"";
+
+fn vip4() -> IpAddr {
+    lab::VIP4.parse().expect("literal")
+}
+fn vip6() -> IpAddr {
+    lab::VIP6.parse().expect("literal")
+}
+
+/// A routed lab with one agent per node.
+struct Cluster {
+    lab: Lab,
+    /// One slot per node; a Mutex so scenarios can kill and restart agents
+    /// from inside a load run.
+    agents: Mutex<Vec<Option<Child>>>,
+}
+
+impl Cluster {
+    fn start(prefix: &str, nodes: usize) -> Self {
+        let lab = Lab::with_exe(prefix, std::path::Path::new(LB)).with_nodes(nodes);
+        lab.up().expect("lab up");
+        let c = Cluster {
+            lab,
+            agents: Mutex::new((0..nodes).map(|_| None).collect()),
+        };
+        for n in 1..=nodes {
+            c.spawn(n);
+        }
+        for n in 1..=nodes {
+            c.wait_ready(n);
+        }
+        for vip in [vip4(), vip6()] {
+            let t = c
+                .lab
+                .wait_next_hops(vip, nodes, Duration::from_secs(15))
+                .expect("router learns the VIP from every node");
+            println!("router: {vip} via {nodes} nodes after {t:?} more");
+        }
+        c
+    }
+
+    fn spawn(&self, n: usize) {
+        let config = self.lab.run_dir().join(format!("lb{n}.toml"));
+        std::fs::write(&config, self.lab.node_config(n, "dsr", "5-tuple", HEALTH)).expect("config");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.lab.run_dir().join(format!("agent{n}.log")))
+            .expect("log");
+        self.agents.lock().expect("agents")[n - 1] = Some(
+            Command::new(LB)
+                .args(["run", "--config"])
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("lb run"),
+        );
+    }
+
+    fn log(&self, n: usize) -> String {
+        std::fs::read_to_string(self.lab.run_dir().join(format!("agent{n}.log")))
+            .unwrap_or_default()
+    }
+
+    fn call(&self, n: usize, req: &Request) -> anyhow::Result<serde_json::Value> {
+        api::call(&self.lab.socket_of(n), req)
+    }
+
+    fn backends(&self, n: usize) -> Vec<BackendInfo> {
+        serde_json::from_value(
+            self.call(n, &Request::BackendList { vip: None })
+                .expect("backend list"),
+        )
+        .expect("json")
+    }
+
+    fn status(&self, n: usize) -> StatusInfo {
+        serde_json::from_value(self.call(n, &Request::Status).expect("status")).expect("json")
+    }
+
+    /// New flows node `n` has scheduled (both VIPs).
+    fn new_flows(&self, n: usize) -> u64 {
+        let s: StatsInfo =
+            serde_json::from_value(self.call(n, &Request::Stats).expect("stats")).expect("json");
+        s.vips.iter().map(|(_, t)| t.new_flows).sum()
+    }
+
+    fn wait_ready(&self, n: usize) {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(v) = self.call(n, &Request::BackendList { vip: None })
+                && let Ok(list) = serde_json::from_value::<Vec<BackendInfo>>(v)
+                && list
+                    .iter()
+                    .filter(|b| b.state == "up" && b.next_hop_known)
+                    .count()
+                    == 2 * lab::BACKENDS
+            {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "agent {n} not ready:\n{}",
+                self.log(n)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill9_agent(&self, n: usize) {
+        let child = self.agents.lock().expect("agents")[n - 1].take();
+        if let Some(mut c) = child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn cli(&self, n: usize, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(LB)
+            .args(args)
+            .arg("--socket")
+            .arg(self.lab.socket_of(n))
+            .output()
+            .expect("run lb");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Steady new connections (one request each) at `rate`/s for `secs`,
+    /// calling `during` with the start time meanwhile.
+    fn load(&self, v6: bool, rate: u32, secs: f64, during: impl FnOnce(Instant)) -> Vec<Sample> {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let start = Instant::now();
+        let handles = lab::load(
+            &self.lab,
+            v6,
+            rate,
+            Duration::from_secs_f64(secs),
+            samples.clone(),
+        );
+        during(start);
+        for h in handles {
+            h.join().expect("load thread");
+        }
+        let s = samples.lock().expect("samples").clone();
+        // Every sender must have produced samples (a thread that could not
+        // enter its namespace produces none).
+        let clients: std::collections::HashSet<IpAddr> = s.iter().map(|x| x.client).collect();
+        assert_eq!(
+            clients.len(),
+            lab::CLIENTS * lab::ADDRS_PER_CLIENT,
+            "every client address sent"
+        );
+        s
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let nodes = self.agents.lock().map(|a| a.len()).unwrap_or(0);
+        for n in 1..=nodes {
+            let _ = Command::new(LB)
+                .args(["down", "--instance", &self.lab.instance_of(n), "--socket"])
+                .arg(self.lab.socket_of(n))
+                .stdout(Stdio::null())
+                .status();
+            self.kill9_agent(n);
+        }
+        let _ = self.lab.down();
+    }
+}
+
+fn per_backend(samples: &[Sample]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for s in samples {
+        if let Ok(n) = &s.result {
+            *m.entry(n.clone()).or_default() += 1;
+        }
+    }
+    m
+}
+
+#[test]
+fn two_nodes_share_flows_agree_on_backends_and_both_fail_a_backend_over() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("nd-sp", 2);
+
+    // Same config, same tables: equal digests, and both announce.
+    let (s1, s2) = (c.status(1), c.status(2));
+    for (a, b) in s1.vip_status.iter().zip(&s2.vip_status) {
+        println!("{}: digest {} / {}", a.vip, a.digest, b.digest);
+        assert_eq!(a.vip, b.vip);
+        assert_eq!(a.digest, b.digest, "both nodes build the same table");
+        assert_eq!((a.announced, b.announced), (Some(true), Some(true)));
+    }
+    assert_eq!(s1.vip_status.len(), 2);
+
+    // (a) 1,000+ new connections spread over both nodes and all backends.
+    let before = [c.new_flows(1), c.new_flows(2)];
+    let s = c.load(false, 250, 4.4, |_| {});
+    let after = [c.new_flows(1), c.new_flows(2)];
+    let per_node = [after[0] - before[0], after[1] - before[1]];
+    let failed = s.iter().filter(|x| x.result.is_err()).count();
+    let ok = s.len() - failed;
+    println!(
+        "{} connections, {failed} failed; per node {per_node:?}; per backend {:?}",
+        s.len(),
+        per_backend(&s)
+    );
+    assert_eq!(failed, 0);
+    assert!(ok >= 1000, "at least 1,000 connections: {ok}");
+    let total = (per_node[0] + per_node[1]) as f64;
+    // A client may reuse a source port, and so a 5-tuple still in the
+    // table: such a connection is not a new flow. Nearly all are.
+    assert!(
+        total >= 0.95 * ok as f64,
+        "new flows {total} for {ok} connections"
+    );
+    for (i, n) in per_node.iter().enumerate() {
+        let share = *n as f64 / total;
+        assert!(
+            (share - 0.5).abs() <= 0.125,
+            "node {}: {share:.3} of the new flows, not within ±25 % of even",
+            i + 1
+        );
+    }
+    for (name, n) in per_backend(&s) {
+        let share = n as f64 / ok as f64;
+        assert!(
+            (share - 1.0 / 3.0).abs() <= 0.1,
+            "{name}: {share:.3} of the connections"
+        );
+    }
+    let s6 = c.load(true, 200, 1.5, |_| {});
+    assert!(
+        s6.len() >= 200 && s6.iter().all(|x| x.result.is_ok()),
+        "IPv6 through both nodes: {} samples, failures {:?}",
+        s6.len(),
+        s6.iter()
+            .filter(|x| x.result.is_err())
+            .take(3)
+            .collect::<Vec<_>>()
+    );
+
+    // (d) A backend dies: both nodes take it out within a second.
+    let t_kill = Instant::now();
+    c.lab.stop_backend(2).expect("kill b2");
+    let mut down_at: [Option<Duration>; 2] = [None, None];
+    while down_at.iter().any(Option::is_none) && t_kill.elapsed() < Duration::from_secs(3) {
+        for n in 1..=2 {
+            if down_at[n - 1].is_none()
+                && c.backends(n)
+                    .iter()
+                    .any(|b| b.address.to_string() == lab::backend4(2) && b.state == "down")
+            {
+                down_at[n - 1] = Some(t_kill.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "b2 killed: down on node 1 after {:?}, node 2 after {:?}",
+        down_at[0], down_at[1]
+    );
+    for (i, d) in down_at.iter().enumerate() {
+        assert!(
+            d.is_some_and(|d| d <= Duration::from_secs(1)),
+            "node {} took b2 out after {d:?}",
+            i + 1
+        );
+    }
+    // Still announced (two backends left) and the digests agree again.
+    let (s1, s2) = (c.status(1), c.status(2));
+    assert_eq!(s1.vip_status[0].digest, s2.vip_status[0].digest);
+    assert_eq!(s1.vip_status[0].announced, Some(true));
+}
+
+#[test]
+fn node_loss_and_return_break_no_connection() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("nd-fo", 2);
+
+    // Long-lived keep-alive connections, one per client address.
+    let mut conns = Vec::new();
+    for cl in 1..=lab::CLIENTS {
+        for k in 0..lab::ADDRS_PER_CLIENT {
+            let mut ka = KeepAlive::open(&c.lab, cl, k, false).expect("keep-alive connect");
+            let first = ka.ask().expect("first request");
+            conns.push((ka, first));
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let ll_errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let ll_requests = Arc::new(Mutex::new(0usize));
+    let ll = {
+        let (stop, errors, requests) = (stop.clone(), ll_errors.clone(), ll_requests.clone());
+        std::thread::spawn(move || {
+            // Bounded: at most 30 s whatever happens to the flag.
+            let t0 = Instant::now();
+            while !stop.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(30) {
+                for (ka, first) in conns.iter_mut() {
+                    match ka.ask() {
+                        Ok(name) if name == *first => {}
+                        Ok(name) => errors
+                            .lock()
+                            .unwrap()
+                            .push(format!("{}: moved from {first} to {name}", ka.client)),
+                        Err(e) => errors.lock().unwrap().push(format!("{}: {e}", ka.client)),
+                    }
+                    *requests.lock().unwrap() += 1;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+
+    let mut kill_at = Duration::ZERO;
+    let mut withdrawn_after = Duration::ZERO;
+    let mut back_at = Duration::ZERO;
+    let mut flows_node1_back = 0;
+    let s = c.load(false, 200, 9.0, |start| {
+        std::thread::sleep(Duration::from_secs(2));
+        // (b) Node 1 dies: link down, BIRD and agent killed.
+        c.lab.kill_node(1).expect("kill node 1");
+        c.kill9_agent(1);
+        kill_at = start.elapsed();
+        withdrawn_after = c
+            .lab
+            .wait_next_hops(vip4(), 1, Duration::from_secs(5))
+            .expect("the router withdraws node 1");
+        std::thread::sleep(Duration::from_secs(2));
+        // (e) It comes back: link, BIRD, agent (adopting its pinned datapath).
+        c.lab.revive_node(1).expect("revive node 1");
+        c.spawn(1);
+        c.wait_ready(1);
+        let t = c
+            .lab
+            .wait_next_hops(vip4(), 2, Duration::from_secs(10))
+            .expect("the router takes node 1 back");
+        back_at = start.elapsed();
+        println!("node 1 back in the router's route {t:?} after its revival");
+        flows_node1_back = c.new_flows(1);
+    });
+    stop.store(true, Ordering::Relaxed);
+    ll.join().expect("long-lived thread");
+    let flows_node1_end = c.new_flows(1);
+
+    let failed: Vec<Duration> = s
+        .iter()
+        .filter(|x| x.result.is_err())
+        .map(|x| x.at)
+        .collect();
+    let last_failed = failed.iter().max().map(|t| t.saturating_sub(kill_at));
+    let ll_req = *ll_requests.lock().unwrap();
+    let ll_err = ll_errors.lock().unwrap().clone();
+    println!(
+        "node 1 killed at {kill_at:?}: route withdrawn {withdrawn_after:?} after the kill; {} of {} new connections \
+         failed, the last started {last_failed:?} after the kill; long-lived: {ll_req} requests on 16 connections, \
+         {} errors {:?}; node 1 back at {back_at:?}, then {} new flows there",
+        failed.len(),
+        s.len(),
+        ll_err.len(),
+        ll_err.iter().take(5).collect::<Vec<_>>(),
+        flows_node1_end - flows_node1_back
+    );
+    assert!(s.len() >= 1500, "enough new connections: {}", s.len());
+    assert!(
+        ll_req >= 16 * 50,
+        "long-lived connections kept asking: {ll_req}"
+    );
+    assert!(
+        ll_err.is_empty(),
+        "every long-lived connection keeps working on its backend"
+    );
+    assert!(
+        withdrawn_after <= Duration::from_secs(1),
+        "BFD withdraws a dead node within a second: {withdrawn_after:?}"
+    );
+    // New connections fail only inside the detection window (a connection
+    // whose SYN went to the dead node just before the withdrawal).
+    let in_flight_margin = Duration::from_millis(200);
+    for t in &failed {
+        assert!(
+            *t + in_flight_margin >= kill_at && *t <= kill_at + withdrawn_after + in_flight_margin,
+            "a new connection failed at {t:?}, outside the detection window {kill_at:?} + {withdrawn_after:?}"
+        );
+    }
+    assert!(
+        s.iter()
+            .filter(|x| x.at > back_at)
+            .all(|x| x.result.is_ok()),
+        "no failure after node 1 is back"
+    );
+    assert!(
+        flows_node1_end > flows_node1_back,
+        "node 1 takes new flows again after its return"
+    );
+}
+
+#[test]
+fn graceful_node_drain_loses_no_request() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("nd-dr", 2);
+    let mut drain_out = Ok(String::new());
+    let mut flows_at_drain = 0;
+    let s = c.load(false, 200, 5.0, |_| {
+        std::thread::sleep(Duration::from_millis(1500));
+        drain_out = c.cli(1, &["node", "drain", "--timeout", "5"]);
+        flows_at_drain = c.new_flows(1);
+    });
+    let flows_end = c.new_flows(1);
+    let failed = s.iter().filter(|x| x.result.is_err()).count();
+    println!(
+        "drain: {drain_out:?}; {failed} of {} requests failed; node 1 new flows after the drain: {}",
+        s.len(),
+        flows_end - flows_at_drain
+    );
+    let out = drain_out.expect("lb node drain succeeds");
+    assert!(out.contains("node drained"), "{out}");
+    assert!(s.len() >= 800, "enough requests: {}", s.len());
+    assert_eq!(failed, 0, "a graceful drain fails no request");
+    assert_eq!(flows_end, flows_at_drain, "a drained node gets no new flow");
+    assert_eq!(c.lab.router_next_hops(vip4()).len(), 1);
+    let st = c.status(1);
+    assert!(st.announce.as_ref().is_some_and(|a| a.drained));
+    assert_eq!(st.vip_status[0].announced, Some(false));
+    assert!(
+        st.vip_status[0]
+            .why_not
+            .as_deref()
+            .is_some_and(|w| w.contains("drained")),
+        "{:?}",
+        st.vip_status[0]
+    );
+
+    c.cli(1, &["node", "resume"]).expect("resume");
+    c.lab
+        .wait_next_hops(vip4(), 2, Duration::from_secs(5))
+        .expect("announced again");
+}
