@@ -197,6 +197,10 @@ enum LabCmd {
         /// announces.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
         nodes: u8,
+        /// Start a Redis (198.18.0.40:6379 in `<prefix>-rd`) that the
+        /// backends keep `/session?store=redis` sessions in.
+        #[arg(long)]
+        redis: bool,
     },
     /// Remove every namespace, process and pin of the lab.
     Down {
@@ -225,6 +229,9 @@ enum LabCmd {
         name: String,
         #[arg(long, default_value = "[::]:80")]
         listen: String,
+        /// Redis ADDR:PORT for `/session?store=redis`.
+        #[arg(long)]
+        redis: Option<String>,
     },
     /// The demo: lab, agent, traffic, a backend killed and restored, report.
     Demo,
@@ -520,8 +527,15 @@ fn loadgen(a: LoadgenArgs) -> Result<()> {
 fn lab(cmd: LabCmd) -> Result<()> {
     use crate::lab::Lab;
     match cmd {
-        LabCmd::Up { prefix, nodes } => {
-            let l = Lab::new(&prefix).with_nodes(nodes as usize);
+        LabCmd::Up {
+            prefix,
+            nodes,
+            redis,
+        } => {
+            let mut l = Lab::new(&prefix).with_nodes(nodes as usize);
+            if redis {
+                l = l.with_redis();
+            }
             l.up()?;
             print!("{}", l.status()?);
             Ok(())
@@ -557,7 +571,11 @@ fn lab(cmd: LabCmd) -> Result<()> {
             }
             Ok(())
         }
-        LabCmd::Serve { name, listen } => crate::lab::serve(&name, &listen),
+        LabCmd::Serve {
+            name,
+            listen,
+            redis,
+        } => crate::lab::serve(&name, &listen, redis.as_deref()),
         LabCmd::Demo => crate::demo::run(),
     }
 }

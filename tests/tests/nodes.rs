@@ -20,7 +20,10 @@ use std::{
 
 use lb_user::{
     api::{self, BackendInfo, Request, StatsInfo, StatusInfo},
-    lab::{self, KeepAlive, Lab, Sample},
+    lab::{
+        self, KeepAlive, Lab, Sample,
+        sessions::{Session, SessionReply, Store},
+    },
 };
 
 const LB: &str = env!("CARGO_BIN_EXE_lb");
@@ -44,7 +47,11 @@ struct Cluster {
 
 impl Cluster {
     fn start(prefix: &str, nodes: usize) -> Self {
-        let lab = Lab::with_exe(prefix, std::path::Path::new(LB)).with_nodes(nodes);
+        Self::start_with(Lab::with_exe(prefix, std::path::Path::new(LB)).with_nodes(nodes))
+    }
+
+    fn start_with(lab: Lab) -> Self {
+        let nodes = lab.nodes;
         lab.up().expect("lab up");
         let c = Cluster {
             lab,
@@ -66,9 +73,16 @@ impl Cluster {
         c
     }
 
+    fn config_path(&self, n: usize) -> std::path::PathBuf {
+        self.lab.run_dir().join(format!("lb{n}.toml"))
+    }
+
     fn spawn(&self, n: usize) {
-        let config = self.lab.run_dir().join(format!("lb{n}.toml"));
-        std::fs::write(&config, self.lab.node_config(n, "dsr", "5-tuple", HEALTH)).expect("config");
+        let config = self.config_path(n);
+        if !config.exists() {
+            std::fs::write(&config, self.lab.node_config(n, "dsr", "5-tuple", HEALTH))
+                .expect("config");
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -133,6 +147,39 @@ impl Cluster {
                 self.log(n)
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every node switches to `hash` (file rewritten, `lb reload`).
+    fn set_hash(&self, hash: &str) {
+        let nodes = self.agents.lock().expect("agents").len();
+        for n in 1..=nodes {
+            std::fs::write(
+                self.config_path(n),
+                self.lab.node_config(n, "dsr", hash, HEALTH),
+            )
+            .expect("config");
+            self.call(n, &Request::Reload).expect("reload");
+        }
+    }
+
+    /// Waits until backend `addr` is in `state` on every node; the time.
+    fn wait_state_everywhere(&self, addr: &str, state: &str) -> Duration {
+        let t0 = Instant::now();
+        let nodes = self.agents.lock().expect("agents").len();
+        loop {
+            if (1..=nodes).all(|n| {
+                self.backends(n)
+                    .iter()
+                    .any(|b| b.address.to_string() == addr && b.state == state)
+            }) {
+                return t0.elapsed();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "{addr} not {state} on every node"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -469,4 +516,127 @@ fn graceful_node_drain_loses_no_request() {
     c.lab
         .wait_next_hops(vip4(), 2, Duration::from_secs(5))
         .expect("announced again");
+}
+
+/// `n` requests of one session, `gap` apart; failures kept as errors.
+fn session_run(s: &mut Session, n: usize, gap: Duration) -> Vec<Result<SessionReply, String>> {
+    (0..n)
+        .map(|_| {
+            let r = s.request().map_err(|e| e.to_string());
+            std::thread::sleep(gap);
+            r
+        })
+        .collect()
+}
+
+/// The counts of the successful replies continue one by one from `from`.
+fn assert_continues(replies: &[Result<SessionReply, String>], from: u64, what: &str) -> u64 {
+    let ok: Vec<&SessionReply> = replies.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let counts: Vec<u64> = ok.iter().map(|r| r.count).collect();
+    let want: Vec<u64> = (from..from + counts.len() as u64).collect();
+    assert_eq!(
+        counts, want,
+        "{what}: every counter continues ({replies:?})"
+    );
+    from + counts.len() as u64
+}
+
+fn backends_of(replies: &[Result<SessionReply, String>]) -> std::collections::BTreeSet<String> {
+    replies
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .map(|r| r.backend.clone())
+        .collect()
+}
+
+#[test]
+fn sessions_survive_only_outside_the_servers() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start_with(
+        Lab::with_exe("nd-se", std::path::Path::new(LB))
+            .with_nodes(2)
+            .with_redis(),
+    );
+    let gap = Duration::from_millis(30);
+
+    // Local sessions, 5-tuple hashing: each new connection may land on
+    // another server, which does not know the session.
+    let mut local = Session::new(&c.lab, 1, 0, Store::Local).expect("session");
+    let r = session_run(&mut local, 30, gap);
+    let max = r
+        .iter()
+        .filter_map(|x| x.as_ref().ok())
+        .map(|x| x.count)
+        .max();
+    println!(
+        "local, 5-tuple: backends {:?}, highest count {max:?} of 30",
+        backends_of(&r)
+    );
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+    assert!(
+        backends_of(&r).len() >= 2,
+        "connections spread over backends"
+    );
+    assert!(max < Some(30), "the session is lost across connections");
+
+    // Sessions in Redis, 5-tuple: every server continues the session.
+    let mut shared = Session::new(&c.lab, 1, 1, Store::Redis).expect("session");
+    let r = session_run(&mut shared, 30, gap);
+    println!("redis, 5-tuple: backends {:?}", backends_of(&r));
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+    assert!(backends_of(&r).len() >= 2);
+    let mut next = assert_continues(&r, 1, "redis sessions over several backends");
+
+    // ... and survive a backend's death.
+    c.lab.stop_backend(3).expect("kill b3");
+    let r = session_run(&mut shared, 40, gap);
+    let failed = r.iter().filter(|x| x.is_err()).count();
+    next = assert_continues(&r, next, "redis sessions across a backend kill");
+    println!(
+        "redis, b3 killed: {failed} of 40 requests failed (before failover), counter at {next}"
+    );
+    assert!(failed <= 15, "failures only until failover: {failed}");
+    c.lab.start_backend(3).expect("b3 back");
+    c.wait_state_everywhere(&lab::backend4(3), "up");
+
+    // Local sessions with source-ip hashing: kept while the backend lives.
+    c.set_hash("source-ip");
+    let mut sticky = Session::new(&c.lab, 2, 0, Store::Local).expect("session");
+    let r = session_run(&mut sticky, 20, gap);
+    let b = backends_of(&r);
+    println!("local, source-ip: backends {b:?}");
+    assert_eq!(b.len(), 1, "one backend for every connection of the client");
+    assert_continues(&r, 1, "source-ip keeps a local session");
+    let home: usize = b
+        .iter()
+        .next()
+        .and_then(|n| n.strip_prefix('b'))
+        .and_then(|n| n.parse().ok())
+        .expect("backend name");
+    c.lab.stop_backend(home).expect("kill the client's backend");
+    c.wait_state_everywhere(&lab::backend4(home), "down");
+    let r = session_run(&mut sticky, 5, gap);
+    let first = r
+        .iter()
+        .find_map(|x| x.as_ref().ok())
+        .expect("answers after failover");
+    println!(
+        "local, source-ip, b{home} killed: now {} with count {}",
+        first.backend, first.count
+    );
+    assert_ne!(first.backend, format!("b{home}"));
+    assert_eq!(first.count, 1, "its local session died with its backend");
+    c.lab.start_backend(home).expect("backend back");
+    c.wait_state_everywhere(&lab::backend4(home), "up");
+
+    // Sessions in Redis survive the loss of an LB node.
+    let r = session_run(&mut shared, 10, gap);
+    next = assert_continues(&r, next, "redis sessions before the node kill");
+    c.lab.kill_node(1).expect("kill node 1");
+    c.kill9_agent(1);
+    let r = session_run(&mut shared, 40, gap);
+    let failed = r.iter().filter(|x| x.is_err()).count();
+    let end = assert_continues(&r, next, "redis sessions across an LB node kill");
+    println!("redis, node 1 killed: {failed} of 40 requests failed, counter {next} -> {end}");
+    assert!(end - next >= 30, "most requests answered: {}", end - next);
 }

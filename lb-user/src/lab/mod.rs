@@ -24,6 +24,7 @@
 //! ECMP route with layer-4 hashing; clients route the VIPs via the router.
 
 pub mod routed;
+pub mod sessions;
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -88,6 +89,8 @@ pub struct Lab {
     pub exe: PathBuf,
     /// LB nodes: 1 (clients route the VIPs to it) or 2..=3 behind a router.
     pub nodes: usize,
+    /// A Redis in `<p>-rd` that the backends keep `store=redis` sessions in.
+    pub redis: bool,
 }
 
 impl Lab {
@@ -98,7 +101,14 @@ impl Lab {
             prefix: prefix.to_string(),
             exe,
             nodes: 1,
+            redis: false,
         }
+    }
+
+    /// The same lab with a Redis for the backends' shared sessions.
+    pub fn with_redis(mut self) -> Self {
+        self.redis = true;
+        self
     }
 
     /// The same lab with `n` LB nodes behind a BGP router (1..=3).
@@ -113,6 +123,7 @@ impl Lab {
             prefix: prefix.to_string(),
             exe: exe.to_path_buf(),
             nodes: 1,
+            redis: false,
         }
     }
 
@@ -144,6 +155,9 @@ impl Lab {
         v.extend((1..=lbs).map(|n| self.lb_ns_of(n)));
         if all || self.nodes > 1 {
             v.push(self.ns("rt"));
+        }
+        if all || self.redis {
+            v.push(self.redis_ns());
         }
         v.extend((1..=CLIENTS).map(|c| self.client_ns(c)));
         v.extend((1..=BACKENDS).map(|i| self.backend_ns(i)));
@@ -182,6 +196,9 @@ impl Lab {
             .collect();
         if self.nodes > 1 {
             nodes.push(("rt".into(), self.ns("rt")));
+        }
+        if self.redis {
+            nodes.push(("rd".into(), self.redis_ns()));
         }
         nodes.extend((1..=CLIENTS).map(|c| (format!("c{c}"), self.client_ns(c))));
         nodes.extend((1..=BACKENDS).map(|i| (format!("b{i}"), self.backend_ns(i))));
@@ -254,6 +271,16 @@ impl Lab {
         for i in 1..=BACKENDS {
             let addrs = [backend4(i).parse()?, backend6(i).parse()?];
             self.pin_program(&self.backend_ns(i), "eth0", lb_common::PROG_DECAP, &addrs)?;
+        }
+        if self.redis {
+            self.add_addrs(
+                &self.redis_ns(),
+                "eth0",
+                sessions::REDIS4,
+                sessions::REDIS6,
+                (24, 64),
+            )?;
+            self.start_redis()?;
         }
         for i in 1..=BACKENDS {
             self.start_backend(i)?;
@@ -333,6 +360,14 @@ impl Lab {
             .args(["netns", "exec", &self.backend_ns(i)])
             .arg(exe)
             .args(["lab", "serve", "--name", &format!("b{i}")])
+            .args(if self.redis {
+                vec![
+                    "--redis".to_string(),
+                    format!("{}:{}", sessions::REDIS4, sessions::REDIS_PORT),
+                ]
+            } else {
+                Vec::new()
+            })
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -491,8 +526,11 @@ pub fn http_get(to: &SocketAddr, from: Option<IpAddr>, path: &str) -> Result<Str
 /// name; `/sleep?ms=N` answers it after N ms (a long request);
 /// `/healthz` answers 200 (or 503 after `/admin/fail-health`, until
 /// `/admin/ok`); `/admin/slow?ms=N` delays every answer by N ms;
-/// `/admin/inflight` tells how many requests are being served.
-pub fn serve(name: &str, listen: &str) -> Result<()> {
+/// `/admin/inflight` tells how many requests are being served;
+/// `/session?store=local|redis` counts requests per session cookie (see
+/// [`sessions`]; `redis` is the lab Redis's `ADDR:PORT`).
+pub fn serve(name: &str, listen: &str, redis: Option<&str>) -> Result<()> {
+    let sessions = Arc::new(sessions::Sessions::new(name, redis));
     let server = Arc::new(
         tiny_http::Server::http(listen)
             .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?,
@@ -506,10 +544,31 @@ pub fn serve(name: &str, listen: &str) -> Result<()> {
         let failing = failing.clone();
         let slow_ms = slow_ms.clone();
         let inflight = inflight.clone();
+        let sessions = sessions.clone();
         let name = name.to_string();
         threads.push(std::thread::spawn(move || {
             while let Ok(req) = server.recv() {
                 let url = req.url().to_string();
+                if url.starts_with("/session") {
+                    let cookie = req
+                        .headers()
+                        .iter()
+                        .find(|h| h.field.equiv("Cookie"))
+                        .map(|h| h.value.as_str().to_string());
+                    let (code, body, set) = sessions.handle(&url, cookie.as_deref());
+                    let mut resp = tiny_http::Response::from_string(body).with_status_code(code);
+                    if let Some(id) = set {
+                        resp = resp.with_header(
+                            tiny_http::Header::from_bytes(
+                                &b"Set-Cookie"[..],
+                                format!("session={id}; Path=/").as_bytes(),
+                            )
+                            .expect("header"),
+                        );
+                    }
+                    let _ = req.respond(resp);
+                    continue;
+                }
                 inflight.fetch_add(1, Ordering::Relaxed);
                 let (code, body) = match url.split('?').next().unwrap_or("") {
                     "/admin/inflight" => {
