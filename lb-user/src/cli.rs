@@ -234,7 +234,12 @@ enum LabCmd {
         redis: Option<String>,
     },
     /// The demo: lab, agent, traffic, a backend killed and restored, report.
-    Demo,
+    /// With `--nodes 2`: LB nodes behind a BGP router, one dies and returns,
+    /// one is drained, with long-lived connections and a Redis session.
+    Demo {
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+        nodes: u8,
+    },
 }
 
 #[derive(Subcommand)]
@@ -576,7 +581,8 @@ fn lab(cmd: LabCmd) -> Result<()> {
             listen,
             redis,
         } => crate::lab::serve(&name, &listen, redis.as_deref()),
-        LabCmd::Demo => crate::demo::run(),
+        LabCmd::Demo { nodes: 1 } => crate::demo::run(),
+        LabCmd::Demo { nodes } => crate::demo::nodes::run(nodes as usize),
     }
 }
 

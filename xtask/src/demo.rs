@@ -17,9 +17,10 @@ fn build(root: &Path) -> Result<std::path::PathBuf> {
 }
 
 /// The README's first command: lab, agent, traffic, failover, report.
-pub fn run_demo(root: &Path) -> Result<()> {
+/// With `nodes` > 1, the multi-node story instead.
+pub fn run_demo(root: &Path, nodes: u8) -> Result<()> {
     let lb = build(root)?;
-    run(Command::new(lb).args(["lab", "demo"]))
+    run(Command::new(lb).args(["lab", "demo", "--nodes", &nodes.to_string()]))
 }
 
 /// `cargo xtask lab up|down|status`.

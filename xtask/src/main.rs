@@ -27,7 +27,11 @@ enum Cmd {
     /// fmt check, clippy, unit tests, privileged tests: what CI runs.
     Test,
     /// The lab, the agent, steady traffic, a backend killed and brought back, a report.
-    Demo,
+    /// `--nodes 2`: two LB nodes behind a BGP router, one lost and back, one drained.
+    Demo {
+        #[arg(long, default_value_t = 1)]
+        nodes: u8,
+    },
     /// The namespace lab on its own: up, down or status.
     Lab {
         #[arg(value_parser = ["up", "down", "status"])]
@@ -62,9 +66,9 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Setup => setup(),
         Cmd::Test => test(),
-        Cmd::Demo => {
+        Cmd::Demo { nodes } => {
             setup()?;
-            demo::run_demo(&root()?)
+            demo::run_demo(&root()?, nodes)
         }
         Cmd::Lab { action } => {
             setup()?;

@@ -12,6 +12,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+pub mod nodes;
+
 use crate::{
     api::{self, BackendInfo, Request, StatsInfo},
     lab::{self, Lab, Sample},
