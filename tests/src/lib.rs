@@ -12,6 +12,8 @@ use aya::{
 use etherparse::PacketBuilder;
 pub use lb_user::{dataplane::Dataplane, loader};
 
+pub mod cluster;
+
 /// MACs used in fixtures.
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];

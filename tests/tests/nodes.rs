@@ -9,8 +9,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
-    process::{Child, Command, Stdio},
+    path::Path,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -18,236 +17,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_user::{
-    api::{self, BackendInfo, Request, StatsInfo, StatusInfo},
-    lab::{
-        self, KeepAlive, Lab, Sample,
-        sessions::{Session, SessionReply, Store},
-    },
+use lb_tests::cluster::{Cluster, vip4};
+use lb_user::lab::{
+    self, KeepAlive, Lab, Sample,
+    sessions::{Session, SessionReply, Store},
 };
 
 const LB: &str = env!("CARGO_BIN_EXE_lb");
 static SERIAL: Mutex<()> = Mutex::new(());
-const HEALTH: &str = "kind = \"tcp\"";
-
-fn vip4() -> IpAddr {
-    lab::VIP4.parse().expect("literal")
-}
-fn vip6() -> IpAddr {
-    lab::VIP6.parse().expect("literal")
-}
-
-/// A routed lab with one agent per node.
-struct Cluster {
-    lab: Lab,
-    /// One slot per node; a Mutex so scenarios can kill and restart agents
-    /// from inside a load run.
-    agents: Mutex<Vec<Option<Child>>>,
-}
-
-impl Cluster {
-    fn start(prefix: &str, nodes: usize) -> Self {
-        Self::start_with(Lab::with_exe(prefix, std::path::Path::new(LB)).with_nodes(nodes))
-    }
-
-    fn start_with(lab: Lab) -> Self {
-        let nodes = lab.nodes;
-        lab.up().expect("lab up");
-        let c = Cluster {
-            lab,
-            agents: Mutex::new((0..nodes).map(|_| None).collect()),
-        };
-        for n in 1..=nodes {
-            c.spawn(n);
-        }
-        for n in 1..=nodes {
-            c.wait_ready(n);
-        }
-        for vip in [vip4(), vip6()] {
-            let t = c
-                .lab
-                .wait_next_hops(vip, nodes, Duration::from_secs(15))
-                .expect("router learns the VIP from every node");
-            println!("router: {vip} via {nodes} nodes after {t:?} more");
-        }
-        c
-    }
-
-    fn config_path(&self, n: usize) -> std::path::PathBuf {
-        self.lab.run_dir().join(format!("lb{n}.toml"))
-    }
-
-    fn spawn(&self, n: usize) {
-        let config = self.config_path(n);
-        if !config.exists() {
-            std::fs::write(&config, self.lab.node_config(n, "dsr", "5-tuple", HEALTH))
-                .expect("config");
-        }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.lab.run_dir().join(format!("agent{n}.log")))
-            .expect("log");
-        self.agents.lock().expect("agents")[n - 1] = Some(
-            Command::new(LB)
-                .args(["run", "--config"])
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log"))
-                .stderr(log)
-                .spawn()
-                .expect("lb run"),
-        );
-    }
-
-    fn log(&self, n: usize) -> String {
-        std::fs::read_to_string(self.lab.run_dir().join(format!("agent{n}.log")))
-            .unwrap_or_default()
-    }
-
-    fn call(&self, n: usize, req: &Request) -> anyhow::Result<serde_json::Value> {
-        api::call(&self.lab.socket_of(n), req)
-    }
-
-    fn backends(&self, n: usize) -> Vec<BackendInfo> {
-        serde_json::from_value(
-            self.call(n, &Request::BackendList { vip: None })
-                .expect("backend list"),
-        )
-        .expect("json")
-    }
-
-    fn status(&self, n: usize) -> StatusInfo {
-        serde_json::from_value(self.call(n, &Request::Status).expect("status")).expect("json")
-    }
-
-    /// New flows node `n` has scheduled (both VIPs).
-    fn new_flows(&self, n: usize) -> u64 {
-        let s: StatsInfo =
-            serde_json::from_value(self.call(n, &Request::Stats).expect("stats")).expect("json");
-        s.vips.iter().map(|(_, t)| t.new_flows).sum()
-    }
-
-    fn wait_ready(&self, n: usize) {
-        let t0 = Instant::now();
-        loop {
-            if let Ok(v) = self.call(n, &Request::BackendList { vip: None })
-                && let Ok(list) = serde_json::from_value::<Vec<BackendInfo>>(v)
-                && list
-                    .iter()
-                    .filter(|b| b.state == "up" && b.next_hop_known)
-                    .count()
-                    == 2 * lab::BACKENDS
-            {
-                return;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(15),
-                "agent {n} not ready:\n{}",
-                self.log(n)
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Every node switches to `hash` (file rewritten, `lb reload`).
-    fn set_hash(&self, hash: &str) {
-        let nodes = self.agents.lock().expect("agents").len();
-        for n in 1..=nodes {
-            std::fs::write(
-                self.config_path(n),
-                self.lab.node_config(n, "dsr", hash, HEALTH),
-            )
-            .expect("config");
-            self.call(n, &Request::Reload).expect("reload");
-        }
-    }
-
-    /// Waits until backend `addr` is in `state` on every node; the time.
-    fn wait_state_everywhere(&self, addr: &str, state: &str) -> Duration {
-        let t0 = Instant::now();
-        let nodes = self.agents.lock().expect("agents").len();
-        loop {
-            if (1..=nodes).all(|n| {
-                self.backends(n)
-                    .iter()
-                    .any(|b| b.address.to_string() == addr && b.state == state)
-            }) {
-                return t0.elapsed();
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(5),
-                "{addr} not {state} on every node"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill9_agent(&self, n: usize) {
-        let child = self.agents.lock().expect("agents")[n - 1].take();
-        if let Some(mut c) = child {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn cli(&self, n: usize, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(LB)
-            .args(args)
-            .arg("--socket")
-            .arg(self.lab.socket_of(n))
-            .output()
-            .expect("run lb");
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
-    /// Steady new connections (one request each) at `rate`/s for `secs`,
-    /// calling `during` with the start time meanwhile.
-    fn load(&self, v6: bool, rate: u32, secs: f64, during: impl FnOnce(Instant)) -> Vec<Sample> {
-        let samples = Arc::new(Mutex::new(Vec::new()));
-        let start = Instant::now();
-        let handles = lab::load(
-            &self.lab,
-            v6,
-            rate,
-            Duration::from_secs_f64(secs),
-            samples.clone(),
-        );
-        during(start);
-        for h in handles {
-            h.join().expect("load thread");
-        }
-        let s = samples.lock().expect("samples").clone();
-        // Every sender must have produced samples (a thread that could not
-        // enter its namespace produces none).
-        let clients: std::collections::HashSet<IpAddr> = s.iter().map(|x| x.client).collect();
-        assert_eq!(
-            clients.len(),
-            lab::CLIENTS * lab::ADDRS_PER_CLIENT,
-            "every client address sent"
-        );
-        s
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let nodes = self.agents.lock().map(|a| a.len()).unwrap_or(0);
-        for n in 1..=nodes {
-            let _ = Command::new(LB)
-                .args(["down", "--instance", &self.lab.instance_of(n), "--socket"])
-                .arg(self.lab.socket_of(n))
-                .stdout(Stdio::null())
-                .status();
-            self.kill9_agent(n);
-        }
-        let _ = self.lab.down();
-    }
-}
 
 fn per_backend(samples: &[Sample]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
@@ -262,7 +39,7 @@ fn per_backend(samples: &[Sample]) -> BTreeMap<String, usize> {
 #[test]
 fn two_nodes_share_flows_agree_on_backends_and_both_fail_a_backend_over() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let c = Cluster::start("nd-sp", 2);
+    let c = Cluster::start(Lab::with_exe("nd-sp", Path::new(LB)).with_nodes(2));
 
     // Same config, same tables: equal digests, and both announce.
     let (s1, s2) = (c.status(1), c.status(2));
@@ -357,7 +134,7 @@ fn two_nodes_share_flows_agree_on_backends_and_both_fail_a_backend_over() {
 #[test]
 fn node_loss_and_return_break_no_connection() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let c = Cluster::start("nd-fo", 2);
+    let c = Cluster::start(Lab::with_exe("nd-fo", Path::new(LB)).with_nodes(2));
 
     // Long-lived keep-alive connections, one per client address.
     let mut conns = Vec::new();
@@ -479,7 +256,7 @@ fn node_loss_and_return_break_no_connection() {
 #[test]
 fn graceful_node_drain_loses_no_request() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let c = Cluster::start("nd-dr", 2);
+    let c = Cluster::start(Lab::with_exe("nd-dr", Path::new(LB)).with_nodes(2));
     let mut drain_out = Ok(String::new());
     let mut flows_at_drain = 0;
     let s = c.load(false, 200, 5.0, |_| {
@@ -552,8 +329,8 @@ fn backends_of(replies: &[Result<SessionReply, String>]) -> std::collections::BT
 #[test]
 fn sessions_survive_only_outside_the_servers() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let c = Cluster::start_with(
-        Lab::with_exe("nd-se", std::path::Path::new(LB))
+    let c = Cluster::start(
+        Lab::with_exe("nd-se", Path::new(LB))
             .with_nodes(2)
             .with_redis(),
     );

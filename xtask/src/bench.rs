@@ -129,6 +129,10 @@ fn all(root: &Path) -> Result<()> {
             "HTTP through the lab: lb vs direct, HAProxy, nftables",
         ),
         ("bench_failover", "failover time, ten repetitions"),
+        (
+            "bench_node_failover",
+            "LB-node failover behind a BGP router, ten repetitions",
+        ),
     ] {
         step(title);
         let v = collect(
@@ -284,6 +288,44 @@ fn markdown(r: &Value) -> String {
         f(&fo["max_s"]) * 1e3
     );
     o.push_str(&fo_text);
+    if fo.get("measured").is_some() {
+        o.push_str(&format!(
+            "\n{} of {} repetitions had a connection reach the dead backend (the figures above); in {} none did, \
+             and they are left out rather than counted as 0 ms.\n",
+            fo["measured"], fo["repetitions"], fo["no_failure"]
+        ));
+    }
+    let nf = &r["node_failover"];
+    if !nf.is_null() {
+        let opt_ms = |v: &Value| {
+            v.as_f64()
+                .map(|x| format!("{:.0} ms", x * 1e3))
+                .unwrap_or_else(|| "none".into())
+        };
+        o.push_str(&format!(
+            "\n## LB-node failover ({} repetitions, {} nodes behind a router, {}, {} new connections/s plus 16 \
+             long-lived keep-alive connections)\n\n\
+             | measure | median | max |\n|---|---:|---:|\n\
+             | kill → node's route withdrawn on the router | {:.0} ms | {:.0} ms |\n\
+             | kill → last failed new connection | {} | {} |\n\
+             | new connections delayed ≥ 500 ms (SYN retransmitted) per repetition | {} | |\n\
+             | kill → start of the last delayed new connection | {} | |\n\n\
+             Repetitions with a failed new connection: {}. Long-lived requests: {} sent, **{} failed**.\n",
+            nf["repetitions"],
+            nf["nodes"],
+            nf["detection"].as_str().unwrap_or(""),
+            nf["rate_rps"],
+            f(&nf["withdrawn_median_s"]) * 1e3,
+            f(&nf["withdrawn_max_s"]) * 1e3,
+            opt_ms(&nf["last_failed_new_median_s"]),
+            opt_ms(&nf["last_failed_new_max_s"]),
+            nf["delayed_new_median"],
+            opt_ms(&nf["last_delayed_new_median_s"]),
+            nf["reps_with_failed_new"],
+            nf["long_lived_requests"],
+            nf["long_lived_failed"],
+        ));
+    }
     o.push_str(&targets(r));
     o
 }
@@ -346,6 +388,20 @@ fn targets(r: &Value) -> String {
         fo * 1e3,
         met(fo <= 1.0)
     ));
+    let nf = &r["node_failover"];
+    if !nf.is_null() {
+        let w = f(&nf["withdrawn_median_s"]);
+        o.push_str(&format!(
+            "| LB-node failover median ≤ 1 s (kill → route withdrawn) | {:.0} ms | {} |\n",
+            w * 1e3,
+            met(w <= 1.0)
+        ));
+        let lf = nf["long_lived_failed"].as_u64().unwrap_or(u64::MAX);
+        o.push_str(&format!(
+            "| no long-lived connection fails when a node dies | {lf} failed | {} |\n",
+            met(lf == 0)
+        ));
+    }
     o.push_str(&reading(r, est, worst_pps, direct, lb, hap));
     o
 }

@@ -632,6 +632,8 @@ pub fn serve(name: &str, listen: &str, redis: Option<&str>) -> Result<()> {
 #[derive(Clone, Debug)]
 pub struct Sample {
     pub at: Duration,
+    /// How long the request took (connect to answer, or to the error).
+    pub took: Duration,
     pub client: IpAddr,
     /// The answering backend's name, or the error.
     pub result: Result<String, String>,
@@ -697,9 +699,11 @@ pub fn load_mix(
                             _ => "/".to_string(),
                         };
                         let result = http_get(&vip, Some(src), &path).map_err(|e| e.to_string());
+                        let took = start.elapsed().saturating_sub(at);
                         if let Ok(mut o) = out.lock() {
                             o.push(Sample {
                                 at,
+                                took,
                                 client: src,
                                 result,
                             });

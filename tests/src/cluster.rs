@@ -1,0 +1,247 @@
+//! A routed lab with one `lb run` per LB node, for the multi-node tests
+//! and the node-failover benchmark. Everything it starts (agents, pins,
+//! the lab's namespaces and daemons) is removed when it drops, also when a
+//! test fails.
+
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use lb_user::{
+    api::{self, BackendInfo, Request, StatsInfo, StatusInfo},
+    lab::{self, Lab, Sample},
+};
+
+/// The health block every node's VIPs use.
+pub const HEALTH: &str = "kind = \"tcp\"";
+
+pub fn vip4() -> IpAddr {
+    lab::VIP4.parse().expect("literal")
+}
+pub fn vip6() -> IpAddr {
+    lab::VIP6.parse().expect("literal")
+}
+
+/// A routed lab with one agent per node.
+pub struct Cluster {
+    pub lab: Lab,
+    /// The `lb` binary the agents run.
+    exe: PathBuf,
+    /// One slot per node; a Mutex so scenarios can kill and restart agents
+    /// from inside a load run.
+    agents: Mutex<Vec<Option<Child>>>,
+}
+
+impl Cluster {
+    /// Builds `lab` (its `exe` is the `lb` binary) and starts one agent per
+    /// node; returns once every agent is ready and the router routes each
+    /// VIP over every node.
+    pub fn start(lab: Lab) -> Self {
+        let nodes = lab.nodes;
+        lab.up().expect("lab up");
+        let c = Cluster {
+            exe: lab.exe.clone(),
+            lab,
+            agents: Mutex::new((0..nodes).map(|_| None).collect()),
+        };
+        for n in 1..=nodes {
+            c.spawn(n);
+        }
+        for n in 1..=nodes {
+            c.wait_ready(n);
+        }
+        for vip in [vip4(), vip6()] {
+            let t = c
+                .lab
+                .wait_next_hops(vip, nodes, Duration::from_secs(15))
+                .expect("router learns the VIP from every node");
+            println!("router: {vip} via {nodes} nodes after {t:?} more");
+        }
+        c
+    }
+
+    pub fn config_path(&self, n: usize) -> PathBuf {
+        self.lab.run_dir().join(format!("lb{n}.toml"))
+    }
+
+    pub fn spawn(&self, n: usize) {
+        let config = self.config_path(n);
+        if !config.exists() {
+            std::fs::write(&config, self.lab.node_config(n, "dsr", "5-tuple", HEALTH))
+                .expect("config");
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.lab.run_dir().join(format!("agent{n}.log")))
+            .expect("log");
+        self.agents.lock().expect("agents")[n - 1] = Some(
+            Command::new(&self.exe)
+                .args(["run", "--config"])
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("lb run"),
+        );
+    }
+
+    pub fn log(&self, n: usize) -> String {
+        std::fs::read_to_string(self.lab.run_dir().join(format!("agent{n}.log")))
+            .unwrap_or_default()
+    }
+
+    pub fn call(&self, n: usize, req: &Request) -> anyhow::Result<serde_json::Value> {
+        api::call(&self.lab.socket_of(n), req)
+    }
+
+    pub fn backends(&self, n: usize) -> Vec<BackendInfo> {
+        serde_json::from_value(
+            self.call(n, &Request::BackendList { vip: None })
+                .expect("backend list"),
+        )
+        .expect("json")
+    }
+
+    pub fn status(&self, n: usize) -> StatusInfo {
+        serde_json::from_value(self.call(n, &Request::Status).expect("status")).expect("json")
+    }
+
+    /// New flows node `n` has scheduled (both VIPs).
+    pub fn new_flows(&self, n: usize) -> u64 {
+        let s: StatsInfo =
+            serde_json::from_value(self.call(n, &Request::Stats).expect("stats")).expect("json");
+        s.vips.iter().map(|(_, t)| t.new_flows).sum()
+    }
+
+    pub fn wait_ready(&self, n: usize) {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(v) = self.call(n, &Request::BackendList { vip: None })
+                && let Ok(list) = serde_json::from_value::<Vec<BackendInfo>>(v)
+                && list
+                    .iter()
+                    .filter(|b| b.state == "up" && b.next_hop_known)
+                    .count()
+                    == 2 * lab::BACKENDS
+            {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "agent {n} not ready:\n{}",
+                self.log(n)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every node switches to `hash` (file rewritten, `lb reload`).
+    pub fn set_hash(&self, hash: &str) {
+        let nodes = self.agents.lock().expect("agents").len();
+        for n in 1..=nodes {
+            std::fs::write(
+                self.config_path(n),
+                self.lab.node_config(n, "dsr", hash, HEALTH),
+            )
+            .expect("config");
+            self.call(n, &Request::Reload).expect("reload");
+        }
+    }
+
+    /// Waits until backend `addr` is in `state` on every node; the time.
+    pub fn wait_state_everywhere(&self, addr: &str, state: &str) -> Duration {
+        let t0 = Instant::now();
+        let nodes = self.agents.lock().expect("agents").len();
+        loop {
+            if (1..=nodes).all(|n| {
+                self.backends(n)
+                    .iter()
+                    .any(|b| b.address.to_string() == addr && b.state == state)
+            }) {
+                return t0.elapsed();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "{addr} not {state} on every node"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9_agent(&self, n: usize) {
+        let child = self.agents.lock().expect("agents")[n - 1].take();
+        if let Some(mut c) = child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn cli(&self, n: usize, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(&self.exe)
+            .args(args)
+            .arg("--socket")
+            .arg(self.lab.socket_of(n))
+            .output()
+            .expect("run lb");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Steady new connections (one request each) at `rate`/s for `secs`,
+    /// calling `during` with the start time meanwhile.
+    pub fn load(
+        &self,
+        v6: bool,
+        rate: u32,
+        secs: f64,
+        during: impl FnOnce(Instant),
+    ) -> Vec<Sample> {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let start = Instant::now();
+        let handles = lab::load(
+            &self.lab,
+            v6,
+            rate,
+            Duration::from_secs_f64(secs),
+            samples.clone(),
+        );
+        during(start);
+        for h in handles {
+            h.join().expect("load thread");
+        }
+        let s = samples.lock().expect("samples").clone();
+        // Every sender must have produced samples (a thread that could not
+        // enter its namespace produces none).
+        let clients: std::collections::HashSet<IpAddr> = s.iter().map(|x| x.client).collect();
+        assert_eq!(
+            clients.len(),
+            lab::CLIENTS * lab::ADDRS_PER_CLIENT,
+            "every client address sent"
+        );
+        s
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let nodes = self.agents.lock().map(|a| a.len()).unwrap_or(0);
+        for n in 1..=nodes {
+            let _ = Command::new(&self.exe)
+                .args(["down", "--instance", &self.lab.instance_of(n), "--socket"])
+                .arg(self.lab.socket_of(n))
+                .stdout(Stdio::null())
+                .status();
+            self.kill9_agent(n);
+        }
+        let _ = self.lab.down();
+    }
+}
