@@ -207,6 +207,20 @@ impl Lab {
                 &["sysctl", "-qw", "net.ipv6.conf.eth0.keep_addr_on_down=1"],
             )?;
         }
+        // A switch port sends a host only frames for its MAC; a Linux bridge
+        // floods frames for a MAC it has not learned (or forgot when the
+        // port went down) to every port. Without this, a dead node's traffic
+        // would be flooded to the live nodes, whose XDP (which, like a NIC
+        // filtering unicast in hardware, does not check the destination
+        // MAC) would serve it: node loss would look better than it is.
+        let br = self.ns("br");
+        for n in 1..=self.nodes {
+            let port = format!("p-{}", short(n));
+            self.exec(
+                &br,
+                &["bridge", "link", "set", "dev", &port, "flood", "off"],
+            )?;
+        }
         self.start_bird(&rt, "rt", &self.bird_router_conf())?;
         for n in 1..=self.nodes {
             self.start_bird(&self.lb_ns_of(n), &short(n), &self.bird_node_conf(n))?;
@@ -223,7 +237,10 @@ impl Lab {
             let name = e.file_name().to_string_lossy().into_owned();
             if (name.starts_with("bird-") || name.starts_with("redis")) && name.ends_with(".pid") {
                 if let Ok(pid) = std::fs::read_to_string(e.path()) {
-                    let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+                    let _ = Command::new("kill")
+                        .args(["-9", pid.trim()])
+                        .stderr(std::process::Stdio::null())
+                        .status();
                 }
                 let _ = std::fs::remove_file(e.path());
             }
@@ -286,7 +303,10 @@ impl Lab {
         let ns = self.lb_ns_of(n);
         self.exec(&ns, &["ip", "link", "set", "eth0", "down"])?;
         if let Ok(pid) = std::fs::read_to_string(self.bird_file(&short(n), "pid")) {
-            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            let _ = Command::new("kill")
+                .args(["-9", pid.trim()])
+                .stderr(std::process::Stdio::null())
+                .status();
         }
         Ok(())
     }

@@ -1,0 +1,194 @@
+//! The control socket: one JSON request per line (see `api`), parsed
+//! before anything is decided, and the edits and reloads it triggers, each
+//! applied under the state lock from reading the file to saving it.
+
+use super::*;
+
+pub(super) fn reload(shared: &Shared) -> Result<()> {
+    // The state lock is held from reading the file to applying it, so a
+    // reload and a CLI edit cannot interleave.
+    let spawns = {
+        let mut s = lock(shared)?;
+        let cfg = config::load(&s.cfg_path)?;
+        s.reconcile(cfg)?
+    };
+    for s in spawns {
+        spawn_health(shared.clone(), s);
+    }
+    Ok(())
+}
+
+/// Applies a CLI change: edit the file's text, validate it like a file,
+/// reconcile, then save it atomically. The whole read → edit → validate →
+/// apply → save runs under the state lock: the agent is the file's only
+/// writer, and two concurrent edits are applied one after the other, never
+/// one over the other.
+pub(super) fn change(shared: &Shared, edit: Edit) -> Result<()> {
+    let spawns = {
+        let mut s = lock(shared)?;
+        let path = s.cfg_path.clone();
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let new_text = confedit::apply(&text, &edit)?;
+        let cfg = config::parse(&new_text, &path.display().to_string())?;
+        let spawns = s.reconcile(cfg)?;
+        confedit::write_atomic(&path, &new_text)?;
+        spawns
+    };
+    for s in spawns {
+        spawn_health(shared.clone(), s);
+    }
+    Ok(())
+}
+
+pub(super) async fn serve_api(listener: UnixListener, shared: Shared, stop: Arc<Notify>) {
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = conn.into_split();
+            let mut line = String::new();
+            if BufReader::new(r).read_line(&mut line).await.is_err() {
+                return;
+            }
+            // Only a request that parses as `Shutdown` stops the agent; the
+            // word inside another request's arguments is just data.
+            let parsed = serde_json::from_str::<Request>(&line);
+            let shutdown = matches!(parsed, Ok(Request::Shutdown));
+            let resp = match parsed {
+                Err(e) => Response {
+                    ok: false,
+                    error: Some(format!("bad request: {e}")),
+                    data: Default::default(),
+                },
+                Ok(req) => {
+                    let sh = shared.clone();
+                    let r = tokio::task::spawn_blocking(move || handle(&sh, req)).await;
+                    match r {
+                        Ok(Ok(data)) => Response {
+                            ok: true,
+                            error: None,
+                            data,
+                        },
+                        Ok(Err(e)) => Response {
+                            ok: false,
+                            error: Some(format!("{e:#}")),
+                            data: Default::default(),
+                        },
+                        Err(e) => Response {
+                            ok: false,
+                            error: Some(e.to_string()),
+                            data: Default::default(),
+                        },
+                    }
+                }
+            };
+            let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
+            out.push('\n');
+            let _ = w.write_all(out.as_bytes()).await;
+            if shutdown {
+                stop.notify_one();
+            }
+        });
+    }
+}
+
+pub(super) fn handle(shared: &Shared, req: Request) -> Result<serde_json::Value> {
+    use serde_json::to_value;
+    Ok(match req {
+        Request::Status => to_value(lock(shared)?.status())?,
+        Request::VipList => to_value(lock(shared)?.vip_list())?,
+        Request::BackendList { vip } => {
+            let s = lock(shared)?;
+            if let Some(v) = &vip {
+                s.find_vip(v)?;
+            }
+            to_value(s.backend_list(vip.as_ref()))?
+        }
+        Request::Health => to_value(lock(shared)?.backend_list(None))?,
+        Request::Stats => to_value(lock(shared)?.stats()?)?,
+        Request::VipAdd(a) => {
+            change(shared, Edit::VipAdd(a))?;
+            serde_json::Value::Null
+        }
+        Request::VipRemove { vip } => {
+            change(shared, Edit::VipRemove(vip))?;
+            serde_json::Value::Null
+        }
+        Request::BackendAdd {
+            vip,
+            address,
+            weight,
+        } => {
+            change(
+                shared,
+                Edit::BackendAdd {
+                    vip,
+                    address,
+                    weight,
+                },
+            )?;
+            serde_json::Value::Null
+        }
+        Request::BackendRemove { vip, address } => {
+            change(shared, Edit::BackendRemove { vip, address })?;
+            serde_json::Value::Null
+        }
+        Request::BackendDrain { vip, address } => {
+            change(
+                shared,
+                Edit::BackendSet {
+                    vip,
+                    address,
+                    weight: None,
+                    drain: Some(true),
+                },
+            )?;
+            serde_json::Value::Null
+        }
+        Request::BackendUndrain { vip, address } => {
+            change(
+                shared,
+                Edit::BackendSet {
+                    vip,
+                    address,
+                    weight: None,
+                    drain: Some(false),
+                },
+            )?;
+            serde_json::Value::Null
+        }
+        Request::BackendWeight {
+            vip,
+            address,
+            weight,
+        } => {
+            change(
+                shared,
+                Edit::BackendSet {
+                    vip,
+                    address,
+                    weight: Some(weight),
+                    drain: None,
+                },
+            )?;
+            serde_json::Value::Null
+        }
+        Request::Reload => {
+            reload(shared)?;
+            serde_json::Value::Null
+        }
+        Request::NodeDrain => {
+            lock(shared)?.set_drained(true)?;
+            serde_json::Value::Null
+        }
+        Request::NodeResume => {
+            lock(shared)?.set_drained(false)?;
+            serde_json::Value::Null
+        }
+        Request::Shutdown => serde_json::Value::Null,
+    })
+}

@@ -1,0 +1,71 @@
+//! Backend ids: kept in the pinned `BACKEND_IDS` map with a high-water
+//! mark, so they are stable across restarts and never reused while the
+//! agent runs; a zeroed backend entry makes flows that still point at a
+//! removed id reschedule.
+
+use super::*;
+
+/// Sentinel key in BACKEND_IDS whose value is the next unused backend id.
+pub(super) const HIGH_WATER: BackendIdKey = BackendIdKey {
+    vip: VipKey {
+        addr: [0; 16],
+        port: 0,
+        proto: 0,
+        family: 0,
+    },
+    addr: [0; 16],
+};
+
+impl State {
+    pub(super) fn ids(&mut self) -> Result<BpfHashMap<&mut aya::maps::MapData, BackendIdKey, u32>> {
+        let m = self
+            .ebpf
+            .map_mut(lb_common::MAP_BACKEND_IDS)
+            .context("BACKEND_IDS map missing")?;
+        Ok(BpfHashMap::try_from(m)?)
+    }
+
+    /// The backend id of (VIP, address): the one it already has (also from
+    /// an earlier agent), or a new one above every id handed out so far.
+    pub(super) fn backend_id(&mut self, key: &VipKey, addr: IpAddr) -> Result<u32> {
+        let k = BackendIdKey {
+            vip: *key,
+            addr: addr16(addr).0,
+        };
+        let mut ids = self.ids()?;
+        if let Ok(id) = ids.get(&k, 0) {
+            return Ok(id);
+        }
+        let next = ids.get(&HIGH_WATER, 0).unwrap_or(1).max(1);
+        let id = if next < MAX_BACKENDS {
+            next
+        } else {
+            // Ids exhausted: take one no backend holds and no flow refers to.
+            let held: HashSet<u32> = ids.iter().filter_map(|r| r.ok()).map(|(_, v)| v).collect();
+            let in_flows: HashSet<u32> = Dataplane::new(&mut self.ebpf)
+                .flows()?
+                .into_iter()
+                .map(|(_, f)| f.backend_id)
+                .collect();
+            let id = (1..MAX_BACKENDS)
+                .find(|i| !held.contains(i) && !in_flows.contains(i))
+                .ok_or_else(|| anyhow!("all {MAX_BACKENDS} backend ids are in use"))?;
+            ids = self.ids()?;
+            id
+        };
+        ids.insert(k, id, 0)?;
+        ids.insert(HIGH_WATER, (id + 1).max(next), 0)?;
+        Ok(id)
+    }
+
+    pub(super) fn forget_backend(&mut self, key: &VipKey, addr: IpAddr, id: u32) -> Result<()> {
+        let k = BackendIdKey {
+            vip: *key,
+            addr: addr16(addr).0,
+        };
+        let _ = self.ids()?.remove(&k);
+        // A zeroed entry: flows that still point here are rescheduled.
+        Dataplane::new(&mut self.ebpf).set_backend(id, &Backend::default())?;
+        Ok(())
+    }
+}

@@ -1,0 +1,93 @@
+//! Prometheus `/metrics`: the text exposition of the counters and health.
+
+use super::*;
+
+/// Prometheus text exposition of the counters and health states.
+pub(super) fn metrics_text(s: &mut State) -> Result<String> {
+    use std::fmt::Write as _;
+    let st = s.stats()?;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# HELP lb_verdicts_total Packets seen by the balancer, by verdict reason."
+    );
+    let _ = writeln!(o, "# TYPE lb_verdicts_total counter");
+    for (n, v) in &st.verdicts {
+        let _ = writeln!(o, "lb_verdicts_total{{reason=\"{n}\"}} {v}");
+    }
+    for (name, help) in [
+        ("packets", "Packets forwarded"),
+        ("bytes", "Bytes forwarded"),
+        ("new_flows", "New flows scheduled"),
+    ] {
+        let _ = writeln!(o, "# HELP lb_vip_{name}_total {help} per VIP.");
+        let _ = writeln!(o, "# TYPE lb_vip_{name}_total counter");
+        for (v, t) in &st.vips {
+            let x = match name {
+                "packets" => t.packets,
+                "bytes" => t.bytes,
+                _ => t.new_flows,
+            };
+            let _ = writeln!(o, "lb_vip_{name}_total{{vip=\"{v}\"}} {x}");
+        }
+        let _ = writeln!(o, "# HELP lb_backend_{name}_total {help} per backend.");
+        let _ = writeln!(o, "# TYPE lb_backend_{name}_total counter");
+        for (v, b, t) in &st.backends {
+            let x = match name {
+                "packets" => t.packets,
+                "bytes" => t.bytes,
+                _ => t.new_flows,
+            };
+            let _ = writeln!(
+                o,
+                "lb_backend_{name}_total{{vip=\"{v}\",backend=\"{b}\"}} {x}"
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP lb_backend_up 1 if the backend passes its health check."
+    );
+    let _ = writeln!(o, "# TYPE lb_backend_up gauge");
+    for b in s.backend_list(None) {
+        let _ = writeln!(
+            o,
+            "lb_backend_up{{vip=\"{}\",backend=\"{}\"}} {}",
+            b.vip,
+            b.address,
+            u8::from(b.state != "down")
+        );
+    }
+    Ok(o)
+}
+
+/// A minimal HTTP/1.0 responder for `/metrics`: scrapers need nothing more,
+/// and the agent avoids an HTTP server dependency for it.
+pub(super) async fn serve_metrics(listener: tokio::net::TcpListener, shared: Shared) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = tokio::io::AsyncReadExt::read(&mut conn, &mut buf)
+                .await
+                .unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if req.starts_with("GET /metrics") {
+                match lock(&shared).and_then(|mut s| metrics_text(&mut s)) {
+                    Ok(b) => ("200 OK", b),
+                    Err(e) => ("500 Internal Server Error", format!("{e:#}\n")),
+                }
+            } else {
+                ("404 Not Found", "try /metrics\n".to_string())
+            };
+            let resp = format!(
+                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes()).await;
+        });
+    }
+}

@@ -1,0 +1,83 @@
+//! Next hops: the route, egress device and neighbour MAC of each backend
+//! as the kernel knows them, written into the backend's datapath entry.
+
+use super::*;
+
+/// The next hop towards an address as the kernel knows it.
+pub(super) struct NextHop {
+    pub(super) dev: String,
+    pub(super) own_mac: [u8; 6],
+    pub(super) ifindex: u32,
+    /// The neighbour's MAC, once resolved.
+    pub(super) mac: Option<[u8; 6]>,
+}
+
+/// The route, egress device and neighbour entry for `addr` (see `iproute`).
+pub(super) fn next_hop(addr: IpAddr) -> Option<NextHop> {
+    let (dev, via) = iproute::route(addr)?;
+    let (own_mac, ifindex) = iproute::link(&dev)?;
+    let mac = iproute::neighbour(&via, &dev);
+    Some(NextHop {
+        dev,
+        own_mac,
+        ifindex,
+        mac,
+    })
+}
+
+impl State {
+    /// Writes backend `bi` of VIP `vi` with its next hop and state.
+    pub(super) fn write_backend(&mut self, vi: usize, bi: usize) -> Result<()> {
+        let b = &self.vips[vi].backends[bi];
+        let (addr, family) = addr16(b.cfg.address);
+        let state = match b.state_name() {
+            "down" => BACKEND_DOWN,
+            "draining" => BACKEND_DRAINING,
+            _ => BACKEND_UP,
+        };
+        let mut entry = Backend {
+            addr,
+            family,
+            state,
+            ..Default::default()
+        };
+        let id = b.id;
+        let mut resolved = false;
+        if let Some(NextHop {
+            dev,
+            own_mac,
+            ifindex,
+            mac,
+        }) = next_hop(b.cfg.address)
+        {
+            entry.src_mac = own_mac;
+            entry.ifindex = if dev == self.cfg.agent.interface {
+                0
+            } else {
+                ifindex
+            };
+            if let Some(m) = mac {
+                entry.dst_mac = m;
+                resolved = true;
+            } else if let Ok(old) = Dataplane::new(&mut self.ebpf).backend(id)
+                && old.addr == addr
+                && old.dst_mac != [0; 6]
+            {
+                // The kernel forgot the neighbour (a link flap flushes the
+                // table; a restarted agent finds it empty): keep the MAC the
+                // entry already has rather than blackhole the backend's
+                // flows until a probe resolves it again. Still `resolved =
+                // false`, so the next good probe refreshes it.
+                entry.dst_mac = old.dst_mac;
+            }
+            if entry.ifindex != 0 {
+                Dataplane::new(&mut self.ebpf)
+                    .add_tx_port(ifindex)
+                    .with_context(|| format!("adding {dev} as a redirect target"))?;
+            }
+        }
+        Dataplane::new(&mut self.ebpf).set_backend(id, &entry)?;
+        self.vips[vi].backends[bi].resolved = resolved;
+        Ok(())
+    }
+}

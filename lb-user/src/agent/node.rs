@@ -1,0 +1,116 @@
+//! This node's announcement state: what [`super::announce`] should keep
+//! in the kernel table, `lb node drain`/`resume`, and the warning for
+//! schedulers that are not consistent across nodes.
+
+use super::*;
+
+/// Schedulers whose choice depends on this node's own state pick different
+/// backends on different nodes: a flow that ECMP moves loses its backend.
+pub(super) fn warn_multi_node(cfg: &Config) {
+    if cfg.announce.is_none() {
+        return;
+    }
+    for v in &cfg.vips {
+        if v.scheduler != crate::sched::Scheduler::Maglev {
+            eprintln!(
+                "lb: warning: VIP {} uses scheduler `{}` with announcement on: it is not consistent across \
+                 nodes, so a flow moved to another node by ECMP may reach another backend; use \"maglev\"",
+                vip_ref(v),
+                v.scheduler.name()
+            );
+        }
+    }
+}
+
+impl State {
+    /// Switches announcement on, off, or to another table (withdrawing
+    /// from the old one).
+    pub(super) fn set_announce(&mut self, cfg: Option<&config::Announce>) -> Result<()> {
+        let file = announce::NodeFile::of(&self.cfg.agent.instance);
+        if let Some(old) = &self.announce
+            && cfg.is_none_or(|c| c.table != old.table)
+        {
+            let n = old.flush()?;
+            eprintln!(
+                "lb: announce: withdrew {n} route(s) from table {}",
+                old.table
+            );
+            file.remove();
+        }
+        self.announce = cfg.map(|c| announce::Routes { table: c.table });
+        if let Some(c) = cfg {
+            file.write(&announce::NodeState {
+                table: c.table,
+                drained: self.drained,
+                netns: self.cfg.agent.netns.clone(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Per VIP address: announced, or why not.
+    pub(super) fn announce_view(&self) -> BTreeMap<IpAddr, announce::Verdict> {
+        let views: Vec<announce::VipView> = self
+            .vips
+            .iter()
+            .map(|v| announce::VipView {
+                address: v.cfg.address,
+                serving: v.backends.iter().filter(|b| b.in_ring()).count(),
+            })
+            .collect();
+        announce::desired(&views, self.attached, self.drained)
+    }
+
+    /// Brings the kernel's announce table in line with what this node can
+    /// serve; logs every change. Does nothing before the datapath is
+    /// attached, so a restarting agent withdraws nothing.
+    pub(super) fn sync_announce(&mut self) {
+        let Some(routes) = &self.announce else { return };
+        if !self.attached {
+            return;
+        }
+        let view = self.announce_view();
+        match routes.sync(&view) {
+            Ok((added, removed)) => {
+                for a in added {
+                    eprintln!("lb: announce: {a} announced (table {})", routes.table);
+                }
+                for a in removed {
+                    let why = match view.get(&a) {
+                        Some(announce::Verdict::Withhold(r)) => *r,
+                        _ => "no VIP on this address",
+                    };
+                    eprintln!("lb: announce: {a} withdrawn ({why})");
+                }
+            }
+            Err(e) => eprintln!(
+                "lb: announce: updating table {} failed: {e:#}",
+                routes.table
+            ),
+        }
+    }
+
+    pub(super) fn set_drained(&mut self, drained: bool) -> Result<()> {
+        let Some(routes) = &self.announce else {
+            bail!(
+                "announcement is off: add an [announce] section to the config to use `lb node drain`"
+            );
+        };
+        self.drained = drained;
+        announce::NodeFile::of(&self.cfg.agent.instance).write(&announce::NodeState {
+            table: routes.table,
+            drained,
+            netns: self.cfg.agent.netns.clone(),
+        })?;
+        eprintln!(
+            "lb: node {}",
+            if drained {
+                "drained: withdrawing every VIP"
+            } else {
+                "resumed: announcing VIPs that can be served"
+            }
+        );
+        self.sync_announce();
+        Ok(())
+    }
+}

@@ -1,0 +1,331 @@
+//! The agent's runtime model: every VIP with its backends (health, ids,
+//! generation of their health task) and regions, as programmed into the
+//! datapath, and the helpers that rebuild a VIP's rings from it.
+
+use super::*;
+
+pub(super) fn addr16(a: IpAddr) -> ([u8; 16], u8) {
+    match a {
+        IpAddr::V4(v) => {
+            let mut o = [0u8; 16];
+            o[..4].copy_from_slice(&v.octets());
+            (o, AF_INET)
+        }
+        IpAddr::V6(v) => (v.octets(), AF_INET6),
+    }
+}
+
+pub(super) fn proto_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    }
+}
+
+pub(super) fn vip_key(v: &Vip) -> VipKey {
+    let (addr, family) = addr16(v.address);
+    let proto = match v.protocol {
+        Protocol::Tcp => lb_common::PROTO_TCP,
+        Protocol::Udp => lb_common::PROTO_UDP,
+    };
+    VipKey {
+        addr,
+        port: v.port,
+        proto,
+        family,
+    }
+}
+
+pub(super) fn vip_ref(v: &Vip) -> VipRef {
+    VipRef {
+        address: v.address,
+        port: v.port,
+        protocol: proto_name(v.protocol).into(),
+    }
+}
+
+pub(super) fn vip_flags(v: &Vip) -> u32 {
+    let mut f = 0;
+    if v.forwarding == Forwarding::Ipip {
+        f |= lb_common::VIP_F_IPIP;
+    }
+    if v.hash == HashInput::SourceIp {
+        f |= lb_common::VIP_F_HASH_SRC_IP;
+    }
+    if !v.flow_table {
+        f |= lb_common::VIP_F_NO_FLOW_TABLE;
+    }
+    if !v.regions.is_empty() {
+        f |= lb_common::VIP_F_REGIONS;
+    }
+    f
+}
+
+/// A client prefix as the REGIONS trie stores it.
+pub(super) fn prefix16(a: IpAddr) -> [u8; 16] {
+    addr16(a).0
+}
+
+/// Seconds on the clock `bpf_ktime_get_ns` reads (CLOCK_MONOTONIC).
+pub(super) fn monotonic_s() -> u64 {
+    // SAFETY: clock_gettime into a zeroed timespec.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64
+}
+
+pub(super) struct BackendRt {
+    pub(super) cfg: BackendCfg,
+    pub(super) id: u32,
+    pub(super) health: HealthState,
+    pub(super) last_result: String,
+    pub(super) last_latency_ms: Option<f64>,
+    pub(super) transitions: u64,
+    pub(super) resolved: bool,
+    /// Health task generation: a task whose generation no longer matches
+    /// (backend removed, health settings changed) ends.
+    pub(super) generation: u64,
+}
+
+impl BackendRt {
+    pub(super) fn up(&self) -> bool {
+        self.health.up
+    }
+    pub(super) fn in_ring(&self) -> bool {
+        self.up() && !self.cfg.drain && self.cfg.weight > 0
+    }
+    pub(super) fn state_name(&self) -> &'static str {
+        if !self.up() {
+            "down"
+        } else if self.cfg.drain || self.cfg.weight == 0 {
+            "draining"
+        } else {
+            "up"
+        }
+    }
+}
+
+pub(super) struct VipRt {
+    pub(super) cfg: Vip,
+    pub(super) key: VipKey,
+    pub(super) vip_id: u32,
+    pub(super) backends: Vec<BackendRt>,
+    pub(super) regions: Vec<RegionRt>,
+    /// Digest of the active ring as backend addresses (not ids, which are
+    /// per node): equal on every node that makes the same choices.
+    pub(super) digest: u64,
+}
+
+/// FNV-1a over each ring slot's backend address (zeros for an empty slot).
+pub(super) fn ring_digest(table: &[u32], addr_of: impl Fn(u32) -> Option<[u8; 16]>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for id in table {
+        for b in addr_of(*id).unwrap_or([0; 16]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// A region and its ring slot (allocated like a VIP id). With no live
+/// backend its prefixes are removed, so its clients use the whole VIP.
+pub(super) struct RegionRt {
+    pub(super) cfg: config::Region,
+    pub(super) ring_id: u32,
+}
+
+/// A health task to start: (VIP key, backend address, generation).
+pub(super) type Spawn = (VipKey, IpAddr, u64);
+
+pub(super) struct State {
+    pub(super) ebpf: Ebpf,
+    pub(super) cfg_path: PathBuf,
+    pub(super) cfg: Config,
+    pub(super) vips: Vec<VipRt>,
+    pub(super) attach_desc: String,
+    pub(super) started: Instant,
+    pub(super) events: Option<std::sync::mpsc::Sender<Event>>,
+    pub(super) next_generation: u64,
+    /// VIP announcement (`[announce]`): the kernel table of our routes.
+    pub(super) announce: Option<announce::Routes>,
+    /// `lb node drain`: withdraw everything, whatever the backends say.
+    pub(super) drained: bool,
+    /// Until the datapath is attached nothing is announced or withdrawn.
+    pub(super) attached: bool,
+}
+
+impl State {
+    pub(super) fn rebuild_ring(&mut self, vi: usize) -> Result<()> {
+        let v = &self.vips[vi];
+        let entries: Vec<_> = v
+            .backends
+            .iter()
+            .filter(|b| b.in_ring())
+            .map(|b| maglev::Entry {
+                id: b.id,
+                addr: addr16(b.cfg.address).0,
+                weight: b.cfg.weight,
+            })
+            .collect();
+        let table = crate::sched::ring(v.cfg.scheduler, &entries, v.cfg.ring_size);
+        let digest = ring_digest(&table, |id| {
+            entries.iter().find(|e| e.id == id).map(|e| e.addr)
+        });
+        self.vips[vi].digest = digest;
+        let v = &self.vips[vi];
+        let key = v.key;
+        let vip_id = v.vip_id;
+        Dataplane::new(&mut self.ebpf)
+            .install_ring(&key, &table)
+            .context("installing ring")?;
+        // Each region: its live backends' ring, or (none live) no entry at
+        // all, so that its clients fall back to the whole VIP.
+        for ri in 0..self.vips[vi].regions.len() {
+            let r = &self.vips[vi].regions[ri];
+            let sched = self.vips[vi].cfg.scheduler;
+            let m = self.vips[vi].cfg.ring_size;
+            let sub: Vec<_> = entries
+                .iter()
+                .filter(|e| r.cfg.backends.iter().any(|a| addr16(*a).0 == e.addr))
+                .copied()
+                .collect();
+            let ring_id = r.ring_id;
+            let prefixes: Vec<([u8; 16], u32)> = r
+                .cfg
+                .prefixes
+                .iter()
+                .map(|(a, l)| (prefix16(*a), *l as u32))
+                .collect();
+            let mut dp = Dataplane::new(&mut self.ebpf);
+            if sub.is_empty() {
+                for (a, l) in &prefixes {
+                    dp.remove_region(vip_id, *a, *l)?;
+                }
+                continue;
+            }
+            dp.install_region_ring(
+                vip_id,
+                &prefixes,
+                ring_id,
+                &crate::sched::ring(sched, &sub, m),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Ring slots taken: VIP ids and region ring slots share the ring space.
+    pub(super) fn ring_ids_in_use(&self) -> HashSet<u32> {
+        let vips = self.vips.iter().map(|v| v.vip_id);
+        vips.chain(
+            self.vips
+                .iter()
+                .flat_map(|v| v.regions.iter().map(|r| r.ring_id)),
+        )
+        .collect()
+    }
+
+    /// Replaces VIP `vi`'s regions: old prefixes removed, ring slots for new
+    /// regions taken from the ids no VIP or region uses.
+    pub(super) fn set_regions(&mut self, vi: usize, regions: &[config::Region]) -> Result<()> {
+        let vip_id = self.vips[vi].vip_id;
+        for r in std::mem::take(&mut self.vips[vi].regions) {
+            for (a, l) in &r.cfg.prefixes {
+                Dataplane::new(&mut self.ebpf).remove_region(vip_id, prefix16(*a), *l as u32)?;
+            }
+        }
+        for r in regions {
+            let used = self.ring_ids_in_use();
+            let ring_id = (0..MAX_VIPS)
+                .rev()
+                .find(|i| !used.contains(i))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "no ring slot left for region `{}` (VIPs and regions share {MAX_VIPS})",
+                        r.name
+                    )
+                })?;
+            self.vips[vi].regions.push(RegionRt {
+                cfg: r.clone(),
+                ring_id,
+            });
+        }
+        Ok(())
+    }
+
+    /// Least-connections: overwrite each backend's active count with the
+    /// number of counted flows in the connection table, so the datapath's
+    /// atomic counts cannot drift (evictions and idle expiry never
+    /// decrement them).
+    pub(super) fn reconcile_active(&mut self) -> Result<()> {
+        let lc: Vec<u32> = self
+            .vips
+            .iter()
+            .filter(|v| v.cfg.scheduler == crate::sched::Scheduler::LeastConnections)
+            .flat_map(|v| v.backends.iter().map(|b| b.id))
+            .collect();
+        if lc.is_empty() {
+            return Ok(());
+        }
+        let mut counts: std::collections::HashMap<u32, u64> =
+            lc.iter().map(|id| (*id, 0)).collect();
+        let now_s = monotonic_s();
+        for (_, f) in Dataplane::new(&mut self.ebpf).flows()? {
+            let idle_limit = self
+                .vips
+                .iter()
+                .find(|v| v.vip_id == f.vip_id as u32)
+                .map(|v| v.cfg.idle_timeout_s as u64)
+                .unwrap_or(0);
+            let expired = idle_limit != 0 && now_s.saturating_sub(f.last_seen_s) > idle_limit;
+            if f.flags & lb_common::FLOW_F_COUNTED != 0
+                && !expired
+                && let Some(c) = counts.get_mut(&f.backend_id)
+            {
+                *c += 1;
+            }
+        }
+        let mut dp = Dataplane::new(&mut self.ebpf);
+        for (id, n) in counts {
+            dp.set_active(id, n)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn new_backend(
+        &mut self,
+        key: &VipKey,
+        cfg: &BackendCfg,
+        health: &config::Health,
+    ) -> Result<BackendRt> {
+        let id = self.backend_id(key, cfg.address)?;
+        self.next_generation += 1;
+        Ok(BackendRt {
+            cfg: cfg.clone(),
+            id,
+            health: HealthState::new(health.rise, health.fall),
+            last_result: "not probed yet".into(),
+            last_latency_ms: None,
+            transitions: 0,
+            resolved: false,
+            generation: self.next_generation,
+        })
+    }
+
+    pub(super) fn find(&self, key: &VipKey, addr: IpAddr) -> Option<(usize, usize)> {
+        let vi = self.vips.iter().position(|v| v.key == *key)?;
+        let bi = self.vips[vi]
+            .backends
+            .iter()
+            .position(|b| b.cfg.address == addr)?;
+        Some((vi, bi))
+    }
+
+    pub(super) fn find_vip(&self, r: &VipRef) -> Result<usize> {
+        self.vips
+            .iter()
+            .position(|v| vip_ref(&v.cfg) == *r)
+            .ok_or_else(|| anyhow!("no VIP {r}; `lb vip list` shows the VIPs"))
+    }
+}

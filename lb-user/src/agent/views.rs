@@ -1,0 +1,139 @@
+//! What the CLI reads: status, VIP and backend lists, traffic counters.
+
+use super::*;
+
+impl State {
+    pub(super) fn status(&self) -> StatusInfo {
+        let backends: Vec<&BackendRt> = self.vips.iter().flat_map(|v| &v.backends).collect();
+        StatusInfo {
+            instance: self.cfg.agent.instance.clone(),
+            interface: self.cfg.agent.interface.clone(),
+            attach: self.attach_desc.clone(),
+            config: self.cfg_path.display().to_string(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            vips: self.vips.len(),
+            backends: backends.len(),
+            backends_up: backends.iter().filter(|b| b.up()).count(),
+            announce: self.announce.as_ref().map(|r| AnnounceStatus {
+                table: r.table,
+                drained: self.drained,
+            }),
+            vip_status: {
+                let view = self.announce_view();
+                self.vips
+                    .iter()
+                    .map(|v| VipStatus {
+                        vip: vip_ref(&v.cfg),
+                        digest: format!("{:016x}", v.digest),
+                        announced: self.announce.as_ref().map(|_| {
+                            view.get(&v.cfg.address) == Some(&announce::Verdict::Announce)
+                        }),
+                        why_not: match (&self.announce, view.get(&v.cfg.address)) {
+                            (Some(_), Some(announce::Verdict::Withhold(r))) => Some(r.to_string()),
+                            _ => None,
+                        },
+                    })
+                    .collect()
+            },
+        }
+    }
+
+    pub(super) fn vip_list(&self) -> Vec<VipInfo> {
+        self.vips
+            .iter()
+            .map(|v| VipInfo {
+                vip: vip_ref(&v.cfg),
+                forwarding: match v.cfg.forwarding {
+                    Forwarding::Dsr => "dsr".into(),
+                    Forwarding::Ipip => "ipip".into(),
+                },
+                hash: match v.cfg.hash {
+                    HashInput::FiveTuple => "5-tuple".into(),
+                    HashInput::SourceIp => "source-ip".into(),
+                },
+                scheduler: v.cfg.scheduler.name().into(),
+                ring_size: v.cfg.ring_size,
+                flow_table: v.cfg.flow_table,
+                health: match &v.cfg.health.kind {
+                    CheckKind::None => "none".into(),
+                    CheckKind::Tcp => format!(
+                        "tcp :{} every {} ms",
+                        v.cfg.health.port, v.cfg.health.interval_ms
+                    ),
+                    CheckKind::Http { path, .. } => {
+                        format!(
+                            "http :{}{path} every {} ms",
+                            v.cfg.health.port, v.cfg.health.interval_ms
+                        )
+                    }
+                },
+                backends: v.backends.len(),
+                backends_up: v.backends.iter().filter(|b| b.up()).count(),
+            })
+            .collect()
+    }
+
+    pub(super) fn backend_list(&self, only: Option<&VipRef>) -> Vec<BackendInfo> {
+        self.vips
+            .iter()
+            .filter(|v| only.is_none_or(|r| vip_ref(&v.cfg) == *r))
+            .flat_map(|v| {
+                v.backends.iter().map(|b| BackendInfo {
+                    vip: vip_ref(&v.cfg),
+                    address: b.cfg.address,
+                    id: b.id,
+                    weight: b.cfg.weight,
+                    state: b.state_name().into(),
+                    last_result: b.last_result.clone(),
+                    last_latency_ms: b.last_latency_ms,
+                    transitions: b.transitions,
+                    active_flows: (v.cfg.scheduler == crate::sched::Scheduler::LeastConnections)
+                        .then(|| self.active_of(b.id)),
+                    next_hop_known: b.resolved,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) fn active_of(&self, id: u32) -> u64 {
+        self.ebpf
+            .map(lb_common::MAP_ACTIVE)
+            .and_then(|m| aya::maps::Array::<_, u64>::try_from(m).ok())
+            .and_then(|a| a.get(&id, 0).ok())
+            .unwrap_or(0)
+    }
+
+    pub(super) fn stats(&mut self) -> Result<StatsInfo> {
+        let at_s = self.started.elapsed().as_secs_f64();
+        let t = |x: lb_common::Traffic| TrafficInfo {
+            packets: x.packets,
+            bytes: x.bytes,
+            new_flows: x.new_flows,
+            active: None,
+        };
+        let dp = Dataplane::new(&mut self.ebpf);
+        let mut vips = Vec::new();
+        let mut backends = Vec::new();
+        for v in &self.vips {
+            vips.push((vip_ref(&v.cfg), t(dp.vip_traffic(v.vip_id)?)));
+            for b in &v.backends {
+                let mut tr = t(dp.backend_traffic(b.id)?);
+                if v.cfg.scheduler == crate::sched::Scheduler::LeastConnections {
+                    tr.active = Some(dp.active(b.id)?);
+                }
+                backends.push((vip_ref(&v.cfg), b.cfg.address, tr));
+            }
+        }
+        let verdicts = lb_common::verdict::NAMES
+            .iter()
+            .map(|n| n.to_string())
+            .zip(dp.verdicts()?)
+            .collect::<Vec<_>>();
+        Ok(StatsInfo {
+            at_s,
+            vips,
+            backends,
+            verdicts,
+        })
+    }
+}
