@@ -205,6 +205,11 @@ pub struct StatsInfo {
 pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
     let mut s = match UnixStream::connect(socket) {
         Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+            "permission denied on the control socket {}: it is root-only (mode 0600); run the command as root \
+             (e.g. with sudo)",
+            socket.display()
+        ),
         Err(e) => bail!(
             "the agent is not running (cannot connect to {}: {e}); start it with `lb run --config FILE`, \
              or point at its socket with --socket",

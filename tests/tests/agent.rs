@@ -603,3 +603,64 @@ fn concurrent_cli_edits_are_all_applied_and_saved() {
         .cli(&["status"])
         .expect("the agent still runs after a request carrying \"shutdown\"");
 }
+
+/// `lb down --instance` finds its agent through the instance lock even when
+/// the agent's socket is not the default one; a user who may not use the
+/// control socket is told so, not that the agent is not running.
+#[test]
+fn down_finds_its_agent_and_permission_errors_say_so() {
+    let d = dc("agd", 1).expect("dc");
+    let _srv = servers(&d);
+    let mut agent = Agent::start("agd", &d, 1);
+
+    // As an unprivileged user (a copy of the binary any user may run).
+    let dir = std::env::temp_dir().join(format!("lb-agd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let exe = dir.join("lb");
+    std::fs::copy(LB, &exe).expect("copy lb");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&exe)
+        .args(["status", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .expect("setpriv");
+    let _ = std::fs::remove_dir_all(&dir);
+    let msg = String::from_utf8_lossy(&out.stderr);
+    println!("as nobody: {msg}");
+    assert!(!out.status.success());
+    assert!(
+        msg.contains("permission denied") && msg.contains("root-only"),
+        "{msg}"
+    );
+
+    // `lb down` with the default socket (not this agent's).
+    let out = Command::new(LB)
+        .args(["down", "--instance", &agent.instance])
+        .output()
+        .expect("lb down");
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let child = agent.child.as_mut().expect("agent process");
+    let t0 = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the agent is still running after `lb down --instance`"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !std::path::Path::new(&format!("/sys/fs/bpf/lb/{}", agent.instance)).exists(),
+        "pins removed"
+    );
+}

@@ -125,7 +125,7 @@ fn enter_netns(name: &str) -> Result<()> {
 
 /// Holds the per-instance lock file; a second agent on the same instance is
 /// refused while it is held.
-struct InstanceLock(#[expect(dead_code, reason = "held for its lock")] std::fs::File);
+struct InstanceLock(std::fs::File);
 
 fn lock_instance(instance: &str) -> Result<InstanceLock> {
     use std::os::fd::AsRawFd;
@@ -146,6 +146,40 @@ fn lock_instance(instance: &str) -> Result<InstanceLock> {
     Ok(InstanceLock(f))
 }
 
+impl InstanceLock {
+    /// Writes who holds the lock (pid, control socket) into the lock file,
+    /// so `lb down --instance` finds the agent whatever its socket is.
+    fn record(&self, socket: &Path) -> Result<()> {
+        use std::io::Write as _;
+        let mut f = &self.0;
+        f.set_len(0)?;
+        write!(
+            f,
+            "pid={}\nsocket={}\n",
+            std::process::id(),
+            socket.display()
+        )?;
+        Ok(())
+    }
+}
+
+/// The agent holding `instance`'s lock: (pid, control socket), if one does.
+fn lock_owner(instance: &str) -> Option<(i32, PathBuf)> {
+    if lock_instance(instance).is_ok() {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/run/lb/{instance}.lock")).ok()?;
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(str::to_string)
+    };
+    Some((
+        field("pid=")?.parse().ok()?,
+        PathBuf::from(field("socket=")?),
+    ))
+}
+
 /// Runs the agent until `shutdown` completes (or `lb down` asks it to);
 /// health transitions are also sent to `events` (tests drive it this way).
 pub async fn run_until(
@@ -154,7 +188,8 @@ pub async fn run_until(
     shutdown: impl std::future::Future<Output = ()>,
     events: Option<std::sync::mpsc::Sender<Event>>,
 ) -> Result<()> {
-    let _lock = lock_instance(&cfg.agent.instance)?;
+    let instance_lock = lock_instance(&cfg.agent.instance)?;
+    instance_lock.record(Path::new(&cfg.agent.control_socket))?;
     loader::ensure_bpffs()?;
     let dir = loader::pin_dir(&cfg.agent.instance);
     let (mut ebpf, adopted) = loader::load_pinned(
@@ -295,13 +330,28 @@ pub async fn run_until(
 /// `lb down`: asks a running agent to stop, then detaches and removes every
 /// pin of the instance.
 pub fn down(instance: &str, socket: &Path) -> Result<()> {
-    if socket.exists() && api::call(socket, &Request::Shutdown).is_ok() {
+    // The agent of this instance, found through its lock (its socket may
+    // not be the one given); asked to stop, else sent SIGTERM.
+    if let Some((pid, own_socket)) = lock_owner(instance) {
+        let asked = [own_socket.as_path(), socket]
+            .iter()
+            .any(|s| s.exists() && api::call(s, &Request::Shutdown).is_ok());
+        if !asked {
+            // SAFETY: kill(2) has no memory effects; the pid is the one the
+            // lock's holder wrote, and the lock is still held.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
         // Wait (bounded) for the agent to let go of its instance lock.
         for _ in 0..50 {
             if lock_instance(instance).is_ok() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+        if lock_owner(instance).is_some() {
+            bail!(
+                "the agent of instance `{instance}` (pid {pid}) did not stop within 5 s; nothing detached"
+            );
         }
     }
     let node = announce::NodeFile::of(instance);
