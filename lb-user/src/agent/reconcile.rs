@@ -1,12 +1,124 @@
 //! Reconcile: brings the datapath from the running configuration to a new
 //! one, touching only what differs. Every change goes through here:
-//! startup, reload, CLI edits.
+//! startup (from nothing, or adopting a pinned datapath), reload, CLI edits.
+//!
+//! [`plan`] decides, purely from the two VIP lists, what to do; it is
+//! unit-tested without BPF. [`State::reconcile`] applies the plan to the
+//! datapath and the runtime model.
+
+use std::collections::HashMap;
 
 use super::*;
 
+/// One step from one configuration to the next, in the order to apply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Change {
+    /// The VIP is gone: its entry, ring and backend ids go.
+    RemoveVip(VipKey),
+    /// A new VIP: take a VIP id (the pinned one if there is one).
+    AddVip(VipKey),
+    /// Write the VIP's datapath entry (flags, scheduler, idle timeout).
+    ConfigureVip(VipKey),
+    /// Replace the VIP's regions (prefixes and their rings).
+    SetRegions(VipKey),
+    RemoveBackend(VipKey, IpAddr),
+    /// A new backend: an id, its entry, a health task.
+    AddBackend(VipKey, IpAddr),
+    /// Weight or drain changed: rewrite its entry.
+    UpdateBackend(VipKey, IpAddr),
+    /// Health settings changed: a new health task, the state starts over.
+    RestartHealth(VipKey, IpAddr),
+    /// Rebuild the VIP's rings (Maglev or scheduler table, regions).
+    RebuildRing(VipKey),
+}
+
+/// The datapath entry of a VIP depends on these settings only.
+fn meta_of(v: &Vip) -> (u32, u32, u32) {
+    (vip_flags(v), v.idle_timeout_s, v.scheduler.datapath())
+}
+
+/// What to change to go from `old` to `new` (VIPs as configured).
+pub(super) fn plan(old: &[Vip], new: &[Vip]) -> Vec<Change> {
+    use Change::*;
+    let mut out = Vec::new();
+    let new_keys: HashSet<VipKey> = new.iter().map(vip_key).collect();
+    for o in old {
+        if !new_keys.contains(&vip_key(o)) {
+            out.push(RemoveVip(vip_key(o)));
+        }
+    }
+    for n in new {
+        let key = vip_key(n);
+        let o = old.iter().find(|o| vip_key(o) == key);
+        let mut ring = false;
+        match o {
+            None => {
+                out.push(AddVip(key));
+                out.push(ConfigureVip(key));
+                ring = true;
+            }
+            Some(o) => {
+                if meta_of(o) != meta_of(n) {
+                    out.push(ConfigureVip(key));
+                }
+                ring |= o.ring_size != n.ring_size || o.scheduler != n.scheduler;
+            }
+        }
+        let old_regions = o.map(|o| o.regions.as_slice()).unwrap_or(&[]);
+        if old_regions != n.regions.as_slice() {
+            out.push(SetRegions(key));
+            ring = true;
+        }
+        let old_backends = o.map(|o| o.backends.as_slice()).unwrap_or(&[]);
+        for b in old_backends {
+            if !n.backends.iter().any(|x| x.address == b.address) {
+                out.push(RemoveBackend(key, b.address));
+                ring = true;
+            }
+        }
+        let health_changed = o.is_some_and(|o| o.health != n.health);
+        for b in &n.backends {
+            match old_backends.iter().find(|x| x.address == b.address) {
+                None => {
+                    out.push(AddBackend(key, b.address));
+                    ring = true;
+                }
+                Some(ob) => {
+                    if ob != b {
+                        out.push(UpdateBackend(key, b.address));
+                        ring = true;
+                    }
+                    if health_changed {
+                        out.push(RestartHealth(key, b.address));
+                    }
+                }
+            }
+        }
+        if ring {
+            out.push(RebuildRing(key));
+        }
+    }
+    out
+}
+
 impl State {
-    /// Brings the datapath from the current configuration to `new`, touching
-    /// only what differs. Returns the health tasks to start.
+    fn vip_index(&self, key: &VipKey) -> Result<usize> {
+        self.vips
+            .iter()
+            .position(|v| v.key == *key)
+            .context("internal: a planned VIP is not in the runtime model")
+    }
+
+    fn backend_index(&self, vi: usize, addr: IpAddr) -> Result<usize> {
+        self.vips[vi]
+            .backends
+            .iter()
+            .position(|b| b.cfg.address == addr)
+            .context("internal: a planned backend is not in the runtime model")
+    }
+
+    /// Brings the datapath from the current configuration to `new`,
+    /// applying [`plan`]. Returns the health tasks to start.
     pub(super) fn reconcile(&mut self, new: Config) -> Result<Vec<Spawn>> {
         if !self.vips.is_empty() && new.agent.interface != self.cfg.agent.interface {
             bail!(
@@ -15,36 +127,34 @@ impl State {
                 new.agent.interface
             );
         }
-        let mut spawns = Vec::new();
-        // VIPs that are gone.
-        let keep: HashSet<VipKey> = new.vips.iter().map(vip_key).collect();
-        let mut vi = 0;
-        while vi < self.vips.len() {
-            if keep.contains(&self.vips[vi].key) {
-                vi += 1;
-                continue;
-            }
-            let v = self.vips.remove(vi);
-            Dataplane::new(&mut self.ebpf).remove_vip(&v.key)?;
-            for b in &v.backends {
-                self.forget_backend(&v.key, b.cfg.address, b.id)?;
-            }
-            eprintln!("lb: removed VIP {}", vip_ref(&v.cfg));
-        }
-        // VIPs that are new or changed.
-        let existing_ids: std::collections::HashMap<VipKey, u32> = Dataplane::new(&mut self.ebpf)
+        let old: Vec<Vip> = self.vips.iter().map(|v| v.cfg.clone()).collect();
+        let want: HashMap<VipKey, &Vip> = new.vips.iter().map(|v| (vip_key(v), v)).collect();
+        let cfg_of = |k: &VipKey| -> Result<Vip> {
+            want.get(k)
+                .map(|v| (*v).clone())
+                .context("internal: a planned VIP is not in the new configuration")
+        };
+        let existing_ids: HashMap<VipKey, u32> = Dataplane::new(&mut self.ebpf)
             .list_vips()?
             .into_iter()
             .map(|(k, m)| (k, m.vip_id))
             .collect();
-        for vcfg in &new.vips {
-            let key = vip_key(vcfg);
-            let vi = match self.vips.iter().position(|v| v.key == key) {
-                Some(i) => i,
-                None => {
+        let mut spawns = Vec::new();
+        for change in plan(&old, &new.vips) {
+            match change {
+                Change::RemoveVip(key) => {
+                    let vi = self.vip_index(&key)?;
+                    let v = self.vips.remove(vi);
+                    Dataplane::new(&mut self.ebpf).remove_vip(&v.key)?;
+                    for b in &v.backends {
+                        self.forget_backend(&v.key, b.cfg.address, b.id)?;
+                    }
+                    eprintln!("lb: removed VIP {}", vip_ref(&v.cfg));
+                }
+                Change::AddVip(key) => {
                     let used = self.ring_ids_in_use();
-                    // Keep the id the pinned datapath already has for this VIP;
-                    // otherwise take one neither live nor pinned.
+                    // Keep the id the pinned datapath already has for this
+                    // VIP; otherwise take one neither live nor pinned.
                     let vip_id = match existing_ids.get(&key) {
                         Some(id) if !used.contains(id) => *id,
                         _ => (0..MAX_VIPS)
@@ -53,10 +163,11 @@ impl State {
                             .ok_or_else(|| anyhow!("at most {MAX_VIPS} VIPs"))?,
                     };
                     self.vips.push(VipRt {
-                        // Regions empty: the comparison below installs them.
+                        // Backends and regions empty: the plan adds them.
                         cfg: Vip {
+                            backends: Vec::new(),
                             regions: Vec::new(),
-                            ..vcfg.clone()
+                            ..cfg_of(&key)?
                         },
                         key,
                         vip_id,
@@ -64,71 +175,75 @@ impl State {
                         regions: Vec::new(),
                         digest: 0,
                     });
-                    self.vips.len() - 1
                 }
-            };
-            let meta = VipMeta {
-                vip_id: self.vips[vi].vip_id,
-                flags: vip_flags(vcfg),
-                idle_timeout_s: vcfg.idle_timeout_s,
-                scheduler: vcfg.scheduler.datapath(),
-                ..Default::default()
-            };
-            Dataplane::new(&mut self.ebpf).upsert_vip(&key, meta)?;
-            let health_changed = self.vips[vi].cfg.health != vcfg.health;
-            let mut ring_changed = self.vips[vi].cfg.ring_size != vcfg.ring_size
-                || self.vips[vi].backends.is_empty()
-                || self.vips[vi].cfg.scheduler != vcfg.scheduler
-                || self.vips[vi].cfg.regions != vcfg.regions;
-            if self.vips[vi].cfg.regions != vcfg.regions {
-                self.set_regions(vi, &vcfg.regions)?;
-            }
-            self.vips[vi].cfg = vcfg.clone();
-            // Backends that are gone.
-            let want: HashSet<IpAddr> = vcfg.backends.iter().map(|b| b.address).collect();
-            let mut bi = 0;
-            while bi < self.vips[vi].backends.len() {
-                if want.contains(&self.vips[vi].backends[bi].cfg.address) {
-                    bi += 1;
-                    continue;
+                Change::ConfigureVip(key) => {
+                    let vcfg = cfg_of(&key)?;
+                    let vi = self.vip_index(&key)?;
+                    let meta = VipMeta {
+                        vip_id: self.vips[vi].vip_id,
+                        flags: vip_flags(&vcfg),
+                        idle_timeout_s: vcfg.idle_timeout_s,
+                        scheduler: vcfg.scheduler.datapath(),
+                        ..Default::default()
+                    };
+                    Dataplane::new(&mut self.ebpf).upsert_vip(&key, meta)?;
                 }
-                let b = self.vips[vi].backends.remove(bi);
-                self.forget_backend(&key, b.cfg.address, b.id)?;
-                ring_changed = true;
-            }
-            // Backends that are new or changed.
-            for bcfg in &vcfg.backends {
-                match self.vips[vi]
-                    .backends
-                    .iter()
-                    .position(|b| b.cfg.address == bcfg.address)
-                {
-                    Some(bi) => {
-                        if self.vips[vi].backends[bi].cfg != *bcfg {
-                            self.vips[vi].backends[bi].cfg = bcfg.clone();
-                            self.write_backend(vi, bi)?;
-                            ring_changed = true;
-                        }
-                        if health_changed {
-                            self.next_generation += 1;
-                            let b = &mut self.vips[vi].backends[bi];
-                            b.generation = self.next_generation;
-                            b.health = HealthState::new(vcfg.health.rise, vcfg.health.fall);
-                            spawns.push((key, b.cfg.address, b.generation));
-                        }
+                Change::SetRegions(key) => {
+                    let vi = self.vip_index(&key)?;
+                    self.set_regions(vi, &cfg_of(&key)?.regions)?;
+                }
+                Change::RemoveBackend(key, addr) => {
+                    let vi = self.vip_index(&key)?;
+                    let bi = self.backend_index(vi, addr)?;
+                    let b = self.vips[vi].backends.remove(bi);
+                    self.forget_backend(&key, b.cfg.address, b.id)?;
+                }
+                Change::AddBackend(key, addr) => {
+                    let vcfg = cfg_of(&key)?;
+                    let bcfg = vcfg
+                        .backends
+                        .iter()
+                        .find(|b| b.address == addr)
+                        .context("internal: a planned backend is not configured")?;
+                    let vi = self.vip_index(&key)?;
+                    let b = self.new_backend(&key, bcfg, &vcfg.health)?;
+                    spawns.push((key, b.cfg.address, b.generation));
+                    self.vips[vi].backends.push(b);
+                    let bi = self.vips[vi].backends.len() - 1;
+                    self.write_backend(vi, bi)?;
+                }
+                Change::UpdateBackend(key, addr) => {
+                    let vcfg = cfg_of(&key)?;
+                    let vi = self.vip_index(&key)?;
+                    let bi = self.backend_index(vi, addr)?;
+                    if let Some(bcfg) = vcfg.backends.iter().find(|b| b.address == addr) {
+                        self.vips[vi].backends[bi].cfg = bcfg.clone();
                     }
-                    None => {
-                        let b = self.new_backend(&key, bcfg, &vcfg.health)?;
-                        spawns.push((key, b.cfg.address, b.generation));
-                        self.vips[vi].backends.push(b);
-                        let bi = self.vips[vi].backends.len() - 1;
-                        self.write_backend(vi, bi)?;
-                        ring_changed = true;
-                    }
+                    self.write_backend(vi, bi)?;
+                }
+                Change::RestartHealth(key, addr) => {
+                    let health = cfg_of(&key)?.health;
+                    let vi = self.vip_index(&key)?;
+                    let bi = self.backend_index(vi, addr)?;
+                    self.next_generation += 1;
+                    let b = &mut self.vips[vi].backends[bi];
+                    b.generation = self.next_generation;
+                    b.health = HealthState::new(health.rise, health.fall);
+                    spawns.push((key, b.cfg.address, b.generation));
+                }
+                Change::RebuildRing(key) => {
+                    let vi = self.vip_index(&key)?;
+                    // The ring follows the new settings (size, scheduler).
+                    self.vips[vi].cfg = cfg_of(&key)?;
+                    self.rebuild_ring(vi)?;
                 }
             }
-            if ring_changed {
-                self.rebuild_ring(vi)?;
+        }
+        // Every VIP's runtime settings are the new ones (health settings,
+        // ports and paths that the datapath does not hold).
+        for v in &mut self.vips {
+            if let Some(c) = want.get(&v.key) {
+                v.cfg = (*c).clone();
             }
         }
         if new.announce != self.cfg.announce || self.announce.is_none() {
@@ -138,5 +253,137 @@ impl State {
         self.cfg = new;
         self.sync_announce();
         Ok(spawns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Change::*, *};
+
+    fn cfg(text: &str) -> Vec<Vip> {
+        let head = "[agent]\ninterface = \"eth0\"\n";
+        config::parse(&format!("{head}{text}"), "t.toml")
+            .expect("valid")
+            .vips
+    }
+
+    const ONE: &str = r#"
+[[vip]]
+address = "198.18.0.100"
+port = 80
+[[vip.backend]]
+address = "198.18.2.1"
+[[vip.backend]]
+address = "198.18.2.2"
+"#;
+
+    fn key(v: &[Vip]) -> VipKey {
+        vip_key(&v[0])
+    }
+    fn a(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn same_config_changes_nothing() {
+        assert_eq!(plan(&cfg(ONE), &cfg(ONE)), vec![]);
+    }
+
+    #[test]
+    fn from_nothing_everything_is_added_then_the_ring_built() {
+        let new = cfg(ONE);
+        let k = key(&new);
+        assert_eq!(
+            plan(&[], &new),
+            vec![
+                AddVip(k),
+                ConfigureVip(k),
+                AddBackend(k, a("198.18.2.1")),
+                AddBackend(k, a("198.18.2.2")),
+                RebuildRing(k)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_removed_vip_is_removed_first() {
+        let two =
+            format!("{ONE}\n[[vip]]\naddress = \"198.18.0.101\"\nport = 53\nprotocol = \"udp\"\n");
+        let old = cfg(&two);
+        let gone = vip_key(&old[1]);
+        assert_eq!(plan(&old, &cfg(ONE)), vec![RemoveVip(gone)]);
+    }
+
+    #[test]
+    fn backend_edits_rewrite_entries_and_the_ring() {
+        let old = cfg(ONE);
+        let k = key(&old);
+        let weight = ONE.replacen(
+            "address = \"198.18.2.2\"",
+            "address = \"198.18.2.2\"\nweight = 3",
+            1,
+        );
+        assert_eq!(
+            plan(&old, &cfg(&weight)),
+            vec![UpdateBackend(k, a("198.18.2.2")), RebuildRing(k)]
+        );
+        let drained = ONE.replacen(
+            "address = \"198.18.2.1\"",
+            "address = \"198.18.2.1\"\ndrain = true",
+            1,
+        );
+        assert_eq!(
+            plan(&old, &cfg(&drained)),
+            vec![UpdateBackend(k, a("198.18.2.1")), RebuildRing(k)]
+        );
+        let swapped = ONE.replace("198.18.2.2", "198.18.2.3");
+        assert_eq!(
+            plan(&old, &cfg(&swapped)),
+            vec![
+                RemoveBackend(k, a("198.18.2.2")),
+                AddBackend(k, a("198.18.2.3")),
+                RebuildRing(k)
+            ]
+        );
+    }
+
+    #[test]
+    fn health_settings_restart_probes_but_leave_the_ring() {
+        let old = cfg(ONE);
+        let k = key(&old);
+        let new = format!("{ONE}\n[vip.health]\ninterval_ms = 500\n");
+        assert_eq!(
+            plan(&old, &cfg(&new)),
+            vec![
+                RestartHealth(k, a("198.18.2.1")),
+                RestartHealth(k, a("198.18.2.2"))
+            ]
+        );
+    }
+
+    #[test]
+    fn vip_settings_touch_the_entry_and_or_the_ring() {
+        let old = cfg(ONE);
+        let k = key(&old);
+        let set = |extra: &str| ONE.replacen("port = 80", &format!("port = 80\n{extra}"), 1);
+        assert_eq!(
+            plan(&old, &cfg(&set("forwarding = \"ipip\""))),
+            vec![ConfigureVip(k)]
+        );
+        assert_eq!(
+            plan(&old, &cfg(&set("ring_size = 251"))),
+            vec![RebuildRing(k)]
+        );
+        assert_eq!(
+            plan(&old, &cfg(&set("scheduler = \"round-robin\""))),
+            vec![ConfigureVip(k), RebuildRing(k)]
+        );
+        let region = format!(
+            "{ONE}\n[[vip.region]]\nname = \"r\"\nprefixes = [\"198.19.1.0/24\"]\nbackends = [\"198.18.2.1\"]\n"
+        );
+        assert_eq!(
+            plan(&old, &cfg(&region)),
+            vec![ConfigureVip(k), SetRegions(k), RebuildRing(k)]
+        );
     }
 }
