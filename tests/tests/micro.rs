@@ -17,7 +17,15 @@ use lb_tests::{Fixture, VipSpec, loader, tcp4, tcp6, time, v4, v6};
 use lb_user::sched::{self, Scheduler};
 
 const REPEAT: u32 = 1_000_000;
-const RUNS: usize = 5;
+/// Runs per case (median); `LB_MICRO_RUNS` overrides it (the A/B mode runs
+/// each side once per pair).
+fn run_count() -> usize {
+    std::env::var("LB_MICRO_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(5)
+}
 
 struct Row {
     name: &'static str,
@@ -33,7 +41,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// `REPEAT` per run (when given).
 fn bench(f: &mut Fixture, prog: &str, pkt: &[u8], reason: Option<u32>) -> f64 {
     let mut runs = Vec::new();
-    for _ in 0..RUNS {
+    for _ in 0..run_count() {
         let before = f.verdicts().expect("counters");
         runs.push(time(&mut f.ebpf, prog, pkt, REPEAT).expect("timed run"));
         let after = f.verdicts().expect("counters");
@@ -233,7 +241,7 @@ fn micro() {
             weight: 1,
         })
         .collect();
-    let builds: Vec<f64> = (0..RUNS)
+    let builds: Vec<f64> = (0..run_count())
         .map(|_| {
             let t = std::time::Instant::now();
             std::hint::black_box(lb_user::maglev::build(&entries, 65537));
@@ -255,18 +263,23 @@ fn micro() {
             })
             .collect();
         println!(
-            "{{\"repeat\":{REPEAT},\"runs\":{RUNS},\"cases\":[{}],\"maglev_build_1000_backends_m65537_ms\":{build_ms:.1}}}",
+            "{{\"repeat\":{REPEAT},\"runs\":{},\"cases\":[{}],\"maglev_build_1000_backends_m65537_ms\":{build_ms:.1}}}",
+            run_count(),
             items.join(",")
         );
     } else {
-        println!("\nmicro-benchmark: BPF_PROG_TEST_RUN, repeat {REPEAT}, median of {RUNS} runs");
+        println!(
+            "\nmicro-benchmark: BPF_PROG_TEST_RUN, repeat {REPEAT}, median of {} runs",
+            run_count()
+        );
         println!("| case | ns/packet | × swap-MACs floor |");
         println!("|---|---:|---:|");
         for r in &rows {
             println!("| {} | {:.1} | {:.2} |", r.name, r.ns, r.ns / floor);
         }
         println!(
-            "\nMaglev table build, 1000 backends, M = 65537: {build_ms:.1} ms (median of {RUNS})"
+            "\nMaglev table build, 1000 backends, M = 65537: {build_ms:.1} ms (median of {})",
+            run_count()
         );
     }
 }
@@ -347,7 +360,7 @@ fn next_hop_rows() -> Vec<Row> {
         let ns_runs = ns
             .enter(|| {
                 lb_tests::run_on(&mut f.ebpf, lb_common::PROG_BALANCER, &pkt, v0).expect("prime");
-                (0..RUNS)
+                (0..run_count())
                     .map(|_| {
                         let before = f.verdicts().expect("counters")[verdict::TX as usize];
                         let t = time_on(&mut f.ebpf, lb_common::PROG_BALANCER, &pkt, REPEAT, v0)

@@ -10,6 +10,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod ab;
 mod bench;
 mod demo;
 
@@ -44,6 +45,13 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// `micro` only: A/B against this git revision (A) with the working
+        /// tree as B, interleaved runs, ratio B/A per case.
+        #[arg(long)]
+        against: Option<String>,
+        /// Pairs of interleaved runs for `--against`.
+        #[arg(long, default_value_t = 7)]
+        pairs: usize,
     },
 }
 
@@ -74,9 +82,18 @@ fn main() -> Result<()> {
             setup()?;
             demo::lab(&root()?, &action)
         }
-        Cmd::Bench { suite, json } => {
+        Cmd::Bench {
+            suite,
+            json,
+            against,
+            pairs,
+        } => {
             setup()?;
-            bench::bench(&root()?, &suite, json)
+            match against {
+                Some(rev) if suite == "micro" => ab::against(&root()?, &rev, pairs.max(1), json),
+                Some(_) => anyhow::bail!("--against works with `cargo xtask bench micro` only"),
+                None => bench::bench(&root()?, &suite, json),
+            }
         }
     }
 }
