@@ -27,9 +27,15 @@ impl Default for LoadOptions {
 
 /// Loads the object and verifies every program in it.
 pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
+    load_object(EBPF_OBJECT, opts)
+}
+
+/// [`load`] of another build of the datapath object (the A/B benchmark
+/// loads an older revision's next to this one); `obj` must be 8-aligned.
+pub fn load_object(obj: &[u8], opts: &LoadOptions) -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(lb_common::MAP_FLOWS, opts.flow_table_size)
-        .load(EBPF_OBJECT)
+        .load(obj)
         .context(
             "loading the datapath object into the kernel failed (are you root, with BPF enabled?)",
         )?;

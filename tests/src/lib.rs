@@ -290,7 +290,20 @@ pub struct VipSpec {
 
 impl Fixture {
     pub fn new() -> Result<Self> {
-        let mut ebpf = load()?;
+        Self::with_ebpf(load()?)
+    }
+
+    /// A fixture on another build of the datapath object (8-aligned bytes).
+    pub fn with_object(obj: &[u8]) -> Result<Self> {
+        Self::with_ebpf(loader::load_object(
+            obj,
+            &loader::LoadOptions {
+                flow_table_size: 65536,
+            },
+        )?)
+    }
+
+    fn with_ebpf(mut ebpf: Ebpf) -> Result<Self> {
         Dataplane::new(&mut ebpf).set_settings(&lb_common::Settings {
             ipip_src_v4: [198, 19, 0, 0],
             ipip_src_v6: v6("2001:2:0:ff::".parse().expect("literal")),

@@ -63,10 +63,8 @@ fn bench(f: &mut Fixture, prog: &str, pkt: &[u8], reason: Option<u32>) -> f64 {
     median(runs)
 }
 
-#[test]
-#[ignore = "benchmark: run with `cargo xtask bench micro`"]
-fn micro() {
-    let mut f = Fixture::new().expect("load");
+/// Programs every VIP the cases use and wires `bench_ipip`'s tail call.
+fn setup(f: &mut Fixture) {
     let vip4 = [198, 18, 0, 100];
     let vip6: std::net::Ipv6Addr = "2001:2::100".parse().unwrap();
     let b4 = |n: u32| {
@@ -146,90 +144,110 @@ fn micro() {
                 .expect("program array");
         jump.set(0, &fd, 0).expect("set tail call");
     }
-    let client = [198, 19, 0, 1];
-    let c6 = v6("2001:2:1::1".parse().unwrap());
-    let est = tcp4(client, vip4, 40000, 80, &[0; 10]);
-    // Prime the connection table so the timed runs are all established.
-    f.run(&est).expect("prime");
+    // Prime the connection table so the established case is established.
+    f.run(&established()).expect("prime");
+}
 
-    let rows = vec![
-        Row {
+const VIP4: [u8; 4] = [198, 18, 0, 100];
+const CLIENT: [u8; 4] = [198, 19, 0, 1];
+
+fn established() -> Vec<u8> {
+    tcp4(CLIENT, VIP4, 40000, 80, &[0; 10])
+}
+
+/// One timed path: its program, its packet, the verdict every repetition
+/// must take (floors: none).
+struct Case {
+    name: &'static str,
+    prog: &'static str,
+    pkt: Vec<u8>,
+    reason: Option<u32>,
+}
+
+fn cases() -> Vec<Case> {
+    let (client, vip4) = (CLIENT, VIP4);
+    let vip6: std::net::Ipv6Addr = "2001:2::100".parse().unwrap();
+    let c6 = v6("2001:2:1::1".parse().unwrap());
+    let est = established();
+    vec![
+        Case {
             name: "floor: XDP_DROP",
-            ns: bench(&mut f, lb_common::PROG_FLOOR_DROP, &est, None),
+            prog: lb_common::PROG_FLOOR_DROP,
+            pkt: est.clone(),
+            reason: None,
         },
-        Row {
+        Case {
             name: "floor: swap MACs + XDP_TX",
-            ns: bench(&mut f, lb_common::PROG_FLOOR_TX, &est, None),
+            prog: lb_common::PROG_FLOOR_TX,
+            pkt: est.clone(),
+            reason: None,
         },
-        Row {
+        Case {
             name: "established IPv4 TCP dsr",
-            ns: bench(&mut f, lb_common::PROG_BALANCER, &est, Some(verdict::TX)),
+            prog: lb_common::PROG_BALANCER,
+            pkt: est.clone(),
+            reason: Some(verdict::TX),
         },
-        Row {
+        Case {
             name: "new flow IPv4 TCP dsr (table off)",
-            ns: bench(
-                &mut f,
-                lb_common::PROG_BALANCER,
-                &tcp4(client, vip4, 40000, 81, &[0; 10]),
-                Some(verdict::TX),
-            ),
+            prog: lb_common::PROG_BALANCER,
+            pkt: tcp4(client, vip4, 40000, 81, &[0; 10]),
+            reason: Some(verdict::TX),
         },
-        Row {
+        Case {
             name: "IPv4 ipip (via bench_ipip)",
-            ns: bench(
-                &mut f,
-                lb_common::PROG_BENCH_IPIP,
-                &tcp4(client, vip4, 40000, 82, &[0; 10]),
-                Some(verdict::TX),
-            ),
+            prog: lb_common::PROG_BENCH_IPIP,
+            pkt: tcp4(client, vip4, 40000, 82, &[0; 10]),
+            reason: Some(verdict::TX),
         },
-        Row {
+        Case {
             name: "IPv6 ipip (via bench_ipip)",
-            ns: bench(
-                &mut f,
-                lb_common::PROG_BENCH_IPIP,
-                &tcp6(c6, v6(vip6), 40000, 82, &[0; 10]),
-                Some(verdict::TX),
-            ),
+            prog: lb_common::PROG_BENCH_IPIP,
+            pkt: tcp6(c6, v6(vip6), 40000, 82, &[0; 10]),
+            reason: Some(verdict::TX),
         },
-        Row {
+        Case {
             name: "new flow, round-robin (table off)",
-            ns: bench(
-                &mut f,
-                lb_common::PROG_BALANCER,
-                &tcp4(client, vip4, 40000, 83, &[0; 10]),
-                Some(verdict::TX),
-            ),
+            prog: lb_common::PROG_BALANCER,
+            pkt: tcp4(client, vip4, 40000, 83, &[0; 10]),
+            reason: Some(verdict::TX),
         },
-        Row {
+        Case {
             name: "new flow, least-connections exact, 8 backends (table off)",
-            ns: bench(
-                &mut f,
-                lb_common::PROG_BALANCER,
-                &tcp4(client, vip4, 40000, 84, &[0; 10]),
-                Some(verdict::TX),
-            ),
+            prog: lb_common::PROG_BALANCER,
+            pkt: tcp4(client, vip4, 40000, 84, &[0; 10]),
+            reason: Some(verdict::TX),
         },
-        Row {
+        Case {
             name: "new flow, least-connections P2C, 20 backends (table off)",
-            ns: bench(
-                &mut f,
-                lb_common::PROG_BALANCER,
-                &tcp4(client, vip4, 40000, 85, &[0; 10]),
-                Some(verdict::TX),
-            ),
+            prog: lb_common::PROG_BALANCER,
+            pkt: tcp4(client, vip4, 40000, 85, &[0; 10]),
+            reason: Some(verdict::TX),
         },
-        Row {
+        Case {
             name: "non-VIP pass",
-            ns: bench(
-                &mut f,
-                lb_common::PROG_BALANCER,
-                &tcp4(client, [198, 18, 0, 99], 40000, 80, &[0; 10]),
-                Some(verdict::PASS_NON_VIP),
-            ),
+            prog: lb_common::PROG_BALANCER,
+            pkt: tcp4(client, [198, 18, 0, 99], 40000, 80, &[0; 10]),
+            reason: Some(verdict::PASS_NON_VIP),
         },
-    ];
-    let mut rows = rows;
+    ]
+}
+
+#[test]
+#[ignore = "benchmark: run with `cargo xtask bench micro`"]
+fn micro() {
+    if let Some(path) = std::env::var_os("LB_AB_OBJECT") {
+        return ab(std::path::Path::new(&path));
+    }
+    let mut f = Fixture::new().expect("load");
+    setup(&mut f);
+    let mut rows: Vec<Row> = cases()
+        .into_iter()
+        .map(|c| Row {
+            name: c.name,
+            ns: bench(&mut f, c.prog, &c.pkt, c.reason),
+        })
+        .collect();
     rows.extend(next_hop_rows());
     let floor = rows[1].ns.max(0.001);
 
@@ -382,4 +400,72 @@ fn next_hop_rows() -> Vec<Row> {
         });
     }
     out
+}
+
+/// A/B mode (`cargo xtask bench micro --against REV` sets `LB_AB_OBJECT`
+/// to REV's datapath object): both objects loaded side by side, each case
+/// timed on A then B (order alternating) `LB_AB_PAIRS` times, one JSON line
+/// with the B/A ratio of the medians and the per-pair spread. Same process,
+/// same packets, same fixture code: only the object differs.
+fn ab(path: &std::path::Path) {
+    let bytes = std::fs::read(path).expect("A's datapath object");
+    // The ELF parser wants the object 8-aligned, as include_bytes_aligned!
+    // gives B's.
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    // SAFETY: `words` has at least `bytes.len()` bytes of plain u64 storage.
+    let buf =
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), bytes.len()) };
+    buf.copy_from_slice(&bytes);
+    let pairs: usize = std::env::var("LB_AB_PAIRS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
+    let mut fa = Fixture::with_object(buf).expect("load A");
+    let mut fb = Fixture::new().expect("load B");
+    setup(&mut fa);
+    setup(&mut fb);
+    let mut out = Vec::new();
+    for c in cases() {
+        let (mut a, mut b, mut r) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..pairs {
+            let (ta, tb) = if i % 2 == 0 {
+                let ta = bench_once(&mut fa, &c);
+                (ta, bench_once(&mut fb, &c))
+            } else {
+                let tb = bench_once(&mut fb, &c);
+                (bench_once(&mut fa, &c), tb)
+            };
+            a.push(ta);
+            b.push(tb);
+            r.push(tb / ta.max(0.001));
+        }
+        let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = r.iter().copied().fold(0.0, f64::max);
+        let (ma, mb) = (median(a), median(b));
+        out.push(format!(
+            "{{\"case\":\"{}\",\"a_ns\":{ma:.1},\"b_ns\":{mb:.1},\"b_over_a\":{:.3},\"pair_median\":{:.3},\"pair_min\":{lo:.3},\"pair_max\":{hi:.3}}}",
+            c.name,
+            mb / ma.max(0.001),
+            median(r.clone())
+        ));
+    }
+    println!("{{\"ab_pairs\":{pairs},\"ab\":[{}]}}", out.join(","));
+}
+
+/// One timed run of a case, checked like [`bench`]'s.
+fn bench_once(f: &mut Fixture, c: &Case) -> f64 {
+    let before = f.verdicts().expect("counters");
+    let t = time(&mut f.ebpf, c.prog, &c.pkt, REPEAT).expect("timed run");
+    let after = f.verdicts().expect("counters");
+    if let Some(r) = c.reason {
+        let r = r as usize;
+        assert_eq!(
+            after[r] - before[r],
+            REPEAT as u64,
+            "{}: every repetition must take the `{}` path",
+            c.name,
+            verdict::NAMES[r]
+        );
+    }
+    t
 }
