@@ -419,7 +419,12 @@ fn ab(path: &std::path::Path) {
     let pairs: usize = std::env::var("LB_AB_PAIRS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(7);
+        .unwrap_or(25);
+    // Many short runs beat few long ones on a VM whose speed drifts.
+    let repeat: u32 = std::env::var("LB_AB_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
     let mut fa = Fixture::with_object(buf).expect("load A");
     let mut fb = Fixture::new().expect("load B");
     setup(&mut fa);
@@ -429,11 +434,11 @@ fn ab(path: &std::path::Path) {
         let (mut a, mut b, mut r) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..pairs {
             let (ta, tb) = if i % 2 == 0 {
-                let ta = bench_once(&mut fa, &c);
-                (ta, bench_once(&mut fb, &c))
+                let ta = bench_once(&mut fa, &c, repeat);
+                (ta, bench_once(&mut fb, &c, repeat))
             } else {
-                let tb = bench_once(&mut fb, &c);
-                (bench_once(&mut fa, &c), tb)
+                let tb = bench_once(&mut fb, &c, repeat);
+                (bench_once(&mut fa, &c, repeat), tb)
             };
             a.push(ta);
             b.push(tb);
@@ -449,19 +454,22 @@ fn ab(path: &std::path::Path) {
             median(r.clone())
         ));
     }
-    println!("{{\"ab_pairs\":{pairs},\"ab\":[{}]}}", out.join(","));
+    println!(
+        "{{\"ab_pairs\":{pairs},\"repeat\":{repeat},\"ab\":[{}]}}",
+        out.join(",")
+    );
 }
 
 /// One timed run of a case, checked like [`bench`]'s.
-fn bench_once(f: &mut Fixture, c: &Case) -> f64 {
+fn bench_once(f: &mut Fixture, c: &Case, repeat: u32) -> f64 {
     let before = f.verdicts().expect("counters");
-    let t = time(&mut f.ebpf, c.prog, &c.pkt, REPEAT).expect("timed run");
+    let t = time(&mut f.ebpf, c.prog, &c.pkt, repeat).expect("timed run");
     let after = f.verdicts().expect("counters");
     if let Some(r) = c.reason {
         let r = r as usize;
         assert_eq!(
             after[r] - before[r],
-            REPEAT as u64,
+            repeat as u64,
             "{}: every repetition must take the `{}` path",
             c.name,
             verdict::NAMES[r]

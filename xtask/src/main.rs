@@ -49,8 +49,8 @@ enum Cmd {
         /// tree as B, interleaved runs, ratio B/A per case.
         #[arg(long)]
         against: Option<String>,
-        /// Pairs of interleaved runs for `--against`.
-        #[arg(long, default_value_t = 7)]
+        /// Pairs of interleaved runs per case for `--against`.
+        #[arg(long, default_value_t = 25)]
         pairs: usize,
     },
 }
