@@ -293,8 +293,14 @@ pub mod verdict {
     pub const ENCAP_FAILED: u32 = 9;
     /// ICMP error routed to the backend of the flow it belongs to.
     pub const ICMP_TO_FLOW: u32 = 10;
+    /// `XDP_REDIRECT` to the backend's interface failed (not in the
+    /// redirect map): dropped.
+    pub const REDIRECT_FAILED: u32 = 11;
+    /// A datapath invariant did not hold (no settings entry, a header that
+    /// parsed but cannot be rewritten): dropped, never forwarded half-done.
+    pub const INTERNAL: u32 = 12;
     /// Number of verdict reasons.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
 
     /// Metric label of each verdict, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -309,6 +315,8 @@ pub mod verdict {
         "no_neigh",
         "encap_failed",
         "icmp_to_flow",
+        "redirect_failed",
+        "internal",
     ];
 }
 

@@ -33,9 +33,9 @@ use aya_ebpf::{
     bindings::bpf_fib_lookup as FibParams, helpers::generated::bpf_fib_lookup, maps::lpm_trie::Key,
 };
 use lb_common::{
-    BACKEND_DOWN, Backend, FLOW_F_COUNTED, Flow, LC_EXACT_MAX, RegionKey, SCHED_LEAST_CONN,
-    SCHED_ROUND_ROBIN, SETTINGS_F_FIB, VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NO_FLOW_TABLE,
-    VIP_F_REGIONS, VipKey, VipMeta, decap_verdict, hash, ring_base, verdict,
+    BACKEND_DOWN, Backend, FLOW_F_COUNTED, Flow, LC_EXACT_MAX, PROTO_TCP, RegionKey,
+    SCHED_LEAST_CONN, SCHED_ROUND_ROBIN, SETTINGS_F_FIB, VIP_F_HASH_SRC_IP, VIP_F_IPIP,
+    VIP_F_NO_FLOW_TABLE, VIP_F_REGIONS, VipKey, VipMeta, decap_verdict, hash, ring_base, verdict,
 };
 use network_types::eth::EthHdr;
 
@@ -375,6 +375,11 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
     };
     let use_table = vip.flags & VIP_F_NO_FLOW_TABLE == 0;
     let key = &pkt.key;
+    // A SYN without ACK opens a new connection: it is scheduled afresh and
+    // overwrites whatever entry its 5-tuple still has, so a reused client
+    // port does not inherit the old connection's (perhaps drained) backend.
+    let opening = key.proto == PROTO_TCP
+        && pkt.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN;
 
     // Known flow: keep its backend unless that backend is down or the flow
     // sat idle past the VIP's timeout.
@@ -388,7 +393,9 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         // writer can at worst make us reschedule a flow, never read garbage
         // out of bounds.
         let (id, last, flags) = unsafe { ((*f).backend_id, (*f).last_seen_s, (*f).flags) };
-        let fresh = if vip.idle_timeout_s != 0 {
+        let fresh = if opening {
+            false
+        } else if vip.idle_timeout_s != 0 {
             now = now_s();
             if now.saturating_sub(last) <= vip.idle_timeout_s as u64 {
                 if now != last {
@@ -434,7 +441,9 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         }
     };
     let Some(settings) = SETTINGS.get(0) else {
-        return Ok(verdict(verdict::ENCAP_FAILED, xdp_action::XDP_DROP));
+        // Cannot happen (an array's index 0 always exists): counted apart
+        // rather than under a reason that would mislead.
+        return Ok(verdict(verdict::INTERNAL, xdp_action::XDP_DROP));
     };
     let hop = if settings.flags & SETTINGS_F_FIB != 0 {
         fib_next_hop(ctx, &pkt, b)
@@ -450,6 +459,15 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
     let Some(hop) = hop else {
         return Ok(verdict(verdict::NO_NEIGH, xdp_action::XDP_PASS));
     };
+    // Rewrite first, then record the flow: a packet that cannot be sent
+    // leaves no table entry (and no least-connections count) behind.
+    if vip.flags & VIP_F_IPIP != 0 {
+        if forward::encap(ctx, &pkt, b, settings, flow_hash(), &hop).is_err() {
+            return Ok(verdict(verdict::ENCAP_FAILED, xdp_action::XDP_DROP));
+        }
+    } else if forward::set_macs(ctx, &hop).is_err() {
+        return Ok(verdict(verdict::INTERNAL, xdp_action::XDP_DROP));
+    }
     if new_flow && use_table && !pkt.icmp_error {
         if now == 0 && vip.idle_timeout_s != 0 {
             now = now_s();
@@ -472,13 +490,6 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         }
     }
 
-    if vip.flags & VIP_F_IPIP != 0 {
-        if forward::encap(ctx, &pkt, b, settings, flow_hash(), &hop).is_err() {
-            return Ok(verdict(verdict::ENCAP_FAILED, xdp_action::XDP_DROP));
-        }
-    } else {
-        forward::set_macs(ctx, &hop)?;
-    }
     stats::traffic(
         vip.vip_id,
         id,
@@ -493,10 +504,10 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
     if hop.ifindex == 0 || hop.ifindex as usize == ctx.ingress_ifindex() {
         return Ok(verdict(reason.unwrap_or(verdict::TX), xdp_action::XDP_TX));
     }
-    let action = TX_PORTS
-        .redirect(hop.ifindex, 0)
-        .unwrap_or(xdp_action::XDP_ABORTED);
-    Ok(verdict(reason.unwrap_or(verdict::REDIRECT), action))
+    match TX_PORTS.redirect(hop.ifindex, 0) {
+        Ok(action) => Ok(verdict(reason.unwrap_or(verdict::REDIRECT), action)),
+        Err(_) => Ok(verdict(verdict::REDIRECT_FAILED, xdp_action::XDP_DROP)),
+    }
 }
 
 fn try_decap(ctx: &XdpContext) -> Result<u32, ()> {

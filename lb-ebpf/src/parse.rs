@@ -57,9 +57,12 @@ pub struct Packet {
     pub tcp_flags: u8,
 }
 
-/// TCP flags the datapath reacts to (end of a connection).
+/// TCP flags the datapath reacts to: the start (SYN without ACK) and the
+/// end (FIN, RST) of a connection.
 pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// Why [`parse`] did not produce a [`Packet`].
 pub enum Skip {

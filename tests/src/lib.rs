@@ -131,12 +131,26 @@ pub fn v6(a: std::net::Ipv6Addr) -> [u8; 16] {
     a.octets()
 }
 
-/// An Ethernet/IPv4/TCP SYN from `src:sport` to `dst:dport`.
+/// An Ethernet/IPv4/TCP segment of an established connection (ACK) from
+/// `src:sport` to `dst:dport`.
 pub fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
         .ipv4(src, dst, 64)
         .tcp(sport, dport, 1000, 65535)
+        .ack(1);
+    let mut v = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut v, payload)
+        .expect("writing to a Vec cannot fail");
+    v
+}
+
+/// An Ethernet/IPv4/TCP SYN (no ACK): a connection being opened.
+pub fn tcp4_syn(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1000, 65535)
         .syn();
+    let payload: &[u8] = &[];
     let mut v = Vec::with_capacity(b.size(payload.len()));
     b.write(&mut v, payload)
         .expect("writing to a Vec cannot fail");
@@ -154,12 +168,12 @@ pub fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) 
     v
 }
 
-/// An Ethernet/IPv6/TCP SYN.
+/// An Ethernet/IPv6/TCP segment of an established connection (ACK).
 pub fn tcp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
         .ipv6(src, dst, 64)
         .tcp(sport, dport, 1000, 65535)
-        .syn();
+        .ack(1);
     let mut v = Vec::with_capacity(b.size(payload.len()));
     b.write(&mut v, payload)
         .expect("writing to a Vec cannot fail");

@@ -306,3 +306,64 @@ fn idle_flows_are_rescheduled_after_the_vip_idle_timeout() {
         "idle flows were rescheduled through the ring: {after:?}"
     );
 }
+
+/// A SYN without ACK opens a new connection: a 5-tuple still in the table
+/// (a reused client port) is scheduled afresh, and does not inherit the old
+/// connection's backend, here a drained one; segments of the established
+/// connection keep theirs.
+#[test]
+fn a_new_syn_on_a_reused_5_tuple_is_scheduled_afresh() {
+    use lb_common::BACKEND_DRAINING;
+    use lb_tests::tcp4_syn;
+    let mut f = Fixture::new().expect("load");
+    let mut spec = VipSpec {
+        key: key(PROTO_TCP, 80),
+        vip_id: 0,
+        flags: 0,
+        ring_size: RING,
+        backends: backends(3),
+    };
+    f.add_vip(&spec).expect("vip");
+    let (a, p) = client(7);
+    let open = |f: &mut Fixture| {
+        let r = f.run(&tcp4_syn(a, VIP4, p, 80)).expect("run");
+        assert_eq!(r.action, action::TX);
+        backend_of(&r.out)
+    };
+    let first = open(&mut f);
+    assert_eq!(send(&mut f, 7, 80), first, "the connection sticks");
+
+    // Drain its backend: out of the ring, established flows stay.
+    f.dp()
+        .set_backend_state(first, BACKEND_DRAINING)
+        .expect("drain");
+    spec.backends.retain(|(id, _, _)| *id != first);
+    f.set_ring(&spec).expect("ring");
+    assert_eq!(
+        send(&mut f, 7, 80),
+        first,
+        "established flow keeps a draining backend"
+    );
+    let new_flows = f.dp().vip_traffic(0).expect("stats").new_flows;
+
+    // The client reuses the port for a new connection.
+    let again = open(&mut f);
+    assert_ne!(
+        again, first,
+        "a new connection never lands on the drained backend"
+    );
+    assert!(
+        spec.backends.iter().any(|(id, _, _)| *id == again),
+        "backend {again} is one of the VIP's live backends"
+    );
+    assert_eq!(
+        f.dp().vip_traffic(0).expect("stats").new_flows,
+        new_flows + 1,
+        "the SYN counted as a new flow"
+    );
+    assert_eq!(
+        send(&mut f, 7, 80),
+        again,
+        "the new connection sticks to its new backend"
+    );
+}

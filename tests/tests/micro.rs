@@ -189,6 +189,14 @@ fn cases() -> Vec<Case> {
             reason: Some(verdict::TX),
         },
         Case {
+            // Every repetition is a SYN for the same 5-tuple: scheduled
+            // afresh and written over its table entry each time.
+            name: "new flow IPv4 TCP dsr, SYN with table write",
+            prog: lb_common::PROG_BALANCER,
+            pkt: lb_tests::tcp4_syn(client, vip4, 40000, 80),
+            reason: Some(verdict::TX),
+        },
+        Case {
             name: "new flow IPv4 TCP dsr (table off)",
             prog: lb_common::PROG_BALANCER,
             pkt: tcp4(client, vip4, 40000, 81, &[0; 10]),
