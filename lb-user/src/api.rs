@@ -13,25 +13,38 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
+pub use crate::vocab::{BackendState, Forwarding, HashInput, Protocol, Scheduler};
+
 /// A VIP as the CLI names it: `ADDRESS:PORT[/tcp|udp]`, e.g.
-/// `198.18.0.100:80/tcp` or `[2001:2::100]:443/udp`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// `198.18.0.100:80/tcp` or `[2001:2::100]:443/udp`. In JSON it is that
+/// same string.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipRef {
     pub address: IpAddr,
     pub port: u16,
-    pub protocol: String,
+    pub protocol: Protocol,
+}
+
+impl Serialize for VipRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for VipRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl std::str::FromStr for VipRef {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let (sock, proto) = match s.rsplit_once('/') {
-            Some((a, p)) => (a, p.to_string()),
-            None => (s, "tcp".to_string()),
+            Some((a, p)) => (a, p.parse::<Protocol>().map_err(|e| format!("{e} (in `{s}`)"))?),
+            None => (s, Protocol::Tcp),
         };
-        if proto != "tcp" && proto != "udp" {
-            return Err(format!("protocol `{proto}` in `{s}` is not tcp or udp"));
-        }
         let sa: std::net::SocketAddr = sock
             .parse()
             .map_err(|_| format!("`{s}` is not ADDRESS:PORT[/tcp|udp] (IPv6 as [2001:2::1]:80)"))?;
@@ -56,8 +69,8 @@ impl std::fmt::Display for VipRef {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VipAdd {
     pub vip: VipRef,
-    pub forwarding: String,
-    pub hash: String,
+    pub forwarding: Forwarding,
+    pub hash: HashInput,
     pub ring_size: u32,
     pub flow_table: bool,
 }
@@ -156,9 +169,9 @@ pub struct VipStatus {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VipInfo {
     pub vip: VipRef,
-    pub forwarding: String,
-    pub hash: String,
-    pub scheduler: String,
+    pub forwarding: Forwarding,
+    pub hash: HashInput,
+    pub scheduler: Scheduler,
     pub ring_size: u32,
     pub flow_table: bool,
     pub health: String,
@@ -172,8 +185,7 @@ pub struct BackendInfo {
     pub address: IpAddr,
     pub id: u32,
     pub weight: u32,
-    /// "up", "down" or "draining".
-    pub state: String,
+    pub state: BackendState,
     pub last_result: String,
     pub last_latency_ms: Option<f64>,
     pub transitions: u64,
@@ -193,12 +205,32 @@ pub struct TrafficInfo {
     pub active: Option<u64>,
 }
 
+/// `lb stats --json`, a stable schema: `vips` and `backends` are lists of
+/// objects with named fields, `verdicts` an object keyed by reason.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StatsInfo {
+    /// Seconds since the agent started (rates are differences over it).
     pub at_s: f64,
-    pub vips: Vec<(VipRef, TrafficInfo)>,
-    pub backends: Vec<(VipRef, IpAddr, TrafficInfo)>,
-    pub verdicts: Vec<(String, u64)>,
+    pub vips: Vec<VipTraffic>,
+    pub backends: Vec<BackendTraffic>,
+    pub verdicts: std::collections::BTreeMap<String, u64>,
+}
+
+/// `{"vip": "198.18.0.100:80/tcp", "packets": …, "bytes": …, "new_flows": …}`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VipTraffic {
+    pub vip: VipRef,
+    #[serde(flatten)]
+    pub traffic: TrafficInfo,
+}
+
+/// `{"vip": …, "backend": "198.18.2.1", "packets": …, …, "active": …}`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackendTraffic {
+    pub vip: VipRef,
+    pub backend: IpAddr,
+    #[serde(flatten)]
+    pub traffic: TrafficInfo,
 }
 
 /// Sends one request to the agent at `socket` and returns its data.
@@ -246,7 +278,7 @@ mod tests {
         let v: VipRef = "198.18.0.100:80".parse().unwrap();
         assert_eq!(v.to_string(), "198.18.0.100:80/tcp");
         let v: VipRef = "[2001:2::100]:53/udp".parse().unwrap();
-        assert_eq!((v.port, v.protocol.as_str()), (53, "udp"));
+        assert_eq!((v.port, v.protocol), (53, Protocol::Udp));
         assert_eq!(v.to_string(), "[2001:2::100]:53/udp");
         assert!(
             "198.18.0.100"
@@ -260,6 +292,10 @@ mod tests {
                 .unwrap_err()
                 .contains("sctp")
         );
+        // In JSON a VIP is its CLI spelling.
+        let j = serde_json::to_string(&v).unwrap();
+        assert_eq!(j, "\"[2001:2::100]:53/udp\"");
+        assert_eq!(serde_json::from_str::<VipRef>(&j).unwrap(), v);
     }
 
     #[test]

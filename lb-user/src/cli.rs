@@ -5,7 +5,10 @@
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use crate::{
-    api::{self, BackendInfo, Request, StatsInfo, StatusInfo, VipAdd, VipInfo, VipRef},
+    api::{
+        self, BackendInfo, Forwarding, HashInput, Request, StatsInfo, StatusInfo, VipAdd, VipInfo,
+        VipRef,
+    },
     dataplane::Dataplane,
     loader,
 };
@@ -266,10 +269,10 @@ enum VipCmd {
     Add {
         /// ADDRESS:PORT[/tcp|udp]
         vip: VipRef,
-        #[arg(long, default_value = "dsr")]
-        forwarding: String,
-        #[arg(long, default_value = "5-tuple")]
-        hash: String,
+        #[arg(long, value_enum, default_value_t = Forwarding::Dsr)]
+        forwarding: Forwarding,
+        #[arg(long, value_enum, default_value_t = HashInput::FiveTuple)]
+        hash: HashInput,
         #[arg(long, default_value_t = lb_common::DEFAULT_RING_SIZE)]
         ring_size: u32,
         /// Disable the connection table (stateless Maglev).
@@ -420,7 +423,7 @@ fn node(cmd: NodeCmd, conn: &Conn) -> Result<()> {
             let new_flows = || -> Result<u64> {
                 let st: StatsInfo =
                     serde_json::from_value(api::call(&conn.socket, &Request::Stats)?)?;
-                Ok(st.vips.iter().map(|(_, t)| t.new_flows).sum())
+                Ok(st.vips.iter().map(|v| v.traffic.new_flows).sum())
             };
             let before = new_flows()?;
             api::call(&conn.socket, &Request::NodeDrain)?;
@@ -776,8 +779,9 @@ fn print_stats(s: &StatsInfo, prev: Option<&StatsInfo>) {
         "{:<28} {:<40} {:>12} {:>10} {:>14} {:>10} {:>10} {:>8}",
         "VIP", "BACKEND", "PACKETS", "PPS", "BYTES", "NEW FLOWS", "FLOWS/S", "ACTIVE"
     );
-    for (i, (v, t)) in s.vips.iter().enumerate() {
-        let p = prev.and_then(|p| p.vips.get(i)).map(|x| &x.1);
+    for (i, vt) in s.vips.iter().enumerate() {
+        let (v, t) = (&vt.vip, &vt.traffic);
+        let p = prev.and_then(|p| p.vips.get(i)).map(|x| &x.traffic);
         println!(
             "{:<28} {:<40} {:>12} {:>10} {:>14} {:>10} {:>10} {:>8}",
             v.to_string(),
@@ -789,16 +793,17 @@ fn print_stats(s: &StatsInfo, prev: Option<&StatsInfo>) {
             rate(t.new_flows, p.map(|x| x.new_flows)),
             "-"
         );
-        for (j, (bv, b, bt)) in s
+        for (j, row) in s
             .backends
             .iter()
             .enumerate()
-            .filter(|(_, (bv, _, _))| bv == v)
+            .filter(|(_, row)| row.vip == *v)
         {
+            let (b, bt) = (&row.backend, &row.traffic);
             let p = prev
                 .and_then(|p| p.backends.get(j))
-                .filter(|x| x.0 == *bv)
-                .map(|x| &x.2);
+                .filter(|x| x.vip == row.vip && x.backend == row.backend)
+                .map(|x| &x.traffic);
             println!(
                 "{:<28} {:<40} {:>12} {:>10} {:>14} {:>10} {:>10} {:>8}",
                 "",
@@ -815,11 +820,10 @@ fn print_stats(s: &StatsInfo, prev: Option<&StatsInfo>) {
         }
     }
     println!();
-    let shown: Vec<String> = s
-        .verdicts
+    // In the datapath's order (tx first), not the JSON object's.
+    let shown: Vec<String> = verdict::NAMES
         .iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(k, n)| format!("{k}={n}"))
+        .filter_map(|k| s.verdicts.get(*k).filter(|n| **n > 0).map(|n| format!("{k}={n}")))
         .collect();
     println!(
         "verdicts: {}",

@@ -47,7 +47,7 @@ fn matches(t: &Table, v: &VipRef) -> bool {
         .and_then(|a| a.parse::<IpAddr>().ok());
     let port = t.get("port").and_then(|p| p.as_integer());
     let proto = t.get("protocol").and_then(|p| p.as_str()).unwrap_or("tcp");
-    addr == Some(v.address) && port == Some(v.port as i64) && proto == v.protocol
+    addr == Some(v.address) && port == Some(v.port as i64) && proto == v.protocol.name()
 }
 
 fn find_vip<'a>(doc: &'a mut DocumentMut, v: &VipRef) -> Result<&'a mut Table> {
@@ -90,9 +90,9 @@ pub fn apply(text: &str, edit: &Edit) -> Result<String> {
             let mut t = Table::new();
             t.insert("address", value(a.vip.address.to_string()));
             t.insert("port", value(a.vip.port as i64));
-            t.insert("protocol", value(a.vip.protocol.clone()));
-            t.insert("forwarding", value(a.forwarding.clone()));
-            t.insert("hash", value(a.hash.clone()));
+            t.insert("protocol", value(a.vip.protocol.name()));
+            t.insert("forwarding", value(a.forwarding.name()));
+            t.insert("hash", value(a.hash.name()));
             t.insert("ring_size", value(a.ring_size as i64));
             t.insert("flow_table", value(a.flow_table));
             vips(&mut doc)?.push(t);
@@ -234,8 +234,8 @@ address = "198.18.2.1" # rack 1
     fn vip_add_and_remove() {
         let add = VipAdd {
             vip: "[2001:2::100]:53/udp".parse().unwrap(),
-            forwarding: "ipip".into(),
-            hash: "source-ip".into(),
+            forwarding: crate::vocab::Forwarding::Ipip,
+            hash: crate::vocab::HashInput::SourceIp,
             ring_size: 251,
             flow_table: false,
         };

@@ -243,30 +243,7 @@ pub const MAX_WEIGHT: u32 = 10_000;
 
 // ---- the validated model ----
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum XdpMode {
-    Native,
-    Skb,
-    Auto,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Forwarding {
-    Dsr,
-    Ipip,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HashInput {
-    FiveTuple,
-    SourceIp,
-}
+pub use crate::vocab::{Forwarding, HashInput, Protocol, XdpMode};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CheckKind {
@@ -372,17 +349,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     let raw: RawFile = toml::from_str(text).map_err(|e| err(e.span(), e.message().to_string()))?;
 
     let a = &raw.agent;
-    let xdp_mode = match a.xdp_mode.get_ref().as_str() {
-        "native" => XdpMode::Native,
-        "skb" => XdpMode::Skb,
-        "auto" => XdpMode::Auto,
-        other => {
-            return Err(err(
-                Some(a.xdp_mode.span()),
-                format!("xdp_mode `{other}` is not one of \"native\", \"skb\", \"auto\""),
-            ));
-        }
-    };
+    let xdp_mode = a.xdp_mode.get_ref().parse::<XdpMode>().map_err(|e| err(Some(a.xdp_mode.span()), e))?;
     if *a.flow_table_size.get_ref() == 0 {
         return Err(err(
             Some(a.flow_table_size.span()),
@@ -486,36 +453,9 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
                 ),
             )
         })?;
-        let protocol = match v.protocol.get_ref().as_str() {
-            "tcp" => Protocol::Tcp,
-            "udp" => Protocol::Udp,
-            other => {
-                return Err(err(
-                    Some(v.protocol.span()),
-                    format!("protocol `{other}` is not \"tcp\" or \"udp\""),
-                ));
-            }
-        };
-        let forwarding = match v.forwarding.get_ref().as_str() {
-            "dsr" => Forwarding::Dsr,
-            "ipip" => Forwarding::Ipip,
-            other => {
-                return Err(err(
-                    Some(v.forwarding.span()),
-                    format!("forwarding `{other}` is not \"dsr\" or \"ipip\""),
-                ));
-            }
-        };
-        let hash = match v.hash.get_ref().as_str() {
-            "5-tuple" => HashInput::FiveTuple,
-            "source-ip" => HashInput::SourceIp,
-            other => {
-                return Err(err(
-                    Some(v.hash.span()),
-                    format!("hash `{other}` is not \"5-tuple\" or \"source-ip\""),
-                ));
-            }
-        };
+        let protocol = v.protocol.get_ref().parse::<Protocol>().map_err(|e| err(Some(v.protocol.span()), e))?;
+        let forwarding = v.forwarding.get_ref().parse::<Forwarding>().map_err(|e| err(Some(v.forwarding.span()), e))?;
+        let hash = v.hash.get_ref().parse::<HashInput>().map_err(|e| err(Some(v.hash.span()), e))?;
         let ring = *v.ring_size.get_ref();
         if !is_prime(ring) || ring > lb_common::MAX_RING_SIZE {
             return Err(err(
@@ -592,21 +532,8 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
                 drain: b.drain,
             });
         }
-        use crate::sched::Scheduler;
-        let scheduler = match v.scheduler.get_ref().as_str() {
-            "maglev" => Scheduler::Maglev,
-            "round-robin" => Scheduler::RoundRobin,
-            "weighted-round-robin" => Scheduler::WeightedRoundRobin,
-            "least-connections" => Scheduler::LeastConnections,
-            other => {
-                return Err(err(
-                    Some(v.scheduler.span()),
-                    format!(
-                        "scheduler `{other}` is not one of \"maglev\", \"round-robin\", \"weighted-round-robin\", \"least-connections\""
-                    ),
-                ));
-            }
-        };
+        use crate::vocab::Scheduler;
+        let scheduler = v.scheduler.get_ref().parse::<Scheduler>().map_err(|e| err(Some(v.scheduler.span()), e))?;
         let mut regions = Vec::new();
         for r in &v.region {
             let mut prefixes = Vec::new();

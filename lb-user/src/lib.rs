@@ -23,3 +23,4 @@ pub mod loadgen;
 pub mod maglev;
 pub mod netns;
 pub mod sched;
+pub mod vocab;

@@ -11,25 +11,9 @@
 
 use crate::maglev::Entry;
 
-/// The VIP-level scheduler choice.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scheduler {
-    Maglev,
-    RoundRobin,
-    WeightedRoundRobin,
-    LeastConnections,
-}
+pub use crate::vocab::Scheduler;
 
 impl Scheduler {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Maglev => "maglev",
-            Self::RoundRobin => "round-robin",
-            Self::WeightedRoundRobin => "weighted-round-robin",
-            Self::LeastConnections => "least-connections",
-        }
-    }
-
     /// The datapath's `SCHED_*` value.
     pub fn datapath(self) -> u32 {
         match self {

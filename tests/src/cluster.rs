@@ -12,7 +12,7 @@ use std::{
 };
 
 use lb_user::{
-    api::{self, BackendInfo, Request, StatsInfo, StatusInfo},
+    api::{self, BackendInfo, BackendState, Request, StatsInfo, StatusInfo},
     lab::{self, Lab, Sample},
 };
 
@@ -116,7 +116,7 @@ impl Cluster {
     pub fn new_flows(&self, n: usize) -> u64 {
         let s: StatsInfo =
             serde_json::from_value(self.call(n, &Request::Stats).expect("stats")).expect("json");
-        s.vips.iter().map(|(_, t)| t.new_flows).sum()
+        s.vips.iter().map(|v| v.traffic.new_flows).sum()
     }
 
     pub fn wait_ready(&self, n: usize) {
@@ -126,7 +126,7 @@ impl Cluster {
                 && let Ok(list) = serde_json::from_value::<Vec<BackendInfo>>(v)
                 && list
                     .iter()
-                    .filter(|b| b.state == "up" && b.next_hop_known)
+                    .filter(|b| b.state == BackendState::Up && b.next_hop_known)
                     .count()
                     == 2 * lab::BACKENDS
             {
@@ -155,7 +155,7 @@ impl Cluster {
     }
 
     /// Waits until backend `addr` is in `state` on every node; the time.
-    pub fn wait_state_everywhere(&self, addr: &str, state: &str) -> Duration {
+    pub fn wait_state_everywhere(&self, addr: &str, state: BackendState) -> Duration {
         let t0 = Instant::now();
         let nodes = self.agents.lock().expect("agents").len();
         loop {

@@ -12,7 +12,7 @@ use std::{
 };
 
 use lb_tests::{Dc, TestServer, ask_vip, backend_addr, dc};
-use lb_user::api::{self, BackendInfo, Request};
+use lb_user::api::{self, BackendInfo, BackendState, Request};
 
 const LB: &str = env!("CARGO_BIN_EXE_lb");
 
@@ -90,7 +90,7 @@ impl Agent {
                 let list: Vec<BackendInfo> = serde_json::from_value(v).expect("backend list");
                 if list
                     .iter()
-                    .filter(|b| b.next_hop_known && b.state == "up")
+                    .filter(|b| b.next_hop_known && b.state == BackendState::Up)
                     .count()
                     >= n
                 {
@@ -267,8 +267,8 @@ fn failover_within_a_second_and_recovery() {
         .find(|b| b.address.to_string() == backend_addr(2))
         .expect("b2");
     assert_eq!(
-        (b2.state.as_str(), b2.last_result.as_str()),
-        ("down", "refused")
+        (b2.state, b2.last_result.as_str()),
+        (BackendState::Down, "refused")
     );
     assert!(health.contains("down") && health.contains("refused"));
     let stats: serde_json::Value =
@@ -279,12 +279,9 @@ fn failover_within_a_second_and_recovery() {
         .chain(&during)
         .filter(|(_, r)| r.is_ok())
         .count() as u64;
-    let forwarded: u64 = stats["verdicts"]
-        .as_array()
-        .expect("verdicts")
+    let forwarded: u64 = ["tx", "redirect"]
         .iter()
-        .filter(|v| matches!(v[0].as_str(), Some("tx" | "redirect")))
-        .map(|v| v[1].as_u64().unwrap_or(0))
+        .map(|k| stats["verdicts"][k].as_u64().expect("every reason is listed"))
         .sum();
     assert!(
         forwarded >= 3 * answered,
@@ -300,7 +297,7 @@ fn failover_within_a_second_and_recovery() {
             .into_iter()
             .find(|b| b.address.to_string() == backend_addr(2))
             .expect("b2");
-        if b2.state == "up" {
+        if b2.state == BackendState::Up {
             break;
         }
         assert!(
@@ -362,7 +359,7 @@ fn drain_keeps_a_long_lived_connection_and_sends_new_ones_elsewhere() {
         .into_iter()
         .find(|b| b.address.to_string() == addr)
         .unwrap();
-    assert_eq!(b.state, "draining");
+    assert_eq!(b.state, BackendState::Draining);
 
     agent
         .cli(&["backend", "undrain", "198.18.0.100:8080", &addr])
@@ -593,11 +590,25 @@ fn concurrent_cli_edits_are_all_applied_and_saved() {
         assert!(!in_file(a), "{a} reported removed but still in the file");
     }
 
-    // The word "shutdown" as a value is data, not a command.
+    // The word "shutdown" as a value is data, not a command: the CLI
+    // refuses it with the valid values, and the agent refuses a raw request
+    // that carries it and keeps running.
     let err = agent
         .cli(&["vip", "add", "198.18.0.101:80", "--forwarding", "shutdown"])
         .expect_err("an unknown forwarding mode is refused");
-    assert!(err.contains("shutdown"), "{err}");
+    assert!(err.contains("shutdown") && err.contains("dsr, ipip"), "{err}");
+    let mut raw = std::os::unix::net::UnixStream::connect(&agent.socket).expect("socket");
+    raw.write_all(
+        b"{\"cmd\":\"vip-add\",\"vip\":\"198.18.0.101:80/tcp\",\"forwarding\":\"shutdown\",\
+          \"hash\":\"5-tuple\",\"ring_size\":251,\"flow_table\":true}\n",
+    )
+    .expect("send");
+    let mut answer = String::new();
+    BufReader::new(&raw).read_line(&mut answer).expect("answer");
+    assert!(
+        answer.contains("\"ok\":false") && answer.contains("shutdown"),
+        "{answer}"
+    );
     std::thread::sleep(Duration::from_millis(200));
     agent
         .cli(&["status"])

@@ -12,7 +12,7 @@ use std::{
 use lb_common::{AF_INET, Backend, FlowKey, PROTO_TCP, PROTO_UDP, VipKey, VipMeta};
 use lb_tests::{Dataplane, Netns, backend_of, load, loader, mac_of, sink_count, tcp4, v4};
 use lb_user::{
-    api::{self, BackendInfo, Request},
+    api::{self, BackendInfo, BackendState, Request},
     lab::{self, Lab},
 };
 use serde_json::json;
@@ -310,7 +310,7 @@ impl LabRun {
         while r
             .backends()
             .iter()
-            .filter(|b| b.state == "up" && b.next_hop_known)
+            .filter(|b| b.state == BackendState::Up && b.next_hop_known)
             .count()
             < 2 * lab::BACKENDS
         {
@@ -560,7 +560,7 @@ fn bench_failover() {
         while !r
             .backends()
             .iter()
-            .any(|b| b.address.to_string() == lab::backend4(2) && b.state == "up")
+            .any(|b| b.address.to_string() == lab::backend4(2) && b.state == BackendState::Up)
         {
             assert!(t0.elapsed() < Duration::from_secs(5), "b2 did not rejoin");
             std::thread::sleep(Duration::from_millis(20));

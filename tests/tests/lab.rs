@@ -12,7 +12,7 @@ use std::{
 };
 
 use lb_user::{
-    api::{self, BackendInfo, Request},
+    api::{self, BackendInfo, BackendState, Request},
     lab::{self, Lab, Sample},
 };
 
@@ -62,7 +62,7 @@ impl Running {
         loop {
             if let Ok(b) = self.backends()
                 && b.iter()
-                    .filter(|b| b.state == "up" && b.next_hop_known)
+                    .filter(|b| b.state == BackendState::Up && b.next_hop_known)
                     .count()
                     == 2 * lab::BACKENDS
             {
@@ -120,7 +120,7 @@ impl Running {
             .expect("backends")
             .into_iter()
             .find(|b| b.address.to_string() == addr)
-            .map(|b| b.state)
+            .map(|b| b.state.to_string())
             .unwrap_or_default()
     }
 

@@ -18,6 +18,7 @@ use std::{
 };
 
 use lb_tests::cluster::{Cluster, vip4};
+use lb_user::api::BackendState;
 use lb_user::lab::{
     self, KeepAlive, Lab, Sample,
     sessions::{Session, SessionReply, Store},
@@ -107,7 +108,7 @@ fn two_nodes_share_flows_agree_on_backends_and_both_fail_a_backend_over() {
             if down_at[n - 1].is_none()
                 && c.backends(n)
                     .iter()
-                    .any(|b| b.address.to_string() == lab::backend4(2) && b.state == "down")
+                    .any(|b| b.address.to_string() == lab::backend4(2) && b.state == BackendState::Down)
             {
                 down_at[n - 1] = Some(t_kill.elapsed());
             }
@@ -374,7 +375,7 @@ fn sessions_survive_only_outside_the_servers() {
     );
     assert!(failed <= 15, "failures only until failover: {failed}");
     c.lab.start_backend(3).expect("b3 back");
-    c.wait_state_everywhere(&lab::backend4(3), "up");
+    c.wait_state_everywhere(&lab::backend4(3), BackendState::Up);
 
     // Local sessions with source-ip hashing: kept while the backend lives.
     c.set_hash("source-ip");
@@ -391,7 +392,7 @@ fn sessions_survive_only_outside_the_servers() {
         .and_then(|n| n.parse().ok())
         .expect("backend name");
     c.lab.stop_backend(home).expect("kill the client's backend");
-    c.wait_state_everywhere(&lab::backend4(home), "down");
+    c.wait_state_everywhere(&lab::backend4(home), BackendState::Down);
     let r = session_run(&mut sticky, 5, gap);
     let first = r
         .iter()
@@ -404,7 +405,7 @@ fn sessions_survive_only_outside_the_servers() {
     assert_ne!(first.backend, format!("b{home}"));
     assert_eq!(first.count, 1, "its local session died with its backend");
     c.lab.start_backend(home).expect("backend back");
-    c.wait_state_everywhere(&lab::backend4(home), "up");
+    c.wait_state_everywhere(&lab::backend4(home), BackendState::Up);
 
     // Sessions in Redis survive the loss of an LB node.
     let r = session_run(&mut shared, 10, gap);

@@ -22,7 +22,8 @@ pub(super) fn metrics_text(s: &mut State) -> Result<String> {
     ] {
         let _ = writeln!(o, "# HELP lb_vip_{name}_total {help} per VIP.");
         let _ = writeln!(o, "# TYPE lb_vip_{name}_total counter");
-        for (v, t) in &st.vips {
+        for vt in &st.vips {
+            let (v, t) = (&vt.vip, &vt.traffic);
             let x = match name {
                 "packets" => t.packets,
                 "bytes" => t.bytes,
@@ -32,7 +33,8 @@ pub(super) fn metrics_text(s: &mut State) -> Result<String> {
         }
         let _ = writeln!(o, "# HELP lb_backend_{name}_total {help} per backend.");
         let _ = writeln!(o, "# TYPE lb_backend_{name}_total counter");
-        for (v, b, t) in &st.backends {
+        for bt in &st.backends {
+            let (v, b, t) = (&bt.vip, &bt.backend, &bt.traffic);
             let x = match name {
                 "packets" => t.packets,
                 "bytes" => t.bytes,
@@ -55,7 +57,7 @@ pub(super) fn metrics_text(s: &mut State) -> Result<String> {
             "lb_backend_up{{vip=\"{}\",backend=\"{}\"}} {}",
             b.vip,
             b.address,
-            u8::from(b.state != "down")
+            u8::from(b.state != BackendState::Down)
         );
     }
     Ok(o)

@@ -30,10 +30,10 @@ impl State {
     pub(super) fn write_backend(&mut self, vi: usize, bi: usize) -> Result<()> {
         let b = &self.vips[vi].backends[bi];
         let (addr, family) = addr16(b.cfg.address);
-        let state = match b.state_name() {
-            "down" => BACKEND_DOWN,
-            "draining" => BACKEND_DRAINING,
-            _ => BACKEND_UP,
+        let state = match b.state() {
+            BackendState::Down => BACKEND_DOWN,
+            BackendState::Draining => BACKEND_DRAINING,
+            BackendState::Up => BACKEND_UP,
         };
         let mut entry = Backend {
             addr,

@@ -15,13 +15,6 @@ pub(super) fn addr16(a: IpAddr) -> ([u8; 16], u8) {
     }
 }
 
-pub(super) fn proto_name(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-    }
-}
-
 pub(super) fn vip_key(v: &Vip) -> VipKey {
     let (addr, family) = addr16(v.address);
     let proto = match v.protocol {
@@ -40,7 +33,7 @@ pub(super) fn vip_ref(v: &Vip) -> VipRef {
     VipRef {
         address: v.address,
         port: v.port,
-        protocol: proto_name(v.protocol).into(),
+        protocol: v.protocol,
     }
 }
 
@@ -95,13 +88,13 @@ impl BackendRt {
     pub(super) fn in_ring(&self) -> bool {
         self.up() && !self.cfg.drain && self.cfg.weight > 0
     }
-    pub(super) fn state_name(&self) -> &'static str {
+    pub(super) fn state(&self) -> BackendState {
         if !self.up() {
-            "down"
+            BackendState::Down
         } else if self.cfg.drain || self.cfg.weight == 0 {
-            "draining"
+            BackendState::Draining
         } else {
-            "up"
+            BackendState::Up
         }
     }
 }

@@ -43,15 +43,9 @@ impl State {
             .iter()
             .map(|v| VipInfo {
                 vip: vip_ref(&v.cfg),
-                forwarding: match v.cfg.forwarding {
-                    Forwarding::Dsr => "dsr".into(),
-                    Forwarding::Ipip => "ipip".into(),
-                },
-                hash: match v.cfg.hash {
-                    HashInput::FiveTuple => "5-tuple".into(),
-                    HashInput::SourceIp => "source-ip".into(),
-                },
-                scheduler: v.cfg.scheduler.name().into(),
+                forwarding: v.cfg.forwarding,
+                hash: v.cfg.hash,
+                scheduler: v.cfg.scheduler,
                 ring_size: v.cfg.ring_size,
                 flow_table: v.cfg.flow_table,
                 health: match &v.cfg.health.kind {
@@ -83,7 +77,7 @@ impl State {
                     address: b.cfg.address,
                     id: b.id,
                     weight: b.cfg.weight,
-                    state: b.state_name().into(),
+                    state: b.state(),
                     last_result: b.last_result.clone(),
                     last_latency_ms: b.last_latency_ms,
                     transitions: b.transitions,
@@ -115,20 +109,27 @@ impl State {
         let mut vips = Vec::new();
         let mut backends = Vec::new();
         for v in &self.vips {
-            vips.push((vip_ref(&v.cfg), t(dp.vip_traffic(v.vip_id)?)));
+            vips.push(VipTraffic {
+                vip: vip_ref(&v.cfg),
+                traffic: t(dp.vip_traffic(v.vip_id)?),
+            });
             for b in &v.backends {
                 let mut tr = t(dp.backend_traffic(b.id)?);
                 if v.cfg.scheduler == crate::sched::Scheduler::LeastConnections {
                     tr.active = Some(dp.active(b.id)?);
                 }
-                backends.push((vip_ref(&v.cfg), b.cfg.address, tr));
+                backends.push(BackendTraffic {
+                    vip: vip_ref(&v.cfg),
+                    backend: b.cfg.address,
+                    traffic: tr,
+                });
             }
         }
         let verdicts = lb_common::verdict::NAMES
             .iter()
             .map(|n| n.to_string())
             .zip(dp.verdicts()?)
-            .collect::<Vec<_>>();
+            .collect();
         Ok(StatsInfo {
             at_s,
             vips,

@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, bail};
 pub mod nodes;
 
 use crate::{
-    api::{self, BackendInfo, Request, StatsInfo},
+    api::{self, BackendInfo, BackendState, Request, StatsInfo},
     lab::{self, Lab, Sample},
 };
 
@@ -90,7 +90,7 @@ pub fn run() -> Result<()> {
     loop {
         if let Ok(b) = backends(&socket)
             && b.iter()
-                .filter(|b| b.state == "up" && b.next_hop_known)
+                .filter(|b| b.state == BackendState::Up && b.next_hop_known)
                 .count()
                 == 2 * lab::BACKENDS
         {
@@ -174,12 +174,11 @@ pub fn run() -> Result<()> {
             .and_then(|v| serde_json::from_value(v).ok());
         let dp = match (&stats, &prev) {
             (Some(s), Some(p)) => {
-                let total = |x: &StatsInfo| x.verdicts.iter().map(|(_, n)| n).sum::<u64>();
+                let total = |x: &StatsInfo| x.verdicts.values().sum::<u64>();
                 let fwd = |x: &StatsInfo| {
-                    x.verdicts
+                    ["tx", "redirect"]
                         .iter()
-                        .filter(|(k, _)| k == "tx" || k == "redirect")
-                        .map(|(_, n)| n)
+                        .filter_map(|k| x.verdicts.get(*k))
                         .sum::<u64>()
                 };
                 format!(

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    api::{self, BackendInfo, Request, StatsInfo},
+    api::{self, BackendInfo, BackendState, Request, StatsInfo},
     lab::{
         self, KeepAlive, Lab, Sample,
         sessions::{Session, Store},
@@ -70,7 +70,7 @@ impl Cluster {
             if let Ok(v) = api::call(&self.lab.socket_of(n), &Request::BackendList { vip: None })
                 && let Ok(b) = serde_json::from_value::<Vec<BackendInfo>>(v)
                 && b.iter()
-                    .filter(|b| b.state == "up" && b.next_hop_known)
+                    .filter(|b| b.state == BackendState::Up && b.next_hop_known)
                     .count()
                     == 2 * lab::BACKENDS
             {
@@ -88,7 +88,7 @@ impl Cluster {
     fn new_flows(&self, n: usize) -> Option<u64> {
         let v = api::call(&self.lab.socket_of(n), &Request::Stats).ok()?;
         let s: StatsInfo = serde_json::from_value(v).ok()?;
-        Some(s.vips.iter().map(|(_, t)| t.new_flows).sum())
+        Some(s.vips.iter().map(|v| v.traffic.new_flows).sum())
     }
 }
 

@@ -1,0 +1,134 @@
+//! One typed vocabulary for the whole agent: one enum per concept (protocol,
+//! forwarding, hash input, scheduler, XDP mode, backend state), each with
+//! the one spelling that the config file, the control API's JSON, the CLI's
+//! flags and its output all use. `FromStr` errors list the valid values.
+
+/// Defines a vocabulary enum with its spellings and every conversion.
+macro_rules! vocab {
+    ($(#[$m:meta])* $name:ident, $what:literal {
+        $($(#[$vm:meta])* $var:ident = $text:literal),+ $(,)?
+    }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vm])* $var),+
+        }
+
+        impl $name {
+            /// Every value, in documentation order.
+            pub const ALL: &'static [Self] = &[$(Self::$var),+];
+
+            /// The spelling used in files, JSON and on the command line.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Self::$var => $text),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                Self::ALL.iter().copied().find(|v| v.name() == s).ok_or_else(|| {
+                    let all: Vec<String> = Self::ALL.iter().map(|v| format!("\"{v}\"")).collect();
+                    format!("{} `{s}` is not one of {}", $what, all.join(", "))
+                })
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.name())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+
+        impl clap::ValueEnum for $name {
+            fn value_variants<'a>() -> &'a [Self] {
+                Self::ALL
+            }
+            fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+                Some(clap::builder::PossibleValue::new(self.name()))
+            }
+        }
+    };
+}
+
+vocab!(
+    /// Transport protocol of a VIP.
+    Protocol, "protocol" { Tcp = "tcp", Udp = "udp" }
+);
+
+vocab!(
+    /// How packets reach a backend.
+    Forwarding, "forwarding" {
+        /// L2 direct server return: MAC rewrite; the backend owns the VIP.
+        Dsr = "dsr",
+        /// IPIP/IP6IP6 encapsulation; the backend runs `lb_decap`.
+        Ipip = "ipip",
+    }
+);
+
+vocab!(
+    /// What the consistent hash of a new flow covers.
+    HashInput, "hash" { FiveTuple = "5-tuple", SourceIp = "source-ip" }
+);
+
+vocab!(
+    /// XDP attach mode.
+    XdpMode, "xdp_mode" { Native = "native", Skb = "skb", Auto = "auto" }
+);
+
+vocab!(
+    /// A backend as the agent sees it.
+    BackendState, "backend state" {
+        /// Passing health checks and taking new flows.
+        Up = "up",
+        /// Failing health checks: out of the ring, its flows move.
+        Down = "down",
+        /// Healthy but drained (`drain` or weight 0): no new flows.
+        Draining = "draining",
+    }
+);
+
+vocab!(
+    /// How new flows pick a backend.
+    Scheduler, "scheduler" {
+        Maglev = "maglev",
+        RoundRobin = "round-robin",
+        WeightedRoundRobin = "weighted-round-robin",
+        LeastConnections = "least-connections",
+    }
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spellings_round_trip_everywhere() {
+        for h in HashInput::ALL {
+            assert_eq!(h.to_string().parse::<HashInput>(), Ok(*h));
+            let j = serde_json::to_string(h).unwrap();
+            assert_eq!(serde_json::from_str::<HashInput>(&j).unwrap(), *h);
+        }
+        assert_eq!(serde_json::to_string(&HashInput::FiveTuple).unwrap(), "\"5-tuple\"");
+        assert_eq!(
+            "shutdown".parse::<Forwarding>().unwrap_err(),
+            "forwarding `shutdown` is not one of \"dsr\", \"ipip\""
+        );
+        assert!(serde_json::from_str::<BackendState>("\"sleeping\"").is_err());
+    }
+}
