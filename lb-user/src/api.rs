@@ -42,7 +42,11 @@ impl std::str::FromStr for VipRef {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let (sock, proto) = match s.rsplit_once('/') {
-            Some((a, p)) => (a, p.parse::<Protocol>().map_err(|e| format!("{e} (in `{s}`)"))?),
+            Some((a, p)) => (
+                a,
+                p.parse::<Protocol>()
+                    .map_err(|e| format!("{e} (in `{s}`)"))?,
+            ),
             None => (s, Protocol::Tcp),
         };
         let sa: std::net::SocketAddr = sock

@@ -823,7 +823,12 @@ fn print_stats(s: &StatsInfo, prev: Option<&StatsInfo>) {
     // In the datapath's order (tx first), not the JSON object's.
     let shown: Vec<String> = verdict::NAMES
         .iter()
-        .filter_map(|k| s.verdicts.get(*k).filter(|n| **n > 0).map(|n| format!("{k}={n}")))
+        .filter_map(|k| {
+            s.verdicts
+                .get(*k)
+                .filter(|n| **n > 0)
+                .map(|n| format!("{k}={n}"))
+        })
         .collect();
     println!(
         "verdicts: {}",

@@ -349,7 +349,11 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     let raw: RawFile = toml::from_str(text).map_err(|e| err(e.span(), e.message().to_string()))?;
 
     let a = &raw.agent;
-    let xdp_mode = a.xdp_mode.get_ref().parse::<XdpMode>().map_err(|e| err(Some(a.xdp_mode.span()), e))?;
+    let xdp_mode = a
+        .xdp_mode
+        .get_ref()
+        .parse::<XdpMode>()
+        .map_err(|e| err(Some(a.xdp_mode.span()), e))?;
     if *a.flow_table_size.get_ref() == 0 {
         return Err(err(
             Some(a.flow_table_size.span()),
@@ -453,9 +457,21 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
                 ),
             )
         })?;
-        let protocol = v.protocol.get_ref().parse::<Protocol>().map_err(|e| err(Some(v.protocol.span()), e))?;
-        let forwarding = v.forwarding.get_ref().parse::<Forwarding>().map_err(|e| err(Some(v.forwarding.span()), e))?;
-        let hash = v.hash.get_ref().parse::<HashInput>().map_err(|e| err(Some(v.hash.span()), e))?;
+        let protocol = v
+            .protocol
+            .get_ref()
+            .parse::<Protocol>()
+            .map_err(|e| err(Some(v.protocol.span()), e))?;
+        let forwarding = v
+            .forwarding
+            .get_ref()
+            .parse::<Forwarding>()
+            .map_err(|e| err(Some(v.forwarding.span()), e))?;
+        let hash = v
+            .hash
+            .get_ref()
+            .parse::<HashInput>()
+            .map_err(|e| err(Some(v.hash.span()), e))?;
         let ring = *v.ring_size.get_ref();
         if !is_prime(ring) || ring > lb_common::MAX_RING_SIZE {
             return Err(err(
@@ -533,7 +549,11 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             });
         }
         use crate::vocab::Scheduler;
-        let scheduler = v.scheduler.get_ref().parse::<Scheduler>().map_err(|e| err(Some(v.scheduler.span()), e))?;
+        let scheduler = v
+            .scheduler
+            .get_ref()
+            .parse::<Scheduler>()
+            .map_err(|e| err(Some(v.scheduler.span()), e))?;
         let mut regions = Vec::new();
         for r in &v.region {
             let mut prefixes = Vec::new();

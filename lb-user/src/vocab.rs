@@ -124,7 +124,10 @@ mod tests {
             let j = serde_json::to_string(h).unwrap();
             assert_eq!(serde_json::from_str::<HashInput>(&j).unwrap(), *h);
         }
-        assert_eq!(serde_json::to_string(&HashInput::FiveTuple).unwrap(), "\"5-tuple\"");
+        assert_eq!(
+            serde_json::to_string(&HashInput::FiveTuple).unwrap(),
+            "\"5-tuple\""
+        );
         assert_eq!(
             "shutdown".parse::<Forwarding>().unwrap_err(),
             "forwarding `shutdown` is not one of \"dsr\", \"ipip\""

@@ -281,7 +281,11 @@ fn failover_within_a_second_and_recovery() {
         .count() as u64;
     let forwarded: u64 = ["tx", "redirect"]
         .iter()
-        .map(|k| stats["verdicts"][k].as_u64().expect("every reason is listed"))
+        .map(|k| {
+            stats["verdicts"][k]
+                .as_u64()
+                .expect("every reason is listed")
+        })
         .sum();
     assert!(
         forwarded >= 3 * answered,
@@ -596,7 +600,10 @@ fn concurrent_cli_edits_are_all_applied_and_saved() {
     let err = agent
         .cli(&["vip", "add", "198.18.0.101:80", "--forwarding", "shutdown"])
         .expect_err("an unknown forwarding mode is refused");
-    assert!(err.contains("shutdown") && err.contains("dsr, ipip"), "{err}");
+    assert!(
+        err.contains("shutdown") && err.contains("dsr, ipip"),
+        "{err}"
+    );
     let mut raw = std::os::unix::net::UnixStream::connect(&agent.socket).expect("socket");
     raw.write_all(
         b"{\"cmd\":\"vip-add\",\"vip\":\"198.18.0.101:80/tcp\",\"forwarding\":\"shutdown\",\
@@ -673,5 +680,136 @@ fn down_finds_its_agent_and_permission_errors_say_so() {
     assert!(
         !std::path::Path::new(&format!("/sys/fs/bpf/lb/{}", agent.instance)).exists(),
         "pins removed"
+    );
+}
+
+/// Documented behaviour, end to end: `lb vip remove` / `lb vip add` /
+/// `lb backend add` change the live datapath and the file; SIGHUP reloads
+/// an edited file; `/metrics` serves an exposition a real Prometheus parser
+/// reads, with the counters the traffic moved.
+#[test]
+fn vip_edits_sighup_and_metrics_end_to_end() {
+    let d = dc("age", 2).expect("dc");
+    let _srv = servers(&d);
+    let agent = Agent::start("age", &d, 2);
+    assert!(
+        traffic(&d, 10, Duration::ZERO)
+            .iter()
+            .all(|(_, r)| r.is_ok())
+    );
+
+    // Remove the VIP: nothing answers on it any more, the file lost it.
+    agent
+        .cli(&["vip", "remove", "198.18.0.100:8080"])
+        .expect("vip remove");
+    let gone = traffic(&d, 5, Duration::ZERO);
+    assert!(
+        gone.iter().all(|(_, r)| r.is_err()),
+        "a removed VIP is not served: {gone:?}"
+    );
+    let text = std::fs::read_to_string(&agent.config).expect("config");
+    assert!(!text.contains("198.18.0.100"), "{text}");
+
+    // Add it back with its backends through the CLI.
+    agent
+        .cli(&["vip", "add", "198.18.0.100:8080", "--hash", "source-ip"])
+        .expect("vip add");
+    for i in 1..=2 {
+        agent
+            .cli(&["backend", "add", "198.18.0.100:8080", &backend_addr(i)])
+            .expect("backend add");
+    }
+    agent.wait_ready(2);
+    let back = traffic(&d, 10, Duration::ZERO);
+    assert!(back.iter().all(|(_, r)| r.is_ok()), "{back:?}");
+    let names: std::collections::BTreeSet<&str> =
+        back.iter().filter_map(|(_, r)| r.as_deref().ok()).collect();
+    assert_eq!(
+        names.len(),
+        1,
+        "source-ip: one client, one backend: {names:?}"
+    );
+    let vips: Vec<api::VipInfo> =
+        serde_json::from_str(&agent.cli(&["vip", "list", "--json"]).expect("list")).expect("json");
+    assert_eq!(vips[0].hash, api::HashInput::SourceIp);
+
+    // SIGHUP: an edited file is applied (weight 0 drains backend 1).
+    let text = std::fs::read_to_string(&agent.config).expect("config");
+    // The CLI wrote `weight = 1` after the address: set it to 0.
+    let at = text
+        .find(&format!("address = \"{}\"", backend_addr(1)))
+        .expect("backend 1 in the file");
+    let w = at + text[at..].find("weight = 1").expect("its weight");
+    let edited = format!(
+        "{}weight = 0{}",
+        &text[..w],
+        &text[w + "weight = 1".len()..]
+    );
+    assert_ne!(edited, text);
+    std::fs::write(&agent.config, edited).expect("write");
+    let pid = agent.child.as_ref().expect("agent").id().to_string();
+    Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill -HUP");
+    let t0 = Instant::now();
+    loop {
+        let b1 = agent
+            .backends()
+            .into_iter()
+            .find(|b| b.address.to_string() == backend_addr(1))
+            .expect("b1");
+        if b1.state == BackendState::Draining && b1.weight == 0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "SIGHUP did not apply the edited file:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // /metrics (inside the agent's namespace), read by a Prometheus parser.
+    let body =
+        d.lb.enter(|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect("127.0.0.1:9100")?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+            let mut out = String::new();
+            std::io::Read::read_to_string(&mut s, &mut out)?;
+            Ok(out)
+        })
+        .expect("setns")
+        .expect("GET /metrics");
+    let (head, text) = body.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("a valid Prometheus exposition");
+    let value = |name: &str, label: (&str, &str)| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && s.labels.get(label.0) == Some(label.1))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+            .unwrap_or_else(|| panic!("no sample {name}{label:?} in:\n{text}"))
+    };
+    let answered = (10 + 10) as f64;
+    // This topology forwards to the backend's segment with XDP_REDIRECT.
+    let forwarded = value("lb_verdicts_total", ("reason", "tx"))
+        + value("lb_verdicts_total", ("reason", "redirect"));
+    assert!(
+        forwarded >= 3.0 * answered,
+        "{forwarded} packets forwarded for {answered} answered connections"
+    );
+    assert!(value("lb_vip_new_flows_total", ("vip", "198.18.0.100:8080/tcp")) >= 10.0);
+    assert_eq!(
+        value("lb_backend_up", ("backend", &backend_addr(2))),
+        1.0,
+        "a healthy backend is up"
     );
 }

@@ -106,9 +106,9 @@ fn two_nodes_share_flows_agree_on_backends_and_both_fail_a_backend_over() {
     while down_at.iter().any(Option::is_none) && t_kill.elapsed() < Duration::from_secs(3) {
         for n in 1..=2 {
             if down_at[n - 1].is_none()
-                && c.backends(n)
-                    .iter()
-                    .any(|b| b.address.to_string() == lab::backend4(2) && b.state == BackendState::Down)
+                && c.backends(n).iter().any(|b| {
+                    b.address.to_string() == lab::backend4(2) && b.state == BackendState::Down
+                })
             {
                 down_at[n - 1] = Some(t_kill.elapsed());
             }
