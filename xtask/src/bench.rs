@@ -327,6 +327,14 @@ fn markdown(r: &Value) -> String {
         ));
     }
     o.push_str(&targets(r));
+    // What was tried on the datapath, measured with `bench micro --against`
+    // (kept as a record with each entry's own date and numbers).
+    if let Ok(h) =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("report/ab-history.md"))
+    {
+        o.push('\n');
+        o.push_str(&h);
+    }
     o
 }
 
@@ -345,7 +353,9 @@ fn targets(r: &Value) -> String {
             .unwrap_or(f64::NAN)
     };
     let est = ratio("established IPv4 TCP dsr");
-    let newf = ratio("new flow IPv4 TCP dsr (table off)");
+    let syn = ratio("new flow IPv4 TCP dsr, SYN with table write");
+    let ipip = ratio("IPv4 ipip (via bench_ipip)").max(ratio("IPv6 ipip (via bench_ipip)"));
+    let pass = ratio("non-VIP pass");
     let pps = r["packet_rate"]["rows"]
         .as_array()
         .cloned()
@@ -361,17 +371,19 @@ fn targets(r: &Value) -> String {
     let mut o = String::from(
         "\n## Targets, judged on this run\n\n| target | this run | |\n|---|---|---|\n",
     );
+    // The per-packet targets of the datapath-cost issue (ratios to the
+    // swap-MACs floor measured in the same run).
+    for (what, v, limit) in [
+        ("established IPv4 TCP dsr ≤ 2.5× the floor", est, 2.5),
+        ("IPv4 and IPv6 ipip (via bench_ipip) ≤ 3.0×", ipip, 3.0),
+        ("non-VIP pass ≤ 1.6×", pass, 1.6),
+        ("new flow with a table write (SYN) ≤ 5×", syn, 5.0),
+    ] {
+        o.push_str(&format!("| {what} | {v:.2}× | {} |\n", met(v <= limit)));
+    }
     o.push_str(&format!(
-        "| established path ≤ 2× the floor per packet | {est:.2}× | {} |\n",
-        met(est <= 2.0)
-    ));
-    o.push_str(&format!(
-        "| new-flow path ≤ 3× the floor | {newf:.2}× | {} |\n",
-        met(newf <= 3.0)
-    ));
-    o.push_str(&format!(
-        "| forwarded pps ≥ 0.7× the floor program | {worst_pps:.2}× (worst flow count) | {} |\n",
-        met(worst_pps >= 0.7)
+        "| forwarded pps ≥ 0.85× the floor program | {worst_pps:.2}× (worst flow count) | {} |\n",
+        met(worst_pps >= 0.85)
     ));
     o.push_str(&format!(
         "| HTTP ≥ 0.9× direct | {:.2}× | {} |\n",
