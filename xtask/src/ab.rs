@@ -1,7 +1,7 @@
 //! `cargo xtask bench micro --against REV`: the datapath of the working
 //! tree (B) against another revision's (A). REV is built in a temporary git
-//! worktree sharing this tree's target directory (dependencies are not
-//! rebuilt); B's micro-benchmark then loads both objects side by side in
+//! worktree with its own target directory (`target/ab-base`, kept between
+//! runs so only what changed is rebuilt); B's micro-benchmark then loads both objects side by side in
 //! one process and times every case on A and B in turn (the order
 //! alternating), `pairs` times, so the VM's drift hits both alike. Per
 //! case: the ratio B/A of the medians and the per-pair ratios' median and
@@ -101,7 +101,10 @@ pub fn against(root: &Path, rev: &str, pairs: usize, json_out: bool) -> Result<(
         .arg(rev))
     .with_context(|| format!("`{rev}` is not a revision git knows"))?;
     let result = (|| -> Result<()> {
-        let obj_a = build_object(&wt, &target)?;
+        // A gets a target directory of its own: cargo names the build
+        // output of a workspace member the same in every checkout, so a
+        // shared one would let A's datapath object overwrite B's.
+        let obj_a = build_object(&wt, &target.join("ab-base"))?;
         let micro_b = build_micro(root, &target)?;
         step(&format!(
             "{pairs} interleaved pairs per case, both objects in one process"
