@@ -482,8 +482,17 @@ fn ab(path: &std::path::Path) {
             median(r.clone())
         ));
     }
+    // Which objects were compared, so the caller can tell a real A/B from
+    // two copies of one object.
+    let fnv = |b: &[u8]| {
+        b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
+            (h ^ u64::from(*x)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    };
     println!(
-        "{{\"ab_pairs\":{pairs},\"repeat\":{repeat},\"ab\":[{}]}}",
+        "{{\"ab_pairs\":{pairs},\"repeat\":{repeat},\"a_object\":\"{:016x}\",\"b_object\":\"{:016x}\",\"ab\":[{}]}}",
+        fnv(&bytes),
+        fnv(lb_user::loader::EBPF_OBJECT),
         out.join(",")
     );
 }

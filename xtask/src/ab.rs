@@ -117,6 +117,7 @@ pub fn against(root: &Path, rev: &str, pairs: usize, json_out: bool) -> Result<(
             .spawn()
             .with_context(|| format!("running {}", micro_b.display()))?;
         let mut rows: Vec<Value> = Vec::new();
+        let mut objects = (String::new(), String::new());
         if let Some(out) = child.stdout.take() {
             for line in BufReader::new(out).lines() {
                 let line = line?;
@@ -124,9 +125,24 @@ pub fn against(root: &Path, rev: &str, pairs: usize, json_out: bool) -> Result<(
                     && let Some(list) = v["ab"].as_array()
                 {
                     rows = list.clone();
+                    objects = (
+                        v["a_object"].as_str().unwrap_or("").to_string(),
+                        v["b_object"].as_str().unwrap_or("").to_string(),
+                    );
                 }
             }
         }
+        step(&format!(
+            "datapath objects: A {} ({}), B {}{}",
+            objects.0,
+            obj_a.display(),
+            objects.1,
+            if objects.0 == objects.1 {
+                " - byte-identical: this run measures the yardstick's own noise"
+            } else {
+                ""
+            }
+        ));
         if !child.wait()?.success() || rows.is_empty() {
             bail!(
                 "the A/B run failed (A's object must be compatible with this tree's maps; \
@@ -136,7 +152,8 @@ pub fn against(root: &Path, rev: &str, pairs: usize, json_out: bool) -> Result<(
         if json_out {
             println!(
                 "{}",
-                serde_json::json!({"a": rev, "b": "working tree", "pairs": pairs, "cases": rows})
+                serde_json::json!({"a": rev, "b": "working tree", "pairs": pairs,
+                    "a_object": objects.0, "b_object": objects.1, "cases": rows})
             );
         } else {
             println!(

@@ -233,7 +233,7 @@ fn markdown(r: &Value) -> String {
     o.push_str(&format!(
         "\n**SYN flood** (one run) of 1,000,000 flows (`lb loadgen --flows`: the low 16 bits of the source address vary \
          first, then the source port, so 65,536 addresses × 16 ports) into a {}-entry connection table, ring unchanged: \
-         offered {:.3} Mpps, forwarded {:.3} Mpps, {} new flows; of 1000 established flows, {} were still in the table \
+         offered {:.3} Mpps, forwarded {:.3} Mpps, {} SYNs scheduled as new connections (the generator cycles through its flows); of 1000 established flows, {} were still in the table \
          afterwards and {} changed backend.\n\n",
         s["table_size"],
         f(&s["offered_pps"]) / 1e6,
@@ -437,10 +437,12 @@ fn reading(r: &Value, est: f64, worst_pps: f64, direct: f64, lb: f64, hap: f64) 
         f(&s["established_moved"]),
     );
     let table = f(&s["table_size"]);
-    let flood = f(&s["new_flows"]);
+    // Distinct flows of the flood (`new_flows` counts every SYN, and the
+    // generator cycles through its flows several times).
+    let flood = f(&s["sources"]);
     o.push_str(&format!(
         "- SYN flood: {kept:.0} of 1000 established flows stayed in the table and {moved:.0} changed backend; the flood \
-         ({flood:.0} new flows) was {} the {table:.0}-entry table, so {}.\n",
+         ({flood:.0} distinct flows) was {} the {table:.0}-entry table, so {}.\n",
         if flood > table { "larger than" } else { "smaller than" },
         if flood > table {
             "this measures eviction pressure"
@@ -489,7 +491,8 @@ fn chart(r: &Value, path: &Path) -> Result<()> {
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(44)
-        .build_cartesian_2d(0f64..(rows.len() as f64), 0f64..(max * 1.15).max(0.1))?;
+        // Headroom above the bars for the legend.
+        .build_cartesian_2d(0f64..(rows.len() as f64), 0f64..(max * 1.45).max(0.1))?;
     c.configure_mesh()
         .disable_x_mesh()
         .x_labels(rows.len() + 1)
@@ -505,8 +508,7 @@ fn chart(r: &Value, path: &Path) -> Result<()> {
         c.draw_series([Rectangle::new(
             [(x + 0.12, 0.0), (x + 0.48, f(&row["floor_pps"]) / 1e6)],
             BLUE.mix(0.5).filled(),
-        )])?
-        .label(if i == 0 { "floor" } else { "" });
+        )])?;
         c.draw_series([Rectangle::new(
             [(x + 0.52, 0.0), (x + 0.88, f(&row["lb_pps"]) / 1e6)],
             RED.mix(0.7).filled(),
@@ -525,6 +527,7 @@ fn chart(r: &Value, path: &Path) -> Result<()> {
     .label("lb")
     .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], RED.mix(0.7).filled()));
     c.configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE)
         .border_style(BLACK)
         .draw()?;
