@@ -47,6 +47,7 @@ pub const MAP_SETTINGS: &str = "SETTINGS";
 pub const MAP_DECAP_ADDRS: &str = "DECAP_ADDRS";
 pub const MAP_DECAP_VERDICTS: &str = "DECAP_VERDICTS";
 pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
+pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
 pub const MAP_ACTIVE: &str = "ACTIVE";
 pub const MAP_RR_POS: &str = "RR_POS";
 pub const MAP_FIB_SCRATCH: &str = "FIB_SCRATCH";

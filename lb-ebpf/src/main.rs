@@ -42,7 +42,7 @@ use network_types::eth::EthHdr;
 use crate::{
     maps::{
         ACTIVE, BACKENDS, DECAP_ADDRS, FIB_SCRATCH, FLOWS, REGIONS, RINGS, RR_POS, SETTINGS,
-        TX_PORTS, VIP_ADDRS, VIPS,
+        TX_PORTS, VIP_ADDRS, VIP_FILTER, VIPS,
     },
     parse::{Packet, Skip},
     stats::{decap_verdict, verdict},
@@ -120,6 +120,16 @@ fn lookup_vip(pkt: &Packet) -> Option<VipMeta> {
     key.port = 0;
     // SAFETY: as above.
     unsafe { VIPS.get(&key) }.copied()
+}
+
+/// False when no VIP can live on the packet's destination address: its
+/// filter bit is clear (one inlined array lookup, no hash-map probe).
+#[inline(always)]
+fn maybe_vip_addr(pkt: &Packet) -> bool {
+    let (w, bit) = hash::vip_filter_slot(&pkt.key.dst);
+    VIP_FILTER
+        .get(w)
+        .is_some_and(|word| word & (1u32 << bit) != 0)
 }
 
 /// Whether any VIP lives on this address (for fragments, which lack ports).
@@ -354,6 +364,9 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         Err(Skip::Ipv6Ext) => return Ok(verdict(verdict::PASS_IPV6_EXT, xdp_action::XDP_PASS)),
         Err(Skip::Malformed) => return Ok(verdict(verdict::MALFORMED, xdp_action::XDP_PASS)),
     };
+    if !maybe_vip_addr(&pkt) {
+        return Ok(verdict(verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
+    }
     if pkt.fragment {
         if is_vip_addr(&pkt) {
             return Ok(verdict(verdict::FRAGMENT, xdp_action::XDP_DROP));

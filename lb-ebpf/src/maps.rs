@@ -20,6 +20,11 @@ pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS *
 #[map(name = "VIP_ADDRS")]
 pub static VIP_ADDRS: HashMap<VipKey, u32> = HashMap::with_max_entries(MAX_VIPS * 2, 0);
 
+/// One bit per hashed destination address (`hash::vip_filter_slot`): clear
+/// means no VIP lives there, so non-VIP packets cost one array lookup.
+#[map(name = "VIP_FILTER")]
+pub static VIP_FILTER: Array<u32> = Array::with_max_entries(lb_common::hash::VIP_FILTER_WORDS, 0);
+
 /// Backend id → backend. Id 0 stays zeroed: "no backend".
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);

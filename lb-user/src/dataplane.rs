@@ -113,7 +113,30 @@ impl<'a> Dataplane<'a> {
         let name = lb_common::MAP_VIP_ADDRS;
         let mut addrs: HashMap<_, VipKey, u32> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        addrs.insert(addr_key(key), 1, 0).map_err(map_err(name))
+        addrs.insert(addr_key(key), 1, 0).map_err(map_err(name))?;
+        self.refresh_filter_word(key)
+    }
+
+    /// Rewrites the VIP-address filter word that `key`'s address falls in
+    /// from the VIPs in the table, in one 32-bit store: a VIP that shares the
+    /// word never sees its bit cleared, even for an instant.
+    fn refresh_filter_word(&mut self, key: &VipKey) -> Result<()> {
+        let (w, _) = lb_common::hash::vip_filter_slot(&key.addr);
+        let mut word = 0u32;
+        for k in self.vips()?.keys().filter_map(|k| k.ok()) {
+            let (kw, bit) = lb_common::hash::vip_filter_slot(&k.addr);
+            if kw == w {
+                word |= 1 << bit;
+            }
+        }
+        let name = lb_common::MAP_VIP_FILTER;
+        let Ok(map) = self.map_mut(name) else {
+            // An older datapath object without the filter (the A/B
+            // benchmark loads one): nothing to keep.
+            return Ok(());
+        };
+        let mut filter: Array<_, u32> = Array::try_from(map).map_err(map_err(name))?;
+        filter.set(w, word, 0).map_err(map_err(name))
     }
 
     /// The VIP entry for `key`.
@@ -147,7 +170,7 @@ impl<'a> Dataplane<'a> {
                 HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
             let _ = addrs.remove(&addr_key(key));
         }
-        Ok(())
+        self.refresh_filter_word(key)
     }
 
     /// Writes backend `id` (1..MAX_BACKENDS).
@@ -343,8 +366,18 @@ impl<'a> Dataplane<'a> {
     fn sum_counters(&self, name: &'static str, count: u32) -> Result<Vec<u64>> {
         let a: PerCpuArray<_, u64> =
             PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
+        // A datapath built before a reason was added (a pinned map adopted
+        // across an upgrade, or the A side of an A/B benchmark) has fewer
+        // slots: the reasons it cannot count read as 0.
+        let slots = a.len().min(count);
         (0..count)
-            .map(|i| a.get(&i, 0).map(|v| v.iter().sum()).map_err(map_err(name)))
+            .map(|i| {
+                if i < slots {
+                    a.get(&i, 0).map(|v| v.iter().sum()).map_err(map_err(name))
+                } else {
+                    Ok(0)
+                }
+            })
             .collect()
     }
 

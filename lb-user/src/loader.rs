@@ -119,6 +119,7 @@ pub fn attach_with_id(
 pub const PINNED_MAPS: &[&str] = &[
     lb_common::MAP_VIPS,
     lb_common::MAP_VIP_ADDRS,
+    lb_common::MAP_VIP_FILTER,
     lb_common::MAP_BACKENDS,
     lb_common::MAP_RINGS,
     lb_common::MAP_FLOWS,
