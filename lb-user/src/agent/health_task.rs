@@ -1,5 +1,8 @@
 //! One health-check task per backend: probes on its own schedule (with
-//! jitter) and applies each transition to the datapath.
+//! jitter) and applies each transition to the datapath. The state lock is
+//! taken only for in-memory work and map writes: the next hop is resolved
+//! (with `ip` subprocesses) before the lock, and a transition changes only
+//! the backend's state in its entry, so no probe waits on a subprocess.
 
 use super::*;
 
@@ -8,15 +11,23 @@ pub(super) fn spawn_health(shared: Shared, (key, address, generation): Spawn) {
         let mut seed = (generation.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
         let mut round = 0u64;
         loop {
-            let (health, vip) = {
+            let (health, vip, needs_hop) = {
                 let Ok(s) = lock(&shared) else { return };
                 let Some((vi, bi)) = s.find(&key, address) else {
                     return;
                 };
-                if s.vips[vi].backends[bi].generation != generation {
+                let b = &s.vips[vi].backends[bi];
+                if b.generation != generation {
                     return;
                 }
-                (s.vips[vi].cfg.health.clone(), vip_ref(&s.vips[vi].cfg))
+                // Probes make the kernel resolve the neighbour: pick up a MAC
+                // that was unknown or has changed (every 25 probes).
+                let needs_hop = !b.resolved || round.is_multiple_of(25);
+                (
+                    s.vips[vi].cfg.health.clone(),
+                    vip_ref(&s.vips[vi].cfg),
+                    needs_hop,
+                )
             };
             seed ^= seed << 13;
             seed ^= seed >> 7;
@@ -33,6 +44,14 @@ pub(super) fn spawn_health(shared: Shared, (key, address, generation): Spawn) {
             )
             .await;
             let latency = t0.elapsed().as_secs_f64() * 1e3;
+            let hop = if outcome == Outcome::Ok && needs_hop {
+                tokio::task::spawn_blocking(move || next_hop(address))
+                    .await
+                    .ok()
+                    .flatten()
+            } else {
+                None
+            };
             {
                 let Ok(mut s) = lock(&shared) else { return };
                 let Some((vi, bi)) = s.find(&key, address) else {
@@ -51,13 +70,24 @@ pub(super) fn spawn_health(shared: Shared, (key, address, generation): Spawn) {
                 let transition = b.health.observe(ok);
                 if let Some(t) = transition {
                     b.transitions += 1;
+                    // The next good probe re-reads the next hop (a backend
+                    // that comes back may have moved).
+                    b.resolved = false;
                     let why = b.last_result.clone();
                     eprintln!(
                         "lb: t={:.3}s backend {address} of VIP {vip} is {} ({why})",
                         s.started.elapsed().as_secs_f64(),
                         if t == Transition::Up { "UP" } else { "DOWN" }
                     );
-                    if let Err(e) = s.write_backend(vi, bi).and_then(|_| s.rebuild_ring(vi)) {
+                    let (id, state) = {
+                        let b = &s.vips[vi].backends[bi];
+                        (b.id, datapath_state(b.state()))
+                    };
+                    let r = Dataplane::new(&mut s.ebpf)
+                        .set_backend_state(id, state)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|_| s.rebuild_ring(vi));
+                    if let Err(e) = r {
                         eprintln!("lb: updating the datapath failed: {e:#}");
                     }
                     s.sync_announce();
@@ -70,12 +100,11 @@ pub(super) fn spawn_health(shared: Shared, (key, address, generation): Spawn) {
                             at: Instant::now(),
                         });
                     }
-                } else if ok && (!s.vips[vi].backends[bi].resolved || round.is_multiple_of(25)) {
-                    // Probes make the kernel resolve the neighbour; pick up a
-                    // MAC that was unknown or has changed.
-                    if let Err(e) = s.write_backend(vi, bi) {
-                        eprintln!("lb: refreshing the next hop of {address} failed: {e:#}");
-                    }
+                }
+                if hop.is_some()
+                    && let Err(e) = s.write_backend_with(vi, bi, hop)
+                {
+                    eprintln!("lb: refreshing the next hop of {address} failed: {e:#}");
                 }
             }
             round += 1;

@@ -34,7 +34,7 @@ mod views;
 // The submodules split one type's work by concern (`impl State` blocks in
 // several files) and share this module's imports and each other's items
 // through `use super::*`.
-use self::{control::*, health_task::*, metrics::*, node::*, state::*};
+use self::{control::*, health_task::*, metrics::*, nexthop::*, node::*, state::*};
 
 use std::{
     collections::{BTreeMap, HashSet},

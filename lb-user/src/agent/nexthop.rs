@@ -25,16 +25,35 @@ pub(super) fn next_hop(addr: IpAddr) -> Option<NextHop> {
     })
 }
 
+/// The datapath's `BACKEND_*` value of a backend state.
+pub(super) fn datapath_state(s: BackendState) -> u8 {
+    match s {
+        BackendState::Down => BACKEND_DOWN,
+        BackendState::Draining => BACKEND_DRAINING,
+        BackendState::Up => BACKEND_UP,
+    }
+}
+
 impl State {
-    /// Writes backend `bi` of VIP `vi` with its next hop and state.
+    /// Writes backend `bi` of VIP `vi` with its next hop (asked of the
+    /// kernel now: `ip` subprocesses, so not for callers on a schedule)
+    /// and state.
     pub(super) fn write_backend(&mut self, vi: usize, bi: usize) -> Result<()> {
+        let hop = next_hop(self.vips[vi].backends[bi].cfg.address);
+        self.write_backend_with(vi, bi, hop)
+    }
+
+    /// [`State::write_backend`] with a next hop resolved by the caller
+    /// (health tasks resolve it before they take the state lock).
+    pub(super) fn write_backend_with(
+        &mut self,
+        vi: usize,
+        bi: usize,
+        hop: Option<NextHop>,
+    ) -> Result<()> {
         let b = &self.vips[vi].backends[bi];
         let (addr, family) = addr16(b.cfg.address);
-        let state = match b.state() {
-            BackendState::Down => BACKEND_DOWN,
-            BackendState::Draining => BACKEND_DRAINING,
-            BackendState::Up => BACKEND_UP,
-        };
+        let state = datapath_state(b.state());
         let mut entry = Backend {
             addr,
             family,
@@ -48,7 +67,7 @@ impl State {
             own_mac,
             ifindex,
             mac,
-        }) = next_hop(b.cfg.address)
+        }) = hop
         {
             entry.src_mac = own_mac;
             entry.ifindex = if dev == self.cfg.agent.interface {
