@@ -77,6 +77,10 @@ pub struct VipAdd {
     pub hash: HashInput,
     pub ring_size: u32,
     pub flow_table: bool,
+    /// Further VIP keys, as `lb vip set` takes them (`scheduler`,
+    /// `health.interval_ms`, ...).
+    #[serde(default)]
+    pub settings: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -87,6 +91,11 @@ pub enum Request {
     VipAdd(VipAdd),
     VipRemove {
         vip: VipRef,
+    },
+    /// Change VIP keys live (`KEY=VALUE`, written back like every edit).
+    VipSet {
+        vip: VipRef,
+        settings: Vec<(String, String)>,
     },
     BackendList {
         vip: Option<VipRef>,

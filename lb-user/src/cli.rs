@@ -6,8 +6,8 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use crate::{
     api::{
-        self, BackendInfo, Forwarding, HashInput, Request, StatsInfo, StatusInfo, VipAdd, VipInfo,
-        VipRef,
+        self, BackendInfo, Forwarding, HashInput, Request, Scheduler, StatsInfo, StatusInfo,
+        VipAdd, VipInfo, VipRef,
     },
     dataplane::Dataplane,
     loader,
@@ -278,6 +278,41 @@ enum VipCmd {
         /// Disable the connection table (stateless Maglev).
         #[arg(long)]
         no_flow_table: bool,
+        #[arg(long, value_enum, default_value_t = Scheduler::Maglev)]
+        scheduler: Scheduler,
+        /// Seconds of idleness before a flow is rescheduled (0: LRU only).
+        #[arg(long)]
+        idle_timeout: Option<u32>,
+        #[arg(long, value_parser = ["tcp", "http", "none"])]
+        health_kind: Option<String>,
+        #[arg(long)]
+        health_interval_ms: Option<u64>,
+        #[arg(long)]
+        health_timeout_ms: Option<u64>,
+        #[arg(long)]
+        rise: Option<u32>,
+        #[arg(long)]
+        fall: Option<u32>,
+        /// Port probed on the backend (default: the VIP's).
+        #[arg(long)]
+        health_port: Option<u16>,
+        /// http checks: the path to GET.
+        #[arg(long)]
+        health_path: Option<String>,
+        /// http checks: a status or range such as 200-399.
+        #[arg(long)]
+        expect_status: Option<String>,
+    },
+    /// Change VIP settings live, written back to the file:
+    /// `lb vip set 198.18.0.100:80 scheduler=least-connections health.interval_ms=500`.
+    /// Keys: forwarding, hash, scheduler, ring_size, flow_table, idle_timeout,
+    /// health.kind, health.interval_ms, health.timeout_ms, health.rise,
+    /// health.fall, health.port, health.path, health.expect_status.
+    Set {
+        vip: VipRef,
+        /// KEY=VALUE pairs.
+        #[arg(required = true, value_parser = parse_setting)]
+        settings: Vec<(String, String)>,
     },
     /// Remove a VIP and its backends.
     Remove { vip: VipRef },
@@ -589,6 +624,16 @@ fn lab(cmd: LabCmd) -> Result<()> {
     }
 }
 
+/// `KEY=VALUE` of `lb vip set`.
+fn parse_setting(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!(
+            "`{s}` is not KEY=VALUE (e.g. scheduler=round-robin)"
+        )),
+    }
+}
+
 fn print_json(v: &serde_json::Value) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -636,8 +681,41 @@ fn vip(cmd: VipCmd, conn: &Conn) -> Result<()> {
             hash,
             ring_size,
             no_flow_table,
+            scheduler,
+            idle_timeout,
+            health_kind,
+            health_interval_ms,
+            health_timeout_ms,
+            rise,
+            fall,
+            health_port,
+            health_path,
+            expect_status,
         } => {
             let what = format!("added VIP {vip}");
+            let mut settings = vec![("scheduler".to_string(), scheduler.to_string())];
+            let opt = |k: &str, v: Option<String>| v.map(|v| (k.to_string(), v));
+            settings.extend(
+                [
+                    opt("idle_timeout", idle_timeout.map(|v| v.to_string())),
+                    opt("health.kind", health_kind),
+                    opt(
+                        "health.interval_ms",
+                        health_interval_ms.map(|v| v.to_string()),
+                    ),
+                    opt(
+                        "health.timeout_ms",
+                        health_timeout_ms.map(|v| v.to_string()),
+                    ),
+                    opt("health.rise", rise.map(|v| v.to_string())),
+                    opt("health.fall", fall.map(|v| v.to_string())),
+                    opt("health.port", health_port.map(|v| v.to_string())),
+                    opt("health.path", health_path),
+                    opt("health.expect_status", expect_status),
+                ]
+                .into_iter()
+                .flatten(),
+            );
             api::call(
                 &conn.socket,
                 &Request::VipAdd(VipAdd {
@@ -646,8 +724,21 @@ fn vip(cmd: VipCmd, conn: &Conn) -> Result<()> {
                     hash,
                     ring_size,
                     flow_table: !no_flow_table,
+                    settings,
                 }),
             )?;
+            done(conn, what)
+        }
+        VipCmd::Set { vip, settings } => {
+            let what = format!(
+                "VIP {vip}: {}",
+                settings
+                    .iter()
+                    .map(|(k, v)| format!("{k} = {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            api::call(&conn.socket, &Request::VipSet { vip, settings })?;
             done(conn, what)
         }
         VipCmd::Remove { vip } => {

@@ -14,6 +14,10 @@ use crate::api::{VipAdd, VipRef};
 pub enum Edit {
     VipAdd(VipAdd),
     VipRemove(VipRef),
+    VipSet {
+        vip: VipRef,
+        settings: Vec<(String, String)>,
+    },
     BackendAdd {
         vip: VipRef,
         address: IpAddr,
@@ -77,6 +81,71 @@ fn backend_index(arr: &ArrayOfTables, address: IpAddr) -> Option<usize> {
     })
 }
 
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    Int,
+    Bool,
+}
+
+/// The VIP keys `lb vip set` (and `lb vip add`'s flags) may write, with
+/// their TOML type. Address, port and protocol name the VIP: to change
+/// them, remove it and add another.
+const SETTABLE: &[(&str, Kind)] = &[
+    ("forwarding", Kind::Str),
+    ("hash", Kind::Str),
+    ("scheduler", Kind::Str),
+    ("ring_size", Kind::Int),
+    ("flow_table", Kind::Bool),
+    ("idle_timeout", Kind::Int),
+    ("health.kind", Kind::Str),
+    ("health.interval_ms", Kind::Int),
+    ("health.timeout_ms", Kind::Int),
+    ("health.rise", Kind::Int),
+    ("health.fall", Kind::Int),
+    ("health.port", Kind::Int),
+    ("health.path", Kind::Str),
+    ("health.expect_status", Kind::Str),
+];
+
+/// Writes one VIP key; the value's meaning is checked afterwards by
+/// [`crate::config::parse`] like any file's.
+fn set_key(vip: &mut Table, key: &str, val: &str) -> Result<()> {
+    let Some((_, kind)) = SETTABLE.iter().find(|(k, _)| *k == key) else {
+        let all: Vec<&str> = SETTABLE.iter().map(|(k, _)| *k).collect();
+        bail!(
+            "`{key}` is not a VIP key `lb vip set` can change; one of: {}",
+            all.join(", ")
+        );
+    };
+    let v = match kind {
+        Kind::Str => value(val),
+        Kind::Int => value(
+            val.parse::<i64>()
+                .map_err(|_| anyhow::anyhow!("{key} takes a whole number, not `{val}`"))?,
+        ),
+        Kind::Bool => value(
+            val.parse::<bool>()
+                .map_err(|_| anyhow::anyhow!("{key} takes true or false, not `{val}`"))?,
+        ),
+    };
+    let (table, key) = match key.split_once('.') {
+        Some((sub, k)) => {
+            if vip.get(sub).is_none() {
+                vip.insert(sub, Item::Table(Table::new()));
+            }
+            let t = vip
+                .get_mut(sub)
+                .and_then(Item::as_table_mut)
+                .with_context(|| format!("`{sub}` of this VIP is not a table"))?;
+            (t, k)
+        }
+        None => (vip, key),
+    };
+    table.insert(key, v);
+    Ok(())
+}
+
 /// Applies `edit` to the configuration text and returns the new text.
 pub fn apply(text: &str, edit: &Edit) -> Result<String> {
     let mut doc: DocumentMut = text
@@ -95,7 +164,19 @@ pub fn apply(text: &str, edit: &Edit) -> Result<String> {
             t.insert("hash", value(a.hash.name()));
             t.insert("ring_size", value(a.ring_size as i64));
             t.insert("flow_table", value(a.flow_table));
+            for (k, v) in &a.settings {
+                set_key(&mut t, k, v)?;
+            }
             vips(&mut doc)?.push(t);
+        }
+        Edit::VipSet { vip, settings } => {
+            if settings.is_empty() {
+                bail!("nothing to set: give KEY=VALUE pairs, e.g. `scheduler=least-connections`");
+            }
+            let t = find_vip(&mut doc, vip)?;
+            for (k, v) in settings {
+                set_key(t, k, v)?;
+            }
         }
         Edit::VipRemove(v) => {
             let arr = vips(&mut doc)?;
@@ -238,6 +319,7 @@ address = "198.18.2.1" # rack 1
             hash: crate::vocab::HashInput::SourceIp,
             ring_size: 251,
             flow_table: false,
+            settings: vec![("health.kind".into(), "http".into())],
         };
         let t = apply(TEXT, &Edit::VipAdd(add.clone())).unwrap();
         let c = crate::config::parse(&t, "x").unwrap();

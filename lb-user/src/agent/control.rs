@@ -114,6 +114,10 @@ pub(super) fn handle(shared: &Shared, req: Request) -> Result<serde_json::Value>
             change(shared, Edit::VipAdd(a))?;
             serde_json::Value::Null
         }
+        Request::VipSet { vip, settings } => {
+            change(shared, Edit::VipSet { vip, settings })?;
+            serde_json::Value::Null
+        }
         Request::VipRemove { vip } => {
             change(shared, Edit::VipRemove(vip))?;
             serde_json::Value::Null
