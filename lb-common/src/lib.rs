@@ -66,6 +66,35 @@ pub const PROG_SINK: &str = "sink";
 pub const MAP_LOADGEN: &str = "LOADGEN";
 pub const MAP_SINK: &str = "SINK";
 pub const MAP_BENCH_JUMP: &str = "BENCH_JUMP";
+pub const MAP_FLOOD_GUARD: &str = "FLOOD_GUARD";
+pub const MAP_FLOOD_STATE: &str = "FLOOD_STATE";
+
+/// New flows per second per CPU above which new flows are forwarded
+/// without a connection-table entry (Katran's default flood guard).
+pub const DEFAULT_NEW_FLOW_LIMIT: u32 = 125_000;
+
+/// The flood guard's setting (one entry in `FLOOD_GUARD`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FloodGuard {
+    /// New flows per second per CPU that may be written to the connection
+    /// table; 0 = no limit.
+    pub new_flows_per_cpu_s: u32,
+    pub _pad: u32,
+}
+
+/// Per-CPU flood-guard window and the flows it kept out of the table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FloodState {
+    pub window_start_ns: u64,
+    /// New flows recorded in the current one-second window.
+    pub count: u64,
+    /// New flows forwarded without a table entry, ever.
+    pub unrecorded: u64,
+}
 
 /// Key of the VIP table: (address, port, protocol). Port 0 matches every port.
 #[repr(C)]
@@ -340,6 +369,8 @@ mod pod {
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::Traffic {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::FloodGuard {}
+    unsafe impl aya::Pod for super::FloodState {}
     unsafe impl aya::Pod for super::BackendIdKey {}
     unsafe impl aya::Pod for super::LoadgenCfg {}
     unsafe impl aya::Pod for super::RegionKey {}
@@ -353,6 +384,8 @@ const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<Flow>() == 16);
     assert!(core::mem::size_of::<Settings>() == 24);
+    assert!(core::mem::size_of::<FloodGuard>() == 8);
+    assert!(core::mem::size_of::<FloodState>() == 24);
     assert!(core::mem::size_of::<RegionKey>() == 20);
     assert!(core::mem::size_of::<RegionMeta>() == 16);
 };

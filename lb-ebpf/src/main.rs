@@ -41,8 +41,8 @@ use network_types::eth::EthHdr;
 
 use crate::{
     maps::{
-        ACTIVE, BACKENDS, DECAP_ADDRS, FIB_SCRATCH, FLOWS, REGIONS, RINGS, RR_POS, SETTINGS,
-        TX_PORTS, VIP_ADDRS, VIP_FILTER, VIPS,
+        ACTIVE, BACKENDS, DECAP_ADDRS, FIB_SCRATCH, FLOOD_GUARD, FLOOD_STATE, FLOWS, REGIONS,
+        RINGS, RR_POS, SETTINGS, TX_PORTS, VIP_ADDRS, VIP_FILTER, VIPS,
     },
     parse::{Packet, Skip},
     stats::{decap_verdict, verdict},
@@ -350,6 +350,38 @@ fn fib_next_hop(ctx: &XdpContext, pkt: &Packet, b: &Backend) -> Option<forward::
     }
 }
 
+/// Whether this new flow may be written to the connection table. Above the
+/// configured new flows per second on this CPU (a SYN flood), new flows are
+/// forwarded statelessly, by the consistent hash, so a flood cannot evict
+/// established flows from the table; each one is counted. The clock is
+/// read only when a limit is set, and only for new flows.
+#[inline(always)]
+fn may_record_flow() -> bool {
+    let limit = match FLOOD_GUARD.get(0) {
+        Some(g) if g.new_flows_per_cpu_s != 0 => g.new_flows_per_cpu_s as u64,
+        _ => return true,
+    };
+    let Some(st) = FLOOD_STATE.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: plain helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+    unsafe {
+        if now.wrapping_sub((*st).window_start_ns) >= 1_000_000_000 {
+            (*st).window_start_ns = now;
+            (*st).count = 0;
+        }
+        (*st).count += 1;
+        if (*st).count <= limit {
+            true
+        } else {
+            (*st).unrecorded += 1;
+            false
+        }
+    }
+}
+
 #[inline(always)]
 fn now_s() -> u64 {
     // SAFETY: plain helper call without arguments.
@@ -481,7 +513,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
     } else if forward::set_macs(ctx, &hop).is_err() {
         return Ok(verdict(verdict::INTERNAL, xdp_action::XDP_DROP));
     }
-    if new_flow && use_table && !pkt.icmp_error {
+    if new_flow && use_table && !pkt.icmp_error && may_record_flow() {
         if now == 0 && vip.idle_timeout_s != 0 {
             now = now_s();
         }

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    Backend, BackendIdKey, DEFAULT_FLOW_TABLE_SIZE, Flow, FlowKey, LoadgenCfg, MAX_BACKENDS,
-    MAX_RING_SIZE, MAX_TX_PORTS, MAX_VIPS, RegionKey, RegionMeta, Settings, Traffic, VipKey,
-    VipMeta, decap_verdict, verdict,
+    Backend, BackendIdKey, DEFAULT_FLOW_TABLE_SIZE, FloodGuard, FloodState, Flow, FlowKey,
+    LoadgenCfg, MAX_BACKENDS, MAX_RING_SIZE, MAX_TX_PORTS, MAX_VIPS, RegionKey, RegionMeta,
+    Settings, Traffic, VipKey, VipMeta, decap_verdict, verdict,
 };
 
 /// (address, port, protocol) → VIP. Port 0 entries match every port.
@@ -38,6 +38,14 @@ pub static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * 2 * MAX_RING_S
 #[map(name = "FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, Flow> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+/// The flood guard's limit (see `lb_common::FloodGuard`).
+#[map(name = "FLOOD_GUARD")]
+pub static FLOOD_GUARD: Array<FloodGuard> = Array::with_max_entries(1, 0);
+
+/// Per-CPU flood-guard window and count of flows kept out of the table.
+#[map(name = "FLOOD_STATE")]
+pub static FLOOD_STATE: PerCpuArray<FloodState> = PerCpuArray::with_max_entries(1, 0);
 
 /// One counter per verdict reason.
 #[map(name = "VERDICTS")]

@@ -227,6 +227,9 @@ pub struct StatsInfo {
     pub vips: Vec<VipTraffic>,
     pub backends: Vec<BackendTraffic>,
     pub verdicts: std::collections::BTreeMap<String, u64>,
+    /// New flows the flood guard forwarded without a table entry.
+    #[serde(default)]
+    pub flows_not_recorded: u64,
 }
 
 /// `{"vip": "198.18.0.100:80/tcp", "packets": …, "bytes": …, "new_flows": …}`

@@ -929,6 +929,12 @@ fn print_stats(s: &StatsInfo, prev: Option<&StatsInfo>) {
             shown.join(" ")
         }
     );
+    if s.flows_not_recorded > 0 {
+        println!(
+            "flood guard: {} new flows forwarded without a table entry (agent.new_flow_limit)",
+            s.flows_not_recorded
+        );
+    }
 }
 
 fn attach(iface: &str, mode: loader::AttachMode, seconds: u64) -> Result<()> {

@@ -83,6 +83,12 @@ struct RawAgent {
     ipip_source_v4: Spanned<String>,
     #[serde(default = "default_src6")]
     ipip_source_v6: Spanned<String>,
+    #[serde(default = "default_new_flow_limit")]
+    new_flow_limit: u32,
+}
+
+fn default_new_flow_limit() -> u32 {
+    lb_common::DEFAULT_NEW_FLOW_LIMIT
 }
 
 #[derive(Deserialize)]
@@ -314,6 +320,9 @@ pub struct Agent {
     pub next_hop_fib: bool,
     pub ipip_source_v4: std::net::Ipv4Addr,
     pub ipip_source_v6: std::net::Ipv6Addr,
+    /// New flows per second per CPU written to the connection table; above
+    /// it new flows are forwarded statelessly (flood guard). 0 = no limit.
+    pub new_flow_limit: u32,
 }
 
 /// VIP announcement: the agent keeps one host route per servable VIP
@@ -416,6 +425,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         },
         ipip_source_v4,
         ipip_source_v6,
+        new_flow_limit: a.new_flow_limit,
     };
 
     let announce = match &raw.announce {

@@ -346,6 +346,41 @@ impl<'a> Dataplane<'a> {
         a.set(0, s, 0).map_err(map_err(name))
     }
 
+    /// Sets the flood guard: new flows per second per CPU that may be
+    /// written to the connection table (0 = no limit). A datapath object
+    /// without the guard (an older one) ignores it.
+    pub fn set_flood_limit(&mut self, per_cpu_s: u32) -> Result<()> {
+        let name = lb_common::MAP_FLOOD_GUARD;
+        let Ok(map) = self.map_mut(name) else {
+            return Ok(());
+        };
+        let mut a: Array<_, lb_common::FloodGuard> = Array::try_from(map).map_err(map_err(name))?;
+        a.set(
+            0,
+            lb_common::FloodGuard {
+                new_flows_per_cpu_s: per_cpu_s,
+                _pad: 0,
+            },
+            0,
+        )
+        .map_err(map_err(name))
+    }
+
+    /// New flows the flood guard forwarded without a table entry (all CPUs).
+    pub fn flows_unrecorded(&self) -> Result<u64> {
+        let name = lb_common::MAP_FLOOD_STATE;
+        let Ok(map) = self.map(name) else {
+            return Ok(0);
+        };
+        let a: PerCpuArray<_, lb_common::FloodState> =
+            PerCpuArray::try_from(map).map_err(map_err(name))?;
+        Ok(a.get(&0, 0)
+            .map_err(map_err(name))?
+            .iter()
+            .map(|s| s.unrecorded)
+            .sum())
+    }
+
     /// Adds `ifindex` as a redirect target.
     pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
         let name = lb_common::MAP_TX_PORTS;

@@ -131,6 +131,8 @@ pub const PINNED_MAPS: &[&str] = &[
     lb_common::MAP_SETTINGS,
     lb_common::MAP_DECAP_ADDRS,
     lb_common::MAP_BACKEND_IDS,
+    lb_common::MAP_FLOOD_GUARD,
+    lb_common::MAP_FLOOD_STATE,
 ];
 
 /// Where an instance's pins live.

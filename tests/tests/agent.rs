@@ -740,7 +740,11 @@ fn vip_edits_sighup_and_metrics_end_to_end() {
     let vips: Vec<api::VipInfo> =
         serde_json::from_str(&agent.cli(&["vip", "list", "--json"]).expect("list")).expect("json");
     assert_eq!(vips[0].hash, api::HashInput::SourceIp);
-    assert!(vips[0].health.contains("every 250 ms"), "{}", vips[0].health);
+    assert!(
+        vips[0].health.contains("every 250 ms"),
+        "{}",
+        vips[0].health
+    );
 
     // `lb vip set` changes keys live and writes them back; bad keys and bad
     // values are refused and change nothing.
@@ -756,13 +760,20 @@ fn vip_edits_sighup_and_metrics_end_to_end() {
     let vips: Vec<api::VipInfo> =
         serde_json::from_str(&agent.cli(&["vip", "list", "--json"]).expect("list")).expect("json");
     assert_eq!(vips[0].scheduler, api::Scheduler::RoundRobin);
-    assert!(vips[0].health.contains("every 300 ms"), "{}", vips[0].health);
+    assert!(
+        vips[0].health.contains("every 300 ms"),
+        "{}",
+        vips[0].health
+    );
     let saved = std::fs::read_to_string(&agent.config).expect("config");
     assert!(saved.contains("scheduler = \"round-robin\"") && saved.contains("interval_ms = 300"));
     let err = agent
         .cli(&["vip", "set", "198.18.0.100:8080", "ring_size=100"])
         .expect_err("not a prime");
-    assert!(err.contains("lb.toml:") && err.contains("must be a prime"), "{err}");
+    assert!(
+        err.contains("lb.toml:") && err.contains("must be a prime"),
+        "{err}"
+    );
     let err = agent
         .cli(&["vip", "set", "198.18.0.100:8080", "port=81"])
         .expect_err("identity key");

@@ -15,6 +15,12 @@ pub(super) fn metrics_text(s: &mut State) -> Result<String> {
     for (n, v) in &st.verdicts {
         let _ = writeln!(o, "lb_verdicts_total{{reason=\"{n}\"}} {v}");
     }
+    let _ = writeln!(
+        o,
+        "# HELP lb_flows_not_recorded_total New flows forwarded without a connection-table entry by the flood guard."
+    );
+    let _ = writeln!(o, "# TYPE lb_flows_not_recorded_total counter");
+    let _ = writeln!(o, "lb_flows_not_recorded_total {}", st.flows_not_recorded);
     for (name, help) in [
         ("packets", "Packets forwarded"),
         ("bytes", "Bytes forwarded"),

@@ -246,6 +246,7 @@ impl State {
                 v.cfg = (*c).clone();
             }
         }
+        Dataplane::new(&mut self.ebpf).set_flood_limit(new.agent.new_flow_limit)?;
         if new.announce != self.cfg.announce || self.announce.is_none() {
             self.set_announce(new.announce.as_ref())?;
         }

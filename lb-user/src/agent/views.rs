@@ -130,11 +130,13 @@ impl State {
             .map(|n| n.to_string())
             .zip(dp.verdicts()?)
             .collect();
+        let flows_not_recorded = dp.flows_unrecorded()?;
         Ok(StatsInfo {
             at_s,
             vips,
             backends,
             verdicts,
+            flows_not_recorded,
         })
     }
 }

@@ -1,0 +1,125 @@
+//! The flood guard: a SYN flood far larger than the connection table does
+//! not evict established flows, because above `agent.new_flow_limit` new
+//! flows per second per CPU are forwarded (by the consistent hash) without
+//! a table entry. Checked against a control with the guard off, where the
+//! same flood evicts them and a ring change then moves them.
+
+use std::time::Instant;
+
+use lb_common::{AF_INET, FlowKey, PROTO_TCP, VipKey};
+use lb_tests::{Fixture, VipSpec, action, backend_of, tcp4, tcp4_syn, v4};
+
+const VIP: [u8; 4] = [198, 18, 0, 100];
+const TABLE: u32 = 65_536; // what Fixture::new sizes the table to
+const ESTABLISHED: u32 = 1000;
+
+fn spec(backends: u32) -> VipSpec {
+    VipSpec {
+        key: VipKey {
+            addr: v4(VIP),
+            port: 80,
+            proto: PROTO_TCP,
+            family: AF_INET,
+        },
+        vip_id: 0,
+        flags: 0,
+        ring_size: 65537,
+        backends: (1..=backends)
+            .map(|i| (i, v4([198, 18, 2, i as u8]), 1))
+            .collect(),
+    }
+}
+
+fn established(i: u32) -> ([u8; 4], u16) {
+    ([198, 18, 30 + (i / 250) as u8, (i % 250) as u8], 40000)
+}
+
+/// Flood source `n`: 65,536 addresses of 198.19.0.0/16, then the next port.
+fn flooder(n: u32) -> ([u8; 4], u16) {
+    ([198, 19, (n >> 8) as u8, n as u8], 1024 + (n >> 16) as u16)
+}
+
+/// Establishes the flows, floods `flood` distinct SYN sources, adds a
+/// backend (the ring changes), and returns (established flows still in the
+/// table, established flows that changed backend, flows the guard kept out).
+fn run(limit: u32, flood: u32) -> (u32, u32, u64) {
+    let mut f = Fixture::new().expect("load");
+    f.add_vip(&spec(3)).expect("vip");
+    let first: Vec<u32> = (0..ESTABLISHED)
+        .map(|i| {
+            let (a, p) = established(i);
+            let r = f.run(&tcp4(a, VIP, p, 80, b"")).expect("run");
+            assert_eq!(r.action, action::TX);
+            backend_of(&r.out)
+        })
+        .collect();
+    f.dp().set_flood_limit(limit).expect("flood limit");
+    let t0 = Instant::now();
+    for n in 0..flood {
+        let (a, p) = flooder(n);
+        let r = f.run(&tcp4_syn(a, VIP, p, 80)).expect("flood");
+        assert_eq!(r.action, action::TX, "a flood packet is still forwarded");
+    }
+    println!(
+        "flood of {flood} SYN sources in {:.1} s (limit {limit}/s per CPU)",
+        t0.elapsed().as_secs_f64()
+    );
+    f.add_vip(&spec(4)).expect("ring change");
+    let dp = f.dp();
+    let in_table = (0..ESTABLISHED)
+        .filter(|i| {
+            let (a, p) = established(*i);
+            let k = FlowKey {
+                src: v4(a),
+                dst: v4(VIP),
+                sport: p,
+                dport: 80,
+                proto: PROTO_TCP,
+                _pad: [0; 3],
+            };
+            dp.flow(&k).ok().flatten().is_some()
+        })
+        .count() as u32;
+    let unrecorded = dp.flows_unrecorded().expect("counter");
+    let moved = (0..ESTABLISHED)
+        .filter(|i| {
+            let (a, p) = established(*i);
+            let r = f.run(&tcp4(a, VIP, p, 80, b"")).expect("run");
+            backend_of(&r.out) != first[*i as usize]
+        })
+        .count() as u32;
+    (in_table, moved, unrecorded)
+}
+
+#[test]
+fn a_flood_larger_than_the_table_evicts_no_established_flow() {
+    // Guard on: 1,000,000 flood sources into a 65,536-entry table.
+    let flood = 1_000_000;
+    // 500 per CPU per second: even a slow machine (or a thread moving
+    // between CPUs) records far fewer than the table holds during the flood.
+    let (in_table, moved, unrecorded) = run(500, flood);
+    println!(
+        "guard on: {in_table}/{ESTABLISHED} established flows still in the table, {moved} moved, \
+         {unrecorded} flood flows forwarded without an entry"
+    );
+    assert_eq!(in_table, ESTABLISHED, "no established flow evicted");
+    assert_eq!(moved, 0, "every established flow keeps its backend");
+    // At most `limit` per CPU per second may be recorded (2 CPUs here).
+    assert!(
+        unrecorded as u32 >= flood - TABLE / 2,
+        "the guard kept the flood out of the table: {unrecorded}"
+    );
+
+    // Control, guard off: the same test fails, so it can.
+    let (in_table, moved, unrecorded) = run(0, 200_000);
+    println!("guard off: {in_table}/{ESTABLISHED} still in the table, {moved} moved");
+    assert_eq!(unrecorded, 0);
+    assert!(
+        in_table < ESTABLISHED / 2,
+        "without the guard the flood evicts: {in_table}"
+    );
+    assert!(
+        moved > 0,
+        "and evicted flows follow the ring change: {moved}"
+    );
+}
