@@ -159,6 +159,17 @@ impl Drop for Agent {
     }
 }
 
+/// The entry for `key` in instance's pinned connection table, read the way
+/// another process would (from bpffs), not through the agent.
+fn pinned_flow(instance: &str, key: &lb_common::FlowKey) -> Option<lb_common::Flow> {
+    let md = aya::maps::MapData::from_pin(format!("/sys/fs/bpf/lb/{instance}/maps/FLOWS")).ok()?;
+    let m = aya::maps::HashMap::<_, lb_common::FlowKey, lb_common::Flow>::try_from(
+        aya::maps::Map::LruHashMap(md),
+    )
+    .ok()?;
+    m.get(key, 0).ok()
+}
+
 /// Sends `n` requests, `gap` apart, from the client namespace; returns
 /// (send time, backend name or error) for each.
 fn traffic(d: &Dc, n: usize, gap: Duration) -> Vec<(Instant, Result<String, String>)> {
@@ -415,6 +426,26 @@ fn agent_kill_9_and_restart_loses_nothing_and_cli_changes_persist() {
         results
     });
     std::thread::sleep(Duration::from_millis(800));
+    // The long-lived connection's entry in the pinned connection table, and
+    // the backend ids, before the crash: a restart must reuse both maps.
+    let local = conn.local_addr().expect("local address");
+    let key = lb_common::FlowKey {
+        src: lb_tests::v4(match local.ip() {
+            std::net::IpAddr::V4(a) => a.octets(),
+            std::net::IpAddr::V6(_) => panic!("IPv4 client"),
+        }),
+        dst: lb_tests::v4([198, 18, 0, 100]),
+        sport: local.port(),
+        dport: 8080,
+        proto: lb_common::PROTO_TCP,
+        _pad: [0; 3],
+    };
+    let entry_before = pinned_flow(&agent.instance, &key).expect("the connection is in the table");
+    let ids_before: Vec<(String, u32)> = agent
+        .backends()
+        .iter()
+        .map(|b| (b.address.to_string(), b.id))
+        .collect();
     agent.kill9();
     std::thread::sleep(Duration::from_millis(500));
     agent.spawn();
@@ -439,6 +470,18 @@ fn agent_kill_9_and_restart_loses_nothing_and_cli_changes_persist() {
         "restart adopted the pins:\n{}",
         agent.log_text()
     );
+
+    let entry_after = pinned_flow(&agent.instance, &key).expect("still in the table");
+    assert_eq!(
+        entry_after.backend_id, entry_before.backend_id,
+        "the restarted agent kept the connection table"
+    );
+    let ids_after: Vec<(String, u32)> = agent
+        .backends()
+        .iter()
+        .map(|b| (b.address.to_string(), b.id))
+        .collect();
+    assert_eq!(ids_after, ids_before, "backend ids survive the restart");
 
     // The long-lived connection still talks to the same backend.
     let mut reader = BufReader::new(conn.try_clone().unwrap());
