@@ -119,6 +119,21 @@ fn check_out(desc: &str, pkt: &[u8], out: &[u8], want: &Out) {
                 &backend_mac(id),
                 "{desc}: dst MAC is a backend's"
             );
+            // ...and that backend is one of this VIP's (ids as `fixture` gives them).
+            let ether_type = if pkt[12..14] == [0x81, 0x00] {
+                &pkt[16..18]
+            } else {
+                &pkt[12..14]
+            };
+            let ids: &[u32] = if ether_type == [0x08, 0x00] {
+                &[1, 2, 3]
+            } else {
+                &[11, 12, 13]
+            };
+            assert!(
+                ids.contains(&id),
+                "{desc}: backend {id} is one of the VIP's backends {ids:?}"
+            );
             assert_eq!(&out[6..12], &LB_MAC, "{desc}: src MAC is ours");
             assert_eq!(
                 &out[12..],
