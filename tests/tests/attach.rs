@@ -52,3 +52,36 @@ fn attached_natively_counts_real_packets() {
         "the ARP exchange should pass as non-IP: {v:?}"
     );
 }
+
+/// `xdp_mode = "auto"` falls back to generic (skb) mode where native XDP is
+/// not available (the loopback device has no driver hook), and says so.
+#[test]
+fn auto_mode_falls_back_to_skb_and_says_so() {
+    Netns::sweep("atf");
+    let ns = Netns::new("atf").expect("netns");
+    ns.exec("ip", &["link", "set", "lo", "up"]).expect("lo up");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_lb")])
+        .args([
+            "attach",
+            "--iface",
+            "lo",
+            "--mode",
+            "auto",
+            "--seconds",
+            "1",
+        ])
+        .output()
+        .expect("lb attach");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    println!("{stdout}{stderr}");
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("native XDP on lo failed") && stderr.contains("falling back to generic"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("in Skb mode"), "{stdout}");
+}

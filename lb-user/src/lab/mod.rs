@@ -682,7 +682,7 @@ pub fn load_mix(
                 .expect("literal");
             let out = out.clone();
             handles.push(std::thread::spawn(move || {
-                let _ = in_netns(&ns, || {
+                let entered = in_netns(&ns, || {
                     // Stagger the senders over one gap.
                     std::thread::sleep(
                         gap.mul_f64((k as f64 + c as f64 * 0.5) / ADDRS_PER_CLIENT as f64),
@@ -714,6 +714,18 @@ pub fn load_mix(
                         }
                     }
                 });
+                // A sender that could not enter its namespace sent nothing:
+                // say so in the samples instead of silently sending less.
+                if let Err(e) = entered
+                    && let Ok(mut o) = out.lock()
+                {
+                    o.push(Sample {
+                        at: start.elapsed(),
+                        took: Duration::ZERO,
+                        client: src,
+                        result: Err(format!("sender could not enter {ns}: {e:#}")),
+                    });
+                }
             }));
         }
     }
