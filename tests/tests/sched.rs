@@ -324,3 +324,69 @@ fn established_flows_never_move_when_policy_state_changes() {
         assert_eq!(first, again, "{}: established flows moved", s.name());
     }
 }
+
+/// Regions with nested prefixes: the longest one that covers a client
+/// decides (198.19.0.0/16 → backend 2, inside it 198.19.7.0/24 → backend 1).
+#[test]
+fn the_longest_region_prefix_wins() {
+    let (mut f, spec) = setup(&[1, 1, 1], Scheduler::Maglev, VIP_F_REGIONS);
+    let prefix = |a: [u8; 4]| {
+        let mut p = [0u8; 16];
+        p[..4].copy_from_slice(&a);
+        p
+    };
+    let only = |i: usize| {
+        [lb_user::maglev::Entry {
+            id: spec.backends[i].0,
+            addr: spec.backends[i].1,
+            weight: 1,
+        }]
+    };
+    f.dp()
+        .install_region_ring(
+            0,
+            &[(prefix([198, 19, 0, 0]), 16)],
+            6,
+            &lb_user::maglev::build(&only(1), 251),
+        )
+        .unwrap();
+    f.dp()
+        .install_region_ring(
+            0,
+            &[(prefix([198, 19, 7, 0]), 24)],
+            5,
+            &lb_user::maglev::build(&only(0), 251),
+        )
+        .unwrap();
+    let backends_of = |f: &mut Fixture, net: [u8; 3]| -> std::collections::BTreeSet<u32> {
+        (0..100u32)
+            .map(|i| {
+                let r = f
+                    .run(&tcp4(
+                        [net[0], net[1], net[2], i as u8],
+                        VIP4,
+                        4000 + i as u16,
+                        80,
+                        b"",
+                    ))
+                    .unwrap();
+                backend_of(&r.out)
+            })
+            .collect()
+    };
+    assert_eq!(
+        backends_of(&mut f, [198, 19, 7]),
+        [1].into(),
+        "the /24 wins inside it"
+    );
+    assert_eq!(
+        backends_of(&mut f, [198, 19, 8]),
+        [2].into(),
+        "the /16 elsewhere in it"
+    );
+    assert_eq!(
+        backends_of(&mut f, [198, 18, 9]).len(),
+        3,
+        "clients outside both use the whole VIP"
+    );
+}
