@@ -133,6 +133,9 @@ pub const PINNED_MAPS: &[&str] = &[
     lb_common::MAP_BACKEND_IDS,
     lb_common::MAP_FLOOD_GUARD,
     lb_common::MAP_FLOOD_STATE,
+    // Least-connections counts: a restarted agent keeps them instead of
+    // starting from zero until its first recount.
+    lb_common::MAP_ACTIVE,
 ];
 
 /// Where an instance's pins live.

@@ -910,3 +910,62 @@ fn vip_edits_sighup_and_metrics_end_to_end() {
         "a healthy backend is up"
     );
 }
+
+/// Least-connections counts are recounted from the connection table every
+/// 5 s, so a count that drifted (evictions and idle expiry never decrement
+/// it) comes back to the truth.
+#[test]
+fn least_connections_counts_are_recounted_from_the_table() {
+    let d = dc("agl", 2).expect("dc");
+    let _srv = servers(&d);
+    let agent = Agent::start("agl", &d, 2);
+    agent
+        .cli(&[
+            "vip",
+            "set",
+            "198.18.0.100:8080",
+            "scheduler=least-connections",
+        ])
+        .expect("vip set");
+    // One open connection: its backend has exactly one active flow.
+    let (_conn, name) = open_long_lived(&d);
+    let serving = backend_addr(if name == "b1" { 1 } else { 2 });
+    let active = |addr: &str| {
+        agent
+            .backends()
+            .into_iter()
+            .find(|b| b.address.to_string() == addr)
+            .and_then(|b| b.active_flows)
+            .expect("active_flows for a least-connections VIP")
+    };
+    assert_eq!(active(&serving), 1, "{name} counts its connection");
+
+    // Drift: the datapath's count for that backend jumps to 50.
+    let id = agent
+        .backends()
+        .into_iter()
+        .find(|b| b.address.to_string() == serving)
+        .expect("backend")
+        .id;
+    {
+        let md = aya::maps::MapData::from_pin(format!(
+            "/sys/fs/bpf/lb/{}/maps/{}",
+            agent.instance,
+            lb_common::MAP_ACTIVE
+        ))
+        .expect("the pinned ACTIVE map");
+        let mut a = aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(md)).expect("array");
+        a.set(id, 50, 0).expect("write the drifted count");
+    }
+    assert_eq!(active(&serving), 50, "the drift is visible");
+    let t0 = Instant::now();
+    while active(&serving) != 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(8),
+            "not recounted within 8 s: {}",
+            active(&serving)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("recounted after {:?}", t0.elapsed());
+}
