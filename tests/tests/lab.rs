@@ -360,9 +360,10 @@ fn inflight_spread(r: &Running) -> (f64, usize) {
             .map(|i| {
                 r.lab
                     .backend_ctl(i, "/admin/inflight")
-                    .ok()
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0)
+                    .expect("in-flight count of a backend")
+                    .trim()
+                    .parse()
+                    .expect("a number")
             })
             .collect();
         spreads.push((n.iter().max().unwrap() - n.iter().min().unwrap()) as f64);
@@ -371,16 +372,12 @@ fn inflight_spread(r: &Running) -> (f64, usize) {
     for h in handles {
         h.join().unwrap();
     }
-    let failed = samples
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|s| s.result.is_err())
-        .count();
-    (
-        spreads.iter().sum::<f64>() / spreads.len().max(1) as f64,
-        failed,
-    )
+    let samples = samples.lock().unwrap();
+    // Enough of both to mean something (a spread over no sample is 0).
+    assert!(spreads.len() >= 30, "only {} spread samples", spreads.len());
+    assert!(samples.len() >= 400, "only {} requests", samples.len());
+    let failed = samples.iter().filter(|s| s.result.is_err()).count();
+    (spreads.iter().sum::<f64>() / spreads.len() as f64, failed)
 }
 
 #[test]
