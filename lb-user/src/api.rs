@@ -125,6 +125,11 @@ pub enum Request {
     Health,
     Stats,
     Reload,
+    /// Which backend a client's connection to a VIP goes to now, and why.
+    Explain {
+        vip: VipRef,
+        client: std::net::SocketAddr,
+    },
     /// Withdraw every VIP announcement (the node keeps forwarding).
     NodeDrain,
     /// Announce again what this node can serve.
@@ -230,6 +235,25 @@ pub struct StatsInfo {
     /// New flows the flood guard forwarded without a table entry.
     #[serde(default)]
     pub flows_not_recorded: u64,
+}
+
+/// `lb explain`: the backend a 5-tuple maps to now, from the live maps.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExplainInfo {
+    pub vip: VipRef,
+    pub client: std::net::SocketAddr,
+    pub scheduler: Scheduler,
+    /// The flow hash the datapath computes for this 5-tuple (or client).
+    pub hash: u32,
+    /// The Maglev ring slot the hash selects, and its backend.
+    pub slot: Option<u32>,
+    pub ring_backend: Option<IpAddr>,
+    /// The backend of this 5-tuple's connection-table entry, if it has one.
+    pub table_backend: Option<IpAddr>,
+    /// Where the next packet of this 5-tuple goes.
+    pub backend: Option<IpAddr>,
+    /// "connection table", "ring slot N", or why there is no answer.
+    pub via: String,
 }
 
 /// `{"vip": "198.18.0.100:80/tcp", "packets": …, "bytes": …, "new_flows": …}`

@@ -110,6 +110,16 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Which backend a client's connection to a VIP goes to now, and why
+    /// (connection table, or the Maglev ring slot of its hash), from the
+    /// live maps: `lb explain 198.18.0.100:80 198.19.4.7:51234`.
+    Explain {
+        vip: VipRef,
+        /// The client's ADDRESS:PORT (IPv6 in brackets).
+        client: std::net::SocketAddr,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Health of every backend: state, last result, latency, transitions.
     Health {
         #[command(flatten)]
@@ -406,6 +416,26 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Cmd::Node { cmd, conn } => node(cmd, &conn),
+        Cmd::Explain { vip, client, conn } => {
+            let v = api::call(&conn.socket, &Request::Explain { vip, client })?;
+            if conn.json {
+                return print_json(&v);
+            }
+            let e: api::ExplainInfo = serde_json::from_value(v)?;
+            let show = |a: Option<std::net::IpAddr>| {
+                a.map(|a| a.to_string()).unwrap_or_else(|| "-".into())
+            };
+            println!("{} → {}", e.client, e.vip);
+            println!("  scheduler        {}", e.scheduler);
+            println!("  flow hash        {:#010x}", e.hash);
+            match e.slot {
+                Some(s) => println!("  ring slot        {s} → {}", show(e.ring_backend)),
+                None => println!("  ring slot        -"),
+            }
+            println!("  connection table {}", show(e.table_backend));
+            println!("  goes to          {} (via {})", show(e.backend), e.via);
+            Ok(())
+        }
         Cmd::Vip { cmd, conn } => vip(cmd, &conn),
         Cmd::Backend { cmd, conn } => backend(cmd, &conn),
         Cmd::Health { conn } => {

@@ -338,6 +338,16 @@ impl<'a> Dataplane<'a> {
             .collect()
     }
 
+    /// The backend id in slot `slot` of the VIP's active ring.
+    pub fn ring_slot(&mut self, key: &VipKey, slot: u32) -> Result<u32> {
+        let meta = self.vip(key)?;
+        let name = lb_common::MAP_RINGS;
+        let rings: Array<_, u32> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
+        rings
+            .get(&(ring_base(meta.vip_id, meta.active_half) + slot), 0)
+            .map_err(map_err(name))
+    }
+
     /// Sets the global settings (IPIP outer source addresses).
     pub fn set_settings(&mut self, s: &Settings) -> Result<()> {
         let name = lb_common::MAP_SETTINGS;

@@ -969,3 +969,69 @@ fn least_connections_counts_are_recounted_from_the_table() {
     }
     println!("recounted after {:?}", t0.elapsed());
 }
+
+/// `lb explain VIP CLIENT:PORT` names, from the live maps, the backend that
+/// then really answers a connection from that address and port: by ring
+/// slot before the connection exists, by the connection table while it is
+/// open.
+#[test]
+fn explain_names_the_backend_that_answers() {
+    let d = dc("agx", 3).expect("dc");
+    let _srv = servers(&d);
+    let agent = Agent::start("agx", &d, 3);
+    let client_ip = d
+        .client
+        .enter(|| {
+            let s = TcpStream::connect("198.18.0.100:8080").expect("connect");
+            s.local_addr().expect("local").ip()
+        })
+        .expect("setns");
+    let explain = |port: u16| -> api::ExplainInfo {
+        let out = agent
+            .cli(&[
+                "explain",
+                "198.18.0.100:8080",
+                &format!("{client_ip}:{port}"),
+                "--json",
+            ])
+            .expect("lb explain");
+        serde_json::from_str(&out).expect("json")
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 41001..41013u16 {
+        let before = explain(port);
+        assert!(before.via.starts_with("ring slot"), "{:?}", before);
+        let predicted = before.backend.expect("a backend").to_string();
+        let (conn, name) = d
+            .client
+            .enter(|| {
+                let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .expect("socket");
+                sock.set_reuse_address(true).expect("reuse");
+                sock.bind(&std::net::SocketAddr::new(client_ip, port).into())
+                    .expect("bind the chosen port");
+                let vip: std::net::SocketAddr = "198.18.0.100:8080".parse().unwrap();
+                sock.connect_timeout(&vip.into(), Duration::from_secs(1))
+                    .expect("connect");
+                let c: TcpStream = sock.into();
+                c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut line = String::new();
+                BufReader::new(c.try_clone().unwrap())
+                    .read_line(&mut line)
+                    .expect("name");
+                (c, line.trim().to_string())
+            })
+            .expect("setns");
+        let answered = backend_addr(name.trim_start_matches('b').parse().expect("bN"));
+        assert_eq!(
+            predicted, answered,
+            "port {port}: explain said {predicted}, {name} answered"
+        );
+        let during = explain(port);
+        assert_eq!(during.via, "connection table", "{during:?}");
+        assert_eq!(during.backend.map(|a| a.to_string()), Some(answered));
+        seen.insert(name);
+        drop(conn);
+    }
+    assert!(seen.len() >= 2, "the ports spread over backends: {seen:?}");
+}

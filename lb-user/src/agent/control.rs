@@ -185,6 +185,7 @@ pub(super) fn handle(shared: &Shared, req: Request) -> Result<serde_json::Value>
             reload(shared)?;
             serde_json::Value::Null
         }
+        Request::Explain { vip, client } => to_value(lock(shared)?.explain(&vip, client)?)?,
         Request::NodeDrain => {
             lock(shared)?.set_drained(true)?;
             serde_json::Value::Null

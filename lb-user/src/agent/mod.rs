@@ -58,8 +58,8 @@ use tokio::{
 
 use crate::{
     api::{
-        self, AnnounceStatus, BackendInfo, BackendState, BackendTraffic, Request, Response,
-        StatsInfo, StatusInfo, TrafficInfo, VipInfo, VipRef, VipStatus, VipTraffic,
+        self, AnnounceStatus, BackendInfo, BackendState, BackendTraffic, ExplainInfo, Request,
+        Response, StatsInfo, StatusInfo, TrafficInfo, VipInfo, VipRef, VipStatus, VipTraffic,
     },
     confedit::{self, Edit},
     config::{self, BackendCfg, CheckKind, Config, Forwarding, HashInput, Protocol, Vip, XdpMode},

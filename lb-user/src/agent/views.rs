@@ -97,6 +97,82 @@ impl State {
             .unwrap_or(0)
     }
 
+    /// `lb explain`: where a client's connection goes now, computed from
+    /// the live maps the way the datapath does (connection table first,
+    /// then the Maglev ring slot of the flow hash).
+    pub(super) fn explain(&mut self, r: &VipRef, client: SocketAddr) -> Result<ExplainInfo> {
+        let vi = self.find_vip(r)?;
+        let v = &self.vips[vi];
+        if client.is_ipv4() != v.cfg.address.is_ipv4() {
+            bail!("client {client} is not of VIP {r}'s address family");
+        }
+        let (key, cfg) = (v.key, v.cfg.clone());
+        let src = addr16(client.ip()).0;
+        let hash = match cfg.hash {
+            HashInput::SourceIp => lb_common::hash::hash_src(&src),
+            HashInput::FiveTuple => {
+                lb_common::hash::hash_5tuple(&src, client.port(), cfg.port, key.proto)
+            }
+        };
+        let addr_of = |s: &Self, id: u32| {
+            s.vips[vi]
+                .backends
+                .iter()
+                .find(|b| b.id == id)
+                .map(|b| b.cfg.address)
+        };
+        let flow_key = lb_common::FlowKey {
+            src,
+            dst: key.addr,
+            sport: client.port(),
+            dport: cfg.port,
+            proto: key.proto,
+            _pad: [0; 3],
+        };
+        let table_backend = if cfg.flow_table {
+            Dataplane::new(&mut self.ebpf)
+                .flow(&flow_key)?
+                .and_then(|f| addr_of(self, f.backend_id))
+        } else {
+            None
+        };
+        let (slot, ring_backend) =
+            if cfg.scheduler == crate::vocab::Scheduler::Maglev && cfg.regions.is_empty() {
+                let slot = hash % cfg.ring_size;
+                let id = Dataplane::new(&mut self.ebpf).ring_slot(&key, slot)?;
+                (Some(slot), addr_of(self, id))
+            } else {
+                (None, None)
+            };
+        let (backend, via) = match (table_backend, slot, ring_backend) {
+            (Some(b), _, _) => (Some(b), "connection table".to_string()),
+            (None, Some(s), Some(b)) => (Some(b), format!("ring slot {s}")),
+            (None, Some(s), None) => (None, format!("ring slot {s} is empty: no live backend")),
+            (None, None, _) if !cfg.regions.is_empty() => (
+                None,
+                "the VIP has regions: the client's region ring decides (not evaluated here)".into(),
+            ),
+            (None, None, _) => (
+                None,
+                format!(
+                    "scheduler `{}` decides per new flow from its own state; no fixed answer",
+                    cfg.scheduler
+                ),
+            ),
+        };
+        Ok(ExplainInfo {
+            vip: r.clone(),
+            client,
+            scheduler: cfg.scheduler,
+            hash,
+            slot,
+            ring_backend,
+            table_backend,
+            backend,
+            via,
+        })
+    }
+
     pub(super) fn stats(&mut self) -> Result<StatsInfo> {
         let at_s = self.started.elapsed().as_secs_f64();
         let t = |x: lb_common::Traffic| TrafficInfo {
