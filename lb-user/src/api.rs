@@ -83,22 +83,20 @@ pub struct VipAdd {
     pub settings: Vec<(String, String)>,
 }
 
+/// A change to the configuration: the one wire form of every edit, from
+/// the CLI to the agent (which applies it to the file's text, validates,
+/// applies and saves it, see `confedit`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "kebab-case")]
-pub enum Request {
-    Status,
-    VipList,
+#[serde(tag = "edit", rename_all = "kebab-case")]
+pub enum Edit {
     VipAdd(VipAdd),
     VipRemove {
         vip: VipRef,
     },
-    /// Change VIP keys live (`KEY=VALUE`, written back like every edit).
+    /// Change VIP keys live (`KEY=VALUE`).
     VipSet {
         vip: VipRef,
         settings: Vec<(String, String)>,
-    },
-    BackendList {
-        vip: Option<VipRef>,
     },
     BackendAdd {
         vip: VipRef,
@@ -109,22 +107,28 @@ pub enum Request {
         vip: VipRef,
         address: IpAddr,
     },
-    BackendDrain {
+    /// Weight and/or drain of a backend (`None`: unchanged).
+    BackendSet {
         vip: VipRef,
         address: IpAddr,
+        weight: Option<u32>,
+        drain: Option<bool>,
     },
-    BackendUndrain {
-        vip: VipRef,
-        address: IpAddr,
-    },
-    BackendWeight {
-        vip: VipRef,
-        address: IpAddr,
-        weight: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    VipList,
+    BackendList {
+        vip: Option<VipRef>,
     },
     Health,
     Stats,
     Reload,
+    /// Any change to the configuration.
+    Edit(Edit),
     /// Which backend a client's connection to a VIP goes to now, and why.
     Explain {
         vip: VipRef,
@@ -340,14 +344,20 @@ mod tests {
 
     #[test]
     fn requests_round_trip() {
-        let r = Request::BackendAdd {
+        let r = Request::Edit(Edit::BackendAdd {
             vip: "198.18.0.100:80".parse().unwrap(),
             address: "198.18.2.9".parse().unwrap(),
             weight: 2,
-        };
+        });
         let s = serde_json::to_string(&r).unwrap();
-        assert!(s.contains("\"cmd\":\"backend-add\""), "{s}");
+        assert!(
+            s.contains("\"cmd\":\"edit\"") && s.contains("\"edit\":\"backend-add\""),
+            "{s}"
+        );
         let back: Request = serde_json::from_str(&s).unwrap();
-        assert!(matches!(back, Request::BackendAdd { weight: 2, .. }));
+        assert!(matches!(
+            back,
+            Request::Edit(Edit::BackendAdd { weight: 2, .. })
+        ));
     }
 }

@@ -6,7 +6,7 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use crate::{
     api::{
-        self, BackendInfo, Forwarding, HashInput, Request, Scheduler, StatsInfo, StatusInfo,
+        self, BackendInfo, Edit, Forwarding, HashInput, Request, Scheduler, StatsInfo, StatusInfo,
         VipAdd, VipInfo, VipRef,
     },
     dataplane::Dataplane,
@@ -748,14 +748,14 @@ fn vip(cmd: VipCmd, conn: &Conn) -> Result<()> {
             );
             api::call(
                 &conn.socket,
-                &Request::VipAdd(VipAdd {
+                &Request::Edit(Edit::VipAdd(VipAdd {
                     vip,
                     forwarding,
                     hash,
                     ring_size,
                     flow_table: !no_flow_table,
                     settings,
-                }),
+                })),
             )?;
             done(conn, what)
         }
@@ -768,12 +768,12 @@ fn vip(cmd: VipCmd, conn: &Conn) -> Result<()> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            api::call(&conn.socket, &Request::VipSet { vip, settings })?;
+            api::call(&conn.socket, &Request::Edit(Edit::VipSet { vip, settings }))?;
             done(conn, what)
         }
         VipCmd::Remove { vip } => {
             let what = format!("removed VIP {vip}");
-            api::call(&conn.socket, &Request::VipRemove { vip })?;
+            api::call(&conn.socket, &Request::Edit(Edit::VipRemove { vip }))?;
             done(conn, what)
         }
     }
@@ -817,7 +817,7 @@ fn backend(cmd: BackendCmd, conn: &Conn) -> Result<()> {
             address,
             weight,
         } => (
-            Request::BackendAdd {
+            Edit::BackendAdd {
                 vip: vip.clone(),
                 address,
                 weight,
@@ -825,23 +825,27 @@ fn backend(cmd: BackendCmd, conn: &Conn) -> Result<()> {
             format!("added {address} to {vip}"),
         ),
         BackendCmd::Remove { vip, address } => (
-            Request::BackendRemove {
+            Edit::BackendRemove {
                 vip: vip.clone(),
                 address,
             },
             format!("removed {address} from {vip}"),
         ),
         BackendCmd::Drain { vip, address } => (
-            Request::BackendDrain {
+            Edit::BackendSet {
                 vip: vip.clone(),
                 address,
+                weight: None,
+                drain: Some(true),
             },
             format!("draining {address} of {vip}"),
         ),
         BackendCmd::Undrain { vip, address } => (
-            Request::BackendUndrain {
+            Edit::BackendSet {
                 vip: vip.clone(),
                 address,
+                weight: None,
+                drain: Some(false),
             },
             format!("{address} of {vip} back in rotation"),
         ),
@@ -850,15 +854,16 @@ fn backend(cmd: BackendCmd, conn: &Conn) -> Result<()> {
             address,
             weight,
         } => (
-            Request::BackendWeight {
+            Edit::BackendSet {
                 vip: vip.clone(),
                 address,
-                weight,
+                weight: Some(weight),
+                drain: None,
             },
             format!("weight of {address} in {vip} is now {weight}"),
         ),
     };
-    api::call(&conn.socket, &req)?;
+    api::call(&conn.socket, &Request::Edit(req))?;
     done(conn, what)
 }
 

@@ -7,33 +7,8 @@ use std::{net::IpAddr, path::Path};
 use anyhow::{Context as _, Result, bail};
 use toml_edit::{ArrayOfTables, DocumentMut, Item, Table, value};
 
-use crate::api::{VipAdd, VipRef};
-
-/// One change to the file.
-#[derive(Clone, Debug)]
-pub enum Edit {
-    VipAdd(VipAdd),
-    VipRemove(VipRef),
-    VipSet {
-        vip: VipRef,
-        settings: Vec<(String, String)>,
-    },
-    BackendAdd {
-        vip: VipRef,
-        address: IpAddr,
-        weight: u32,
-    },
-    BackendRemove {
-        vip: VipRef,
-        address: IpAddr,
-    },
-    BackendSet {
-        vip: VipRef,
-        address: IpAddr,
-        weight: Option<u32>,
-        drain: Option<bool>,
-    },
-}
+pub use crate::api::Edit;
+use crate::api::VipRef;
 
 fn vips(doc: &mut DocumentMut) -> Result<&mut ArrayOfTables> {
     if doc.get("vip").is_none() {
@@ -178,7 +153,7 @@ pub fn apply(text: &str, edit: &Edit) -> Result<String> {
                 set_key(t, k, v)?;
             }
         }
-        Edit::VipRemove(v) => {
+        Edit::VipRemove { vip: v } => {
             let arr = vips(&mut doc)?;
             let i = arr
                 .iter()
@@ -313,7 +288,7 @@ address = "198.18.2.1" # rack 1
 
     #[test]
     fn vip_add_and_remove() {
-        let add = VipAdd {
+        let add = crate::api::VipAdd {
             vip: "[2001:2::100]:53/udp".parse().unwrap(),
             forwarding: crate::vocab::Forwarding::Ipip,
             hash: crate::vocab::HashInput::SourceIp,
@@ -329,7 +304,7 @@ address = "198.18.2.1" # rack 1
             apply(&t, &Edit::VipAdd(add.clone())).is_err(),
             "duplicate refused"
         );
-        let t = apply(&t, &Edit::VipRemove(add.vip)).unwrap();
+        let t = apply(&t, &Edit::VipRemove { vip: add.vip }).unwrap();
         assert_eq!(crate::config::parse(&t, "x").unwrap().vips.len(), 1);
     }
 }

@@ -649,7 +649,7 @@ fn concurrent_cli_edits_are_all_applied_and_saved() {
     );
     let mut raw = std::os::unix::net::UnixStream::connect(&agent.socket).expect("socket");
     raw.write_all(
-        b"{\"cmd\":\"vip-add\",\"vip\":\"198.18.0.101:80/tcp\",\"forwarding\":\"shutdown\",\
+        b"{\"cmd\":\"edit\",\"edit\":\"vip-add\",\"vip\":\"198.18.0.101:80/tcp\",\"forwarding\":\"shutdown\",\
           \"hash\":\"5-tuple\",\"ring_size\":251,\"flow_table\":true}\n",
     )
     .expect("send");

@@ -110,75 +110,8 @@ pub(super) fn handle(shared: &Shared, req: Request) -> Result<serde_json::Value>
         }
         Request::Health => to_value(lock(shared)?.backend_list(None))?,
         Request::Stats => to_value(lock(shared)?.stats()?)?,
-        Request::VipAdd(a) => {
-            change(shared, Edit::VipAdd(a))?;
-            serde_json::Value::Null
-        }
-        Request::VipSet { vip, settings } => {
-            change(shared, Edit::VipSet { vip, settings })?;
-            serde_json::Value::Null
-        }
-        Request::VipRemove { vip } => {
-            change(shared, Edit::VipRemove(vip))?;
-            serde_json::Value::Null
-        }
-        Request::BackendAdd {
-            vip,
-            address,
-            weight,
-        } => {
-            change(
-                shared,
-                Edit::BackendAdd {
-                    vip,
-                    address,
-                    weight,
-                },
-            )?;
-            serde_json::Value::Null
-        }
-        Request::BackendRemove { vip, address } => {
-            change(shared, Edit::BackendRemove { vip, address })?;
-            serde_json::Value::Null
-        }
-        Request::BackendDrain { vip, address } => {
-            change(
-                shared,
-                Edit::BackendSet {
-                    vip,
-                    address,
-                    weight: None,
-                    drain: Some(true),
-                },
-            )?;
-            serde_json::Value::Null
-        }
-        Request::BackendUndrain { vip, address } => {
-            change(
-                shared,
-                Edit::BackendSet {
-                    vip,
-                    address,
-                    weight: None,
-                    drain: Some(false),
-                },
-            )?;
-            serde_json::Value::Null
-        }
-        Request::BackendWeight {
-            vip,
-            address,
-            weight,
-        } => {
-            change(
-                shared,
-                Edit::BackendSet {
-                    vip,
-                    address,
-                    weight: Some(weight),
-                    drain: None,
-                },
-            )?;
+        Request::Edit(edit) => {
+            change(shared, edit)?;
             serde_json::Value::Null
         }
         Request::Reload => {
