@@ -4,7 +4,11 @@
 //! very `ctx`, and `b` has a known next-hop MAC. On return the packet is
 //! ready to leave; the caller picks `XDP_TX` or `XDP_REDIRECT`.
 
-use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
+use aya_ebpf::{
+    bindings::bpf_fib_lookup as FibParams,
+    helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head},
+    programs::XdpContext,
+};
 use lb_common::{AF_INET, Backend, Settings};
 use network_types::{
     eth::EthHdr,
@@ -13,6 +17,7 @@ use network_types::{
 
 use crate::{
     csum,
+    maps::FIB_SCRATCH,
     parse::{IPPROTO_IPIP, IPPROTO_IPV6, Packet, ptr_at},
 };
 
@@ -223,4 +228,49 @@ pub fn decap(ctx: &XdpContext, l3_off: usize, outer_len: usize) -> Result<(), ()
     // SAFETY: shrinking the head; pointers are re-derived afterwards.
     let rc = unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) };
     if rc != 0 { Err(()) } else { Ok(()) }
+}
+
+/// The next hop towards backend `b` from the kernel's FIB and neighbour
+/// table (`bpf_fib_lookup`), or `None` when the kernel cannot say yet (no
+/// route, neighbour unresolved). The parameter block lives in a per-CPU
+/// scratch map: at 64 bytes it does not fit the 512-byte stack next to the
+/// rest of the balancer.
+#[inline(always)]
+pub(crate) fn fib_next_hop(ctx: &XdpContext, pkt: &Packet, b: &Backend) -> Option<Hop> {
+    let p = FIB_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU map value of the right type, exclusively ours while
+    // this program runs on this CPU; the helper reads and writes only it.
+    unsafe {
+        core::ptr::write_bytes(p, 0, 1);
+        (*p).ifindex = ctx.ingress_ifindex() as u32;
+        (*p).__bindgen_anon_1.tot_len = pkt.ip_len;
+        if b.family == lb_common::AF_INET {
+            (*p).family = 2; // AF_INET
+            (*p).__bindgen_anon_4.ipv4_dst =
+                u32::from_ne_bytes([b.addr[0], b.addr[1], b.addr[2], b.addr[3]]);
+        } else {
+            (*p).family = 10; // AF_INET6
+            let a = &b.addr;
+            (*p).__bindgen_anon_4.ipv6_dst = [
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            ];
+        }
+        let rc = bpf_fib_lookup(
+            ctx.ctx.cast(),
+            p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        );
+        if rc != 0 {
+            return None;
+        }
+        Some(Hop {
+            dmac: (*p).dmac,
+            smac: (*p).smac,
+            ifindex: (*p).ifindex,
+        })
+    }
 }

@@ -8,8 +8,10 @@
 //! veth needs one there), and `floor_drop` / `floor_tx` are the floors the
 //! micro-benchmark compares against.
 //!
-//! Modules: `parse` (offsets), `maps`, `stats` (counters), `forward` (header
-//! rewrites), `csum`.
+//! Modules: `parse` (offsets), `vip` (which VIP), `sched` (scheduling a new
+//! flow), `flow` (flood guard, clock), `forward` (header rewrites, FIB next
+//! hop), `maps`, `stats` (counters), `csum`. This file: the entry points and
+//! the balancer's flow, parse → VIP → table or schedule → rewrite → count.
 #![no_std]
 #![no_main]
 // `core::sync::atomic` offers no fetch_add on the BPF target; the intrinsic
@@ -18,34 +20,30 @@
 #![allow(internal_features)]
 
 mod csum;
+mod flow;
 mod forward;
 mod loadgen;
 mod maps;
 mod parse;
+mod sched;
 mod stats;
+mod vip;
 
-use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
-};
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
-
-use aya_ebpf::{
-    bindings::bpf_fib_lookup as FibParams, helpers::generated::bpf_fib_lookup, maps::lpm_trie::Key,
-};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    BACKEND_DOWN, Backend, FLOW_F_COUNTED, Flow, LC_EXACT_MAX, PROTO_TCP, RegionKey,
-    SCHED_LEAST_CONN, SCHED_ROUND_ROBIN, SETTINGS_F_FIB, VIP_F_HASH_SRC_IP, VIP_F_IPIP,
-    VIP_F_NO_FLOW_TABLE, VIP_F_REGIONS, VipKey, VipMeta, decap_verdict, hash, ring_base, verdict,
+    Backend, FLOW_F_COUNTED, Flow, PROTO_TCP, SCHED_LEAST_CONN, SETTINGS_F_FIB, VIP_F_HASH_SRC_IP,
+    VIP_F_IPIP, VIP_F_NO_FLOW_TABLE, decap_verdict, hash, verdict,
 };
 use network_types::eth::EthHdr;
 
 use crate::{
-    maps::{
-        ACTIVE, BACKENDS, DECAP_ADDRS, FIB_SCRATCH, FLOOD_GUARD, FLOOD_STATE, FLOWS, REGIONS,
-        RINGS, RR_POS, SETTINGS, TX_PORTS, VIP_ADDRS, VIP_FILTER, VIPS,
-    },
-    parse::{Packet, Skip},
+    flow::{may_record_flow, now_s},
+    forward::fib_next_hop,
+    maps::{DECAP_ADDRS, FLOWS, SETTINGS, TX_PORTS},
+    parse::Skip,
+    sched::{active_add, backend, ring_for, schedule, vip_ring},
     stats::{decap_verdict, verdict},
+    vip::{is_vip_addr, lookup_vip, maybe_vip_addr},
 };
 
 #[xdp]
@@ -100,293 +98,6 @@ pub fn floor_tx(ctx: XdpContext) -> u32 {
         (*eth).src_addr = d;
     }
     xdp_action::XDP_TX
-}
-
-/// The VIP for this packet: exact (address, port, protocol), then the
-/// every-port entry (port 0).
-#[inline(always)]
-fn lookup_vip(pkt: &Packet) -> Option<VipMeta> {
-    let mut key = VipKey {
-        addr: pkt.key.dst,
-        port: pkt.key.dport,
-        proto: pkt.key.proto,
-        family: pkt.family,
-    };
-    // SAFETY: VIP entries are only replaced whole by userspace; a torn read
-    // cannot happen for the values the kernel copies out under RCU.
-    if let Some(m) = unsafe { VIPS.get(&key) } {
-        return Some(*m);
-    }
-    key.port = 0;
-    // SAFETY: as above.
-    unsafe { VIPS.get(&key) }.copied()
-}
-
-/// False when no VIP can live on the packet's destination address: its
-/// filter bit is clear (one inlined array lookup, no hash-map probe).
-#[inline(always)]
-fn maybe_vip_addr(pkt: &Packet) -> bool {
-    let (w, bit) = hash::vip_filter_slot(&pkt.key.dst);
-    VIP_FILTER
-        .get(w)
-        .is_some_and(|word| word & (1u32 << bit) != 0)
-}
-
-/// Whether any VIP lives on this address (for fragments, which lack ports).
-#[inline(always)]
-fn is_vip_addr(pkt: &Packet) -> bool {
-    let key = VipKey {
-        addr: pkt.key.dst,
-        port: 0,
-        proto: 0,
-        family: pkt.family,
-    };
-    VIP_ADDRS.get_ptr(&key).is_some()
-}
-
-#[inline(always)]
-fn backend(id: u32) -> Option<&'static Backend> {
-    if id == 0 {
-        return None;
-    }
-    // A reference into the map, not a copy: the BPF stack is 512 bytes.
-    let b = BACKENDS.get(id)?;
-    if b.family == 0 || b.state == BACKEND_DOWN {
-        return None;
-    }
-    Some(b)
-}
-
-/// The ring a new flow is scheduled over: the VIP's, or its client's
-/// region's (longest-prefix match on the client address).
-struct Ring {
-    id: u32,
-    half: u32,
-    size: u32,
-}
-
-#[inline(always)]
-fn ring_for(pkt: &Packet, vip: &VipMeta) -> Ring {
-    if vip.flags & VIP_F_REGIONS != 0 {
-        let key = Key::new(
-            32 + 128,
-            RegionKey {
-                vip_id_be: vip.vip_id.to_be_bytes(),
-                addr: pkt.key.src,
-            },
-        );
-        if let Some(r) = REGIONS.get(&key) {
-            return Ring {
-                id: r.ring_id,
-                half: r.active_half,
-                size: r.ring_size,
-            };
-        }
-    }
-    vip_ring(vip)
-}
-
-#[inline(always)]
-fn vip_ring(vip: &VipMeta) -> Ring {
-    Ring {
-        id: vip.vip_id,
-        half: vip.active_half,
-        size: vip.ring_size,
-    }
-}
-
-#[inline(always)]
-fn ring_entry(base: u32, i: u32) -> Option<(u32, &'static Backend)> {
-    let id = *RINGS.get(base + i)?;
-    Some((id, backend(id)?))
-}
-
-#[inline(always)]
-fn active(id: u32) -> u64 {
-    ACTIVE.get(id).copied().unwrap_or(0)
-}
-
-/// Adds `delta` (wrapping: u64::MAX is -1) to a backend's active flows.
-#[inline(always)]
-fn active_add(id: u32, delta: u64) {
-    if let Some(p) = ACTIVE.get_ptr_mut(id) {
-        // SAFETY: a valid map value pointer; every CPU updates it atomically.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, delta) };
-    }
-}
-
-/// Whether `a` (active flows, weight) is less loaded than `b`.
-#[inline(always)]
-fn less_loaded(a: (u64, u64), b: (u64, u64)) -> bool {
-    a.0 * b.1 < b.0 * a.1
-}
-
-/// Least connections: the exact minimum of active/weight over small rings
-/// (which list each live backend once), two hashed candidates otherwise.
-#[inline(always)]
-fn least_conn(base: u32, size: u32, h: u32) -> Option<(u32, &'static Backend)> {
-    let load = |id: u32, b: &Backend| (active(id), (b.weight as u64).max(1));
-    if size <= LC_EXACT_MAX {
-        let best_id = lc_scan(base, size, h);
-        let best = backend(best_id).map(|b| (best_id, b));
-        return best;
-    }
-    let a = ring_entry(base, h % size);
-    let b = ring_entry(base, (h.rotate_left(16) ^ 0x9e37_79b9) % size);
-    match (a, b) {
-        (Some(x), Some(y)) => Some(if less_loaded(load(y.0, &y.1), load(x.0, &x.1)) {
-            y
-        } else {
-            x
-        }),
-        (x, y) => x.or(y),
-    }
-}
-
-/// The exact least-connections scan over a small ring (at most
-/// `LC_EXACT_MAX` entries). The verifier walks this unrolled scan once per
-/// path into it; 16 entries exceeded its one-million-instruction budget, 8
-/// fit. Returns the chosen backend id, 0 if none is live.
-#[inline(always)]
-fn lc_scan(base: u32, size: u32, h: u32) -> u32 {
-    // Scalars only (no Option of a pointer) keep the verifier's state
-    // count small over the unrolled scan.
-    let mut best_id = 0u32;
-    let mut best_a = 0u64;
-    let mut best_w = 1u64;
-    let mut best_tie = 0u32;
-    let mut i = 0;
-    while i < LC_EXACT_MAX {
-        if i >= size {
-            break;
-        }
-        if let Some(id) = RINGS.get(base + i).copied()
-            && let Some(b) = backend(id)
-        {
-            let (a, w) = (active(id), (b.weight as u64).max(1));
-            // Ties between equally loaded backends go to the one whose
-            // id hashes lowest with this flow: spread, not first-wins.
-            let tie = (id ^ h).wrapping_mul(0x9e37_79b1);
-            let better = best_id == 0
-                || a * best_w < best_a * w
-                || (a * best_w == best_a * w && tie < best_tie);
-            if better {
-                best_id = id;
-                best_a = a;
-                best_w = w;
-                best_tie = tie;
-            }
-        }
-        i += 1;
-    }
-    best_id
-}
-
-/// Picks a backend for a new flow with the VIP's scheduler.
-#[inline(always)]
-fn schedule(vip: &VipMeta, ring: &Ring, h: u32) -> Option<(u32, &'static Backend)> {
-    if ring.size == 0 {
-        return None;
-    }
-    let base = ring_base(ring.id, ring.half);
-    match vip.scheduler {
-        SCHED_ROUND_ROBIN => {
-            let pos = RR_POS.get_ptr_mut(ring.id)?;
-            // SAFETY: per-CPU slot.
-            let p = unsafe {
-                let p = *pos;
-                *pos = p.wrapping_add(1);
-                p
-            };
-            ring_entry(base, p % ring.size)
-        }
-        SCHED_LEAST_CONN => least_conn(base, ring.size, h),
-        _ => ring_entry(base, h % ring.size),
-    }
-}
-
-/// The next hop towards backend `b` from the kernel's FIB and neighbour
-/// table (`bpf_fib_lookup`), or `None` when the kernel cannot say yet (no
-/// route, neighbour unresolved). The parameter block lives in a per-CPU
-/// scratch map: at 64 bytes it does not fit the 512-byte stack next to the
-/// rest of the balancer.
-#[inline(always)]
-fn fib_next_hop(ctx: &XdpContext, pkt: &Packet, b: &Backend) -> Option<forward::Hop> {
-    let p = FIB_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: a per-CPU map value of the right type, exclusively ours while
-    // this program runs on this CPU; the helper reads and writes only it.
-    unsafe {
-        core::ptr::write_bytes(p, 0, 1);
-        (*p).ifindex = ctx.ingress_ifindex() as u32;
-        (*p).__bindgen_anon_1.tot_len = pkt.ip_len;
-        if b.family == lb_common::AF_INET {
-            (*p).family = 2; // AF_INET
-            (*p).__bindgen_anon_4.ipv4_dst =
-                u32::from_ne_bytes([b.addr[0], b.addr[1], b.addr[2], b.addr[3]]);
-        } else {
-            (*p).family = 10; // AF_INET6
-            let a = &b.addr;
-            (*p).__bindgen_anon_4.ipv6_dst = [
-                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-            ];
-        }
-        let rc = bpf_fib_lookup(
-            ctx.ctx.cast(),
-            p,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        );
-        if rc != 0 {
-            return None;
-        }
-        Some(forward::Hop {
-            dmac: (*p).dmac,
-            smac: (*p).smac,
-            ifindex: (*p).ifindex,
-        })
-    }
-}
-
-/// Whether this new flow may be written to the connection table. Above the
-/// configured new flows per second on this CPU (a SYN flood), new flows are
-/// forwarded statelessly, by the consistent hash, so a flood cannot evict
-/// established flows from the table; each one is counted. The clock is
-/// read only when a limit is set, and only for new flows.
-#[inline(always)]
-fn may_record_flow() -> bool {
-    let limit = match FLOOD_GUARD.get(0) {
-        Some(g) if g.new_flows_per_cpu_s != 0 => g.new_flows_per_cpu_s as u64,
-        _ => return true,
-    };
-    let Some(st) = FLOOD_STATE.get_ptr_mut(0) else {
-        return true;
-    };
-    // SAFETY: plain helper call without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-    unsafe {
-        if now.wrapping_sub((*st).window_start_ns) >= 1_000_000_000 {
-            (*st).window_start_ns = now;
-            (*st).count = 0;
-        }
-        (*st).count += 1;
-        if (*st).count <= limit {
-            true
-        } else {
-            (*st).unrecorded += 1;
-            false
-        }
-    }
-}
-
-#[inline(always)]
-fn now_s() -> u64 {
-    // SAFETY: plain helper call without arguments.
-    let ns = unsafe { bpf_ktime_get_ns() };
-    ns / 1_000_000_000
 }
 
 fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {

@@ -1,0 +1,45 @@
+//! The connection table's companions: the flood guard that decides whether
+//! a new flow may be recorded, and the clock idle timeouts use.
+
+use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
+
+use crate::maps::{FLOOD_GUARD, FLOOD_STATE};
+
+/// Whether this new flow may be written to the connection table. Above the
+/// configured new flows per second on this CPU (a SYN flood), new flows are
+/// forwarded statelessly, by the consistent hash, so a flood cannot evict
+/// established flows from the table; each one is counted. The clock is
+/// read only when a limit is set, and only for new flows.
+#[inline(always)]
+pub(crate) fn may_record_flow() -> bool {
+    let limit = match FLOOD_GUARD.get(0) {
+        Some(g) if g.new_flows_per_cpu_s != 0 => g.new_flows_per_cpu_s as u64,
+        _ => return true,
+    };
+    let Some(st) = FLOOD_STATE.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: plain helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+    unsafe {
+        if now.wrapping_sub((*st).window_start_ns) >= 1_000_000_000 {
+            (*st).window_start_ns = now;
+            (*st).count = 0;
+        }
+        (*st).count += 1;
+        if (*st).count <= limit {
+            true
+        } else {
+            (*st).unrecorded += 1;
+            false
+        }
+    }
+}
+
+#[inline(always)]
+pub(crate) fn now_s() -> u64 {
+    // SAFETY: plain helper call without arguments.
+    let ns = unsafe { bpf_ktime_get_ns() };
+    ns / 1_000_000_000
+}
