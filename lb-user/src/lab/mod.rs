@@ -27,7 +27,7 @@ pub mod routed;
 pub mod sessions;
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufRead, BufReader, Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
     path::PathBuf,
     process::{Command, Stdio},
@@ -479,41 +479,79 @@ impl Lab {
     }
 }
 
-/// One HTTP/1.0 GET over a new connection, optionally from a given local
-/// address; returns the body.
-pub fn http_get(to: &SocketAddr, from: Option<IpAddr>, path: &str) -> Result<String> {
-    let timeout = Duration::from_millis(1000);
-    let s = match from {
-        None => TcpStream::connect_timeout(to, timeout)?,
-        Some(src) => {
-            let sock = socket2::Socket::new(
-                socket2::Domain::for_address(*to),
-                socket2::Type::STREAM,
-                None,
-            )?;
-            sock.bind(&SocketAddr::new(src, 0).into())?;
-            sock.connect_timeout(&(*to).into(), timeout)?;
-            sock.into()
-        }
-    };
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    let mut w = s.try_clone()?;
-    write!(w, "GET {path} HTTP/1.0\r\nHost: lab\r\n\r\n")?;
-    let mut r = BufReader::new(s);
+/// A TCP connection to `to` from local address `from` (any port), made in
+/// the calling thread's network namespace.
+pub(crate) fn connect_from(from: IpAddr, to: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    sock.bind(&SocketAddr::new(from, 0).into())?;
+    sock.connect_timeout(&to.into(), timeout)?;
+    Ok(sock.into())
+}
+
+/// The status line and headers of an HTTP/1.x response.
+pub(crate) struct ResponseHead {
+    pub code: u16,
+    pub content_length: Option<usize>,
+    /// The value of a `Set-Cookie: session=...` header, if any.
+    pub session_cookie: Option<String>,
+}
+
+/// Reads a response's status line and headers from `r` (the body follows).
+pub(crate) fn read_head(r: &mut impl BufRead) -> Result<ResponseHead> {
     let mut status = String::new();
-    r.read_line(&mut status)?;
+    if r.read_line(&mut status)? == 0 {
+        bail!("connection closed by the peer");
+    }
     let code: u16 = status
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .context("no HTTP status")?;
+        .with_context(|| format!("no HTTP status in {status:?}"))?;
+    let mut head = ResponseHead {
+        code,
+        content_length: None,
+        session_cookie: None,
+    };
     let mut line = String::new();
     loop {
         line.clear();
         if r.read_line(&mut line)? == 0 || line == "\r\n" {
             break;
         }
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        if k.eq_ignore_ascii_case("content-length") {
+            head.content_length = Some(v.trim().parse().context("bad Content-Length")?);
+        } else if k.eq_ignore_ascii_case("set-cookie") {
+            head.session_cookie = v
+                .trim()
+                .split(';')
+                .next()
+                .and_then(|kv| kv.strip_prefix("session="))
+                .map(str::to_string);
+        }
     }
+    Ok(head)
+}
+
+/// One HTTP/1.0 GET over a new connection, optionally from a given local
+/// address; returns the body.
+pub fn http_get(to: &SocketAddr, from: Option<IpAddr>, path: &str) -> Result<String> {
+    let timeout = Duration::from_millis(1000);
+    let s = match from {
+        None => TcpStream::connect_timeout(to, timeout)?,
+        Some(src) => connect_from(src, *to, timeout)?,
+    };
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut w = s.try_clone()?;
+    write!(w, "GET {path} HTTP/1.0\r\nHost: lab\r\n\r\n")?;
+    let mut r = BufReader::new(s);
+    let code = read_head(&mut r)?.code;
     let mut body = String::new();
     r.read_to_string(&mut body)?;
     if code != 200 {
@@ -749,15 +787,8 @@ impl KeepAlive {
         } else {
             (client4(c, k).parse()?, format!("{VIP4}:80").parse()?)
         };
-        let s: TcpStream = in_netns(&lab.client_ns(c), || -> Result<TcpStream> {
-            let sock = socket2::Socket::new(
-                socket2::Domain::for_address(vip),
-                socket2::Type::STREAM,
-                None,
-            )?;
-            sock.bind(&SocketAddr::new(src, 0).into())?;
-            sock.connect_timeout(&vip.into(), Duration::from_secs(2))?;
-            Ok(sock.into())
+        let s = in_netns(&lab.client_ns(c), || {
+            connect_from(src, vip, Duration::from_secs(2))
         })??;
         // Longer than any failover: a request may wait out a node's loss.
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -771,31 +802,8 @@ impl KeepAlive {
     /// One request on the open connection; the body (the backend's name).
     pub fn ask(&mut self) -> Result<String> {
         write!(self.writer, "GET / HTTP/1.1\r\nHost: lab\r\n\r\n")?;
-        let mut status = String::new();
-        if self.reader.read_line(&mut status)? == 0 {
-            bail!("connection closed by the peer");
-        }
-        let code: u16 = status
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .with_context(|| format!("no HTTP status in {status:?}"))?;
-        let mut len = 0usize;
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if self.reader.read_line(&mut line)? == 0 {
-                bail!("connection closed in the headers");
-            }
-            if line == "\r\n" {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':')
-                && k.eq_ignore_ascii_case("content-length")
-            {
-                len = v.trim().parse().context("bad Content-Length")?;
-            }
-        }
+        let head = read_head(&mut self.reader)?;
+        let (code, len) = (head.code, head.content_length.unwrap_or(0));
         let mut body = vec![0u8; len];
         self.reader.read_exact(&mut body)?;
         if code != 200 {

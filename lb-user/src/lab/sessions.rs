@@ -7,7 +7,7 @@
 
 use std::{
     collections::HashMap,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufReader, Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
     process::Command,
     sync::{
@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{Lab, VIP4, client4, in_netns, run_ok};
+use super::{Lab, VIP4, client4, connect_from, in_netns, read_head, run_ok};
 
 pub const REDIS4: &str = "198.18.0.40";
 pub const REDIS6: &str = "2001:2::40";
@@ -143,14 +143,7 @@ impl Session {
         let (src, store) = (self.client, self.store.name());
         let cookie = self.cookie.clone();
         let (code, set_cookie, body) = in_netns(&self.ns, || -> Result<_> {
-            let sock = socket2::Socket::new(
-                socket2::Domain::for_address(vip),
-                socket2::Type::STREAM,
-                None,
-            )?;
-            sock.bind(&SocketAddr::new(src, 0).into())?;
-            sock.connect_timeout(&vip.into(), Duration::from_secs(1))?;
-            let s: TcpStream = sock.into();
+            let s = connect_from(src, vip, Duration::from_secs(1))?;
             s.set_read_timeout(Some(Duration::from_secs(3)))?;
             let mut w = s.try_clone()?;
             let c = cookie
@@ -161,34 +154,10 @@ impl Session {
                 "GET /session?store={store} HTTP/1.0\r\nHost: lab\r\n{c}\r\n"
             )?;
             let mut r = BufReader::new(s);
-            let mut status = String::new();
-            r.read_line(&mut status)?;
-            let code: u16 = status
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .context("no HTTP status")?;
-            let mut set_cookie = None;
-            let mut line = String::new();
-            loop {
-                line.clear();
-                if r.read_line(&mut line)? == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some((k, v)) = line.split_once(':')
-                    && k.eq_ignore_ascii_case("set-cookie")
-                {
-                    set_cookie = v
-                        .trim()
-                        .split(';')
-                        .next()
-                        .and_then(|kv| kv.strip_prefix("session="))
-                        .map(str::to_string);
-                }
-            }
+            let head = read_head(&mut r)?;
             let mut body = String::new();
             r.read_to_string(&mut body)?;
-            Ok((code, set_cookie, body))
+            Ok((head.code, head.session_cookie, body))
         })??;
         if code != 200 {
             bail!("status {code}: {}", body.trim());
