@@ -5,6 +5,24 @@
 
 use std::net::IpAddr;
 
+/// Runs `cmd ARGS...`; its stdout, or an error with the command line and
+/// its stderr. The one runner for `ip`, `sysctl`, `ethtool` and daemons.
+pub fn run(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// `ip -j ARGS...`, parsed; `None` if `ip` fails or prints no JSON.
 pub fn json(args: &[&str]) -> Option<serde_json::Value> {
     let out = std::process::Command::new("ip")

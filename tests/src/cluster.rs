@@ -7,7 +7,7 @@ use std::{
     net::IpAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -205,20 +205,7 @@ impl Cluster {
         secs: f64,
         during: impl FnOnce(Instant),
     ) -> Vec<Sample> {
-        let samples = Arc::new(Mutex::new(Vec::new()));
-        let start = Instant::now();
-        let handles = lab::load(
-            &self.lab,
-            v6,
-            rate,
-            Duration::from_secs_f64(secs),
-            samples.clone(),
-        );
-        during(start);
-        for h in handles {
-            h.join().expect("load thread");
-        }
-        let s = samples.lock().expect("samples").clone();
+        let s = lab::load_during(&self.lab, v6, rate, Duration::from_secs_f64(secs), during);
         // Every sender must have produced samples (a thread that could not
         // enter its namespace produces none).
         let clients: std::collections::HashSet<IpAddr> = s.iter().map(|x| x.client).collect();

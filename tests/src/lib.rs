@@ -2,8 +2,6 @@
 //! through BPF_PROG_TEST_RUN, building packets (etherparse), and network
 //! namespaces that are always removed.
 
-use std::process::Command;
-
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf,
@@ -192,20 +190,7 @@ pub fn udp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]
 }
 
 /// Runs a command, failing with its stderr if it fails.
-pub fn sh(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {cmd}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+pub use lb_user::iproute::run as sh;
 
 /// A network namespace that is deleted when dropped (also when a test fails
 /// and unwinds). Names carry the test's prefix and the pid, so parallel and

@@ -127,20 +127,7 @@ impl Running {
     /// Runs the lab's load for `secs` at `rate`, calling `during` once with
     /// the start time, and returns every sample.
     fn load(&self, v6: bool, rate: u32, secs: f64, during: impl FnOnce(Instant)) -> Vec<Sample> {
-        let samples = Arc::new(Mutex::new(Vec::new()));
-        let start = Instant::now();
-        let handles = lab::load(
-            &self.lab,
-            v6,
-            rate,
-            Duration::from_secs_f64(secs),
-            samples.clone(),
-        );
-        during(start);
-        for h in handles {
-            h.join().expect("load thread");
-        }
-        samples.lock().unwrap().clone()
+        lab::load_during(&self.lab, v6, rate, Duration::from_secs_f64(secs), during)
     }
 }
 

@@ -17,10 +17,9 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::PathBuf,
-    process::Command,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 
 /// Route protocol number marking the agent's routes (`ip route ... proto 201`).
 pub const RT_PROTO: &str = "201";
@@ -72,18 +71,7 @@ fn host_prefix(a: IpAddr) -> String {
 }
 
 fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running `ip` (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::iproute::run("ip", args)
 }
 
 /// The agent's routes in one kernel table.

@@ -64,20 +64,7 @@ pub fn client6(c: usize, k: usize) -> String {
     format!("2001:2::{}", 10 * c + 1 + k)
 }
 
-fn run_ok(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {cmd}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+use crate::iproute::run as run_ok;
 
 pub use crate::netns::in_netns;
 
@@ -688,6 +675,28 @@ pub fn load(
     out: Arc<std::sync::Mutex<Vec<Sample>>>,
 ) -> Vec<std::thread::JoinHandle<()>> {
     load_mix(lab, v6, rate, duration, None, out)
+}
+
+/// [`load`] for `duration`, calling `during` with the start time while it
+/// runs; returns every sample once all senders are done.
+pub fn load_during(
+    lab: &Lab,
+    v6: bool,
+    rate: u32,
+    duration: Duration,
+    during: impl FnOnce(Instant),
+) -> Vec<Sample> {
+    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let start = Instant::now();
+    let handles = load(lab, v6, rate, duration, samples.clone());
+    during(start);
+    for h in handles {
+        // A sender only panics on a bug; let the caller see it.
+        if let Err(p) = h.join() {
+            std::panic::resume_unwind(p);
+        }
+    }
+    samples.lock().map(|s| s.clone()).unwrap_or_default()
 }
 
 /// [`load`] where every `n`-th request of each sender is a long one
