@@ -21,6 +21,7 @@ pub mod lab;
 pub mod loader;
 pub mod loadgen;
 pub mod maglev;
+pub mod netlink;
 pub mod netns;
 pub mod sched;
 pub mod vocab;

@@ -18,7 +18,7 @@ use etherparse::PacketBuilder;
 use lb_common::{AF_INET, AF_INET6, LoadgenCfg, PROTO_TCP, PROTO_UDP};
 use serde::Serialize;
 
-use crate::{iproute, loader};
+use crate::{loader, netlink};
 
 /// What to send.
 #[derive(Clone, Debug)]
@@ -56,15 +56,13 @@ pub struct Summary {
     pub threads: usize,
 }
 
-fn neighbour_mac(dst: IpAddr, iface: &str) -> Result<[u8; 6]> {
-    let via = iproute::route(dst)
-        .map(|(_, via)| via)
-        .unwrap_or(dst.to_string());
+fn neighbour_mac(dst: IpAddr, iface: &str, ifindex: u32) -> Result<[u8; 6]> {
+    let via = netlink::route(dst)?.map(|r| r.via).unwrap_or(dst);
     // Make the kernel resolve it (one UDP datagram to the discard port of the next hop).
     let _ = std::net::UdpSocket::bind(if dst.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
-        .and_then(|s| s.send_to(b"", SocketAddr::new(via.parse().unwrap_or(dst), 9)));
+        .and_then(|s| s.send_to(b"", SocketAddr::new(via, 9)));
     for _ in 0..50 {
-        if let Some(m) = iproute::neighbour(&via, iface) {
+        if let Some(m) = netlink::neighbour(via, ifindex)? {
             return Ok(m);
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -118,15 +116,20 @@ pub fn run(o: &Options) -> Result<Summary> {
     if o.duration.is_none() && o.count.is_none() {
         bail!("give --duration or --count");
     }
-    let (src_mac, idx) = iproute::link(&o.iface).with_context(|| {
+    let link = netlink::link_by_name(&o.iface)?.with_context(|| {
         format!(
             "no interface `{}` here (check the namespace: `ip link`)",
             o.iface
         )
     })?;
+    let (src_mac, idx) = (
+        link.mac
+            .with_context(|| format!("interface `{}` has no MAC address", o.iface))?,
+        link.index,
+    );
     let dst_mac = match o.dst_mac {
         Some(m) => m,
-        None => neighbour_mac(o.dst.ip(), &o.iface)?,
+        None => neighbour_mac(o.dst.ip(), &o.iface, idx)?,
     };
     let (frame, cfg) = template(o, src_mac, dst_mac)?;
     let mut ebpf = loader::load(&loader::LoadOptions {

@@ -10,7 +10,7 @@
 //! timer) withdraws them on the router.
 //!
 //! Layout: [`desired`] (pure: which addresses to announce and why not),
-//! [`Routes`] (the kernel side, through `ip`), [`NodeFile`] (what outlives the
+//! [`Routes`] (the kernel side, over netlink), [`NodeFile`] (what outlives the
 //! agent: table and drain state, for `lb down` and restarts).
 
 use std::{
@@ -21,8 +21,10 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
+use crate::netlink;
+
 /// Route protocol number marking the agent's routes (`ip route ... proto 201`).
-pub const RT_PROTO: &str = "201";
+pub const RT_PROTO: u8 = 201;
 
 /// Whether one VIP address is announced, and why not.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,17 +65,6 @@ pub fn desired(vips: &[VipView], attached: bool, drained: bool) -> BTreeMap<IpAd
     out
 }
 
-fn host_prefix(a: IpAddr) -> String {
-    match a {
-        IpAddr::V4(v) => format!("{v}/32"),
-        IpAddr::V6(v) => format!("{v}/128"),
-    }
-}
-
-fn ip(args: &[&str]) -> Result<String> {
-    crate::iproute::run("ip", args)
-}
-
 /// The agent's routes in one kernel table.
 pub struct Routes {
     pub table: u32,
@@ -82,54 +73,17 @@ pub struct Routes {
 impl Routes {
     /// Addresses with a route of ours in the table.
     pub fn installed(&self) -> Result<BTreeSet<IpAddr>> {
-        let t = self.table.to_string();
-        let mut out = BTreeSet::new();
-        for fam in ["-4", "-6"] {
-            let text = match ip(&["-j", fam, "route", "show", "table", &t, "proto", RT_PROTO]) {
-                Ok(t) => t,
-                // A table with no route at all does not exist yet.
-                Err(e) if e.to_string().contains("does not exist") => continue,
-                Err(e) => return Err(e),
-            };
-            let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_default();
-            for r in v.as_array().into_iter().flatten() {
-                let dst = r.get("dst").and_then(|d| d.as_str()).unwrap_or("");
-                if let Ok(a) = dst.split('/').next().unwrap_or("").parse() {
-                    out.insert(a);
-                }
-            }
-        }
-        Ok(out)
+        netlink::host_routes(self.table, RT_PROTO)
     }
 
+    /// `ip route replace A/32 dev lo table T proto 201`.
     pub fn add(&self, a: IpAddr) -> Result<()> {
-        let t = self.table.to_string();
-        ip(&[
-            "route",
-            "replace",
-            &host_prefix(a),
-            "dev",
-            "lo",
-            "table",
-            &t,
-            "proto",
-            RT_PROTO,
-        ])?;
-        Ok(())
+        netlink::replace_host_route(a, netlink::loopback()?, self.table, RT_PROTO)
     }
 
+    /// `ip route del A/32 table T proto 201`.
     pub fn remove(&self, a: IpAddr) -> Result<()> {
-        let t = self.table.to_string();
-        ip(&[
-            "route",
-            "del",
-            &host_prefix(a),
-            "table",
-            &t,
-            "proto",
-            RT_PROTO,
-        ])?;
-        Ok(())
+        netlink::delete_host_route(a, self.table, RT_PROTO)
     }
 
     /// Makes the table hold exactly the addresses `want` announces;

@@ -65,7 +65,7 @@ use crate::{
     config::{self, BackendCfg, CheckKind, Config, Forwarding, HashInput, Protocol, Vip, XdpMode},
     dataplane::Dataplane,
     health::{HealthState, Outcome, Transition, probe},
-    iproute, loader, maglev,
+    loader, maglev, netlink,
 };
 
 /// A health transition, as the agent reports it to an embedding caller.

@@ -12,15 +12,17 @@ pub(super) struct NextHop {
     pub(super) mac: Option<[u8; 6]>,
 }
 
-/// The route, egress device and neighbour entry for `addr` (see `iproute`).
+/// The route, egress device and neighbour entry for `addr`, asked of the
+/// kernel over netlink; `None` when there is no route or the egress device
+/// has no MAC.
 pub(super) fn next_hop(addr: IpAddr) -> Option<NextHop> {
-    let (dev, via) = iproute::route(addr)?;
-    let (own_mac, ifindex) = iproute::link(&dev)?;
-    let mac = iproute::neighbour(&via, &dev);
+    let route = netlink::route(addr).ok()??;
+    let link = netlink::link_by_index(route.ifindex).ok()??;
+    let mac = netlink::neighbour(route.via, route.ifindex).ok().flatten();
     Some(NextHop {
-        dev,
-        own_mac,
-        ifindex,
+        dev: link.name,
+        own_mac: link.mac?,
+        ifindex: link.index,
         mac,
     })
 }
@@ -36,8 +38,7 @@ pub(super) fn datapath_state(s: BackendState) -> u8 {
 
 impl State {
     /// Writes backend `bi` of VIP `vi` with its next hop (asked of the
-    /// kernel now: `ip` subprocesses, so not for callers on a schedule)
-    /// and state.
+    /// kernel now, three netlink requests) and state.
     pub(super) fn write_backend(&mut self, vi: usize, bi: usize) -> Result<()> {
         let hop = next_hop(self.vips[vi].backends[bi].cfg.address);
         self.write_backend_with(vi, bi, hop)
