@@ -5,13 +5,15 @@
 //! is written into the VIP's idle half, then the VIP entry is replaced in one
 //! map update that flips `active_half`.
 
+use std::{borrow::BorrowMut, collections::HashSet};
+
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
 };
 use lb_common::{
-    Backend, Flow, FlowKey, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, RegionKey, RegionMeta, Settings,
-    Traffic, VipKey, VipMeta, decap_verdict, ring_base, verdict,
+    Backend, BackendIdKey, Flow, FlowKey, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, RegionKey,
+    RegionMeta, Settings, Traffic, VipKey, VipMeta, decap_verdict, ring_base, verdict,
 };
 
 /// What went wrong programming the datapath.
@@ -65,24 +67,34 @@ fn region_key(vip_id: u32, addr: [u8; 16], prefix_len: u32) -> aya::maps::lpm_tr
     )
 }
 
-/// Typed access to a loaded datapath's maps.
-pub struct Dataplane<'a> {
-    ebpf: &'a mut Ebpf,
+/// Typed access to a loaded datapath's maps. The agent's `Dataplane` owns
+/// the loaded object (`Dataplane<Ebpf>`); tests and one-shot commands that
+/// also run its programs wrap a borrow (`Dataplane::new(&mut ebpf)`).
+pub struct Dataplane<E: BorrowMut<Ebpf> = Ebpf> {
+    ebpf: E,
 }
 
-impl<'a> Dataplane<'a> {
-    pub fn new(ebpf: &'a mut Ebpf) -> Self {
+impl<E: BorrowMut<Ebpf>> Dataplane<E> {
+    pub fn new(ebpf: E) -> Self {
         Self { ebpf }
+    }
+
+    /// The loaded object, for the loader only (attaching and pinning the
+    /// programs); maps are reached through the methods below.
+    pub fn object_mut(&mut self) -> &mut Ebpf {
+        self.ebpf.borrow_mut()
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
         self.ebpf
+            .borrow_mut()
             .map_mut(name)
             .ok_or(DataplaneError::MissingMap { name })
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
         self.ebpf
+            .borrow()
             .map(name)
             .ok_or(DataplaneError::MissingMap { name })
     }
@@ -311,6 +323,44 @@ impl<'a> Dataplane<'a> {
             .regions()?
             .remove(&region_key(vip_id, addr, prefix_len));
         Ok(())
+    }
+
+    fn backend_ids(&mut self) -> Result<HashMap<&mut MapData, BackendIdKey, u32>> {
+        let name = lb_common::MAP_BACKEND_IDS;
+        HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))
+    }
+
+    /// The backend id recorded for a key (a backend, or a counter key).
+    pub fn backend_id(&mut self, key: &BackendIdKey) -> Result<Option<u32>> {
+        match self.backend_ids()?.get(key, 0) {
+            Ok(id) => Ok(Some(id)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(lb_common::MAP_BACKEND_IDS)(e)),
+        }
+    }
+
+    pub fn set_backend_id(&mut self, key: &BackendIdKey, id: u32) -> Result<()> {
+        self.backend_ids()?
+            .insert(key, id, 0)
+            .map_err(map_err(lb_common::MAP_BACKEND_IDS))
+    }
+
+    /// Forgets a key; forgetting an absent key is not an error.
+    pub fn remove_backend_id(&mut self, key: &BackendIdKey) -> Result<()> {
+        match self.backend_ids()?.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(lb_common::MAP_BACKEND_IDS)(e)),
+        }
+    }
+
+    /// Every id some key holds.
+    pub fn backend_ids_held(&mut self) -> Result<HashSet<u32>> {
+        Ok(self
+            .backend_ids()?
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(_, v)| v)
+            .collect())
     }
 
     /// Active flows of a backend (least-connections).

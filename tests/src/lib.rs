@@ -311,7 +311,7 @@ impl Fixture {
         Ok(Self { ebpf })
     }
 
-    pub fn dp(&mut self) -> Dataplane<'_> {
+    pub fn dp(&mut self) -> Dataplane<&mut aya::Ebpf> {
         Dataplane::new(&mut self.ebpf)
     }
 

@@ -83,10 +83,10 @@ pub(super) fn spawn_health(shared: Shared, (key, address, generation): Spawn) {
                         let b = &s.vips[vi].backends[bi];
                         (b.id, datapath_state(b.state()))
                     };
-                    let r = Dataplane::new(&mut s.ebpf)
-                        .set_backend_state(id, state)
-                        .map_err(anyhow::Error::from)
-                        .and_then(|_| s.rebuild_ring(vi));
+                    let r =
+                        s.dp.set_backend_state(id, state)
+                            .map_err(anyhow::Error::from)
+                            .and_then(|_| s.rebuild_ring(vi));
                     if let Err(e) = r {
                         eprintln!("lb: updating the datapath failed: {e:#}");
                     }

@@ -17,14 +17,6 @@ pub(super) const HIGH_WATER: BackendIdKey = BackendIdKey {
 };
 
 impl State {
-    pub(super) fn ids(&mut self) -> Result<BpfHashMap<&mut aya::maps::MapData, BackendIdKey, u32>> {
-        let m = self
-            .ebpf
-            .map_mut(lb_common::MAP_BACKEND_IDS)
-            .context("BACKEND_IDS map missing")?;
-        Ok(BpfHashMap::try_from(m)?)
-    }
-
     /// The backend id of (VIP, address): the one it already has (also from
     /// an earlier agent), or a new one above every id handed out so far.
     pub(super) fn backend_id(&mut self, key: &VipKey, addr: IpAddr) -> Result<u32> {
@@ -32,29 +24,27 @@ impl State {
             vip: *key,
             addr: addr16(addr).0,
         };
-        let mut ids = self.ids()?;
-        if let Ok(id) = ids.get(&k, 0) {
+        if let Some(id) = self.dp.backend_id(&k)? {
             return Ok(id);
         }
-        let next = ids.get(&HIGH_WATER, 0).unwrap_or(1).max(1);
+        let next = self.dp.backend_id(&HIGH_WATER)?.unwrap_or(1).max(1);
         let id = if next < MAX_BACKENDS {
             next
         } else {
             // Ids exhausted: take one no backend holds and no flow refers to.
-            let held: HashSet<u32> = ids.iter().filter_map(|r| r.ok()).map(|(_, v)| v).collect();
-            let in_flows: HashSet<u32> = Dataplane::new(&mut self.ebpf)
+            let held = self.dp.backend_ids_held()?;
+            let in_flows: HashSet<u32> = self
+                .dp
                 .flows()?
                 .into_iter()
                 .map(|(_, f)| f.backend_id)
                 .collect();
-            let id = (1..MAX_BACKENDS)
+            (1..MAX_BACKENDS)
                 .find(|i| !held.contains(i) && !in_flows.contains(i))
-                .ok_or_else(|| anyhow!("all {MAX_BACKENDS} backend ids are in use"))?;
-            ids = self.ids()?;
-            id
+                .ok_or_else(|| anyhow!("all {MAX_BACKENDS} backend ids are in use"))?
         };
-        ids.insert(k, id, 0)?;
-        ids.insert(HIGH_WATER, (id + 1).max(next), 0)?;
+        self.dp.set_backend_id(&k, id)?;
+        self.dp.set_backend_id(&HIGH_WATER, (id + 1).max(next))?;
         Ok(id)
     }
 
@@ -63,9 +53,9 @@ impl State {
             vip: *key,
             addr: addr16(addr).0,
         };
-        let _ = self.ids()?.remove(&k);
+        self.dp.remove_backend_id(&k)?;
         // A zeroed entry: flows that still point here are rescheduled.
-        Dataplane::new(&mut self.ebpf).set_backend(id, &Backend::default())?;
+        self.dp.set_backend(id, &Backend::default())?;
         Ok(())
     }
 }

@@ -45,7 +45,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use aya::{Ebpf, maps::HashMap as BpfHashMap};
 use lb_common::{
     AF_INET, AF_INET6, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, Backend, BackendIdKey,
     MAX_BACKENDS, MAX_VIPS, VipKey, VipMeta,
@@ -192,13 +191,14 @@ pub async fn run_until(
     instance_lock.record(Path::new(&cfg.agent.control_socket))?;
     loader::ensure_bpffs()?;
     let dir = loader::pin_dir(&cfg.agent.instance);
-    let (mut ebpf, adopted) = loader::load_pinned(
+    let (ebpf, adopted) = loader::load_pinned(
         &loader::LoadOptions {
             flow_table_size: cfg.agent.flow_table_size,
         },
         &dir,
     )?;
-    Dataplane::new(&mut ebpf).set_settings(&lb_common::Settings {
+    let mut dp = Dataplane::new(ebpf);
+    dp.set_settings(&lb_common::Settings {
         ipip_src_v4: cfg.agent.ipip_source_v4.octets(),
         ipip_src_v6: cfg.agent.ipip_source_v6.octets(),
         flags: if cfg.agent.next_hop_fib {
@@ -208,7 +208,7 @@ pub async fn run_until(
         },
     })?;
     let mut state = State {
-        ebpf,
+        dp,
         cfg_path: config_path.to_path_buf(),
         cfg: cfg.clone(),
         vips: Vec::new(),
@@ -224,14 +224,15 @@ pub async fn run_until(
     };
     if adopted {
         // VIPs the old agent had that the config no longer has.
-        let stale: Vec<VipKey> = Dataplane::new(&mut state.ebpf)
+        let stale: Vec<VipKey> = state
+            .dp
             .list_vips()?
             .into_iter()
             .map(|(k, _)| k)
             .filter(|k| !cfg.vips.iter().any(|v| vip_key(v) == *k))
             .collect();
         for k in stale {
-            Dataplane::new(&mut state.ebpf).remove_vip(&k)?;
+            state.dp.remove_vip(&k)?;
         }
     }
     let spawns = state.reconcile(cfg.clone())?;
@@ -258,7 +259,8 @@ pub async fn run_until(
             }
         }
     }
-    let (_link, desc) = loader::attach_pinned(&mut state.ebpf, &cfg.agent.interface, mode, &dir)?;
+    let (_link, desc) =
+        loader::attach_pinned(state.dp.object_mut(), &cfg.agent.interface, mode, &dir)?;
     state.attach_desc = desc.clone();
     state.attached = true;
     state.sync_announce();

@@ -79,7 +79,7 @@ impl State {
             if let Some(m) = mac {
                 entry.dst_mac = m;
                 resolved = true;
-            } else if let Ok(old) = Dataplane::new(&mut self.ebpf).backend(id)
+            } else if let Ok(old) = self.dp.backend(id)
                 && old.addr == addr
                 && old.dst_mac != [0; 6]
             {
@@ -91,12 +91,12 @@ impl State {
                 entry.dst_mac = old.dst_mac;
             }
             if entry.ifindex != 0 {
-                Dataplane::new(&mut self.ebpf)
+                self.dp
                     .add_tx_port(ifindex)
                     .with_context(|| format!("adding {dev} as a redirect target"))?;
             }
         }
-        Dataplane::new(&mut self.ebpf).set_backend(id, &entry)?;
+        self.dp.set_backend(id, &entry)?;
         self.vips[vi].backends[bi].resolved = resolved;
         Ok(())
     }

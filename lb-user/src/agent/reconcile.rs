@@ -134,7 +134,8 @@ impl State {
                 .map(|v| (*v).clone())
                 .context("internal: a planned VIP is not in the new configuration")
         };
-        let existing_ids: HashMap<VipKey, u32> = Dataplane::new(&mut self.ebpf)
+        let existing_ids: HashMap<VipKey, u32> = self
+            .dp
             .list_vips()?
             .into_iter()
             .map(|(k, m)| (k, m.vip_id))
@@ -145,7 +146,7 @@ impl State {
                 Change::RemoveVip(key) => {
                     let vi = self.vip_index(&key)?;
                     let v = self.vips.remove(vi);
-                    Dataplane::new(&mut self.ebpf).remove_vip(&v.key)?;
+                    self.dp.remove_vip(&v.key)?;
                     for b in &v.backends {
                         self.forget_backend(&v.key, b.cfg.address, b.id)?;
                     }
@@ -186,7 +187,7 @@ impl State {
                         scheduler: vcfg.scheduler.datapath(),
                         ..Default::default()
                     };
-                    Dataplane::new(&mut self.ebpf).upsert_vip(&key, meta)?;
+                    self.dp.upsert_vip(&key, meta)?;
                 }
                 Change::SetRegions(key) => {
                     let vi = self.vip_index(&key)?;
@@ -246,7 +247,7 @@ impl State {
                 v.cfg = (*c).clone();
             }
         }
-        Dataplane::new(&mut self.ebpf).set_flood_limit(new.agent.new_flow_limit)?;
+        self.dp.set_flood_limit(new.agent.new_flow_limit)?;
         if new.announce != self.cfg.announce || self.announce.is_none() {
             self.set_announce(new.announce.as_ref())?;
         }

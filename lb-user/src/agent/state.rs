@@ -133,7 +133,7 @@ pub(super) struct RegionRt {
 pub(super) type Spawn = (VipKey, IpAddr, u64);
 
 pub(super) struct State {
-    pub(super) ebpf: Ebpf,
+    pub(super) dp: Dataplane,
     pub(super) cfg_path: PathBuf,
     pub(super) cfg: Config,
     pub(super) vips: Vec<VipRt>,
@@ -170,7 +170,7 @@ impl State {
         let v = &self.vips[vi];
         let key = v.key;
         let vip_id = v.vip_id;
-        Dataplane::new(&mut self.ebpf)
+        self.dp
             .install_ring(&key, &table)
             .context("installing ring")?;
         // Each region: its live backends' ring, or (none live) no entry at
@@ -191,7 +191,7 @@ impl State {
                 .iter()
                 .map(|(a, l)| (prefix16(*a), *l as u32))
                 .collect();
-            let mut dp = Dataplane::new(&mut self.ebpf);
+            let dp = &mut self.dp;
             if sub.is_empty() {
                 for (a, l) in &prefixes {
                     dp.remove_region(vip_id, *a, *l)?;
@@ -225,7 +225,7 @@ impl State {
         let vip_id = self.vips[vi].vip_id;
         for r in std::mem::take(&mut self.vips[vi].regions) {
             for (a, l) in &r.cfg.prefixes {
-                Dataplane::new(&mut self.ebpf).remove_region(vip_id, prefix16(*a), *l as u32)?;
+                self.dp.remove_region(vip_id, prefix16(*a), *l as u32)?;
             }
         }
         for r in regions {
@@ -264,7 +264,7 @@ impl State {
         let mut counts: std::collections::HashMap<u32, u64> =
             lc.iter().map(|id| (*id, 0)).collect();
         let now_s = monotonic_s();
-        for (_, f) in Dataplane::new(&mut self.ebpf).flows()? {
+        for (_, f) in self.dp.flows()? {
             let idle_limit = self
                 .vips
                 .iter()
@@ -279,7 +279,7 @@ impl State {
                 *c += 1;
             }
         }
-        let mut dp = Dataplane::new(&mut self.ebpf);
+        let dp = &mut self.dp;
         for (id, n) in counts {
             dp.set_active(id, n)?;
         }

@@ -90,11 +90,7 @@ impl State {
     }
 
     pub(super) fn active_of(&self, id: u32) -> u64 {
-        self.ebpf
-            .map(lb_common::MAP_ACTIVE)
-            .and_then(|m| aya::maps::Array::<_, u64>::try_from(m).ok())
-            .and_then(|a| a.get(&id, 0).ok())
-            .unwrap_or(0)
+        self.dp.active(id).unwrap_or(0)
     }
 
     /// `lb explain`: where a client's connection goes now, computed from
@@ -130,7 +126,7 @@ impl State {
             _pad: [0; 3],
         };
         let table_backend = if cfg.flow_table {
-            Dataplane::new(&mut self.ebpf)
+            self.dp
                 .flow(&flow_key)?
                 .and_then(|f| addr_of(self, f.backend_id))
         } else {
@@ -139,7 +135,7 @@ impl State {
         let (slot, ring_backend) =
             if cfg.scheduler == crate::vocab::Scheduler::Maglev && cfg.regions.is_empty() {
                 let slot = hash % cfg.ring_size;
-                let id = Dataplane::new(&mut self.ebpf).ring_slot(&key, slot)?;
+                let id = self.dp.ring_slot(&key, slot)?;
                 (Some(slot), addr_of(self, id))
             } else {
                 (None, None)
@@ -181,7 +177,7 @@ impl State {
             new_flows: x.new_flows,
             active: None,
         };
-        let dp = Dataplane::new(&mut self.ebpf);
+        let dp = &self.dp;
         let mut vips = Vec::new();
         let mut backends = Vec::new();
         for v in &self.vips {
