@@ -1,5 +1,5 @@
 //! Builds `lb-ebpf` for the BPF target with aya-build (the aya-template
-//! pattern); `src/loader.rs` embeds the object with `include_bytes_aligned!`.
+//! pattern); `src/datapath/loader.rs` embeds the object with `include_bytes_aligned!`.
 
 use anyhow::Context as _;
 

@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-pub use crate::vocab::{BackendState, Forwarding, HashInput, Protocol, Scheduler};
+pub use crate::config::vocab::{BackendState, Forwarding, HashInput, Protocol, Scheduler};
 
 /// A VIP as the CLI names it: `ADDRESS:PORT[/tcp|udp]`, e.g.
 /// `198.18.0.100:80/tcp` or `[2001:2::100]:443/udp`. In JSON it is that
@@ -85,7 +85,7 @@ pub struct VipAdd {
 
 /// A change to the configuration: the one wire form of every edit, from
 /// the CLI to the agent (which applies it to the file's text, validates,
-/// applies and saves it, see `confedit`).
+/// applies and saves it, see `config::edit`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "edit", rename_all = "kebab-case")]
 pub enum Edit {

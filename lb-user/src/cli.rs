@@ -9,8 +9,8 @@ use crate::{
         self, BackendInfo, Edit, Forwarding, HashInput, Request, Scheduler, StatsInfo, StatusInfo,
         VipAdd, VipInfo, VipRef,
     },
-    dataplane::Dataplane,
-    loader,
+    datapath::Dataplane,
+    datapath::loader,
 };
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -536,8 +536,8 @@ fn node(cmd: NodeCmd, conn: &Conn) -> Result<()> {
 
 fn loadgen(a: LoadgenArgs) -> Result<()> {
     use crate::{
-        iproute::parse_mac,
-        loadgen::{Options, run},
+        host::iproute::parse_mac,
+        tools::loadgen::{Options, run},
     };
     if let Some(ns) = &a.netns {
         // Move the whole process (it is still single-threaded here).
@@ -598,7 +598,7 @@ fn loadgen(a: LoadgenArgs) -> Result<()> {
 }
 
 fn lab(cmd: LabCmd) -> Result<()> {
-    use crate::lab::Lab;
+    use crate::tools::lab::Lab;
     match cmd {
         LabCmd::Up {
             prefix,
@@ -629,10 +629,10 @@ fn lab(cmd: LabCmd) -> Result<()> {
             prefix,
         } => {
             let l = Lab::new(&prefix);
-            if !(1..=crate::lab::BACKENDS).contains(&n) {
+            if !(1..=crate::tools::lab::BACKENDS).contains(&n) {
                 bail!(
                     "backend {n} does not exist; the lab has b1..b{}",
-                    crate::lab::BACKENDS
+                    crate::tools::lab::BACKENDS
                 );
             }
             match action.as_str() {
@@ -648,9 +648,9 @@ fn lab(cmd: LabCmd) -> Result<()> {
             name,
             listen,
             redis,
-        } => crate::lab::serve(&name, &listen, redis.as_deref()),
-        LabCmd::Demo { nodes: 1 } => crate::demo::run(),
-        LabCmd::Demo { nodes } => crate::demo::nodes::run(nodes as usize),
+        } => crate::tools::lab::serve(&name, &listen, redis.as_deref()),
+        LabCmd::Demo { nodes: 1 } => crate::tools::demo::run(),
+        LabCmd::Demo { nodes } => crate::tools::demo::nodes::run(nodes as usize),
     }
 }
 

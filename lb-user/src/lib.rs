@@ -1,27 +1,22 @@
-//! The userspace side of the load balancer.
+//! The userspace side of the load balancer. The folders say what runs on a
+//! production node and what is tooling:
 //!
-//! `loader` is the only module that touches aya's program and link APIs;
-//! `dataplane` is the typed facade over the maps; `maglev` and `sched` are
-//! pure ring builders; `config` turns TOML into a validated model and
-//! `confedit` writes runtime changes back; `health` probes; `agent` is
-//! `lb run` (reconcile loop, health tasks, control socket served per `api`);
-//! `cli` is the command line; `lab`, `demo` and `loadgen` are the test
-//! bench that ships with the product.
+//! - `agent`: `lb run`, the daemon (state, reconcile, health tasks, control
+//!   socket served per `api`, metrics, announcement);
+//! - `datapath`: loading the XDP object and the typed facade over its maps;
+//! - `policy`: Maglev and the other schedulers, health probes (pure);
+//! - `config`: the TOML model and its validation, runtime edits written
+//!   back (`config::edit`), the typed vocabulary (`config::vocab`);
+//! - `host`: the kernel's routes and neighbours over netlink, namespaces;
+//! - `api` and `cli`: the control protocol and the command line;
+//! - `tools`: the lab, the demos and the traffic generator, the test bench
+//!   that ships with the product.
 
 pub mod agent;
 pub mod api;
 pub mod cli;
-pub mod confedit;
 pub mod config;
-pub mod dataplane;
-pub mod demo;
-pub mod health;
-pub mod iproute;
-pub mod lab;
-pub mod loader;
-pub mod loadgen;
-pub mod maglev;
-pub mod netlink;
-pub mod netns;
-pub mod sched;
-pub mod vocab;
+pub mod datapath;
+pub mod host;
+pub mod policy;
+pub mod tools;

@@ -13,7 +13,7 @@ use std::{
 
 use lb_user::{
     api::{self, BackendInfo, BackendState, Request, StatsInfo, StatusInfo},
-    lab::{self, Lab, Sample},
+    tools::lab::{self, Lab, Sample},
 };
 
 /// The health block every node's VIPs use.

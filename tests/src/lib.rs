@@ -8,7 +8,7 @@ use aya::{
     programs::{TestRun, TestRunOptions},
 };
 use etherparse::PacketBuilder;
-pub use lb_user::{dataplane::Dataplane, loader};
+pub use lb_user::{datapath::Dataplane, datapath::loader};
 
 pub mod cluster;
 
@@ -190,7 +190,7 @@ pub fn udp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]
 }
 
 /// Runs a command, failing with its stderr if it fails.
-pub use lb_user::iproute::run as sh;
+pub use lb_user::host::iproute::run as sh;
 
 /// A network namespace that is deleted when dropped (also when a test fails
 /// and unwinds). Names carry the test's prefix and the pid, so parallel and
@@ -219,7 +219,7 @@ impl Netns {
     /// Runs `f` with the calling thread moved into the namespace, then moves
     /// it back. Sockets and BPF attachments made in `f` belong to it.
     pub fn enter<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
-        lb_user::lab::in_netns(&self.name, f)
+        lb_user::tools::lab::in_netns(&self.name, f)
     }
 
     /// Deletes every namespace an earlier (crashed) run of this tag left.
@@ -348,9 +348,9 @@ impl Fixture {
         let entries: Vec<_> = spec
             .backends
             .iter()
-            .map(|&(id, addr, weight)| lb_user::maglev::Entry { id, addr, weight })
+            .map(|&(id, addr, weight)| lb_user::policy::maglev::Entry { id, addr, weight })
             .collect();
-        let table = lb_user::maglev::build(&entries, spec.ring_size);
+        let table = lb_user::policy::maglev::build(&entries, spec.ring_size);
         self.dp().install_ring(&spec.key, &table)?;
         Ok(())
     }

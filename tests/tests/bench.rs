@@ -13,7 +13,7 @@ use lb_common::{AF_INET, Backend, FlowKey, PROTO_TCP, PROTO_UDP, VipKey, VipMeta
 use lb_tests::{Dataplane, Netns, backend_of, load, loader, mac_of, sink_count, tcp4, v4};
 use lb_user::{
     api::{self, BackendInfo, BackendState, Request},
-    lab::{self, Lab},
+    tools::lab::{self, Lab},
 };
 use serde_json::json;
 
@@ -71,7 +71,7 @@ impl RateRig {
     fn blast(&self, dst: &str, syn: bool, flows: u32, secs: f64) -> (f64, f64) {
         let before = sink_count(&self.sink);
         let t0 = Instant::now();
-        let o = lb_user::loadgen::Options {
+        let o = lb_user::tools::loadgen::Options {
             iface: "g0".into(),
             dst: dst.parse().unwrap(),
             dst_mac: Some(self.l0_mac),
@@ -87,7 +87,7 @@ impl RateRig {
         };
         let s = self
             .gen_ns
-            .enter(|| lb_user::loadgen::run(&o))
+            .enter(|| lb_user::tools::loadgen::run(&o))
             .expect("setns")
             .expect("loadgen");
         std::thread::sleep(Duration::from_millis(100));
@@ -131,13 +131,13 @@ fn balancer(rig: &RateRig, vip: VipKey, table_size: u32) -> aya::Ebpf {
             weight: 1,
         };
         dp.set_backend(i, &b).expect("backend");
-        entries.push(lb_user::maglev::Entry {
+        entries.push(lb_user::policy::maglev::Entry {
             id: i,
             addr: b.addr,
             weight: 1,
         });
     }
-    dp.install_ring(&vip, &lb_user::maglev::build(&entries, 65537))
+    dp.install_ring(&vip, &lb_user::policy::maglev::build(&entries, 65537))
         .expect("ring");
     lb
 }
@@ -589,7 +589,7 @@ fn bench_failover() {
 #[ignore = "benchmark: cargo xtask bench"]
 fn bench_node_failover() {
     use lb_tests::cluster::{Cluster, vip4};
-    use lb_user::lab::KeepAlive;
+    use lb_user::tools::lab::KeepAlive;
     let c = Cluster::start(Lab::with_exe("bnf", std::path::Path::new(LB)).with_nodes(2));
     let (mut withdrawn, mut last_fail, mut long_failed, mut long_total) =
         (Vec::new(), Vec::new(), 0, 0);

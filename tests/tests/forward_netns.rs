@@ -125,8 +125,8 @@ fn run_case(tag: &str, family: u8, ipip: bool) {
             },
         )
         .expect("backend");
-        let table = lb_user::maglev::build(
-            &[lb_user::maglev::Entry {
+        let table = lb_user::policy::maglev::build(
+            &[lb_user::policy::maglev::Entry {
                 id: 1,
                 addr: backend_addr,
                 weight: 1,
@@ -315,8 +315,8 @@ fn fib_next_hop_follows_the_neighbour_table() {
             ..Default::default()
         };
         dp.set_backend(1, &b).expect("backend");
-        let t = lb_user::maglev::build(
-            &[lb_user::maglev::Entry {
+        let t = lb_user::policy::maglev::build(
+            &[lb_user::policy::maglev::Entry {
                 id: 1,
                 addr: b.addr,
                 weight: 1,

@@ -13,7 +13,7 @@ use std::{
 
 use lb_user::{
     api::{self, BackendInfo, BackendState, Request},
-    lab::{self, Lab, Sample},
+    tools::lab::{self, Lab, Sample},
 };
 
 const LB: &str = env!("CARGO_BIN_EXE_lb");

@@ -48,8 +48,8 @@ fn loadgen_sends_distinct_flows_through_the_balancer() {
             weight: 1,
         };
         dp.set_backend(1, &b).expect("backend");
-        let table = lb_user::maglev::build(
-            &[lb_user::maglev::Entry {
+        let table = lb_user::policy::maglev::build(
+            &[lb_user::policy::maglev::Entry {
                 id: 1,
                 addr: b.addr,
                 weight: 1,

@@ -14,7 +14,7 @@ use lb_common::{
     AF_INET, AF_INET6, PROTO_TCP, VIP_F_IPIP, VIP_F_NO_FLOW_TABLE, VipKey, VipMeta, verdict,
 };
 use lb_tests::{Fixture, VipSpec, loader, tcp4, tcp6, time, v4, v6};
-use lb_user::sched::{self, Scheduler};
+use lb_user::policy::sched::{self, Scheduler};
 
 const REPEAT: u32 = 1_000_000;
 /// Runs per case (median); `LB_MICRO_RUNS` overrides it (the A/B mode runs
@@ -126,7 +126,7 @@ fn setup(f: &mut Fixture) {
         .expect("scheduler");
         let entries: Vec<_> = b4(n)
             .into_iter()
-            .map(|(id, addr, weight)| lb_user::maglev::Entry { id, addr, weight })
+            .map(|(id, addr, weight)| lb_user::policy::maglev::Entry { id, addr, weight })
             .collect();
         dp.install_ring(&key, &sched::ring(sched, &entries, 65537))
             .expect("ring");
@@ -273,7 +273,7 @@ fn micro() {
 
     // The Maglev table build the agent does on every ring change.
     let entries: Vec<_> = (1..=1000u32)
-        .map(|i| lb_user::maglev::Entry {
+        .map(|i| lb_user::policy::maglev::Entry {
             id: i,
             addr: v4([198, 18, (i >> 8) as u8, i as u8]),
             weight: 1,
@@ -282,7 +282,7 @@ fn micro() {
     let builds: Vec<f64> = (0..run_count())
         .map(|_| {
             let t = std::time::Instant::now();
-            std::hint::black_box(lb_user::maglev::build(&entries, 65537));
+            std::hint::black_box(lb_user::policy::maglev::build(&entries, 65537));
             t.elapsed().as_secs_f64() * 1e3
         })
         .collect();
@@ -492,7 +492,7 @@ fn ab(path: &std::path::Path) {
     println!(
         "{{\"ab_pairs\":{pairs},\"repeat\":{repeat},\"a_object\":\"{:016x}\",\"b_object\":\"{:016x}\",\"ab\":[{}]}}",
         fnv(&bytes),
-        fnv(lb_user::loader::EBPF_OBJECT),
+        fnv(lb_user::datapath::loader::EBPF_OBJECT),
         out.join(",")
     );
 }

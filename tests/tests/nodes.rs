@@ -19,7 +19,7 @@ use std::{
 
 use lb_tests::cluster::{Cluster, vip4};
 use lb_user::api::BackendState;
-use lb_user::lab::{
+use lb_user::tools::lab::{
     self, KeepAlive, Lab, Sample,
     sessions::{Session, SessionReply, Store},
 };

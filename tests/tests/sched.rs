@@ -4,7 +4,7 @@
 
 use lb_common::{AF_INET, PROTO_TCP, VIP_F_REGIONS, VipKey, VipMeta};
 use lb_tests::{Fixture, VipSpec, action, backend_of, tcp4, v4};
-use lb_user::sched::{self, Scheduler};
+use lb_user::policy::sched::{self, Scheduler};
 
 const VIP4: [u8; 4] = [198, 18, 0, 100];
 
@@ -72,7 +72,7 @@ fn install(f: &mut Fixture, spec: &VipSpec, sched: Scheduler) {
     let entries: Vec<_> = spec
         .backends
         .iter()
-        .map(|&(id, addr, weight)| lb_user::maglev::Entry { id, addr, weight })
+        .map(|&(id, addr, weight)| lb_user::policy::maglev::Entry { id, addr, weight })
         .collect();
     dp.install_ring(&spec.key, &sched::ring(sched, &entries, spec.ring_size))
         .expect("ring");
@@ -242,7 +242,7 @@ fn regions_keep_clients_on_their_backends_and_fall_back() {
     // Region: clients in 198.19.7.0/24 → backend 1 only, in ring slot 5.
     let mut prefix = [0u8; 16];
     prefix[..4].copy_from_slice(&[198, 19, 7, 0]);
-    let entries = [lb_user::maglev::Entry {
+    let entries = [lb_user::policy::maglev::Entry {
         id: 1,
         addr: spec.backends[0].1,
         weight: 1,
@@ -252,7 +252,7 @@ fn regions_keep_clients_on_their_backends_and_fall_back() {
             0,
             &[(prefix, 24)],
             5,
-            &lb_user::maglev::build(&entries, 251),
+            &lb_user::policy::maglev::build(&entries, 251),
         )
         .unwrap();
     let regional: Vec<u32> = (0..200u32)
@@ -336,7 +336,7 @@ fn the_longest_region_prefix_wins() {
         p
     };
     let only = |i: usize| {
-        [lb_user::maglev::Entry {
+        [lb_user::policy::maglev::Entry {
             id: spec.backends[i].0,
             addr: spec.backends[i].1,
             weight: 1,
@@ -347,7 +347,7 @@ fn the_longest_region_prefix_wins() {
             0,
             &[(prefix([198, 19, 0, 0]), 16)],
             6,
-            &lb_user::maglev::build(&only(1), 251),
+            &lb_user::policy::maglev::build(&only(1), 251),
         )
         .unwrap();
     f.dp()
@@ -355,7 +355,7 @@ fn the_longest_region_prefix_wins() {
             0,
             &[(prefix([198, 19, 7, 0]), 24)],
             5,
-            &lb_user::maglev::build(&only(0), 251),
+            &lb_user::policy::maglev::build(&only(0), 251),
         )
         .unwrap();
     let backends_of = |f: &mut Fixture, net: [u8; 3]| -> std::collections::BTreeSet<u32> {

@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::netlink;
+use crate::host::netlink;
 
 /// Route protocol number marking the agent's routes (`ip route ... proto 201`).
 pub const RT_PROTO: u8 = 201;

@@ -29,10 +29,10 @@ pub(super) fn change(shared: &Shared, edit: Edit) -> Result<()> {
         let path = s.cfg_path.clone();
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
-        let new_text = confedit::apply(&text, &edit)?;
+        let new_text = edit::apply(&text, &edit)?;
         let cfg = config::parse(&new_text, &path.display().to_string())?;
         let spawns = s.reconcile(cfg)?;
-        confedit::write_atomic(&path, &new_text)?;
+        edit::write_atomic(&path, &new_text)?;
         spawns
     };
     for s in spawns {

@@ -60,11 +60,13 @@ use crate::{
         self, AnnounceStatus, BackendInfo, BackendState, BackendTraffic, ExplainInfo, Request,
         Response, StatsInfo, StatusInfo, TrafficInfo, VipInfo, VipRef, VipStatus, VipTraffic,
     },
-    confedit::{self, Edit},
+    config::edit::{self, Edit},
     config::{self, BackendCfg, CheckKind, Config, Forwarding, HashInput, Protocol, Vip, XdpMode},
-    dataplane::Dataplane,
-    health::{HealthState, Outcome, Transition, probe},
-    loader, maglev, netlink,
+    datapath::Dataplane,
+    datapath::loader,
+    host::netlink,
+    policy::health::{HealthState, Outcome, Transition, probe},
+    policy::maglev,
 };
 
 /// A health transition, as the agent reports it to an embedding caller.
@@ -360,7 +362,7 @@ pub fn down(instance: &str, socket: &Path) -> Result<()> {
     if let Some(st) = node.read() {
         let routes = announce::Routes { table: st.table };
         let n = match &st.netns {
-            Some(ns) => crate::netns::in_netns(ns, || routes.flush())??,
+            Some(ns) => crate::host::netns::in_netns(ns, || routes.flush())??,
             None => routes.flush()?,
         };
         println!(

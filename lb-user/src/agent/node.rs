@@ -11,7 +11,7 @@ pub(super) fn warn_multi_node(cfg: &Config) {
         return;
     }
     for v in &cfg.vips {
-        if v.scheduler != crate::sched::Scheduler::Maglev {
+        if v.scheduler != crate::policy::sched::Scheduler::Maglev {
             eprintln!(
                 "lb: warning: VIP {} uses scheduler `{}` with announcement on: it is not consistent across \
                  nodes, so a flow moved to another node by ECMP may reach another backend; use \"maglev\"",

@@ -162,7 +162,7 @@ impl State {
                 weight: b.cfg.weight,
             })
             .collect();
-        let table = crate::sched::ring(v.cfg.scheduler, &entries, v.cfg.ring_size);
+        let table = crate::policy::sched::ring(v.cfg.scheduler, &entries, v.cfg.ring_size);
         let digest = ring_digest(&table, |id| {
             entries.iter().find(|e| e.id == id).map(|e| e.addr)
         });
@@ -202,7 +202,7 @@ impl State {
                 vip_id,
                 &prefixes,
                 ring_id,
-                &crate::sched::ring(sched, &sub, m),
+                &crate::policy::sched::ring(sched, &sub, m),
             )?;
         }
         Ok(())
@@ -255,7 +255,7 @@ impl State {
         let lc: Vec<u32> = self
             .vips
             .iter()
-            .filter(|v| v.cfg.scheduler == crate::sched::Scheduler::LeastConnections)
+            .filter(|v| v.cfg.scheduler == crate::policy::sched::Scheduler::LeastConnections)
             .flat_map(|v| v.backends.iter().map(|b| b.id))
             .collect();
         if lc.is_empty() {

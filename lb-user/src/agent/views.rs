@@ -81,7 +81,8 @@ impl State {
                     last_result: b.last_result.clone(),
                     last_latency_ms: b.last_latency_ms,
                     transitions: b.transitions,
-                    active_flows: (v.cfg.scheduler == crate::sched::Scheduler::LeastConnections)
+                    active_flows: (v.cfg.scheduler
+                        == crate::policy::sched::Scheduler::LeastConnections)
                         .then(|| self.active_of(b.id)),
                     next_hop_known: b.resolved,
                 })
@@ -133,7 +134,7 @@ impl State {
             None
         };
         let (slot, ring_backend) =
-            if cfg.scheduler == crate::vocab::Scheduler::Maglev && cfg.regions.is_empty() {
+            if cfg.scheduler == crate::config::vocab::Scheduler::Maglev && cfg.regions.is_empty() {
                 let slot = hash % cfg.ring_size;
                 let id = self.dp.ring_slot(&key, slot)?;
                 (Some(slot), addr_of(self, id))
@@ -187,7 +188,7 @@ impl State {
             });
             for b in &v.backends {
                 let mut tr = t(dp.backend_traffic(b.id)?);
-                if v.cfg.scheduler == crate::sched::Scheduler::LeastConnections {
+                if v.cfg.scheduler == crate::policy::sched::Scheduler::LeastConnections {
                     tr.active = Some(dp.active(b.id)?);
                 }
                 backends.push(BackendTraffic {

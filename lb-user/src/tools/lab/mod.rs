@@ -40,7 +40,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{dataplane::Dataplane, loader};
+use crate::{datapath::Dataplane, datapath::loader};
 
 pub const VIP4: &str = "198.18.0.100";
 pub const VIP6: &str = "2001:2::100";
@@ -64,9 +64,9 @@ pub fn client6(c: usize, k: usize) -> String {
     format!("2001:2::{}", 10 * c + 1 + k)
 }
 
-use crate::iproute::run as run_ok;
+use crate::host::iproute::run as run_ok;
 
-pub use crate::netns::in_netns;
+pub use crate::host::netns::in_netns;
 
 /// One lab, named by a prefix (so tests can run several side by side).
 #[derive(Clone, Debug)]

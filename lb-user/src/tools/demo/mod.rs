@@ -16,7 +16,7 @@ pub mod nodes;
 
 use crate::{
     api::{self, BackendInfo, BackendState, Request, StatsInfo},
-    lab::{self, Lab, Sample},
+    tools::lab::{self, Lab, Sample},
 };
 
 const RATE: u32 = 200;

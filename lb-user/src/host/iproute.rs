@@ -1,5 +1,5 @@
 //! Running commands (`ip`, `sysctl`, `ethtool`, daemons) for the lab, the
-//! demo and the tests. The agent asks the kernel through [`crate::netlink`].
+//! demo and the tests. The agent asks the kernel through [`crate::host::netlink`].
 
 /// Runs `cmd ARGS...`; its stdout, or an error with the command line and
 /// its stderr. The one runner for `ip`, `sysctl`, `ethtool` and daemons.

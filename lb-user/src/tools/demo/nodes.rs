@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     api::{self, BackendInfo, BackendState, Request, StatsInfo},
-    lab::{
+    tools::lab::{
         self, KeepAlive, Lab, Sample,
         sessions::{Session, Store},
     },

@@ -1,6 +1,6 @@
 //! What the datapath's ring holds for each scheduler (pure functions):
 //!
-//! - `maglev`: the Maglev table ([`crate::maglev::build`]).
+//! - `maglev`: the Maglev table ([`crate::policy::maglev::build`]).
 //! - `round-robin` / `weighted-round-robin`: one period of smooth weighted
 //!   round-robin (the nginx algorithm): each backend appears `weight` times
 //!   (weights divided by their gcd), spread out so that a backend with half
@@ -9,9 +9,9 @@
 //! - `least-connections`: each live backend once; the datapath picks the one
 //!   with the fewest active flows per weight.
 
-use crate::maglev::Entry;
+use crate::policy::maglev::Entry;
 
-pub use crate::vocab::Scheduler;
+pub use crate::config::vocab::Scheduler;
 
 impl Scheduler {
     /// The datapath's `SCHED_*` value.
@@ -85,7 +85,7 @@ pub fn least_conn_list(backends: &[Entry]) -> Vec<u32> {
 /// The ring contents for `sched` (`m`: the Maglev table size).
 pub fn ring(sched: Scheduler, backends: &[Entry], m: u32) -> Vec<u32> {
     match sched {
-        Scheduler::Maglev => crate::maglev::build(backends, m),
+        Scheduler::Maglev => crate::policy::maglev::build(backends, m),
         Scheduler::RoundRobin => {
             let equal: Vec<Entry> = backends
                 .iter()

@@ -18,7 +18,7 @@ use etherparse::PacketBuilder;
 use lb_common::{AF_INET, AF_INET6, LoadgenCfg, PROTO_TCP, PROTO_UDP};
 use serde::Serialize;
 
-use crate::{loader, netlink};
+use crate::{datapath::loader, host::netlink};
 
 /// What to send.
 #[derive(Clone, Debug)]

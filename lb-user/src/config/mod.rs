@@ -4,12 +4,15 @@
 //! is found before anything touches the datapath: [`load`] either returns a
 //! complete, consistent [`Config`] or an error.
 
+pub mod edit;
+pub mod vocab;
+
 use std::{collections::HashSet, fmt, net::IpAddr, ops::Range, path::Path};
 
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::maglev::is_prime;
+use crate::policy::maglev::is_prime;
 
 /// A configuration error, located in the file.
 #[derive(Debug)]
@@ -249,7 +252,7 @@ pub const MAX_WEIGHT: u32 = 10_000;
 
 // ---- the validated model ----
 
-pub use crate::vocab::{Forwarding, HashInput, Protocol, XdpMode};
+pub use self::vocab::{Forwarding, HashInput, Protocol, XdpMode};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CheckKind {
@@ -288,7 +291,7 @@ pub struct Vip {
     pub flow_table: bool,
     pub idle_timeout_s: u32,
     pub health: Health,
-    pub scheduler: crate::sched::Scheduler,
+    pub scheduler: crate::policy::sched::Scheduler,
     pub backends: Vec<BackendCfg>,
     pub regions: Vec<Region>,
 }
@@ -558,7 +561,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
                 drain: b.drain,
             });
         }
-        use crate::vocab::Scheduler;
+        use self::vocab::Scheduler;
         let scheduler = v
             .scheduler
             .get_ref()
@@ -798,7 +801,7 @@ weight = 3
         let c = parse(&t, "x").expect("valid");
         assert_eq!(
             c.vips[0].scheduler,
-            crate::sched::Scheduler::LeastConnections
+            crate::policy::sched::Scheduler::LeastConnections
         );
         assert_eq!(
             c.vips[0].regions[0].prefixes,

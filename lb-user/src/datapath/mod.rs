@@ -1,0 +1,8 @@
+//! The datapath as userspace sees it: `loader` loads, attaches and pins the
+//! XDP object (the only module that touches aya's program and link APIs);
+//! the facade ([`Dataplane`]) is the typed access to its maps.
+
+mod facade;
+pub mod loader;
+
+pub use facade::*;
