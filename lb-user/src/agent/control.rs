@@ -13,7 +13,7 @@ pub(super) fn reload(shared: &Shared) -> Result<()> {
         s.reconcile(cfg)?
     };
     for s in spawns {
-        spawn_health(shared.clone(), s);
+        spawn_probe(s);
     }
     Ok(())
 }
@@ -36,7 +36,7 @@ pub(super) fn change(shared: &Shared, edit: Edit) -> Result<()> {
         spawns
     };
     for s in spawns {
-        spawn_health(shared.clone(), s);
+        spawn_probe(s);
     }
     Ok(())
 }

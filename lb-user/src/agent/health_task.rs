@@ -1,34 +1,143 @@
-//! One health-check task per backend: probes on its own schedule (with
-//! jitter) and applies each transition to the datapath. The state lock is
-//! taken only for in-memory work and map writes: the next hop is resolved
-//! (with `ip` subprocesses) before the lock, and a transition changes only
-//! the backend's state in its entry, so no probe waits on a subprocess.
+//! Health checking in two halves, so probes keep their own schedule whatever
+//! the rest of the agent does:
+//!
+//! - one probe task per backend ([`spawn_probe`]) owns everything it needs
+//!   (a snapshot of the VIP's health settings; new settings start a new
+//!   task) and never takes the state lock: it probes, reports the outcome on
+//!   a channel, and sleeps until its next turn;
+//! - one applier thread ([`spawn_applier`]) takes each report under the
+//!   state lock, like every other writer: rise/fall, the datapath entry, the
+//!   ring, announcement, and the next hop (a few netlink requests).
+//!
+//! A CLI edit that holds the lock for a ring rebuild delays when a
+//! transition is applied, never when a probe is sent.
+
+use tokio::sync::{mpsc, watch};
 
 use super::*;
 
-pub(super) fn spawn_health(shared: Shared, (key, address, generation): Spawn) {
+/// What a probe task needs, fixed for its life.
+pub(super) struct ProbeJob {
+    pub(super) key: VipKey,
+    pub(super) vip: VipRef,
+    pub(super) address: IpAddr,
+    pub(super) generation: u64,
+    pub(super) health: config::Health,
+    /// Closed when the backend is removed or its task replaced.
+    pub(super) alive: watch::Receiver<()>,
+    pub(super) report: mpsc::UnboundedSender<Observation>,
+}
+
+/// One probe's outcome, for the applier.
+pub(super) struct Observation {
+    key: VipKey,
+    vip: VipRef,
+    address: IpAddr,
+    generation: u64,
+    outcome: Outcome,
+    latency_ms: f64,
+    /// Probes sent so far by this task (the next hop is re-read every 25).
+    round: u64,
+}
+
+impl State {
+    /// A probe job for backend `bi` of VIP `vi` with `health` (the new
+    /// settings: reconcile updates the VIP's own copy last) under a new
+    /// generation; the backend's previous task, if any, ends.
+    pub(super) fn probe_job(&mut self, vi: usize, bi: usize, health: config::Health) -> ProbeJob {
+        self.next_generation += 1;
+        let (alive_tx, alive) = watch::channel(());
+        let v = &mut self.vips[vi];
+        let b = &mut v.backends[bi];
+        b.generation = self.next_generation;
+        b.probe = Some(alive_tx);
+        ProbeJob {
+            key: v.key,
+            vip: vip_ref(&v.cfg),
+            address: b.cfg.address,
+            generation: b.generation,
+            health,
+            alive,
+            report: self.observations.clone(),
+        }
+    }
+
+    /// Applies one probe outcome (the applier thread, under the lock).
+    fn observe(&mut self, o: Observation) {
+        let Some((vi, bi)) = self.find(&o.key, o.address) else {
+            return;
+        };
+        if self.vips[vi].backends[bi].generation != o.generation {
+            return;
+        }
+        let ok = o.outcome == Outcome::Ok;
+        let b = &mut self.vips[vi].backends[bi];
+        b.last_result = match &o.outcome {
+            Outcome::Ok => "ok".into(),
+            Outcome::Fail(r) => r.clone(),
+        };
+        b.last_latency_ms = ok.then_some(o.latency_ms);
+        // Probes make the kernel resolve the neighbour: pick up a MAC that
+        // was unknown or has changed (every 25 probes).
+        let needs_hop = ok && (!b.resolved || o.round.is_multiple_of(25));
+        if let Some(t) = b.health.observe(ok) {
+            b.transitions += 1;
+            // The next good probe re-reads the next hop (a backend that
+            // comes back may have moved).
+            b.resolved = false;
+            let why = b.last_result.clone();
+            let (id, state) = (b.id, datapath_state(b.state()));
+            eprintln!(
+                "lb: t={:.3}s backend {} of VIP {} is {} ({why})",
+                self.started.elapsed().as_secs_f64(),
+                o.address,
+                o.vip,
+                if t == Transition::Up { "UP" } else { "DOWN" }
+            );
+            let r = self
+                .dp
+                .set_backend_state(id, state)
+                .map_err(anyhow::Error::from)
+                .and_then(|_| self.rebuild_ring(vi));
+            if let Err(e) = r {
+                eprintln!("lb: updating the datapath failed: {e:#}");
+            }
+            self.sync_announce();
+            if let Some(ev) = &self.events {
+                let _ = ev.send(Event {
+                    vip: o.vip.clone(),
+                    backend: o.address,
+                    up: t == Transition::Up,
+                    reason: why,
+                    at: Instant::now(),
+                });
+            }
+        }
+        if needs_hop && let Err(e) = self.write_backend(vi, bi) {
+            eprintln!("lb: refreshing the next hop of {} failed: {e:#}", o.address);
+        }
+    }
+}
+
+/// Starts the probe task of one backend.
+pub(super) fn spawn_probe(job: ProbeJob) {
     tokio::spawn(async move {
+        let ProbeJob {
+            key,
+            vip,
+            address,
+            generation,
+            health,
+            mut alive,
+            report,
+        } = job;
         let mut seed = (generation.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
-        let mut round = 0u64;
-        loop {
-            let (health, vip, needs_hop) = {
-                let Ok(s) = lock(&shared) else { return };
-                let Some((vi, bi)) = s.find(&key, address) else {
-                    return;
-                };
-                let b = &s.vips[vi].backends[bi];
-                if b.generation != generation {
-                    return;
-                }
-                // Probes make the kernel resolve the neighbour: pick up a MAC
-                // that was unknown or has changed (every 25 probes).
-                let needs_hop = !b.resolved || round.is_multiple_of(25);
-                (
-                    s.vips[vi].cfg.health.clone(),
-                    vip_ref(&s.vips[vi].cfg),
-                    needs_hop,
-                )
-            };
+        let target = SocketAddr::new(address, health.port);
+        let timeout = Duration::from_millis(health.timeout_ms);
+        for round in 0u64.. {
+            if alive.has_changed().is_err() {
+                return;
+            }
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
@@ -37,78 +146,45 @@ pub(super) fn spawn_health(shared: Shared, (key, address, generation): Spawn) {
             let next =
                 tokio::time::Instant::now() + Duration::from_millis(health.interval_ms) + jitter;
             let t0 = Instant::now();
-            let outcome = probe(
-                &health.kind,
-                SocketAddr::new(address, health.port),
-                Duration::from_millis(health.timeout_ms),
-            )
-            .await;
-            let latency = t0.elapsed().as_secs_f64() * 1e3;
-            let hop = if outcome == Outcome::Ok && needs_hop {
-                tokio::task::spawn_blocking(move || next_hop(address))
-                    .await
-                    .ok()
-                    .flatten()
-            } else {
-                None
+            let outcome = probe(&health.kind, target, timeout).await;
+            let latency_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let o = Observation {
+                key,
+                vip: vip.clone(),
+                address,
+                generation,
+                outcome,
+                latency_ms,
+                round,
             };
-            {
-                let Ok(mut s) = lock(&shared) else { return };
-                let Some((vi, bi)) = s.find(&key, address) else {
-                    return;
-                };
-                if s.vips[vi].backends[bi].generation != generation {
-                    return;
-                }
-                let ok = outcome == Outcome::Ok;
-                let b = &mut s.vips[vi].backends[bi];
-                b.last_result = match &outcome {
-                    Outcome::Ok => "ok".into(),
-                    Outcome::Fail(r) => r.clone(),
-                };
-                b.last_latency_ms = ok.then_some(latency);
-                let transition = b.health.observe(ok);
-                if let Some(t) = transition {
-                    b.transitions += 1;
-                    // The next good probe re-reads the next hop (a backend
-                    // that comes back may have moved).
-                    b.resolved = false;
-                    let why = b.last_result.clone();
-                    eprintln!(
-                        "lb: t={:.3}s backend {address} of VIP {vip} is {} ({why})",
-                        s.started.elapsed().as_secs_f64(),
-                        if t == Transition::Up { "UP" } else { "DOWN" }
-                    );
-                    let (id, state) = {
-                        let b = &s.vips[vi].backends[bi];
-                        (b.id, datapath_state(b.state()))
-                    };
-                    let r =
-                        s.dp.set_backend_state(id, state)
-                            .map_err(anyhow::Error::from)
-                            .and_then(|_| s.rebuild_ring(vi));
-                    if let Err(e) = r {
-                        eprintln!("lb: updating the datapath failed: {e:#}");
-                    }
-                    s.sync_announce();
-                    if let Some(ev) = &s.events {
-                        let _ = ev.send(Event {
-                            vip: vip.clone(),
-                            backend: address,
-                            up: t == Transition::Up,
-                            reason: why,
-                            at: Instant::now(),
-                        });
-                    }
-                }
-                if hop.is_some()
-                    && let Err(e) = s.write_backend_with(vi, bi, hop)
-                {
-                    eprintln!("lb: refreshing the next hop of {address} failed: {e:#}");
-                }
+            if report.send(o).is_err() {
+                return;
             }
-            round += 1;
-            tokio::time::sleep_until(next).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                // Only a closed channel wakes this: the task is over.
+                _ = alive.changed() => {}
+            }
         }
     });
+}
+
+/// Starts the thread that applies probe outcomes. It holds the state only
+/// weakly: it ends with the agent (the state dropped, or every sender gone).
+pub(super) fn spawn_applier(
+    shared: &Shared,
+    mut reports: mpsc::UnboundedReceiver<Observation>,
+) -> Result<()> {
+    let weak = Arc::downgrade(shared);
+    std::thread::Builder::new()
+        .name("lb-health".into())
+        .spawn(move || {
+            while let Some(o) = reports.blocking_recv() {
+                let Some(shared) = weak.upgrade() else { return };
+                let Ok(mut s) = lock(&shared) else { return };
+                s.observe(o);
+            }
+        })
+        .context("starting the health applier thread")?;
+    Ok(())
 }

@@ -84,7 +84,13 @@ pub(super) async fn serve_metrics(listener: tokio::net::TcpListener, shared: Sha
                 .unwrap_or(0);
             let req = String::from_utf8_lossy(&buf[..n]);
             let (status, body) = if req.starts_with("GET /metrics") {
-                match lock(&shared).and_then(|mut s| metrics_text(&mut s)) {
+                // Off the async workers: the state lock may be held by a writer.
+                let text = tokio::task::spawn_blocking(move || {
+                    lock(&shared).and_then(|mut s| metrics_text(&mut s))
+                })
+                .await
+                .unwrap_or_else(|e| Err(anyhow!("metrics task: {e}")));
+                match text {
                     Ok(b) => ("200 OK", b),
                     Err(e) => ("500 Internal Server Error", format!("{e:#}\n")),
                 }

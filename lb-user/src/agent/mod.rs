@@ -209,8 +209,10 @@ pub async fn run_until(
             0
         },
     })?;
+    let (observations, reports) = tokio::sync::mpsc::unbounded_channel();
     let mut state = State {
         dp,
+        observations,
         cfg_path: config_path.to_path_buf(),
         cfg: cfg.clone(),
         vips: Vec::new(),
@@ -274,8 +276,9 @@ pub async fn run_until(
         dir.display()
     );
     let shared: Shared = Arc::new(Mutex::new(state));
+    spawn_applier(&shared, reports)?;
     for s in spawns {
-        spawn_health(shared.clone(), s);
+        spawn_probe(s);
     }
 
     let stop = Arc::new(Notify::new());
@@ -315,7 +318,11 @@ pub async fn run_until(
     let reload_shared = shared.clone();
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            match reload(&reload_shared) {
+            let sh = reload_shared.clone();
+            let r = tokio::task::spawn_blocking(move || reload(&sh))
+                .await
+                .unwrap_or_else(|e| Err(anyhow!("reload task: {e}")));
+            match r {
                 Ok(()) => eprintln!("lb: SIGHUP: configuration reloaded"),
                 Err(e) => eprintln!("lb: SIGHUP: reload refused, nothing changed: {e:#}"),
             }

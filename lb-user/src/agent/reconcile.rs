@@ -118,8 +118,8 @@ impl State {
     }
 
     /// Brings the datapath from the current configuration to `new`,
-    /// applying [`plan`]. Returns the health tasks to start.
-    pub(super) fn reconcile(&mut self, new: Config) -> Result<Vec<Spawn>> {
+    /// applying [`plan`]. Returns the probe tasks to start.
+    pub(super) fn reconcile(&mut self, new: Config) -> Result<Vec<ProbeJob>> {
         if !self.vips.is_empty() && new.agent.interface != self.cfg.agent.interface {
             bail!(
                 "agent.interface changed from {} to {}: detach first with `lb down`, then start the agent again",
@@ -208,9 +208,9 @@ impl State {
                         .context("internal: a planned backend is not configured")?;
                     let vi = self.vip_index(&key)?;
                     let b = self.new_backend(&key, bcfg, &vcfg.health)?;
-                    spawns.push((key, b.cfg.address, b.generation));
                     self.vips[vi].backends.push(b);
                     let bi = self.vips[vi].backends.len() - 1;
+                    spawns.push(self.probe_job(vi, bi, vcfg.health.clone()));
                     self.write_backend(vi, bi)?;
                 }
                 Change::UpdateBackend(key, addr) => {
@@ -226,11 +226,8 @@ impl State {
                     let health = cfg_of(&key)?.health;
                     let vi = self.vip_index(&key)?;
                     let bi = self.backend_index(vi, addr)?;
-                    self.next_generation += 1;
-                    let b = &mut self.vips[vi].backends[bi];
-                    b.generation = self.next_generation;
-                    b.health = HealthState::new(health.rise, health.fall);
-                    spawns.push((key, b.cfg.address, b.generation));
+                    self.vips[vi].backends[bi].health = HealthState::new(health.rise, health.fall);
+                    spawns.push(self.probe_job(vi, bi, health));
                 }
                 Change::RebuildRing(key) => {
                     let vi = self.vip_index(&key)?;

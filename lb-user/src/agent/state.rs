@@ -1,5 +1,5 @@
 //! The agent's runtime model: every VIP with its backends (health, ids,
-//! generation of their health task) and regions, as programmed into the
+//! generation of their probe task) and regions, as programmed into the
 //! datapath, and the helpers that rebuild a VIP's rings from it.
 
 use super::*;
@@ -76,9 +76,12 @@ pub(super) struct BackendRt {
     pub(super) last_latency_ms: Option<f64>,
     pub(super) transitions: u64,
     pub(super) resolved: bool,
-    /// Health task generation: a task whose generation no longer matches
-    /// (backend removed, health settings changed) ends.
+    /// Probe task generation: reports of an older task (health settings
+    /// changed since) are ignored.
     pub(super) generation: u64,
+    /// Keeps the probe task alive; dropping it (backend removed, task
+    /// replaced) ends the task.
+    pub(super) probe: Option<tokio::sync::watch::Sender<()>>,
 }
 
 impl BackendRt {
@@ -129,9 +132,6 @@ pub(super) struct RegionRt {
     pub(super) ring_id: u32,
 }
 
-/// A health task to start: (VIP key, backend address, generation).
-pub(super) type Spawn = (VipKey, IpAddr, u64);
-
 pub(super) struct State {
     pub(super) dp: Dataplane,
     pub(super) cfg_path: PathBuf,
@@ -141,6 +141,8 @@ pub(super) struct State {
     pub(super) started: Instant,
     pub(super) events: Option<std::sync::mpsc::Sender<Event>>,
     pub(super) next_generation: u64,
+    /// Where probe tasks report (see `health_task`).
+    pub(super) observations: tokio::sync::mpsc::UnboundedSender<health_task::Observation>,
     /// VIP announcement (`[announce]`): the kernel table of our routes.
     pub(super) announce: Option<announce::Routes>,
     /// `lb node drain`: withdraw everything, whatever the backends say.
@@ -293,7 +295,6 @@ impl State {
         health: &config::Health,
     ) -> Result<BackendRt> {
         let id = self.backend_id(key, cfg.address)?;
-        self.next_generation += 1;
         Ok(BackendRt {
             cfg: cfg.clone(),
             id,
@@ -302,7 +303,8 @@ impl State {
             last_latency_ms: None,
             transitions: 0,
             resolved: false,
-            generation: self.next_generation,
+            generation: 0,
+            probe: None,
         })
     }
 
