@@ -282,8 +282,10 @@ pub const SETTINGS_F_FIB: u32 = 1 << 0;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct LoadgenCfg {
-    /// Number of distinct flows (>= 1). Flow f uses source address
-    /// `base + (f & 0xffff)` (last two bytes) and source port `1024 + (f >> 16)`.
+    /// Number of distinct flows (>= 1). IPv4: flow f uses source address
+    /// `base` with its last two bytes `f & 0xffff`, and source port
+    /// `1024 + (f >> 16)`. IPv6: the last four bytes of the address are `f`,
+    /// the port 1024 (every flow its own address).
     pub flows: u32,
     /// Offset of the IP header in the frame.
     pub l3_off: u32,

@@ -45,25 +45,34 @@ pub fn try_loadgen(ctx: &XdpContext) -> Result<u32, ()> {
     };
     let flows = if cfg.flows == 0 { 1 } else { cfg.flows as u64 };
     let flow = (n % flows) as u32;
+    // IPv4: the last 16 bits of the source address, then the port (a test
+    // range of 65,536 addresses). IPv6: the last 32 bits of the address, the
+    // port fixed, so every flow has a source address of its own.
+    let v4 = cfg.family == AF_INET;
     let addr_lo = (flow & 0xffff) as u16;
-    let port = 1024u16.wrapping_add((flow >> 16) as u16);
+    let (addr_hi, port) = if v4 {
+        (0, 1024u16.wrapping_add((flow >> 16) as u16))
+    } else {
+        ((flow >> 16) as u16, 1024)
+    };
 
     // Offsets bounded for the verifier (the frame is ours: Ethernet, maybe VLAN).
     let l3 = (cfg.l3_off & 0x3f) as usize;
     let l4 = (cfg.l4_off & 0xff) as usize;
-    // Source address: its last two bytes. IPv4: bytes 14..16 of the header
-    // are the low half of the source; IPv6: bytes 22..24.
-    let src_lo_off = if cfg.family == AF_INET {
-        l3 + 14
-    } else {
-        l3 + 22
-    };
+    // IPv4: bytes 14..16 of the header are the low half of the source;
+    // IPv6: bytes 20..24 its low 32 bits.
+    let src_lo_off = if v4 { l3 + 14 } else { l3 + 22 };
     let src_lo: *mut [u8; 2] = ptr_at(ctx, src_lo_off)?;
-    let old_addr = rd16(src_lo);
+    let old_lo = rd16(src_lo);
     wr16(src_lo, addr_lo);
-    if cfg.family == AF_INET {
+    let mut old_hi = 0;
+    if v4 {
         let ipc: *mut [u8; 2] = ptr_at(ctx, l3 + 10)?;
-        wr16(ipc, csum_replace(rd16(ipc), old_addr, addr_lo));
+        wr16(ipc, csum_replace(rd16(ipc), old_lo, addr_lo));
+    } else {
+        let src_hi: *mut [u8; 2] = ptr_at(ctx, l3 + 20)?;
+        old_hi = rd16(src_hi);
+        wr16(src_hi, addr_hi);
     }
     let sport: *mut [u8; 2] = ptr_at(ctx, l4)?;
     let old_port = rd16(sport);
@@ -76,8 +85,9 @@ pub fn try_loadgen(ctx: &XdpContext) -> Result<u32, ()> {
     };
     let l4c: *mut [u8; 2] = ptr_at(ctx, csum_off)?;
     let c = rd16(l4c);
-    if c != 0 || cfg.family != AF_INET || cfg.proto == PROTO_TCP {
-        let c = csum_replace(c, old_addr, addr_lo);
+    if c != 0 || !v4 || cfg.proto == PROTO_TCP {
+        let c = csum_replace(c, old_lo, addr_lo);
+        let c = csum_replace(c, old_hi, addr_hi);
         wr16(l4c, csum_replace(c, old_port, port));
     }
     Ok(xdp_action::XDP_TX)

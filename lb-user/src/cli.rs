@@ -164,8 +164,9 @@ struct LoadgenArgs {
     /// Destination MAC (default: the kernel's neighbour entry for --dst).
     #[arg(long)]
     dst_mac: Option<String>,
-    /// Base source address; flow f varies its last two bytes (and the source
-    /// port past 65536 flows). Default 198.19.0.0 or 2001:2:0:1::.
+    /// Base source address. IPv4: flow f sets its last two bytes, and the
+    /// source port past 65,536 flows. IPv6: flow f sets its last four bytes
+    /// (every flow its own address). Default 198.19.0.0 or 2001:2:0:1::.
     #[arg(long)]
     src: Option<IpAddr>,
     /// udp, or syn (TCP SYNs).

@@ -10,7 +10,7 @@ use std::{
 };
 
 use lb_common::{AF_INET, Backend, FlowKey, PROTO_TCP, PROTO_UDP, VipKey, VipMeta};
-use lb_tests::{Dataplane, Netns, backend_of, load, loader, mac_of, sink_count, tcp4, v4};
+use lb_tests::{Dataplane, Netns, backend_of, load, loader, mac_of, sink_count, tcp6, v4, v6};
 use lb_user::{
     api::{self, BackendInfo, BackendState, Request},
     tools::lab::{self, Lab},
@@ -75,9 +75,13 @@ impl RateRig {
             iface: "g0".into(),
             dst: dst.parse().unwrap(),
             dst_mac: Some(self.l0_mac),
-            src: "198.19.0.0".parse().unwrap(),
+            src: if dst.starts_with('[') {
+                "2001:2:0:1::".parse().unwrap()
+            } else {
+                "198.19.0.0".parse().unwrap()
+            },
             tcp_syn: syn,
-            size: 60,
+            size: 0,
             flows,
             rate: 0,
             duration: Some(Duration::from_secs_f64(secs)),
@@ -202,30 +206,34 @@ fn bench_packet_rate() {
     emit(json!({"bench": "packet_rate", "frame": 60, "runs": 3, "seconds": 2, "rows": rows}));
 }
 
-#[test]
-#[ignore = "benchmark: cargo xtask bench"]
-fn bench_syn_flood() {
-    let rig = RateRig::new("bsf");
+/// One SYN flood of `flows` distinct IPv6 sources into a `table`-entry
+/// connection table with the flood guard at the agent's default, then a
+/// fourth backend joins the ring: of 1000 flows established before, how many
+/// are still in the table, and how many of those kept their backend.
+fn syn_flood_once(rig: &RateRig, table: u32, flows: u32, guard: u32) -> serde_json::Value {
+    // Everything on CPU 0: the established flows' inserts, the generator and
+    // (veth runs the peer's XDP on the sending CPU) the flood, so they share
+    // one CPU's flood-guard budget: the guard counts per CPU.
+    let _pin = PinCpu::to(0);
+    let vip_addr: std::net::Ipv6Addr = "2001:2::20:100".parse().unwrap();
     let vip = VipKey {
-        addr: v4([198, 18, 20, 100]),
+        addr: v6(vip_addr),
         port: 80,
         proto: PROTO_TCP,
-        family: AF_INET,
+        family: lb_common::AF_INET6,
     };
-    let table = 1u32 << 20;
-    let mut lb = balancer(&rig, vip, table);
+    let mut lb = balancer(rig, vip, table);
+    Dataplane::new(&mut lb)
+        .set_flood_limit(guard)
+        .expect("flood guard");
     // 1000 established flows, from addresses the flood does not use.
-    let est: Vec<([u8; 4], u16)> = (0..1000u32)
-        .map(|i| ([198, 18, 30 + (i / 250) as u8, (i % 250) as u8], 40000))
+    let est: Vec<[u8; 16]> = (0..1000u16)
+        .map(|i| v6(std::net::Ipv6Addr::new(0x2001, 2, 0, 0x30, 0, 0, 0, i)))
         .collect();
+    let pkt = |a: &[u8; 16]| tcp6(*a, v6(vip_addr), 40000, 80, b"");
     let mut first = Vec::new();
-    for (a, p) in &est {
-        let r = lb_tests::run(
-            &mut lb,
-            lb_common::PROG_BALANCER,
-            &tcp4(*a, [198, 18, 20, 100], *p, 80, b""),
-        )
-        .expect("run");
+    for a in &est {
+        let r = lb_tests::run(&mut lb, lb_common::PROG_BALANCER, &pkt(a)).expect("run");
         first.push(backend_of(&r.out));
     }
     rig.lb_ns
@@ -239,47 +247,129 @@ fn bench_syn_flood() {
         })
         .expect("setns")
         .expect("attach");
-    let t0 = Instant::now();
-    let (sent, fwd) = rig.blast("198.18.20.100:80", true, 1_000_000, 4.0);
-    let secs = t0.elapsed().as_secs_f64();
-    let dp = Dataplane::new(&mut lb);
+    let (sent, fwd) = rig.blast("[2001:2::20:100]:80", true, flows, 4.0);
+    let mut dp = Dataplane::new(&mut lb);
     let new_flows = dp.vip_traffic(0).expect("stats").new_flows;
-    let still_in_table = est
+    let table_entries = dp.flows().expect("flows").len();
+    let in_table: Vec<bool> = est
         .iter()
-        .filter(|(a, p)| {
+        .map(|a| {
             let k = FlowKey {
-                src: v4(*a),
-                dst: v4([198, 18, 20, 100]),
-                sport: *p,
+                src: *a,
+                dst: v6(vip_addr),
+                sport: 40000,
                 dport: 80,
                 proto: PROTO_TCP,
                 _pad: [0; 3],
             };
             dp.flow(&k).ok().flatten().is_some()
         })
-        .count();
-    let mut moved = 0;
-    for ((a, p), b) in est.iter().zip(&first) {
-        let r = lb_tests::run(
-            &mut lb,
-            lb_common::PROG_BALANCER,
-            &tcp4(*a, [198, 18, 20, 100], *p, 80, b""),
-        )
-        .expect("run");
-        if backend_of(&r.out) != *b {
-            moved += 1;
+        .collect();
+    // The ring changes: a fourth backend joins.
+    let b4 = Backend {
+        addr: v4([198, 18, 21, 4]),
+        dst_mac: lb_tests::backend_mac(4),
+        src_mac: rig.l0_mac,
+        ifindex: 0,
+        family: AF_INET,
+        state: lb_common::BACKEND_UP,
+        weight: 1,
+    };
+    dp.set_backend(4, &b4).expect("backend 4");
+    let entries: Vec<_> = (1..=4u32)
+        .map(|i| lb_user::policy::maglev::Entry {
+            id: i,
+            addr: v4([198, 18, 21, i as u8]),
+            weight: 1,
+        })
+        .collect();
+    dp.install_ring(&vip, &lb_user::policy::maglev::build(&entries, 65537))
+        .expect("ring");
+    let (mut kept, mut moved_outside) = (0, 0);
+    for ((a, b), in_t) in est.iter().zip(&first).zip(&in_table) {
+        let r = lb_tests::run(&mut lb, lb_common::PROG_BALANCER, &pkt(a)).expect("run");
+        let same = backend_of(&r.out) == *b;
+        match (in_t, same) {
+            (true, true) => kept += 1,
+            (false, false) => moved_outside += 1,
+            _ => {}
         }
     }
+    let still = in_table.iter().filter(|x| **x).count();
     println!(
-        "SYN flood over {secs:.1} s: offered {:.3} Mpps, forwarded {:.3} Mpps, {new_flows} new flows; \
-         established flows still in the table {still_in_table}/1000, moved to another backend {moved}",
+        "SYN flood: offered {:.3} Mpps, forwarded {:.3} Mpps, {new_flows} new flows, {table_entries} table entries; of 1000 established, \
+         {still} still in the table, {kept} of those kept their backend after the ring change \
+         ({moved_outside} not in the table moved)",
         sent / 1e6,
         fwd / 1e6
     );
-    emit(
-        json!({"bench": "syn_flood", "sources": 1_000_000, "table_size": table, "offered_pps": sent, "forwarded_pps": fwd,
-        "new_flows": new_flows, "established": 1000, "established_still_in_table": still_in_table, "established_moved": moved}),
-    );
+    json!({"offered_pps": sent, "forwarded_pps": fwd, "new_flows": new_flows, "table_entries": table_entries,
+        "still_in_table": still, "kept_backend": kept, "moved_not_in_table": moved_outside})
+}
+
+/// Pins the calling thread (and threads it starts) to one CPU until dropped.
+struct PinCpu(libc::cpu_set_t);
+
+impl PinCpu {
+    fn to(cpu: usize) -> Self {
+        // SAFETY: plain libc calls on zeroed cpu_set_t values of this thread.
+        unsafe {
+            let mut old: libc::cpu_set_t = std::mem::zeroed();
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old);
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+                0,
+                "pinning to CPU {cpu}"
+            );
+            Self(old)
+        }
+    }
+}
+
+impl Drop for PinCpu {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `to`.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) };
+    }
+}
+
+/// SYN floods of distinct sources for 4 s, three runs per row: 1,000,000
+/// sources into a 65,536-entry table, 4,000,000 into the default table
+/// (1,048,576), both with the flood guard at its default, and the default
+/// table without the guard (control). Each flood is larger than its table.
+/// The 1000 established flows are idle during the flood.
+#[test]
+#[ignore = "benchmark: cargo xtask bench"]
+fn bench_syn_flood() {
+    let rig = RateRig::new("bsf");
+    let mut rows = Vec::new();
+    let big = lb_common::DEFAULT_FLOW_TABLE_SIZE;
+    for (table, flows, guard) in [
+        (65_536u32, 1_000_000u32, lb_common::DEFAULT_NEW_FLOW_LIMIT),
+        (big, 4_000_000, lb_common::DEFAULT_NEW_FLOW_LIMIT),
+        (big, 4_000_000, 0),
+    ] {
+        let runs: Vec<serde_json::Value> = (0..3)
+            .map(|_| syn_flood_once(&rig, table, flows, guard))
+            .collect();
+        let med = |k: &str| {
+            median(
+                runs.iter()
+                    .map(|r| r[k].as_f64().unwrap_or(f64::NAN))
+                    .collect(),
+            )
+        };
+        rows.push(json!({"table_size": table, "sources": flows, "flood_guard_per_cpu_s": guard,
+            "offered_pps": med("offered_pps"), "forwarded_pps": med("forwarded_pps"), "new_flows": med("new_flows"),
+            "established_still_in_table": med("still_in_table"), "established_kept_backend": med("kept_backend"),
+            "moved_not_in_table": med("moved_not_in_table"), "per_run": runs}));
+    }
+    emit(json!({"bench": "syn_flood", "runs": 3, "seconds": 4,
+        "sources_vary": "the last 32 bits of an IPv6 source address (every SYN flow its own address)",
+        "established": 1000, "established_activity": "idle during the flood",
+        "ring_change": "a fourth backend joins after the flood", "rows": rows}));
 }
 
 /// The lab with the agent running (DSR, tcp checks).

@@ -140,3 +140,132 @@ fn loadgen_sends_distinct_flows_through_the_balancer() {
         "the sink received most of what was bounced: {received}"
     );
 }
+
+/// The generator's flow space, frame by frame through its own program
+/// (BPF_PROG_TEST_RUN, its sequence counter set for each case): IPv6 flows
+/// past 65,536 get source addresses of their own (the last four bytes are
+/// the flow number, the port stays), IPv4 flows past 65,536 reuse the 65,536
+/// addresses with the next port; every frame's checksums stay valid.
+#[test]
+fn loadgen_flow_space_and_checksums() {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    let mut e = load().expect("load");
+    let nr_cpus = aya::util::nr_cpus().expect("cpus");
+    for (dst, src, syn) in [
+        ("[2001:2::100]:80", "2001:2:0:1::", true),
+        ("[2001:2::100]:53", "2001:2:0:1::", false),
+        ("198.18.20.100:80", "198.19.0.0", true),
+        ("198.18.20.100:53", "198.19.0.0", false),
+    ] {
+        let o = lb_user::tools::loadgen::Options {
+            iface: "unused".into(),
+            dst: dst.parse().unwrap(),
+            dst_mac: Some([2, 0, 0, 0, 0, 1]),
+            src: src.parse().unwrap(),
+            tcp_syn: syn,
+            size: 0,
+            flows: 4_000_000,
+            rate: 0,
+            duration: None,
+            count: Some(1),
+            threads: 1,
+            progress: false,
+        };
+        let (frame, cfg) =
+            lb_user::tools::loadgen::template(&o, [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+                .expect("template");
+        {
+            let m = e.map_mut(lb_common::MAP_LOADGEN).expect("LOADGEN");
+            let mut a: aya::maps::Array<_, lb_common::LoadgenCfg> =
+                aya::maps::Array::try_from(m).unwrap();
+            a.set(0, cfg, 0).unwrap();
+        }
+        let mut seen = std::collections::HashSet::new();
+        for flow in [0u32, 1, 65_535, 65_536, 65_537, 999_999, 3_999_999] {
+            {
+                let m = e.map_mut("LOADGEN_SEQ").expect("LOADGEN_SEQ");
+                let mut seq: aya::maps::PerCpuArray<_, u64> =
+                    aya::maps::PerCpuArray::try_from(m).unwrap();
+                seq.set(
+                    0,
+                    aya::maps::PerCpuValues::try_from(vec![flow as u64; nr_cpus]).unwrap(),
+                    0,
+                )
+                .unwrap();
+            }
+            let r = lb_tests::run(&mut e, lb_common::PROG_LOADGEN, &frame).expect("run");
+            assert_eq!(r.action, lb_tests::action::TX, "{dst} flow {flow}");
+            let p = SlicedPacket::from_ethernet(&r.out).expect("parse");
+            let (src_addr, v4_ok): (std::net::IpAddr, bool) = match &p.net {
+                Some(NetSlice::Ipv4(ip)) => {
+                    let h = ip.header().to_header();
+                    (
+                        ip.header().source_addr().into(),
+                        h.calc_header_checksum() == h.header_checksum,
+                    )
+                }
+                Some(NetSlice::Ipv6(ip)) => (ip.header().source_addr().into(), true),
+                _ => panic!("not IP"),
+            };
+            assert!(v4_ok, "{dst} flow {flow}: IPv4 header checksum");
+            let (sport, csum_ok) = match (&p.transport, &p.net) {
+                (Some(TransportSlice::Tcp(t)), Some(NetSlice::Ipv6(ip))) => (
+                    t.source_port(),
+                    t.to_header()
+                        .calc_checksum_ipv6(&ip.header().to_header(), t.payload())
+                        .unwrap()
+                        == t.checksum(),
+                ),
+                (Some(TransportSlice::Tcp(t)), Some(NetSlice::Ipv4(ip))) => (
+                    t.source_port(),
+                    t.to_header()
+                        .calc_checksum_ipv4(&ip.header().to_header(), t.payload())
+                        .unwrap()
+                        == t.checksum(),
+                ),
+                (Some(TransportSlice::Udp(u)), Some(NetSlice::Ipv6(ip))) => (
+                    u.source_port(),
+                    u.to_header()
+                        .calc_checksum_ipv6(&ip.header().to_header(), u.payload())
+                        .unwrap()
+                        == u.checksum(),
+                ),
+                (Some(TransportSlice::Udp(u)), Some(NetSlice::Ipv4(ip))) => (
+                    u.source_port(),
+                    u.checksum() == 0
+                        || u.to_header()
+                            .calc_checksum_ipv4(&ip.header().to_header(), u.payload())
+                            .unwrap()
+                            == u.checksum(),
+                ),
+                _ => panic!("{dst}: no transport header"),
+            };
+            assert!(csum_ok, "{dst} flow {flow}: transport checksum");
+            match src_addr {
+                std::net::IpAddr::V6(a) => {
+                    let o = a.octets();
+                    assert_eq!(
+                        &o[..12],
+                        &src.parse::<std::net::Ipv6Addr>().unwrap().octets()[..12]
+                    );
+                    assert_eq!(
+                        u32::from_be_bytes(o[12..].try_into().unwrap()),
+                        flow,
+                        "{dst}"
+                    );
+                    assert_eq!(sport, 1024, "{dst} flow {flow}: IPv6 keeps the port");
+                }
+                std::net::IpAddr::V4(a) => {
+                    let o = a.octets();
+                    assert_eq!(&o[..2], &[198, 19]);
+                    assert_eq!(u16::from_be_bytes([o[2], o[3]]), (flow & 0xffff) as u16);
+                    assert_eq!(sport, 1024 + (flow >> 16) as u16, "{dst} flow {flow}");
+                }
+            }
+            assert!(
+                seen.insert((src_addr, sport)),
+                "{dst}: flow {flow} repeats an earlier one"
+            );
+        }
+    }
+}

@@ -27,7 +27,7 @@ pub struct Options {
     pub dst: SocketAddr,
     /// Destination MAC; `None` = the kernel's neighbour entry for `dst`.
     pub dst_mac: Option<[u8; 6]>,
-    /// Base source address; flow f uses its last two bytes = f & 0xffff.
+    /// Base source address (see [`LoadgenCfg::flows`] for what each flow varies).
     pub src: IpAddr,
     pub tcp_syn: bool,
     /// Frame size in bytes (without FCS), >= the headers; 0 = the smallest
