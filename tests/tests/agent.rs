@@ -170,6 +170,15 @@ fn pinned_flow(instance: &str, key: &lb_common::FlowKey) -> Option<lb_common::Fl
     m.get(key, 0).ok()
 }
 
+/// Backend `id`'s datapath entry in the instance's pinned map, read the way
+/// another process would.
+fn pinned_backend(instance: &str, id: u32) -> Option<lb_common::Backend> {
+    let md =
+        aya::maps::MapData::from_pin(format!("/sys/fs/bpf/lb/{instance}/maps/BACKENDS")).ok()?;
+    let a = aya::maps::Array::<_, lb_common::Backend>::try_from(aya::maps::Map::Array(md)).ok()?;
+    a.get(&id, 0).ok()
+}
+
 /// Sends `n` requests, `gap` apart, from the client namespace; returns
 /// (send time, backend name or error) for each.
 fn traffic(d: &Dc, n: usize, gap: Duration) -> Vec<(Instant, Result<String, String>)> {
@@ -1034,4 +1043,71 @@ fn explain_names_the_backend_that_answers() {
         drop(conn);
     }
     assert!(seen.len() >= 2, "the ports spread over backends: {seen:?}");
+}
+
+/// A backend's MAC changes and the LB's kernel learns it (as from a
+/// gratuitous ARP) with no probe failing: within 25 probes the agent writes
+/// the new MAC into the backend's datapath entry, without a health
+/// transition, and traffic through the VIP reaches the backend again.
+#[test]
+fn next_hop_refresh_follows_a_backend_mac_change() {
+    let d = dc("agn", 2).expect("dc");
+    let _srv = servers(&d);
+    let agent = Agent::start("agn", &d, 2);
+    let b1 = || {
+        agent
+            .backends()
+            .into_iter()
+            .find(|b| b.address.to_string() == backend_addr(1))
+            .expect("b1 listed")
+    };
+    let before = b1();
+    let old = pinned_backend(&agent.instance, before.id).expect("pinned entry");
+    let new_mac = [0x02, 0x00, 0x5e, 0x00, 0x11, 0x02];
+    assert_ne!(old.dst_mac, new_mac);
+    let mac = lb_tests::fmt_mac(new_mac);
+    d.backends[0]
+        .exec("ip", &["link", "set", "b0", "address", &mac])
+        .expect("new MAC");
+    d.lb.exec(
+        "ip",
+        &[
+            "neigh",
+            "replace",
+            &backend_addr(1),
+            "lladdr",
+            &mac,
+            "dev",
+            "l1",
+            "nud",
+            "reachable",
+        ],
+    )
+    .expect("neighbour learnt");
+    let t0 = Instant::now();
+    while pinned_backend(&agent.instance, before.id).map(|b| b.dst_mac) != Some(new_mac) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the datapath entry still has the old MAC after 10 s (25 probes are about 5.5 s)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "new MAC in the datapath {:?} after the change",
+        t0.elapsed()
+    );
+    assert_eq!(
+        b1().transitions,
+        before.transitions,
+        "picked up without a health transition"
+    );
+    let after = traffic(&d, 60, Duration::ZERO);
+    assert!(
+        after.iter().all(|(_, r)| r.is_ok()),
+        "every request answered: {after:?}"
+    );
+    assert!(
+        after.iter().any(|(_, r)| r.as_deref() == Ok("b1")),
+        "b1 answers through its new MAC: {after:?}"
+    );
 }
