@@ -704,3 +704,90 @@ fn icmp6_too_big(client_port: u16) -> Vec<u8> {
     b.write(&mut v, &quoted).expect("write");
     v
 }
+
+/// Runs the balancer on `pkt` with `meta` bytes of XDP metadata in front of
+/// it, which leaves the packet only 256 − `meta` bytes of headroom.
+fn run_with_headroom_taken(f: &mut Fixture, pkt: &[u8], meta: u32) -> lb_tests::Run {
+    use aya::programs::{TestRun as _, TestRunOptions};
+    let mut data = vec![0u8; meta as usize];
+    data.extend_from_slice(pkt);
+    let mut ctx = [0u8; 24];
+    ctx[0..4].copy_from_slice(&meta.to_ne_bytes());
+    ctx[4..8].copy_from_slice(&(data.len() as u32).to_ne_bytes());
+    let mut out = vec![0u8; data.len() + 256];
+    let p = lb_tests::loader::xdp_program(&mut f.ebpf, lb_common::PROG_BALANCER).expect("prog");
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(&data),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .expect("test run");
+    out.truncate(r.data_size_out as usize);
+    lb_tests::Run {
+        action: r.return_value,
+        out,
+    }
+}
+
+/// An `ipip` packet with too little headroom for the outer header (200
+/// bytes of metadata leave 56; the kernel keeps 40 for its frame header):
+/// dropped as `encap_failed`, counted once, and no flow recorded; the same
+/// packet with the usual headroom is encapsulated.
+#[test]
+fn ipip_without_headroom_is_encap_failed_and_records_nothing() {
+    let mut f = standard();
+    for (pkt, key) in [
+        (
+            udp4(CLIENT4, VIP4, 40001, 53, b"q"),
+            lb_common::FlowKey {
+                src: v4(CLIENT4),
+                dst: v4(VIP4),
+                sport: 40001,
+                dport: 53,
+                proto: PROTO_UDP,
+                _pad: [0; 3],
+            },
+        ),
+        (
+            udp6(client6(), vip6(), 40001, 53, b"q"),
+            lb_common::FlowKey {
+                src: client6(),
+                dst: vip6(),
+                sport: 40001,
+                dport: 53,
+                proto: PROTO_UDP,
+                _pad: [0; 3],
+            },
+        ),
+    ] {
+        let before = f.verdicts().expect("verdicts");
+        let r = run_with_headroom_taken(&mut f, &pkt, 200);
+        let after = f.verdicts().expect("verdicts");
+        assert_eq!(r.action, action::DROP);
+        let moved: Vec<(usize, u64)> = after
+            .iter()
+            .zip(&before)
+            .enumerate()
+            .filter(|(_, (a, b))| a != b)
+            .map(|(i, (a, b))| (i, a - b))
+            .collect();
+        assert_eq!(
+            moved,
+            [(verdict::ENCAP_FAILED as usize, 1)],
+            "exactly one encap_failed"
+        );
+        assert!(
+            f.dp().flow(&key).expect("lookup").is_none(),
+            "a packet that could not be sent leaves no flow"
+        );
+        let ok = run_with_headroom_taken(&mut f, &pkt, 0);
+        assert_eq!(ok.action, action::TX, "with headroom it is encapsulated");
+        assert_eq!(
+            ok.out.len(),
+            pkt.len() + if key.src == client6() { 40 } else { 20 }
+        );
+        assert!(f.dp().flow(&key).expect("lookup").is_some());
+    }
+}
