@@ -379,9 +379,13 @@ fn least_connections_keeps_backends_closer_than_round_robin() {
         "mean spread of in-flight requests across backends (max - min): round-robin {rr:.2}, least-connections {lc:.2}"
     );
     assert_eq!((rr_failed, lc_failed), (0, 0));
+    // Three runs on this VM (2026-11-27): round-robin 3.80 / 4.74 / 4.29,
+    // least-connections 1.08 / 0.98 / 1.00, a ratio of 0.21-0.28; 0.6 leaves
+    // room for a noisy machine and still fails when least-connections is no
+    // better than round-robin.
     assert!(
-        lc < rr,
-        "least-connections ({lc:.2}) should keep backends closer than round-robin ({rr:.2})"
+        lc <= 0.6 * rr,
+        "least-connections ({lc:.2}) should keep backends much closer than round-robin ({rr:.2})"
     );
 }
 
