@@ -454,7 +454,12 @@ fn busy_cpu_s() -> f64 {
 /// One wrk run: requests/s, p50 and p99 latency in ms, and the whole VM's
 /// busy CPU microseconds per request (clients, balancer and backends share
 /// it, so differences between paths are the paths' own cost).
-fn wrk(ns: &str, url: &str, secs: u32) -> (f64, f64, f64, f64) {
+type WrkRun = (f64, f64, f64, f64, f64);
+
+/// One wrk run: (requests/s, p50 ms, p99 ms, VM CPU µs per request, errors:
+/// socket errors plus non-2xx/3xx answers). Fails loudly when wrk is
+/// missing, exits with an error, or reports no request.
+fn wrk(ns: &str, url: &str, secs: u32) -> WrkRun {
     // `timeout`: wrk can hang past its duration when nothing connects.
     let limit = (secs + 10).to_string();
     let cpu0 = busy_cpu_s();
@@ -473,9 +478,16 @@ fn wrk(ns: &str, url: &str, secs: u32) -> (f64, f64, f64, f64) {
         ])
         .args(["-H", "Connection: close", url])
         .output()
-        .expect("wrk (install it: apt-get install wrk)");
+        .expect("running timeout/ip/wrk");
     let cpu = busy_cpu_s() - cpu0;
     let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "wrk against {url} failed ({}; `cargo xtask bench` installs wrk): {}{}",
+        out.status,
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ms = |s: &str| -> f64 {
         let s = s.trim();
         if let Some(v) = s.strip_suffix("us") {
@@ -491,8 +503,19 @@ fn wrk(ns: &str, url: &str, secs: u32) -> (f64, f64, f64, f64) {
     let mut rps = f64::NAN;
     let (mut p50, mut p99) = (f64::NAN, f64::NAN);
     let mut requests = f64::NAN;
+    let mut errors = 0.0;
     for line in text.lines() {
         let l = line.trim();
+        // "Socket errors: connect 0, read 3, write 0, timeout 1" and
+        // "Non-2xx or 3xx responses: 5".
+        if let Some(v) = l.strip_prefix("Socket errors:") {
+            errors += v
+                .split(',')
+                .filter_map(|p| p.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .sum::<f64>();
+        } else if let Some(v) = l.strip_prefix("Non-2xx or 3xx responses:") {
+            errors += v.trim().parse::<f64>().unwrap_or(0.0);
+        }
         if let Some(v) = l.strip_prefix("Requests/sec:") {
             rps = v.trim().parse().unwrap_or(f64::NAN);
         } else if let Some(v) = l.strip_prefix("50%") {
@@ -507,7 +530,11 @@ fn wrk(ns: &str, url: &str, secs: u32) -> (f64, f64, f64, f64) {
                 .unwrap_or(f64::NAN);
         }
     }
-    (rps, p50, p99, cpu * 1e6 / requests)
+    assert!(
+        rps.is_finite() && rps > 0.0 && requests > 0.0 && p50.is_finite() && p99.is_finite(),
+        "wrk against {url} measured nothing: {text}"
+    );
+    (rps, p50, p99, cpu * 1e6 / requests, errors)
 }
 
 #[test]
@@ -583,7 +610,7 @@ fn bench_http() {
         ),
     ];
     let mut rows = Vec::new();
-    let mut results: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); targets.len()];
+    let mut results: Vec<Vec<WrkRun>> = vec![Vec::new(); targets.len()];
     for _ in 0..3 {
         for (i, (_, url)) in targets.iter().enumerate() {
             results[i].push(wrk(&client, url, 3));
@@ -594,10 +621,11 @@ fn bench_http() {
         let p50 = median(results[i].iter().map(|x| x.1).collect());
         let p99 = median(results[i].iter().map(|x| x.2).collect());
         let cpu_us = median(results[i].iter().map(|x| x.3).collect());
+        let errors: f64 = results[i].iter().map(|x| x.4).sum();
         println!(
-            "{name:<36} {rps:>10.0} req/s  p50 {p50:.2} ms  p99 {p99:.2} ms  {cpu_us:.1} µs CPU/request (whole VM)"
+            "{name:<36} {rps:>10.0} req/s  p50 {p50:.2} ms  p99 {p99:.2} ms  {cpu_us:.1} µs CPU/request (whole VM), {errors} errors in 3 runs"
         );
-        rows.push(json!({"target": name, "rps": rps, "p50_ms": p50, "p99_ms": p99, "vm_cpu_us_per_request": cpu_us}));
+        rows.push(json!({"target": name, "rps": rps, "p50_ms": p50, "p99_ms": p99, "vm_cpu_us_per_request": cpu_us, "errors": errors}));
     }
     emit(
         json!({"bench": "http", "tool": "wrk -t2 -c32 -d3s, Connection: close", "runs": 3, "rows": rows}),

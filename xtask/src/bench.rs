@@ -277,19 +277,20 @@ fn markdown(r: &Value) -> String {
         r["http"]["runs"]
     ));
     o.push_str(
-        "| path | requests/s | vs direct | p50 ms | p99 ms | VM CPU µs/request |\n|---|---:|---:|---:|---:|---:|\n",
+        "| path | requests/s | vs direct | p50 ms | p99 ms | VM CPU µs/request | errors (3 runs) |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
     let rows = r["http"]["rows"].as_array().cloned().unwrap_or_default();
     let direct = rows.first().map(|x| f(&x["rps"])).unwrap_or(f64::NAN);
     for row in &rows {
         o.push_str(&format!(
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} |\n",
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0} |\n",
             row["target"].as_str().unwrap_or(""),
             f(&row["rps"]),
             f(&row["rps"]) / direct,
             f(&row["p50_ms"]),
             f(&row["p99_ms"]),
-            f(&row["vm_cpu_us_per_request"])
+            f(&row["vm_cpu_us_per_request"]),
+            f(&row["errors"])
         ));
     }
     if rows
