@@ -161,6 +161,7 @@ fn bench_packet_rate() {
         let mut floor_runs = Vec::new();
         let mut lb_runs = Vec::new();
         let mut sent_runs = Vec::new();
+        let mut floor_sent_runs = Vec::new();
         for _ in 0..3 {
             // The floor program in the LB's place, then the balancer, alternating.
             let mut floor = load().expect("load");
@@ -175,7 +176,9 @@ fn bench_packet_rate() {
                 })
                 .expect("setns")
                 .expect("attach floor");
-            floor_runs.push(rig.blast("198.18.20.100:9", false, flows, 2.0).1);
+            let (floor_sent, floor_fwd) = rig.blast("198.18.20.100:9", false, flows, 2.0);
+            floor_sent_runs.push(floor_sent);
+            floor_runs.push(floor_fwd);
             drop(floor);
             let mut lb = balancer(&rig, vip, 1 << 18);
             rig.lb_ns
@@ -201,7 +204,13 @@ fn bench_packet_rate() {
             l / 1e6,
             l / f
         );
-        rows.push(json!({"flows": flows, "floor_pps": f, "lb_pps": l, "ratio": l / f, "offered_pps": median(sent_runs)}));
+        // The offered rates say whether the generator, not the program,
+        // set the pace: the ratio means something only if both were offered
+        // about the same and each forwarded less than it was offered.
+        rows.push(
+            json!({"flows": flows, "floor_pps": f, "lb_pps": l, "ratio": l / f,
+            "offered_pps": median(sent_runs), "floor_offered_pps": median(floor_sent_runs)}),
+        );
     }
     emit(json!({"bench": "packet_rate", "frame": 60, "runs": 3, "seconds": 2, "rows": rows}));
 }

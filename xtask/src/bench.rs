@@ -229,16 +229,22 @@ fn markdown(r: &Value) -> String {
     o.push_str(
         "## Packet rate (minimum-size UDP frames: 60 bytes + FCS = 64 on the wire; `lb loadgen` → LB veth → sink, 2 s runs, median of 3)\n\n",
     );
-    o.push_str("| flows | floor (swap MACs + XDP_TX) Mpps | lb Mpps | lb / floor |\n|---:|---:|---:|---:|\n");
+    o.push_str("| flows | floor offered Mpps | floor (swap MACs + XDP_TX) Mpps | lb offered Mpps | lb Mpps | lb / floor |\n|---:|---:|---:|---:|---:|---:|\n");
     for row in r["packet_rate"]["rows"].as_array().into_iter().flatten() {
         o.push_str(&format!(
-            "| {} | {:.3} | {:.3} | {:.2} |\n",
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |\n",
             row["flows"],
+            f(&row["floor_offered_pps"]) / 1e6,
             f(&row["floor_pps"]) / 1e6,
+            f(&row["offered_pps"]) / 1e6,
             f(&row["lb_pps"]) / 1e6,
             f(&row["ratio"])
         ));
     }
+    o.push_str(
+        "\nThe generator shares the VM's two vCPUs with the program it measures: the offered columns show whether it \
+         offered both programs the same rate (if it offered the balancer less, part of the gap is the generator's).\n",
+    );
     let s = &r["syn_flood"];
     o.push_str(&format!(
         "\n**SYN flood** ({} s per run, median of {} runs per row; sources: {}). {} established flows, {}; after the \
