@@ -62,12 +62,16 @@ enum Cmd {
     /// and fail them over. SIGHUP reloads the file.
     Run {
         /// Configuration file (TOML).
-        #[arg(long, short)]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Log lines as text or JSON (one object per line); levels follow
+        /// `RUST_LOG` (default `info`).
+        #[arg(long, value_enum, default_value_t = crate::agent::logging::LogFormat::Text)]
+        log_format: crate::agent::logging::LogFormat,
     },
     /// Validate a configuration file without touching anything.
     Check {
-        #[arg(long, short)]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Stop the agent of an instance and detach and remove its datapath.
@@ -362,10 +366,19 @@ pub fn main() {
     }
 }
 
+/// Where a host install keeps the configuration (see README, "Install on a
+/// host").
+pub const DEFAULT_CONFIG: &str = "/etc/lb/lb.toml";
+
 fn real_main() -> Result<()> {
+    use crate::agent::logging::{self, LogFormat};
     let cli = Cli::parse();
+    match &cli.cmd {
+        Cmd::Run { log_format, .. } => logging::init(*log_format, "info"),
+        _ => logging::init(LogFormat::Text, "warn"),
+    }
     match cli.cmd {
-        Cmd::Run { config } => crate::agent::run(&config),
+        Cmd::Run { config, .. } => crate::agent::run(&config),
         Cmd::Check { config } => {
             let cfg = crate::config::load(&config)?;
             println!("{}: ok, {} VIP(s)", config.display(), cfg.vips.len());

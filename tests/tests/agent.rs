@@ -71,7 +71,7 @@ impl Agent {
             .open(&self.log)
             .expect("log");
         let child = Command::new(LB)
-            .args(["run", "--config"])
+            .args(["run", "--log-format", "json", "--config"])
             .arg(&self.config)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -108,6 +108,16 @@ impl Agent {
 
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The agent's log events (one JSON object per line) whose fields
+    /// include every `(key, value)` of `want`.
+    fn events(&self, want: &[(&str, &str)]) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| want.iter().all(|(k, v)| e[*k].as_str() == Some(*v)))
+            .collect()
     }
 
     /// Runs the CLI against this agent.
@@ -291,6 +301,16 @@ fn failover_within_a_second_and_recovery() {
         (BackendState::Down, "refused")
     );
     assert!(health.contains("down") && health.contains("refused"));
+    // The transition is one structured log event with its fields.
+    let down = agent.events(&[
+        ("message", "backend health changed"),
+        ("state", "down"),
+        ("backend", &backend_addr(2)),
+        ("vip", "198.18.0.100:8080/tcp"),
+        ("reason", "refused"),
+    ]);
+    assert_eq!(down.len(), 1, "one DOWN event for b2: {down:?}");
+    assert_eq!(down[0]["level"], "WARN");
     let stats: serde_json::Value =
         serde_json::from_str(&agent.cli(&["stats", "--json"]).expect("stats")).expect("json");
     // Every answered connection is at least three client packets through XDP.
@@ -835,6 +855,18 @@ fn vip_edits_sighup_and_metrics_end_to_end() {
         saved,
         "refused edits change nothing"
     );
+    // Each refusal is one structured log event naming the edit and why.
+    let refused = agent.events(&[("message", "change refused, nothing changed")]);
+    assert_eq!(refused.len(), 2, "two refusals logged: {refused:?}");
+    assert!(
+        refused[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("must be a prime"))
+            && refused[0]["edit"]
+                .as_str()
+                .is_some_and(|e| e.contains("ring_size")),
+        "{refused:?}"
+    );
     agent
         .cli(&["vip", "set", "198.18.0.100:8080", "scheduler=maglev"])
         .expect("back to maglev");
@@ -874,6 +906,14 @@ fn vip_edits_sighup_and_metrics_end_to_end() {
             agent.log_text()
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+    let t0 = Instant::now();
+    while agent
+        .events(&[("message", "configuration reloaded"), ("source", "SIGHUP")])
+        .is_empty()
+    {
+        assert!(t0.elapsed() < Duration::from_secs(2), "no reload event");
+        std::thread::sleep(Duration::from_millis(20));
     }
 
     // /metrics (inside the agent's namespace), read by a Prometheus parser.
@@ -917,6 +957,24 @@ fn vip_edits_sighup_and_metrics_end_to_end() {
         value("lb_backend_up", ("backend", &backend_addr(2))),
         1.0,
         "a healthy backend is up"
+    );
+    // Health-probe durations: a histogram per backend, with probes in it.
+    let probes = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "lb_health_probe_duration_seconds"
+                && s.labels.get("backend") == Some(&backend_addr(2))
+        })
+        .unwrap_or_else(|| panic!("no probe histogram for b2 in:\n{text}"));
+    let prometheus_parse::Value::Histogram(buckets) = &probes.value else {
+        panic!("probe durations are not a histogram: {:?}", probes.value);
+    };
+    let all = buckets.last().expect("buckets").count;
+    assert!(all >= 2.0, "b2 probed at least twice: {buckets:?}");
+    assert!(
+        buckets.iter().any(|b| b.less_than <= 0.01 && b.count > 0.0),
+        "probes on a local veth finish within 10 ms: {buckets:?}"
     );
 }
 

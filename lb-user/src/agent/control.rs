@@ -111,11 +111,28 @@ pub(super) fn handle(shared: &Shared, req: Request) -> Result<serde_json::Value>
         Request::Health => to_value(lock(shared)?.backend_list(None))?,
         Request::Stats => to_value(lock(shared)?.stats()?)?,
         Request::Edit(edit) => {
-            change(shared, edit)?;
+            let what = serde_json::to_string(&edit).unwrap_or_default();
+            match change(shared, edit) {
+                Ok(()) => tracing::info!(edit = %what, "change applied and saved"),
+                Err(e) => {
+                    tracing::warn!(edit = %what, error = format!("{e:#}"), "change refused, nothing changed");
+                    return Err(e);
+                }
+            }
             serde_json::Value::Null
         }
         Request::Reload => {
-            reload(shared)?;
+            match reload(shared) {
+                Ok(()) => tracing::info!(source = "lb reload", "configuration reloaded"),
+                Err(e) => {
+                    tracing::warn!(
+                        source = "lb reload",
+                        error = format!("{e:#}"),
+                        "reload refused, nothing changed"
+                    );
+                    return Err(e);
+                }
+            }
             serde_json::Value::Null
         }
         Request::Explain { vip, client } => to_value(lock(shared)?.explain(&vip, client)?)?,

@@ -77,6 +77,14 @@ impl State {
             Outcome::Fail(r) => r.clone(),
         };
         b.last_latency_ms = ok.then_some(o.latency_ms);
+        self.metrics
+            .probe_seconds
+            .get_or_create(&metrics::BackendLabels {
+                vip: o.vip.to_string(),
+                backend: o.address.to_string(),
+            })
+            .observe(o.latency_ms / 1e3);
+        let b = &mut self.vips[vi].backends[bi];
         // Probes make the kernel resolve the neighbour: pick up a MAC that
         // was unknown or has changed (every 25 probes).
         let needs_hop = ok && (!b.resolved || o.round.is_multiple_of(25));
@@ -87,20 +95,28 @@ impl State {
             b.resolved = false;
             let why = b.last_result.clone();
             let (id, state) = (b.id, datapath_state(b.state()));
-            eprintln!(
-                "lb: t={:.3}s backend {} of VIP {} is {} ({why})",
-                self.started.elapsed().as_secs_f64(),
-                o.address,
-                o.vip,
-                if t == Transition::Up { "UP" } else { "DOWN" }
-            );
+            let up = t == Transition::Up;
+            let entered = if up { "up" } else { "down" };
+            if up {
+                tracing::info!(vip = %o.vip, backend = %o.address, state = entered, reason = %why, "backend health changed");
+            } else {
+                tracing::warn!(vip = %o.vip, backend = %o.address, state = entered, reason = %why, "backend health changed");
+            }
+            self.metrics
+                .transitions
+                .get_or_create(&metrics::TransitionLabels {
+                    vip: o.vip.to_string(),
+                    backend: o.address.to_string(),
+                    to: entered.to_string(),
+                })
+                .inc();
             let r = self
                 .dp
                 .set_backend_state(id, state)
                 .map_err(anyhow::Error::from)
                 .and_then(|_| self.rebuild_ring(vi));
             if let Err(e) = r {
-                eprintln!("lb: updating the datapath failed: {e:#}");
+                tracing::error!(vip = %o.vip, backend = %o.address, error = format!("{e:#}"), "updating the datapath failed");
             }
             self.sync_announce();
             if let Some(ev) = &self.events {
@@ -114,7 +130,7 @@ impl State {
             }
         }
         if needs_hop && let Err(e) = self.write_backend(vi, bi) {
-            eprintln!("lb: refreshing the next hop of {} failed: {e:#}", o.address);
+            tracing::error!(vip = %o.vip, backend = %o.address, error = format!("{e:#}"), "refreshing the next hop failed");
         }
     }
 }

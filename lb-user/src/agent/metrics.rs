@@ -1,107 +1,236 @@
-//! Prometheus `/metrics`: the text exposition of the counters and health.
+//! Prometheus `/metrics`, built with `prometheus-client` and served by
+//! `axum`. Two kinds of metric: what the agent observes as it happens
+//! ([`AgentMetrics`]: health-probe durations, health transitions) and what
+//! the datapath counts, read from its maps at each scrape
+//! ([`DatapathCollector`]). Names follow Prometheus conventions: counters
+//! end in `_total`, durations are in seconds, bytes in bytes.
+
+use std::fmt;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::Histogram,
+    },
+    registry::{Registry, Unit},
+};
 
 use super::*;
 
-/// Prometheus text exposition of the counters and health states.
-pub(super) fn metrics_text(s: &mut State) -> Result<String> {
-    use std::fmt::Write as _;
-    let st = s.stats()?;
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "# HELP lb_verdicts_total Packets seen by the balancer, by verdict reason."
-    );
-    let _ = writeln!(o, "# TYPE lb_verdicts_total counter");
-    for (n, v) in &st.verdicts {
-        let _ = writeln!(o, "lb_verdicts_total{{reason=\"{n}\"}} {v}");
-    }
-    let _ = writeln!(
-        o,
-        "# HELP lb_flows_not_recorded_total New flows forwarded without a connection-table entry by the flood guard."
-    );
-    let _ = writeln!(o, "# TYPE lb_flows_not_recorded_total counter");
-    let _ = writeln!(o, "lb_flows_not_recorded_total {}", st.flows_not_recorded);
-    for (name, help) in [
-        ("packets", "Packets forwarded"),
-        ("bytes", "Bytes forwarded"),
-        ("new_flows", "New flows scheduled"),
-    ] {
-        let _ = writeln!(o, "# HELP lb_vip_{name}_total {help} per VIP.");
-        let _ = writeln!(o, "# TYPE lb_vip_{name}_total counter");
-        for vt in &st.vips {
-            let (v, t) = (&vt.vip, &vt.traffic);
-            let x = match name {
-                "packets" => t.packets,
-                "bytes" => t.bytes,
-                _ => t.new_flows,
-            };
-            let _ = writeln!(o, "lb_vip_{name}_total{{vip=\"{v}\"}} {x}");
-        }
-        let _ = writeln!(o, "# HELP lb_backend_{name}_total {help} per backend.");
-        let _ = writeln!(o, "# TYPE lb_backend_{name}_total counter");
-        for bt in &st.backends {
-            let (v, b, t) = (&bt.vip, &bt.backend, &bt.traffic);
-            let x = match name {
-                "packets" => t.packets,
-                "bytes" => t.bytes,
-                _ => t.new_flows,
-            };
-            let _ = writeln!(
-                o,
-                "lb_backend_{name}_total{{vip=\"{v}\",backend=\"{b}\"}} {x}"
-            );
-        }
-    }
-    let _ = writeln!(
-        o,
-        "# HELP lb_backend_up 1 if the backend passes its health check."
-    );
-    let _ = writeln!(o, "# TYPE lb_backend_up gauge");
-    for b in s.backend_list(None) {
-        let _ = writeln!(
-            o,
-            "lb_backend_up{{vip=\"{}\",backend=\"{}\"}} {}",
-            b.vip,
-            b.address,
-            u8::from(b.state != BackendState::Down)
-        );
-    }
-    Ok(o)
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct BackendLabels {
+    pub(super) vip: String,
+    pub(super) backend: String,
 }
 
-/// A minimal HTTP/1.0 responder for `/metrics`: scrapers need nothing more,
-/// and the agent avoids an HTTP server dependency for it.
-pub(super) async fn serve_metrics(listener: tokio::net::TcpListener, shared: Shared) {
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct TransitionLabels {
+    pub(super) vip: String,
+    pub(super) backend: String,
+    /// `up` or `down`.
+    pub(super) to: String,
+}
+
+type HistogramFamily = Family<BackendLabels, Histogram, fn() -> Histogram>;
+
+/// Health-probe durations: 0.5 ms to 1 s (the probe timeout is at most
+/// the interval, 200 ms by default).
+fn probe_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0,
+    ])
+}
+
+/// What the agent observes as it happens.
+#[derive(Clone)]
+pub(super) struct AgentMetrics {
+    pub(super) probe_seconds: HistogramFamily,
+    pub(super) transitions: Family<TransitionLabels, Counter>,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self {
+            probe_seconds: Family::new_with_constructor(probe_histogram),
+            transitions: Family::default(),
+        }
+    }
+}
+
+/// The registry `/metrics` encodes: the agent's own metrics and the
+/// datapath collector.
+pub(super) fn registry(shared: &Shared, m: AgentMetrics) -> Arc<Registry> {
+    let mut r = Registry::default();
+    r.register_with_unit(
+        "lb_health_probe_duration",
+        "Health-probe durations (failed probes included, a timeout at its limit).",
+        Unit::Seconds,
+        m.probe_seconds,
+    );
+    r.register(
+        "lb_health_transitions",
+        "Backend health transitions, by the state entered.",
+        m.transitions,
+    );
+    r.register_collector(Box::new(DatapathCollector {
+        state: Arc::downgrade(shared),
+    }));
+    Arc::new(r)
+}
+
+/// Reads the datapath's counters and the backends' health at each scrape.
+struct DatapathCollector {
+    state: std::sync::Weak<Mutex<State>>,
+}
+
+impl fmt::Debug for DatapathCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DatapathCollector")
+    }
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let Some(shared) = self.state.upgrade() else {
+            return Ok(());
         };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = tokio::io::AsyncReadExt::read(&mut conn, &mut buf)
-                .await
-                .unwrap_or(0);
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) = if req.starts_with("GET /metrics") {
-                // Off the async workers: the state lock may be held by a writer.
-                let text = tokio::task::spawn_blocking(move || {
-                    lock(&shared).and_then(|mut s| metrics_text(&mut s))
-                })
-                .await
-                .unwrap_or_else(|e| Err(anyhow!("metrics task: {e}")));
-                match text {
-                    Ok(b) => ("200 OK", b),
-                    Err(e) => ("500 Internal Server Error", format!("{e:#}\n")),
-                }
-            } else {
-                ("404 Not Found", "try /metrics\n".to_string())
+        let (st, backends) = {
+            let Ok(mut s) = shared.lock() else {
+                return Ok(());
             };
-            let resp = format!(
-                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
-        });
+            let Ok(st) = s.stats() else {
+                return Ok(());
+            };
+            (st, s.backend_list(None))
+        };
+        let mut m = enc.encode_descriptor(
+            "lb_verdicts",
+            "Packets seen by the balancer, by verdict reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, v) in &st.verdicts {
+            ConstCounter::new(*v).encode(m.encode_family(&[("reason", reason.as_str())])?)?;
+        }
+        let m = enc.encode_descriptor(
+            "lb_flows_not_recorded",
+            "New flows forwarded without a connection-table entry by the flood guard.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(st.flows_not_recorded).encode(m)?;
+        for (name, help) in [
+            ("packets", "Packets forwarded"),
+            ("bytes", "Bytes forwarded"),
+            ("new_flows", "New flows scheduled"),
+        ] {
+            let pick = |t: &crate::api::TrafficInfo| match name {
+                "packets" => t.packets,
+                "bytes" => t.bytes,
+                _ => t.new_flows,
+            };
+            let n = format!("lb_vip_{name}");
+            let mut m =
+                enc.encode_descriptor(&n, &format!("{help} per VIP."), None, MetricType::Counter)?;
+            for vt in &st.vips {
+                let vip = vt.vip.to_string();
+                ConstCounter::new(pick(&vt.traffic))
+                    .encode(m.encode_family(&[("vip", vip.as_str())])?)?;
+            }
+            let n = format!("lb_backend_{name}");
+            let mut m = enc.encode_descriptor(
+                &n,
+                &format!("{help} per backend."),
+                None,
+                MetricType::Counter,
+            )?;
+            for bt in &st.backends {
+                let (vip, backend) = (bt.vip.to_string(), bt.backend.to_string());
+                ConstCounter::new(pick(&bt.traffic)).encode(
+                    m.encode_family(&[("vip", vip.as_str()), ("backend", backend.as_str())])?,
+                )?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "lb_backend_up",
+            "1 if the backend passes its health check.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for b in &backends {
+            let (vip, backend) = (b.vip.to_string(), b.address.to_string());
+            ConstGauge::new(i64::from(b.state != BackendState::Down)).encode(
+                m.encode_family(&[("vip", vip.as_str()), ("backend", backend.as_str())])?,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Serves `GET /metrics` (and 404 elsewhere) until the agent stops.
+pub(super) async fn serve_metrics(listener: tokio::net::TcpListener, registry: Arc<Registry>) {
+    use axum::{extract::State as Shared_, http::StatusCode, response::IntoResponse, routing::get};
+    async fn scrape(Shared_(reg): Shared_<Arc<Registry>>) -> axum::response::Response {
+        // Off the async workers: the collector takes the state lock.
+        let body = tokio::task::spawn_blocking(move || {
+            let mut s = String::new();
+            prometheus_client::encoding::prometheus_text::encode(&mut s, &reg).map(|_| s)
+        })
+        .await;
+        match body {
+            Ok(Ok(b)) => (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                )],
+                b,
+            )
+                .into_response(),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n").into_response(),
+        }
+    }
+    let app = axum::Router::new()
+        .route("/metrics", get(scrape))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "try /metrics\n") })
+        .with_state(registry);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics server stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_probe_histograms_and_transitions() {
+        let m = AgentMetrics::default();
+        let mut r = Registry::default();
+        r.register_with_unit(
+            "lb_health_probe_duration",
+            "d",
+            Unit::Seconds,
+            m.probe_seconds.clone(),
+        );
+        r.register("lb_health_transitions", "t", m.transitions.clone());
+        let l = BackendLabels {
+            vip: "v".into(),
+            backend: "b".into(),
+        };
+        m.probe_seconds.get_or_create(&l).observe(0.002);
+        let mut s = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut s, &r).unwrap();
+        println!("{s}");
+        assert!(
+            s.contains(
+                "lb_health_probe_duration_seconds_bucket{vip=\"v\",backend=\"b\",le=\"0.0025\"} 1"
+            ),
+            "{s}"
+        );
     }
 }

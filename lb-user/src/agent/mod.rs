@@ -24,6 +24,7 @@ mod announce;
 mod control;
 mod health_task;
 mod ids;
+pub mod logging;
 mod metrics;
 mod nexthop;
 mod node;
@@ -210,9 +211,11 @@ pub async fn run_until(
         },
     })?;
     let (observations, reports) = tokio::sync::mpsc::unbounded_channel();
+    let metrics = AgentMetrics::default();
     let mut state = State {
         dp,
         observations,
+        metrics: metrics.clone(),
         cfg_path: config_path.to_path_buf(),
         cfg: cfg.clone(),
         vips: Vec::new(),
@@ -256,9 +259,11 @@ pub async fn run_until(
                 .map(|v| v.trim() == "0")
                 .unwrap_or(false)
             {
-                eprintln!(
-                    "lb: warning: next_hop = \"fib\" but {family} forwarding is off ({sysctl} = 0); \
-                     {family} VIP traffic will pass as no_neigh - enable forwarding or use next_hop = \"map\""
+                tracing::warn!(
+                    family,
+                    sysctl,
+                    "next_hop = \"fib\" but forwarding is off: VIP traffic of this family will pass as \
+                     no_neigh; enable forwarding or use next_hop = \"map\""
                 );
             }
         }
@@ -268,12 +273,13 @@ pub async fn run_until(
     state.attach_desc = desc.clone();
     state.attached = true;
     state.sync_announce();
-    eprintln!(
-        "lb: instance `{}`: {desc}; {} VIP(s), {} backend(s); pins in {}",
-        cfg.agent.instance,
-        state.vips.len(),
-        state.vips.iter().map(|v| v.backends.len()).sum::<usize>(),
-        dir.display()
+    tracing::info!(
+        instance = %cfg.agent.instance,
+        attach = %desc,
+        vips = state.vips.len(),
+        backends = state.vips.iter().map(|v| v.backends.len()).sum::<usize>(),
+        pins = %dir.display(),
+        "datapath attached"
     );
     let shared: Shared = Arc::new(Mutex::new(state));
     spawn_applier(&shared, reports)?;
@@ -299,8 +305,8 @@ pub async fn run_until(
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding metrics on {addr}"))?;
-        eprintln!("lb: Prometheus metrics on http://{addr}/metrics");
-        tokio::spawn(serve_metrics(l, shared.clone()));
+        tracing::info!(url = %format!("http://{addr}/metrics"), "serving Prometheus metrics");
+        tokio::spawn(serve_metrics(l, registry(&shared, metrics)));
     }
     let lc_shared = shared.clone();
     tokio::spawn(async move {
@@ -310,7 +316,10 @@ pub async fn run_until(
                 lock(&lc_shared).and_then(|mut s| s.reconcile_active())
             });
             if let Err(e) = r {
-                eprintln!("lb: reconciling least-connections counts failed: {e:#}");
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "reconciling least-connections counts failed"
+                );
             }
         }
     });
@@ -323,8 +332,12 @@ pub async fn run_until(
                 .await
                 .unwrap_or_else(|e| Err(anyhow!("reload task: {e}")));
             match r {
-                Ok(()) => eprintln!("lb: SIGHUP: configuration reloaded"),
-                Err(e) => eprintln!("lb: SIGHUP: reload refused, nothing changed: {e:#}"),
+                Ok(()) => tracing::info!(source = "SIGHUP", "configuration reloaded"),
+                Err(e) => tracing::warn!(
+                    source = "SIGHUP",
+                    error = format!("{e:#}"),
+                    "reload refused, nothing changed"
+                ),
             }
         }
     });
@@ -334,7 +347,7 @@ pub async fn run_until(
         _ = stop.notified() => {}
     }
     let _ = std::fs::remove_file(&socket);
-    eprintln!("lb: agent stopping; the datapath stays attached (pinned) - `lb down` detaches it");
+    tracing::info!("agent stopping; the datapath stays attached (pinned), `lb down` detaches it");
     Ok(())
 }
 

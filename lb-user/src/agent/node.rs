@@ -12,11 +12,11 @@ pub(super) fn warn_multi_node(cfg: &Config) {
     }
     for v in &cfg.vips {
         if v.scheduler != crate::policy::sched::Scheduler::Maglev {
-            eprintln!(
-                "lb: warning: VIP {} uses scheduler `{}` with announcement on: it is not consistent across \
-                 nodes, so a flow moved to another node by ECMP may reach another backend; use \"maglev\"",
-                vip_ref(v),
-                v.scheduler.name()
+            tracing::warn!(
+                vip = %vip_ref(v),
+                scheduler = v.scheduler.name(),
+                "scheduler not consistent across nodes while announcing: a flow moved to another node by ECMP \
+                 may reach another backend; use \"maglev\""
             );
         }
     }
@@ -31,9 +31,10 @@ impl State {
             && cfg.is_none_or(|c| c.table != old.table)
         {
             let n = old.flush()?;
-            eprintln!(
-                "lb: announce: withdrew {n} route(s) from table {}",
-                old.table
+            tracing::info!(
+                routes = n,
+                table = old.table,
+                "announcement: withdrew every route"
             );
             file.remove();
         }
@@ -73,19 +74,20 @@ impl State {
         match routes.sync(&view) {
             Ok((added, removed)) => {
                 for a in added {
-                    eprintln!("lb: announce: {a} announced (table {})", routes.table);
+                    tracing::info!(address = %a, table = routes.table, "announcement: announced");
                 }
                 for a in removed {
                     let why = match view.get(&a) {
                         Some(announce::Verdict::Withhold(r)) => *r,
                         _ => "no VIP on this address",
                     };
-                    eprintln!("lb: announce: {a} withdrawn ({why})");
+                    tracing::info!(address = %a, table = routes.table, reason = why, "announcement: withdrawn");
                 }
             }
-            Err(e) => eprintln!(
-                "lb: announce: updating table {} failed: {e:#}",
-                routes.table
+            Err(e) => tracing::error!(
+                table = routes.table,
+                error = format!("{e:#}"),
+                "announcement: updating the table failed"
             ),
         }
     }
@@ -102,14 +104,11 @@ impl State {
             drained,
             netns: self.cfg.agent.netns.clone(),
         })?;
-        eprintln!(
-            "lb: node {}",
-            if drained {
-                "drained: withdrawing every VIP"
-            } else {
-                "resumed: announcing VIPs that can be served"
-            }
-        );
+        if drained {
+            tracing::info!("node drained: withdrawing every VIP");
+        } else {
+            tracing::info!("node resumed: announcing the VIPs it can serve");
+        }
         self.sync_announce();
         Ok(())
     }

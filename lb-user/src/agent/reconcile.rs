@@ -150,7 +150,7 @@ impl State {
                     for b in &v.backends {
                         self.forget_backend(&v.key, b.cfg.address, b.id)?;
                     }
-                    eprintln!("lb: removed VIP {}", vip_ref(&v.cfg));
+                    tracing::info!(vip = %vip_ref(&v.cfg), "VIP removed");
                 }
                 Change::AddVip(key) => {
                     let used = self.ring_ids_in_use();

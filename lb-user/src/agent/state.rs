@@ -141,6 +141,8 @@ pub(super) struct State {
     pub(super) started: Instant,
     pub(super) events: Option<std::sync::mpsc::Sender<Event>>,
     pub(super) next_generation: u64,
+    /// Probe durations and transitions, for `/metrics`.
+    pub(super) metrics: metrics::AgentMetrics,
     /// Where probe tasks report (see `health_task`).
     pub(super) observations: tokio::sync::mpsc::UnboundedSender<health_task::Observation>,
     /// VIP announcement (`[announce]`): the kernel table of our routes.

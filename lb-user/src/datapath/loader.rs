@@ -49,11 +49,31 @@ pub fn load_object(obj: &[u8], opts: &LoadOptions) -> Result<Ebpf> {
         lb_common::PROG_LOADGEN,
         lb_common::PROG_SINK,
     ] {
-        xdp_program(&mut ebpf, name)?
-            .load()
-            .with_context(|| format!("the kernel verifier rejected XDP program `{name}`"))?;
+        load_program(&mut ebpf, name)?;
     }
     Ok(ebpf)
+}
+
+/// Verifies and loads program `name`. The verifier gives up with EAGAIN
+/// when a signal is pending for the loading thread (a test harness reaping
+/// children, a terminal resize): that is retried, as libbpf does, up to five
+/// times; any other failure is the verifier's answer.
+fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
+    let mut attempt = 1;
+    loop {
+        match xdp_program(ebpf, name)?.load() {
+            Ok(()) => return Ok(()),
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < 5 =>
+            {
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::from(e)
+                    .context(format!("the kernel verifier rejected XDP program `{name}`")));
+            }
+        }
+    }
 }
 
 /// The XDP program `name` of a loaded object.
@@ -105,7 +125,7 @@ pub fn attach_with_id(
         AttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
             Ok(id) => Ok((AttachMode::Native, id)),
             Err(e) => {
-                eprintln!("native XDP on {iface} failed ({e}); falling back to generic (skb) mode");
+                tracing::warn!(interface = iface, error = %e, "native XDP failed; falling back to generic (skb) mode");
                 let id = prog.attach(iface, XdpMode::Skb).with_context(|| {
                     format!("attaching `{name}` to {iface} failed in both modes")
                 })?;
@@ -193,9 +213,7 @@ pub fn load_pinned(opts: &LoadOptions, dir: &std::path::Path) -> Result<(Ebpf, b
         "loading the datapath object into the kernel failed (are you root, with BPF enabled?)",
     )?;
     for name in [lb_common::PROG_BALANCER, lb_common::PROG_PASS] {
-        xdp_program(&mut ebpf, name)?
-            .load()
-            .with_context(|| format!("the kernel verifier rejected XDP program `{name}`"))?;
+        load_program(&mut ebpf, name)?;
     }
     Ok((ebpf, adopted))
 }
