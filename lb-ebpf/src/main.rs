@@ -27,12 +27,13 @@ mod maps;
 mod parse;
 mod sched;
 mod stats;
+mod trace;
 mod vip;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     Backend, FLOW_F_COUNTED, Flow, PROTO_TCP, SCHED_LEAST_CONN, SETTINGS_F_FIB, VIP_F_HASH_SRC_IP,
-    VIP_F_IPIP, VIP_F_NO_FLOW_TABLE, decap_verdict, hash, verdict,
+    VIP_F_IPIP, VIP_F_NO_FLOW_TABLE, decap_verdict, hash, trace_ring, trace_table, verdict,
 };
 use network_types::eth::EthHdr;
 
@@ -43,15 +44,25 @@ use crate::{
     parse::Skip,
     sched::{active_add, backend, ring_for, schedule, vip_ring},
     stats::{decap_verdict, verdict},
+    trace::Seen,
     vip::{is_vip_addr, lookup_vip, maybe_vip_addr},
 };
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    match try_lb(&ctx) {
-        Ok(action) => action,
-        Err(()) => verdict(verdict::MALFORMED, xdp_action::XDP_PASS),
+    let pkt = match parse::parse(&ctx) {
+        Ok(p) => p,
+        Err(Skip::NotIp) => return verdict(verdict::PASS_NON_IP, xdp_action::XDP_PASS),
+        Err(Skip::Ipv6Ext) => return verdict(verdict::PASS_IPV6_EXT, xdp_action::XDP_PASS),
+        Err(Skip::Malformed) => return verdict(verdict::MALFORMED, xdp_action::XDP_PASS),
+    };
+    let mut seen = Seen::new();
+    let (reason, action) =
+        try_lb(&ctx, &pkt, &mut seen).unwrap_or((verdict::MALFORMED, xdp_action::XDP_PASS));
+    if let Some(c) = trace::filter() {
+        trace::emit(c, &pkt, &seen, reason, action);
     }
+    verdict(reason, action)
 }
 
 #[xdp]
@@ -100,25 +111,24 @@ pub fn floor_tx(ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
-fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
-    let pkt = match parse::parse(ctx) {
-        Ok(p) => p,
-        Err(Skip::NotIp) => return Ok(verdict(verdict::PASS_NON_IP, xdp_action::XDP_PASS)),
-        Err(Skip::Ipv6Ext) => return Ok(verdict(verdict::PASS_IPV6_EXT, xdp_action::XDP_PASS)),
-        Err(Skip::Malformed) => return Ok(verdict(verdict::MALFORMED, xdp_action::XDP_PASS)),
-    };
-    if !maybe_vip_addr(&pkt) {
-        return Ok(verdict(verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
+/// The balancer's decision for a parsed packet: (verdict reason, XDP
+/// action), with what it saw along the way in `seen` (for `lb trace`).
+#[inline(always)]
+fn try_lb(ctx: &XdpContext, pkt: &parse::Packet, seen: &mut Seen) -> Result<(u32, u32), ()> {
+    if !maybe_vip_addr(pkt) {
+        return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
     }
     if pkt.fragment {
-        if is_vip_addr(&pkt) {
-            return Ok(verdict(verdict::FRAGMENT, xdp_action::XDP_DROP));
+        if is_vip_addr(pkt) {
+            return Ok((verdict::FRAGMENT, xdp_action::XDP_DROP));
         }
-        return Ok(verdict(verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
+        return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
     }
-    let Some(vip) = lookup_vip(&pkt) else {
-        return Ok(verdict(verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
+    let Some(vip) = lookup_vip(pkt) else {
+        return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
     };
+    seen.vip_id = vip.vip_id;
+    seen.scheduler = vip.scheduler as u8;
 
     // The flow hash is needed only to schedule a new flow or to vary the
     // IPIP outer source; established DSR packets skip it.
@@ -150,6 +160,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         // out of bounds.
         let (id, last, flags) = unsafe { ((*f).backend_id, (*f).last_seen_s, (*f).flags) };
         let fresh = if opening {
+            seen.table = trace_table::SYN;
             false
         } else if vip.idle_timeout_s != 0 {
             now = now_s();
@@ -160,6 +171,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
                 }
                 true
             } else {
+                seen.table = trace_table::IDLE;
                 false
             }
         } else {
@@ -174,35 +186,58 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
                 unsafe { (*f).flags = flags & !FLOW_F_COUNTED };
             }
             chosen = Some((id, b));
-        } else if counted {
-            uncount = Some(id);
+            seen.table = trace_table::HIT;
+        } else {
+            if fresh {
+                seen.table = trace_table::BACKEND_DOWN;
+            }
+            if counted {
+                uncount = Some(id);
+            }
         }
+    } else if use_table {
+        seen.table = trace_table::MISS;
     }
     let new_flow = chosen.is_none();
     let (id, b) = match chosen {
         Some(c) => c,
         None => {
-            let ring = ring_for(&pkt, &vip);
+            let ring = ring_for(pkt, &vip);
             let regional = ring.id != vip.vip_id;
             let h = flow_hash();
+            seen.hash = h;
+            seen.ring_id = ring.id;
+            seen.ring_size = ring.size;
+            seen.ring = if regional {
+                trace_ring::REGION
+            } else {
+                trace_ring::VIP
+            };
             match schedule(&vip, &ring, h) {
                 Some(c) => c,
                 // A region with no live backend: its clients use the whole VIP.
-                None if regional => match schedule(&vip, &vip_ring(&vip), h) {
-                    Some(c) => c,
-                    None => return Ok(verdict(verdict::NO_BACKEND, xdp_action::XDP_DROP)),
-                },
-                None => return Ok(verdict(verdict::NO_BACKEND, xdp_action::XDP_DROP)),
+                None if regional => {
+                    let whole = vip_ring(&vip);
+                    seen.ring = trace_ring::REGION_FALLBACK;
+                    seen.ring_id = whole.id;
+                    seen.ring_size = whole.size;
+                    match schedule(&vip, &whole, h) {
+                        Some(c) => c,
+                        None => return Ok((verdict::NO_BACKEND, xdp_action::XDP_DROP)),
+                    }
+                }
+                None => return Ok((verdict::NO_BACKEND, xdp_action::XDP_DROP)),
             }
         }
     };
+    seen.backend_id = id;
     let Some(settings) = SETTINGS.get(0) else {
         // Cannot happen (an array's index 0 always exists): counted apart
         // rather than under a reason that would mislead.
-        return Ok(verdict(verdict::INTERNAL, xdp_action::XDP_DROP));
+        return Ok((verdict::INTERNAL, xdp_action::XDP_DROP));
     };
     let hop = if settings.flags & SETTINGS_F_FIB != 0 {
-        fib_next_hop(ctx, &pkt, b)
+        fib_next_hop(ctx, pkt, b)
     } else if b.dst_mac != [0; 6] {
         Some(forward::Hop {
             dmac: b.dst_mac,
@@ -213,16 +248,17 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         None
     };
     let Some(hop) = hop else {
-        return Ok(verdict(verdict::NO_NEIGH, xdp_action::XDP_PASS));
+        return Ok((verdict::NO_NEIGH, xdp_action::XDP_PASS));
     };
     // Rewrite first, then record the flow: a packet that cannot be sent
     // leaves no table entry (and no least-connections count) behind.
     if vip.flags & VIP_F_IPIP != 0 {
-        if forward::encap(ctx, &pkt, b, settings, flow_hash(), &hop).is_err() {
-            return Ok(verdict(verdict::ENCAP_FAILED, xdp_action::XDP_DROP));
+        seen.ipip = 1;
+        if forward::encap(ctx, pkt, b, settings, flow_hash(), &hop).is_err() {
+            return Ok((verdict::ENCAP_FAILED, xdp_action::XDP_DROP));
         }
     } else if forward::set_macs(ctx, &hop).is_err() {
-        return Ok(verdict(verdict::INTERNAL, xdp_action::XDP_DROP));
+        return Ok((verdict::INTERNAL, xdp_action::XDP_DROP));
     }
     if new_flow && use_table && !pkt.icmp_error && may_record_flow() {
         if now == 0 && vip.idle_timeout_s != 0 {
@@ -258,11 +294,11 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         None
     };
     if hop.ifindex == 0 || hop.ifindex as usize == ctx.ingress_ifindex() {
-        return Ok(verdict(reason.unwrap_or(verdict::TX), xdp_action::XDP_TX));
+        return Ok((reason.unwrap_or(verdict::TX), xdp_action::XDP_TX));
     }
     match TX_PORTS.redirect(hop.ifindex, 0) {
-        Ok(action) => Ok(verdict(reason.unwrap_or(verdict::REDIRECT), action)),
-        Err(_) => Ok(verdict(verdict::REDIRECT_FAILED, xdp_action::XDP_DROP)),
+        Ok(action) => Ok((reason.unwrap_or(verdict::REDIRECT), action)),
+        Err(_) => Ok((verdict::REDIRECT_FAILED, xdp_action::XDP_DROP)),
     }
 }
 

@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
     Backend, BackendIdKey, DEFAULT_FLOW_TABLE_SIZE, FloodGuard, FloodState, Flow, FlowKey,
     LoadgenCfg, MAX_BACKENDS, MAX_RING_SIZE, MAX_TX_PORTS, MAX_VIPS, RegionKey, RegionMeta,
-    Settings, Traffic, VipKey, VipMeta, decap_verdict, verdict,
+    Settings, TraceCfg, Traffic, VipKey, VipMeta, decap_verdict, verdict,
 };
 
 /// (address, port, protocol) → VIP. Port 0 entries match every port.
@@ -112,3 +112,11 @@ pub static REGIONS: LpmTrie<RegionKey, RegionMeta> = LpmTrie::with_max_entries(1
 #[map(name = "FIB_SCRATCH")]
 pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
     PerCpuArray::with_max_entries(1, 0);
+
+/// `lb trace`'s filter (see `lb_common::TraceCfg`).
+#[map(name = "TRACE_CFG")]
+pub static TRACE_CFG: Array<TraceCfg> = Array::with_max_entries(1, 0);
+
+/// Traced packets, read by `lb trace`.
+#[map(name = "TRACE")]
+pub static TRACE: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);

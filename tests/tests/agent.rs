@@ -1169,3 +1169,122 @@ fn next_hop_refresh_follows_a_backend_mac_change() {
         "b1 answers through its new MAC: {after:?}"
     );
 }
+
+/// The instance's pinned trace filter, read the way another process would.
+fn pinned_trace_owner(instance: &str) -> Option<u32> {
+    let md =
+        aya::maps::MapData::from_pin(format!("/sys/fs/bpf/lb/{instance}/maps/TRACE_CFG")).ok()?;
+    let a = aya::maps::Array::<_, lb_common::TraceCfg>::try_from(aya::maps::Map::Array(md)).ok()?;
+    a.get(&0, 0).ok().map(|c| c.owner_pid)
+}
+
+/// `lb trace` on a live datapath: a traced request names the backend that
+/// really answered (with the VIP, the table miss or SYN, the Maglev slot and
+/// the verdict); a packet to a port that is not a VIP is shown as such; the
+/// filter is off again when the trace ends.
+#[test]
+fn trace_names_the_backend_that_answered_and_a_non_vip_port() {
+    let d = dc("agt", 3).expect("dc");
+    let _srv = servers(&d);
+    let agent = Agent::start("agt", &d, 3);
+    let tracer = Command::new(LB)
+        .args([
+            "trace",
+            "--instance",
+            &agent.instance,
+            "--vip",
+            "198.18.0.100",
+            "--client",
+            "198.18.10.2",
+            "--count",
+            "200",
+            "--duration",
+            "4",
+            "--json",
+            "--socket",
+        ])
+        .arg(&agent.socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("lb trace");
+    let t0 = Instant::now();
+    while pinned_trace_owner(&agent.instance) != Some(tracer.id()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "the trace never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let answered = d
+        .client
+        .enter(|| ask_vip(Duration::from_secs(2)))
+        .expect("setns")
+        .expect("a request through the VIP");
+    // A port that is not a VIP: the SYN passes to the LB's kernel (which
+    // has no route for it), so the connect fails; the trace explains why.
+    let _ = d
+        .client
+        .enter(|| {
+            TcpStream::connect_timeout(
+                &"198.18.0.100:8081".parse().unwrap(),
+                Duration::from_millis(300),
+            )
+        })
+        .expect("setns");
+    let out = tracer.wait_with_output().expect("lb trace output");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let n: usize = answered.trim_start_matches('b').parse().expect("bN");
+    let to_vip: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["vip"] == "198.18.0.100:8080/tcp")
+        .collect();
+    assert!(
+        to_vip.len() >= 3,
+        "the connection's packets were traced: {records:?}"
+    );
+    assert!(
+        to_vip
+            .iter()
+            .all(|r| r["backend"] == backend_addr(n).as_str()
+                && (r["verdict"] == "tx" || r["verdict"] == "redirect")),
+        "every packet of the request went to {answered} ({}): {to_vip:?}",
+        backend_addr(n)
+    );
+    let first = to_vip[0];
+    assert!(
+        (first["table"] == "syn" || first["table"] == "miss")
+            && first["ring"] == "vip"
+            && first["scheduler"] == "maglev"
+            && first["slot"].as_u64().is_some_and(|s| s < 65537),
+        "the SYN was scheduled on the VIP's Maglev ring: {first}"
+    );
+    assert!(
+        to_vip[1..].iter().all(|r| r["table"] == "hit"),
+        "later packets follow the table: {to_vip:?}"
+    );
+    let non_vip: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["dst"] == "198.18.0.100:8081")
+        .collect();
+    assert!(
+        !non_vip.is_empty()
+            && non_vip.iter().all(|r| r["vip"].is_null()
+                && r["verdict"] == "pass_non_vip"
+                && r["action"] == "XDP_PASS"),
+        "a port that is not a VIP is shown as such: {non_vip:?}"
+    );
+    assert_eq!(
+        pinned_trace_owner(&agent.instance),
+        Some(0),
+        "tracing is off again"
+    );
+}

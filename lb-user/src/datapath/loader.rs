@@ -156,6 +156,9 @@ pub const PINNED_MAPS: &[&str] = &[
     // Least-connections counts: a restarted agent keeps them instead of
     // starting from zero until its first recount.
     lb_common::MAP_ACTIVE,
+    // `lb trace` opens these from another process.
+    lb_common::MAP_TRACE_CFG,
+    lb_common::MAP_TRACE,
 ];
 
 /// Where an instance's pins live.

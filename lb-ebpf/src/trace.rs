@@ -1,0 +1,120 @@
+//! `lb trace`: when the CLI has set a filter in `TRACE_CFG`, every parsed
+//! packet that matches it leaves a [`TraceRecord`] in the `TRACE` ring
+//! buffer: the VIP matched (or none), what the connection table said, the
+//! ring and hash a new flow was scheduled with, the backend, the rewrite and
+//! the verdict. Off (`owner_pid == 0`) it costs one array read per packet.
+//!
+//! A ring buffer rather than aya-log: records are fixed structures that the
+//! CLI prints as text or JSON and resolves against the agent's backend ids,
+//! and the filter is per VIP and client, not a global log level.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::{TraceCfg, TraceRecord, trace_ring, trace_table};
+
+use crate::{
+    maps::{TRACE, TRACE_CFG},
+    parse::Packet,
+};
+
+/// What the balancer decided for one packet, filled in as it goes (plain
+/// stores on the stack; read only when tracing).
+pub struct Seen {
+    pub vip_id: u32,
+    pub backend_id: u32,
+    pub ring_id: u32,
+    pub ring_size: u32,
+    pub hash: u32,
+    pub table: u8,
+    pub ring: u8,
+    pub scheduler: u8,
+    pub ipip: u8,
+}
+
+impl Seen {
+    #[inline(always)]
+    pub fn new() -> Self {
+        Self {
+            vip_id: u32::MAX,
+            backend_id: 0,
+            ring_id: 0,
+            ring_size: 0,
+            hash: 0,
+            table: trace_table::NOT_USED,
+            ring: trace_ring::NONE,
+            scheduler: 0,
+            ipip: 0,
+        }
+    }
+}
+
+/// The filter when tracing is on.
+#[inline(always)]
+pub fn filter() -> Option<&'static TraceCfg> {
+    let c = TRACE_CFG.get(0)?;
+    (c.owner_pid != 0).then_some(c)
+}
+
+#[inline(always)]
+fn prefix_eq(a: &[u8; 16], b: &[u8; 16], bits: u32) -> bool {
+    let mut i = 0;
+    while i < 16 {
+        let from = i as u32 * 8;
+        if bits <= from {
+            break;
+        }
+        let have = bits - from;
+        let mask: u8 = if have >= 8 {
+            0xff
+        } else {
+            0xffu8 << (8 - have)
+        };
+        if (a[i] ^ b[i]) & mask != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+#[inline(always)]
+fn matches(c: &TraceCfg, pkt: &Packet) -> bool {
+    let k = &pkt.key;
+    (c.family == 0 || c.family == pkt.family)
+        && (c.proto == 0 || c.proto == k.proto)
+        && (c.dport == 0 || c.dport == k.dport)
+        && (c.sport == 0 || c.sport == k.sport)
+        && prefix_eq(&c.dst, &k.dst, c.dst_len)
+        && prefix_eq(&c.src, &k.src, c.src_len)
+}
+
+/// Records the packet if it matches the filter; a full ring buffer drops
+/// the record (the CLI reads faster than an operator can).
+#[inline(never)]
+pub fn emit(c: &TraceCfg, pkt: &Packet, seen: &Seen, reason: u32, action: u32) {
+    if !matches(c, pkt) {
+        return;
+    }
+    let Some(mut e) = TRACE.reserve::<TraceRecord>(0) else {
+        return;
+    };
+    let r = e.as_mut_ptr();
+    // SAFETY: `r` points at a reserved record of the right size; every
+    // field is written before submit.
+    unsafe {
+        (*r).ts_ns = bpf_ktime_get_ns();
+        (*r).key = pkt.key;
+        (*r).vip_id = seen.vip_id;
+        (*r).backend_id = seen.backend_id;
+        (*r).ring_id = seen.ring_id;
+        (*r).ring_size = seen.ring_size;
+        (*r).hash = seen.hash;
+        (*r).verdict = reason as u8;
+        (*r).action = action as u8;
+        (*r).table = seen.table;
+        (*r).ring = seen.ring;
+        (*r).scheduler = seen.scheduler;
+        (*r).ipip = seen.ipip;
+        (*r)._pad = [0; 6];
+    }
+    e.submit(0);
+}
