@@ -56,6 +56,8 @@ pub const MAP_BACKEND_IDS: &str = "BACKEND_IDS";
 
 /// Program names in the object file.
 pub const PROG_BALANCER: &str = "lb_xdp";
+/// The balancer with tracing, tail-called by `lb_xdp` while `lb trace` runs.
+pub const PROG_BALANCER_TRACED: &str = "lb_xdp_traced";
 pub const PROG_DECAP: &str = "lb_decap";
 pub const PROG_PASS: &str = "lb_pass";
 pub const PROG_FLOOR_DROP: &str = "floor_drop";
@@ -70,6 +72,7 @@ pub const MAP_FLOOD_GUARD: &str = "FLOOD_GUARD";
 pub const MAP_FLOOD_STATE: &str = "FLOOD_STATE";
 pub const MAP_TRACE: &str = "TRACE";
 pub const MAP_TRACE_CFG: &str = "TRACE_CFG";
+pub const MAP_TRACE_JUMP: &str = "TRACE_JUMP";
 
 /// New flows per second per CPU above which new flows are forwarded
 /// without a connection-table entry (Katran's default flood guard).

@@ -44,7 +44,7 @@ use crate::{
     parse::Skip,
     sched::{active_add, backend, ring_for, schedule, vip_ring},
     stats::{decap_verdict, verdict},
-    trace::Seen,
+    trace::{Observe, Quiet, Seen},
     vip::{is_vip_addr, lookup_vip, maybe_vip_addr},
 };
 
@@ -56,11 +56,43 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         Err(Skip::Ipv6Ext) => return verdict(verdict::PASS_IPV6_EXT, xdp_action::XDP_PASS),
         Err(Skip::Malformed) => return verdict(verdict::MALFORMED, xdp_action::XDP_PASS),
     };
+    // Traffic for addresses that are no VIP's (most of a host's) leaves
+    // first, before the trace check: `lb trace` sees VIP addresses only.
+    if !maybe_vip_addr(&pkt) {
+        return verdict(verdict::PASS_NON_VIP, xdp_action::XDP_PASS);
+    }
+    if trace::filter().is_some() {
+        // SAFETY: tail call into a program of the same type; with an empty
+        // slot (no agent loaded the traced copy) it falls through.
+        unsafe { maps::TRACE_JUMP.tail_call(&ctx, 0) };
+    }
+    let (reason, action) =
+        try_lb(&ctx, &pkt, &mut Quiet).unwrap_or((verdict::MALFORMED, xdp_action::XDP_PASS));
+    verdict(reason, action)
+}
+
+/// [`lb_xdp`] while `lb trace` runs: the same balancer, watched, entered by
+/// a tail call. A program of its own, so the untraced path carries none of
+/// it and each copy fits the verifier's budget on its own.
+#[xdp]
+pub fn lb_xdp_traced(ctx: XdpContext) -> u32 {
+    let pkt = match parse::parse(&ctx) {
+        Ok(p) => p,
+        Err(Skip::NotIp) => return verdict(verdict::PASS_NON_IP, xdp_action::XDP_PASS),
+        Err(Skip::Ipv6Ext) => return verdict(verdict::PASS_IPV6_EXT, xdp_action::XDP_PASS),
+        Err(Skip::Malformed) => return verdict(verdict::MALFORMED, xdp_action::XDP_PASS),
+    };
+    // Traffic for addresses that are no VIP's (most of a host's) leaves
+    // first, before the trace check: `lb trace` sees VIP addresses only.
+    if !maybe_vip_addr(&pkt) {
+        return verdict(verdict::PASS_NON_VIP, xdp_action::XDP_PASS);
+    }
     let mut seen = Seen::new();
     let (reason, action) =
         try_lb(&ctx, &pkt, &mut seen).unwrap_or((verdict::MALFORMED, xdp_action::XDP_PASS));
     if let Some(c) = trace::filter() {
-        trace::emit(c, &pkt, &seen, reason, action);
+        seen.family = pkt.family;
+        trace::emit(c, &pkt.key, &seen, (reason << 8) | action);
     }
     verdict(reason, action)
 }
@@ -111,13 +143,15 @@ pub fn floor_tx(ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
-/// The balancer's decision for a parsed packet: (verdict reason, XDP
-/// action), with what it saw along the way in `seen` (for `lb trace`).
+/// The balancer's decision for a parsed packet whose destination passed the
+/// VIP-address filter: (verdict reason, XDP action), with what it saw along
+/// the way reported to `seen` (for `lb trace`; [`Quiet`] otherwise).
 #[inline(always)]
-fn try_lb(ctx: &XdpContext, pkt: &parse::Packet, seen: &mut Seen) -> Result<(u32, u32), ()> {
-    if !maybe_vip_addr(pkt) {
-        return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
-    }
+fn try_lb<O: Observe>(
+    ctx: &XdpContext,
+    pkt: &parse::Packet,
+    seen: &mut O,
+) -> Result<(u32, u32), ()> {
     if pkt.fragment {
         if is_vip_addr(pkt) {
             return Ok((verdict::FRAGMENT, xdp_action::XDP_DROP));
@@ -127,8 +161,7 @@ fn try_lb(ctx: &XdpContext, pkt: &parse::Packet, seen: &mut Seen) -> Result<(u32
     let Some(vip) = lookup_vip(pkt) else {
         return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
     };
-    seen.vip_id = vip.vip_id;
-    seen.scheduler = vip.scheduler as u8;
+    seen.vip(vip.vip_id, vip.scheduler as u8);
 
     // The flow hash is needed only to schedule a new flow or to vary the
     // IPIP outer source; established DSR packets skip it.
@@ -160,7 +193,7 @@ fn try_lb(ctx: &XdpContext, pkt: &parse::Packet, seen: &mut Seen) -> Result<(u32
         // out of bounds.
         let (id, last, flags) = unsafe { ((*f).backend_id, (*f).last_seen_s, (*f).flags) };
         let fresh = if opening {
-            seen.table = trace_table::SYN;
+            seen.table(trace_table::SYN);
             false
         } else if vip.idle_timeout_s != 0 {
             now = now_s();
@@ -171,7 +204,7 @@ fn try_lb(ctx: &XdpContext, pkt: &parse::Packet, seen: &mut Seen) -> Result<(u32
                 }
                 true
             } else {
-                seen.table = trace_table::IDLE;
+                seen.table(trace_table::IDLE);
                 false
             }
         } else {
@@ -186,17 +219,17 @@ fn try_lb(ctx: &XdpContext, pkt: &parse::Packet, seen: &mut Seen) -> Result<(u32
                 unsafe { (*f).flags = flags & !FLOW_F_COUNTED };
             }
             chosen = Some((id, b));
-            seen.table = trace_table::HIT;
+            seen.table(trace_table::HIT);
         } else {
             if fresh {
-                seen.table = trace_table::BACKEND_DOWN;
+                seen.table(trace_table::BACKEND_DOWN);
             }
             if counted {
                 uncount = Some(id);
             }
         }
     } else if use_table {
-        seen.table = trace_table::MISS;
+        seen.table(trace_table::MISS);
     }
     let new_flow = chosen.is_none();
     let (id, b) = match chosen {
@@ -205,22 +238,21 @@ fn try_lb(ctx: &XdpContext, pkt: &parse::Packet, seen: &mut Seen) -> Result<(u32
             let ring = ring_for(pkt, &vip);
             let regional = ring.id != vip.vip_id;
             let h = flow_hash();
-            seen.hash = h;
-            seen.ring_id = ring.id;
-            seen.ring_size = ring.size;
-            seen.ring = if regional {
-                trace_ring::REGION
-            } else {
-                trace_ring::VIP
-            };
+            seen.ring(
+                if regional {
+                    trace_ring::REGION
+                } else {
+                    trace_ring::VIP
+                },
+                &ring,
+                h,
+            );
             match schedule(&vip, &ring, h) {
                 Some(c) => c,
                 // A region with no live backend: its clients use the whole VIP.
                 None if regional => {
                     let whole = vip_ring(&vip);
-                    seen.ring = trace_ring::REGION_FALLBACK;
-                    seen.ring_id = whole.id;
-                    seen.ring_size = whole.size;
+                    seen.ring(trace_ring::REGION_FALLBACK, &whole, h);
                     match schedule(&vip, &whole, h) {
                         Some(c) => c,
                         None => return Ok((verdict::NO_BACKEND, xdp_action::XDP_DROP)),
@@ -230,7 +262,7 @@ fn try_lb(ctx: &XdpContext, pkt: &parse::Packet, seen: &mut Seen) -> Result<(u32
             }
         }
     };
-    seen.backend_id = id;
+    seen.backend(id);
     let Some(settings) = SETTINGS.get(0) else {
         // Cannot happen (an array's index 0 always exists): counted apart
         // rather than under a reason that would mislead.
@@ -253,7 +285,7 @@ fn try_lb(ctx: &XdpContext, pkt: &parse::Packet, seen: &mut Seen) -> Result<(u32
     // Rewrite first, then record the flow: a packet that cannot be sent
     // leaves no table entry (and no least-connections count) behind.
     if vip.flags & VIP_F_IPIP != 0 {
-        seen.ipip = 1;
+        seen.ipip();
         if forward::encap(ctx, pkt, b, settings, flow_hash(), &hop).is_err() {
             return Ok((verdict::ENCAP_FAILED, xdp_action::XDP_DROP));
         }

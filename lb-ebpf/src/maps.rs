@@ -117,6 +117,10 @@ pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
 #[map(name = "TRACE_CFG")]
 pub static TRACE_CFG: Array<TraceCfg> = Array::with_max_entries(1, 0);
 
+/// Slot 0: `lb_xdp_traced`, which `lb_xdp` tail-calls while tracing.
+#[map(name = "TRACE_JUMP")]
+pub static TRACE_JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
 /// Traced packets, read by `lb trace`.
 #[map(name = "TRACE")]
 pub static TRACE: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);

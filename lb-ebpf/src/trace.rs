@@ -2,23 +2,30 @@
 //! packet that matches it leaves a [`TraceRecord`] in the `TRACE` ring
 //! buffer: the VIP matched (or none), what the connection table said, the
 //! ring and hash a new flow was scheduled with, the backend, the rewrite and
-//! the verdict. Off (`owner_pid == 0`) it costs one array read per packet.
+//! the verdict. Only packets whose destination passes the VIP-address filter
+//! are traced (a port that is not a VIP on a VIP's address is; another
+//! host's traffic is not looked at). Off (`owner_pid == 0`) it costs those
+//! packets one array read: the balancer is generic over [`Observe`], the
+//! untraced copy observes through [`Quiet`] (which compiles to nothing), and
+//! the traced copy is a program of its own (`lb_xdp_traced`) that `lb_xdp`
+//! tail-calls while a filter is set.
 //!
 //! A ring buffer rather than aya-log: records are fixed structures that the
 //! CLI prints as text or JSON and resolves against the agent's backend ids,
 //! and the filter is per VIP and client, not a global log level.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use lb_common::{TraceCfg, TraceRecord, trace_ring, trace_table};
+use lb_common::{FlowKey, TraceCfg, TraceRecord, trace_ring, trace_table};
 
 use crate::{
     maps::{TRACE, TRACE_CFG},
-    parse::Packet,
+    sched::Ring,
 };
 
 /// What the balancer decided for one packet, filled in as it goes (plain
 /// stores on the stack; read only when tracing).
 pub struct Seen {
+    pub family: u8,
     pub vip_id: u32,
     pub backend_id: u32,
     pub ring_id: u32,
@@ -34,6 +41,7 @@ impl Seen {
     #[inline(always)]
     pub fn new() -> Self {
         Self {
+            family: 0,
             vip_id: u32::MAX,
             backend_id: 0,
             ring_id: 0,
@@ -44,6 +52,58 @@ impl Seen {
             scheduler: 0,
             ipip: 0,
         }
+    }
+}
+
+/// What the balancer reports as it decides; [`Quiet`] compiles to nothing.
+pub trait Observe {
+    fn vip(&mut self, id: u32, scheduler: u8);
+    fn table(&mut self, t: u8);
+    fn ring(&mut self, which: u8, ring: &Ring, hash: u32);
+    fn backend(&mut self, id: u32);
+    fn ipip(&mut self);
+}
+
+/// The untraced balancer.
+pub struct Quiet;
+
+impl Observe for Quiet {
+    #[inline(always)]
+    fn vip(&mut self, _: u32, _: u8) {}
+    #[inline(always)]
+    fn table(&mut self, _: u8) {}
+    #[inline(always)]
+    fn ring(&mut self, _: u8, _: &Ring, _: u32) {}
+    #[inline(always)]
+    fn backend(&mut self, _: u32) {}
+    #[inline(always)]
+    fn ipip(&mut self) {}
+}
+
+impl Observe for Seen {
+    #[inline(always)]
+    fn vip(&mut self, id: u32, scheduler: u8) {
+        self.vip_id = id;
+        self.scheduler = scheduler;
+    }
+    #[inline(always)]
+    fn table(&mut self, t: u8) {
+        self.table = t;
+    }
+    #[inline(always)]
+    fn ring(&mut self, which: u8, ring: &Ring, hash: u32) {
+        self.ring = which;
+        self.ring_id = ring.id;
+        self.ring_size = ring.size;
+        self.hash = hash;
+    }
+    #[inline(always)]
+    fn backend(&mut self, id: u32) {
+        self.backend_id = id;
+    }
+    #[inline(always)]
+    fn ipip(&mut self) {
+        self.ipip = 1;
     }
 }
 
@@ -77,9 +137,8 @@ fn prefix_eq(a: &[u8; 16], b: &[u8; 16], bits: u32) -> bool {
 }
 
 #[inline(always)]
-fn matches(c: &TraceCfg, pkt: &Packet) -> bool {
-    let k = &pkt.key;
-    (c.family == 0 || c.family == pkt.family)
+fn matches(c: &TraceCfg, k: &FlowKey, family: u8) -> bool {
+    (c.family == 0 || c.family == family)
         && (c.proto == 0 || c.proto == k.proto)
         && (c.dport == 0 || c.dport == k.dport)
         && (c.sport == 0 || c.sport == k.sport)
@@ -87,13 +146,18 @@ fn matches(c: &TraceCfg, pkt: &Packet) -> bool {
         && prefix_eq(&c.src, &k.src, c.src_len)
 }
 
-/// Records the packet if it matches the filter; a full ring buffer drops
-/// the record (the CLI reads faster than an operator can).
+/// Records the packet (its 5-tuple `key`) if it matches the filter;
+/// `verdict` is `reason << 8 | action`. A full ring buffer drops the record
+/// (the CLI reads faster than an operator can). Not inlined: the verifier
+/// would walk it once per exit of the balancer (past its budget). Its
+/// arguments are the key, already in memory for the table lookup, and
+/// small values, so the packet's other fields stay in registers.
 #[inline(never)]
-pub fn emit(c: &TraceCfg, pkt: &Packet, seen: &Seen, reason: u32, action: u32) {
-    if !matches(c, pkt) {
+pub fn emit(c: &TraceCfg, key: &FlowKey, seen: &Seen, verdict: u32) {
+    if !matches(c, key, seen.family) {
         return;
     }
+    let (reason, action) = (verdict >> 8, verdict & 0xff);
     let Some(mut e) = TRACE.reserve::<TraceRecord>(0) else {
         return;
     };
@@ -102,7 +166,7 @@ pub fn emit(c: &TraceCfg, pkt: &Packet, seen: &Seen, reason: u32, action: u32) {
     // field is written before submit.
     unsafe {
         (*r).ts_ns = bpf_ktime_get_ns();
-        (*r).key = pkt.key;
+        (*r).key = *key;
         (*r).vip_id = seen.vip_id;
         (*r).backend_id = seen.backend_id;
         (*r).ring_id = seen.ring_id;

@@ -1130,6 +1130,18 @@ fn trace(
             .and_then(|v| serde_json::from_value::<Vec<api::BackendInfo>>(v).ok())
             .map(|l| l.into_iter().map(|b| (b.id, b.address)).collect())
             .unwrap_or_default();
+    // The datapath traces packets for VIP addresses only; say so rather
+    // than wait for records that cannot come.
+    if let Some(dst) = filter.dst
+        && let Ok(v) = api::call(&conn.socket, &Request::VipList)
+        && let Ok(vips) = serde_json::from_value::<Vec<api::VipInfo>>(v)
+        && !vips.iter().any(|v| v.vip.address == dst)
+    {
+        eprintln!(
+            "note: {dst} is no VIP's address on this instance: its packets pass to the kernel \
+             untouched (counted as pass_non_vip) and are not traced"
+        );
+    }
     let mut tracer = Tracer::start(instance, &filter)?;
     if !conn.json {
         eprintln!(

@@ -39,6 +39,10 @@ pub fn load_object(obj: &[u8], opts: &LoadOptions) -> Result<Ebpf> {
         .context(
             "loading the datapath object into the kernel failed (are you root, with BPF enabled?)",
         )?;
+    // An older build (the A/B benchmark's base) may predate the traced copy.
+    if ebpf.program(lb_common::PROG_BALANCER_TRACED).is_some() {
+        load_program(&mut ebpf, lb_common::PROG_BALANCER_TRACED)?;
+    }
     for name in [
         lb_common::PROG_BALANCER,
         lb_common::PROG_DECAP,
@@ -51,6 +55,7 @@ pub fn load_object(obj: &[u8], opts: &LoadOptions) -> Result<Ebpf> {
     ] {
         load_program(&mut ebpf, name)?;
     }
+    install_tracer(&mut ebpf)?;
     Ok(ebpf)
 }
 
@@ -74,6 +79,22 @@ fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
             }
         }
     }
+}
+
+/// Puts the traced copy of the balancer where `lb_xdp` tail-calls it while
+/// `lb trace` runs (an object without it, an older build, is left alone).
+fn install_tracer(ebpf: &mut Ebpf) -> Result<()> {
+    let fd = match ebpf.program(lb_common::PROG_BALANCER_TRACED) {
+        Some(p) => p.fd()?.try_clone()?,
+        None => return Ok(()),
+    };
+    let Some(map) = ebpf.map_mut(lb_common::MAP_TRACE_JUMP) else {
+        return Ok(());
+    };
+    aya::maps::ProgramArray::try_from(map)?
+        .set(0, &fd, 0)
+        .context("installing the traced balancer")?;
+    Ok(())
 }
 
 /// The XDP program `name` of a loaded object.
@@ -159,6 +180,7 @@ pub const PINNED_MAPS: &[&str] = &[
     // `lb trace` opens these from another process.
     lb_common::MAP_TRACE_CFG,
     lb_common::MAP_TRACE,
+    lb_common::MAP_TRACE_JUMP,
 ];
 
 /// Where an instance's pins live.
@@ -215,9 +237,14 @@ pub fn load_pinned(opts: &LoadOptions, dir: &std::path::Path) -> Result<(Ebpf, b
     let mut ebpf = loader.load(EBPF_OBJECT).context(
         "loading the datapath object into the kernel failed (are you root, with BPF enabled?)",
     )?;
-    for name in [lb_common::PROG_BALANCER, lb_common::PROG_PASS] {
+    for name in [
+        lb_common::PROG_BALANCER,
+        lb_common::PROG_BALANCER_TRACED,
+        lb_common::PROG_PASS,
+    ] {
         load_program(&mut ebpf, name)?;
     }
+    install_tracer(&mut ebpf)?;
     Ok((ebpf, adopted))
 }
 
