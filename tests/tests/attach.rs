@@ -80,7 +80,9 @@ fn auto_mode_falls_back_to_skb_and_says_so() {
     println!("{stdout}{stderr}");
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("native XDP on lo failed") && stderr.contains("falling back to generic"),
+        stderr.contains("native XDP failed")
+            && stderr.contains("falling back to generic")
+            && stderr.contains("interface=\"lo\""),
         "{stderr}"
     );
     assert!(stdout.contains("in Skb mode"), "{stdout}");
