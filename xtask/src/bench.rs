@@ -283,7 +283,7 @@ fn markdown(r: &Value) -> String {
         r["http"]["runs"]
     ));
     o.push_str(
-        "| path | requests/s | vs direct | p50 ms | p99 ms | VM CPU µs/request | errors (3 runs) |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "| path | requests/s | vs direct | p50 ms | p99 ms | VM CPU µs/request | errors (3 runs: connect, write, timeout, non-2xx) |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
     let rows = r["http"]["rows"].as_array().cloned().unwrap_or_default();
     let direct = rows.first().map(|x| f(&x["rps"])).unwrap_or(f64::NAN);
