@@ -20,13 +20,20 @@ pub const AF_INET6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
-/// Upper bound on VIPs (the VIP id indexes the per-VIP stats and the rings).
-pub const MAX_VIPS: u32 = 64;
-/// Upper bound on backends over all VIPs; id 0 is reserved as "no backend".
+/// Default capacity in VIPs and region rings (`agent.max_vips`): the ring id
+/// of a VIP or region indexes the per-VIP stats and round-robin positions.
+/// The loader sizes the maps at load time.
+pub const MAX_VIPS: u32 = 256;
+/// Default capacity in backends over all VIPs (`agent.max_backends`); id 0
+/// is reserved as "no backend".
 pub const MAX_BACKENDS: u32 = 4096;
 /// Largest Maglev ring a VIP can have (a prime). Each VIP owns two halves of
-/// this size in [`RINGS`](MAP_RINGS) so that an update is one atomic flip.
+/// its own ring size in [`RINGS`](MAP_RINGS) so that an update is one atomic
+/// flip.
 pub const MAX_RING_SIZE: u32 = 65537;
+/// Default size of `RINGS` in slots (`agent.ring_slots`, 8 bytes each in the kernel): 64
+/// VIPs of the default ring size, double-buffered.
+pub const DEFAULT_RING_SLOTS: u32 = 64 * 2 * 65537;
 /// Default Maglev ring size (a prime, as Maglev requires).
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Default connection-table size; the agent overrides it at load time.
@@ -140,6 +147,9 @@ pub struct VipMeta {
     pub idle_timeout_s: u32,
     /// How new flows pick a backend: `SCHED_*`.
     pub scheduler: u32,
+    /// Where the VIP's two ring halves start in `RINGS` (half h at
+    /// `ring_offset + h * ring_size`); allocated by the agent.
+    pub ring_offset: u32,
 }
 
 /// [`VipMeta::scheduler`]: Maglev consistent hashing over the ring.
@@ -172,17 +182,20 @@ pub struct RegionKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct RegionMeta {
-    /// A ring slot id (like a VIP id) holding the region's two ring halves.
+    /// A ring id (from the VIP id space) for the region's round-robin
+    /// position.
     pub ring_id: u32,
     pub active_half: u32,
     pub ring_size: u32,
-    pub _pad: u32,
+    /// Where the region's two ring halves start in `RINGS`.
+    pub ring_offset: u32,
 }
 
-/// Index of the first slot of a VIP's ring half in the `RINGS` array.
+/// Index of the first slot of ring half `half` in the `RINGS` array, for a
+/// ring of `size` slots per half allocated at `offset`.
 #[inline(always)]
-pub const fn ring_base(vip_id: u32, half: u32) -> u32 {
-    (vip_id * 2 + (half & 1)) * MAX_RING_SIZE
+pub const fn ring_base(offset: u32, size: u32, half: u32) -> u32 {
+    offset + (half & 1) * size
 }
 
 /// [`Backend::state`] values.
@@ -474,7 +487,7 @@ mod pod {
 
 const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
-    assert!(core::mem::size_of::<VipMeta>() == 24);
+    assert!(core::mem::size_of::<VipMeta>() == 28);
     assert!(core::mem::size_of::<Backend>() == 36);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<Flow>() == 16);
@@ -483,4 +496,6 @@ const _: () = {
     assert!(core::mem::size_of::<FloodState>() == 24);
     assert!(core::mem::size_of::<RegionKey>() == 20);
     assert!(core::mem::size_of::<RegionMeta>() == 16);
+    assert!(core::mem::size_of::<TraceCfg>() == 52);
+    assert!(core::mem::size_of::<TraceRecord>() == 80);
 };

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
-    Backend, BackendIdKey, DEFAULT_FLOW_TABLE_SIZE, FloodGuard, FloodState, Flow, FlowKey,
-    LoadgenCfg, MAX_BACKENDS, MAX_RING_SIZE, MAX_TX_PORTS, MAX_VIPS, RegionKey, RegionMeta,
+    Backend, BackendIdKey, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SLOTS, FloodGuard, FloodState,
+    Flow, FlowKey, LoadgenCfg, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, RegionKey, RegionMeta,
     Settings, TraceCfg, Traffic, VipKey, VipMeta, decap_verdict, verdict,
 };
 
@@ -29,10 +29,12 @@ pub static VIP_FILTER: Array<u32> = Array::with_max_entries(lb_common::hash::VIP
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// Maglev rings: for VIP v and half h, slots `ring_base(v, h) ..+ ring_size`
-/// hold backend ids.
+/// Maglev rings: a VIP's (or region's) half h is the `ring_size` slots at
+/// `ring_base(ring_offset, ring_size, h)`, holding backend ids. The agent
+/// allocates each ring's range; the loader sizes the array
+/// (`agent.ring_slots`).
 #[map(name = "RINGS")]
-pub static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * 2 * MAX_RING_SIZE, 0);
+pub static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_RING_SLOTS, 0);
 
 /// Connection table: client 5-tuple → backend.
 #[map(name = "FLOWS")]

@@ -34,6 +34,7 @@ pub(crate) struct Ring {
     pub(crate) id: u32,
     pub(crate) half: u32,
     pub(crate) size: u32,
+    pub(crate) offset: u32,
 }
 
 #[inline(always)]
@@ -51,6 +52,7 @@ pub(crate) fn ring_for(pkt: &Packet, vip: &VipMeta) -> Ring {
                 id: r.ring_id,
                 half: r.active_half,
                 size: r.ring_size,
+                offset: r.ring_offset,
             };
         }
     }
@@ -63,6 +65,7 @@ pub(crate) fn vip_ring(vip: &VipMeta) -> Ring {
         id: vip.vip_id,
         half: vip.active_half,
         size: vip.ring_size,
+        offset: vip.ring_offset,
     }
 }
 
@@ -159,7 +162,7 @@ pub(crate) fn schedule(vip: &VipMeta, ring: &Ring, h: u32) -> Option<(u32, &'sta
     if ring.size == 0 {
         return None;
     }
-    let base = ring_base(ring.id, ring.half);
+    let base = ring_base(ring.offset, ring.size, ring.half);
     match vip.scheduler {
         SCHED_ROUND_ROBIN => {
             let pos = RR_POS.get_ptr_mut(ring.id)?;

@@ -166,6 +166,25 @@ pub struct StatusInfo {
     /// Per VIP: ring digest and announcement.
     #[serde(default)]
     pub vip_status: Vec<VipStatus>,
+    /// What the datapath can hold and what it holds now.
+    #[serde(default)]
+    pub capacity: Option<CapacityStatus>,
+}
+
+/// `lb status`: capacities (fixed when the datapath is loaded), their use,
+/// and the memory the datapath's maps hold.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CapacityStatus {
+    pub max_vips: u32,
+    /// VIPs plus regions (each holds a ring id).
+    pub vips_used: u32,
+    pub max_backends: u32,
+    pub backends_used: u32,
+    pub ring_slots: u32,
+    pub ring_slots_used: u64,
+    pub flow_table_size: u32,
+    /// Sum of the kernel's `memlock` for every map the agent holds.
+    pub maps_memory_bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

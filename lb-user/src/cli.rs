@@ -439,6 +439,20 @@ fn real_main() -> Result<()> {
             println!("uptime     {:.0} s", s.uptime_s);
             println!("VIPs       {}", s.vips);
             println!("backends   {} up of {}", s.backends_up, s.backends);
+            if let Some(c) = &s.capacity {
+                println!(
+                    "capacity   VIPs+regions {}/{}, backends {}/{}, ring slots {}/{}, flow table {}; \
+                     maps hold {:.1} MiB",
+                    c.vips_used,
+                    c.max_vips,
+                    c.backends_used,
+                    c.max_backends.saturating_sub(1),
+                    c.ring_slots_used,
+                    c.ring_slots,
+                    c.flow_table_size,
+                    c.maps_memory_bytes as f64 / (1 << 20) as f64
+                );
+            }
             match &s.announce {
                 None => println!("announce   off (no [announce] section)"),
                 Some(a) => println!(
@@ -1029,6 +1043,7 @@ fn attach(iface: &str, mode: loader::AttachMode, seconds: u64) -> Result<()> {
     }
     let mut ebpf = loader::load(&loader::LoadOptions {
         flow_table_size: 4096,
+        ..Default::default()
     })?;
     let used = loader::attach(&mut ebpf, lb_common::PROG_BALANCER, iface, mode)?;
     println!(

@@ -21,6 +21,7 @@ pub const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
 pub fn load() -> Result<Ebpf> {
     loader::load(&loader::LoadOptions {
         flow_table_size: 65536,
+        ..Default::default()
     })
 }
 
@@ -298,6 +299,7 @@ impl Fixture {
             obj,
             &loader::LoadOptions {
                 flow_table_size: 65536,
+                ..Default::default()
             },
         )?)
     }

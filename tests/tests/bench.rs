@@ -110,6 +110,7 @@ impl RateRig {
 fn balancer(rig: &RateRig, vip: VipKey, table_size: u32) -> aya::Ebpf {
     let mut lb = loader::load(&loader::LoadOptions {
         flow_table_size: table_size,
+        ..Default::default()
     })
     .expect("load");
     let mut dp = Dataplane::new(&mut lb);

@@ -43,15 +43,26 @@ pub(super) struct Observation {
 impl State {
     /// A probe job for backend `bi` of VIP `vi` with `health` (the new
     /// settings: reconcile updates the VIP's own copy last) under a new
-    /// generation; the backend's previous task, if any, ends.
-    pub(super) fn probe_job(&mut self, vi: usize, bi: usize, health: config::Health) -> ProbeJob {
+    /// generation; the backend's previous task, if any, ends. With health
+    /// checks off (`kind = "none"`) there is no task: the backend is up.
+    pub(super) fn probe_job(
+        &mut self,
+        vi: usize,
+        bi: usize,
+        health: config::Health,
+    ) -> Option<ProbeJob> {
         self.next_generation += 1;
-        let (alive_tx, alive) = watch::channel(());
         let v = &mut self.vips[vi];
         let b = &mut v.backends[bi];
         b.generation = self.next_generation;
+        if health.kind == config::CheckKind::None {
+            b.probe = None;
+            b.last_result = "not checked (kind = none)".into();
+            return None;
+        }
+        let (alive_tx, alive) = watch::channel(());
         b.probe = Some(alive_tx);
-        ProbeJob {
+        Some(ProbeJob {
             key: v.key,
             vip: vip_ref(&v.cfg),
             address: b.cfg.address,
@@ -59,7 +70,7 @@ impl State {
             health,
             alive,
             report: self.observations.clone(),
-        }
+        })
     }
 
     /// Applies one probe outcome (the applier thread, under the lock).

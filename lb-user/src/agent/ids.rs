@@ -28,7 +28,8 @@ impl State {
             return Ok(id);
         }
         let next = self.dp.backend_id(&HIGH_WATER)?.unwrap_or(1).max(1);
-        let id = if next < MAX_BACKENDS {
+        let max = self.dp.capacity()?.backends;
+        let id = if next < max {
             next
         } else {
             // Ids exhausted: take one no backend holds and no flow refers to.
@@ -39,9 +40,9 @@ impl State {
                 .into_iter()
                 .map(|(_, f)| f.backend_id)
                 .collect();
-            (1..MAX_BACKENDS)
+            (1..max)
                 .find(|i| !held.contains(i) && !in_flows.contains(i))
-                .ok_or_else(|| anyhow!("all {MAX_BACKENDS} backend ids are in use"))?
+                .ok_or_else(|| anyhow!("all {max} backend ids are in use (agent.max_backends)"))?
         };
         self.dp.set_backend_id(&k, id)?;
         self.dp.set_backend_id(&HIGH_WATER, (id + 1).max(next))?;

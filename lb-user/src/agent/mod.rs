@@ -47,8 +47,8 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use lb_common::{
-    AF_INET, AF_INET6, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, Backend, BackendIdKey,
-    MAX_BACKENDS, MAX_VIPS, VipKey, VipMeta,
+    AF_INET, AF_INET6, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, Backend, BackendIdKey, VipKey,
+    VipMeta,
 };
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
@@ -58,8 +58,9 @@ use tokio::{
 
 use crate::{
     api::{
-        self, AnnounceStatus, BackendInfo, BackendState, BackendTraffic, ExplainInfo, Request,
-        Response, StatsInfo, StatusInfo, TrafficInfo, VipInfo, VipRef, VipStatus, VipTraffic,
+        self, AnnounceStatus, BackendInfo, BackendState, BackendTraffic, CapacityStatus,
+        ExplainInfo, Request, Response, StatsInfo, StatusInfo, TrafficInfo, VipInfo, VipRef,
+        VipStatus, VipTraffic,
     },
     config::edit::{self, Edit},
     config::{self, BackendCfg, CheckKind, Config, Forwarding, HashInput, Protocol, Vip, XdpMode},
@@ -197,6 +198,9 @@ pub async fn run_until(
     let (ebpf, adopted) = loader::load_pinned(
         &loader::LoadOptions {
             flow_table_size: cfg.agent.flow_table_size,
+            max_vips: cfg.agent.max_vips,
+            max_backends: cfg.agent.max_backends,
+            ring_slots: cfg.agent.ring_slots,
         },
         &dir,
     )?;

@@ -154,14 +154,17 @@ impl State {
                 }
                 Change::AddVip(key) => {
                     let used = self.ring_ids_in_use();
+                    let max = self.dp.capacity()?.vips;
                     // Keep the id the pinned datapath already has for this
                     // VIP; otherwise take one neither live nor pinned.
                     let vip_id = match existing_ids.get(&key) {
                         Some(id) if !used.contains(id) => *id,
-                        _ => (0..MAX_VIPS)
+                        _ => (0..max)
                             .find(|i| !used.contains(i) && !existing_ids.values().any(|e| e == i))
-                            .or_else(|| (0..MAX_VIPS).find(|i| !used.contains(i)))
-                            .ok_or_else(|| anyhow!("at most {MAX_VIPS} VIPs"))?,
+                            .or_else(|| (0..max).find(|i| !used.contains(i)))
+                            .ok_or_else(|| {
+                                anyhow!("at most {max} VIPs plus regions (agent.max_vips)")
+                            })?,
                     };
                     self.vips.push(VipRt {
                         // Backends and regions empty: the plan adds them.
@@ -210,7 +213,7 @@ impl State {
                     let b = self.new_backend(&key, bcfg, &vcfg.health)?;
                     self.vips[vi].backends.push(b);
                     let bi = self.vips[vi].backends.len() - 1;
-                    spawns.push(self.probe_job(vi, bi, vcfg.health.clone()));
+                    spawns.extend(self.probe_job(vi, bi, vcfg.health.clone()));
                     self.write_backend(vi, bi)?;
                 }
                 Change::UpdateBackend(key, addr) => {
@@ -227,7 +230,7 @@ impl State {
                     let vi = self.vip_index(&key)?;
                     let bi = self.backend_index(vi, addr)?;
                     self.vips[vi].backends[bi].health = HealthState::new(health.rise, health.fall);
-                    spawns.push(self.probe_job(vi, bi, health));
+                    spawns.extend(self.probe_job(vi, bi, health));
                 }
                 Change::RebuildRing(key) => {
                     let vi = self.vip_index(&key)?;

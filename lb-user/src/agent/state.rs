@@ -234,12 +234,13 @@ impl State {
         }
         for r in regions {
             let used = self.ring_ids_in_use();
-            let ring_id = (0..MAX_VIPS)
+            let max = self.dp.capacity()?.vips;
+            let ring_id = (0..max)
                 .rev()
                 .find(|i| !used.contains(i))
                 .ok_or_else(|| {
                     anyhow!(
-                        "no ring slot left for region `{}` (VIPs and regions share {MAX_VIPS})",
+                        "no ring id left for region `{}` (VIPs and regions share agent.max_vips = {max})",
                         r.name
                     )
                 })?;

@@ -35,7 +35,27 @@ impl State {
                     })
                     .collect()
             },
+            capacity: self.capacity_status().ok(),
         }
+    }
+
+    fn capacity_status(&self) -> Result<CapacityStatus> {
+        let cap = self.dp.capacity()?;
+        let regions: usize = self.vips.iter().map(|v| v.regions.len()).sum();
+        Ok(CapacityStatus {
+            max_vips: cap.vips,
+            vips_used: (self.vips.len() + regions) as u32,
+            max_backends: cap.backends,
+            backends_used: self.vips.iter().map(|v| v.backends.len()).sum::<usize>() as u32,
+            ring_slots: cap.ring_slots,
+            ring_slots_used: self
+                .vips
+                .iter()
+                .map(|v| 2 * u64::from(v.cfg.ring_size) * (1 + v.regions.len() as u64))
+                .sum(),
+            flow_table_size: cap.flows,
+            maps_memory_bytes: maps_memlock(),
+        })
     }
 
     pub(super) fn vip_list(&self) -> Vec<VipInfo> {
@@ -212,4 +232,21 @@ impl State {
             flows_not_recorded,
         })
     }
+}
+
+/// The kernel's `memlock` of every BPF map this process holds open (its
+/// `/proc/self/fdinfo`): the memory the datapath's maps take.
+pub(super) fn maps_memlock() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter(|t| t.contains("map_type:"))
+        .filter_map(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
 }

@@ -88,7 +88,29 @@ struct RawAgent {
     ipip_source_v6: Spanned<String>,
     #[serde(default = "default_new_flow_limit")]
     new_flow_limit: u32,
+    #[serde(default = "default_max_vips")]
+    max_vips: Spanned<u32>,
+    #[serde(default = "default_max_backends")]
+    max_backends: Spanned<u32>,
+    #[serde(default = "default_ring_slots")]
+    ring_slots: Spanned<u32>,
 }
+
+fn default_max_vips() -> Spanned<u32> {
+    sp(lb_common::MAX_VIPS)
+}
+fn default_max_backends() -> Spanned<u32> {
+    sp(lb_common::MAX_BACKENDS)
+}
+fn default_ring_slots() -> Spanned<u32> {
+    sp(lb_common::DEFAULT_RING_SLOTS)
+}
+
+/// Largest capacities accepted (see README, "Sizing").
+pub const MAX_MAX_VIPS: u32 = 65_536;
+pub const MAX_MAX_BACKENDS: u32 = 1 << 20;
+/// 1 GiB of ring slots.
+pub const MAX_RING_SLOTS: u32 = 1 << 28;
 
 fn default_new_flow_limit() -> u32 {
     lb_common::DEFAULT_NEW_FLOW_LIMIT
@@ -326,6 +348,12 @@ pub struct Agent {
     /// New flows per second per CPU written to the connection table; above
     /// it new flows are forwarded statelessly (flood guard). 0 = no limit.
     pub new_flow_limit: u32,
+    /// Capacity in VIPs plus regions (each takes a ring id).
+    pub max_vips: u32,
+    /// Capacity in backends over all VIPs (one id each; id 0 is reserved).
+    pub max_backends: u32,
+    /// `RINGS` slots: every VIP and region takes two halves of its ring size.
+    pub ring_slots: u32,
 }
 
 /// VIP announcement: the agent keeps one host route per servable VIP
@@ -378,6 +406,29 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             "agent.interface must name the interface to attach to".into(),
         ));
     }
+    for (name, v, lo, hi) in [
+        ("max_vips", &a.max_vips, 1, MAX_MAX_VIPS),
+        ("max_backends", &a.max_backends, 2, MAX_MAX_BACKENDS),
+        ("ring_slots", &a.ring_slots, 1, MAX_RING_SLOTS),
+    ] {
+        if !(lo..=hi).contains(v.get_ref()) {
+            return Err(err(
+                Some(v.span()),
+                format!(
+                    "agent.{name} = {} is out of range: {lo}..={hi}",
+                    v.get_ref()
+                ),
+            ));
+        }
+    }
+    let (max_vips, max_backends, ring_slots) = (
+        *a.max_vips.get_ref(),
+        *a.max_backends.get_ref(),
+        *a.ring_slots.get_ref(),
+    );
+    // Running totals against the capacities, checked VIP by VIP so that an
+    // error points at the VIP that does not fit.
+    let (mut ring_ids, mut backend_ids, mut slots) = (0u64, 0u64, 0u64);
     let metrics_listen = match &a.metrics_listen {
         None => None,
         Some(s) => Some(s.get_ref().parse().map_err(|_| {
@@ -412,6 +463,9 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         interface: a.interface.clone(),
         xdp_mode,
         flow_table_size: *a.flow_table_size.get_ref(),
+        max_vips,
+        max_backends,
+        ring_slots,
         control_socket: a.control_socket.clone(),
         instance: a.instance.clone(),
         metrics_listen,
@@ -448,16 +502,6 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         }
     };
 
-    if raw.vip.len() > lb_common::MAX_VIPS as usize {
-        return Err(err(
-            None,
-            format!(
-                "{} VIPs configured; at most {} are supported",
-                raw.vip.len(),
-                lb_common::MAX_VIPS
-            ),
-        ));
-    }
     let mut seen_vips = HashSet::new();
     let mut vips = Vec::new();
     for v in &raw.vip {
@@ -618,11 +662,44 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
                 }
                 rb.push(a);
             }
+            ring_ids += 1;
+            slots += 2 * u64::from(ring);
             regions.push(Region {
                 name: r.name.clone(),
                 prefixes,
                 backends: rb,
             });
+        }
+        ring_ids += 1;
+        slots += 2 * u64::from(ring);
+        backend_ids += backends.len() as u64;
+        if ring_ids > u64::from(max_vips) {
+            return Err(err(
+                Some(v.address.span()),
+                format!(
+                    "this VIP and its regions do not fit: VIPs plus regions come to {ring_ids}, \
+                     agent.max_vips is {max_vips} (raise it; see README, \"Sizing\")"
+                ),
+            ));
+        }
+        if backend_ids >= u64::from(max_backends) {
+            return Err(err(
+                Some(v.address.span()),
+                format!(
+                    "this VIP's backends do not fit: backends over all VIPs come to {backend_ids}, \
+                     agent.max_backends is {max_backends} (one id is reserved; raise it)"
+                ),
+            ));
+        }
+        if slots > u64::from(ring_slots) {
+            return Err(err(
+                Some(v.ring_size.span()),
+                format!(
+                    "this VIP's rings do not fit: two halves of ring_size per VIP and region come to \
+                     {slots} slots, agent.ring_slots is {ring_slots} (raise it, 8 bytes a slot, or \
+                     lower ring_size)"
+                ),
+            ));
         }
         vips.push(Vip {
             scheduler,
@@ -711,6 +788,37 @@ weight = 3
         let text = GOOD.replace("[[vip]]", "[announce]\nprotocol = \"bgp\"\n\n[[vip]]");
         let e = error_of(&text);
         assert!(e.contains("unknown field `protocol`"), "{e}");
+    }
+
+    #[test]
+    fn capacities_are_checked_where_they_are_exceeded() {
+        let c = parse(GOOD, "lb.toml").expect("valid");
+        assert_eq!(
+            (c.agent.max_vips, c.agent.max_backends, c.agent.ring_slots),
+            (256, 4096, 8_388_736)
+        );
+        // Two backends need three ids (0 is reserved).
+        let e = error_of(&GOOD.replace(
+            "interface = \"eth1\"",
+            "interface = \"eth1\"\nmax_backends = 2",
+        ));
+        assert!(e.contains("agent.max_backends is 2"), "{e}");
+        // One ring of 65,537 needs 131,074 slots.
+        let e = error_of(&GOOD.replace(
+            "interface = \"eth1\"",
+            "interface = \"eth1\"\nring_slots = 131073",
+        ));
+        assert!(
+            e.starts_with("lb.toml:") && e.contains("agent.ring_slots is 131073"),
+            "{e}"
+        );
+        let e =
+            error_of(&GOOD.replace("interface = \"eth1\"", "interface = \"eth1\"\nmax_vips = 0"));
+        assert!(e.contains("agent.max_vips = 0 is out of range"), "{e}");
+        let two = format!("{GOOD}\n[[vip]]\naddress = \"198.18.0.101\"\nport = 80\n");
+        let e =
+            error_of(&two.replace("interface = \"eth1\"", "interface = \"eth1\"\nmax_vips = 1"));
+        assert!(e.contains("agent.max_vips is 1"), "{e}");
     }
 
     #[test]

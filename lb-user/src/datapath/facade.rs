@@ -12,8 +12,8 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
 };
 use lb_common::{
-    Backend, BackendIdKey, Flow, FlowKey, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, RegionKey,
-    RegionMeta, Settings, Traffic, VipKey, VipMeta, decap_verdict, ring_base, verdict,
+    Backend, BackendIdKey, Flow, FlowKey, MAX_RING_SIZE, RegionKey, RegionMeta, Settings, Traffic,
+    VipKey, VipMeta, decap_verdict, ring_base, verdict,
 };
 
 /// What went wrong programming the datapath.
@@ -35,6 +35,11 @@ pub enum DataplaneError {
     BackendIdOutOfRange { id: u32, max: u32 },
     #[error("ring of size {size} is not allowed (1..={max})")]
     BadRingSize { size: usize, max: u32 },
+    #[error(
+        "no room for a ring of {need} slots (two halves) in RINGS ({capacity} slots, {used} in use): \
+         raise agent.ring_slots (8 bytes each; needs `lb down` first) or lower ring_size"
+    )]
+    RingsFull { need: u64, capacity: u32, used: u64 },
     #[error("devmap: {0}")]
     DevMap(String),
 }
@@ -65,6 +70,25 @@ fn region_key(vip_id: u32, addr: [u8; 16], prefix_len: u32) -> aya::maps::lpm_tr
             addr,
         },
     )
+}
+
+/// What a loaded datapath can hold, read from its maps (the loader sizes
+/// them from `agent.max_vips`, `agent.max_backends`, `agent.ring_slots`,
+/// `agent.flow_table_size`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Capacity {
+    /// VIP and region ring ids (`0..vips`).
+    pub vips: u32,
+    /// Backend ids (`1..backends`).
+    pub backends: u32,
+    /// `RINGS` slots.
+    pub ring_slots: u32,
+    /// Connection-table entries.
+    pub flows: u32,
+}
+
+fn max_entries<K: aya::Pod, V>(m: &impl aya::maps::IterableMap<K, V>) -> u32 {
+    m.map().info().map(|i| i.max_entries()).unwrap_or(0)
 }
 
 /// Typed access to a loaded datapath's maps. The agent's `Dataplane` owns
@@ -99,18 +123,93 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             .ok_or(DataplaneError::MissingMap { name })
     }
 
+    /// What this datapath can hold.
+    pub fn capacity(&self) -> Result<Capacity> {
+        let stats: PerCpuArray<_, Traffic> =
+            PerCpuArray::try_from(self.map(lb_common::MAP_VIP_STATS)?)
+                .map_err(map_err(lb_common::MAP_VIP_STATS))?;
+        let backends: Array<_, Backend> = Array::try_from(self.map(lb_common::MAP_BACKENDS)?)
+            .map_err(map_err(lb_common::MAP_BACKENDS))?;
+        let rings: Array<_, u32> = Array::try_from(self.map(lb_common::MAP_RINGS)?)
+            .map_err(map_err(lb_common::MAP_RINGS))?;
+        let flows: HashMap<_, FlowKey, Flow> = HashMap::try_from(self.map(lb_common::MAP_FLOWS)?)
+            .map_err(map_err(lb_common::MAP_FLOWS))?;
+        Ok(Capacity {
+            vips: max_entries(&stats),
+            backends: max_entries(&backends),
+            ring_slots: max_entries(&rings),
+            flows: max_entries(&flows),
+        })
+    }
+
+    /// `RINGS` ranges in use: every VIP's and region's two halves, sorted.
+    fn ring_ranges(&mut self) -> Result<Vec<(u64, u64)>> {
+        let mut used: Vec<(u64, u64)> = self
+            .list_vips()?
+            .into_iter()
+            .filter(|(_, m)| m.ring_size > 0)
+            .map(|(_, m)| (u64::from(m.ring_offset), 2 * u64::from(m.ring_size)))
+            .collect();
+        used.extend(
+            self.regions()?
+                .iter()
+                .filter_map(|r| r.ok())
+                .filter(|(_, m)| m.ring_size > 0)
+                .map(|(_, m)| (u64::from(m.ring_offset), 2 * u64::from(m.ring_size))),
+        );
+        used.sort_unstable();
+        used.dedup();
+        Ok(used)
+    }
+
+    /// The offset of a free range for a ring of `size` slots per half
+    /// (first fit). The range a ring is being moved away from stays in use
+    /// until the update that moves it, so old and new never overlap.
+    fn alloc_ring(&mut self, size: u32) -> Result<u32> {
+        let need = 2 * u64::from(size);
+        let capacity = self.capacity()?.ring_slots;
+        let used = self.ring_ranges()?;
+        let mut at = 0u64;
+        for &(off, len) in &used {
+            if off >= at + need {
+                break;
+            }
+            at = at.max(off + len);
+        }
+        if at + need > u64::from(capacity) {
+            return Err(DataplaneError::RingsFull {
+                need,
+                capacity,
+                used: used.iter().map(|r| r.1).sum(),
+            });
+        }
+        Ok(at as u32)
+    }
+
+    fn write_rings(&mut self, base: u32, table: &[u32]) -> Result<()> {
+        let name = lb_common::MAP_RINGS;
+        let mut rings: Array<_, u32> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for (i, id) in table.iter().enumerate() {
+            rings.set(base + i as u32, id, 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
     fn vips(&mut self) -> Result<HashMap<&mut MapData, VipKey, VipMeta>> {
         let name = lb_common::MAP_VIPS;
         HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))
     }
 
-    /// Adds or replaces a VIP. `meta.active_half` and `meta.ring_size` are
-    /// kept from the existing entry if there is one (the ring stays live).
+    /// Adds or replaces a VIP. `meta.active_half`, `meta.ring_size` and
+    /// `meta.ring_offset` are kept from the existing entry if there is one
+    /// (the ring stays live).
     pub fn upsert_vip(&mut self, key: &VipKey, mut meta: VipMeta) -> Result<()> {
-        if meta.vip_id >= MAX_VIPS {
+        let max = self.capacity()?.vips;
+        if meta.vip_id >= max {
             return Err(DataplaneError::VipIdOutOfRange {
                 id: meta.vip_id,
-                max: MAX_VIPS,
+                max,
             });
         }
         let mut vips = self.vips()?;
@@ -119,6 +218,7 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         {
             meta.active_half = old.active_half;
             meta.ring_size = old.ring_size;
+            meta.ring_offset = old.ring_offset;
         }
         vips.insert(key, meta, 0)
             .map_err(map_err(lb_common::MAP_VIPS))?;
@@ -166,8 +266,7 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             .collect()
     }
 
-    /// Removes a VIP (its ring slots are left as they are; a new VIP with the
-    /// same id overwrites them before it goes live).
+    /// Removes a VIP (its ring range is free for other rings from then on).
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
         let mut vips = self.vips()?;
         vips.remove(key)
@@ -185,13 +284,11 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         self.refresh_filter_word(key)
     }
 
-    /// Writes backend `id` (1..MAX_BACKENDS).
+    /// Writes backend `id` (1..capacity).
     pub fn set_backend(&mut self, id: u32, b: &Backend) -> Result<()> {
-        if id == 0 || id >= MAX_BACKENDS {
-            return Err(DataplaneError::BackendIdOutOfRange {
-                id,
-                max: MAX_BACKENDS,
-            });
+        let max = self.capacity()?.backends;
+        if id == 0 || id >= max {
+            return Err(DataplaneError::BackendIdOutOfRange { id, max });
         }
         let name = lb_common::MAP_BACKENDS;
         let mut a: Array<_, Backend> =
@@ -214,7 +311,9 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     }
 
     /// Installs a Maglev table for the VIP: fills the idle half, then flips
-    /// the VIP to it in one update. The table's length is the ring size.
+    /// the VIP to it in one update. The table's length is the ring size; a
+    /// new size (or a VIP's first ring) gets a range of its own, written
+    /// before the one update that moves the VIP onto it.
     pub fn install_ring(&mut self, key: &VipKey, table: &[u32]) -> Result<()> {
         if table.is_empty() || table.len() > MAX_RING_SIZE as usize {
             return Err(DataplaneError::BadRingSize {
@@ -222,46 +321,20 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
                 max: MAX_RING_SIZE,
             });
         }
+        let n = table.len() as u32;
         let mut meta = self.vip(key)?;
-        let idle = meta.active_half ^ 1;
-        let base = ring_base(meta.vip_id, idle);
-        {
-            let name = lb_common::MAP_RINGS;
-            let mut rings: Array<_, u32> =
-                Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-            for (i, id) in table.iter().enumerate() {
-                rings.set(base + i as u32, id, 0).map_err(map_err(name))?;
-            }
-        }
-        meta.active_half = idle;
-        meta.ring_size = table.len() as u32;
+        let (offset, half) = if meta.ring_size == n {
+            (meta.ring_offset, meta.active_half ^ 1)
+        } else {
+            (self.alloc_ring(n)?, 0)
+        };
+        self.write_rings(ring_base(offset, n, half), table)?;
+        meta.ring_offset = offset;
+        meta.active_half = half;
+        meta.ring_size = n;
         self.vips()?
             .insert(key, meta, 0)
             .map_err(map_err(lb_common::MAP_VIPS))
-    }
-
-    /// Writes `table` into half `half` of ring slot `ring_id` (not yet live).
-    pub fn write_ring(&mut self, ring_id: u32, half: u32, table: &[u32]) -> Result<()> {
-        if table.len() > MAX_RING_SIZE as usize {
-            return Err(DataplaneError::BadRingSize {
-                size: table.len(),
-                max: MAX_RING_SIZE,
-            });
-        }
-        if ring_id >= MAX_VIPS {
-            return Err(DataplaneError::VipIdOutOfRange {
-                id: ring_id,
-                max: MAX_VIPS,
-            });
-        }
-        let base = ring_base(ring_id, half);
-        let name = lb_common::MAP_RINGS;
-        let mut rings: Array<_, u32> =
-            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        for (i, id) in table.iter().enumerate() {
-            rings.set(base + i as u32, id, 0).map_err(map_err(name))?;
-        }
-        Ok(())
     }
 
     fn regions(
@@ -284,9 +357,9 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             .ok())
     }
 
-    /// Installs `table` as the ring of a region of VIP `vip_id` in ring slot
-    /// `ring_id`: fills the slot's idle half (the one the first prefix does
-    /// not use), then points every prefix (address, length) at it.
+    /// Installs `table` as the ring of a region of VIP `vip_id` with ring id
+    /// `ring_id`: fills the idle half of its range (a new range when the size
+    /// changes), then points every prefix (address, length) at it.
     pub fn install_region_ring(
         &mut self,
         vip_id: u32,
@@ -294,19 +367,28 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         ring_id: u32,
         table: &[u32],
     ) -> Result<()> {
-        let half = match prefixes.first() {
+        if table.is_empty() || table.len() > MAX_RING_SIZE as usize {
+            return Err(DataplaneError::BadRingSize {
+                size: table.len(),
+                max: MAX_RING_SIZE,
+            });
+        }
+        let n = table.len() as u32;
+        let (offset, half) = match prefixes.first() {
             Some(&(addr, len)) => match self.region(vip_id, addr, len)? {
-                Some(m) if m.ring_id == ring_id => m.active_half ^ 1,
-                _ => 0,
+                Some(m) if m.ring_id == ring_id && m.ring_size == n => {
+                    (m.ring_offset, m.active_half ^ 1)
+                }
+                _ => (self.alloc_ring(n)?, 0),
             },
             None => return Ok(()),
         };
-        self.write_ring(ring_id, half, table)?;
+        self.write_rings(ring_base(offset, n, half), table)?;
         let m = RegionMeta {
             ring_id,
             active_half: half,
-            ring_size: table.len() as u32,
-            _pad: 0,
+            ring_size: n,
+            ring_offset: offset,
         };
         let mut regions = self.regions()?;
         for &(addr, len) in prefixes {
@@ -380,7 +462,7 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     /// The VIP's live ring, as the datapath reads it.
     pub fn ring(&mut self, key: &VipKey) -> Result<Vec<u32>> {
         let meta = self.vip(key)?;
-        let base = ring_base(meta.vip_id, meta.active_half);
+        let base = ring_base(meta.ring_offset, meta.ring_size, meta.active_half);
         let name = lb_common::MAP_RINGS;
         let rings: Array<_, u32> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
         (0..meta.ring_size)
@@ -394,7 +476,10 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         let name = lb_common::MAP_RINGS;
         let rings: Array<_, u32> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
         rings
-            .get(&(ring_base(meta.vip_id, meta.active_half) + slot), 0)
+            .get(
+                &(ring_base(meta.ring_offset, meta.ring_size, meta.active_half) + slot),
+                0,
+            )
             .map_err(map_err(name))
     }
 

@@ -10,17 +10,51 @@ use aya::{
 /// The compiled datapath object (all XDP programs and maps).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
-/// Load-time sizing of the datapath.
+/// Load-time sizing of the datapath (see README, "Sizing").
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Entries in the connection table (LRU).
     pub flow_table_size: u32,
+    /// VIPs plus regions (ring ids).
+    pub max_vips: u32,
+    /// Backends over all VIPs (ids 1..max_backends).
+    pub max_backends: u32,
+    /// `RINGS` slots (every VIP and region: two halves of its ring size).
+    pub ring_slots: u32,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             flow_table_size: lb_common::DEFAULT_FLOW_TABLE_SIZE,
+            max_vips: lb_common::MAX_VIPS,
+            max_backends: lb_common::MAX_BACKENDS,
+            ring_slots: lb_common::DEFAULT_RING_SLOTS,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Sets every map's size from these options.
+    fn apply(&self, loader: &mut EbpfLoader<'_>) {
+        let vip_keys = self.max_vips.saturating_mul(2);
+        for (map, n) in [
+            (lb_common::MAP_FLOWS, self.flow_table_size),
+            (lb_common::MAP_VIPS, vip_keys),
+            (lb_common::MAP_VIP_ADDRS, vip_keys),
+            (lb_common::MAP_VIP_STATS, self.max_vips),
+            (lb_common::MAP_RR_POS, self.max_vips),
+            (lb_common::MAP_BACKENDS, self.max_backends),
+            (lb_common::MAP_BACKEND_STATS, self.max_backends),
+            (lb_common::MAP_ACTIVE, self.max_backends),
+            // One extra key: the id allocator's high-water mark.
+            (
+                lb_common::MAP_BACKEND_IDS,
+                self.max_backends.saturating_add(1),
+            ),
+            (lb_common::MAP_RINGS, self.ring_slots),
+        ] {
+            loader.map_max_entries(map, n);
         }
     }
 }
@@ -33,12 +67,11 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
 /// [`load`] of another build of the datapath object (the A/B benchmark
 /// loads an older revision's next to this one); `obj` must be 8-aligned.
 pub fn load_object(obj: &[u8], opts: &LoadOptions) -> Result<Ebpf> {
-    let mut ebpf = EbpfLoader::new()
-        .map_max_entries(lb_common::MAP_FLOWS, opts.flow_table_size)
-        .load(obj)
-        .context(
-            "loading the datapath object into the kernel failed (are you root, with BPF enabled?)",
-        )?;
+    let mut loader = EbpfLoader::new();
+    opts.apply(&mut loader);
+    let mut ebpf = loader.load(obj).context(
+        "loading the datapath object into the kernel failed (are you root, with BPF enabled?)",
+    )?;
     // An older build (the A/B benchmark's base) may predate the traced copy.
     if ebpf.program(lb_common::PROG_BALANCER_TRACED).is_some() {
         load_program(&mut ebpf, lb_common::PROG_BALANCER_TRACED)?;
@@ -79,6 +112,79 @@ fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
             }
         }
     }
+}
+
+/// A datapath that outlived its agent is reused only if it is the one this
+/// configuration describes: the same capacities and the same map layout
+/// (a pinned map keeps the size and layout it was made with).
+fn check_pins(maps_dir: &std::path::Path, opts: &LoadOptions) -> Result<()> {
+    let instance = maps_dir
+        .parent()
+        .and_then(|d| d.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let down = format!(
+        "`lb down --instance {instance}` detaches and removes it (traffic stops until the agent \
+         starts again), then start the agent"
+    );
+    let info = |name: &str| aya::maps::MapInfo::from_pin(maps_dir.join(name)).ok();
+    for (map, key, want, what) in [
+        (
+            lb_common::MAP_VIP_STATS,
+            "max_vips",
+            opts.max_vips,
+            "VIPs plus regions",
+        ),
+        (
+            lb_common::MAP_BACKENDS,
+            "max_backends",
+            opts.max_backends,
+            "backends",
+        ),
+        (
+            lb_common::MAP_RINGS,
+            "ring_slots",
+            opts.ring_slots,
+            "ring slots",
+        ),
+        (
+            lb_common::MAP_FLOWS,
+            "flow_table_size",
+            opts.flow_table_size,
+            "connection-table entries",
+        ),
+    ] {
+        if let Some(i) = info(map)
+            && i.max_entries() != want
+        {
+            anyhow::bail!(
+                "the running datapath of instance `{instance}` holds {} {what}, the configuration asks \
+                 for {want} (agent.{key}): a datapath's capacity is fixed when it is loaded; {down}",
+                i.max_entries()
+            );
+        }
+    }
+    for (map, size) in [
+        (
+            lb_common::MAP_VIPS,
+            std::mem::size_of::<lb_common::VipMeta>(),
+        ),
+        (
+            lb_common::MAP_BACKENDS,
+            std::mem::size_of::<lb_common::Backend>(),
+        ),
+    ] {
+        if let Some(i) = info(map)
+            && i.value_size() as usize != size
+        {
+            anyhow::bail!(
+                "the running datapath of instance `{instance}` was made by another version of lb \
+                 (map `{map}` holds {}-byte values, this version writes {size}); {down}",
+                i.value_size()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Puts the traced copy of the balancer where `lb_xdp` tail-calls it while
@@ -227,8 +333,11 @@ pub fn load_pinned(opts: &LoadOptions, dir: &std::path::Path) -> Result<(Ebpf, b
     let adopted = maps_dir.join(lb_common::MAP_FLOWS).exists();
     std::fs::create_dir_all(&maps_dir)
         .with_context(|| format!("creating {}", maps_dir.display()))?;
+    if adopted {
+        check_pins(&maps_dir, opts)?;
+    }
     let mut loader = EbpfLoader::new();
-    loader.map_max_entries(lb_common::MAP_FLOWS, opts.flow_table_size);
+    opts.apply(&mut loader);
     let paths: Vec<(&str, std::path::PathBuf)> =
         PINNED_MAPS.iter().map(|n| (*n, maps_dir.join(n))).collect();
     for (name, path) in &paths {

@@ -134,6 +134,10 @@ pub fn run(o: &Options) -> Result<Summary> {
     let (frame, cfg) = template(o, src_mac, dst_mac)?;
     let mut ebpf = loader::load(&loader::LoadOptions {
         flow_table_size: 1024,
+        // Tooling: no VIPs, no rings.
+        max_vips: 1,
+        ring_slots: 1,
+        ..Default::default()
     })?;
     {
         let m = ebpf

@@ -314,6 +314,10 @@ impl Lab {
         let path = self.pin_dir().join(format!("{ns}-{dev}"));
         let mut ebpf = loader::load(&loader::LoadOptions {
             flow_table_size: 1024,
+            // Tooling: no VIPs, no rings.
+            max_vips: 1,
+            ring_slots: 1,
+            ..Default::default()
         })?;
         for a in decap_addrs {
             let mut k = [0u8; 16];
