@@ -91,6 +91,56 @@ fn max_entries<K: aya::Pod, V>(m: &impl aya::maps::IterableMap<K, V>) -> u32 {
     m.map().info().map(|i| i.max_entries()).unwrap_or(0)
 }
 
+/// `BPF_MAP_UPDATE_BATCH` of `keys[i] → values[i]` on a map of u32 keys and
+/// values (aya has no batch operations). Partial failure is reported; the
+/// caller then writes slot by slot.
+fn update_batch_u32(fd: i32, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
+    // `union bpf_attr`'s `batch` member.
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    assert_eq!(keys.len(), values.len());
+    let mut done = 0;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: (keys.len() - done) as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: the attr points at live key and value buffers of `count`
+        // u32s each, matching the map's key and value sizes; the kernel
+        // writes back only `count`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if attr.count == 0 {
+            return Err(std::io::Error::other("batch update made no progress"));
+        }
+        done += attr.count as usize;
+    }
+    Ok(())
+}
+
 /// Typed access to a loaded datapath's maps. The agent's `Dataplane` owns
 /// the loaded object (`Dataplane<Ebpf>`); tests and one-shot commands that
 /// also run its programs wrap a borrow (`Dataplane::new(&mut ebpf)`).
@@ -186,12 +236,26 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         Ok(at as u32)
     }
 
+    /// Writes `table` into `RINGS` from slot `base`: one batched update
+    /// (a 65,537-slot ring was 65,537 syscalls), slot by slot where the
+    /// kernel has no batch operation for arrays.
     fn write_rings(&mut self, base: u32, table: &[u32]) -> Result<()> {
         let name = lb_common::MAP_RINGS;
         let mut rings: Array<_, u32> =
             Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        for (i, id) in table.iter().enumerate() {
-            rings.set(base + i as u32, id, 0).map_err(map_err(name))?;
+        let keys: Vec<u32> = (0..table.len() as u32).map(|i| base + i).collect();
+        {
+            use std::os::fd::{AsFd as _, AsRawFd as _};
+            let fd = aya::maps::IterableMap::<u32, u32>::map(&rings)
+                .fd()
+                .as_fd()
+                .as_raw_fd();
+            if update_batch_u32(fd, &keys, table).is_ok() {
+                return Ok(());
+            }
+        }
+        for (k, id) in keys.iter().zip(table) {
+            rings.set(*k, id, 0).map_err(map_err(name))?;
         }
         Ok(())
     }
