@@ -238,14 +238,24 @@ impl Netns {
 
 /// A veth pair: `a_dev` in namespace `a`, its peer `b_dev` in `b`.
 pub fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
-    sh(
-        "ip",
-        &[
-            "link", "add", a_dev, "netns", &a.name, "type", "veth", "peer", "name", b_dev, "netns",
-            &b.name,
-        ],
-    )?;
-    Ok(())
+    let args = [
+        "link", "add", a_dev, "netns", &a.name, "type", "veth", "peer", "name", b_dev, "netns",
+        &b.name,
+    ];
+    // `ip` occasionally fails to open a namespace created an instant before
+    // while parallel tests add and delete theirs under /run/netns
+    // ("Invalid netns value"); the namespace is there, so try again.
+    let mut attempt = 0;
+    loop {
+        match sh("ip", &args) {
+            Ok(_) => return Ok(()),
+            Err(e) if attempt < 4 && e.to_string().contains("Invalid \"netns\" value") => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 impl Drop for Netns {
