@@ -247,8 +247,8 @@ fn markdown(r: &Value) -> String {
     );
     let s = &r["syn_flood"];
     o.push_str(&format!(
-        "\n**SYN flood** ({} s per run, median of {} runs per row; sources: {}). {} established flows, {}; after the \
-         flood {}. Flows the guard keeps out are still forwarded, by the consistent hash.\n\n\
+        "\n**SYN flood** ({} s per run, median of {} runs per row; sources: {}). {} established flows, {}; {}. Flows the guard \
+         keeps out are still forwarded, by the consistent hash.\n\n\
          | connection table | flood sources | flood guard (new flows/s per CPU) | offered Mpps | forwarded Mpps | established still in the table | of those, kept their backend | not in the table and moved |\n\
          |---:|---:|---:|---:|---:|---:|---:|---:|\n",
         s["seconds"],
