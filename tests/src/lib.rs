@@ -11,6 +11,7 @@ use etherparse::PacketBuilder;
 pub use lb_user::{datapath::Dataplane, datapath::loader};
 
 pub mod cluster;
+pub mod scale;
 
 /// MACs used in fixtures.
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];

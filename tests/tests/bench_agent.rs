@@ -354,3 +354,26 @@ fn bench_probe_schedule() {
     });
     println!("BENCH_JSON {line}");
 }
+
+/// Scale: load from scratch, one backend address out of every VIP by
+/// reload, agent memory and the datapath maps' memory, for 1,000 VIPs × 10
+/// backends, 10 × 1,000 and 4,096 × 16 (65,536 backends), health checks off.
+#[test]
+#[ignore = "benchmark: cargo xtask bench"]
+fn bench_scale() {
+    let rows: Vec<_> = [
+        ("bsa", 1000, 10, 1021),
+        ("bsb", 10, 1000, 65537),
+        ("bsc", 4096, 16, 1021),
+    ]
+    .into_iter()
+    .map(|(tag, v, b, ring)| lb_tests::scale::run(LB, tag, v, b, ring, false))
+    .collect();
+    let line = json!({
+        "bench": "scale",
+        "health": "none (kind = \"none\")",
+        "build": "release",
+        "rows": rows,
+    });
+    println!("BENCH_JSON {line}");
+}

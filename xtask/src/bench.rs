@@ -137,9 +137,13 @@ fn all(root: &Path) -> Result<()> {
             "bench_probe_schedule",
             "health probes of 3 and 300 backends under CLI edits",
         ),
+        (
+            "bench_scale",
+            "scale: 1,000 x 10, 10 x 1,000 and 4,096 x 16 VIPs x backends",
+        ),
     ] {
         // Agent benchmarks live in their own file.
-        let file = if name == "bench_probe_schedule" {
+        let file = if matches!(name, "bench_probe_schedule" | "bench_scale") {
             "bench_agent"
         } else {
             "bench"
@@ -387,6 +391,28 @@ fn markdown(r: &Value) -> String {
                 f(&row["interval_max_ms"]),
                 f(&row["failover_median_ms"]),
                 f(&row["failover_max_ms"]),
+            ));
+        }
+    }
+    let sc = &r["scale"];
+    if !sc.is_null() {
+        o.push_str(&format!(
+            "\n## Scale (one agent, health checks {}; {} build; one run each)\n\n\
+             | VIPs × backends | ring size | load from scratch until every backend is up | one backend address out of every VIP (`lb reload`) | agent RSS | datapath maps |\n\
+             |---|---:|---:|---:|---:|---:|\n",
+            sc["health"].as_str().unwrap_or(""),
+            sc["build"].as_str().unwrap_or(""),
+        ));
+        for row in sc["rows"].as_array().into_iter().flatten() {
+            o.push_str(&format!(
+                "| {} × {} | {} | {:.2} s | {:.2} s | {} MiB | {:.1} MiB |\n",
+                row["vips"],
+                row["backends_per_vip"],
+                row["ring_size"],
+                f(&row["load_s"]),
+                f(&row["reload_one_backend_out_s"]),
+                row["agent_rss_mib"],
+                f(&row["maps_mib"]),
             ));
         }
     }
