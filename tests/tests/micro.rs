@@ -287,6 +287,32 @@ fn micro() {
         })
         .collect();
     let build_ms = median(builds);
+    // And as a function of backends and ring size (median of the runs).
+    let mut grid = Vec::new();
+    for n in [10u32, 100, 1000, 5000] {
+        for m in [1021u32, 16381, 65537] {
+            if m < 2 * n {
+                continue;
+            }
+            let entries: Vec<_> = (1..=n)
+                .map(|i| lb_user::policy::maglev::Entry {
+                    id: i,
+                    addr: v4([198, 18, (i >> 8) as u8, i as u8]),
+                    weight: 1,
+                })
+                .collect();
+            let ms = median(
+                (0..run_count())
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        std::hint::black_box(lb_user::policy::maglev::build(&entries, m));
+                        t.elapsed().as_secs_f64() * 1e3
+                    })
+                    .collect(),
+            );
+            grid.push(format!("{{\"backends\":{n},\"ring\":{m},\"ms\":{ms:.2}}}"));
+        }
+    }
 
     if std::env::var_os("LB_BENCH_JSON").is_some() {
         let items: Vec<String> = rows
@@ -301,9 +327,10 @@ fn micro() {
             })
             .collect();
         println!(
-            "{{\"repeat\":{REPEAT},\"runs\":{},\"cases\":[{}],\"maglev_build_1000_backends_m65537_ms\":{build_ms:.1}}}",
+            "{{\"repeat\":{REPEAT},\"runs\":{},\"cases\":[{}],\"maglev_build_1000_backends_m65537_ms\":{build_ms:.1},\"maglev_build\":[{}]}}",
             run_count(),
-            items.join(",")
+            items.join(","),
+            grid.join(",")
         );
     } else {
         println!(

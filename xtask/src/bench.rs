@@ -230,6 +230,28 @@ fn markdown(r: &Value) -> String {
         "\nMaglev table build, 1000 backends, M = 65537: {:.1} ms.\n\n",
         f(&r["micro"]["maglev_build_1000_backends_m65537_ms"])
     ));
+    let grid = r["micro"]["maglev_build"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !grid.is_empty() {
+        o.push_str("Maglev table build time (ms, median of the micro-benchmark's runs) by backends and ring size:\n\n| backends | M = 1021 | M = 16381 | M = 65537 |\n|---:|---:|---:|---:|\n");
+        for n in [10, 100, 1000, 5000] {
+            let cell = |m: u64| {
+                grid.iter()
+                    .find(|g| g["backends"] == n && g["ring"] == m)
+                    .map(|g| format!("{:.2}", f(&g["ms"])))
+                    .unwrap_or_else(|| "—".into())
+            };
+            o.push_str(&format!(
+                "| {n} | {} | {} | {} |\n",
+                cell(1021),
+                cell(16381),
+                cell(65537)
+            ));
+        }
+        o.push('\n');
+    }
     o.push_str(
         "## Packet rate (minimum-size UDP frames: 60 bytes + FCS = 64 on the wire; `lb loadgen` → LB veth → sink, 2 s runs, median of 3)\n\n",
     );
