@@ -1288,3 +1288,40 @@ fn trace_names_the_backend_that_answered_and_a_non_vip_port() {
         "tracing is off again"
     );
 }
+
+/// A backend that is down when its VIP's health settings change starts
+/// over as up, in the datapath too: with `health.kind=none` (no probes, so
+/// no transition would ever come) its entry is rewritten as up at once.
+#[test]
+fn health_settings_change_brings_a_down_backend_back_into_the_datapath() {
+    let d = dc("agh", 2).expect("dc");
+    let mut srv = servers(&d);
+    let agent = Agent::start("agh", &d, 2);
+    let b2 = || {
+        agent
+            .backends()
+            .into_iter()
+            .find(|b| b.address.to_string() == backend_addr(2))
+            .expect("b2 listed")
+    };
+    srv[1].stop();
+    let t0 = Instant::now();
+    while b2().state != BackendState::Down {
+        assert!(t0.elapsed() < Duration::from_secs(3), "b2 never went down");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let id = b2().id;
+    assert_eq!(
+        pinned_backend(&agent.instance, id).map(|b| b.state),
+        Some(lb_common::BACKEND_DOWN)
+    );
+    agent
+        .cli(&["vip", "set", "198.18.0.100:8080", "health.kind=none"])
+        .expect("vip set");
+    assert_eq!(b2().state, BackendState::Up);
+    assert_eq!(
+        pinned_backend(&agent.instance, id).map(|b| b.state),
+        Some(lb_common::BACKEND_UP),
+        "the datapath entry follows"
+    );
+}

@@ -229,8 +229,16 @@ impl State {
                     let health = cfg_of(&key)?.health;
                     let vi = self.vip_index(&key)?;
                     let bi = self.backend_index(vi, addr)?;
+                    let was_up = self.vips[vi].backends[bi].up();
                     self.vips[vi].backends[bi].health = HealthState::new(health.rise, health.fall);
                     spawns.extend(self.probe_job(vi, bi, health));
+                    if !was_up {
+                        // New settings start "up", as a new backend does:
+                        // its entry and its VIP's ring follow at once (with
+                        // `kind = "none"` no transition would ever come).
+                        self.write_backend(vi, bi)?;
+                        self.rebuild_ring(vi)?;
+                    }
                 }
                 Change::RebuildRing(key) => {
                     let vi = self.vip_index(&key)?;
