@@ -596,25 +596,26 @@ fn chart(r: &Value, path: &Path) -> Result<()> {
         .x_label_area_size(36)
         .y_label_area_size(44)
         // Headroom above the bars for the legend.
-        .build_cartesian_2d(0f64..(rows.len() as f64), 0f64..(max * 1.45).max(0.1))?;
+        // Group i is centred on x = i, where its label goes.
+        .build_cartesian_2d(
+            -0.5f64..(rows.len() as f64 - 0.5),
+            0f64..(max * 1.45).max(0.1),
+        )?;
     c.configure_mesh()
         .disable_x_mesh()
-        .x_labels(rows.len() + 1)
+        .x_labels(rows.len())
         .x_label_formatter(&|x| {
-            let i = x.floor() as usize;
-            rows.get(i)
-                .map(|r| format!("{} flows", r["flows"]))
-                .unwrap_or_default()
+            label_at(*x, |i| rows.get(i).map(|r| format!("{} flows", r["flows"])))
         })
         .draw()?;
     for (i, row) in rows.iter().enumerate() {
         let x = i as f64;
         c.draw_series([Rectangle::new(
-            [(x + 0.12, 0.0), (x + 0.48, f(&row["floor_pps"]) / 1e6)],
+            [(x - 0.38, 0.0), (x - 0.02, f(&row["floor_pps"]) / 1e6)],
             BLUE.mix(0.5).filled(),
         )])?;
         c.draw_series([Rectangle::new(
-            [(x + 0.52, 0.0), (x + 0.88, f(&row["lb_pps"]) / 1e6)],
+            [(x + 0.02, 0.0), (x + 0.38, f(&row["lb_pps"]) / 1e6)],
             RED.mix(0.7).filled(),
         )])?;
     }
@@ -647,30 +648,37 @@ fn chart(r: &Value, path: &Path) -> Result<()> {
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(56)
-        .build_cartesian_2d(0f64..(rows.len() as f64), 0f64..(max * 1.2).max(1.0))?;
+        .build_cartesian_2d(
+            -0.5f64..(rows.len() as f64 - 0.5),
+            0f64..(max * 1.2).max(1.0),
+        )?;
     c.configure_mesh()
         .disable_x_mesh()
-        .x_labels(rows.len() + 1)
-        .x_label_formatter(&|x| {
-            names
-                .get(x.floor() as usize)
-                .map(|s| s.to_string())
-                .unwrap_or_default()
-        })
+        .x_labels(rows.len())
+        .x_label_formatter(&|x| label_at(*x, |i| names.get(i).map(|s| s.to_string())))
         .draw()?;
     for (i, row) in rows.iter().enumerate() {
         let x = i as f64;
         let v = f(&row["rps"]);
         c.draw_series([Rectangle::new(
-            [(x + 0.2, 0.0), (x + 0.8, v)],
+            [(x - 0.3, 0.0), (x + 0.3, v)],
             GREEN.mix(0.6).filled(),
         )])?;
         c.draw_series([Text::new(
             format!("p99 {:.1}", f(&row["p99_ms"])),
-            (x + 0.22, v * 1.02 + max * 0.02),
+            (x - 0.28, v * 1.02 + max * 0.02),
             ("sans-serif", 13),
         )])?;
     }
     root.present()?;
     Ok(())
+}
+
+/// The category label for axis position `x`: only at whole numbers (the
+/// groups' centres), empty between them.
+fn label_at(x: f64, name: impl Fn(usize) -> Option<String>) -> String {
+    if x < -0.01 || (x - x.round()).abs() > 0.01 {
+        return String::new();
+    }
+    name(x.round() as usize).unwrap_or_default()
 }
