@@ -50,17 +50,10 @@ use crate::{
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let pkt = match parse::parse(&ctx) {
+    let pkt = match vip_candidate(&ctx) {
         Ok(p) => p,
-        Err(Skip::NotIp) => return verdict(verdict::PASS_NON_IP, xdp_action::XDP_PASS),
-        Err(Skip::Ipv6Ext) => return verdict(verdict::PASS_IPV6_EXT, xdp_action::XDP_PASS),
-        Err(Skip::Malformed) => return verdict(verdict::MALFORMED, xdp_action::XDP_PASS),
+        Err(action) => return action,
     };
-    // Traffic for addresses that are no VIP's (most of a host's) leaves
-    // first, before the trace check: `lb trace` sees VIP addresses only.
-    if !maybe_vip_addr(&pkt) {
-        return verdict(verdict::PASS_NON_VIP, xdp_action::XDP_PASS);
-    }
     if trace::filter().is_some() {
         // SAFETY: tail call into a program of the same type; with an empty
         // slot (no agent loaded the traced copy) it falls through.
@@ -71,22 +64,33 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     verdict(reason, action)
 }
 
+/// Parses the packet and lets through what cannot be for a VIP, counted:
+/// not IP, IPv6 extension headers, malformed, or an address that is no
+/// VIP's (most of a host's traffic, which leaves here before the trace
+/// check: `lb trace` sees VIP addresses only). `Err` is the XDP action.
+#[inline(always)]
+fn vip_candidate(ctx: &XdpContext) -> Result<parse::Packet, u32> {
+    let pkt = match parse::parse(ctx) {
+        Ok(p) => p,
+        Err(Skip::NotIp) => return Err(verdict(verdict::PASS_NON_IP, xdp_action::XDP_PASS)),
+        Err(Skip::Ipv6Ext) => return Err(verdict(verdict::PASS_IPV6_EXT, xdp_action::XDP_PASS)),
+        Err(Skip::Malformed) => return Err(verdict(verdict::MALFORMED, xdp_action::XDP_PASS)),
+    };
+    if !maybe_vip_addr(&pkt) {
+        return Err(verdict(verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
+    }
+    Ok(pkt)
+}
+
 /// [`lb_xdp`] while `lb trace` runs: the same balancer, watched, entered by
 /// a tail call. A program of its own, so the untraced path carries none of
 /// it and each copy fits the verifier's budget on its own.
 #[xdp]
 pub fn lb_xdp_traced(ctx: XdpContext) -> u32 {
-    let pkt = match parse::parse(&ctx) {
+    let pkt = match vip_candidate(&ctx) {
         Ok(p) => p,
-        Err(Skip::NotIp) => return verdict(verdict::PASS_NON_IP, xdp_action::XDP_PASS),
-        Err(Skip::Ipv6Ext) => return verdict(verdict::PASS_IPV6_EXT, xdp_action::XDP_PASS),
-        Err(Skip::Malformed) => return verdict(verdict::MALFORMED, xdp_action::XDP_PASS),
+        Err(action) => return action,
     };
-    // Traffic for addresses that are no VIP's (most of a host's) leaves
-    // first, before the trace check: `lb trace` sees VIP addresses only.
-    if !maybe_vip_addr(&pkt) {
-        return verdict(verdict::PASS_NON_VIP, xdp_action::XDP_PASS);
-    }
     let mut seen = Seen::new();
     let (reason, action) =
         try_lb(&ctx, &pkt, &mut seen).unwrap_or((verdict::MALFORMED, xdp_action::XDP_PASS));
