@@ -29,15 +29,18 @@ fn backend_addr(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 16, 0)) + i)
 }
 
-struct Agent {
-    lb: PathBuf,
-    child: Child,
-    instance: String,
-    socket: PathBuf,
-    dir: PathBuf,
+/// A running `lb run` (binary `lb`) and its files: on drop, `lb down`
+/// removes its datapath and pins, the process is killed, its lock file and
+/// directory removed.
+pub struct RunningAgent {
+    pub lb: PathBuf,
+    pub child: Child,
+    pub instance: String,
+    pub socket: PathBuf,
+    pub dir: PathBuf,
 }
 
-impl Drop for Agent {
+impl Drop for RunningAgent {
     fn drop(&mut self) {
         let _ = Command::new(&self.lb)
             .args(["down", "--instance", &self.instance, "--socket"])
@@ -229,7 +232,7 @@ pub fn run(lb: &str, tag: &str, vips: u32, per_vip: u32, ring: u32, print_maps: 
         .stderr(log)
         .spawn()
         .expect("lb run");
-    let agent = Agent {
+    let agent = RunningAgent {
         lb: PathBuf::from(lb),
         child,
         instance,

@@ -6,7 +6,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -109,11 +109,13 @@ impl Drop for Recorder {
 }
 
 /// `lb run` in namespace `l`, removed with its pins when dropped.
-struct Agent {
-    child: Child,
-    instance: String,
-    socket: PathBuf,
-    dir: PathBuf,
+struct Agent(lb_tests::scale::RunningAgent);
+
+impl std::ops::Deref for Agent {
+    type Target = lb_tests::scale::RunningAgent;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Agent {
@@ -149,12 +151,13 @@ impl Agent {
             .stderr(log)
             .spawn()
             .expect("start lb run");
-        Self {
+        Self(lb_tests::scale::RunningAgent {
+            lb: PathBuf::from(LB),
             child,
             instance,
             socket,
             dir,
-        }
+        })
     }
 
     fn backends(&self) -> Option<Vec<BackendInfo>> {
@@ -189,21 +192,6 @@ impl Agent {
             .into_iter()
             .find(|b| b.address == addr)
             .map(|b| b.state)
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = Command::new(LB)
-            .args(["down", "--instance", &self.instance, "--socket"])
-            .arg(&self.socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(format!("/run/lb/{}.lock", self.instance));
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
