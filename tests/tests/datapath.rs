@@ -791,3 +791,73 @@ fn ipip_without_headroom_is_encap_failed_and_records_nothing() {
         assert!(f.dp().flow(&key).expect("lookup").is_some());
     }
 }
+
+/// Ring ranges never overlap, whether the facade allocating them is the one
+/// that wrote the others or a new one reading a programmed datapath (the
+/// agent after a restart); a removed VIP's range is reused.
+#[test]
+fn ring_ranges_never_overlap_and_are_reused() {
+    let mut f = Fixture::new().expect("load");
+    let spec = |port: u16, vip_id: u32, ring_size: u32| VipSpec {
+        key: vip4_key(port, PROTO_TCP),
+        vip_id,
+        flags: 0,
+        ring_size,
+        backends: backends4(3),
+    };
+    // Each add_vip and set_ring opens a new facade on the object.
+    for (i, size) in [(0u32, 251u32), (1, 1021), (2, 251)] {
+        f.add_vip(&spec(80 + i as u16, i, size)).expect("vip");
+    }
+    let mut dp = f.dp();
+    let ranges = |dp: &mut lb_user::datapath::Dataplane<&mut aya::Ebpf>| {
+        let mut r: Vec<(u32, u32)> = dp
+            .list_vips()
+            .expect("vips")
+            .into_iter()
+            .map(|(_, m)| (m.ring_offset, 2 * m.ring_size))
+            .collect();
+        if let Some(m) = dp.region(0, v4([198, 18, 1, 0]), 24).expect("region") {
+            r.push((m.ring_offset, 2 * m.ring_size));
+        }
+        r.sort_unstable();
+        for w in r.windows(2) {
+            assert!(w[0].0 + w[0].1 <= w[1].0, "overlap: {r:?}");
+        }
+        r
+    };
+    assert_eq!(ranges(&mut dp), vec![(0, 502), (502, 2042), (2544, 502)]);
+
+    // One long-lived facade: VIP 1 goes, a region ring of its size takes
+    // its place (first fit), a new VIP comes after the others.
+    dp.remove_vip(&vip4_key(81, PROTO_TCP)).expect("remove");
+    let table = vec![1u32; 1021];
+    dp.install_region_ring(0, &[(v4([198, 18, 1, 0]), 24)], 9, &table)
+        .expect("region ring");
+    dp.upsert_vip(
+        &vip4_key(90, PROTO_TCP),
+        lb_common::VipMeta {
+            vip_id: 3,
+            ..Default::default()
+        },
+    )
+    .expect("vip");
+    dp.install_ring(&vip4_key(90, PROTO_TCP), &vec![1u32; 251])
+        .expect("ring");
+    let got = ranges(&mut dp);
+    assert_eq!(got, vec![(0, 502), (502, 2042), (2544, 502), (3046, 502)]);
+    // And a fresh facade sees the same space taken.
+    drop(dp);
+    let mut dp = f.dp();
+    dp.upsert_vip(
+        &vip4_key(91, PROTO_TCP),
+        lb_common::VipMeta {
+            vip_id: 4,
+            ..Default::default()
+        },
+    )
+    .expect("vip");
+    dp.install_ring(&vip4_key(91, PROTO_TCP), &[1u32; 7])
+        .expect("ring");
+    assert_eq!(ranges(&mut dp).last(), Some(&(3548, 14)));
+}

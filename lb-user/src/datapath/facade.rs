@@ -72,6 +72,18 @@ fn region_key(vip_id: u32, addr: [u8; 16], prefix_len: u32) -> aya::maps::lpm_tr
     )
 }
 
+/// The mirror's key of a region prefix: the address's bits past the prefix
+/// cleared, as the trie compares them (a prefix read back from the trie and
+/// one given by the agent are the same key).
+fn region_mirror_key(vip_id: u32, addr: [u8; 16], prefix_len: u32) -> (u32, [u8; 16], u32) {
+    let mut a = addr;
+    for (i, b) in a.iter_mut().enumerate() {
+        let keep = prefix_len.saturating_sub(8 * i as u32).min(8);
+        *b &= !(0xffu8.checked_shr(keep).unwrap_or(0));
+    }
+    (vip_id, a, prefix_len)
+}
+
 /// What a loaded datapath can hold, read from its maps (the loader sizes
 /// them from `agent.max_vips`, `agent.max_backends`, `agent.ring_slots`,
 /// `agent.flow_table_size`).
@@ -141,16 +153,62 @@ fn update_batch_u32(fd: i32, keys: &[u32], values: &[u32]) -> std::io::Result<()
     Ok(())
 }
 
+/// The facade's copy of `VIPS` and `REGIONS`, read from the maps on first
+/// use (a restarted agent finds them pinned). The facade is their only
+/// writer, so the copy stays exact; allocating a ring range, rewriting a
+/// filter word and "is this address still a VIP" read it instead of
+/// iterating the maps (loading 4,096 VIPs took ~17 million map syscalls and
+/// 20 s that way).
+struct Mirror {
+    capacity: Capacity,
+    vips: std::collections::HashMap<VipKey, VipMeta>,
+    /// By (VIP id, address, prefix length).
+    regions: std::collections::HashMap<(u32, [u8; 16], u32), RegionMeta>,
+}
+
 /// Typed access to a loaded datapath's maps. The agent's `Dataplane` owns
 /// the loaded object (`Dataplane<Ebpf>`); tests and one-shot commands that
 /// also run its programs wrap a borrow (`Dataplane::new(&mut ebpf)`).
 pub struct Dataplane<E: BorrowMut<Ebpf> = Ebpf> {
     ebpf: E,
+    mirror: Option<Mirror>,
 }
 
 impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     pub fn new(ebpf: E) -> Self {
-        Self { ebpf }
+        Self { ebpf, mirror: None }
+    }
+
+    /// The copy of `VIPS` and `REGIONS` (see [`Mirror`]).
+    fn mirror(&mut self) -> Result<&mut Mirror> {
+        if self.mirror.is_none() {
+            let capacity = self.capacity()?;
+            let vips = self.vips()?;
+            let vips = vips
+                .iter()
+                .map(|r| r.map_err(map_err(lb_common::MAP_VIPS)))
+                .collect::<Result<_>>()?;
+            let regions = self
+                .regions()?
+                .iter()
+                .filter_map(|r| r.ok())
+                .map(|(k, m)| {
+                    let d = k.data();
+                    let key = region_mirror_key(
+                        u32::from_be_bytes(d.vip_id_be),
+                        d.addr,
+                        k.prefix_len().saturating_sub(32),
+                    );
+                    (key, m)
+                })
+                .collect();
+            self.mirror = Some(Mirror {
+                capacity,
+                vips,
+                regions,
+            });
+        }
+        Ok(self.mirror.as_mut().expect("just filled"))
     }
 
     /// The loaded object, for the loader only (attaching and pinning the
@@ -194,19 +252,15 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
 
     /// `RINGS` ranges in use: every VIP's and region's two halves, sorted.
     fn ring_ranges(&mut self) -> Result<Vec<(u64, u64)>> {
-        let mut used: Vec<(u64, u64)> = self
-            .list_vips()?
-            .into_iter()
-            .filter(|(_, m)| m.ring_size > 0)
-            .map(|(_, m)| (u64::from(m.ring_offset), 2 * u64::from(m.ring_size)))
+        let m = self.mirror()?;
+        let mut used: Vec<(u64, u64)> = m
+            .vips
+            .values()
+            .map(|v| (v.ring_offset, v.ring_size))
+            .chain(m.regions.values().map(|r| (r.ring_offset, r.ring_size)))
+            .filter(|&(_, size)| size > 0)
+            .map(|(off, size)| (u64::from(off), 2 * u64::from(size)))
             .collect();
-        used.extend(
-            self.regions()?
-                .iter()
-                .filter_map(|r| r.ok())
-                .filter(|(_, m)| m.ring_size > 0)
-                .map(|(_, m)| (u64::from(m.ring_offset), 2 * u64::from(m.ring_size))),
-        );
         used.sort_unstable();
         used.dedup();
         Ok(used)
@@ -217,7 +271,7 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     /// until the update that moves it, so old and new never overlap.
     fn alloc_ring(&mut self, size: u32) -> Result<u32> {
         let need = 2 * u64::from(size);
-        let capacity = self.capacity()?.ring_slots;
+        let capacity = self.mirror()?.capacity.ring_slots;
         let used = self.ring_ranges()?;
         let mut at = 0u64;
         for &(off, len) in &used {
@@ -269,23 +323,21 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     /// `meta.ring_offset` are kept from the existing entry if there is one
     /// (the ring stays live).
     pub fn upsert_vip(&mut self, key: &VipKey, mut meta: VipMeta) -> Result<()> {
-        let max = self.capacity()?.vips;
+        let max = self.mirror()?.capacity.vips;
         if meta.vip_id >= max {
             return Err(DataplaneError::VipIdOutOfRange {
                 id: meta.vip_id,
                 max,
             });
         }
-        let mut vips = self.vips()?;
-        if let Ok(old) = vips.get(key, 0)
+        if let Some(old) = self.mirror()?.vips.get(key)
             && old.vip_id == meta.vip_id
         {
             meta.active_half = old.active_half;
             meta.ring_size = old.ring_size;
             meta.ring_offset = old.ring_offset;
         }
-        vips.insert(key, meta, 0)
-            .map_err(map_err(lb_common::MAP_VIPS))?;
+        self.put_vip(key, meta)?;
         let name = lb_common::MAP_VIP_ADDRS;
         let mut addrs: HashMap<_, VipKey, u32> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
@@ -299,7 +351,7 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     fn refresh_filter_word(&mut self, key: &VipKey) -> Result<()> {
         let (w, _) = lb_common::hash::vip_filter_slot(&key.addr);
         let mut word = 0u32;
-        for k in self.vips()?.keys().filter_map(|k| k.ok()) {
+        for k in self.mirror()?.vips.keys() {
             let (kw, bit) = lb_common::hash::vip_filter_slot(&k.addr);
             if kw == w {
                 word |= 1 << bit;
@@ -332,12 +384,14 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
 
     /// Removes a VIP (its ring range is free for other rings from then on).
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
-        let mut vips = self.vips()?;
-        vips.remove(key)
+        self.vips()?
+            .remove(key)
             .map_err(|_| DataplaneError::NoSuchVip { key: *key })?;
-        let still_used = vips
+        let m = self.mirror()?;
+        m.vips.remove(key);
+        let still_used = m
+            .vips
             .keys()
-            .filter_map(|k| k.ok())
             .any(|k| k.addr == key.addr && k.family == key.family);
         if !still_used {
             let name = lb_common::MAP_VIP_ADDRS;
@@ -396,9 +450,16 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         meta.ring_offset = offset;
         meta.active_half = half;
         meta.ring_size = n;
+        self.put_vip(key, meta)
+    }
+
+    /// Writes a VIP entry to `VIPS` and the mirror.
+    fn put_vip(&mut self, key: &VipKey, meta: VipMeta) -> Result<()> {
         self.vips()?
             .insert(key, meta, 0)
-            .map_err(map_err(lb_common::MAP_VIPS))
+            .map_err(map_err(lb_common::MAP_VIPS))?;
+        self.mirror()?.vips.insert(*key, meta);
+        Ok(())
     }
 
     fn regions(
@@ -454,11 +515,13 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             ring_size: n,
             ring_offset: offset,
         };
-        let mut regions = self.regions()?;
         for &(addr, len) in prefixes {
-            regions
+            self.regions()?
                 .insert(&region_key(vip_id, addr, len), m, 0)
                 .map_err(map_err(lb_common::MAP_REGIONS))?;
+            self.mirror()?
+                .regions
+                .insert(region_mirror_key(vip_id, addr, len), m);
         }
         Ok(())
     }
@@ -468,6 +531,9 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         let _ = self
             .regions()?
             .remove(&region_key(vip_id, addr, prefix_len));
+        self.mirror()?
+            .regions
+            .remove(&region_mirror_key(vip_id, addr, prefix_len));
         Ok(())
     }
 
@@ -670,5 +736,21 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         let m: HashMap<_, FlowKey, Flow> =
             HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
         Ok(m.iter().filter_map(|r| r.ok()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_mirror_key_clears_bits_past_the_prefix() {
+        let mut a = [0xffu8; 16];
+        a[4..].fill(0);
+        let (_, k, _) = region_mirror_key(7, a, 20);
+        assert_eq!(&k[..4], &[0xff, 0xff, 0xf0, 0]);
+        assert_eq!(region_mirror_key(7, a, 32).1, a);
+        assert_eq!(region_mirror_key(7, a, 0).1, [0u8; 16]);
+        assert_eq!(region_mirror_key(7, [0xff; 16], 128).1, [0xff; 16]);
     }
 }
