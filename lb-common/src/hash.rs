@@ -81,7 +81,14 @@ pub const VIP_FILTER_WORDS: u32 = 4096;
 /// runs for every packet the NIC receives.
 #[inline(always)]
 pub const fn vip_filter_slot(addr: &[u8; 16]) -> (u32, u32) {
-    let folded = word(addr, 0) ^ word(addr, 4) ^ word(addr, 8) ^ word(addr, 12);
+    vip_filter_slot_folded(word(addr, 0) ^ word(addr, 4) ^ word(addr, 8) ^ word(addr, 12))
+}
+
+/// [`vip_filter_slot`] of an address already folded: the XOR of its four
+/// little-endian 32-bit words (an IPv4 address is its one word). The
+/// datapath folds the destination straight from the IP header.
+#[inline(always)]
+pub const fn vip_filter_slot_folded(folded: u32) -> (u32, u32) {
     let slot = folded.wrapping_mul(0x9e37_79b1) >> 15; // 17 bits
     (slot >> 5, slot & 31)
 }
@@ -99,6 +106,18 @@ mod tests {
         assert_ne!(hash_5tuple(&a, 1, 80, 6), hash_5tuple(&a, 2, 80, 6));
         assert_ne!(hash_5tuple(&a, 1, 80, 6), hash_5tuple(&a, 1, 80, 17));
         assert_ne!(hash_addr_seeded(&a, 1), hash_addr_seeded(&a, 2));
+    }
+
+    #[test]
+    fn folded_slot_is_the_address_slot() {
+        let v4 = [198, 18, 0, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(
+            vip_filter_slot(&v4),
+            vip_filter_slot_folded(u32::from_le_bytes([198, 18, 0, 100]))
+        );
+        let v6 = [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+        let folded = word(&v6, 0) ^ word(&v6, 4) ^ word(&v6, 8) ^ word(&v6, 12);
+        assert_eq!(vip_filter_slot(&v6), vip_filter_slot_folded(folded));
     }
 
     #[test]

@@ -197,39 +197,6 @@ fn encap_v6(
     Ok(())
 }
 
-/// Strips an outer IPv4 (protocol 4) or IPv6 (next header 41) header in
-/// front of an inner header of the same family. `outer_len` is the outer
-/// header's length; the L2 header is moved forward over it.
-#[inline(always)]
-pub fn decap(ctx: &XdpContext, l3_off: usize, outer_len: usize) -> Result<(), ()> {
-    // Move L2 forward: copy to [outer_len, outer_len + l3_off).
-    let src: *const [u8; 14] = ptr_at(ctx, 0)?;
-    let dst: *mut [u8; 14] = ptr_at(ctx, outer_len)?;
-    // Read the whole L2 header into locals before writing, so the source and
-    // destination ranges may overlap (they do with a VLAN tag and IPv4).
-    // SAFETY: bounds checked by ptr_at.
-    let (eth, tag) = unsafe {
-        let eth = *src;
-        let tag = if l3_off > EthHdr::LEN {
-            let t: *const [u8; 4] = ptr_at(ctx, EthHdr::LEN)?;
-            Some(*t)
-        } else {
-            None
-        };
-        (eth, tag)
-    };
-    // SAFETY: bounds checked above.
-    unsafe { *dst = eth };
-    if let Some(tag) = tag {
-        let t: *mut [u8; 4] = ptr_at(ctx, outer_len + EthHdr::LEN)?;
-        // SAFETY: bounds checked by ptr_at.
-        unsafe { *t = tag };
-    }
-    // SAFETY: shrinking the head; pointers are re-derived afterwards.
-    let rc = unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) };
-    if rc != 0 { Err(()) } else { Ok(()) }
-}
-
 /// The next hop towards backend `b` from the kernel's FIB and neighbour
 /// table (`bpf_fib_lookup`), or `None` when the kernel cannot say yet (no
 /// route, neighbour unresolved). The parameter block lives in a per-CPU

@@ -20,9 +20,9 @@
 #![allow(internal_features)]
 
 mod csum;
+mod decap;
 mod flow;
 mod forward;
-mod loadgen;
 mod maps;
 mod parse;
 mod sched;
@@ -35,7 +35,6 @@ use lb_common::{
     Backend, FLOW_F_COUNTED, Flow, PROTO_TCP, SCHED_LEAST_CONN, SETTINGS_F_FIB, VIP_F_HASH_SRC_IP,
     VIP_F_IPIP, VIP_F_NO_FLOW_TABLE, decap_verdict, hash, trace_ring, trace_table, verdict,
 };
-use network_types::eth::EthHdr;
 
 use crate::{
     flow::{may_record_flow, now_s},
@@ -70,16 +69,17 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// check: `lb trace` sees VIP addresses only). `Err` is the XDP action.
 #[inline(always)]
 fn vip_candidate(ctx: &XdpContext) -> Result<parse::Packet, u32> {
-    let pkt = match parse::parse(ctx) {
-        Ok(p) => p,
-        Err(Skip::NotIp) => return Err(verdict(verdict::PASS_NON_IP, xdp_action::XDP_PASS)),
-        Err(Skip::Ipv6Ext) => return Err(verdict(verdict::PASS_IPV6_EXT, xdp_action::XDP_PASS)),
-        Err(Skip::Malformed) => return Err(verdict(verdict::MALFORMED, xdp_action::XDP_PASS)),
+    let skip = |s| match s {
+        Skip::NotIp => verdict(verdict::PASS_NON_IP, xdp_action::XDP_PASS),
+        Skip::Ipv6Ext => verdict(verdict::PASS_IPV6_EXT, xdp_action::XDP_PASS),
+        Skip::Malformed => verdict(verdict::MALFORMED, xdp_action::XDP_PASS),
     };
-    if !maybe_vip_addr(&pkt) {
+    // The filter first, on the destination alone: most of a host's traffic
+    // is for no VIP and leaves after one array lookup, unparsed.
+    if !maybe_vip_addr(parse::folded_dst(ctx).map_err(skip)?) {
         return Err(verdict(verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
     }
-    Ok(pkt)
+    parse::parse(ctx).map_err(skip)
 }
 
 /// [`lb_xdp`] while `lb trace` runs: the same balancer, watched, entered by
@@ -109,42 +109,9 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
     }
 }
 
-/// Traffic generator (see `loadgen`); run only through BPF_PROG_TEST_RUN.
-#[xdp]
-pub fn loadgen(ctx: XdpContext) -> u32 {
-    loadgen::try_loadgen(&ctx).unwrap_or(xdp_action::XDP_ABORTED)
-}
-
-/// Counts and drops: the receiving end of packet-rate benchmarks.
-#[xdp]
-pub fn sink(ctx: XdpContext) -> u32 {
-    loadgen::sink(&ctx)
-}
-
 #[xdp]
 pub fn lb_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
-}
-
-#[xdp]
-pub fn floor_drop(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_DROP
-}
-
-/// Swap the Ethernet addresses and bounce: the cheapest program that reads
-/// and writes the packet and sends it, the micro-benchmark's floor.
-#[xdp]
-pub fn floor_tx(ctx: XdpContext) -> u32 {
-    let Ok(eth) = parse::ptr_at::<EthHdr>(&ctx, 0) else {
-        return xdp_action::XDP_PASS;
-    };
-    // SAFETY: ptr_at checked the bounds.
-    unsafe {
-        let d = (*eth).dst_addr;
-        (*eth).dst_addr = (*eth).src_addr;
-        (*eth).src_addr = d;
-    }
-    xdp_action::XDP_TX
 }
 
 /// The balancer's decision for a parsed packet whose destination passed the
@@ -345,34 +312,11 @@ fn try_decap(ctx: &XdpContext) -> Result<u32, ()> {
     if DECAP_ADDRS.get_ptr(&t.dst).is_none() {
         return Ok(decap_verdict(decap_verdict::PASS, xdp_action::XDP_PASS));
     }
-    forward::decap(ctx, t.l3_off, t.outer_len)?;
+    decap::decap(ctx, t.l3_off, t.outer_len)?;
     Ok(decap_verdict(
         decap_verdict::DECAPSULATED,
         xdp_action::XDP_PASS,
     ))
-}
-
-/// Micro-benchmark wrapper for the encapsulating path. BPF_PROG_TEST_RUN's
-/// `repeat` runs each repetition on the buffer the previous one left, so
-/// after the first IPIP encapsulation the balancer would be timed on its own
-/// output. This strips an outer IPIP/IP6IP6 header if there is one (restoring
-/// the original packet) and tail-calls the balancer. Only the benchmark
-/// loads a program into `BENCH_JUMP`; in production it stays empty.
-#[xdp]
-pub fn bench_ipip(ctx: XdpContext) -> u32 {
-    let _ = restore(&ctx);
-    // SAFETY: tail call into a program of the same type; falls through on
-    // an empty slot.
-    unsafe { maps::BENCH_JUMP.tail_call(&ctx, 0) };
-    xdp_action::XDP_ABORTED
-}
-
-#[inline(always)]
-fn restore(ctx: &XdpContext) -> Result<(), ()> {
-    match parse::tunnel(ctx)? {
-        Some(t) => forward::decap(ctx, t.l3_off, t.outer_len),
-        None => Ok(()),
-    }
 }
 
 #[cfg(not(test))]

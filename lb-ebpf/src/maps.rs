@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendIdKey, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SLOTS, FloodGuard, FloodState,
-    Flow, FlowKey, LoadgenCfg, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, RegionKey, RegionMeta,
-    Settings, TraceCfg, Traffic, VipKey, VipMeta, decap_verdict, verdict,
+    Flow, FlowKey, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, RegionKey, RegionMeta, Settings, TraceCfg,
+    Traffic, VipKey, VipMeta, decap_verdict, verdict,
 };
 
 /// (address, port, protocol) → VIP. Port 0 entries match every port.
@@ -75,27 +75,10 @@ pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 #[map(name = "DECAP_ADDRS")]
 pub static DECAP_ADDRS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(64, 0);
 
-/// Tail-call slot for the micro-benchmark wrapper `bench_ipip` (empty in
-/// production).
-#[map(name = "BENCH_JUMP")]
-pub static BENCH_JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
-
 /// (VIP, backend address) → backend id. Only userspace reads or writes it;
 /// it is a map so that it is pinned, and survives, with the others.
 #[map(name = "BACKEND_IDS")]
 pub static BACKEND_IDS: HashMap<BackendIdKey, u32> = HashMap::with_max_entries(MAX_BACKENDS, 0);
-
-/// Settings of the `loadgen` traffic generator.
-#[map(name = "LOADGEN")]
-pub static LOADGEN: Array<LoadgenCfg> = Array::with_max_entries(1, 0);
-
-/// Per-CPU packet sequence of `loadgen` (which flow the next frame is).
-#[map(name = "LOADGEN_SEQ")]
-pub static LOADGEN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
-/// Packets counted by the `sink` program.
-#[map(name = "SINK")]
-pub static SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Active flows per backend (least-connections). Updated with atomic adds
 /// by every CPU; the agent reconciles it against `FLOWS` periodically.

@@ -111,6 +111,30 @@ pub fn parse_l2(ctx: &XdpContext) -> Result<(u16, usize), Skip> {
     Ok((ether_type, EthHdr::LEN))
 }
 
+/// The destination address of an IPv4 or IPv6 packet folded to 32 bits
+/// (see [`lb_common::hash::vip_filter_slot_folded`]), read with one bounds
+/// check of the fixed IP header: the VIP-address filter runs on it before
+/// the full parse, so traffic to no VIP costs that much and no more.
+#[inline(always)]
+pub fn folded_dst(ctx: &XdpContext) -> Result<u32, Skip> {
+    let (ether_type, l3_off) = parse_l2(ctx)?;
+    match ether_type {
+        ETH_P_IP => {
+            let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off).map_err(|_| Skip::Malformed)?;
+            // SAFETY: ptr_at checked the bounds of the header.
+            Ok(u32::from_le_bytes(unsafe { (*ip).dst_addr }))
+        }
+        ETH_P_IPV6 => {
+            let ip: *const Ipv6Hdr = ptr_at(ctx, l3_off).map_err(|_| Skip::Malformed)?;
+            // SAFETY: as above.
+            let a = unsafe { &(*ip).dst_addr };
+            let w = |i: usize| u32::from_le_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+            Ok(w(0) ^ w(4) ^ w(8) ^ w(12))
+        }
+        _ => Err(Skip::NotIp),
+    }
+}
+
 /// Parses the whole packet. See the module documentation.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Packet, Skip> {

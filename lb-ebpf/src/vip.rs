@@ -32,8 +32,8 @@ pub(crate) fn lookup_vip(pkt: &Packet) -> Option<VipMeta> {
 /// False when no VIP can live on the packet's destination address: its
 /// filter bit is clear (one inlined array lookup, no hash-map probe).
 #[inline(always)]
-pub(crate) fn maybe_vip_addr(pkt: &Packet) -> bool {
-    let (w, bit) = hash::vip_filter_slot(&pkt.key.dst);
+pub(crate) fn maybe_vip_addr(folded_dst: u32) -> bool {
+    let (w, bit) = hash::vip_filter_slot_folded(folded_dst);
     VIP_FILTER
         .get(w)
         .is_some_and(|word| word & (1u32 << bit) != 0)

@@ -26,6 +26,11 @@ pub fn load() -> Result<Ebpf> {
     })
 }
 
+/// Loads the tools object (generator, sink, floors, cost programs).
+pub fn load_tools() -> Result<Ebpf> {
+    loader::load_tools()
+}
+
 /// Result of one BPF_PROG_TEST_RUN.
 #[derive(Debug)]
 pub struct Run {
@@ -99,6 +104,11 @@ pub fn time_on(ebpf: &mut Ebpf, prog: &str, pkt: &[u8], repeat: u32, ifindex: u3
 
 /// Runs `prog` `repeat` times on `pkt` and returns the kernel's mean ns per run.
 pub fn time(ebpf: &mut Ebpf, prog: &str, pkt: &[u8], repeat: u32) -> Result<f64> {
+    Ok(time_action(ebpf, prog, pkt, repeat)?.0)
+}
+
+/// [`time`], and the XDP action of the last repetition.
+pub fn time_action(ebpf: &mut Ebpf, prog: &str, pkt: &[u8], repeat: u32) -> Result<(f64, u32)> {
     let p = loader::xdp_program(ebpf, prog)?;
     let mut out = vec![0u8; pkt.len() + 256];
     let opts = TestRunOptions {
@@ -108,7 +118,7 @@ pub fn time(ebpf: &mut Ebpf, prog: &str, pkt: &[u8], repeat: u32) -> Result<f64>
         ..Default::default()
     };
     let r = p.test_run(opts).context("BPF_PROG_TEST_RUN failed")?;
-    Ok(r.duration.as_nanos() as f64)
+    Ok((r.duration.as_nanos() as f64, r.return_value))
 }
 
 /// XDP action codes.

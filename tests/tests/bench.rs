@@ -10,7 +10,7 @@ use std::{
 };
 
 use lb_common::{AF_INET, Backend, FlowKey, PROTO_TCP, PROTO_UDP, VipKey, VipMeta};
-use lb_tests::{Dataplane, Netns, backend_of, load, loader, mac_of, sink_count, tcp6, v4, v6};
+use lb_tests::{Dataplane, Netns, backend_of, loader, mac_of, sink_count, tcp6, v4, v6};
 use lb_user::{
     api::{self, BackendInfo, BackendState, Request},
     tools::lab::{self, Lab},
@@ -46,7 +46,7 @@ impl RateRig {
         lb_tests::veth(&gen_ns, "g0", &lb_ns, "l0").expect("veth");
         gen_ns.exec("ip", &["link", "set", "g0", "up"]).expect("up");
         lb_ns.exec("ip", &["link", "set", "l0", "up"]).expect("up");
-        let mut sink = load().expect("sink");
+        let mut sink = lb_tests::load_tools().expect("sink");
         gen_ns
             .enter(|| {
                 loader::attach(
@@ -165,7 +165,7 @@ fn bench_packet_rate() {
         let mut floor_sent_runs = Vec::new();
         for _ in 0..3 {
             // The floor program in the LB's place, then the balancer, alternating.
-            let mut floor = load().expect("load");
+            let mut floor = lb_tests::load_tools().expect("load");
             rig.lb_ns
                 .enter(|| {
                     loader::attach(

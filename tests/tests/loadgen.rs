@@ -70,7 +70,7 @@ fn loadgen_sends_distinct_flows_through_the_balancer() {
         .expect("setns")
         .expect("attach lb");
     // The sink on g0 counts what the balancer sends back.
-    let mut sink = load().expect("load sink");
+    let mut sink = lb_tests::load_tools().expect("load sink");
     gen_ns
         .enter(|| {
             loader::attach(
@@ -149,7 +149,7 @@ fn loadgen_sends_distinct_flows_through_the_balancer() {
 #[test]
 fn loadgen_flow_space_and_checksums() {
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-    let mut e = load().expect("load");
+    let mut e = lb_tests::load_tools().expect("load");
     let nr_cpus = aya::util::nr_cpus().expect("cpus");
     for (dst, src, syn) in [
         ("[2001:2::100]:80", "2001:2:0:1::", true),

@@ -1,6 +1,7 @@
 //! Micro-benchmark (run by `cargo xtask bench micro`, not by the test
 //! suite): ns/packet through BPF_PROG_TEST_RUN with `repeat`, the median of
-//! five runs, for the datapath's paths and two floor programs, each also as
+//! five runs, for the datapath's paths, two floor programs and the cost
+//! programs of the tools object (the floor plus one primitive each), each as
 //! a ratio to the swap-MACs-`XDP_TX` floor measured in the same run.
 //!
 //! `repeat` runs every repetition on the buffer the previous one left, so
@@ -13,7 +14,7 @@ use aya::maps::ProgramArray;
 use lb_common::{
     AF_INET, AF_INET6, PROTO_TCP, VIP_F_IPIP, VIP_F_NO_FLOW_TABLE, VipKey, VipMeta, verdict,
 };
-use lb_tests::{Fixture, VipSpec, loader, tcp4, tcp6, time, v4, v6};
+use lb_tests::{Fixture, VipSpec, loader, tcp4, tcp6, time_action, v4, v6};
 use lb_user::policy::sched::{self, Scheduler};
 
 const REPEAT: u32 = 1_000_000;
@@ -37,30 +38,68 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Times `prog` on `pkt` and checks that verdict `reason` moved by exactly
-/// `REPEAT` per run (when given).
-fn bench(f: &mut Fixture, prog: &str, pkt: &[u8], reason: Option<u32>) -> f64 {
-    let mut runs = Vec::new();
-    for _ in 0..run_count() {
-        let before = f.verdicts().expect("counters");
-        runs.push(time(&mut f.ebpf, prog, pkt, REPEAT).expect("timed run"));
-        let after = f.verdicts().expect("counters");
-        if let Some(r) = reason {
+/// The median of [`run_count`] timed runs of case `c` (see [`time_case`]).
+fn bench(f: &mut Fixture, tools: &mut aya::Ebpf, c: &Case) -> f64 {
+    median(
+        (0..run_count())
+            .map(|_| time_case(f, tools, c, REPEAT))
+            .collect(),
+    )
+}
+
+/// Points `bench_ipip`'s tail call at `f`'s balancer.
+fn jump_to(tools: &mut aya::Ebpf, f: &mut Fixture) {
+    let fd = loader::xdp_program(&mut f.ebpf, lb_common::PROG_BALANCER)
+        .expect("prog")
+        .fd()
+        .expect("fd")
+        .try_clone()
+        .expect("dup fd");
+    let mut jump: ProgramArray<_> =
+        ProgramArray::try_from(tools.map_mut(lb_common::MAP_BENCH_JUMP).expect("map"))
+            .expect("program array");
+    jump.set(0, &fd, 0).expect("set tail call");
+}
+
+/// One timed run of `repeat` repetitions of case `c`, checked: every
+/// repetition took the case's verdict (balancer cases, also through
+/// `bench_ipip`) and nothing else, or the program returned the case's
+/// action (floors and cost programs: a cost program returns `XDP_TX` only
+/// when its primitive hit).
+fn time_case(f: &mut Fixture, tools: &mut aya::Ebpf, c: &Case, repeat: u32) -> f64 {
+    let before = f.verdicts().expect("counters");
+    let (t, action) = match c.obj {
+        Obj::Lb => time_action(&mut f.ebpf, c.prog, &c.pkt, repeat),
+        Obj::Tools => {
+            if c.prog == lb_common::PROG_BENCH_IPIP {
+                jump_to(tools, f);
+            }
+            time_action(tools, c.prog, &c.pkt, repeat)
+        }
+    }
+    .expect("timed run");
+    let after = f.verdicts().expect("counters");
+    match c.check {
+        Check::Verdict(r) => {
             let r = r as usize;
             assert_eq!(
                 after[r] - before[r],
-                REPEAT as u64,
-                "{prog}: every repetition must take the `{}` path",
+                u64::from(repeat),
+                "{}: every repetition must take the `{}` path",
+                c.name,
                 verdict::NAMES[r]
             );
             let total: u64 = after.iter().sum::<u64>() - before.iter().sum::<u64>();
             assert_eq!(
-                total, REPEAT as u64,
-                "{prog}: no repetition took another path"
+                total,
+                u64::from(repeat),
+                "{}: no repetition took another path",
+                c.name
             );
         }
+        Check::Action(a) => assert_eq!(action, a, "{}: the program's action", c.name),
     }
-    median(runs)
+    t
 }
 
 /// Programs every VIP the cases use and wires `bench_ipip`'s tail call.
@@ -131,19 +170,6 @@ fn setup(f: &mut Fixture) {
         dp.install_ring(&key, &sched::ring(sched, &entries, 65537))
             .expect("ring");
     }
-    // bench_ipip tail-calls the balancer.
-    {
-        let fd = loader::xdp_program(&mut f.ebpf, lb_common::PROG_BALANCER)
-            .expect("prog")
-            .fd()
-            .expect("fd")
-            .try_clone()
-            .expect("dup fd");
-        let mut jump: ProgramArray<_> =
-            ProgramArray::try_from(f.ebpf.map_mut(lb_common::MAP_BENCH_JUMP).expect("map"))
-                .expect("program array");
-        jump.set(0, &fd, 0).expect("set tail call");
-    }
     // Prime the connection table so the established case is established.
     f.run(&established()).expect("prime");
 }
@@ -167,89 +193,187 @@ fn target(case: &str) -> Option<f64> {
     }
 }
 
-/// One timed path: its program, its packet, the verdict every repetition
-/// must take (floors: none).
+/// Which object a case's program is in.
+#[derive(Clone, Copy, PartialEq)]
+enum Obj {
+    /// The datapath (the fixture's; in A/B mode, A's or B's).
+    Lb,
+    /// The tools object (floors, `bench_ipip`, cost programs).
+    Tools,
+}
+
+/// How a timed run shows it took the path being timed.
+#[derive(Clone, Copy)]
+enum Check {
+    /// Every repetition counted this verdict of the balancer.
+    Verdict(u32),
+    /// The program returned this action.
+    Action(u32),
+}
+
+/// One timed path: its program and object, its packet, its check.
 struct Case {
     name: &'static str,
+    obj: Obj,
     prog: &'static str,
     pkt: Vec<u8>,
-    reason: Option<u32>,
+    check: Check,
+}
+
+impl Case {
+    fn lb(name: &'static str, pkt: Vec<u8>, reason: u32) -> Self {
+        Self {
+            name,
+            obj: Obj::Lb,
+            prog: lb_common::PROG_BALANCER,
+            pkt,
+            check: Check::Verdict(reason),
+        }
+    }
+
+    fn tools(name: &'static str, prog: &'static str, pkt: Vec<u8>, action: u32) -> Self {
+        Self {
+            name,
+            obj: Obj::Tools,
+            prog,
+            pkt,
+            check: Check::Action(action),
+        }
+    }
 }
 
 fn cases() -> Vec<Case> {
+    use lb_tests::action::{DROP, TX};
     let (client, vip4) = (CLIENT, VIP4);
     let vip6: std::net::Ipv6Addr = "2001:2::100".parse().unwrap();
     let c6 = v6("2001:2:1::1".parse().unwrap());
     let est = established();
+    let ipip = |name, pkt| Case {
+        name,
+        obj: Obj::Tools,
+        prog: lb_common::PROG_BENCH_IPIP,
+        pkt,
+        check: Check::Verdict(verdict::TX),
+    };
     vec![
-        Case {
-            name: "floor: XDP_DROP",
-            prog: lb_common::PROG_FLOOR_DROP,
-            pkt: est.clone(),
-            reason: None,
-        },
-        Case {
-            name: "floor: swap MACs + XDP_TX",
-            prog: lb_common::PROG_FLOOR_TX,
-            pkt: est.clone(),
-            reason: None,
-        },
-        Case {
-            name: "established IPv4 TCP dsr",
-            prog: lb_common::PROG_BALANCER,
-            pkt: est.clone(),
-            reason: Some(verdict::TX),
-        },
-        Case {
-            // Every repetition is a SYN for the same 5-tuple: scheduled
-            // afresh and written over its table entry each time.
-            name: "new flow IPv4 TCP dsr, SYN with table write",
-            prog: lb_common::PROG_BALANCER,
-            pkt: lb_tests::tcp4_syn(client, vip4, 40000, 80),
-            reason: Some(verdict::TX),
-        },
-        Case {
-            name: "new flow IPv4 TCP dsr (table off)",
-            prog: lb_common::PROG_BALANCER,
-            pkt: tcp4(client, vip4, 40000, 81, &[0; 10]),
-            reason: Some(verdict::TX),
-        },
-        Case {
-            name: "IPv4 ipip (via bench_ipip)",
-            prog: lb_common::PROG_BENCH_IPIP,
-            pkt: tcp4(client, vip4, 40000, 82, &[0; 10]),
-            reason: Some(verdict::TX),
-        },
-        Case {
-            name: "IPv6 ipip (via bench_ipip)",
-            prog: lb_common::PROG_BENCH_IPIP,
-            pkt: tcp6(c6, v6(vip6), 40000, 82, &[0; 10]),
-            reason: Some(verdict::TX),
-        },
-        Case {
-            name: "new flow, round-robin (table off)",
-            prog: lb_common::PROG_BALANCER,
-            pkt: tcp4(client, vip4, 40000, 83, &[0; 10]),
-            reason: Some(verdict::TX),
-        },
-        Case {
-            name: "new flow, least-connections exact, 8 backends (table off)",
-            prog: lb_common::PROG_BALANCER,
-            pkt: tcp4(client, vip4, 40000, 84, &[0; 10]),
-            reason: Some(verdict::TX),
-        },
-        Case {
-            name: "new flow, least-connections P2C, 20 backends (table off)",
-            prog: lb_common::PROG_BALANCER,
-            pkt: tcp4(client, vip4, 40000, 85, &[0; 10]),
-            reason: Some(verdict::TX),
-        },
-        Case {
-            name: "non-VIP pass",
-            prog: lb_common::PROG_BALANCER,
-            pkt: tcp4(client, [198, 18, 0, 99], 40000, 80, &[0; 10]),
-            reason: Some(verdict::PASS_NON_VIP),
-        },
+        Case::tools("floor: XDP_DROP", "floor_drop", est.clone(), DROP),
+        Case::tools("floor: swap MACs + XDP_TX", "floor_tx", est.clone(), TX),
+        Case::lb("established IPv4 TCP dsr", est.clone(), verdict::TX),
+        // Every repetition is a SYN for the same 5-tuple: scheduled afresh
+        // and written over its table entry each time.
+        Case::lb(
+            "new flow IPv4 TCP dsr, SYN with table write",
+            lb_tests::tcp4_syn(client, vip4, 40000, 80),
+            verdict::TX,
+        ),
+        Case::lb(
+            "new flow IPv4 TCP dsr (table off)",
+            tcp4(client, vip4, 40000, 81, &[0; 10]),
+            verdict::TX,
+        ),
+        ipip(
+            "IPv4 ipip (via bench_ipip)",
+            tcp4(client, vip4, 40000, 82, &[0; 10]),
+        ),
+        ipip(
+            "IPv6 ipip (via bench_ipip)",
+            tcp6(c6, v6(vip6), 40000, 82, &[0; 10]),
+        ),
+        Case::lb(
+            "new flow, round-robin (table off)",
+            tcp4(client, vip4, 40000, 83, &[0; 10]),
+            verdict::TX,
+        ),
+        Case::lb(
+            "new flow, least-connections exact, 8 backends (table off)",
+            tcp4(client, vip4, 40000, 84, &[0; 10]),
+            verdict::TX,
+        ),
+        Case::lb(
+            "new flow, least-connections P2C, 20 backends (table off)",
+            tcp4(client, vip4, 40000, 85, &[0; 10]),
+            verdict::TX,
+        ),
+        Case::lb(
+            "non-VIP pass",
+            tcp4(client, [198, 18, 0, 99], 40000, 80, &[0; 10]),
+            verdict::PASS_NON_VIP,
+        ),
+        // What the budget is made of: the floor plus one primitive each.
+        Case::tools("cost: floor + parse", "cost_parse", est.clone(), TX),
+        Case::tools("cost: floor + array lookup", "cost_array", est.clone(), TX),
+        Case::tools(
+            "cost: floor + hash lookup (40-byte key)",
+            "cost_hash",
+            est.clone(),
+            TX,
+        ),
+        Case::tools(
+            "cost: floor + LRU hash lookup (40-byte key)",
+            "cost_lru",
+            est.clone(),
+            TX,
+        ),
+        Case::tools(
+            "cost: floor + LRU hash update",
+            "cost_lru_update",
+            est.clone(),
+            TX,
+        ),
+        Case::tools(
+            "cost: floor + hash lookup (16-byte key)",
+            "cost_hash16",
+            est.clone(),
+            TX,
+        ),
+        Case::tools(
+            "cost: floor + LRU hash lookup, per-CPU LRU lists",
+            "cost_lru_pcpu",
+            est.clone(),
+            TX,
+        ),
+        Case::tools(
+            "cost: floor + LRU hash update, per-CPU LRU lists",
+            "cost_lru_pcpu_update",
+            est.clone(),
+            TX,
+        ),
+        Case::tools(
+            "cost: floor + per-CPU counter update",
+            "cost_counter",
+            est.clone(),
+            TX,
+        ),
+        Case::tools(
+            "cost: floor + bpf_ktime_get_ns",
+            "cost_clock",
+            est.clone(),
+            TX,
+        ),
+        Case::tools(
+            "cost: floor + bpf_ktime_get_coarse_ns",
+            "cost_clock_coarse",
+            est.clone(),
+            TX,
+        ),
+        Case::tools(
+            "cost: floor + 2 x bpf_xdp_adjust_head",
+            "cost_adjust_head",
+            est.clone(),
+            TX,
+        ),
+        Case::tools(
+            "cost: non-VIP pass alone (parse, address filter, counter)",
+            "cost_non_vip",
+            tcp4(client, [198, 18, 0, 99], 40000, 80, &[0; 10]),
+            lb_tests::action::PASS,
+        ),
+        Case::tools(
+            "cost: minimal balancer (parse, VIP hash, LRU, backend array, counter, MACs)",
+            "cost_minimal_lb",
+            est,
+            TX,
+        ),
     ]
 }
 
@@ -260,12 +384,13 @@ fn micro() {
         return ab(std::path::Path::new(&path));
     }
     let mut f = Fixture::new().expect("load");
+    let mut tools = lb_tests::load_tools().expect("tools object");
     setup(&mut f);
     let mut rows: Vec<Row> = cases()
         .into_iter()
         .map(|c| Row {
             name: c.name,
-            ns: bench(&mut f, c.prog, &c.pkt, c.reason),
+            ns: bench(&mut f, &mut tools, &c),
         })
         .collect();
     rows.extend(next_hop_rows());
@@ -482,18 +607,23 @@ fn ab(path: &std::path::Path) {
         .unwrap_or(200_000);
     let mut fa = Fixture::with_object(buf).expect("load A");
     let mut fb = Fixture::new().expect("load B");
+    let mut tools = lb_tests::load_tools().expect("tools object");
     setup(&mut fa);
     setup(&mut fb);
     let mut out = Vec::new();
-    for c in cases() {
+    // Floors and cost programs are the tools object's, the same for A and B.
+    for c in cases()
+        .into_iter()
+        .filter(|c| c.obj == Obj::Lb || c.prog == lb_common::PROG_BENCH_IPIP)
+    {
         let (mut a, mut b, mut r) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..pairs {
             let (ta, tb) = if i % 2 == 0 {
-                let ta = bench_once(&mut fa, &c, repeat);
-                (ta, bench_once(&mut fb, &c, repeat))
+                let ta = time_case(&mut fa, &mut tools, &c, repeat);
+                (ta, time_case(&mut fb, &mut tools, &c, repeat))
             } else {
-                let tb = bench_once(&mut fb, &c, repeat);
-                (bench_once(&mut fa, &c, repeat), tb)
+                let tb = time_case(&mut fb, &mut tools, &c, repeat);
+                (time_case(&mut fa, &mut tools, &c, repeat), tb)
             };
             a.push(ta);
             b.push(tb);
@@ -522,22 +652,4 @@ fn ab(path: &std::path::Path) {
         fnv(lb_user::datapath::loader::EBPF_OBJECT),
         out.join(",")
     );
-}
-
-/// One timed run of a case, checked like [`bench`]'s.
-fn bench_once(f: &mut Fixture, c: &Case, repeat: u32) -> f64 {
-    let before = f.verdicts().expect("counters");
-    let t = time(&mut f.ebpf, c.prog, &c.pkt, repeat).expect("timed run");
-    let after = f.verdicts().expect("counters");
-    if let Some(r) = c.reason {
-        let r = r as usize;
-        assert_eq!(
-            after[r] - before[r],
-            repeat as u64,
-            "{}: every repetition must take the `{}` path",
-            c.name,
-            verdict::NAMES[r]
-        );
-    }
-    t
 }

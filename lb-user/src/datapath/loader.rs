@@ -7,8 +7,25 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 
-/// The compiled datapath object (all XDP programs and maps).
+/// The compiled datapath object: the balancer (and its traced copy), the
+/// decapsulator, the pass program, and their maps.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+/// The tools object (`lb-ebpf/src/tools.rs`): `lb loadgen`'s generator and
+/// sink, the benchmark floors, `bench_ipip` and the cost programs.
+pub static TOOLS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-tools"));
+
+/// Loads the tools object and verifies every program in it.
+pub fn load_tools() -> Result<Ebpf> {
+    let mut ebpf = EbpfLoader::new().load(TOOLS_OBJECT).context(
+        "loading the tools object into the kernel failed (are you root, with BPF enabled?)",
+    )?;
+    let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
+    for name in names {
+        load_program(&mut ebpf, &name)?;
+    }
+    Ok(ebpf)
+}
 
 /// Load-time sizing of the datapath (see README, "Sizing").
 #[derive(Clone, Debug)]
@@ -80,11 +97,6 @@ pub fn load_object(obj: &[u8], opts: &LoadOptions) -> Result<Ebpf> {
         lb_common::PROG_BALANCER,
         lb_common::PROG_DECAP,
         lb_common::PROG_PASS,
-        lb_common::PROG_FLOOR_DROP,
-        lb_common::PROG_FLOOR_TX,
-        lb_common::PROG_BENCH_IPIP,
-        lb_common::PROG_LOADGEN,
-        lb_common::PROG_SINK,
     ] {
         load_program(&mut ebpf, name)?;
     }
@@ -207,7 +219,7 @@ fn install_tracer(ebpf: &mut Ebpf) -> Result<()> {
 pub fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     let prog = ebpf
         .program_mut(name)
-        .with_context(|| format!("program `{name}` is missing from the datapath object"))?;
+        .with_context(|| format!("program `{name}` is missing from the object"))?;
     prog.try_into()
         .with_context(|| format!("program `{name}` is not an XDP program"))
 }

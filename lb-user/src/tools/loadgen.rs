@@ -132,13 +132,7 @@ pub fn run(o: &Options) -> Result<Summary> {
         None => neighbour_mac(o.dst.ip(), &o.iface, idx)?,
     };
     let (frame, cfg) = template(o, src_mac, dst_mac)?;
-    let mut ebpf = loader::load(&loader::LoadOptions {
-        flow_table_size: 1024,
-        // Tooling: no VIPs, no rings.
-        max_vips: 1,
-        ring_slots: 1,
-        ..Default::default()
-    })?;
+    let mut ebpf = loader::load_tools()?;
     {
         let m = ebpf
             .map_mut(lb_common::MAP_LOADGEN)

@@ -1,0 +1,391 @@
+//! The tools object: programs that are not the datapath, so `lb run` never
+//! loads or verifies them. `lb loadgen`'s generator and its `sink`, the
+//! micro-benchmark's floors, `bench_ipip` (which strips the previous
+//! repetition's tunnel header and tail-calls a balancer loaded from the
+//! datapath object), and the cost programs: the swap-MACs floor plus one
+//! primitive each (a map lookup of a given kind, a counter update, a clock
+//! read, a head adjustment), and `cost_minimal_lb`, the least work any
+//! balancer with a connection table does per established packet. They
+//! price what the balancer's per-packet budget is made of (BENCHMARKS.md,
+//! "What a packet costs").
+//!
+//! Every cost program returns `XDP_TX` only when its primitive took the
+//! path being priced (a lookup hit); a missing entry is inserted and the
+//! packet aborted, so the first repetition primes the map.
+#![no_std]
+#![no_main]
+
+// Shared with the datapath object; only part of each is used here.
+#[allow(dead_code)]
+#[path = "decap.rs"]
+mod decap;
+#[path = "loadgen.rs"]
+mod loadgen;
+#[allow(dead_code)]
+#[path = "parse.rs"]
+mod parse;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_xdp_adjust_head},
+    macros::xdp,
+    programs::XdpContext,
+};
+use lb_common::{Backend, Flow, FlowKey, Traffic, VipKey};
+use network_types::eth::EthHdr;
+
+/// The tools' maps (the datapath's are in `maps.rs`).
+mod maps {
+    use aya_ebpf::{
+        macros::map,
+        maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    };
+    use lb_common::{Backend, Flow, FlowKey, LoadgenCfg, Traffic, VipKey};
+
+    /// Tail-call slot of `bench_ipip`: the balancer being timed.
+    #[map(name = "BENCH_JUMP")]
+    pub static BENCH_JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+    /// Settings of the `loadgen` traffic generator.
+    #[map(name = "LOADGEN")]
+    pub static LOADGEN: Array<LoadgenCfg> = Array::with_max_entries(1, 0);
+
+    /// Per-CPU packet sequence of `loadgen` (which flow the next frame is).
+    #[map(name = "LOADGEN_SEQ")]
+    pub static LOADGEN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+    /// Packets counted by the `sink` program.
+    #[map(name = "SINK")]
+    pub static SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+    #[map(name = "COST_ARRAY")]
+    pub static COST_ARRAY: Array<u64> = Array::with_max_entries(16, 0);
+
+    #[map(name = "COST_HASH")]
+    pub static COST_HASH: HashMap<FlowKey, Flow> = HashMap::with_max_entries(65536, 0);
+
+    /// Sized and typed like the connection table.
+    #[map(name = "COST_LRU")]
+    pub static COST_LRU: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(65536, 0);
+
+    /// The same with per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`, Katran's
+    /// choice): one hash table, no LRU list shared between CPUs.
+    #[map(name = "COST_LRU_PCPU")]
+    pub static COST_LRU_PCPU: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(65536, 2);
+
+    /// A 16-byte key (a compact IPv4 flow key would be 13 bytes).
+    #[map(name = "COST_HASH16")]
+    pub static COST_HASH16: HashMap<[u8; 16], Flow> = HashMap::with_max_entries(65536, 0);
+
+    #[map(name = "COST_PERCPU")]
+    pub static COST_PERCPU: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(16, 0);
+
+    #[map(name = "COST_VIPS")]
+    pub static COST_VIPS: HashMap<VipKey, u32> = HashMap::with_max_entries(512, 0);
+
+    #[map(name = "COST_BACKENDS")]
+    pub static COST_BACKENDS: Array<Backend> = Array::with_max_entries(16, 0);
+}
+
+use maps::{
+    BENCH_JUMP, COST_ARRAY, COST_BACKENDS, COST_HASH, COST_HASH16, COST_LRU, COST_LRU_PCPU,
+    COST_PERCPU, COST_VIPS,
+};
+
+/// Traffic generator (see `loadgen`); run only through BPF_PROG_TEST_RUN.
+#[xdp]
+pub fn loadgen(ctx: XdpContext) -> u32 {
+    loadgen::try_loadgen(&ctx).unwrap_or(xdp_action::XDP_ABORTED)
+}
+
+/// Counts and drops: the receiving end of packet-rate benchmarks.
+#[xdp]
+pub fn sink(ctx: XdpContext) -> u32 {
+    loadgen::sink(&ctx)
+}
+
+#[xdp]
+pub fn floor_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
+}
+
+/// Swaps the Ethernet addresses: the cheapest work that reads and writes the
+/// packet before it is sent.
+#[inline(always)]
+fn swap_macs(ctx: &XdpContext) -> Result<(), ()> {
+    let eth = parse::ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: ptr_at checked the bounds.
+    unsafe {
+        let d = (*eth).dst_addr;
+        (*eth).dst_addr = (*eth).src_addr;
+        (*eth).src_addr = d;
+    }
+    Ok(())
+}
+
+/// Swap the Ethernet addresses and bounce: the cheapest program that reads
+/// and writes the packet and sends it, the micro-benchmark's floor.
+#[xdp]
+pub fn floor_tx(ctx: XdpContext) -> u32 {
+    match swap_macs(&ctx) {
+        Ok(()) => xdp_action::XDP_TX,
+        Err(()) => xdp_action::XDP_PASS,
+    }
+}
+
+/// Micro-benchmark wrapper for the encapsulating path. BPF_PROG_TEST_RUN's
+/// `repeat` runs each repetition on the buffer the previous one left, so
+/// after the first IPIP encapsulation the balancer would be timed on its own
+/// output. This strips an outer IPIP/IP6IP6 header if there is one (restoring
+/// the original packet) and tail-calls the balancer in `BENCH_JUMP`.
+#[xdp]
+pub fn bench_ipip(ctx: XdpContext) -> u32 {
+    if let Ok(Some(t)) = parse::tunnel(&ctx) {
+        let _ = decap::decap(&ctx, t.l3_off, t.outer_len);
+    }
+    // SAFETY: tail call into a program of the same type; falls through on
+    // an empty slot.
+    unsafe { BENCH_JUMP.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
+
+/// `XDP_TX` after swapping the MACs if `hit`, else `XDP_ABORTED`.
+#[inline(always)]
+fn tx_if(ctx: &XdpContext, hit: bool) -> u32 {
+    if hit && swap_macs(ctx).is_ok() {
+        xdp_action::XDP_TX
+    } else {
+        xdp_action::XDP_ABORTED
+    }
+}
+
+/// Floor + parsing the packet as the balancer does (L2, L3, L4, flow key).
+#[xdp]
+pub fn cost_parse(ctx: XdpContext) -> u32 {
+    let ok = parse::parse(&ctx).is_ok();
+    tx_if(&ctx, ok)
+}
+
+/// Floor + one array lookup (the JIT inlines it).
+#[xdp]
+pub fn cost_array(ctx: XdpContext) -> u32 {
+    let hit = COST_ARRAY.get_ptr(1).is_some();
+    tx_if(&ctx, hit)
+}
+
+/// A key that the compiler cannot fold: the first bytes of the packet
+/// (constant in the benchmark) make it.
+#[inline(always)]
+fn packet_key(ctx: &XdpContext) -> Option<FlowKey> {
+    let w = parse::ptr_at::<[u8; 4]>(ctx, 26).ok()?;
+    let mut k = FlowKey::default();
+    // SAFETY: ptr_at checked the bounds.
+    k.src[..4].copy_from_slice(unsafe { &*w });
+    Some(k)
+}
+
+/// Floor + one hash-map lookup with a 40-byte key (the connection table's
+/// key), hit.
+#[xdp]
+pub fn cost_hash(ctx: XdpContext) -> u32 {
+    let Some(k) = packet_key(&ctx) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: read-only use of the value.
+    let hit = unsafe { COST_HASH.get(&k) }.is_some();
+    if !hit {
+        let _ = COST_HASH.insert(&k, &Flow::default(), 0);
+    }
+    tx_if(&ctx, hit)
+}
+
+/// Floor + one LRU-hash lookup with a 40-byte key, hit: the connection
+/// table's lookup.
+#[xdp]
+pub fn cost_lru(ctx: XdpContext) -> u32 {
+    let Some(k) = packet_key(&ctx) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: read-only use of the value.
+    let hit = unsafe { COST_LRU.get(&k) }.is_some();
+    if !hit {
+        let _ = COST_LRU.insert(&k, &Flow::default(), 0);
+    }
+    tx_if(&ctx, hit)
+}
+
+/// Floor + one LRU-hash update of an existing key (what a new flow's table
+/// write costs at least).
+#[xdp]
+pub fn cost_lru_update(ctx: XdpContext) -> u32 {
+    let Some(k) = packet_key(&ctx) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let ok = COST_LRU.insert(&k, &Flow::default(), 0).is_ok();
+    tx_if(&ctx, ok)
+}
+
+/// Floor + one hash-map lookup with a 16-byte key, hit.
+#[xdp]
+pub fn cost_hash16(ctx: XdpContext) -> u32 {
+    let Some(k) = packet_key(&ctx) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: read-only use of the value.
+    let hit = unsafe { COST_HASH16.get(&k.src) }.is_some();
+    if !hit {
+        let _ = COST_HASH16.insert(&k.src, &Flow::default(), 0);
+    }
+    tx_if(&ctx, hit)
+}
+
+/// [`cost_lru`] on per-CPU LRU lists.
+#[xdp]
+pub fn cost_lru_pcpu(ctx: XdpContext) -> u32 {
+    let Some(k) = packet_key(&ctx) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: read-only use of the value.
+    let hit = unsafe { COST_LRU_PCPU.get(&k) }.is_some();
+    if !hit {
+        let _ = COST_LRU_PCPU.insert(&k, &Flow::default(), 0);
+    }
+    tx_if(&ctx, hit)
+}
+
+/// [`cost_lru_update`] on per-CPU LRU lists.
+#[xdp]
+pub fn cost_lru_pcpu_update(ctx: XdpContext) -> u32 {
+    let Some(k) = packet_key(&ctx) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let ok = COST_LRU_PCPU.insert(&k, &Flow::default(), 0).is_ok();
+    tx_if(&ctx, ok)
+}
+
+/// Floor + one per-CPU counter update (packets and bytes of a `Traffic`).
+#[xdp]
+pub fn cost_counter(ctx: XdpContext) -> u32 {
+    let Some(t) = COST_PERCPU.get_ptr_mut(1) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: per-CPU slot.
+    unsafe {
+        (*t).packets += 1;
+        (*t).bytes += 64;
+    }
+    tx_if(&ctx, true)
+}
+
+/// Floor + one `bpf_ktime_get_ns`.
+#[xdp]
+pub fn cost_clock(ctx: XdpContext) -> u32 {
+    // SAFETY: helper without arguments.
+    let t = unsafe { bpf_ktime_get_ns() };
+    tx_if(&ctx, t != 0)
+}
+
+/// Floor + one `bpf_ktime_get_coarse_ns` (the clock of the last tick).
+#[xdp]
+pub fn cost_clock_coarse(ctx: XdpContext) -> u32 {
+    // SAFETY: helper without arguments.
+    let t = unsafe { bpf_ktime_get_coarse_ns() };
+    tx_if(&ctx, t != 0)
+}
+
+/// Floor + making room for an outer IPv4 header and giving it back (two
+/// `bpf_xdp_adjust_head` calls: encapsulation needs one).
+#[xdp]
+pub fn cost_adjust_head(ctx: XdpContext) -> u32 {
+    // SAFETY: the pointers are re-derived by swap_macs afterwards.
+    let ok =
+        unsafe { bpf_xdp_adjust_head(ctx.ctx, -20) == 0 && bpf_xdp_adjust_head(ctx.ctx, 20) == 0 };
+    tx_if(&ctx, ok)
+}
+
+/// What the balancer does for a packet to no VIP, alone: parse, the
+/// address filter (one array lookup), one per-CPU verdict counter, pass.
+#[xdp]
+pub fn cost_non_vip(ctx: XdpContext) -> u32 {
+    let Ok(p) = parse::parse(&ctx) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let (w, bit) = lb_common::hash::vip_filter_slot(&p.key.dst);
+    if COST_ARRAY
+        .get(w & 15)
+        .is_some_and(|v| v & (1u64 << bit) != 0)
+    {
+        return xdp_action::XDP_ABORTED;
+    }
+    if let Some(c) = COST_PERCPU.get_ptr_mut(2) {
+        // SAFETY: per-CPU slot.
+        unsafe { (*c).packets += 1 };
+    }
+    xdp_action::XDP_PASS
+}
+
+/// The least a balancer with a connection table does for an established
+/// packet: parse, find the VIP (one hash lookup), find the flow (one LRU
+/// lookup), read the backend (one array lookup), count the packet (one
+/// per-CPU update), write both MACs, `XDP_TX`. No scheduling, no checks,
+/// no encapsulation: a lower bound for our established path.
+#[xdp]
+pub fn cost_minimal_lb(ctx: XdpContext) -> u32 {
+    let Ok(p) = parse::parse(&ctx) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let vk = VipKey {
+        addr: p.key.dst,
+        port: p.key.dport,
+        proto: p.key.proto,
+        family: p.family,
+    };
+    // SAFETY: read-only use of the values.
+    if unsafe { COST_VIPS.get(&vk) }.is_none() {
+        let _ = COST_VIPS.insert(&vk, &0, 0);
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: as above.
+    let Some(f) = (unsafe { COST_LRU.get(&p.key) }) else {
+        let _ = COST_LRU.insert(
+            &p.key,
+            &Flow {
+                backend_id: 1,
+                ..Default::default()
+            },
+            0,
+        );
+        return xdp_action::XDP_ABORTED;
+    };
+    let Some(b) = COST_BACKENDS.get(f.backend_id & 15) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let b: &Backend = b;
+    if let Some(t) = COST_PERCPU.get_ptr_mut(f.backend_id & 15) {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            let t: *mut Traffic = t;
+            (*t).packets += 1;
+            (*t).bytes += u64::from(p.ip_len);
+        }
+    }
+    let Ok(eth) = parse::ptr_at::<EthHdr>(&ctx, 0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: ptr_at checked the bounds.
+    unsafe {
+        (*eth).dst_addr = b.dst_mac;
+        (*eth).src_addr = b.src_mac;
+    }
+    xdp_action::XDP_TX
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
