@@ -1,7 +1,14 @@
 //! The connection table's companions: the flood guard that decides whether
 //! a new flow may be recorded, and the clock idle timeouts use.
+//!
+//! Both read `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE: the
+//! monotonic clock as of the last tick, at most one tick behind), not
+//! `bpf_ktime_get_ns`, which reads the clock source: on this VM kind that
+//! measured 4-5x the swap-MACs floor per call, the coarse one well under
+//! one (BENCHMARKS.md, "What a packet costs"). Windows of a second and
+//! timeouts in seconds do not need better than a tick.
 
-use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 
 use crate::maps::{FLOOD_GUARD, FLOOD_STATE};
 
@@ -20,7 +27,7 @@ pub(crate) fn may_record_flow() -> bool {
         return true;
     };
     // SAFETY: plain helper call without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: per-CPU slot, no concurrent writer on this CPU.
     unsafe {
         if now.wrapping_sub((*st).window_start_ns) >= 1_000_000_000 {
@@ -40,6 +47,6 @@ pub(crate) fn may_record_flow() -> bool {
 #[inline(always)]
 pub(crate) fn now_s() -> u64 {
     // SAFETY: plain helper call without arguments.
-    let ns = unsafe { bpf_ktime_get_ns() };
+    let ns = unsafe { bpf_ktime_get_coarse_ns() };
     ns / 1_000_000_000
 }

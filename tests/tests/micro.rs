@@ -136,6 +136,7 @@ fn setup(f: &mut Fixture) {
         (k4(83), 4, VIP_F_NO_FLOW_TABLE, b4(8)),
         (k4(84), 5, VIP_F_NO_FLOW_TABLE, b4(8)),
         (k4(85), 6, VIP_F_NO_FLOW_TABLE, b4(20)),
+        (k4(86), 7, 0, b4(10)),
     ] {
         f.add_vip(&VipSpec {
             key,
@@ -170,8 +171,26 @@ fn setup(f: &mut Fixture) {
         dp.install_ring(&key, &sched::ring(sched, &entries, 65537))
             .expect("ring");
     }
-    // Prime the connection table so the established case is established.
+    // An idle timeout: every established packet reads the clock.
+    {
+        let mut dp = f.dp();
+        let meta = dp.vip(&k4(86)).expect("meta");
+        dp.upsert_vip(
+            &k4(86),
+            VipMeta {
+                idle_timeout_s: 300,
+                ..meta
+            },
+        )
+        .expect("idle timeout");
+        // The flood guard on, as the agent sets it by default, with a limit
+        // no run reaches: every new flow reads its clock, none is refused.
+        dp.set_flood_limit(u32::MAX).expect("flood guard");
+    }
+    // Prime the connection table so the established cases are established.
     f.run(&established()).expect("prime");
+    f.run(&tcp4(CLIENT, VIP4, 40000, 86, &[0; 10]))
+        .expect("prime");
 }
 
 const VIP4: [u8; 4] = [198, 18, 0, 100];
@@ -259,8 +278,14 @@ fn cases() -> Vec<Case> {
         Case::tools("floor: XDP_DROP", "floor_drop", est.clone(), DROP),
         Case::tools("floor: swap MACs + XDP_TX", "floor_tx", est.clone(), TX),
         Case::lb("established IPv4 TCP dsr", est.clone(), verdict::TX),
+        Case::lb(
+            "established IPv4 TCP dsr, idle timeout set",
+            tcp4(client, vip4, 40000, 86, &[0; 10]),
+            verdict::TX,
+        ),
         // Every repetition is a SYN for the same 5-tuple: scheduled afresh
-        // and written over its table entry each time.
+        // and written over its table entry each time (with the flood
+        // guard's clock read).
         Case::lb(
             "new flow IPv4 TCP dsr, SYN with table write",
             lb_tests::tcp4_syn(client, vip4, 40000, 80),
