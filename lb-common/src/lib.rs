@@ -58,6 +58,9 @@ pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
 pub const MAP_ACTIVE: &str = "ACTIVE";
 pub const MAP_RR_POS: &str = "RR_POS";
 pub const MAP_FIB_SCRATCH: &str = "FIB_SCRATCH";
+pub const MAP_NAT: &str = "NAT";
+pub const MAP_NAT_ADDRS: &str = "NAT_ADDRS";
+pub const MAP_NAT_CURSOR: &str = "NAT_CURSOR";
 pub const MAP_REGIONS: &str = "REGIONS";
 pub const MAP_BACKEND_IDS: &str = "BACKEND_IDS";
 
@@ -165,6 +168,64 @@ pub const SCHED_LEAST_CONN: u32 = 2;
 pub const LC_EXACT_MAX: u32 = 8;
 /// [`VipMeta::flags`]: client prefixes map to regions (see `REGIONS`).
 pub const VIP_F_REGIONS: u32 = 1 << 3;
+/// [`VipMeta::flags`]: full NAT: the packet leaves addressed to the
+/// backend's address and port, from a balancer address and a port the
+/// datapath gives the flow; replies are translated back (see `NAT`).
+pub const VIP_F_NAT: u32 = 1 << 4;
+
+/// Key of `NAT`, the reply direction of NAT flows: a packet from the
+/// backend (address, port) to the balancer's NAT address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct NatKey {
+    /// The backend's address (network order; IPv4 in the first 4 bytes).
+    pub backend: [u8; 16],
+    /// The balancer's NAT source address.
+    pub nat: [u8; 16],
+    /// Host order.
+    pub backend_port: u16,
+    /// Host order.
+    pub nat_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `NAT`: where a reply goes back to, and the entry's life.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct NatEntry {
+    pub client: [u8; 16],
+    pub vip: [u8; 16],
+    /// Host order.
+    pub client_port: u16,
+    /// Host order.
+    pub vip_port: u16,
+    /// The client side's next hop (the source MAC of the client's packet).
+    pub client_mac: [u8; 6],
+    /// The balancer's MAC on that side (the client packet's destination).
+    pub lb_mac: [u8; 6],
+    /// `NAT_F_*` bits.
+    pub flags: u16,
+    pub _pad: u16,
+    /// Interface the client's packet arrived on: replies leave there.
+    pub ifindex: u32,
+    /// The monotonic clock at the last packet either way, in seconds.
+    pub last_seen_s: u32,
+}
+
+/// [`NatEntry::flags`]: a FIN or RST was seen; the port is free again
+/// after [`NAT_CLOSED_S`] seconds.
+pub const NAT_F_CLOSING: u16 = 1 << 0;
+/// Seconds a closed NAT flow keeps its port (late segments still translate).
+pub const NAT_CLOSED_S: u32 = 10;
+/// Seconds an idle open NAT flow keeps its port when another flow needs it.
+pub const NAT_IDLE_S: u32 = 300;
+/// NAT source addresses per family (`NAT_ADDRS`: IPv4 at 0.., IPv6 at 16..).
+pub const MAX_NAT_ADDRS: u32 = 16;
+/// Ports a new NAT flow tries before it is refused (`nat_no_port`).
+pub const NAT_PORT_TRIES: u32 = 8;
 
 /// Key of the `REGIONS` LPM trie: the VIP id (32 bits, always matched) then
 /// the client address; `prefix_len` = 32 + the client prefix length.
@@ -222,6 +283,9 @@ pub struct Backend {
     pub state: u8,
     /// Weight, for least-connections (active flows are compared per weight).
     pub weight: u16,
+    /// Port the backend listens on, host order (NAT VIPs; 0 = the VIP's).
+    pub port: u16,
+    pub _pad: u16,
 }
 
 /// Key of the connection table: the flow's 5-tuple as the client sent it.
@@ -248,8 +312,15 @@ pub struct Flow {
     pub vip_id: u16,
     /// `FLOW_F_*` bits.
     pub flags: u16,
-    /// `bpf_ktime_get_ns()` of the last packet, in seconds (for idle expiry).
-    pub last_seen_s: u64,
+    /// The monotonic clock at the last packet, in seconds (idle expiry).
+    /// 32 bits (136 years of uptime); an entry written as the 64-bit field
+    /// of earlier versions reads the same (little-endian, high half zero).
+    pub last_seen_s: u32,
+    /// NAT VIPs: the source port the balancer gave this flow (host order),
+    /// 0 for other VIPs.
+    pub nat_port: u16,
+    /// NAT VIPs: which source address (index into `NAT_ADDRS`).
+    pub nat_addr: u16,
 }
 
 /// [`Flow::flags`]: counted in `ACTIVE` (a least-connections VIP's flow).
@@ -374,6 +445,15 @@ pub struct Settings {
     pub ipip_src_v6: [u8; 16],
     /// `SETTINGS_F_*` bits.
     pub flags: u32,
+    /// NAT source ports, first and last (host order; the kernel's own
+    /// ephemeral range must lie outside).
+    pub nat_port_lo: u16,
+    pub nat_port_hi: u16,
+    /// NAT source addresses in `NAT_ADDRS` (IPv4 at 0.., IPv6 at 16..).
+    pub nat_v4_count: u8,
+    pub nat_v6_count: u8,
+    /// CPUs the port range is sliced over (each allocates in its own).
+    pub nat_cpus: u16,
 }
 
 /// [`Settings::flags`]: take each packet's next hop from `bpf_fib_lookup`
@@ -435,8 +515,17 @@ pub mod verdict {
     /// A datapath invariant did not hold (no settings entry, a header that
     /// parsed but cannot be rewritten): dropped, never forwarded half-done.
     pub const INTERNAL: u32 = 12;
+    /// A new flow of a NAT VIP found no free source port (every try taken,
+    /// or no NAT address of its family): dropped.
+    pub const NAT_NO_PORT: u32 = 13;
+    /// A backend's reply translated back to its client (sent with
+    /// `XDP_TX` or `XDP_REDIRECT`).
+    pub const NAT_REPLY: u32 = 14;
+    /// An ICMP error about a NAT VIP's flow: not translated (yet), passed
+    /// to the kernel.
+    pub const NAT_ICMP: u32 = 15;
     /// Number of verdict reasons.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 16;
 
     /// Metric label of each verdict, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -453,6 +542,9 @@ pub mod verdict {
         "icmp_to_flow",
         "redirect_failed",
         "internal",
+        "nat_no_port",
+        "nat_reply",
+        "nat_icmp",
     ];
 }
 
@@ -478,6 +570,8 @@ mod pod {
     unsafe impl aya::Pod for super::FloodGuard {}
     unsafe impl aya::Pod for super::FloodState {}
     unsafe impl aya::Pod for super::BackendIdKey {}
+    unsafe impl aya::Pod for super::NatKey {}
+    unsafe impl aya::Pod for super::NatEntry {}
     unsafe impl aya::Pod for super::LoadgenCfg {}
     unsafe impl aya::Pod for super::RegionKey {}
     unsafe impl aya::Pod for super::RegionMeta {}
@@ -488,10 +582,12 @@ mod pod {
 const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipMeta>() == 28);
-    assert!(core::mem::size_of::<Backend>() == 36);
+    assert!(core::mem::size_of::<Backend>() == 40);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<Flow>() == 16);
-    assert!(core::mem::size_of::<Settings>() == 24);
+    assert!(core::mem::size_of::<Settings>() == 32);
+    assert!(core::mem::size_of::<NatKey>() == 40);
+    assert!(core::mem::size_of::<NatEntry>() == 60);
     assert!(core::mem::size_of::<FloodGuard>() == 8);
     assert!(core::mem::size_of::<FloodState>() == 24);
     assert!(core::mem::size_of::<RegionKey>() == 20);

@@ -45,8 +45,8 @@ pub(crate) fn may_record_flow() -> bool {
 }
 
 #[inline(always)]
-pub(crate) fn now_s() -> u64 {
+pub(crate) fn now_s() -> u32 {
     // SAFETY: plain helper call without arguments.
     let ns = unsafe { bpf_ktime_get_coarse_ns() };
-    ns / 1_000_000_000
+    (ns / 1_000_000_000) as u32
 }

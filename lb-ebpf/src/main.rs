@@ -24,6 +24,7 @@ mod decap;
 mod flow;
 mod forward;
 mod maps;
+mod nat;
 mod parse;
 mod sched;
 mod stats;
@@ -33,7 +34,8 @@ mod vip;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     Backend, FLOW_F_COUNTED, Flow, PROTO_TCP, SCHED_LEAST_CONN, SETTINGS_F_FIB, VIP_F_HASH_SRC_IP,
-    VIP_F_IPIP, VIP_F_NO_FLOW_TABLE, decap_verdict, hash, trace_ring, trace_table, verdict,
+    VIP_F_IPIP, VIP_F_NAT, VIP_F_NO_FLOW_TABLE, decap_verdict, hash, trace_ring, trace_table,
+    verdict,
 };
 
 use crate::{
@@ -130,9 +132,14 @@ fn try_lb<O: Observe>(
         return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
     }
     let Some(vip) = lookup_vip(pkt) else {
-        return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
+        // Perhaps a backend's reply to a NAT flow.
+        return nat_reply(ctx, pkt);
     };
     seen.vip(vip.vip_id, vip.scheduler as u8);
+    let nat_vip = vip.flags & VIP_F_NAT != 0;
+    if nat_vip && pkt.icmp_error {
+        return Ok((verdict::NAT_ICMP, xdp_action::XDP_PASS));
+    }
 
     // The flow hash is needed only to schedule a new flow or to vary the
     // IPIP outer source; established DSR packets skip it.
@@ -143,7 +150,8 @@ fn try_lb<O: Observe>(
             hash::hash_5tuple(&pkt.key.src, pkt.key.sport, pkt.key.dport, pkt.key.proto)
         }
     };
-    let use_table = vip.flags & VIP_F_NO_FLOW_TABLE == 0;
+    // A NAT flow must find its source port again: NAT VIPs always keep one.
+    let use_table = vip.flags & VIP_F_NO_FLOW_TABLE == 0 || nat_vip;
     let key = &pkt.key;
     // A SYN without ACK opens a new connection: it is scheduled afresh and
     // overwrites whatever entry its 5-tuple still has, so a reused client
@@ -158,17 +166,21 @@ fn try_lb<O: Observe>(
     // A least-connections flow counted in ACTIVE that is being rescheduled
     // (its backend died or it idled out): uncount it from the old backend.
     let mut uncount: Option<u32> = None;
+    // A NAT flow's source (address index, port), from its table entry.
+    let mut nat_src: Option<(u16, u16)> = None;
     if use_table && let Some(f) = FLOWS.get_ptr_mut(key) {
         // SAFETY: the pointer comes from a successful lookup; a concurrent
         // writer can at worst make us reschedule a flow, never read garbage
         // out of bounds.
         let (id, last, flags) = unsafe { ((*f).backend_id, (*f).last_seen_s, (*f).flags) };
+        // SAFETY: as above.
+        let (nat_addr, nat_port) = unsafe { ((*f).nat_addr, (*f).nat_port) };
         let fresh = if opening {
             seen.table(trace_table::SYN);
             false
         } else if vip.idle_timeout_s != 0 {
             now = now_s();
-            if now.saturating_sub(last) <= vip.idle_timeout_s as u64 {
+            if now.saturating_sub(last) <= vip.idle_timeout_s {
                 if now != last {
                     // SAFETY: as above.
                     unsafe { (*f).last_seen_s = now };
@@ -190,6 +202,9 @@ fn try_lb<O: Observe>(
                 unsafe { (*f).flags = flags & !FLOW_F_COUNTED };
             }
             chosen = Some((id, b));
+            if nat_vip && nat_port != 0 {
+                nat_src = Some((nat_addr, nat_port));
+            }
             seen.table(trace_table::HIT);
         } else {
             if fresh {
@@ -255,7 +270,34 @@ fn try_lb<O: Observe>(
     };
     // Rewrite first, then record the flow: a packet that cannot be sent
     // leaves no table entry (and no least-connections count) behind.
-    if vip.flags & VIP_F_IPIP != 0 {
+    let mut nat_rec = (0, 0);
+    if nat_vip {
+        if now == 0 {
+            now = now_s();
+        }
+        let src = match nat_src {
+            Some((idx, port)) => {
+                let Some(addr) = nat::source_addr(idx) else {
+                    return Ok((verdict::INTERNAL, xdp_action::XDP_DROP));
+                };
+                let src = nat::Source { idx, addr, port };
+                // Keeps the reply entry's clock and closing state.
+                nat::note_forward(pkt, b, &src, now);
+                src
+            }
+            None => match nat::allocate(ctx, pkt, b, settings, flow_hash(), now) {
+                Some(s) => s,
+                None => return Ok((verdict::NAT_NO_PORT, xdp_action::XDP_DROP)),
+            },
+        };
+        let bport = nat::backend_port(pkt, b);
+        if nat::rewrite(ctx, pkt, &src.addr, src.port, &b.addr, bport).is_err()
+            || forward::set_macs(ctx, &hop).is_err()
+        {
+            return Ok((verdict::INTERNAL, xdp_action::XDP_DROP));
+        }
+        nat_rec = (src.idx, src.port);
+    } else if vip.flags & VIP_F_IPIP != 0 {
         seen.ipip();
         if forward::encap(ctx, pkt, b, settings, flow_hash(), &hop).is_err() {
             return Ok((verdict::ENCAP_FAILED, xdp_action::XDP_DROP));
@@ -263,7 +305,9 @@ fn try_lb<O: Observe>(
     } else if forward::set_macs(ctx, &hop).is_err() {
         return Ok((verdict::INTERNAL, xdp_action::XDP_DROP));
     }
-    if new_flow && use_table && !pkt.icmp_error && may_record_flow() {
+    // A NAT flow is always recorded (without its entry the next packet
+    // would get another port): the flood guard spares NAT VIPs.
+    if new_flow && use_table && !pkt.icmp_error && (nat_vip || may_record_flow()) {
         if now == 0 && vip.idle_timeout_s != 0 {
             now = now_s();
         }
@@ -274,6 +318,8 @@ fn try_lb<O: Observe>(
             vip_id: vip.vip_id as u16,
             flags: if count { FLOW_F_COUNTED } else { 0 },
             last_seen_s: now,
+            nat_addr: nat_rec.0,
+            nat_port: nat_rec.1,
         };
         // A full table evicts its least recently used entry; a failed insert
         // only costs this flow its stickiness, so the error is ignored.
@@ -301,6 +347,42 @@ fn try_lb<O: Observe>(
     }
     match TX_PORTS.redirect(hop.ifindex, 0) {
         Ok(action) => Ok((reason.unwrap_or(verdict::REDIRECT), action)),
+        Err(_) => Ok((verdict::REDIRECT_FAILED, xdp_action::XDP_DROP)),
+    }
+}
+
+/// A packet to no VIP that passed the address filter: a backend's reply
+/// to a NAT flow is translated back to its client (source: the VIP) and
+/// sent out where the client's packet came in; anything else passes.
+#[inline(always)]
+fn nat_reply(ctx: &XdpContext, pkt: &parse::Packet) -> Result<(u32, u32), ()> {
+    if pkt.icmp_error {
+        return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
+    }
+    let Some(e) = nat::reply_for(pkt) else {
+        return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
+    };
+    // SAFETY: a value pointer from a successful lookup; an entry is only
+    // ever replaced whole by the allocating CPU.
+    let e = unsafe { &*e };
+    if nat::rewrite(ctx, pkt, &e.vip, e.vip_port, &e.client, e.client_port).is_err()
+        || forward::set_macs(
+            ctx,
+            &forward::Hop {
+                dmac: e.client_mac,
+                smac: e.lb_mac,
+                ifindex: e.ifindex,
+            },
+        )
+        .is_err()
+    {
+        return Ok((verdict::INTERNAL, xdp_action::XDP_DROP));
+    }
+    if e.ifindex == 0 || e.ifindex as usize == ctx.ingress_ifindex() {
+        return Ok((verdict::NAT_REPLY, xdp_action::XDP_TX));
+    }
+    match TX_PORTS.redirect(e.ifindex, 0) {
+        Ok(action) => Ok((verdict::NAT_REPLY, action)),
         Err(_) => Ok((verdict::REDIRECT_FAILED, xdp_action::XDP_DROP)),
     }
 }

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendIdKey, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SLOTS, FloodGuard, FloodState,
-    Flow, FlowKey, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, RegionKey, RegionMeta, Settings, TraceCfg,
-    Traffic, VipKey, VipMeta, decap_verdict, verdict,
+    Flow, FlowKey, MAX_BACKENDS, MAX_NAT_ADDRS, MAX_TX_PORTS, MAX_VIPS, NatEntry, NatKey,
+    RegionKey, RegionMeta, Settings, TraceCfg, Traffic, VipKey, VipMeta, decap_verdict, verdict,
 };
 
 /// (address, port, protocol) → VIP. Port 0 entries match every port.
@@ -65,6 +65,27 @@ pub static VIP_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_V
 pub static BACKEND_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 /// Egress interfaces for `XDP_REDIRECT`, keyed by ifindex.
+/// The reply direction of NAT flows: (backend, port, NAT address, port,
+/// protocol) → the client it goes back to. LRU like `FLOWS`, and sized like
+/// it by the loader.
+#[map(name = "NAT")]
+pub static NAT: LruHashMap<NatKey, NatEntry> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+/// NAT source addresses: IPv4 at `0..MAX_NAT_ADDRS`, IPv6 after (counts in
+/// `Settings`).
+#[map(name = "NAT_ADDRS")]
+pub static NAT_ADDRS: Array<[u8; 16]> = Array::with_max_entries(2 * MAX_NAT_ADDRS, 0);
+
+/// Scratch space for a NAT key and entry being built: at 100 bytes they do
+/// not fit the 512-byte stack next to the rest of the balancer.
+#[map(name = "NAT_SCRATCH")]
+pub static NAT_SCRATCH: PerCpuArray<crate::nat::Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU position in this CPU's slice of the NAT port range.
+#[map(name = "NAT_CURSOR")]
+pub static NAT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "TX_PORTS")]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
 

@@ -330,6 +330,7 @@ impl Fixture {
             ipip_src_v4: [198, 19, 0, 0],
             ipip_src_v6: v6("2001:2:0:ff::".parse().expect("literal")),
             flags: 0,
+            ..Default::default()
         })?;
         Ok(Self { ebpf })
     }
@@ -360,6 +361,7 @@ impl Fixture {
                     family: spec.key.family,
                     state: lb_common::BACKEND_UP,
                     weight: 1,
+                    ..Default::default()
                 },
             )?;
         }

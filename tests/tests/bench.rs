@@ -134,6 +134,7 @@ fn balancer(rig: &RateRig, vip: VipKey, table_size: u32) -> aya::Ebpf {
             family: AF_INET,
             state: lb_common::BACKEND_UP,
             weight: 1,
+            ..Default::default()
         };
         dp.set_backend(i, &b).expect("backend");
         entries.push(lb_user::policy::maglev::Entry {
@@ -284,6 +285,7 @@ fn syn_flood_once(rig: &RateRig, table: u32, flows: u32, guard: u32) -> serde_js
         family: AF_INET,
         state: lb_common::BACKEND_UP,
         weight: 1,
+        ..Default::default()
     };
     dp.set_backend(4, &b4).expect("backend 4");
     let entries: Vec<_> = (1..=4u32)

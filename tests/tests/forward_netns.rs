@@ -92,6 +92,7 @@ fn run_case(tag: &str, family: u8, ipip: bool) {
             ipip_src_v4: [198, 19, 0, 0],
             ipip_src_v6: v6("2001:2:0:ff::".parse().unwrap()),
             flags: 0,
+            ..Default::default()
         })
         .expect("settings");
         let flags = if ipip { VIP_F_IPIP } else { 0 };
@@ -122,6 +123,7 @@ fn run_case(tag: &str, family: u8, ipip: bool) {
                 family,
                 state: lb_common::BACKEND_UP,
                 weight: 1,
+                ..Default::default()
             },
         )
         .expect("backend");

@@ -46,6 +46,7 @@ fn loadgen_sends_distinct_flows_through_the_balancer() {
             family: AF_INET,
             state: lb_common::BACKEND_UP,
             weight: 1,
+            ..Default::default()
         };
         dp.set_backend(1, &b).expect("backend");
         let table = lb_user::policy::maglev::build(

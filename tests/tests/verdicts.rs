@@ -33,6 +33,7 @@ fn a_redirect_to_an_unknown_interface_is_counted_as_failed_and_dropped() {
                 family: AF_INET,
                 state: lb_common::BACKEND_UP,
                 weight: 1,
+                ..Default::default()
             },
         )
         .expect("backend");

@@ -213,7 +213,25 @@ pub async fn run_until(
         } else {
             0
         },
+        nat_port_lo: cfg.agent.nat_ports.0,
+        nat_port_hi: cfg.agent.nat_ports.1,
+        nat_v4_count: cfg.agent.nat_source_v4.len() as u8,
+        nat_v6_count: cfg.agent.nat_source_v6.len() as u8,
+        // Each CPU allocates NAT ports in its own slice of the range.
+        nat_cpus: aya::util::nr_cpus().map_or(1, |n| n as u16),
     })?;
+    dp.set_nat_addrs(
+        &cfg.agent
+            .nat_source_v4
+            .iter()
+            .map(|a| state::addr16(IpAddr::V4(*a)).0)
+            .collect::<Vec<_>>(),
+        &cfg.agent
+            .nat_source_v6
+            .iter()
+            .map(|a| state::addr16(IpAddr::V6(*a)).0)
+            .collect::<Vec<_>>(),
+    )?;
     let (observations, reports) = tokio::sync::mpsc::unbounded_channel();
     let metrics = AgentMetrics::default();
     let mut state = State {
@@ -272,8 +290,33 @@ pub async fn run_until(
             }
         }
     }
-    let (_link, desc) =
-        loader::attach_pinned(state.dp.object_mut(), &cfg.agent.interface, mode, &dir)?;
+    let (_link, desc) = loader::attach_pinned(
+        state.dp.object_mut(),
+        &cfg.agent.interface,
+        mode,
+        &dir,
+        "link",
+    )?;
+    // NAT replies arriving elsewhere: the balancer there too, and the main
+    // interface a redirect target for the translated replies.
+    let mut _reply_links = Vec::new();
+    for iface in &cfg.agent.reply_interfaces {
+        let (link, d) = loader::attach_pinned(
+            state.dp.object_mut(),
+            iface,
+            mode,
+            &dir,
+            &format!("link-{iface}"),
+        )?;
+        tracing::info!(interface = %iface, attach = %d, "attached for NAT replies");
+        _reply_links.push(link);
+    }
+    if !cfg.agent.reply_interfaces.is_empty() {
+        let idx = crate::host::netlink::link_by_name(&cfg.agent.interface)?
+            .with_context(|| format!("no interface {}", cfg.agent.interface))?
+            .index;
+        state.dp.add_tx_port(idx)?;
+    }
     state.attach_desc = desc.clone();
     state.attached = true;
     state.sync_announce();

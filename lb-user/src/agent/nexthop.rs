@@ -59,6 +59,7 @@ impl State {
             addr,
             family,
             state,
+            port: b.cfg.port.unwrap_or(0),
             ..Default::default()
         };
         let id = b.id;

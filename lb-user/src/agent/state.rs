@@ -39,8 +39,10 @@ pub(super) fn vip_ref(v: &Vip) -> VipRef {
 
 pub(super) fn vip_flags(v: &Vip) -> u32 {
     let mut f = 0;
-    if v.forwarding == Forwarding::Ipip {
-        f |= lb_common::VIP_F_IPIP;
+    match v.forwarding {
+        Forwarding::Ipip => f |= lb_common::VIP_F_IPIP,
+        Forwarding::Nat => f |= lb_common::VIP_F_NAT,
+        Forwarding::Dsr => {}
     }
     if v.hash == HashInput::SourceIp {
         f |= lb_common::VIP_F_HASH_SRC_IP;
@@ -276,7 +278,8 @@ impl State {
                 .find(|v| v.vip_id == f.vip_id as u32)
                 .map(|v| v.cfg.idle_timeout_s as u64)
                 .unwrap_or(0);
-            let expired = idle_limit != 0 && now_s.saturating_sub(f.last_seen_s) > idle_limit;
+            let expired =
+                idle_limit != 0 && now_s.saturating_sub(u64::from(f.last_seen_s)) > idle_limit;
             if f.flags & lb_common::FLOW_F_COUNTED != 0
                 && !expired
                 && let Some(c) = counts.get_mut(&f.backend_id)

@@ -94,7 +94,23 @@ struct RawAgent {
     max_backends: Spanned<u32>,
     #[serde(default = "default_ring_slots")]
     ring_slots: Spanned<u32>,
+    #[serde(default)]
+    nat_source_v4: Vec<Spanned<String>>,
+    #[serde(default)]
+    nat_source_v6: Vec<Spanned<String>>,
+    #[serde(default = "default_nat_ports")]
+    nat_ports: Spanned<String>,
+    #[serde(default)]
+    reply_interfaces: Vec<String>,
 }
+
+fn default_nat_ports() -> Spanned<String> {
+    sp(DEFAULT_NAT_PORTS.into())
+}
+
+/// NAT source ports by default: below Linux's ephemeral range (32768 and
+/// up), so the host's own connections from a NAT address never collide.
+pub const DEFAULT_NAT_PORTS: &str = "1024-32767";
 
 fn default_max_vips() -> Spanned<u32> {
     sp(lb_common::MAX_VIPS)
@@ -190,6 +206,7 @@ struct RawRegion {
 #[serde(deny_unknown_fields)]
 struct RawBackend {
     address: Spanned<String>,
+    port: Option<Spanned<u16>>,
     #[serde(default = "default_weight")]
     weight: Spanned<u32>,
     #[serde(default)]
@@ -297,6 +314,8 @@ pub struct Health {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendCfg {
     pub address: IpAddr,
+    /// NAT VIPs: the port the backend listens on (None = the VIP's).
+    pub port: Option<u16>,
     pub weight: u32,
     /// Out of the ring for new flows; existing flows stay.
     pub drain: bool,
@@ -354,6 +373,14 @@ pub struct Agent {
     pub max_backends: u32,
     /// `RINGS` slots: every VIP and region takes two halves of its ring size.
     pub ring_slots: u32,
+    /// NAT VIPs' source addresses (at most `lb_common::MAX_NAT_ADDRS` each).
+    pub nat_source_v4: Vec<std::net::Ipv4Addr>,
+    pub nat_source_v6: Vec<std::net::Ipv6Addr>,
+    /// NAT source ports, first and last.
+    pub nat_ports: (u16, u16),
+    /// Interfaces NAT replies arrive on besides `interface`: the balancer
+    /// is attached there too.
+    pub reply_interfaces: Vec<String>,
 }
 
 /// VIP announcement: the agent keeps one host route per servable VIP
@@ -459,7 +486,71 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             ),
         )
     })?;
+    let mut nat_source_v4 = Vec::new();
+    let mut nat_source_v6 = Vec::new();
+    for (list, v6) in [(&a.nat_source_v4, false), (&a.nat_source_v6, true)] {
+        for s in list {
+            let key = if v6 { "nat_source_v6" } else { "nat_source_v4" };
+            let bad = || {
+                err(
+                    Some(s.span()),
+                    format!(
+                        "{key} `{}` is not an IPv{} address",
+                        s.get_ref(),
+                        if v6 { 6 } else { 4 }
+                    ),
+                )
+            };
+            if v6 {
+                nat_source_v6.push(s.get_ref().parse().map_err(|_| bad())?);
+            } else {
+                nat_source_v4.push(s.get_ref().parse().map_err(|_| bad())?);
+            }
+            if nat_source_v4.len().max(nat_source_v6.len()) > lb_common::MAX_NAT_ADDRS as usize {
+                return Err(err(
+                    Some(s.span()),
+                    format!(
+                        "{key}: at most {} addresses per family",
+                        lb_common::MAX_NAT_ADDRS
+                    ),
+                ));
+            }
+        }
+    }
+    let nat_ports = {
+        let s = &a.nat_ports;
+        let bad = |why: &str| {
+            err(
+                Some(s.span()),
+                format!(
+                    "nat_ports `{}` {why}: give a range such as \"{DEFAULT_NAT_PORTS}\" (first-last, \
+                     1024 or above, outside the kernel's ephemeral ports, net.ipv4.ip_local_port_range)",
+                    s.get_ref()
+                ),
+            )
+        };
+        let (lo, hi) = s
+            .get_ref()
+            .split_once('-')
+            .ok_or_else(|| bad("is not a range"))?;
+        let lo: u16 = lo
+            .trim()
+            .parse()
+            .map_err(|_| bad("is not a range of ports"))?;
+        let hi: u16 = hi
+            .trim()
+            .parse()
+            .map_err(|_| bad("is not a range of ports"))?;
+        if lo < 1024 || hi < lo {
+            return Err(bad("is empty or starts below 1024"));
+        }
+        (lo, hi)
+    };
     let agent = Agent {
+        nat_source_v4,
+        nat_source_v6,
+        nat_ports,
+        reply_interfaces: a.reply_interfaces.clone(),
         interface: a.interface.clone(),
         xdp_mode,
         flow_table_size: *a.flow_table_size.get_ref(),
@@ -529,6 +620,31 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             .get_ref()
             .parse::<HashInput>()
             .map_err(|e| err(Some(v.hash.span()), e))?;
+        if forwarding == Forwarding::Nat {
+            let (have, key) = if address.is_ipv4() {
+                (!agent.nat_source_v4.is_empty(), "nat_source_v4")
+            } else {
+                (!agent.nat_source_v6.is_empty(), "nat_source_v6")
+            };
+            if !have {
+                return Err(err(
+                    Some(v.forwarding.span()),
+                    format!(
+                        "VIP {address}: forwarding = \"nat\" needs a source address of its family: \
+                         set agent.{key} (an address of this host the backends reach it by)"
+                    ),
+                ));
+            }
+            if !v.flow_table {
+                return Err(err(
+                    Some(v.forwarding.span()),
+                    format!(
+                        "VIP {address}: forwarding = \"nat\" keeps every flow in the connection \
+                         table (its source port is there); remove flow_table = false"
+                    ),
+                ));
+            }
+        }
         let ring = *v.ring_size.get_ref();
         if !is_prime(ring) || ring > lb_common::MAX_RING_SIZE {
             return Err(err(
@@ -599,8 +715,27 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
                     format!("weight {w} is out of range 0..={MAX_WEIGHT} (0 drains the backend)"),
                 ));
             }
+            if let Some(p) = &b.port
+                && forwarding != Forwarding::Nat
+            {
+                return Err(err(
+                    Some(p.span()),
+                    format!(
+                        "backend {baddr}: a backend port needs forwarding = \"nat\" (with `{}` the \
+                         packet keeps the VIP's port)",
+                        v.forwarding.get_ref()
+                    ),
+                ));
+            }
+            if b.port.as_ref().is_some_and(|p| *p.get_ref() == 0) {
+                return Err(err(
+                    Some(b.port.as_ref().expect("checked").span()),
+                    format!("backend {baddr}: port 0 is not a port"),
+                ));
+            }
             backends.push(BackendCfg {
                 address: baddr,
+                port: b.port.as_ref().map(|p| *p.get_ref()),
                 weight: w,
                 drain: b.drain,
             });
@@ -842,6 +977,63 @@ weight = 3
             (200, 3, 2, 80)
         );
         assert_eq!(v.backends[1].weight, 3);
+    }
+
+    #[test]
+    fn nat_vips_and_their_sources() {
+        let nat = GOOD
+            .replace("port = 80", "port = 80\nforwarding = \"nat\"")
+            .replace(
+                "address = \"198.18.2.1\"",
+                "address = \"198.18.2.1\"\nport = 8080",
+            );
+        // No NAT source of the VIP's family: refused where it is asked for.
+        let e = error_of(&nat);
+        assert!(
+            e.starts_with("lb.toml:8:14:") && e.contains("set agent.nat_source_v4"),
+            "{e}"
+        );
+        let with_src = nat.replace(
+            "interface = \"eth1\"",
+            "interface = \"eth1\"\nnat_source_v4 = [\"198.18.11.1\"]",
+        );
+        let c = parse(&with_src, "lb.toml").expect("valid");
+        assert_eq!(c.vips[0].forwarding, Forwarding::Nat);
+        assert_eq!(c.vips[0].backends[0].port, Some(8080));
+        assert_eq!(c.vips[0].backends[1].port, None);
+        assert_eq!(c.agent.nat_ports, (1024, 32767));
+        assert_eq!(
+            c.agent.nat_source_v4,
+            vec![std::net::Ipv4Addr::new(198, 18, 11, 1)]
+        );
+        // A backend port only means something with NAT.
+        let e = error_of(&GOOD.replace(
+            "address = \"198.18.2.1\"",
+            "address = \"198.18.2.1\"\nport = 8080",
+        ));
+        assert!(
+            e.contains("a backend port needs forwarding = \"nat\""),
+            "{e}"
+        );
+        // NAT keeps every flow in the table.
+        let e = error_of(&with_src.replace("port = 80\n", "port = 80\nflow_table = false\n"));
+        assert!(e.contains("remove flow_table = false"), "{e}");
+        for (ports, why) in [
+            ("\"100-200\"", "starts below 1024"),
+            ("\"5000-4000\"", "is empty"),
+            ("\"http\"", "is not a range"),
+        ] {
+            let e = error_of(&with_src.replace(
+                "interface = \"eth1\"",
+                &format!("interface = \"eth1\"\nnat_ports = {ports}"),
+            ));
+            assert!(e.contains(why) && e.contains("nat_ports"), "{ports}: {e}");
+        }
+        let e = error_of(&with_src.replace("198.18.11.1", "198.18.11.300"));
+        assert!(
+            e.contains("nat_source_v4 `198.18.11.300` is not an IPv4 address"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -78,6 +78,9 @@ vocab!(
         Dsr = "dsr",
         /// IPIP/IP6IP6 encapsulation; the backend runs `lb_decap`.
         Ipip = "ipip",
+        /// Full NAT: to the backend's address and port from a balancer
+        /// address; replies come back through the balancer.
+        Nat = "nat",
     }
 );
 
@@ -130,7 +133,7 @@ mod tests {
         );
         assert_eq!(
             "shutdown".parse::<Forwarding>().unwrap_err(),
-            "forwarding `shutdown` is not one of \"dsr\", \"ipip\""
+            "forwarding `shutdown` is not one of \"dsr\", \"ipip\", \"nat\""
         );
         assert!(serde_json::from_str::<BackendState>("\"sleeping\"").is_err());
     }

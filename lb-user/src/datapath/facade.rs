@@ -164,6 +164,9 @@ struct Mirror {
     vips: std::collections::HashMap<VipKey, VipMeta>,
     /// By (VIP id, address, prefix length).
     regions: std::collections::HashMap<(u32, [u8; 16], u32), RegionMeta>,
+    /// NAT source addresses: their bits in the VIP-address filter stay set
+    /// (backends' replies must reach the balancer's NAT lookup).
+    nat_addrs: Vec<[u8; 16]>,
 }
 
 /// Typed access to a loaded datapath's maps. The agent's `Dataplane` owns
@@ -202,10 +205,21 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
                     (key, m)
                 })
                 .collect();
+            let nat_addrs = match self.map(lb_common::MAP_NAT_ADDRS) {
+                Ok(m) => Array::<_, [u8; 16]>::try_from(m)
+                    .map_err(map_err(lb_common::MAP_NAT_ADDRS))?
+                    .iter()
+                    .filter_map(|a| a.ok())
+                    .filter(|a| *a != [0; 16])
+                    .collect(),
+                // An older datapath object (the A/B base) has no NAT.
+                Err(_) => Vec::new(),
+            };
             self.mirror = Some(Mirror {
                 capacity,
                 vips,
                 regions,
+                nat_addrs,
             });
         }
         Ok(self.mirror.as_mut().expect("just filled"))
@@ -351,8 +365,9 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     fn refresh_filter_word(&mut self, key: &VipKey) -> Result<()> {
         let (w, _) = lb_common::hash::vip_filter_slot(&key.addr);
         let mut word = 0u32;
-        for k in self.mirror()?.vips.keys() {
-            let (kw, bit) = lb_common::hash::vip_filter_slot(&k.addr);
+        let m = self.mirror()?;
+        for a in m.vips.keys().map(|k| &k.addr).chain(m.nat_addrs.iter()) {
+            let (kw, bit) = lb_common::hash::vip_filter_slot(a);
             if kw == w {
                 word |= 1 << bit;
             }
@@ -365,6 +380,32 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         };
         let mut filter: Array<_, u32> = Array::try_from(map).map_err(map_err(name))?;
         filter.set(w, word, 0).map_err(map_err(name))
+    }
+
+    /// Sets the NAT source addresses (IPv4 at 0.., IPv6 at
+    /// `MAX_NAT_ADDRS`..; the counts go in `Settings`) and keeps their bits
+    /// in the VIP-address filter.
+    pub fn set_nat_addrs(&mut self, v4: &[[u8; 16]], v6: &[[u8; 16]]) -> Result<()> {
+        let name = lb_common::MAP_NAT_ADDRS;
+        let max = lb_common::MAX_NAT_ADDRS as usize;
+        let mut arr: Array<_, [u8; 16]> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for (base, list) in [(0, v4), (max, v6)] {
+            for i in 0..max {
+                let a = list.get(i).copied().unwrap_or([0; 16]);
+                arr.set((base + i) as u32, a, 0).map_err(map_err(name))?;
+            }
+        }
+        let old = std::mem::take(&mut self.mirror()?.nat_addrs);
+        self.mirror()?.nat_addrs = v4.iter().chain(v6).copied().collect();
+        for a in old.iter().chain(v4).chain(v6) {
+            let key = VipKey {
+                addr: *a,
+                ..Default::default()
+            };
+            self.refresh_filter_word(&key)?;
+        }
+        Ok(())
     }
 
     /// The VIP entry for `key`.

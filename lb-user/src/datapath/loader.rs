@@ -70,6 +70,8 @@ impl LoadOptions {
                 self.max_backends.saturating_add(1),
             ),
             (lb_common::MAP_RINGS, self.ring_slots),
+            // NAT flows' reply direction: one entry per NAT flow.
+            (lb_common::MAP_NAT, self.flow_table_size),
         ] {
             loader.map_max_entries(map, n);
         }
@@ -185,6 +187,10 @@ fn check_pins(maps_dir: &std::path::Path, opts: &LoadOptions) -> Result<()> {
             lb_common::MAP_BACKENDS,
             std::mem::size_of::<lb_common::Backend>(),
         ),
+        (
+            lb_common::MAP_SETTINGS,
+            std::mem::size_of::<lb_common::Settings>(),
+        ),
     ] {
         if let Some(i) = info(map)
             && i.value_size() as usize != size
@@ -295,6 +301,9 @@ pub const PINNED_MAPS: &[&str] = &[
     // Least-connections counts: a restarted agent keeps them instead of
     // starting from zero until its first recount.
     lb_common::MAP_ACTIVE,
+    // NAT flows survive a restart like the connection table.
+    lb_common::MAP_NAT,
+    lb_common::MAP_NAT_ADDRS,
     // `lb trace` opens these from another process.
     lb_common::MAP_TRACE_CFG,
     lb_common::MAP_TRACE,
@@ -377,12 +386,13 @@ pub fn attach_pinned(
     iface: &str,
     mode: AttachMode,
     dir: &std::path::Path,
+    link_name: &str,
 ) -> Result<(aya::programs::links::PinnedLink, String)> {
     use aya::programs::{
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
     };
-    let link_path = dir.join("link");
+    let link_path = dir.join(link_name);
     let prog = xdp_program(ebpf, lb_common::PROG_BALANCER)?;
     if link_path.exists() {
         let pinned = PinnedLink::from_pin(&link_path)

@@ -1,0 +1,324 @@
+//! Full NAT: a NAT VIP's packet leaves addressed to the backend's address
+//! and port, from one of the balancer's NAT addresses and a port given to
+//! the flow here; the backend's replies come back to that address and port
+//! and are translated back to the client (`NAT`).
+//!
+//! Ports cannot collide: each CPU allocates only from its own slice of the
+//! port range (so two CPUs never race for one port), and an entry is
+//! written with `BPF_NOEXIST`, so a port still held by a live flow to the
+//! same backend address and port is never taken over. A port is reclaimed
+//! when its flow closed (FIN/RST) `NAT_CLOSED_S` ago or sat idle
+//! `NAT_IDLE_S`. The port space is per (backend, backend port, NAT
+//! address): the same port serves flows to different backends at once.
+//! Checksums are updated incrementally (RFC 1624).
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST, helpers::generated::bpf_get_smp_processor_id, programs::XdpContext,
+};
+use lb_common::{
+    AF_INET, Backend, MAX_NAT_ADDRS, NAT_CLOSED_S, NAT_F_CLOSING, NAT_IDLE_S, NAT_PORT_TRIES,
+    NatEntry, NatKey, Settings,
+};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
+
+use crate::{
+    flow::now_s,
+    maps::{NAT, NAT_ADDRS, NAT_CURSOR, NAT_SCRATCH},
+    parse::{IPPROTO_TCP, IPPROTO_UDP, Packet, TCP_FIN, TCP_RST, ptr_at},
+};
+
+/// A NAT key and entry under construction (per-CPU, see `NAT_SCRATCH`).
+#[repr(C)]
+pub struct Scratch {
+    pub key: NatKey,
+    pub entry: NatEntry,
+}
+
+/// A flow's NAT source: which address (index into `NAT_ADDRS`) and port.
+#[derive(Clone, Copy)]
+pub(crate) struct Source {
+    pub idx: u16,
+    pub addr: [u8; 16],
+    pub port: u16,
+}
+
+/// The NAT source address at `idx`.
+#[inline(always)]
+pub(crate) fn source_addr(idx: u16) -> Option<[u8; 16]> {
+    NAT_ADDRS.get(idx as u32).copied()
+}
+
+/// The backend's port for this flow (the VIP's when the backend has none).
+#[inline(always)]
+pub(crate) fn backend_port(pkt: &Packet, b: &Backend) -> u16 {
+    if b.port != 0 { b.port } else { pkt.key.dport }
+}
+
+#[inline(always)]
+fn reclaimable(e: &NatEntry, now: u32) -> bool {
+    let age = now.saturating_sub(e.last_seen_s);
+    if e.flags & NAT_F_CLOSING != 0 {
+        age >= NAT_CLOSED_S
+    } else {
+        age >= NAT_IDLE_S
+    }
+}
+
+/// Gives a new flow of `pkt` to backend `b` a NAT source and writes its
+/// reply entry. `None` when no port is free in this CPU's slice within
+/// `NAT_PORT_TRIES` tries, or there is no NAT address of the family.
+#[inline(always)]
+pub(crate) fn allocate(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    b: &Backend,
+    s: &Settings,
+    hash: u32,
+    now: u32,
+) -> Option<Source> {
+    let (count, base_idx) = if pkt.family == AF_INET {
+        (s.nat_v4_count as u32, 0)
+    } else {
+        (s.nat_v6_count as u32, MAX_NAT_ADDRS)
+    };
+    if count == 0 || count > MAX_NAT_ADDRS {
+        return None;
+    }
+    let idx = (base_idx + hash % count) as u16;
+    let addr = source_addr(idx)?;
+    let (lo, hi) = (s.nat_port_lo as u32, s.nat_port_hi as u32);
+    let cpus = (s.nat_cpus as u32).max(1);
+    if lo == 0 || hi < lo {
+        return None;
+    }
+    let slice = (hi - lo + 1) / cpus;
+    if slice == 0 {
+        return None;
+    }
+    // SAFETY: helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() } % cpus;
+    let first = lo + cpu * slice;
+    let cursor = NAT_CURSOR.get_ptr_mut(0)?;
+    let sc = NAT_SCRATCH.get_ptr_mut(0)?;
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok()?;
+    // SAFETY: ptr_at checked the packet bounds; `sc` is this CPU's scratch
+    // slot and `cursor` its cursor, both ours while the program runs.
+    unsafe {
+        let e = &mut (*sc).entry;
+        e.client = pkt.key.src;
+        e.vip = pkt.key.dst;
+        e.client_port = pkt.key.sport;
+        e.vip_port = pkt.key.dport;
+        e.client_mac = (*eth).src_addr;
+        e.lb_mac = (*eth).dst_addr;
+        e.flags = 0;
+        e._pad = 0;
+        e.ifindex = ctx.ingress_ifindex() as u32;
+        e.last_seen_s = now;
+        let k = &mut (*sc).key;
+        k.backend = b.addr;
+        k.nat = addr;
+        k.backend_port = backend_port(pkt, b);
+        k.nat_port = 0;
+        k.proto = pkt.key.proto;
+        k._pad = [0; 3];
+        let start = *cursor;
+        let mut i = 0;
+        while i < NAT_PORT_TRIES {
+            let port = first + (start.wrapping_add(i)) % slice;
+            (*sc).key.nat_port = port as u16;
+            let key = &(*sc).key;
+            let entry = &(*sc).entry;
+            let mut free = NAT.insert(key, entry, BPF_NOEXIST as u64).is_ok();
+            if !free {
+                // Taken: by this very flow (a SYN retransmitted before its
+                // table entry), or by one whose port may be reclaimed. Only
+                // this CPU allocates in its slice, so the remove-then-insert
+                // below races with no other allocation.
+                let same_or_stale = match NAT.get(key) {
+                    Some(old) => {
+                        (old.client == entry.client
+                            && old.client_port == entry.client_port
+                            && old.vip == entry.vip
+                            && old.vip_port == entry.vip_port)
+                            || reclaimable(old, now)
+                    }
+                    None => true,
+                };
+                if same_or_stale {
+                    let _ = NAT.remove(key);
+                    free = NAT.insert(key, entry, BPF_NOEXIST as u64).is_ok();
+                }
+            }
+            if free {
+                *cursor = start.wrapping_add(i + 1);
+                return Some(Source {
+                    idx,
+                    addr,
+                    port: port as u16,
+                });
+            }
+            i += 1;
+        }
+        *cursor = start.wrapping_add(NAT_PORT_TRIES);
+    }
+    None
+}
+
+/// Keeps the reply entry of an established NAT flow current: its clock
+/// (an idle port is reclaimed only when neither side sent for
+/// `NAT_IDLE_S`), and closing once the client sends FIN or RST, so the
+/// port is reclaimed early.
+#[inline(always)]
+pub(crate) fn note_forward(pkt: &Packet, b: &Backend, src: &Source, now: u32) {
+    let Some(sc) = NAT_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot.
+    let key = unsafe {
+        let k = &mut (*sc).key;
+        k.backend = b.addr;
+        k.nat = src.addr;
+        k.backend_port = backend_port(pkt, b);
+        k.nat_port = src.port;
+        k.proto = pkt.key.proto;
+        k._pad = [0; 3];
+        &*k
+    };
+    if let Some(e) = NAT.get_ptr_mut(key) {
+        // SAFETY: a value pointer from a successful lookup.
+        unsafe {
+            if (*e).last_seen_s != now {
+                (*e).last_seen_s = now;
+            }
+            if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                (*e).flags |= NAT_F_CLOSING;
+            }
+        }
+    }
+}
+
+/// The reply entry for a packet to a NAT address, if it belongs to a flow
+/// (its clock and closing state brought up to date). A pointer into the
+/// map: the entry is too large to copy onto the stack.
+#[inline(always)]
+pub(crate) fn reply_for(pkt: &Packet) -> Option<*mut NatEntry> {
+    let sc = NAT_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot.
+    let key = unsafe {
+        let k = &mut (*sc).key;
+        k.backend = pkt.key.src;
+        k.nat = pkt.key.dst;
+        k.backend_port = pkt.key.sport;
+        k.nat_port = pkt.key.dport;
+        k.proto = pkt.key.proto;
+        k._pad = [0; 3];
+        &*k
+    };
+    let e = NAT.get_ptr_mut(key)?;
+    let now = now_s();
+    // SAFETY: a value pointer from a successful lookup.
+    unsafe {
+        if (*e).last_seen_s != now {
+            (*e).last_seen_s = now;
+        }
+        if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            (*e).flags |= NAT_F_CLOSING;
+        }
+    }
+    Some(e)
+}
+
+/// Ones'-complement sum of `~old + new` over the first `words` 16-bit words
+/// (RFC 1624): what replacing `old` by `new` adds to a checksum.
+#[inline(always)]
+fn delta(old: &[u8; 16], new: &[u8; 16], words: usize) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 8 && i < words {
+        let o = u16::from_be_bytes([old[2 * i], old[2 * i + 1]]);
+        let n = u16::from_be_bytes([new[2 * i], new[2 * i + 1]]);
+        sum += (!o) as u32 + n as u32;
+        i += 1;
+    }
+    sum
+}
+
+/// Applies a delta to a checksum as stored in the packet (big-endian).
+#[inline(always)]
+fn apply(check: [u8; 2], delta: u32) -> [u8; 2] {
+    let mut sum = (!u16::from_be_bytes(check)) as u32 + delta;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    (!(sum as u16)).to_be_bytes()
+}
+
+/// Rewrites the packet's addresses and ports to `src:sport → dst:dport`,
+/// updating the IPv4 header checksum and the TCP/UDP checksum in place.
+#[inline(always)]
+pub(crate) fn rewrite(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    src: &[u8; 16],
+    sport: u16,
+    dst: &[u8; 16],
+    dport: u16,
+) -> Result<(), ()> {
+    let v4 = pkt.family == AF_INET;
+    let words = if v4 { 2 } else { 8 };
+    let d_addr = delta(&pkt.key.src, src, words) + delta(&pkt.key.dst, dst, words);
+    let d_ports = (!pkt.key.sport) as u32 + sport as u32 + (!pkt.key.dport) as u32 + dport as u32;
+    // 14 or 18: masked so the verifier sees the bound even after the
+    // offset went through the stack.
+    let l3_off = pkt.l3_off & 0x1f;
+    let l4_off = if v4 {
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, l3_off)?;
+        // SAFETY: ptr_at checked the bounds of the whole header.
+        unsafe {
+            let ihl = (((*ip).vihl & 0x0f) as usize) * 4;
+            (*ip).src_addr = [src[0], src[1], src[2], src[3]];
+            (*ip).dst_addr = [dst[0], dst[1], dst[2], dst[3]];
+            (*ip).check = apply((*ip).check, d_addr);
+            l3_off + ihl
+        }
+    } else {
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, l3_off)?;
+        // SAFETY: as above.
+        unsafe {
+            (*ip).src_addr = *src;
+            (*ip).dst_addr = *dst;
+        }
+        l3_off + Ipv6Hdr::LEN
+    };
+    if l4_off > 78 {
+        return Err(());
+    }
+    let ports: *mut [u8; 4] = ptr_at(ctx, l4_off)?;
+    // SAFETY: ptr_at checked the bounds.
+    unsafe {
+        let s = sport.to_be_bytes();
+        let d = dport.to_be_bytes();
+        *ports = [s[0], s[1], d[0], d[1]];
+    }
+    let d = d_addr + d_ports;
+    if pkt.key.proto == IPPROTO_TCP {
+        let c: *mut [u8; 2] = ptr_at(ctx, l4_off + 16)?;
+        // SAFETY: as above.
+        unsafe { *c = apply(*c, d) };
+    } else if pkt.key.proto == IPPROTO_UDP {
+        let c: *mut [u8; 2] = ptr_at(ctx, l4_off + 6)?;
+        // SAFETY: as above.
+        unsafe {
+            // An IPv4 UDP checksum of 0 means "none" and stays so; a
+            // computed 0 is sent as 0xffff.
+            if !(v4 && *c == [0, 0]) {
+                let n = apply(*c, d);
+                *c = if n == [0, 0] { [0xff, 0xff] } else { n };
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,470 @@
+//! Full NAT through the real program (BPF_PROG_TEST_RUN): a NAT VIP's
+//! packet leaves from a NAT source address and port to the backend's
+//! address and port; the backend's reply to that address and port goes
+//! back to the client from the VIP. IPv4 and IPv6, TCP and UDP, every
+//! checksum checked by etherparse; ports never shared by two live flows to
+//! one backend, shared across backends, and a counted refusal when a range
+//! is used up.
+
+use std::net::IpAddr;
+
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use lb_common::{AF_INET, AF_INET6, PROTO_TCP, PROTO_UDP, VIP_F_NAT, VipKey, verdict};
+use lb_tests::{CLIENT_MAC, Fixture, LB_MAC, VipSpec, action, backend_mac, v4, v6};
+
+const NAT4: [u8; 4] = [198, 18, 11, 1];
+const VIP4: [u8; 4] = [198, 18, 0, 100];
+
+fn nat6() -> [u8; 16] {
+    v6("2001:2:11::1".parse().unwrap())
+}
+fn vip6() -> [u8; 16] {
+    v6("2001:2::100".parse().unwrap())
+}
+
+/// What left the balancer: addresses, ports, MACs, and whether every
+/// checksum is right.
+#[derive(Debug)]
+struct Out {
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+}
+
+fn decode(frame: &[u8]) -> Out {
+    let p = SlicedPacket::from_ethernet(frame).expect("parse");
+    let (src, dst): (IpAddr, IpAddr) = match &p.net {
+        Some(NetSlice::Ipv4(ip)) => {
+            let h = ip.header().to_header();
+            assert_eq!(
+                h.calc_header_checksum(),
+                h.header_checksum,
+                "IPv4 header checksum"
+            );
+            (
+                ip.header().source_addr().into(),
+                ip.header().destination_addr().into(),
+            )
+        }
+        Some(NetSlice::Ipv6(ip)) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        _ => panic!("not IP"),
+    };
+    let (sport, dport) = match (&p.transport, &p.net) {
+        (Some(TransportSlice::Tcp(t)), Some(NetSlice::Ipv4(ip))) => {
+            let want = t
+                .to_header()
+                .calc_checksum_ipv4(&ip.header().to_header(), t.payload())
+                .unwrap();
+            assert_eq!(want, t.checksum(), "TCP checksum");
+            (t.source_port(), t.destination_port())
+        }
+        (Some(TransportSlice::Tcp(t)), Some(NetSlice::Ipv6(ip))) => {
+            let want = t
+                .to_header()
+                .calc_checksum_ipv6(&ip.header().to_header(), t.payload())
+                .unwrap();
+            assert_eq!(want, t.checksum(), "TCP checksum");
+            (t.source_port(), t.destination_port())
+        }
+        (Some(TransportSlice::Udp(u)), Some(NetSlice::Ipv4(ip))) => {
+            if u.checksum() != 0 {
+                let want = u
+                    .to_header()
+                    .calc_checksum_ipv4(&ip.header().to_header(), u.payload())
+                    .unwrap();
+                assert_eq!(want, u.checksum(), "UDP checksum");
+            }
+            (u.source_port(), u.destination_port())
+        }
+        (Some(TransportSlice::Udp(u)), Some(NetSlice::Ipv6(ip))) => {
+            let want = u
+                .to_header()
+                .calc_checksum_ipv6(&ip.header().to_header(), u.payload())
+                .unwrap();
+            assert_eq!(want, u.checksum(), "UDP checksum");
+            (u.source_port(), u.destination_port())
+        }
+        _ => panic!("no transport header"),
+    };
+    let mut dst_mac = [0; 6];
+    let mut src_mac = [0; 6];
+    dst_mac.copy_from_slice(&frame[..6]);
+    src_mac.copy_from_slice(&frame[6..12]);
+    Out {
+        src,
+        dst,
+        sport,
+        dport,
+        dst_mac,
+        src_mac,
+    }
+}
+
+fn ip(a: [u8; 16], family: u8) -> IpAddr {
+    if family == AF_INET {
+        IpAddr::from([a[0], a[1], a[2], a[3]])
+    } else {
+        IpAddr::from(a)
+    }
+}
+
+/// A segment or datagram with explicit MACs (a backend's reply).
+#[allow(clippy::too_many_arguments)]
+fn packet(
+    macs: ([u8; 6], [u8; 6]),
+    src: [u8; 16],
+    dst: [u8; 16],
+    family: u8,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    flags: &str,
+) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(macs.0, macs.1);
+    let payload = b"hello";
+    let mut v = Vec::new();
+    macro_rules! finish {
+        ($ipb:expr) => {
+            if proto == PROTO_TCP {
+                let mut t = $ipb.tcp(sport, dport, 1000, 65535);
+                if flags.contains('S') {
+                    t = t.syn();
+                }
+                if flags.contains('A') {
+                    t = t.ack(1);
+                }
+                if flags.contains('F') {
+                    t = t.fin();
+                }
+                t.write(&mut v, payload).unwrap();
+            } else {
+                $ipb.udp(sport, dport).write(&mut v, payload).unwrap();
+            }
+        };
+    }
+    if family == AF_INET {
+        let s = [src[0], src[1], src[2], src[3]];
+        let d = [dst[0], dst[1], dst[2], dst[3]];
+        finish!(eth.ipv4(s, d, 64));
+    } else {
+        finish!(eth.ipv6(src, dst, 64));
+    }
+    v
+}
+
+/// A NAT VIP for [`fixture`]: key, id, backends (id, address, port).
+type NatVip = (VipKey, u32, Vec<(u32, [u8; 16], u16)>);
+
+/// A fixture with NAT sources, a port range of `ports`, and NAT VIPs.
+fn fixture(ports: (u16, u16), vips: &[NatVip]) -> Fixture {
+    let mut f = Fixture::new().expect("load");
+    f.dp()
+        .set_settings(&lb_common::Settings {
+            ipip_src_v4: [198, 19, 0, 0],
+            ipip_src_v6: v6("2001:2:0:ff::".parse().unwrap()),
+            flags: 0,
+            nat_port_lo: ports.0,
+            nat_port_hi: ports.1,
+            nat_v4_count: 1,
+            nat_v6_count: 1,
+            nat_cpus: 1,
+        })
+        .expect("settings");
+    f.dp()
+        .set_nat_addrs(&[v4(NAT4)], &[nat6()])
+        .expect("nat addresses");
+    for (key, id, backends) in vips {
+        f.add_vip(&VipSpec {
+            key: *key,
+            vip_id: *id,
+            flags: VIP_F_NAT,
+            ring_size: 251,
+            backends: backends.iter().map(|(i, a, _)| (*i, *a, 1)).collect(),
+        })
+        .expect("vip");
+        for (bid, addr, port) in backends {
+            let mut dp = f.dp();
+            let mut b = dp.backend(*bid).expect("backend");
+            assert_eq!(b.addr, *addr);
+            b.port = *port;
+            dp.set_backend(*bid, &b).expect("backend port");
+        }
+    }
+    f
+}
+
+fn key(addr: [u8; 16], family: u8, proto: u8) -> VipKey {
+    VipKey {
+        addr,
+        port: 80,
+        proto,
+        family,
+    }
+}
+
+fn counted(f: &mut Fixture, before: &[u64], reason: u32) {
+    let after = f.verdicts().expect("verdicts");
+    let moved: Vec<(usize, u64)> = after
+        .iter()
+        .zip(before)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, (a, b))| (i, a - b))
+        .collect();
+    assert_eq!(
+        moved,
+        vec![(reason as usize, 1)],
+        "exactly one `{}`",
+        verdict::NAMES[reason as usize]
+    );
+}
+
+/// One family and protocol both ways: the client's packet is translated to
+/// the backend (its own port when it has one), the flow keeps its source
+/// port, the reply returns to the client from the VIP.
+fn both_directions(family: u8, proto: u8) {
+    let (vip, nat, client, backend) = if family == AF_INET {
+        (v4(VIP4), v4(NAT4), v4([198, 18, 1, 7]), v4([198, 18, 2, 1]))
+    } else {
+        (
+            vip6(),
+            nat6(),
+            v6("2001:2:1::7".parse().unwrap()),
+            v6("2001:2:2::1".parse().unwrap()),
+        )
+    };
+    let k = key(vip, family, proto);
+    let mut f = fixture((1024, 32767), &[(k, 0, vec![(1, backend, 8080)])]);
+    let first = if proto == PROTO_TCP { "S" } else { "" };
+    let what = format!("family {family} proto {proto}");
+
+    let before = f.verdicts().unwrap();
+    let r = f
+        .run(&packet(
+            (CLIENT_MAC, LB_MAC),
+            client,
+            vip,
+            family,
+            proto,
+            40000,
+            80,
+            first,
+        ))
+        .expect("run");
+    assert_eq!(r.action, action::TX, "{what}");
+    counted(&mut f, &before, verdict::TX);
+    let out = decode(&r.out);
+    assert_eq!(out.src, ip(nat, family), "{what}: from the NAT address");
+    assert_eq!(out.dst, ip(backend, family), "{what}: to the backend");
+    assert_eq!(out.dport, 8080, "{what}: the backend's own port");
+    assert!((1024..=32767).contains(&out.sport), "{what}: {}", out.sport);
+    assert_eq!((out.dst_mac, out.src_mac), (backend_mac(1), LB_MAC));
+    let port = out.sport;
+
+    // The next packet of the flow keeps its source port.
+    let r = f
+        .run(&packet(
+            (CLIENT_MAC, LB_MAC),
+            client,
+            vip,
+            family,
+            proto,
+            40000,
+            80,
+            "A",
+        ))
+        .expect("run");
+    assert_eq!(decode(&r.out).sport, port, "{what}: same port");
+
+    // The reply: from the backend's port to the NAT port, back to the client.
+    let before = f.verdicts().unwrap();
+    let bmac = backend_mac(1);
+    let r = f
+        .run(&packet(
+            (bmac, LB_MAC),
+            backend,
+            nat,
+            family,
+            proto,
+            8080,
+            port,
+            "A",
+        ))
+        .expect("run");
+    assert_eq!(r.action, action::TX, "{what}: reply");
+    counted(&mut f, &before, verdict::NAT_REPLY);
+    let out = decode(&r.out);
+    assert_eq!(out.src, ip(vip, family), "{what}: reply from the VIP");
+    assert_eq!(out.dst, ip(client, family), "{what}: reply to the client");
+    assert_eq!((out.sport, out.dport), (80, 40000), "{what}: reply ports");
+    assert_eq!(
+        (out.dst_mac, out.src_mac),
+        (CLIENT_MAC, LB_MAC),
+        "{what}: reply MACs"
+    );
+
+    // A packet to the NAT address that belongs to no flow is not ours.
+    let before = f.verdicts().unwrap();
+    let r = f
+        .run(&packet(
+            (bmac, LB_MAC),
+            backend,
+            nat,
+            family,
+            proto,
+            8080,
+            port + 1,
+            "A",
+        ))
+        .expect("run");
+    assert_eq!(r.action, action::PASS, "{what}: unknown port");
+    counted(&mut f, &before, verdict::PASS_NON_VIP);
+}
+
+#[test]
+fn tcp_and_udp_over_ipv4_and_ipv6_both_directions() {
+    for family in [AF_INET, AF_INET6] {
+        for proto in [PROTO_TCP, PROTO_UDP] {
+            both_directions(family, proto);
+        }
+    }
+}
+
+/// IPv4 UDP without a checksum (0) stays without one.
+#[test]
+fn udp_without_checksum_stays_so() {
+    let k = key(v4(VIP4), AF_INET, PROTO_UDP);
+    let mut f = fixture((1024, 32767), &[(k, 0, vec![(1, v4([198, 18, 2, 1]), 0)])]);
+    let mut pkt = packet(
+        (CLIENT_MAC, LB_MAC),
+        v4([198, 18, 1, 7]),
+        v4(VIP4),
+        AF_INET,
+        PROTO_UDP,
+        40000,
+        80,
+        "",
+    );
+    // Ethernet 14 + IPv4 20: the UDP checksum is at 34 + 6.
+    pkt[40] = 0;
+    pkt[41] = 0;
+    let r = f.run(&pkt).expect("run");
+    assert_eq!(r.action, action::TX);
+    assert_eq!(&r.out[40..42], &[0, 0]);
+    let out = decode(&r.out);
+    assert_eq!(out.dport, 80, "no backend port: the VIP's");
+}
+
+/// Two ports: two clients of one backend take them; a third is refused
+/// and counted (never given a port in use); a second backend has ports of
+/// its own.
+#[test]
+fn ports_are_never_shared_and_exhaustion_is_counted() {
+    let k1 = key(v4(VIP4), AF_INET, PROTO_TCP);
+    let k2 = VipKey { port: 81, ..k1 };
+    let b1 = v4([198, 18, 2, 1]);
+    let b2 = v4([198, 18, 2, 2]);
+    let mut f = fixture(
+        (2000, 2001),
+        &[(k1, 0, vec![(1, b1, 0)]), (k2, 1, vec![(2, b2, 0)])],
+    );
+    let syn = |c: u8, dport: u16| {
+        packet(
+            (CLIENT_MAC, LB_MAC),
+            v4([198, 18, 1, c]),
+            v4(VIP4),
+            AF_INET,
+            PROTO_TCP,
+            40000,
+            dport,
+            "S",
+        )
+    };
+    let mut ports = Vec::new();
+    for c in [1, 2] {
+        let r = f.run(&syn(c, 80)).expect("run");
+        assert_eq!(r.action, action::TX);
+        ports.push(decode(&r.out).sport);
+    }
+    ports.sort_unstable();
+    assert_eq!(ports, vec![2000, 2001], "two flows, two ports");
+    // A retransmitted SYN of the first client keeps its port.
+    let r = f.run(&syn(1, 80)).expect("run");
+    assert!(ports.contains(&decode(&r.out).sport));
+
+    let before = f.verdicts().unwrap();
+    let r = f.run(&syn(3, 80)).expect("run");
+    assert_eq!(r.action, action::DROP, "no port left for a third flow");
+    counted(&mut f, &before, verdict::NAT_NO_PORT);
+
+    // The other backend's port space is its own.
+    let r = f.run(&syn(3, 81)).expect("run");
+    assert_eq!(r.action, action::TX);
+    let out = decode(&r.out);
+    assert_eq!(out.dst, IpAddr::from([198, 18, 2, 2]));
+    assert!((2000..=2001).contains(&out.sport));
+}
+
+/// An ICMP error about a NAT flow is not forwarded untranslated.
+#[test]
+fn icmp_errors_about_nat_flows_pass_to_the_kernel() {
+    let k = key(v4(VIP4), AF_INET, PROTO_TCP);
+    let mut f = fixture((1024, 32767), &[(k, 0, vec![(1, v4([198, 18, 2, 1]), 0)])]);
+    // Fragmentation needed from a router about the client's flow.
+    let mut quoted = Vec::new();
+    PacketBuilder::ipv4(VIP4, [198, 18, 1, 7], 64)
+        .tcp(80, 40000, 1, 1024)
+        .write(&mut quoted, &[])
+        .unwrap();
+    let mut pkt = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4([198, 18, 9, 1], VIP4, 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ))
+        .write(&mut pkt, &quoted)
+        .unwrap();
+    let before = f.verdicts().unwrap();
+    let r = f.run(&pkt).expect("run");
+    assert_eq!(r.action, action::PASS);
+    counted(&mut f, &before, verdict::NAT_ICMP);
+}
+
+/// A NAT VIP without a NAT source of its family refuses new flows
+/// (counted), it never sends one from a wrong address.
+#[test]
+fn no_nat_source_is_counted_not_guessed() {
+    let k = key(v4(VIP4), AF_INET, PROTO_TCP);
+    let mut f = fixture((1024, 32767), &[(k, 0, vec![(1, v4([198, 18, 2, 1]), 0)])]);
+    f.dp()
+        .set_settings(&lb_common::Settings {
+            nat_port_lo: 1024,
+            nat_port_hi: 32767,
+            nat_v4_count: 0,
+            nat_v6_count: 1,
+            nat_cpus: 1,
+            ..Default::default()
+        })
+        .expect("settings");
+    let before = f.verdicts().unwrap();
+    let r = f
+        .run(&packet(
+            (CLIENT_MAC, LB_MAC),
+            v4([198, 18, 1, 7]),
+            v4(VIP4),
+            AF_INET,
+            PROTO_TCP,
+            40000,
+            80,
+            "S",
+        ))
+        .expect("run");
+    assert_eq!(r.action, action::DROP);
+    counted(&mut f, &before, verdict::NAT_NO_PORT);
+}
