@@ -102,6 +102,9 @@ pub enum Edit {
         vip: VipRef,
         address: IpAddr,
         weight: u32,
+        /// NAT VIPs: the backend's own port (`None`: the VIP's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
     },
     BackendRemove {
         vip: VipRef,
@@ -367,6 +370,7 @@ mod tests {
             vip: "198.18.0.100:80".parse().unwrap(),
             address: "198.18.2.9".parse().unwrap(),
             weight: 2,
+            port: None,
         });
         let s = serde_json::to_string(&r).unwrap();
         assert!(

@@ -62,6 +62,14 @@ impl State {
         }
         let (alive_tx, alive) = watch::channel(());
         b.probe = Some(alive_tx);
+        // A NAT backend on a port of its own is probed there, unless the
+        // health check names a port other than the VIP's.
+        let mut health = health;
+        if let Some(p) = b.cfg.port
+            && health.port == v.cfg.port
+        {
+            health.port = p;
+        }
         Some(ProbeJob {
             key: v.key,
             vip: vip_ref(&v.cfg),

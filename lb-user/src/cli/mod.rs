@@ -367,12 +367,16 @@ enum VipCmd {
 enum BackendCmd {
     /// List backends (of one VIP, or all).
     List { vip: Option<VipRef> },
-    /// Add a backend: `lb backend add 198.18.0.100:80 198.18.2.4 --weight 2`.
+    /// Add a backend: `lb backend add 198.18.0.100:80 198.18.2.4 --weight 2`
+    /// (NAT VIPs: `--port 8080` if it listens on another port than the VIP).
     Add {
         vip: VipRef,
         address: IpAddr,
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        /// The backend's own port (NAT VIPs only).
+        #[arg(long)]
+        port: Option<u16>,
     },
     /// Remove a backend (its flows move to the others).
     Remove { vip: VipRef, address: IpAddr },
@@ -883,11 +887,13 @@ fn backend(cmd: BackendCmd, conn: &Conn) -> Result<()> {
             vip,
             address,
             weight,
+            port,
         } => (
             Edit::BackendAdd {
                 vip: vip.clone(),
                 address,
                 weight,
+                port,
             },
             format!("added {address} to {vip}"),
         ),

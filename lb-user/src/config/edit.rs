@@ -165,6 +165,7 @@ pub fn apply(text: &str, edit: &Edit) -> Result<String> {
             vip,
             address,
             weight,
+            port,
         } => {
             let arr = backends(find_vip(&mut doc, vip)?)?;
             if backend_index(arr, *address).is_some() {
@@ -172,6 +173,9 @@ pub fn apply(text: &str, edit: &Edit) -> Result<String> {
             }
             let mut t = Table::new();
             t.insert("address", value(address.to_string()));
+            if let Some(p) = port {
+                t.insert("port", value(i64::from(*p)));
+            }
             t.insert("weight", value(*weight as i64));
             arr.push(t);
         }
@@ -241,6 +245,7 @@ address = "198.18.2.1" # rack 1
                 vip: vip.clone(),
                 address: "198.18.2.2".parse().unwrap(),
                 weight: 3,
+                port: None,
             },
         )
         .unwrap();

@@ -78,6 +78,9 @@ pub struct Lab {
     pub nodes: usize,
     /// A Redis in `<p>-rd` that the backends keep `store=redis` sessions in.
     pub redis: bool,
+    /// Backends without the VIP on loopback and without `lb_decap`: what a
+    /// NAT VIP's backends look like (they know nothing of the balancer).
+    pub bare: bool,
 }
 
 impl Lab {
@@ -89,7 +92,14 @@ impl Lab {
             exe,
             nodes: 1,
             redis: false,
+            bare: false,
         }
+    }
+
+    /// The same lab with bare backends (see [`Lab::bare`]).
+    pub fn with_bare_backends(mut self) -> Self {
+        self.bare = true;
+        self
     }
 
     /// The same lab with a Redis for the backends' shared sessions.
@@ -111,6 +121,7 @@ impl Lab {
             exe: exe.to_path_buf(),
             nodes: 1,
             redis: false,
+            bare: false,
         }
     }
 
@@ -245,6 +256,13 @@ impl Lab {
         for i in 1..=BACKENDS {
             let ns = self.backend_ns(i);
             self.add_addrs(&ns, "eth0", &backend4(i), &backend6(i), (24, 64))?;
+            if self.bare {
+                // Their replies pass the LB's XDP (NAT): they must leave
+                // with finished checksums, as on a wire (veth offload
+                // would leave a partial one that XDP cannot amend).
+                self.exec(&ns, &["ethtool", "-K", "eth0", "tx", "off"])?;
+                continue;
+            }
             self.add_addrs(&ns, "lo", VIP4, VIP6, (32, 128))?;
             // The VIP on loopback must not be announced on the segment.
             self.exec(&ns, &["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"])?;
@@ -255,7 +273,7 @@ impl Lab {
             let port = format!("p-{}", routed::short(n));
             self.pin_program(&br, &port, lb_common::PROG_PASS, &[])?;
         }
-        for i in 1..=BACKENDS {
+        for i in (1..=BACKENDS).filter(|_| !self.bare) {
             let addrs = [backend4(i).parse()?, backend6(i).parse()?];
             self.pin_program(&self.backend_ns(i), "eth0", lb_common::PROG_DECAP, &addrs)?;
         }
@@ -433,7 +451,7 @@ impl Lab {
     }
 
     /// An agent configuration for the lab: one VIP (IPv4 and IPv6) over the
-    /// three backends. `forwarding` is "dsr" or "ipip", `hash` "5-tuple" or
+    /// three backends. `forwarding` is "dsr", "ipip" or "nat", `hash` "5-tuple" or
     /// "source-ip".
     pub fn agent_config(&self, forwarding: &str, hash: &str, health: &str) -> String {
         self.agent_config_with(forwarding, hash, "maglev", health)
@@ -454,6 +472,12 @@ impl Lab {
             sock = self.socket().display(),
             ns = self.lb_ns()
         );
+        if forwarding == "nat" {
+            // The LB's own addresses on the segment: backends reply there.
+            s.push_str(&format!(
+                "nat_source_v4 = [\"{LB4}\"]\nnat_source_v6 = [\"{LB6}\"]\n"
+            ));
+        }
         for (vip, f) in [(VIP4, backend4 as fn(usize) -> String), (VIP6, backend6)] {
             s.push_str(&format!(
                 "\n[[vip]]\naddress = \"{vip}\"\nport = 80\nforwarding = \"{forwarding}\"\nhash = \"{hash}\"\nscheduler = \"{scheduler}\"\n\n[vip.health]\n{health}\n"
