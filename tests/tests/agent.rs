@@ -42,6 +42,11 @@ impl Agent {
     }
 
     fn start(tag: &str, d: &Dc, n: usize) -> Self {
+        Self::start_edited(tag, d, n, |t| t)
+    }
+
+    /// [`Agent::start`] with the configuration text passed through `edit`.
+    fn start_edited(tag: &str, d: &Dc, n: usize, edit: impl FnOnce(String) -> String) -> Self {
         let instance = format!("t-{tag}-{}", std::process::id());
         let socket = PathBuf::from(format!("/run/lb/{instance}.sock"));
         let dir = std::env::temp_dir().join(&instance);
@@ -49,7 +54,7 @@ impl Agent {
         let config = dir.join("lb.toml");
         std::fs::write(
             &config,
-            Self::config_text(&instance, &socket, &d.lb.name, n),
+            edit(Self::config_text(&instance, &socket, &d.lb.name, n)),
         )
         .expect("config");
         let mut a = Agent {
@@ -1324,4 +1329,71 @@ fn health_settings_change_brings_a_down_backend_back_into_the_datapath() {
         Some(lb_common::BACKEND_UP),
         "the datapath entry follows"
     );
+}
+
+/// NAT on a two-armed balancer: clients on `l0`, backends behind `l1` and
+/// `l2`, the NAT source the LB's address on `l1`. The backends' replies
+/// arrive on `l1` and `l2`, where `agent.reply_interfaces` attaches the
+/// balancer; they are translated and redirected out of `l0` to the client.
+#[test]
+fn nat_replies_arriving_on_other_interfaces_reach_the_client() {
+    let d = dc("anr", 2).expect("dc");
+    let _srv = servers(&d);
+    for b in &d.backends {
+        // Their replies pass the LB's XDP: finished checksums, as on a wire.
+        b.exec("ethtool", &["-K", "b0", "tx", "off"])
+            .expect("ethtool");
+    }
+    // Native redirect into l0 needs a program on its peer.
+    let mut pass = lb_tests::load().expect("load");
+    d.client
+        .enter(|| {
+            lb_tests::loader::attach(
+                &mut pass,
+                lb_common::PROG_PASS,
+                "c0",
+                lb_tests::loader::AttachMode::Native,
+            )
+        })
+        .expect("setns")
+        .expect("pass on c0");
+    let agent = Agent::start_edited("anr", &d, 2, |t| {
+        t.replace(
+            "metrics_listen = \"127.0.0.1:9100\"\n",
+            "nat_source_v4 = [\"198.18.11.1\"]\nreply_interfaces = [\"l1\", \"l2\"]\n",
+        )
+        .replace("port = 8080\n", "port = 8080\nforwarding = \"nat\"\n")
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    for k in 0..40u16 {
+        let got = d
+            .client
+            .enter(|| -> std::io::Result<String> {
+                use std::io::BufRead as _;
+                let sock = std::net::TcpStream::connect_timeout(
+                    &"198.18.0.100:8080".parse().unwrap(),
+                    Duration::from_secs(2),
+                )?;
+                sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut line = String::new();
+                std::io::BufReader::new(sock).read_line(&mut line)?;
+                Ok(line.trim().to_string())
+            })
+            .expect("setns");
+        let got = got.unwrap_or_else(|e| {
+            panic!(
+                "connection {k} through the NAT VIP: {e}; log:\n{}",
+                agent.log_text()
+            )
+        });
+        seen.insert(got);
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        vec!["b1".to_string(), "b2".to_string()],
+        "both backends answered, through l1 and l2"
+    );
+    let v = api::call(&agent.socket, &Request::Stats).expect("stats");
+    let replies = v["verdicts"]["nat_reply"].as_u64().unwrap_or(0);
+    assert!(replies >= 40, "replies translated in XDP: {v}");
 }
