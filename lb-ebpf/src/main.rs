@@ -10,7 +10,8 @@
 //!
 //! Modules: `parse` (offsets), `vip` (which VIP), `sched` (scheduling a new
 //! flow), `flow` (flood guard, clock), `forward` (header rewrites, FIB next
-//! hop), `maps`, `stats` (counters), `csum`. This file: the entry points and
+//! hop), `nat` (full NAT both ways), `decap` (stripping a tunnel), `maps`,
+//! `stats` (counters), `csum`. This file: the entry points and
 //! the balancer's flow, parse → VIP → table or schedule → rewrite → count.
 #![no_std]
 #![no_main]
