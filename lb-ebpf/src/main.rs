@@ -1,18 +1,21 @@
-//! The XDP datapath.
+//! The XDP datapath: what `lb run` loads, and nothing else (the traffic
+//! generator, its sink and the benchmark programs are the tools object,
+//! `tools.rs`).
 //!
 //! `lb_xdp` is the balancer: parse → VIP lookup → connection table or Maglev
-//! ring → rewrite (L2 DSR or IPIP) → `XDP_TX` / `XDP_REDIRECT`. Everything not
-//! addressed to a VIP passes to the kernel untouched. `lb_decap` runs on
-//! backends and strips the IPIP/IP6IP6 header the balancer added. `lb_pass`
-//! is the trivial program the lab attaches to veth peers (native `XDP_TX` on a
-//! veth needs one there), and `floor_drop` / `floor_tx` are the floors the
-//! micro-benchmark compares against.
+//! ring → rewrite (L2 DSR, IPIP, or full NAT) → `XDP_TX` / `XDP_REDIRECT`;
+//! a backend's reply to a NAT flow is translated back to its client.
+//! Everything else passes to the kernel untouched. `lb_xdp_traced` is its
+//! watched copy for `lb trace`. `lb_decap` runs on backends and strips the
+//! IPIP/IP6IP6 header the balancer added. `lb_pass` is the trivial program
+//! the lab attaches to veth peers (native `XDP_TX` on a veth needs one
+//! there).
 //!
 //! Modules: `parse` (offsets), `vip` (which VIP), `sched` (scheduling a new
 //! flow), `flow` (flood guard, clock), `forward` (header rewrites, FIB next
 //! hop), `nat` (full NAT both ways), `decap` (stripping a tunnel), `maps`,
-//! `stats` (counters), `csum`. This file: the entry points and
-//! the balancer's flow, parse → VIP → table or schedule → rewrite → count.
+//! `stats` (counters), `csum`, `trace`. This file: the entry points and the
+//! balancer's flow, parse → VIP → table or schedule → rewrite → count.
 #![no_std]
 #![no_main]
 // `core::sync::atomic` offers no fetch_add on the BPF target; the intrinsic
