@@ -218,10 +218,24 @@ pub struct NatEntry {
 /// [`NatEntry::flags`]: a FIN or RST was seen; the port is free again
 /// after [`NAT_CLOSED_S`] seconds.
 pub const NAT_F_CLOSING: u16 = 1 << 0;
-/// Seconds a closed NAT flow keeps its port (late segments still translate).
-pub const NAT_CLOSED_S: u32 = 10;
-/// Seconds an idle open NAT flow keeps its port when another flow needs it.
+/// Seconds a closed NAT flow keeps its port: a backend that closed first
+/// holds the connection in TIME_WAIT for 60 s (Linux), and a new SYN from
+/// the same address and port, with another client's timestamps, would be
+/// refused by it.
+pub const NAT_CLOSED_S: u32 = 60;
+/// Seconds an idle open NAT flow keeps its port.
 pub const NAT_IDLE_S: u32 = 300;
+
+/// Whether a NAT entry's port may be given to another flow at `now_s`
+/// (the datapath's rule, and the agent's sweep).
+pub const fn nat_reclaimable(flags: u16, last_seen_s: u32, now_s: u32) -> bool {
+    let age = now_s.saturating_sub(last_seen_s);
+    if flags & NAT_F_CLOSING != 0 {
+        age >= NAT_CLOSED_S
+    } else {
+        age >= NAT_IDLE_S
+    }
+}
 /// NAT source addresses per family (`NAT_ADDRS`: IPv4 at 0.., IPv6 at 16..).
 pub const MAX_NAT_ADDRS: u32 = 16;
 /// Ports a new NAT flow tries before it is refused (`nat_no_port`).

@@ -5,10 +5,12 @@
 //!
 //! Ports cannot collide: each CPU allocates only from its own slice of the
 //! port range (so two CPUs never race for one port), and an entry is
-//! written with `BPF_NOEXIST`, so a port still held by a live flow to the
-//! same backend address and port is never taken over. A port is reclaimed
-//! when its flow closed (FIN/RST) `NAT_CLOSED_S` ago or sat idle
-//! `NAT_IDLE_S`. The port space is per (backend, backend port, NAT
+//! written with `BPF_NOEXIST`, so a port still held by a flow to the same
+//! backend address and port is never taken over. A port is reclaimed when
+//! its flow closed (FIN/RST) `NAT_CLOSED_S` ago (the backend's TIME_WAIT)
+//! or sat idle `NAT_IDLE_S`: here when an allocation meets it, and by the
+//! agent's sweep. `NAT` is a plain hash, not an LRU: a full table refuses
+//! new flows (counted) rather than evicting a live flow's port. The port space is per (backend, backend port, NAT
 //! address): the same port serves flows to different backends at once.
 //! Checksums are updated incrementally (RFC 1624).
 
@@ -16,8 +18,7 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST, helpers::generated::bpf_get_smp_processor_id, programs::XdpContext,
 };
 use lb_common::{
-    AF_INET, Backend, MAX_NAT_ADDRS, NAT_CLOSED_S, NAT_F_CLOSING, NAT_IDLE_S, NAT_PORT_TRIES,
-    NatEntry, NatKey, Settings,
+    AF_INET, Backend, MAX_NAT_ADDRS, NAT_F_CLOSING, NAT_PORT_TRIES, NatEntry, NatKey, Settings,
 };
 use network_types::{
     eth::EthHdr,
@@ -59,12 +60,7 @@ pub(crate) fn backend_port(pkt: &Packet, b: &Backend) -> u16 {
 
 #[inline(always)]
 fn reclaimable(e: &NatEntry, now: u32) -> bool {
-    let age = now.saturating_sub(e.last_seen_s);
-    if e.flags & NAT_F_CLOSING != 0 {
-        age >= NAT_CLOSED_S
-    } else {
-        age >= NAT_IDLE_S
-    }
+    lb_common::nat_reclaimable(e.flags, e.last_seen_s, now)
 }
 
 /// Gives a new flow of `pkt` to backend `b` a NAT source and writes its

@@ -468,3 +468,64 @@ fn no_nat_source_is_counted_not_guessed() {
     assert_eq!(r.action, action::DROP);
     counted(&mut f, &before, verdict::NAT_NO_PORT);
 }
+
+/// Seconds on the datapath's clock (CLOCK_MONOTONIC).
+fn monotonic_s() -> u32 {
+    // SAFETY: clock_gettime into a zeroed timespec.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u32
+}
+
+/// The agent's sweep frees a closed flow's port only after the backend's
+/// TIME_WAIT (60 s), an open one only after 300 s idle; once freed, the
+/// port serves a new flow of the exhausted range.
+#[test]
+fn closed_ports_return_after_time_wait_and_not_before() {
+    let k = key(v4(VIP4), AF_INET, PROTO_TCP);
+    let backend = v4([198, 18, 2, 1]);
+    let mut f = fixture((3000, 3001), &[(k, 0, vec![(1, backend, 0)])]);
+    let from = |c: u8, flags: &str| {
+        packet(
+            (CLIENT_MAC, LB_MAC),
+            v4([198, 18, 1, c]),
+            v4(VIP4),
+            AF_INET,
+            PROTO_TCP,
+            40000,
+            80,
+            flags,
+        )
+    };
+    for c in [1, 2] {
+        assert_eq!(f.run(&from(c, "S")).expect("run").action, action::TX);
+    }
+    // Client 1 closes; client 2 stays open.
+    assert_eq!(f.run(&from(1, "AF")).expect("run").action, action::TX);
+    assert_eq!(f.dp().nat_flows().expect("count"), 2);
+    let now = monotonic_s();
+    assert_eq!(
+        f.dp().nat_sweep(now).expect("sweep"),
+        0,
+        "nothing is free yet"
+    );
+    assert_eq!(
+        f.dp().nat_sweep(now + 59).expect("sweep"),
+        0,
+        "inside the backend's TIME_WAIT the closed port stays held"
+    );
+    assert_eq!(
+        f.dp().nat_sweep(now + 61).expect("sweep"),
+        1,
+        "then it is freed"
+    );
+    assert_eq!(f.dp().nat_flows().expect("count"), 1);
+    // Freed: a third client gets a port of the two-port range.
+    let r = f.run(&from(3, "S")).expect("run");
+    assert_eq!(r.action, action::TX, "the freed port serves a new flow");
+    assert!((3000..=3001).contains(&decode(&r.out).sport));
+    // The open flow's port goes only after 300 s without a packet.
+    assert_eq!(f.dp().nat_sweep(now + 299).expect("sweep"), 0);
+    assert_eq!(f.dp().nat_sweep(now + 302).expect("sweep"), 2);
+}

@@ -255,16 +255,19 @@ fn markdown(r: &Value) -> String {
     o.push_str(
         "## Packet rate (minimum-size UDP frames: 60 bytes + FCS = 64 on the wire; `lb loadgen` → LB veth → sink, 2 s runs, median of 3)\n\n",
     );
-    o.push_str("| flows | floor offered Mpps | floor (swap MACs + XDP_TX) Mpps | lb offered Mpps | lb Mpps | lb / floor |\n|---:|---:|---:|---:|---:|---:|\n");
+    o.push_str("| flows | floor offered Mpps | floor (swap MACs + XDP_TX) Mpps | lb offered Mpps | lb Mpps | lb / floor | lb full NAT Mpps |\n|---:|---:|---:|---:|---:|---:|---:|\n");
     for row in r["packet_rate"]["rows"].as_array().into_iter().flatten() {
         o.push_str(&format!(
-            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |\n",
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {} |\n",
             row["flows"],
             f(&row["floor_offered_pps"]) / 1e6,
             f(&row["floor_pps"]) / 1e6,
             f(&row["offered_pps"]) / 1e6,
             f(&row["lb_pps"]) / 1e6,
-            f(&row["ratio"])
+            f(&row["ratio"]),
+            row.get("nat_pps")
+                .map(|v| format!("{:.3}", f(v) / 1e6))
+                .unwrap_or_else(|| "not run".into())
         ));
     }
     o.push_str(

@@ -368,6 +368,16 @@ pub async fn run_until(
                     "reconciling least-connections counts failed"
                 );
             }
+            // NAT ports whose flows closed or idled out go back to the pool
+            // (the datapath also reclaims one when an allocation meets it).
+            let r = tokio::task::block_in_place(|| {
+                lock(&lc_shared).and_then(|mut s| Ok(s.dp.nat_sweep(state::monotonic_s() as u32)?))
+            });
+            match r {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(freed = n, "NAT ports reclaimed"),
+                Err(e) => tracing::error!(error = format!("{e:#}"), "sweeping NAT entries failed"),
+            }
         }
     });
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;

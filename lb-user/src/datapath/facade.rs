@@ -408,6 +408,46 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         Ok(())
     }
 
+    /// Removes the NAT entries whose port may be given out again (closed
+    /// `NAT_CLOSED_S` ago, or idle `NAT_IDLE_S`), as of `now_s` on the
+    /// datapath's clock; returns how many. Each is read again just before
+    /// its removal, so an entry the datapath gave to a new flow meanwhile
+    /// stays (the window left is one map read).
+    pub fn nat_sweep(&mut self, now_s: u32) -> Result<usize> {
+        let name = lb_common::MAP_NAT;
+        let Ok(map) = self.map_mut(name) else {
+            return Ok(0);
+        };
+        let mut m: HashMap<_, lb_common::NatKey, lb_common::NatEntry> =
+            HashMap::try_from(map).map_err(map_err(name))?;
+        let stale =
+            |e: &lb_common::NatEntry| lb_common::nat_reclaimable(e.flags, e.last_seen_s, now_s);
+        let keys: Vec<_> = m
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, e)| stale(e))
+            .map(|(k, _)| k)
+            .collect();
+        let mut n = 0;
+        for k in keys {
+            if m.get(&k, 0).is_ok_and(|e| stale(&e)) && m.remove(&k).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// NAT flows held now (entries in `NAT`).
+    pub fn nat_flows(&self) -> Result<usize> {
+        let name = lb_common::MAP_NAT;
+        let Ok(map) = self.map(name) else {
+            return Ok(0);
+        };
+        let m: HashMap<_, lb_common::NatKey, lb_common::NatEntry> =
+            HashMap::try_from(map).map_err(map_err(name))?;
+        Ok(m.keys().filter_map(|k| k.ok()).count())
+    }
+
     /// The VIP entry for `key`.
     pub fn vip(&mut self, key: &VipKey) -> Result<VipMeta> {
         self.vips()?
