@@ -67,9 +67,11 @@ pub static BACKEND_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(M
 /// Egress interfaces for `XDP_REDIRECT`, keyed by ifindex.
 /// The reply direction of NAT flows: (backend, port, NAT address, port,
 /// protocol) → the client it goes back to. Sized like `FLOWS` by the
-/// loader; a plain hash (see `nat.rs`), swept by the agent.
+/// loader; a plain hash (see `nat.rs`), swept by the agent. Not
+/// preallocated (`BPF_F_NO_PREALLOC`): an agent without NAT VIPs pays for
+/// its buckets only, not for a million entries.
 #[map(name = "NAT")]
-pub static NAT: HashMap<NatKey, NatEntry> = HashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+pub static NAT: HashMap<NatKey, NatEntry> = HashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 1);
 
 /// NAT source addresses: IPv4 at `0..MAX_NAT_ADDRS`, IPv6 after (counts in
 /// `Settings`).
