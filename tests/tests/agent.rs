@@ -392,6 +392,10 @@ fn drain_keeps_a_long_lived_connection_and_sends_new_ones_elsewhere() {
         fresh.iter().all(|(_, r)| r.as_deref() != Ok(name.as_str())),
         "no new flow to the drained backend"
     );
+    // A broken connection never echoes; a slow one (13 agent tests share
+    // two vCPUs, and a lost segment costs a retransmission timeout) may take
+    // a few seconds.
+    conn.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     for i in 0..10 {
         conn.write_all(format!("ping {i}\n").as_bytes())
