@@ -59,6 +59,7 @@ pub const MAP_ACTIVE: &str = "ACTIVE";
 pub const MAP_RR_POS: &str = "RR_POS";
 pub const MAP_FIB_SCRATCH: &str = "FIB_SCRATCH";
 pub const MAP_NAT: &str = "NAT";
+pub const MAP_ICMP_JUMP: &str = "ICMP_JUMP";
 pub const MAP_NAT_ADDRS: &str = "NAT_ADDRS";
 pub const MAP_NAT_CURSOR: &str = "NAT_CURSOR";
 pub const MAP_REGIONS: &str = "REGIONS";
@@ -69,6 +70,8 @@ pub const PROG_BALANCER: &str = "lb_xdp";
 /// The balancer with tracing, tail-called by `lb_xdp` while `lb trace` runs.
 pub const PROG_BALANCER_TRACED: &str = "lb_xdp_traced";
 pub const PROG_DECAP: &str = "lb_decap";
+/// Builds ICMP "too big" errors; tail-called by the balancer.
+pub const PROG_TOO_BIG: &str = "lb_too_big";
 pub const PROG_PASS: &str = "lb_pass";
 pub const PROG_FLOOR_DROP: &str = "floor_drop";
 pub const PROG_FLOOR_TX: &str = "floor_tx";
@@ -468,6 +471,11 @@ pub struct Settings {
     pub nat_v6_count: u8,
     /// CPUs the port range is sliced over (each allocates in its own).
     pub nat_cpus: u16,
+    /// MTU of the path to `ipip` backends: a packet that would exceed it
+    /// once encapsulated is answered with ICMP "fragmentation needed" /
+    /// ICMPv6 "packet too big" (0 = no check).
+    pub ipip_mtu: u16,
+    pub _pad: u16,
 }
 
 /// [`Settings::flags`]: take each packet's next hop from `bpf_fib_lookup`
@@ -538,8 +546,12 @@ pub mod verdict {
     /// An ICMP error about a NAT VIP's flow: not translated (yet), passed
     /// to the kernel.
     pub const NAT_ICMP: u32 = 15;
+    /// An `ipip` packet that would exceed `agent.ipip_mtu` once
+    /// encapsulated: answered with ICMP "fragmentation needed" (IPv4 with
+    /// DF) or ICMPv6 "packet too big" (`XDP_TX`), else dropped.
+    pub const TOO_BIG: u32 = 16;
     /// Number of verdict reasons.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     /// Metric label of each verdict, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -559,6 +571,7 @@ pub mod verdict {
         "nat_no_port",
         "nat_reply",
         "nat_icmp",
+        "too_big",
     ];
 }
 
@@ -599,7 +612,7 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 40);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<Flow>() == 16);
-    assert!(core::mem::size_of::<Settings>() == 32);
+    assert!(core::mem::size_of::<Settings>() == 36);
     assert!(core::mem::size_of::<NatKey>() == 40);
     assert!(core::mem::size_of::<NatEntry>() == 60);
     assert!(core::mem::size_of::<FloodGuard>() == 8);

@@ -46,7 +46,7 @@ pub fn set_macs(ctx: &XdpContext, hop: &Hop) -> Result<(), ()> {
 /// Moves the L2 header (`l3_off` bytes) from `from` to offset 0.
 /// Precondition: `l3_off <= from`, so the regions do not overlap.
 #[inline(always)]
-fn move_l2(ctx: &XdpContext, from: usize, l3_off: usize) -> Result<(), ()> {
+pub(crate) fn move_l2(ctx: &XdpContext, from: usize, l3_off: usize) -> Result<(), ()> {
     // The VLAN tag, if any, follows the Ethernet header: 14 or 18 bytes.
     let src: *const [u8; 14] = ptr_at(ctx, from)?;
     let dst: *mut [u8; 14] = ptr_at(ctx, 0)?;
@@ -81,7 +81,7 @@ pub fn encap(
 }
 
 #[inline(always)]
-fn grow(ctx: &XdpContext, by: usize) -> Result<(), ()> {
+pub(crate) fn grow(ctx: &XdpContext, by: usize) -> Result<(), ()> {
     // SAFETY: the helper only moves ctx->data; every pointer is re-derived
     // from ctx (and re-checked by ptr_at) afterwards.
     let rc = unsafe { bpf_xdp_adjust_head(ctx.ctx, -(by as i32)) };

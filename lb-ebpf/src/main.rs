@@ -27,6 +27,7 @@ mod csum;
 mod decap;
 mod flow;
 mod forward;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -105,6 +106,26 @@ pub fn lb_xdp_traced(ctx: XdpContext) -> u32 {
         trace::emit(c, &pkt.key, &seen, (reason << 8) | action);
     }
     verdict(reason, action)
+}
+
+/// An `ipip` packet too big for the path once encapsulated, tail-called
+/// from the balancer: answered with ICMP "fragmentation needed" / ICMPv6
+/// "packet too big" (see `icmp`), counted as `too_big`.
+#[xdp]
+pub fn lb_too_big(ctx: XdpContext) -> u32 {
+    let action = match (parse::parse(&ctx), SETTINGS.get(0)) {
+        (Ok(pkt), Some(s)) => {
+            let outer: u16 = if pkt.family == lb_common::AF_INET {
+                20
+            } else {
+                40
+            };
+            icmp::too_big(&ctx, &pkt, s.ipip_mtu.saturating_sub(outer))
+                .unwrap_or(xdp_action::XDP_DROP)
+        }
+        _ => xdp_action::XDP_DROP,
+    };
+    verdict(verdict::TOO_BIG, action)
 }
 
 #[xdp]
@@ -302,6 +323,21 @@ fn try_lb<O: Observe>(
         }
         nat_rec = (src.idx, src.port);
     } else if vip.flags & VIP_F_IPIP != 0 {
+        // Too big once encapsulated: tell the client (path-MTU discovery)
+        // rather than drop it silently.
+        let outer: u16 = if pkt.family == lb_common::AF_INET {
+            20
+        } else {
+            40
+        };
+        if settings.ipip_mtu != 0 && pkt.ip_len > settings.ipip_mtu.saturating_sub(outer) {
+            // The error is built by a program of its own (`lb_too_big`),
+            // which counts it: its headers do not fit this one's stack.
+            // SAFETY: tail call into a program of the same type; with an
+            // empty slot it falls through and the packet is dropped.
+            unsafe { maps::ICMP_JUMP.tail_call(ctx, 0) };
+            return Ok((verdict::TOO_BIG, xdp_action::XDP_DROP));
+        }
         seen.ipip();
         if forward::encap(ctx, pkt, b, settings, flow_hash(), &hop).is_err() {
             return Ok((verdict::ENCAP_FAILED, xdp_action::XDP_DROP));

@@ -861,3 +861,125 @@ fn ring_ranges_never_overlap_and_are_reused() {
         .expect("ring");
     assert_eq!(ranges(&mut dp).last(), Some(&(3548, 14)));
 }
+
+/// Sets `agent.ipip_mtu` in the fixture's settings.
+fn set_ipip_mtu(f: &mut Fixture, mtu: u16) {
+    f.dp()
+        .set_settings(&lb_common::Settings {
+            ipip_src_v4: [198, 19, 0, 0],
+            ipip_src_v6: v6("2001:2:0:ff::".parse().unwrap()),
+            ipip_mtu: mtu,
+            ..Default::default()
+        })
+        .expect("settings");
+}
+
+/// Sets DF on an Ethernet/IPv4 frame and fixes its header checksum.
+fn with_df(p: Vec<u8>) -> Vec<u8> {
+    set_df(p, true)
+}
+
+/// Sets or clears DF on an Ethernet/IPv4 frame, fixing its header checksum.
+fn set_df(mut p: Vec<u8>, on: bool) -> Vec<u8> {
+    if on {
+        p[14 + 6] |= 0x40;
+    } else {
+        p[14 + 6] &= !0x40;
+    }
+    p[14 + 10] = 0;
+    p[14 + 11] = 0;
+    let h = Ipv4Header::from_slice(&p[14..]).expect("ipv4").0;
+    let c = h.calc_header_checksum().to_be_bytes();
+    p[14 + 10] = c[0];
+    p[14 + 11] = c[1];
+    p
+}
+
+/// One's-complement sum of `b` folded: 0xffff when a checksum over it holds.
+fn ones_sum(b: &[u8]) -> u16 {
+    let mut s = 0u32;
+    for w in b.chunks(2) {
+        s += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+    }
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s as u16
+}
+
+/// An `ipip` packet too big for `agent.ipip_mtu` once encapsulated comes
+/// back to the client as ICMP "fragmentation needed" / ICMPv6 "packet too
+/// big" (from the VIP, quoting the packet, checksums right, the inner MTU
+/// that fits), counted as `too_big`; IPv4 without DF is dropped; a packet
+/// that fits is encapsulated as before.
+#[test]
+fn ipip_too_big_for_the_path_answers_with_icmp() {
+    let mut f = standard();
+    set_ipip_mtu(&mut f, 1280);
+    let count = |f: &mut Fixture| f.verdicts().expect("verdicts")[verdict::TOO_BIG as usize];
+
+    // IPv4: 20 + 20 + 1300 = 1340 bytes > 1280 - 20.
+    let big4 = with_df(tcp4(CLIENT4, VIP4, 40000, 8080, &[7; 1300]));
+    let before = count(&mut f);
+    let r = f.run(&big4).expect("run");
+    assert_eq!(r.action, action::TX, "IPv4 too big: ICMP back");
+    assert_eq!(count(&mut f), before + 1);
+    assert_eq!((&r.out[..6], &r.out[6..12]), (&CLIENT_MAC[..], &LB_MAC[..]));
+    let (ip, rest) = Ipv4Header::from_slice(&r.out[14..]).expect("ipv4");
+    assert_eq!((ip.source, ip.destination), (VIP4, CLIENT4));
+    assert_eq!(ip.protocol, IpNumber::ICMP);
+    assert_eq!(ip.calc_header_checksum(), ip.header_checksum);
+    assert_eq!(usize::from(ip.total_len), 20 + 8 + 28);
+    assert_eq!(
+        &rest[..2],
+        &[3, 4],
+        "destination unreachable, fragmentation needed"
+    );
+    assert_eq!(u16::from_be_bytes([rest[6], rest[7]]), 1260, "next-hop MTU");
+    assert_eq!(ones_sum(&rest[..36]), 0xffff, "ICMP checksum");
+    assert_eq!(
+        &rest[8..36],
+        &big4[14..42],
+        "quotes the IP header and 8 bytes"
+    );
+
+    // Without DF it may not be answered (the client would not expect it).
+    let before = count(&mut f);
+    let r = f
+        .run(&set_df(tcp4(CLIENT4, VIP4, 40001, 8080, &[7; 1300]), false))
+        .expect("run");
+    assert_eq!(r.action, action::DROP, "IPv4 without DF: dropped");
+    assert_eq!(count(&mut f), before + 1, "and counted");
+
+    // IPv6: 40 + 20 + 1300 > 1280 - 40.
+    let big6 = tcp6(client6(), vip6(), 40000, 8080, &[7; 1300]);
+    let before = count(&mut f);
+    let r = f.run(&big6).expect("run");
+    assert_eq!(r.action, action::TX, "IPv6 too big: ICMPv6 back");
+    assert_eq!(count(&mut f), before + 1);
+    let (ip, rest) = Ipv6Header::from_slice(&r.out[14..]).expect("ipv6");
+    assert_eq!((ip.source, ip.destination), (vip6(), client6()));
+    assert_eq!(ip.next_header, IpNumber::IPV6_ICMP);
+    assert_eq!(usize::from(ip.payload_length), 8 + 48);
+    assert_eq!(&rest[..2], &[2, 0], "packet too big");
+    assert_eq!(
+        u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]),
+        1240,
+        "MTU"
+    );
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&ip.source);
+    pseudo.extend_from_slice(&ip.destination);
+    pseudo.extend_from_slice(&(56u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(&rest[..56]);
+    assert_eq!(ones_sum(&pseudo), 0xffff, "ICMPv6 checksum");
+    assert_eq!(&rest[8..56], &big6[14..62]);
+
+    // A packet that fits is encapsulated as ever.
+    let r = f
+        .run(&with_df(tcp4(CLIENT4, VIP4, 40002, 8080, &[7; 1200])))
+        .expect("run");
+    assert_eq!(r.action, action::TX);
+    assert_eq!(r.out[14 + 9], 4, "IPIP");
+}

@@ -174,6 +174,7 @@ fn fixture(ports: (u16, u16), vips: &[NatVip]) -> Fixture {
             nat_v4_count: 1,
             nat_v6_count: 1,
             nat_cpus: 1,
+            ..Default::default()
         })
         .expect("settings");
     f.dp()

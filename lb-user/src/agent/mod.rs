@@ -219,6 +219,8 @@ pub async fn run_until(
         nat_v6_count: cfg.agent.nat_source_v6.len() as u8,
         // Each CPU allocates NAT ports in its own slice of the range.
         nat_cpus: aya::util::nr_cpus().map_or(1, |n| n as u16),
+        ipip_mtu: cfg.agent.ipip_mtu,
+        _pad: 0,
     })?;
     dp.set_nat_addrs(
         &cfg.agent

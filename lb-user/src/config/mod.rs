@@ -102,6 +102,12 @@ struct RawAgent {
     nat_ports: Spanned<String>,
     #[serde(default)]
     reply_interfaces: Vec<String>,
+    #[serde(default = "default_ipip_mtu")]
+    ipip_mtu: Spanned<u16>,
+}
+
+fn default_ipip_mtu() -> Spanned<u16> {
+    sp(1500)
 }
 
 fn default_nat_ports() -> Spanned<String> {
@@ -381,6 +387,8 @@ pub struct Agent {
     /// Interfaces NAT replies arrive on besides `interface`: the balancer
     /// is attached there too.
     pub reply_interfaces: Vec<String>,
+    /// MTU of the path to `ipip` backends (see `lb_common::Settings`).
+    pub ipip_mtu: u16,
 }
 
 /// VIP announcement: the agent keeps one host route per servable VIP
@@ -546,7 +554,18 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         }
         (lo, hi)
     };
+    let ipip_mtu = *a.ipip_mtu.get_ref();
+    if !(1280..=9216).contains(&ipip_mtu) {
+        return Err(err(
+            Some(a.ipip_mtu.span()),
+            format!(
+                "ipip_mtu {ipip_mtu} is out of range 1280..=9216 (the MTU of the path to the \
+                 backends: 1500 on plain Ethernet, 9000 with jumbo frames)"
+            ),
+        ));
+    }
     let agent = Agent {
+        ipip_mtu,
         nat_source_v4,
         nat_source_v6,
         nat_ports,

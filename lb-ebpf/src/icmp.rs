@@ -1,0 +1,167 @@
+//! ICMP "fragmentation needed" / ICMPv6 "packet too big", built in place
+//! from a packet that would exceed `agent.ipip_mtu` once encapsulated (as
+//! Katran does): the packet becomes the error, quoting its own IP header
+//! and the first 8 bytes of its transport header, and goes back to where
+//! it came from with `XDP_TX`. The client's stack lowers its path MTU and
+//! sends smaller segments, which fit after encapsulation.
+
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext,
+};
+use lb_common::AF_INET;
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
+
+use crate::{
+    csum,
+    forward::{grow, move_l2},
+    parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, Packet, ptr_at},
+};
+
+const ICMP_HDR: usize = 8;
+/// What an error quotes: the IP header and 8 bytes of what follows.
+const QUOTE_V4: usize = Ipv4Hdr::LEN + 8;
+const QUOTE_V6: usize = Ipv6Hdr::LEN + 8;
+const TTL: u8 = 64;
+
+/// Turns the packet into the error and returns the XDP action: `XDP_TX`,
+/// or `XDP_DROP` for an IPv4 packet without DF (it may be fragmented, which
+/// XDP cannot do) or with options. `mtu` is what the inner packet may
+/// measure (the path MTU less the outer header).
+#[inline(always)]
+pub(crate) fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<u32, ()> {
+    // One of two constants, so offsets stay fixed after the head moves.
+    let l3_off = if pkt.l3_off > EthHdr::LEN {
+        18
+    } else {
+        EthHdr::LEN
+    };
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: ptr_at checked the bounds.
+    let (client_mac, our_mac) = unsafe { ((*eth).src_addr, (*eth).dst_addr) };
+    if pkt.family == AF_INET {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off)?;
+        // SAFETY: as above.
+        let (vihl, frags) = unsafe { ((*ip).vihl, (*ip).frags) };
+        if vihl != 0x45 || frags[0] & 0x40 == 0 {
+            return Ok(xdp_action::XDP_DROP);
+        }
+        shape(ctx, l3_off, QUOTE_V4, Ipv4Hdr::LEN + ICMP_HDR)?;
+        set_macs(ctx, client_mac, our_mac)?;
+        let (src, dst) = (&pkt.key.dst, &pkt.key.src);
+        let tot_len = (Ipv4Hdr::LEN + ICMP_HDR + QUOTE_V4) as u16;
+        let words: [u16; 10] = [
+            0x4500,
+            tot_len,
+            0,
+            0,
+            ((TTL as u16) << 8) | IPPROTO_ICMP as u16,
+            0,
+            u16::from_be_bytes([src[0], src[1]]),
+            u16::from_be_bytes([src[2], src[3]]),
+            u16::from_be_bytes([dst[0], dst[1]]),
+            u16::from_be_bytes([dst[2], dst[3]]),
+        ];
+        let check = csum::ipv4_header(&words);
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, l3_off)?;
+        // SAFETY: ptr_at checked the bounds (after the head moved).
+        unsafe {
+            (*ip).vihl = 0x45;
+            (*ip).tos = 0;
+            (*ip).tot_len = tot_len.to_be_bytes();
+            (*ip).id = [0, 0];
+            (*ip).frags = [0, 0];
+            (*ip).ttl = TTL;
+            (*ip).proto = IPPROTO_ICMP;
+            (*ip).check = check.to_be_bytes();
+            (*ip).src_addr = [src[0], src[1], src[2], src[3]];
+            (*ip).dst_addr = [dst[0], dst[1], dst[2], dst[3]];
+        }
+        // Destination unreachable (3), fragmentation needed (4).
+        let icmp_off = l3_off + Ipv4Hdr::LEN;
+        let mut sum = (3u32 << 8 | 4) + mtu as u32;
+        sum += words_sum::<QUOTE_V4>(ctx, icmp_off + ICMP_HDR)?;
+        let h: *mut [u8; ICMP_HDR] = ptr_at(ctx, icmp_off)?;
+        let c = csum::fold(sum).to_be_bytes();
+        let m = mtu.to_be_bytes();
+        // SAFETY: as above.
+        unsafe { *h = [3, 4, c[0], c[1], 0, 0, m[0], m[1]] };
+    } else {
+        shape(ctx, l3_off, QUOTE_V6, Ipv6Hdr::LEN + ICMP_HDR)?;
+        set_macs(ctx, client_mac, our_mac)?;
+        let (src, dst) = (&pkt.key.dst, &pkt.key.src);
+        let payload = (ICMP_HDR + QUOTE_V6) as u16;
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, l3_off)?;
+        // SAFETY: ptr_at checked the bounds (after the head moved).
+        unsafe {
+            (*ip).vcf = [0x60, 0, 0, 0];
+            (*ip).payload_len = payload.to_be_bytes();
+            (*ip).next_hdr = IPPROTO_ICMPV6;
+            (*ip).hop_limit = TTL;
+            (*ip).src_addr = *src;
+            (*ip).dst_addr = *dst;
+        }
+        // Packet too big (2), code 0; the checksum covers the pseudo-header
+        // (addresses, length, next header) as well.
+        let icmp_off = l3_off + Ipv6Hdr::LEN;
+        let mut sum = payload as u32 + IPPROTO_ICMPV6 as u32 + (2u32 << 8) + mtu as u32;
+        let mut i = 0;
+        while i < 8 {
+            sum += u16::from_be_bytes([src[2 * i], src[2 * i + 1]]) as u32;
+            sum += u16::from_be_bytes([dst[2 * i], dst[2 * i + 1]]) as u32;
+            i += 1;
+        }
+        sum += words_sum::<QUOTE_V6>(ctx, icmp_off + ICMP_HDR)?;
+        let h: *mut [u8; ICMP_HDR] = ptr_at(ctx, icmp_off)?;
+        let c = csum::fold(sum).to_be_bytes();
+        let m = (mtu as u32).to_be_bytes();
+        // SAFETY: as above.
+        unsafe { *h = [2, 0, c[0], c[1], m[0], m[1], m[2], m[3]] };
+    }
+    Ok(xdp_action::XDP_TX)
+}
+
+/// Cuts the packet to its L2 header and `quote` bytes of IP, then makes
+/// room for `hdrs` bytes of new headers between L2 and the quote.
+#[inline(always)]
+fn shape(ctx: &XdpContext, l3_off: usize, quote: usize, hdrs: usize) -> Result<(), ()> {
+    let keep = l3_off + quote;
+    let len = ctx.data_end() - ctx.data();
+    if len < keep {
+        return Err(());
+    }
+    // SAFETY: shrinking the tail; pointers are re-derived afterwards.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, keep as i32 - len as i32) } != 0 {
+        return Err(());
+    }
+    grow(ctx, hdrs)?;
+    move_l2(ctx, hdrs, l3_off)
+}
+
+#[inline(always)]
+fn set_macs(ctx: &XdpContext, dst: [u8; 6], src: [u8; 6]) -> Result<(), ()> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: ptr_at checked the bounds.
+    unsafe {
+        (*eth).dst_addr = dst;
+        (*eth).src_addr = src;
+    }
+    Ok(())
+}
+
+/// Sum of the big-endian 16-bit words of the `N` packet bytes at `off`:
+/// one bounds check for the whole quote, then reads through the pointer.
+#[inline(always)]
+fn words_sum<const N: usize>(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
+    let q: *const [u8; N] = ptr_at(ctx, off)?;
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i + 1 < N {
+        // SAFETY: ptr_at checked all N bytes.
+        sum += u16::from_be_bytes(unsafe { [(*q)[i], (*q)[i + 1]] }) as u32;
+        i += 2;
+    }
+    Ok(sum)
+}
