@@ -79,6 +79,11 @@ pub const PROG_BENCH_IPIP: &str = "bench_ipip";
 pub const PROG_LOADGEN: &str = "loadgen";
 pub const PROG_SINK: &str = "sink";
 pub const MAP_LOADGEN: &str = "LOADGEN";
+/// The generator's template headers (`LOADGEN_FRAME_LEN` bytes, zero-padded).
+pub const MAP_LOADGEN_FRAME: &str = "LOADGEN_FRAME";
+/// Bytes of template `LOADGEN_FRAME` holds: the longest header chain the
+/// generator builds (Ethernet, VLAN, IPv6, TCP = 78) rounded up.
+pub const LOADGEN_FRAME_LEN: usize = 80;
 pub const MAP_SINK: &str = "SINK";
 pub const MAP_BENCH_JUMP: &str = "BENCH_JUMP";
 pub const MAP_FLOOD_GUARD: &str = "FLOOD_GUARD";

@@ -8,9 +8,25 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{AF_INET, PROTO_TCP};
 
 use crate::{
-    maps::{LOADGEN, LOADGEN_SEQ, SINK},
+    maps::{LOADGEN, LOADGEN_FRAME, LOADGEN_SEQ, SINK},
     parse::ptr_at,
 };
+
+/// Copies the template's first `N` bytes over the frame's.
+#[inline(always)]
+fn restore<const N: usize>(
+    ctx: &XdpContext,
+    t: &[u8; lb_common::LOADGEN_FRAME_LEN],
+) -> Result<(), ()> {
+    let f: *mut [u8; N] = ptr_at(ctx, 0)?;
+    let mut i = 0;
+    while i < N && i < lb_common::LOADGEN_FRAME_LEN {
+        // SAFETY: ptr_at checked all N bytes.
+        unsafe { (*f)[i] = t[i] };
+        i += 1;
+    }
+    Ok(())
+}
 
 /// Ones'-complement update of checksum `c` when a 16-bit word changes from
 /// `old` to `new` (RFC 1624, eqn. 3). All values big-endian as in the packet.
@@ -49,6 +65,20 @@ pub fn try_loadgen(ctx: &XdpContext) -> Result<u32, ()> {
     // range of 65,536 addresses). IPv6: the last 32 bits of the address, the
     // port fixed, so every flow has a source address of its own.
     let v4 = cfg.family == AF_INET;
+    // The headers as the template has them (Ethernet, maybe VLAN, IP,
+    // TCP/UDP): the patches below assume them.
+    let t = LOADGEN_FRAME.get(0).ok_or(())?;
+    let vlan = cfg.l3_off > 14;
+    match (v4, cfg.proto == PROTO_TCP, vlan) {
+        (true, false, false) => restore::<42>(ctx, t)?,
+        (true, true, false) => restore::<54>(ctx, t)?,
+        (false, false, false) => restore::<62>(ctx, t)?,
+        (false, true, false) => restore::<74>(ctx, t)?,
+        (true, false, true) => restore::<46>(ctx, t)?,
+        (true, true, true) => restore::<58>(ctx, t)?,
+        (false, false, true) => restore::<66>(ctx, t)?,
+        (false, true, true) => restore::<78>(ctx, t)?,
+    }
     let addr_lo = (flow & 0xffff) as u16;
     let (addr_hi, port) = if v4 {
         (0, 1024u16.wrapping_add((flow >> 16) as u16))

@@ -50,6 +50,13 @@ mod maps {
     #[map(name = "LOADGEN")]
     pub static LOADGEN: Array<LoadgenCfg> = Array::with_max_entries(1, 0);
 
+    /// The generator's template headers, copied over every frame before it
+    /// is patched: a program that rewrote the frame in place (full NAT)
+    /// leaves it changed in the recycled page.
+    #[map(name = "LOADGEN_FRAME")]
+    pub static LOADGEN_FRAME: Array<[u8; lb_common::LOADGEN_FRAME_LEN]> =
+        Array::with_max_entries(1, 0);
+
     /// Per-CPU packet sequence of `loadgen` (which flow the next frame is).
     #[map(name = "LOADGEN_SEQ")]
     pub static LOADGEN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -181,6 +181,7 @@ fn loadgen_flow_space_and_checksums() {
                 aya::maps::Array::try_from(m).unwrap();
             a.set(0, cfg, 0).unwrap();
         }
+        lb_user::tools::loadgen::set_frame_template(&mut e, &frame).expect("template");
         let mut seen = std::collections::HashSet::new();
         for flow in [0u32, 1, 65_535, 65_536, 65_537, 999_999, 3_999_999] {
             {

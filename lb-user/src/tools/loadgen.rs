@@ -71,6 +71,21 @@ fn neighbour_mac(dst: IpAddr, iface: &str, ifindex: u32) -> Result<[u8; 6]> {
 }
 
 /// Builds the template frame and the program's settings.
+/// Writes `frame`'s headers into the tools object's `LOADGEN_FRAME`: the
+/// generator restores them on every frame before patching the source.
+pub fn set_frame_template(ebpf: &mut aya::Ebpf, frame: &[u8]) -> Result<()> {
+    let mut t = [0u8; lb_common::LOADGEN_FRAME_LEN];
+    let n = frame.len().min(t.len());
+    t[..n].copy_from_slice(&frame[..n]);
+    let m = ebpf
+        .map_mut(lb_common::MAP_LOADGEN_FRAME)
+        .context("LOADGEN_FRAME map")?;
+    let mut a: aya::maps::Array<_, [u8; lb_common::LOADGEN_FRAME_LEN]> =
+        aya::maps::Array::try_from(m)?;
+    a.set(0, t, 0)?;
+    Ok(())
+}
+
 pub fn template(o: &Options, src_mac: [u8; 6], dst_mac: [u8; 6]) -> Result<(Vec<u8>, LoadgenCfg)> {
     let eth = PacketBuilder::ethernet2(src_mac, dst_mac);
     let (ip, family, l4_off) = match (o.src, o.dst.ip()) {
@@ -140,6 +155,7 @@ pub fn run(o: &Options) -> Result<Summary> {
         let mut a: aya::maps::Array<_, LoadgenCfg> = aya::maps::Array::try_from(m)?;
         a.set(0, cfg, 0)?;
     }
+    set_frame_template(&mut ebpf, &frame)?;
     let prog = loader::xdp_program(&mut ebpf, lb_common::PROG_LOADGEN)?;
     // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
     let mut ctx = [0u8; 24];
