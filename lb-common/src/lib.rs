@@ -72,6 +72,8 @@ pub const PROG_BALANCER_TRACED: &str = "lb_xdp_traced";
 pub const PROG_DECAP: &str = "lb_decap";
 /// Builds ICMP "too big" errors; tail-called by the balancer.
 pub const PROG_TOO_BIG: &str = "lb_too_big";
+/// Translates ICMP errors about NAT flows; tail-called by the balancer.
+pub const PROG_NAT_ICMP: &str = "lb_nat_icmp";
 pub const PROG_PASS: &str = "lb_pass";
 pub const PROG_FLOOR_DROP: &str = "floor_drop";
 pub const PROG_FLOOR_TX: &str = "floor_tx";
@@ -548,8 +550,8 @@ pub mod verdict {
     /// A backend's reply translated back to its client (sent with
     /// `XDP_TX` or `XDP_REDIRECT`).
     pub const NAT_REPLY: u32 = 14;
-    /// An ICMP error about a NAT VIP's flow: not translated (yet), passed
-    /// to the kernel.
+    /// An ICMP "fragmentation needed" / "packet too big" about a NAT flow,
+    /// translated to the other side of the NAT and sent.
     pub const NAT_ICMP: u32 = 15;
     /// An `ipip` packet that would exceed `agent.ipip_mtu` once
     /// encapsulated: answered with ICMP "fragmentation needed" (IPv4 with

@@ -128,6 +128,37 @@ pub fn lb_too_big(ctx: XdpContext) -> u32 {
     verdict(verdict::TOO_BIG, action)
 }
 
+/// An ICMP error about a NAT flow, tail-called from the balancer:
+/// translated to the other side of the NAT and sent (see
+/// `nat::icmp_error`), counted as `nat_icmp`; anything else passes.
+#[xdp]
+pub fn lb_nat_icmp(ctx: XdpContext) -> u32 {
+    let Ok(pkt) = parse::parse(&ctx) else {
+        return verdict(verdict::MALFORMED, xdp_action::XDP_PASS);
+    };
+    if !pkt.icmp_error {
+        return verdict(verdict::PASS_NON_VIP, xdp_action::XDP_PASS);
+    }
+    let Some(out) = nat::icmp_error(&ctx, &pkt) else {
+        return verdict(verdict::PASS_NON_VIP, xdp_action::XDP_PASS);
+    };
+    let hop = forward::Hop {
+        dmac: out.dmac,
+        smac: out.smac,
+        ifindex: out.ifindex,
+    };
+    if forward::set_macs(&ctx, &hop).is_err() {
+        return verdict(verdict::INTERNAL, xdp_action::XDP_DROP);
+    }
+    if hop.ifindex == 0 || hop.ifindex as usize == ctx.ingress_ifindex() {
+        return verdict(verdict::NAT_ICMP, xdp_action::XDP_TX);
+    }
+    match TX_PORTS.redirect(hop.ifindex, 0) {
+        Ok(action) => verdict(verdict::NAT_ICMP, action),
+        Err(_) => verdict(verdict::REDIRECT_FAILED, xdp_action::XDP_DROP),
+    }
+}
+
 #[xdp]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
     match try_decap(&ctx) {
@@ -156,15 +187,22 @@ fn try_lb<O: Observe>(
         }
         return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
     }
-    let Some(vip) = lookup_vip(pkt) else {
+    let vip = lookup_vip(pkt);
+    if pkt.icmp_error && vip.is_none_or(|v| v.flags & VIP_F_NAT != 0) {
+        // About a NAT VIP's flow, or to no VIP (perhaps a NAT address):
+        // translated by `lb_nat_icmp` (tail call; its rewrite does not fit
+        // this program's stack), which passes what is no NAT flow's; an
+        // empty slot passes it untouched.
+        // SAFETY: tail call into a program of the same type.
+        unsafe { maps::ICMP_JUMP.tail_call(ctx, 1) };
+        return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
+    }
+    let Some(vip) = vip else {
         // Perhaps a backend's reply to a NAT flow.
         return nat_reply(ctx, pkt);
     };
     seen.vip(vip.vip_id, vip.scheduler as u8);
     let nat_vip = vip.flags & VIP_F_NAT != 0;
-    if nat_vip && pkt.icmp_error {
-        return Ok((verdict::NAT_ICMP, xdp_action::XDP_PASS));
-    }
 
     // The flow hash is needed only to schedule a new flow or to vary the
     // IPIP outer source; established DSR packets skip it.
@@ -396,9 +434,6 @@ fn try_lb<O: Observe>(
 /// sent out where the client's packet came in; anything else passes.
 #[inline(always)]
 fn nat_reply(ctx: &XdpContext, pkt: &parse::Packet) -> Result<(u32, u32), ()> {
-    if pkt.icmp_error {
-        return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
-    }
     let Some(e) = nat::reply_for(pkt) else {
         return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
     };

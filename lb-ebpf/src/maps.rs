@@ -87,9 +87,10 @@ pub static NAT_SCRATCH: PerCpuArray<crate::nat::Scratch> = PerCpuArray::with_max
 #[map(name = "NAT_CURSOR")]
 pub static NAT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
-/// Tail-call slot of `lb_too_big` (installed by the loader).
+/// Tail-call slots of the ICMP programs (installed by the loader):
+/// 0 `lb_too_big`, 1 `lb_nat_icmp`.
 #[map(name = "ICMP_JUMP")]
-pub static ICMP_JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub static ICMP_JUMP: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
 #[map(name = "TX_PORTS")]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);

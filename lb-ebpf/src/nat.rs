@@ -15,7 +15,9 @@
 //! Checksums are updated incrementally (RFC 1624).
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST, helpers::generated::bpf_get_smp_processor_id, programs::XdpContext,
+    bindings::BPF_NOEXIST,
+    helpers::generated::{bpf_csum_diff, bpf_get_smp_processor_id},
+    programs::XdpContext,
 };
 use lb_common::{
     AF_INET, Backend, MAX_NAT_ADDRS, NAT_F_CLOSING, NAT_PORT_TRIES, NatEntry, NatKey, Settings,
@@ -314,6 +316,202 @@ pub(crate) fn rewrite(
                 let n = apply(*c, d);
                 *c = if n == [0, 0] { [0xff, 0xff] } else { n };
             }
+        }
+    }
+    Ok(())
+}
+
+/// Where a translated ICMP error goes: its next hop and interface.
+pub(crate) struct IcmpOut {
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub ifindex: u32,
+}
+
+/// An ICMP "fragmentation needed" / ICMPv6 "packet too big" about a NAT
+/// flow (the parser recognised it, `pkt.key` is the quoted packet
+/// reversed), translated to the other side: about a reply on its way to the
+/// client (the error came to the VIP) it goes to the backend, about a
+/// packet on its way to the backend (it came to a NAT address) to the
+/// client. The error and the packet it quotes are rewritten as that side
+/// sent and knows them, so path-MTU discovery works through the NAT.
+/// `None`: not a NAT flow's. Every address is a reference into a map: the
+/// program's stack has no room for copies.
+#[inline(always)]
+pub(crate) fn icmp_error(ctx: &XdpContext, pkt: &Packet) -> Option<IcmpOut> {
+    type Ends = (&'static [u8; 16], u16);
+    let (outer, from, to, out): ((&[u8; 16], &[u8; 16]), Ends, Ends, IcmpOut) =
+        match crate::vip::lookup_vip(pkt) {
+            Some(vip) if vip.flags & lb_common::VIP_F_NAT != 0 => {
+                // About a reply VIP → client: the flow's entry says which
+                // backend and NAT source it has.
+                // SAFETY: read-only use of the value.
+                let f = unsafe { crate::maps::FLOWS.get(&pkt.key) }?;
+                if f.nat_port == 0 {
+                    return None;
+                }
+                let b = crate::sched::backend(f.backend_id)?;
+                if b.dst_mac == [0; 6] {
+                    return None;
+                }
+                let nat = NAT_ADDRS.get(f.nat_addr as u32)?;
+                (
+                    (nat, &b.addr),
+                    (&b.addr, backend_port(pkt, b)),
+                    (nat, f.nat_port),
+                    IcmpOut {
+                        dmac: b.dst_mac,
+                        smac: b.src_mac,
+                        ifindex: b.ifindex,
+                    },
+                )
+            }
+            Some(_) => return None,
+            None => {
+                // About a packet NAT address → backend: the reply entry
+                // says whose.
+                let sc = NAT_SCRATCH.get_ptr_mut(0)?;
+                // SAFETY: this CPU's scratch slot.
+                let key = unsafe {
+                    let k = &mut (*sc).key;
+                    k.backend = pkt.key.src;
+                    k.nat = pkt.key.dst;
+                    k.backend_port = pkt.key.sport;
+                    k.nat_port = pkt.key.dport;
+                    k.proto = pkt.key.proto;
+                    k._pad = [0; 3];
+                    &*k
+                };
+                // SAFETY: read-only use of the value.
+                let e = unsafe { NAT.get(key) }?;
+                (
+                    (&e.vip, &e.client),
+                    (&e.client, e.client_port),
+                    (&e.vip, e.vip_port),
+                    IcmpOut {
+                        dmac: e.client_mac,
+                        smac: e.lb_mac,
+                        ifindex: e.ifindex,
+                    },
+                )
+            }
+        };
+    translate_icmp(ctx, pkt, outer, from, to).ok()?;
+    Some(out)
+}
+
+/// Ones'-complement sum of `~old + new` over a 4-byte address.
+#[inline(always)]
+fn delta4(old: [u8; 4], new: &[u8; 16]) -> u32 {
+    (!u16::from_be_bytes([old[0], old[1]])) as u32
+        + u16::from_be_bytes([new[0], new[1]]) as u32
+        + (!u16::from_be_bytes([old[2], old[3]])) as u32
+        + u16::from_be_bytes([new[2], new[3]]) as u32
+}
+
+/// What replacing the ports `p` by `from, to` adds to a checksum.
+#[inline(always)]
+fn delta_ports(p: [u8; 4], from: u16, to: u16) -> u32 {
+    (!u16::from_be_bytes([p[0], p[1]])) as u32
+        + from as u32
+        + (!u16::from_be_bytes([p[2], p[3]])) as u32
+        + to as u32
+}
+
+/// Rewrites an ICMP error: the outer header to `outer` (source,
+/// destination), the quoted packet to `from → to` (address, port), with
+/// the outer and quoted IPv4 header checksums and the ICMP checksum
+/// updated incrementally. Headers without options only (IPv4).
+#[inline(always)]
+fn translate_icmp(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    outer: (&[u8; 16], &[u8; 16]),
+    from: (&[u8; 16], u16),
+    to: (&[u8; 16], u16),
+) -> Result<(), ()> {
+    let l3 = if pkt.l3_off > EthHdr::LEN {
+        18
+    } else {
+        EthHdr::LEN
+    };
+    if pkt.family == AF_INET {
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, l3)?;
+        let icmp = l3 + Ipv4Hdr::LEN;
+        let inner: *mut Ipv4Hdr = ptr_at(ctx, icmp + 8)?;
+        let ports: *mut [u8; 4] = ptr_at(ctx, icmp + 8 + Ipv4Hdr::LEN)?;
+        let check: *mut [u8; 2] = ptr_at(ctx, icmp + 2)?;
+        // SAFETY: every pointer checked by ptr_at.
+        unsafe {
+            if (*ip).vihl != 0x45 || (*inner).vihl != 0x45 {
+                return Err(());
+            }
+            let d_outer = delta4((*ip).src_addr, outer.0) + delta4((*ip).dst_addr, outer.1);
+            (*ip).src_addr = [outer.0[0], outer.0[1], outer.0[2], outer.0[3]];
+            (*ip).dst_addr = [outer.1[0], outer.1[1], outer.1[2], outer.1[3]];
+            (*ip).check = apply((*ip).check, d_outer);
+            let d_inner = delta4((*inner).src_addr, from.0) + delta4((*inner).dst_addr, to.0);
+            (*inner).src_addr = [from.0[0], from.0[1], from.0[2], from.0[3]];
+            (*inner).dst_addr = [to.0[0], to.0[1], to.0[2], to.0[3]];
+            let old_check = u16::from_be_bytes((*inner).check);
+            (*inner).check = apply((*inner).check, d_inner);
+            let new_check = u16::from_be_bytes((*inner).check);
+            let d_ports = delta_ports(*ports, from.1, to.1);
+            let (f, t) = (from.1.to_be_bytes(), to.1.to_be_bytes());
+            *ports = [f[0], f[1], t[0], t[1]];
+            // The ICMP checksum covers the quoted header, its checksum
+            // field included, not the outer addresses.
+            *check = apply(
+                *check,
+                d_inner + d_ports + (!old_check) as u32 + new_check as u32,
+            );
+        }
+    } else {
+        // Addresses at fixed offsets: source 8, destination 24 of each
+        // IPv6 header (outer at l3, quoted after the 8-byte ICMPv6 header).
+        let icmp = l3 + Ipv6Hdr::LEN;
+        let inner = icmp + 8;
+        let os: *mut [u8; 16] = ptr_at(ctx, l3 + 8)?;
+        let od: *mut [u8; 16] = ptr_at(ctx, l3 + 24)?;
+        let is: *mut [u8; 16] = ptr_at(ctx, inner + 8)?;
+        let id: *mut [u8; 16] = ptr_at(ctx, inner + 24)?;
+        let ports: *mut [u8; 4] = ptr_at(ctx, inner + Ipv6Hdr::LEN)?;
+        let check: *mut [u8; 2] = ptr_at(ctx, icmp + 2)?;
+        let (f, t) = (from.1.to_be_bytes(), to.1.to_be_bytes());
+        let mut new_ports = [f[0], f[1], t[0], t[1]];
+        // The differences by `bpf_csum_diff`, in the packet's byte order
+        // (ones'-complement sums do not care which): a word-by-word sum of
+        // four 16-byte addresses does not fit the stack here.
+        let diff = |old: *mut [u8; 16], new: &[u8; 16]| -> u64 {
+            // SAFETY: both are 16 readable bytes (packet, map value); the
+            // helper only reads them.
+            unsafe {
+                bpf_csum_diff(
+                    old.cast(),
+                    16,
+                    (new as *const [u8; 16]).cast_mut().cast(),
+                    16,
+                    0,
+                ) as u32 as u64
+            }
+        };
+        let mut d = diff(os, outer.0) + diff(od, outer.1) + diff(is, from.0) + diff(id, to.0);
+        // SAFETY: 4 readable bytes each (packet, stack).
+        d += unsafe { bpf_csum_diff(ports.cast(), 4, new_ports.as_mut_ptr().cast(), 4, 0) } as u32
+            as u64;
+        // SAFETY: every pointer checked by ptr_at.
+        unsafe {
+            *os = *outer.0;
+            *od = *outer.1;
+            *is = *from.0;
+            *id = *to.0;
+            *ports = new_ports;
+            // ICMPv6: the pseudo-header's addresses count too.
+            let mut sum = (!u16::from_ne_bytes(*check)) as u64 + d;
+            sum = (sum & 0xffff) + (sum >> 16);
+            sum = (sum & 0xffff) + (sum >> 16);
+            sum = (sum & 0xffff) + (sum >> 16);
+            *check = (!(sum as u16)).to_ne_bytes();
         }
     }
     Ok(())

@@ -18,3 +18,30 @@ fn non_vip_packet_passes_untouched_and_is_counted() {
         "exactly one verdict per packet: {v:?}"
     );
 }
+
+/// The verifier's budget: every datapath program loads, and the balancer's
+/// copies stay below 95 % of the kernel's 1,000,000 verified instructions,
+/// so a change that would push them over shows here first, with numbers.
+#[test]
+fn verifier_budget_has_headroom() {
+    let mut ebpf = lb_tests::load().expect("load");
+    for name in [
+        lb_common::PROG_BALANCER,
+        lb_common::PROG_BALANCER_TRACED,
+        lb_common::PROG_TOO_BIG,
+        lb_common::PROG_NAT_ICMP,
+        lb_common::PROG_DECAP,
+    ] {
+        let p = lb_tests::loader::xdp_program(&mut ebpf, name).expect("program");
+        let n = p
+            .info()
+            .expect("info")
+            .verified_instruction_count()
+            .expect("count");
+        println!("{name}: {n} instructions verified");
+        assert!(
+            n < 950_000,
+            "{name} needs {n} of the verifier's 1,000,000 instructions: split it (tail calls, as lb_too_big and lb_nat_icmp are) before adding to it"
+        );
+    }
+}

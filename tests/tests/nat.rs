@@ -412,29 +412,243 @@ fn ports_are_never_shared_and_exhaustion_is_counted() {
     assert!((2000..=2001).contains(&out.sport));
 }
 
-/// An ICMP error about a NAT flow is not forwarded untranslated.
-#[test]
-fn icmp_errors_about_nat_flows_pass_to_the_kernel() {
-    let k = key(v4(VIP4), AF_INET, PROTO_TCP);
-    let mut f = fixture((1024, 32767), &[(k, 0, vec![(1, v4([198, 18, 2, 1]), 0)])]);
-    // Fragmentation needed from a router about the client's flow.
+/// One's-complement sum of `b` folded: 0xffff when a checksum over it holds.
+fn ones_sum(b: &[u8]) -> u16 {
+    let mut s = 0u32;
+    for w in b.chunks(2) {
+        s += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+    }
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s as u16
+}
+
+/// An ICMP "fragmentation needed" / ICMPv6 "packet too big" from router
+/// `from` to `to`, quoting a TCP segment `qsrc:qsport → qdst:qdport`.
+#[allow(clippy::too_many_arguments)]
+fn too_big_error(
+    family: u8,
+    macs: ([u8; 6], [u8; 6]),
+    from: [u8; 16],
+    to: [u8; 16],
+    qsrc: [u8; 16],
+    qsport: u16,
+    qdst: [u8; 16],
+    qdport: u16,
+) -> Vec<u8> {
     let mut quoted = Vec::new();
-    PacketBuilder::ipv4(VIP4, [198, 18, 1, 7], 64)
-        .tcp(80, 40000, 1, 1024)
-        .write(&mut quoted, &[])
-        .unwrap();
     let mut pkt = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-        .ipv4([198, 18, 9, 1], VIP4, 64)
-        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
-            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
-        ))
-        .write(&mut pkt, &quoted)
-        .unwrap();
-    let before = f.verdicts().unwrap();
-    let r = f.run(&pkt).expect("run");
-    assert_eq!(r.action, action::PASS);
-    counted(&mut f, &before, verdict::NAT_ICMP);
+    let eth = PacketBuilder::ethernet2(macs.0, macs.1);
+    if family == AF_INET {
+        let a = |x: [u8; 16]| [x[0], x[1], x[2], x[3]];
+        PacketBuilder::ipv4(a(qsrc), a(qdst), 64)
+            .tcp(qsport, qdport, 1, 1024)
+            .write(&mut quoted, &[])
+            .unwrap();
+        eth.ipv4(a(from), a(to), 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1400,
+                },
+            ))
+            .write(&mut pkt, &quoted)
+            .unwrap();
+    } else {
+        PacketBuilder::ipv6(qsrc, qdst, 64)
+            .tcp(qsport, qdport, 1, 1024)
+            .write(&mut quoted, &[])
+            .unwrap();
+        eth.ipv6(from, to, 64)
+            .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1400 })
+            .write(&mut pkt, &quoted)
+            .unwrap();
+    }
+    pkt
+}
+
+/// The translated error: outer addresses, quoted addresses and ports, and
+/// every checksum (outer and quoted IPv4 header, ICMP / ICMPv6 with its
+/// pseudo-header).
+fn check_error(
+    family: u8,
+    out: &[u8],
+    outer: (IpAddr, IpAddr),
+    quoted: ((IpAddr, u16), (IpAddr, u16)),
+) {
+    let (l4, icmp) = if family == AF_INET {
+        let (ip, rest) = etherparse::Ipv4Header::from_slice(&out[14..]).expect("ipv4");
+        assert_eq!(
+            ip.calc_header_checksum(),
+            ip.header_checksum,
+            "outer IPv4 checksum"
+        );
+        assert_eq!(
+            (IpAddr::from(ip.source), IpAddr::from(ip.destination)),
+            outer
+        );
+        assert_eq!(ones_sum(rest), 0xffff, "ICMP checksum");
+        assert_eq!(&rest[..2], &[3, 4]);
+        assert_eq!(u16::from_be_bytes([rest[6], rest[7]]), 1400, "MTU kept");
+        let (q, qrest) = etherparse::Ipv4Header::from_slice(&rest[8..]).expect("quoted ipv4");
+        assert_eq!(
+            q.calc_header_checksum(),
+            q.header_checksum,
+            "quoted IPv4 checksum"
+        );
+        (
+            (
+                (
+                    IpAddr::from(q.source),
+                    u16::from_be_bytes([qrest[0], qrest[1]]),
+                ),
+                (
+                    IpAddr::from(q.destination),
+                    u16::from_be_bytes([qrest[2], qrest[3]]),
+                ),
+            ),
+            rest.to_vec(),
+        )
+    } else {
+        let (ip, rest) = etherparse::Ipv6Header::from_slice(&out[14..]).expect("ipv6");
+        assert_eq!(
+            (IpAddr::from(ip.source), IpAddr::from(ip.destination)),
+            outer
+        );
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&ip.source);
+        pseudo.extend_from_slice(&ip.destination);
+        pseudo.extend_from_slice(&(rest.len() as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 58]);
+        pseudo.extend_from_slice(rest);
+        assert_eq!(ones_sum(&pseudo), 0xffff, "ICMPv6 checksum");
+        assert_eq!(&rest[..2], &[2, 0]);
+        let (q, qrest) = etherparse::Ipv6Header::from_slice(&rest[8..]).expect("quoted ipv6");
+        (
+            (
+                (
+                    IpAddr::from(q.source),
+                    u16::from_be_bytes([qrest[0], qrest[1]]),
+                ),
+                (
+                    IpAddr::from(q.destination),
+                    u16::from_be_bytes([qrest[2], qrest[3]]),
+                ),
+            ),
+            rest.to_vec(),
+        )
+    };
+    let _ = icmp;
+    assert_eq!(l4, quoted, "the quoted packet as this side knows it");
+}
+
+/// Path-MTU errors about a NAT flow cross the NAT: one about a reply to the
+/// client (sent to the VIP) reaches the backend as if about the reply it
+/// sent; one about a packet to the backend (sent to the NAT address) reaches
+/// the client as if about its own packet. IPv4 and IPv6; an error about no
+/// flow passes untouched.
+#[test]
+fn path_mtu_errors_cross_the_nat_both_ways() {
+    for family in [AF_INET, AF_INET6] {
+        let (vip, nat, client, backend, router) = if family == AF_INET {
+            (
+                v4(VIP4),
+                v4(NAT4),
+                v4([198, 18, 1, 7]),
+                v4([198, 18, 2, 1]),
+                v4([198, 18, 9, 1]),
+            )
+        } else {
+            (
+                vip6(),
+                nat6(),
+                v6("2001:2:1::7".parse().unwrap()),
+                v6("2001:2:2::1".parse().unwrap()),
+                v6("2001:2:9::1".parse().unwrap()),
+            )
+        };
+        let k = key(vip, family, PROTO_TCP);
+        let mut f = fixture((1024, 32767), &[(k, 0, vec![(1, backend, 8080)])]);
+        let r = f
+            .run(&packet(
+                (CLIENT_MAC, LB_MAC),
+                client,
+                vip,
+                family,
+                PROTO_TCP,
+                40000,
+                80,
+                "S",
+            ))
+            .expect("run");
+        let port = decode(&r.out).sport;
+        let ipa = |a| ip(a, family);
+
+        // About the reply VIP:80 → client:40000, from the client's side.
+        let before = f.verdicts().unwrap();
+        let e = too_big_error(
+            family,
+            (CLIENT_MAC, LB_MAC),
+            router,
+            vip,
+            vip,
+            80,
+            client,
+            40000,
+        );
+        let r = f.run(&e).expect("run");
+        assert_eq!(r.action, action::TX, "family {family}: to the backend");
+        counted(&mut f, &before, verdict::NAT_ICMP);
+        assert_eq!(
+            (&r.out[..6], &r.out[6..12]),
+            (&backend_mac(1)[..], &LB_MAC[..])
+        );
+        check_error(
+            family,
+            &r.out,
+            (ipa(nat), ipa(backend)),
+            ((ipa(backend), 8080), (ipa(nat), port)),
+        );
+
+        // About the packet NAT:port → backend:8080, from the backend's side.
+        let before = f.verdicts().unwrap();
+        let e = too_big_error(
+            family,
+            (backend_mac(1), LB_MAC),
+            router,
+            nat,
+            nat,
+            port,
+            backend,
+            8080,
+        );
+        let r = f.run(&e).expect("run");
+        assert_eq!(r.action, action::TX, "family {family}: to the client");
+        counted(&mut f, &before, verdict::NAT_ICMP);
+        assert_eq!((&r.out[..6], &r.out[6..12]), (&CLIENT_MAC[..], &LB_MAC[..]));
+        check_error(
+            family,
+            &r.out,
+            (ipa(vip), ipa(client)),
+            ((ipa(client), 40000), (ipa(vip), 80)),
+        );
+
+        // About no flow: untouched.
+        let before = f.verdicts().unwrap();
+        let e = too_big_error(
+            family,
+            (CLIENT_MAC, LB_MAC),
+            router,
+            vip,
+            vip,
+            80,
+            client,
+            40001,
+        );
+        let r = f.run(&e).expect("run");
+        assert_eq!(r.action, action::PASS);
+        counted(&mut f, &before, verdict::PASS_NON_VIP);
+    }
 }
 
 /// A NAT VIP without a NAT source of its family refuses new flows

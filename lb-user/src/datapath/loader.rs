@@ -103,7 +103,18 @@ pub fn load_object(obj: &[u8], opts: &LoadOptions) -> Result<Ebpf> {
         load_program(&mut ebpf, name)?;
     }
     install_tracer(&mut ebpf)?;
-    install_jump(&mut ebpf, lb_common::PROG_TOO_BIG, lb_common::MAP_ICMP_JUMP)?;
+    install_jump(
+        &mut ebpf,
+        lb_common::PROG_TOO_BIG,
+        lb_common::MAP_ICMP_JUMP,
+        0,
+    )?;
+    install_jump(
+        &mut ebpf,
+        lb_common::PROG_NAT_ICMP,
+        lb_common::MAP_ICMP_JUMP,
+        1,
+    )?;
     Ok(ebpf)
 }
 
@@ -206,9 +217,10 @@ fn check_pins(maps_dir: &std::path::Path, opts: &LoadOptions) -> Result<()> {
     Ok(())
 }
 
-/// Loads program `prog` and puts it in slot 0 of program array `map`, where
-/// the balancer tail-calls it (an older object without them is left alone).
-fn install_jump(ebpf: &mut Ebpf, prog: &str, map: &str) -> Result<()> {
+/// Loads program `prog` and puts it in slot `slot` of program array `map`,
+/// where the balancer tail-calls it (an older object without them is left
+/// alone).
+fn install_jump(ebpf: &mut Ebpf, prog: &str, map: &str, slot: u32) -> Result<()> {
     if ebpf.program(prog).is_none() || ebpf.map(map).is_none() {
         return Ok(());
     }
@@ -216,7 +228,7 @@ fn install_jump(ebpf: &mut Ebpf, prog: &str, map: &str) -> Result<()> {
     let fd = xdp_program(ebpf, prog)?.fd()?.try_clone()?;
     let m = ebpf.map_mut(map).context("checked above")?;
     aya::maps::ProgramArray::try_from(m)?
-        .set(0, &fd, 0)
+        .set(slot, &fd, 0)
         .with_context(|| format!("installing `{prog}`"))?;
     Ok(())
 }
@@ -391,7 +403,18 @@ pub fn load_pinned(opts: &LoadOptions, dir: &std::path::Path) -> Result<(Ebpf, b
         load_program(&mut ebpf, name)?;
     }
     install_tracer(&mut ebpf)?;
-    install_jump(&mut ebpf, lb_common::PROG_TOO_BIG, lb_common::MAP_ICMP_JUMP)?;
+    install_jump(
+        &mut ebpf,
+        lb_common::PROG_TOO_BIG,
+        lb_common::MAP_ICMP_JUMP,
+        0,
+    )?;
+    install_jump(
+        &mut ebpf,
+        lb_common::PROG_NAT_ICMP,
+        lb_common::MAP_ICMP_JUMP,
+        1,
+    )?;
     Ok((ebpf, adopted))
 }
 
