@@ -12,6 +12,7 @@ pub use lb_user::{datapath::Dataplane, datapath::loader};
 
 pub mod cluster;
 pub mod scale;
+pub mod wrk;
 
 /// MACs used in fixtures.
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];

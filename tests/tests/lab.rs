@@ -549,9 +549,9 @@ fn agent_kill_9_and_restart_under_steady_traffic_fails_nothing() {
 
 /// Full NAT on the lab with bare backends (no VIP on loopback, no
 /// `lb_decap`: they see the balancer's address as the client): HTTP over
-/// IPv4 and IPv6 reaches every backend with no failure, the NAT table holds
-/// the flows, and a kill -9 of the agent under steady traffic fails nothing
-/// (the flows and their ports are pinned).
+/// IPv4 and IPv6 reaches every backend with no failure, wrk's load passes
+/// with no error, and a kill -9 of the agent under steady traffic fails
+/// nothing (the flows and their ports are pinned).
 #[test]
 fn nat_carries_http_to_bare_backends_and_survives_kill_9() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -576,6 +576,12 @@ fn nat_carries_http_to_bare_backends_and_survives_kill_9() {
         assert_eq!(failed, 0, "{}", r.log());
         assert_eq!(m.len(), 3, "all three backends answer");
     }
+    // Under wrk (32 connections, Connection: close, 3 s): no connect,
+    // write or timeout error, no failed answer.
+    let (rps, _, _, _, errors) =
+        lb_tests::wrk::wrk(&r.lab.client_ns(1), &format!("http://{}/", lab::VIP4), 3);
+    println!("nat: wrk {rps:.0} requests/s, {errors} errors");
+    assert_eq!(errors, 0.0, "wrk through the NAT VIP");
     // The translation is the datapath's: replies were counted as such.
     let st: serde_json::Value = api::call(&r.lab.socket(), &Request::Stats).expect("stats");
     let replies = st["verdicts"]["nat_reply"].as_u64().unwrap_or(0);

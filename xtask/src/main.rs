@@ -67,6 +67,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     ("bird", "bird2"),
     ("redis-server", "redis-server"),
+    // HTTP load in the lab's NAT scenario (and the benchmarks).
+    ("wrk", "wrk"),
 ];
 
 fn main() -> Result<()> {

@@ -359,6 +359,8 @@ pub async fn run_until(
     }
     let lc_shared = shared.clone();
     tokio::spawn(async move {
+        // The counter as first seen: refusals before a restart are old news.
+        let mut nat_no_port_seen: Option<u64> = None;
         loop {
             tokio::time::sleep(Duration::from_secs(5)).await;
             let r = tokio::task::block_in_place(|| {
@@ -379,6 +381,25 @@ pub async fn run_until(
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(freed = n, "NAT ports reclaimed"),
                 Err(e) => tracing::error!(error = format!("{e:#}"), "sweeping NAT entries failed"),
+            }
+            // New NAT flows refused for want of a port since the last look.
+            let refused = tokio::task::block_in_place(|| {
+                lock(&lc_shared)
+                    .and_then(|s| Ok(s.dp.verdicts()?[lb_common::verdict::NAT_NO_PORT as usize]))
+            });
+            if let Ok(n) = refused {
+                if let Some(seen) = nat_no_port_seen
+                    && n > seen
+                {
+                    tracing::warn!(
+                        refused = n - seen,
+                        total = n,
+                        "new NAT flows found no free source port: add NAT source addresses \
+                         (agent.nat_source_v4/_v6), widen agent.nat_ports, or raise \
+                         agent.flow_table_size if the NAT table is full"
+                    );
+                }
+                nat_no_port_seen = Some(n);
             }
         }
     });
