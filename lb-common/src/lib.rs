@@ -550,8 +550,8 @@ pub mod verdict {
     /// A backend's reply translated back to its client (sent with
     /// `XDP_TX` or `XDP_REDIRECT`).
     pub const NAT_REPLY: u32 = 14;
-    /// An ICMP "fragmentation needed" / "packet too big" about a NAT flow,
-    /// translated to the other side of the NAT and sent.
+    /// An ICMP "destination unreachable" / "packet too big" about a NAT
+    /// flow, translated to the other side of the NAT and sent.
     pub const NAT_ICMP: u32 = 15;
     /// An `ipip` packet that would exceed `agent.ipip_mtu` once
     /// encapsulated: answered with ICMP "fragmentation needed" (IPv4 with

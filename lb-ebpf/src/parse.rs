@@ -27,7 +27,7 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_ICMPV6: u8 = 58;
 
 const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PKT_TOOBIG: u8 = 2;
 /// IPv4 `frag_off` bits: more-fragments flag and the offset.
 const IPV4_MF_OFFSET: u16 = 0x3fff;
@@ -270,14 +270,16 @@ fn quoted_ports(ctx: &XdpContext, off: usize) -> Result<(u16, u16), Skip> {
     Ok((be16([b[0], b[1]]), be16([b[2], b[3]])))
 }
 
-/// If this ICMP packet is "fragmentation needed", rewrites `pkt` to describe
-/// the flow the quoted header belongs to. Other ICMP types are left alone.
+/// If this ICMP packet is "destination unreachable" (any code:
+/// fragmentation needed, port or host unreachable, ...), rewrites `pkt` to
+/// describe the flow the quoted header belongs to, as Katran does. Other
+/// ICMP types are left alone.
 #[inline(always)]
 fn icmp4_error(ctx: &XdpContext, l4_off: usize, pkt: &mut Packet) -> Result<(), Skip> {
     let icmp: *const [u8; 2] = ptr_at(ctx, l4_off).map_err(|_| Skip::Malformed)?;
     // SAFETY: ptr_at checked the bounds.
-    let [ty, code] = unsafe { *icmp };
-    if ty != ICMP_DEST_UNREACH || code != ICMP_FRAG_NEEDED {
+    let [ty, _code] = unsafe { *icmp };
+    if ty != ICMP_DEST_UNREACH {
         return Ok(());
     }
     let inner_off = l4_off + ICMP_HDR_LEN;
@@ -303,13 +305,14 @@ fn icmp4_error(ctx: &XdpContext, l4_off: usize, pkt: &mut Packet) -> Result<(), 
     Ok(())
 }
 
-/// The ICMPv6 "packet too big" counterpart of [`icmp4_error`].
+/// The ICMPv6 counterpart of [`icmp4_error`]: "destination unreachable"
+/// and "packet too big".
 #[inline(always)]
 fn icmp6_error(ctx: &XdpContext, l4_off: usize, pkt: &mut Packet) -> Result<(), Skip> {
     let icmp: *const [u8; 2] = ptr_at(ctx, l4_off).map_err(|_| Skip::Malformed)?;
     // SAFETY: ptr_at checked the bounds.
     let [ty, _code] = unsafe { *icmp };
-    if ty != ICMPV6_PKT_TOOBIG {
+    if ty != ICMPV6_PKT_TOOBIG && ty != ICMPV6_DEST_UNREACH {
         return Ok(());
     }
     let inner_off = l4_off + ICMP_HDR_LEN;

@@ -424,6 +424,15 @@ fn ones_sum(b: &[u8]) -> u16 {
     s as u16
 }
 
+/// A ones'-complement checksum after a 16-bit word of the data it covers
+/// went down by `dec` (RFC 1624).
+fn ones_fix(c: u16, dec: u16) -> u16 {
+    let mut s = u32::from(!c) + u32::from(!dec);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}
+
 /// An ICMP "fragmentation needed" / ICMPv6 "packet too big" from router
 /// `from` to `to`, quoting a TCP segment `qsrc:qsport → qdst:qdport`.
 #[allow(clippy::too_many_arguments)]
@@ -488,8 +497,10 @@ fn check_error(
             outer
         );
         assert_eq!(ones_sum(rest), 0xffff, "ICMP checksum");
-        assert_eq!(&rest[..2], &[3, 4]);
-        assert_eq!(u16::from_be_bytes([rest[6], rest[7]]), 1400, "MTU kept");
+        assert_eq!(rest[0], 3, "destination unreachable");
+        if rest[1] == 4 {
+            assert_eq!(u16::from_be_bytes([rest[6], rest[7]]), 1400, "MTU kept");
+        }
         let (q, qrest) = etherparse::Ipv4Header::from_slice(&rest[8..]).expect("quoted ipv4");
         assert_eq!(
             q.calc_header_checksum(),
@@ -632,6 +643,39 @@ fn path_mtu_errors_cross_the_nat_both_ways() {
             (ipa(vip), ipa(client)),
             ((ipa(client), 40000), (ipa(vip), 80)),
         );
+
+        // Another error of the same kind, port unreachable from the
+        // backend about its port (destination unreachable, code 3), also
+        // reaches the client (IPv4: any destination-unreachable code).
+        if family == AF_INET {
+            let mut e = too_big_error(
+                family,
+                (backend_mac(1), LB_MAC),
+                router,
+                nat,
+                nat,
+                port,
+                backend,
+                8080,
+            );
+            // Code 4 → 3, and the ICMP checksum word follows (+1 in the
+            // first word: its complement goes down by one).
+            e[14 + 20 + 1] = 3;
+            let c = u16::from_be_bytes([e[14 + 22], e[14 + 23]]);
+            let c = ones_fix(c, 1);
+            e[14 + 22..14 + 24].copy_from_slice(&c.to_be_bytes());
+            let before = f.verdicts().unwrap();
+            let r = f.run(&e).expect("run");
+            assert_eq!(r.action, action::TX, "port unreachable to the client");
+            counted(&mut f, &before, verdict::NAT_ICMP);
+            assert_eq!(r.out[14 + 20 + 1], 3, "still port unreachable");
+            check_error(
+                family,
+                &r.out,
+                (ipa(vip), ipa(client)),
+                ((ipa(client), 40000), (ipa(vip), 80)),
+            );
+        }
 
         // About no flow: untouched.
         let before = f.verdicts().unwrap();
