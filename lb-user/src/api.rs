@@ -227,6 +227,9 @@ pub struct VipInfo {
 pub struct BackendInfo {
     pub vip: VipRef,
     pub address: IpAddr,
+    /// NAT VIPs: the backend's own port, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     pub id: u32,
     pub weight: u32,
     pub state: BackendState,

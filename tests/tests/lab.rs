@@ -611,6 +611,21 @@ fn nat_carries_http_to_bare_backends_and_survives_kill_9() {
         "--port",
         "80",
     ]);
+    let listed: Vec<BackendInfo> = serde_json::from_value(
+        api::call(
+            &r.lab.socket(),
+            &Request::BackendList {
+                vip: Some(vip8080.parse().unwrap()),
+            },
+        )
+        .expect("backend list"),
+    )
+    .expect("backend list");
+    assert_eq!(
+        listed.iter().map(|b| b.port).collect::<Vec<_>>(),
+        vec![Some(80)],
+        "the backend's own port is listed"
+    );
     let t0 = Instant::now();
     let got = loop {
         let got = lb_user::host::netns::in_netns(&r.lab.client_ns(1), || {

@@ -95,6 +95,7 @@ impl State {
                 v.backends.iter().map(|b| BackendInfo {
                     vip: vip_ref(&v.cfg),
                     address: b.cfg.address,
+                    port: b.cfg.port,
                     id: b.id,
                     weight: b.cfg.weight,
                     state: b.state(),

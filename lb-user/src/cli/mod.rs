@@ -867,10 +867,15 @@ fn backend(cmd: BackendCmd, conn: &Conn) -> Result<()> {
                     .active_flows
                     .map(|n| n.to_string())
                     .unwrap_or_else(|| "-".into());
+                // A NAT backend on a port of its own shows it.
+                let addr = match b.port {
+                    Some(p) => std::net::SocketAddr::new(b.address, p).to_string(),
+                    None => b.address.to_string(),
+                };
                 println!(
                     "{:<28} {:<40} {:>5} {:>6} {:<9} {:<10} {active}",
                     b.vip.to_string(),
-                    b.address.to_string(),
+                    addr,
                     b.id,
                     b.weight,
                     b.state,

@@ -329,9 +329,12 @@ pub const PINNED_MAPS: &[&str] = &[
     // Least-connections counts: a restarted agent keeps them instead of
     // starting from zero until its first recount.
     lb_common::MAP_ACTIVE,
-    // NAT flows survive a restart like the connection table.
+    // NAT flows survive a restart like the connection table, and so do
+    // the allocation cursors: a cursor back at the start of its slice would
+    // meet the ports just held by closed flows (60 s each).
     lb_common::MAP_NAT,
     lb_common::MAP_NAT_ADDRS,
+    lb_common::MAP_NAT_CURSOR,
     // `lb trace` opens these from another process.
     lb_common::MAP_TRACE_CFG,
     lb_common::MAP_TRACE,
