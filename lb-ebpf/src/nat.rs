@@ -10,9 +10,10 @@
 //! its flow closed (FIN/RST) `NAT_CLOSED_S` ago (the backend's TIME_WAIT)
 //! or sat idle `NAT_IDLE_S`: here when an allocation meets it, and by the
 //! agent's sweep. `NAT` is a plain hash, not an LRU: a full table refuses
-//! new flows (counted) rather than evicting a live flow's port. The port space is per (backend, backend port, NAT
-//! address): the same port serves flows to different backends at once.
-//! Checksums are updated incrementally (RFC 1624).
+//! new flows (counted) rather than evicting a live flow's port. The port
+//! space is per (backend, backend port, NAT address): the same port serves
+//! flows to different backends at once. Checksums are updated
+//! incrementally (RFC 1624).
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
