@@ -202,14 +202,13 @@ pub(crate) fn note_forward(pkt: &Packet, b: &Backend, src: &Source, now: u32) {
     }
 }
 
-/// The reply entry for a packet to a NAT address, if it belongs to a flow
-/// (its clock and closing state brought up to date). A pointer into the
-/// map: the entry is too large to copy onto the stack.
+/// The `NAT` key of a packet going backend → NAT address (a reply, or the
+/// quoted packet of an error, reversed), built in this CPU's scratch slot.
 #[inline(always)]
-pub(crate) fn reply_for(pkt: &Packet) -> Option<*mut NatEntry> {
+fn reply_key(pkt: &Packet) -> Option<&'static NatKey> {
     let sc = NAT_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's scratch slot.
-    let key = unsafe {
+    // SAFETY: this CPU's scratch slot, ours while the program runs.
+    unsafe {
         let k = &mut (*sc).key;
         k.backend = pkt.key.src;
         k.nat = pkt.key.dst;
@@ -217,9 +216,16 @@ pub(crate) fn reply_for(pkt: &Packet) -> Option<*mut NatEntry> {
         k.nat_port = pkt.key.dport;
         k.proto = pkt.key.proto;
         k._pad = [0; 3];
-        &*k
-    };
-    let e = NAT.get_ptr_mut(key)?;
+        Some(&*k)
+    }
+}
+
+/// The reply entry for a packet to a NAT address, if it belongs to a flow
+/// (its clock and closing state brought up to date). A pointer into the
+/// map: the entry is too large to copy onto the stack.
+#[inline(always)]
+pub(crate) fn reply_for(pkt: &Packet) -> Option<*mut NatEntry> {
+    let e = NAT.get_ptr_mut(reply_key(pkt)?)?;
     let now = now_s();
     // SAFETY: a value pointer from a successful lookup.
     unsafe {
@@ -373,20 +379,8 @@ pub(crate) fn icmp_error(ctx: &XdpContext, pkt: &Packet) -> Option<IcmpOut> {
             None => {
                 // About a packet NAT address → backend: the reply entry
                 // says whose.
-                let sc = NAT_SCRATCH.get_ptr_mut(0)?;
-                // SAFETY: this CPU's scratch slot.
-                let key = unsafe {
-                    let k = &mut (*sc).key;
-                    k.backend = pkt.key.src;
-                    k.nat = pkt.key.dst;
-                    k.backend_port = pkt.key.sport;
-                    k.nat_port = pkt.key.dport;
-                    k.proto = pkt.key.proto;
-                    k._pad = [0; 3];
-                    &*k
-                };
                 // SAFETY: read-only use of the value.
-                let e = unsafe { NAT.get(key) }?;
+                let e = unsafe { NAT.get(reply_key(pkt)?) }?;
                 (
                     (&e.vip, &e.client),
                     (&e.client, e.client_port),

@@ -102,19 +102,7 @@ pub fn load_object(obj: &[u8], opts: &LoadOptions) -> Result<Ebpf> {
     ] {
         load_program(&mut ebpf, name)?;
     }
-    install_tracer(&mut ebpf)?;
-    install_jump(
-        &mut ebpf,
-        lb_common::PROG_TOO_BIG,
-        lb_common::MAP_ICMP_JUMP,
-        0,
-    )?;
-    install_jump(
-        &mut ebpf,
-        lb_common::PROG_NAT_ICMP,
-        lb_common::MAP_ICMP_JUMP,
-        1,
-    )?;
+    install_tail_calls(&mut ebpf)?;
     Ok(ebpf)
 }
 
@@ -215,6 +203,14 @@ fn check_pins(maps_dir: &std::path::Path, opts: &LoadOptions) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Every program the balancer tail-calls, in its slot: the traced copy
+/// (`lb trace`), the ICMP "too big" builder and the NAT ICMP translator.
+fn install_tail_calls(ebpf: &mut Ebpf) -> Result<()> {
+    install_tracer(ebpf)?;
+    install_jump(ebpf, lb_common::PROG_TOO_BIG, lb_common::MAP_ICMP_JUMP, 0)?;
+    install_jump(ebpf, lb_common::PROG_NAT_ICMP, lb_common::MAP_ICMP_JUMP, 1)
 }
 
 /// Loads program `prog` and puts it in slot `slot` of program array `map`,
@@ -405,19 +401,7 @@ pub fn load_pinned(opts: &LoadOptions, dir: &std::path::Path) -> Result<(Ebpf, b
     ] {
         load_program(&mut ebpf, name)?;
     }
-    install_tracer(&mut ebpf)?;
-    install_jump(
-        &mut ebpf,
-        lb_common::PROG_TOO_BIG,
-        lb_common::MAP_ICMP_JUMP,
-        0,
-    )?;
-    install_jump(
-        &mut ebpf,
-        lb_common::PROG_NAT_ICMP,
-        lb_common::MAP_ICMP_JUMP,
-        1,
-    )?;
+    install_tail_calls(&mut ebpf)?;
     Ok((ebpf, adopted))
 }
 
