@@ -32,6 +32,31 @@ pub fn load_tools() -> Result<Ebpf> {
     loader::load_tools()
 }
 
+/// One's-complement sum of `b` folded to 16 bits: 0xffff when a checksum
+/// over it holds.
+pub fn ones_sum(b: &[u8]) -> u16 {
+    let mut s = 0u32;
+    for w in b.chunks(2) {
+        s += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+    }
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s as u16
+}
+
+/// The verdict counters that moved between `before` and `after`: (reason,
+/// by how much).
+pub fn moved_verdicts(before: &[u64], after: &[u64]) -> Vec<(usize, u64)> {
+    after
+        .iter()
+        .zip(before)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, (a, b))| (i, a - b))
+        .collect()
+}
+
 /// Result of one BPF_PROG_TEST_RUN.
 #[derive(Debug)]
 pub struct Run {

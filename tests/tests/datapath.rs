@@ -766,15 +766,8 @@ fn ipip_without_headroom_is_encap_failed_and_records_nothing() {
         let r = run_with_headroom_taken(&mut f, &pkt, 200);
         let after = f.verdicts().expect("verdicts");
         assert_eq!(r.action, action::DROP);
-        let moved: Vec<(usize, u64)> = after
-            .iter()
-            .zip(&before)
-            .enumerate()
-            .filter(|(_, (a, b))| a != b)
-            .map(|(i, (a, b))| (i, a - b))
-            .collect();
         assert_eq!(
-            moved,
+            lb_tests::moved_verdicts(&before, &after),
             [(verdict::ENCAP_FAILED as usize, 1)],
             "exactly one encap_failed"
         );
@@ -895,18 +888,6 @@ fn set_df(mut p: Vec<u8>, on: bool) -> Vec<u8> {
     p
 }
 
-/// One's-complement sum of `b` folded: 0xffff when a checksum over it holds.
-fn ones_sum(b: &[u8]) -> u16 {
-    let mut s = 0u32;
-    for w in b.chunks(2) {
-        s += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
-    }
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    s as u16
-}
-
 /// An `ipip` packet too big for `agent.ipip_mtu` once encapsulated comes
 /// back to the client as ICMP "fragmentation needed" / ICMPv6 "packet too
 /// big" (from the VIP, quoting the packet, checksums right, the inner MTU
@@ -936,7 +917,7 @@ fn ipip_too_big_for_the_path_answers_with_icmp() {
         "destination unreachable, fragmentation needed"
     );
     assert_eq!(u16::from_be_bytes([rest[6], rest[7]]), 1260, "next-hop MTU");
-    assert_eq!(ones_sum(&rest[..36]), 0xffff, "ICMP checksum");
+    assert_eq!(lb_tests::ones_sum(&rest[..36]), 0xffff, "ICMP checksum");
     assert_eq!(
         &rest[8..36],
         &big4[14..42],
@@ -973,7 +954,7 @@ fn ipip_too_big_for_the_path_answers_with_icmp() {
     pseudo.extend_from_slice(&(56u32).to_be_bytes());
     pseudo.extend_from_slice(&[0, 0, 0, 58]);
     pseudo.extend_from_slice(&rest[..56]);
-    assert_eq!(ones_sum(&pseudo), 0xffff, "ICMPv6 checksum");
+    assert_eq!(lb_tests::ones_sum(&pseudo), 0xffff, "ICMPv6 checksum");
     assert_eq!(&rest[8..56], &big6[14..62]);
 
     // A packet that fits is encapsulated as ever.

@@ -133,6 +133,31 @@ impl Running {
             .unwrap_or_default()
     }
 
+    /// 4 s of the lab's load (200 requests/s over IPv4) during which the
+    /// agent is killed with SIGKILL after 1 s and started again 0.5 s later
+    /// (logging to `agent2.log`); every sample.
+    fn load_across_kill_9(&mut self) -> Vec<Sample> {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let handles = lab::load(
+            &self.lab.clone(),
+            false,
+            200,
+            Duration::from_secs(4),
+            samples.clone(),
+        );
+        std::thread::sleep(Duration::from_millis(1000));
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill(); // SIGKILL: no clean-up at all
+            let _ = a.wait();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        self.spawn_agent("agent2.log");
+        for h in handles {
+            h.join().unwrap();
+        }
+        samples.lock().unwrap().clone()
+    }
+
     /// Runs the lab's load for `secs` at `rate`, calling `during` once with
     /// the start time, and returns every sample.
     fn load(&self, v6: bool, rate: u32, secs: f64, during: impl FnOnce(Instant)) -> Vec<Sample> {
@@ -517,25 +542,7 @@ fn drain_keeps_a_long_request_and_sends_new_ones_elsewhere() {
 fn agent_kill_9_and_restart_under_steady_traffic_fails_nothing() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut r = Running::start("lt-rs", "dsr", "5-tuple", "kind = \"tcp\"");
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let handles = lab::load(
-        &r.lab.clone(),
-        false,
-        200,
-        Duration::from_secs(4),
-        samples.clone(),
-    );
-    std::thread::sleep(Duration::from_millis(1000));
-    if let Some(mut a) = r.agent.take() {
-        let _ = a.kill(); // SIGKILL: no clean-up at all
-        let _ = a.wait();
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    r.spawn_agent("agent2.log");
-    for h in handles {
-        h.join().unwrap();
-    }
-    let s = samples.lock().unwrap().clone();
+    let s = r.load_across_kill_9();
     let failed = s.iter().filter(|x| x.result.is_err()).count();
     let log = std::fs::read_to_string(r.lab.run_dir().join("agent2.log")).unwrap_or_default();
     println!(
@@ -648,25 +655,7 @@ fn nat_carries_http_to_bare_backends_and_survives_kill_9() {
     println!("nat: {vip8080} → {}:80 answered {got:?}", lab::backend4(2));
     assert!(got.contains("b2"), "{got}");
 
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let handles = lab::load(
-        &r.lab.clone(),
-        false,
-        200,
-        Duration::from_secs(4),
-        samples.clone(),
-    );
-    std::thread::sleep(Duration::from_millis(1000));
-    if let Some(mut a) = r.agent.take() {
-        let _ = a.kill(); // SIGKILL: no clean-up at all
-        let _ = a.wait();
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    r.spawn_agent("agent2.log");
-    for h in handles {
-        h.join().unwrap();
-    }
-    let s = samples.lock().unwrap().clone();
+    let s = r.load_across_kill_9();
     let failed = s.iter().filter(|x| x.result.is_err()).count();
     println!(
         "nat: {} requests across kill -9 and restart of the agent, {failed} failed",

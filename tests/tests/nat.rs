@@ -211,15 +211,8 @@ fn key(addr: [u8; 16], family: u8, proto: u8) -> VipKey {
 
 fn counted(f: &mut Fixture, before: &[u64], reason: u32) {
     let after = f.verdicts().expect("verdicts");
-    let moved: Vec<(usize, u64)> = after
-        .iter()
-        .zip(before)
-        .enumerate()
-        .filter(|(_, (a, b))| a != b)
-        .map(|(i, (a, b))| (i, a - b))
-        .collect();
     assert_eq!(
-        moved,
+        lb_tests::moved_verdicts(before, &after),
         vec![(reason as usize, 1)],
         "exactly one `{}`",
         verdict::NAMES[reason as usize]
@@ -412,18 +405,6 @@ fn ports_are_never_shared_and_exhaustion_is_counted() {
     assert!((2000..=2001).contains(&out.sport));
 }
 
-/// One's-complement sum of `b` folded: 0xffff when a checksum over it holds.
-fn ones_sum(b: &[u8]) -> u16 {
-    let mut s = 0u32;
-    for w in b.chunks(2) {
-        s += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
-    }
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    s as u16
-}
-
 /// A ones'-complement checksum after a 16-bit word of the data it covers
 /// went down by `dec` (RFC 1624).
 fn ones_fix(c: u16, dec: u16) -> u16 {
@@ -496,7 +477,7 @@ fn check_error(
             (IpAddr::from(ip.source), IpAddr::from(ip.destination)),
             outer
         );
-        assert_eq!(ones_sum(rest), 0xffff, "ICMP checksum");
+        assert_eq!(lb_tests::ones_sum(rest), 0xffff, "ICMP checksum");
         assert_eq!(rest[0], 3, "destination unreachable");
         if rest[1] == 4 {
             assert_eq!(u16::from_be_bytes([rest[6], rest[7]]), 1400, "MTU kept");
@@ -532,7 +513,7 @@ fn check_error(
         pseudo.extend_from_slice(&(rest.len() as u32).to_be_bytes());
         pseudo.extend_from_slice(&[0, 0, 0, 58]);
         pseudo.extend_from_slice(rest);
-        assert_eq!(ones_sum(&pseudo), 0xffff, "ICMPv6 checksum");
+        assert_eq!(lb_tests::ones_sum(&pseudo), 0xffff, "ICMPv6 checksum");
         assert_eq!(&rest[..2], &[2, 0]);
         let (q, qrest) = etherparse::Ipv6Header::from_slice(&rest[8..]).expect("quoted ipv6");
         (
