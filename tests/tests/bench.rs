@@ -187,6 +187,8 @@ fn bench_packet_rate() {
         let mut sent_runs = Vec::new();
         let mut floor_sent_runs = Vec::new();
         let mut nat_runs = Vec::new();
+        let mut minimal_runs = Vec::new();
+        let mut minimal16_runs = Vec::new();
         for _ in 0..3 {
             // The floor program in the LB's place, then the balancer, alternating.
             let mut floor = lb_tests::load_tools().expect("load");
@@ -205,6 +207,23 @@ fn bench_packet_rate() {
             floor_sent_runs.push(floor_sent);
             floor_runs.push(floor_fwd);
             drop(floor);
+            // The least any balancer with a connection table does (one VIP
+            // hash lookup, one LRU lookup or insert of a 262,144-entry table,
+            // a backend read, a counter, the MACs): what the table alone
+            // costs at this flow count; then the same with a compact 16-byte
+            // IPv4 flow key instead of the 40-byte one.
+            for (prog, runs) in [
+                ("cost_minimal_lb", &mut minimal_runs),
+                ("cost_minimal_lb16", &mut minimal16_runs),
+            ] {
+                let mut minimal = lb_tests::load_tools().expect("load");
+                rig.lb_ns
+                    .enter(|| loader::attach(&mut minimal, prog, "l0", loader::AttachMode::Native))
+                    .expect("setns")
+                    .expect("attach minimal balancer");
+                let (_, fwd) = rig.blast("198.18.20.100:9", false, flows, 2.0);
+                runs.push(fwd);
+            }
             let mut lb = balancer(&rig, vip, 1 << 18);
             rig.lb_ns
                 .enter(|| {
@@ -239,20 +258,30 @@ fn bench_packet_rate() {
             nat_runs.push(fwd);
             drop(nat);
         }
+        println!(
+            "minimal16 {:.3}",
+            median(minimal16_runs.clone()) / 1e6 / (median(floor_runs.clone()) / 1e6)
+        );
         let (f, l) = (median(floor_runs), median(lb_runs));
         let n = median(nat_runs);
+        let (m, m16) = (median(minimal_runs), median(minimal16_runs));
         println!(
-            "{flows:>7} flows: floor {:.3} Mpps, lb {:.3} Mpps, ratio {:.2}, nat {:.3} Mpps",
+            "{flows:>7} flows: floor {:.3} Mpps, lb {:.3} Mpps, ratio {:.2}, nat {:.3} Mpps, \
+             minimal balancer {:.3} Mpps ({:.2}), with a 16-byte key {:.3} Mpps ({:.2})",
             f / 1e6,
             l / 1e6,
             l / f,
-            n / 1e6
+            n / 1e6,
+            m / 1e6,
+            m / f,
+            m16 / 1e6,
+            m16 / f
         );
         // The offered rates say whether the generator, not the program,
         // set the pace: the ratio means something only if both were offered
         // about the same and each forwarded less than it was offered.
         rows.push(
-            json!({"flows": flows, "floor_pps": f, "lb_pps": l, "ratio": l / f, "nat_pps": n,
+            json!({"flows": flows, "floor_pps": f, "lb_pps": l, "ratio": l / f, "nat_pps": n, "minimal_pps": m, "minimal16_pps": m16,
             "offered_pps": median(sent_runs), "floor_offered_pps": median(floor_sent_runs)}),
         );
     }

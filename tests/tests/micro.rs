@@ -396,6 +396,12 @@ fn cases() -> Vec<Case> {
         Case::tools(
             "cost: minimal balancer (parse, VIP hash, LRU, backend array, counter, MACs)",
             "cost_minimal_lb",
+            est.clone(),
+            TX,
+        ),
+        Case::tools(
+            "cost: minimal balancer with a 16-byte IPv4 flow key",
+            "cost_minimal_lb16",
             est,
             TX,
         ),
