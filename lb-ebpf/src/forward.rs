@@ -34,11 +34,20 @@ pub struct Hop {
 /// Writes the next hop's MAC and our source MAC.
 #[inline(always)]
 pub fn set_macs(ctx: &XdpContext, hop: &Hop) -> Result<(), ()> {
+    write_macs(ctx, &hop.dmac, &hop.smac)
+}
+
+/// Writes the Ethernet destination and source addresses.
+#[inline(always)]
+pub fn write_macs(ctx: &XdpContext, dmac: &[u8; 6], smac: &[u8; 6]) -> Result<(), ()> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: ptr_at checked the bounds.
+    // A plain assignment compiles to a call of `memmove` (a byte loop in a
+    // function of its own); a non-overlapping copy is inlined as loads and
+    // stores.
+    // SAFETY: ptr_at checked the bounds; the sources are not packet memory.
     unsafe {
-        (*eth).dst_addr = hop.dmac;
-        (*eth).src_addr = hop.smac;
+        core::ptr::copy_nonoverlapping(dmac, &mut (*eth).dst_addr, 1);
+        core::ptr::copy_nonoverlapping(smac, &mut (*eth).src_addr, 1);
     }
     Ok(())
 }
@@ -48,15 +57,17 @@ pub fn set_macs(ctx: &XdpContext, hop: &Hop) -> Result<(), ()> {
 #[inline(always)]
 pub(crate) fn move_l2(ctx: &XdpContext, from: usize, l3_off: usize) -> Result<(), ()> {
     // The VLAN tag, if any, follows the Ethernet header: 14 or 18 bytes.
+    // Copies, not assignments: an assignment is a call of `memmove` (see
+    // `set_macs`).
     let src: *const [u8; 14] = ptr_at(ctx, from)?;
     let dst: *mut [u8; 14] = ptr_at(ctx, 0)?;
     // SAFETY: both ranges checked by ptr_at; they do not overlap.
-    unsafe { *dst = *src };
+    unsafe { core::ptr::copy_nonoverlapping(src, dst, 1) };
     if l3_off > EthHdr::LEN {
         let src: *const [u8; 4] = ptr_at(ctx, from + EthHdr::LEN)?;
         let dst: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN)?;
         // SAFETY: as above.
-        unsafe { *dst = *src };
+        unsafe { core::ptr::copy_nonoverlapping(src, dst, 1) };
     }
     Ok(())
 }

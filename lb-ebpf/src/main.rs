@@ -441,15 +441,7 @@ fn nat_reply(ctx: &XdpContext, pkt: &parse::Packet) -> Result<(u32, u32), ()> {
     // ever replaced whole by the allocating CPU.
     let e = unsafe { &*e };
     if nat::rewrite(ctx, pkt, &e.vip, e.vip_port, &e.client, e.client_port).is_err()
-        || forward::set_macs(
-            ctx,
-            &forward::Hop {
-                dmac: e.client_mac,
-                smac: e.lb_mac,
-                ifindex: e.ifindex,
-            },
-        )
-        .is_err()
+        || forward::write_macs(ctx, &e.client_mac, &e.lb_mac).is_err()
     {
         return Ok((verdict::INTERNAL, xdp_action::XDP_DROP));
     }

@@ -49,6 +49,16 @@ pub(crate) struct Source {
     pub port: u16,
 }
 
+/// `*dst = *src` for byte arrays, as a non-overlapping copy: between two
+/// map values (or a map value and the stack) the assignment compiles to a
+/// call of `memmove`, a byte loop in a function of its own; the copy is
+/// inlined.
+#[inline(always)]
+fn copy<const N: usize>(dst: &mut [u8; N], src: &[u8; N]) {
+    // SAFETY: two distinct references: they cannot overlap.
+    unsafe { core::ptr::copy_nonoverlapping(src, dst, 1) }
+}
+
 /// The NAT source address at `idx`.
 #[inline(always)]
 pub(crate) fn source_addr(idx: u16) -> Option<[u8; 16]> {
@@ -107,23 +117,24 @@ pub(crate) fn allocate(
     // slot and `cursor` its cursor, both ours while the program runs.
     unsafe {
         let e = &mut (*sc).entry;
-        e.client = pkt.key.src;
-        e.vip = pkt.key.dst;
+        copy(&mut e.client, &pkt.key.src);
+        copy(&mut e.vip, &pkt.key.dst);
         e.client_port = pkt.key.sport;
         e.vip_port = pkt.key.dport;
-        e.client_mac = (*eth).src_addr;
-        e.lb_mac = (*eth).dst_addr;
+        copy(&mut e.client_mac, &(*eth).src_addr);
+        copy(&mut e.lb_mac, &(*eth).dst_addr);
         e.flags = 0;
         e._pad = 0;
         e.ifindex = ctx.ingress_ifindex() as u32;
         e.last_seen_s = now;
         let k = &mut (*sc).key;
-        k.backend = b.addr;
-        k.nat = addr;
+        copy(&mut k.backend, &b.addr);
+        copy(&mut k.nat, &addr);
         k.backend_port = backend_port(pkt, b);
         k.nat_port = 0;
         k.proto = pkt.key.proto;
-        k._pad = [0; 3];
+        k._pad = 0;
+        k._pad2 = 0;
         let start = *cursor;
         let mut i = 0;
         while i < NAT_PORT_TRIES {
@@ -181,12 +192,13 @@ pub(crate) fn note_forward(pkt: &Packet, b: &Backend, src: &Source, now: u32) {
     // SAFETY: this CPU's scratch slot.
     let key = unsafe {
         let k = &mut (*sc).key;
-        k.backend = b.addr;
-        k.nat = src.addr;
+        copy(&mut k.backend, &b.addr);
+        copy(&mut k.nat, &src.addr);
         k.backend_port = backend_port(pkt, b);
         k.nat_port = src.port;
         k.proto = pkt.key.proto;
-        k._pad = [0; 3];
+        k._pad = 0;
+        k._pad2 = 0;
         &*k
     };
     if let Some(e) = NAT.get_ptr_mut(key) {
@@ -210,12 +222,13 @@ fn reply_key(pkt: &Packet) -> Option<&'static NatKey> {
     // SAFETY: this CPU's scratch slot, ours while the program runs.
     unsafe {
         let k = &mut (*sc).key;
-        k.backend = pkt.key.src;
-        k.nat = pkt.key.dst;
+        copy(&mut k.backend, &pkt.key.src);
+        copy(&mut k.nat, &pkt.key.dst);
         k.backend_port = pkt.key.sport;
         k.nat_port = pkt.key.dport;
         k.proto = pkt.key.proto;
-        k._pad = [0; 3];
+        k._pad = 0;
+        k._pad2 = 0;
         Some(&*k)
     }
 }

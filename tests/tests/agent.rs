@@ -472,7 +472,8 @@ fn agent_kill_9_and_restart_loses_nothing_and_cli_changes_persist() {
         sport: local.port(),
         dport: 8080,
         proto: lb_common::PROTO_TCP,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     let entry_before = pinned_flow(&agent.instance, &key).expect("the connection is in the table");
     let ids_before: Vec<(String, u32)> = agent

@@ -342,7 +342,8 @@ fn syn_flood_once(rig: &RateRig, table: u32, flows: u32, guard: u32) -> serde_js
                 sport: 40000,
                 dport: 80,
                 proto: PROTO_TCP,
-                _pad: [0; 3],
+                _pad: 0,
+                _pad2: 0,
             };
             dp.flow(&k).ok().flatten().is_some()
         })

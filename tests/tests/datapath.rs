@@ -747,7 +747,8 @@ fn ipip_without_headroom_is_encap_failed_and_records_nothing() {
                 sport: 40001,
                 dport: 53,
                 proto: PROTO_UDP,
-                _pad: [0; 3],
+                _pad: 0,
+                _pad2: 0,
             },
         ),
         (
@@ -758,7 +759,8 @@ fn ipip_without_headroom_is_encap_failed_and_records_nothing() {
                 sport: 40001,
                 dport: 53,
                 proto: PROTO_UDP,
-                _pad: [0; 3],
+                _pad: 0,
+                _pad2: 0,
             },
         ),
     ] {

@@ -75,7 +75,8 @@ fn run(limit: u32, flood: u32) -> (u32, u32, u64) {
                 sport: p,
                 dport: 80,
                 proto: PROTO_TCP,
-                _pad: [0; 3],
+                _pad: 0,
+                _pad2: 0,
             };
             dp.flow(&k).ok().flatten().is_some()
         })

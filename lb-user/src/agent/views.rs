@@ -145,7 +145,8 @@ impl State {
             sport: client.port(),
             dport: cfg.port,
             proto: key.proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         };
         let table_backend = if cfg.flow_table {
             self.dp
