@@ -93,6 +93,26 @@ pub const fn vip_filter_slot_folded(folded: u32) -> (u32, u32) {
     (slot >> 5, slot & 31)
 }
 
+/// Where `VIP_TABLE_FILTER` keeps the bit of (address, port): set when a
+/// VIP that keeps a connection table lives there (port 0: a VIP of every
+/// port, which the datapath checks too). Per port, so a VIP without a table
+/// that shares its address with one that has a table is not looked up in
+/// the table first.
+#[inline(always)]
+pub const fn vip_table_slot(addr: &[u8; 16], port: u16) -> (u32, u32) {
+    vip_table_slot_folded(
+        word(addr, 0) ^ word(addr, 4) ^ word(addr, 8) ^ word(addr, 12),
+        port,
+    )
+}
+
+/// [`vip_table_slot`] of an address already folded (see
+/// [`vip_filter_slot_folded`]).
+#[inline(always)]
+pub const fn vip_table_slot_folded(folded: u32, port: u16) -> (u32, u32) {
+    vip_filter_slot_folded(folded ^ ((port as u32) << 16))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +138,17 @@ mod tests {
         let v6 = [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
         let folded = word(&v6, 0) ^ word(&v6, 4) ^ word(&v6, 8) ^ word(&v6, 12);
         assert_eq!(vip_filter_slot(&v6), vip_filter_slot_folded(folded));
+    }
+
+    #[test]
+    fn table_slots_differ_per_port() {
+        let v4 = [198, 18, 0, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_ne!(vip_table_slot(&v4, 80), vip_table_slot(&v4, 443));
+        assert_ne!(vip_table_slot(&v4, 80), vip_table_slot(&v4, 0));
+        assert_eq!(
+            vip_table_slot(&v4, 80),
+            vip_table_slot_folded(u32::from_le_bytes([198, 18, 0, 100]), 80)
+        );
     }
 
     #[test]

@@ -55,6 +55,11 @@ pub const MAP_DECAP_ADDRS: &str = "DECAP_ADDRS";
 pub const MAP_DECAP_VERDICTS: &str = "DECAP_VERDICTS";
 pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
 pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
+/// The VIP-address filter of addresses with a VIP that keeps a connection
+/// table (same slots as `VIP_FILTER`).
+pub const MAP_VIP_TABLE_FILTER: &str = "VIP_TABLE_FILTER";
+/// VIP id → [`VipById`].
+pub const MAP_VIPS_BY_ID: &str = "VIPS_BY_ID";
 pub const MAP_ACTIVE: &str = "ACTIVE";
 pub const MAP_RR_POS: &str = "RR_POS";
 pub const MAP_FIB_SCRATCH: &str = "FIB_SCRATCH";
@@ -134,6 +139,19 @@ pub struct VipKey {
     pub proto: u8,
     /// [`AF_INET`] or [`AF_INET6`].
     pub family: u8,
+}
+
+/// Value of `VIPS_BY_ID`: a VIP's key and entry under its id. An
+/// established flow's table entry names its VIP's id, so its packets find
+/// the VIP with one array read instead of one or two hash lookups; the key
+/// is compared with the packet's destination, so an id given to another
+/// VIP since the flow began does not match. `key.family == 0`: no VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct VipById {
+    pub key: VipKey,
+    pub meta: VipMeta,
 }
 
 /// [`VipMeta::flags`]: hash the client address only (source-ip stickiness).
@@ -315,7 +333,8 @@ pub struct Backend {
 }
 
 /// Key of the connection table: the flow's 5-tuple as the client sent it.
-#[repr(C)]
+/// Aligned to 4 so the datapath can compare its addresses a word at a time.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FlowKey {
@@ -602,6 +621,7 @@ mod pod {
     // arrays, with explicit padding (checked by bytemuck's derive).
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipMeta {}
+    unsafe impl aya::Pod for super::VipById {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
@@ -622,6 +642,7 @@ mod pod {
 const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipMeta>() == 28);
+    assert!(core::mem::size_of::<VipById>() == 48);
     assert!(core::mem::size_of::<Backend>() == 40);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<Flow>() == 16);

@@ -51,12 +51,12 @@ use crate::{
     sched::{active_add, backend, ring_for, schedule, vip_ring},
     stats::{decap_verdict, verdict},
     trace::{Observe, Quiet, Seen},
-    vip::{is_vip_addr, lookup_vip, maybe_vip_addr},
+    vip::{is_vip_addr, lookup_vip, maybe_table_vip, maybe_vip_addr, vip_of_flow},
 };
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let pkt = match vip_candidate(&ctx) {
+    let (pkt, folded) = match vip_candidate(&ctx) {
         Ok(p) => p,
         Err(action) => return action,
     };
@@ -65,17 +65,19 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         // slot (no agent loaded the traced copy) it falls through.
         unsafe { maps::TRACE_JUMP.tail_call(&ctx, 0) };
     }
-    let (reason, action) =
-        try_lb(&ctx, &pkt, &mut Quiet).unwrap_or((verdict::MALFORMED, xdp_action::XDP_PASS));
+    let (reason, action) = try_lb(&ctx, &pkt, folded, &mut Quiet)
+        .unwrap_or((verdict::MALFORMED, xdp_action::XDP_PASS));
     verdict(reason, action)
 }
 
 /// Parses the packet and lets through what cannot be for a VIP, counted:
 /// not IP, IPv6 extension headers, malformed, or an address that is no
 /// VIP's (most of a host's traffic, which leaves here before the trace
-/// check: `lb trace` sees VIP addresses only). `Err` is the XDP action.
+/// check: `lb trace` sees VIP addresses only). `Ok`: the packet and its
+/// destination folded to 32 bits (the filters' input); `Err`: the XDP
+/// action.
 #[inline(always)]
-fn vip_candidate(ctx: &XdpContext) -> Result<parse::Packet, u32> {
+fn vip_candidate(ctx: &XdpContext) -> Result<(parse::Packet, u32), u32> {
     let skip = |s| match s {
         Skip::NotIp => verdict(verdict::PASS_NON_IP, xdp_action::XDP_PASS),
         Skip::Ipv6Ext => verdict(verdict::PASS_IPV6_EXT, xdp_action::XDP_PASS),
@@ -83,10 +85,11 @@ fn vip_candidate(ctx: &XdpContext) -> Result<parse::Packet, u32> {
     };
     // The filter first, on the destination alone: most of a host's traffic
     // is for no VIP and leaves after one array lookup, unparsed.
-    if !maybe_vip_addr(parse::folded_dst(ctx).map_err(skip)?) {
+    let folded = parse::folded_dst(ctx).map_err(skip)?;
+    if !maybe_vip_addr(folded) {
         return Err(verdict(verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
     }
-    parse::parse(ctx).map_err(skip)
+    Ok((parse::parse(ctx).map_err(skip)?, folded))
 }
 
 /// [`lb_xdp`] while `lb trace` runs: the same balancer, watched, entered by
@@ -94,13 +97,13 @@ fn vip_candidate(ctx: &XdpContext) -> Result<parse::Packet, u32> {
 /// it and each copy fits the verifier's budget on its own.
 #[xdp]
 pub fn lb_xdp_traced(ctx: XdpContext) -> u32 {
-    let pkt = match vip_candidate(&ctx) {
+    let (pkt, folded) = match vip_candidate(&ctx) {
         Ok(p) => p,
         Err(action) => return action,
     };
     let mut seen = Seen::new();
     let (reason, action) =
-        try_lb(&ctx, &pkt, &mut seen).unwrap_or((verdict::MALFORMED, xdp_action::XDP_PASS));
+        try_lb(&ctx, &pkt, folded, &mut seen).unwrap_or((verdict::MALFORMED, xdp_action::XDP_PASS));
     if let Some(c) = trace::filter() {
         seen.family = pkt.family;
         trace::emit(c, &pkt.key, &seen, (reason << 8) | action);
@@ -179,6 +182,7 @@ pub fn lb_pass(_ctx: XdpContext) -> u32 {
 fn try_lb<O: Observe>(
     ctx: &XdpContext,
     pkt: &parse::Packet,
+    folded_dst: u32,
     seen: &mut O,
 ) -> Result<(u32, u32), ()> {
     if pkt.fragment {
@@ -187,7 +191,25 @@ fn try_lb<O: Observe>(
         }
         return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
     }
-    let vip = lookup_vip(pkt);
+    // Where a VIP with a connection table may live, the flow is looked up
+    // first: an established flow's entry names its VIP, read by id (one
+    // array read) instead of by the VIP hash lookups. Anything else (a new
+    // flow, an entry whose VIP is gone) looks the VIP up as usual, and the
+    // entry found here is the one used below.
+    let early = !pkt.icmp_error && maybe_table_vip(folded_dst, pkt.key.dport);
+    let mut entry: Option<*mut Flow> = None;
+    let mut vip = None;
+    if early {
+        entry = FLOWS.get_ptr_mut(&pkt.key);
+        if let Some(f) = entry {
+            // SAFETY: a value pointer from a successful lookup.
+            vip = vip_of_flow(pkt, unsafe { (*f).vip_id });
+        }
+    }
+    let vip = match vip {
+        Some(v) => Some(v),
+        None => lookup_vip(pkt),
+    };
     if pkt.icmp_error && vip.is_none_or(|v| v.flags & VIP_F_NAT != 0) {
         // About a NAT VIP's flow, or to no VIP (perhaps a NAT address):
         // translated by `lb_nat_icmp` (tail call; its rewrite does not fit
@@ -231,7 +253,14 @@ fn try_lb<O: Observe>(
     let mut uncount: Option<u32> = None;
     // A NAT flow's source (address index, port), from its table entry.
     let mut nat_src: Option<(u16, u16)> = None;
-    if use_table && let Some(f) = FLOWS.get_ptr_mut(key) {
+    let entry = if early {
+        entry
+    } else if use_table {
+        FLOWS.get_ptr_mut(key)
+    } else {
+        None
+    };
+    if use_table && let Some(f) = entry {
         // SAFETY: the pointer comes from a successful lookup; a concurrent
         // writer can at worst make us reschedule a flow, never read garbage
         // out of bounds.

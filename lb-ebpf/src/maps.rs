@@ -8,7 +8,8 @@ use aya_ebpf::{
 use lb_common::{
     Backend, BackendIdKey, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SLOTS, FloodGuard, FloodState,
     Flow, FlowKey, MAX_BACKENDS, MAX_NAT_ADDRS, MAX_TX_PORTS, MAX_VIPS, NatEntry, NatKey,
-    RegionKey, RegionMeta, Settings, TraceCfg, Traffic, VipKey, VipMeta, decap_verdict, verdict,
+    RegionKey, RegionMeta, Settings, TraceCfg, Traffic, VipById, VipKey, VipMeta, decap_verdict,
+    verdict,
 };
 
 /// (address, port, protocol) → VIP. Port 0 entries match every port.
@@ -24,6 +25,17 @@ pub static VIP_ADDRS: HashMap<VipKey, u32> = HashMap::with_max_entries(MAX_VIPS 
 /// means no VIP lives there, so non-VIP packets cost one array lookup.
 #[map(name = "VIP_FILTER")]
 pub static VIP_FILTER: Array<u32> = Array::with_max_entries(lb_common::hash::VIP_FILTER_WORDS, 0);
+
+/// The same slots as `VIP_FILTER`, set only for addresses with a VIP that
+/// keeps a connection table: where an established flow is looked up
+/// before its VIP (see `VIPS_BY_ID`).
+#[map(name = "VIP_TABLE_FILTER")]
+pub static VIP_TABLE_FILTER: Array<u32> =
+    Array::with_max_entries(lb_common::hash::VIP_FILTER_WORDS, 0);
+
+/// VIP id → the VIP's key and entry (`lb_common::VipById`).
+#[map(name = "VIPS_BY_ID")]
+pub static VIPS_BY_ID: Array<VipById> = Array::with_max_entries(MAX_VIPS, 0);
 
 /// Backend id → backend. Id 0 stays zeroed: "no backend".
 #[map(name = "BACKENDS")]

@@ -1,13 +1,63 @@
-//! Which VIP a packet is for: the address filter (one array lookup that
-//! turns non-VIP traffic away), the exact and every-port VIP lookups, and
-//! the address check fragments need.
+//! Which VIP a packet is for: the address filters (one array lookup that
+//! turns non-VIP traffic away; one that says whether an established flow
+//! may name its VIP), the VIP of an established flow by its id, the exact
+//! and every-port VIP lookups, and the address check fragments need.
 
-use lb_common::{VipKey, VipMeta, hash};
+use lb_common::{FlowKey, VipById, VipKey, VipMeta, hash};
 
 use crate::{
-    maps::{VIP_ADDRS, VIP_FILTER, VIPS},
+    maps::{VIP_ADDRS, VIP_FILTER, VIP_TABLE_FILTER, VIPS, VIPS_BY_ID},
     parse::Packet,
 };
+
+/// The VIP of a flow whose connection-table entry names VIP `id`, if that
+/// VIP is still the one the packet is addressed to (an id given to another
+/// VIP since the flow began, or a removed VIP, does not match): one array
+/// read instead of [`lookup_vip`]'s one or two hash lookups.
+#[inline(always)]
+pub(crate) fn vip_of_flow(pkt: &Packet, id: u16) -> Option<VipMeta> {
+    let e = VIPS_BY_ID.get(u32::from(id))?;
+    let k = &e.key;
+    if k.family != pkt.family
+        || k.proto != pkt.key.proto
+        || (k.port != pkt.key.dport && k.port != 0)
+        || !same_addr(e, &pkt.key)
+    {
+        return None;
+    }
+    Some(e.meta)
+}
+
+/// The VIP's address equals the flow's destination, compared a word at a
+/// time (a byte-array comparison is a call of `bcmp`).
+#[inline(always)]
+fn same_addr(v: &VipById, k: &FlowKey) -> bool {
+    // SAFETY: both addresses are 4-aligned (`VipById` starts with its key
+    // and is 4-aligned; `FlowKey` is `align(4)` with `dst` at offset 16)
+    // and 16 bytes long.
+    let (a, b) = unsafe {
+        (
+            &*(v.key.addr.as_ptr() as *const [u32; 4]),
+            &*(k.dst.as_ptr() as *const [u32; 4]),
+        )
+    };
+    (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) == 0
+}
+
+/// Whether a VIP that keeps a connection table may live on the packet's
+/// destination address and port, or on every port of that address (their
+/// bits in `VIP_TABLE_FILTER`): only there is an established flow looked
+/// up before its VIP.
+#[inline(always)]
+pub(crate) fn maybe_table_vip(folded_dst: u32, port: u16) -> bool {
+    let set = |port| {
+        let (w, bit) = hash::vip_table_slot_folded(folded_dst, port);
+        VIP_TABLE_FILTER
+            .get(w)
+            .is_some_and(|word| word & (1u32 << bit) != 0)
+    };
+    set(port) || set(0)
+}
 
 /// The VIP for this packet: exact (address, port, protocol), then the
 /// every-port entry (port 0).

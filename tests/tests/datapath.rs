@@ -494,6 +494,76 @@ fn no_backend_and_no_neighbour() {
     );
 }
 
+/// Established flows find their VIP by the id in their table entry. A VIP
+/// removed and its id given to another VIP must not capture the old VIP's
+/// flows: here the old address keeps a VIP of every port (ipip), which
+/// takes them, not the new holder of the id (dsr, same port, another
+/// address).
+#[test]
+fn an_established_flow_does_not_follow_its_vip_id_to_another_vip() {
+    let mut f = Fixture::new().expect("load");
+    let spec = |addr: [u8; 4], port: u16, id: u32, flags: u32| VipSpec {
+        key: VipKey {
+            addr: v4(addr),
+            port,
+            proto: PROTO_TCP,
+            family: AF_INET,
+        },
+        vip_id: id,
+        flags,
+        ring_size: 251,
+        backends: backends4(3),
+    };
+    f.add_vip(&spec(VIP4, 80, 0, 0)).expect("vip");
+    f.add_vip(&spec(VIP4, 0, 1, VIP_F_IPIP))
+        .expect("every port");
+    let ack = tcp4(CLIENT4, VIP4, 40000, 80, b"x");
+    for _ in 0..2 {
+        let r = f.run(&ack).expect("run");
+        assert_eq!((r.action, r.out.len()), (action::TX, ack.len()), "dsr");
+    }
+    f.dp()
+        .remove_vip(&spec(VIP4, 80, 0, 0).key)
+        .expect("remove");
+    f.add_vip(&spec([198, 18, 0, 101], 80, 0, 0))
+        .expect("another VIP, same id");
+    let r = f.run(&ack).expect("run");
+    assert_eq!(r.action, action::TX);
+    assert_eq!(
+        r.out.len(),
+        ack.len() + 20,
+        "the every-port VIP's (ipip), not the id's new VIP's (dsr)"
+    );
+}
+
+/// A VIP's changed settings reach its established flows (they read the VIP
+/// by id): a dsr VIP made ipip encapsulates the next packet of a flow.
+#[test]
+fn an_established_flow_sees_its_vip_change() {
+    let mut f = Fixture::new().expect("load");
+    let mut spec = VipSpec {
+        key: vip4_key(80, PROTO_TCP),
+        vip_id: 0,
+        flags: 0,
+        ring_size: 251,
+        backends: backends4(3),
+    };
+    f.add_vip(&spec).expect("vip");
+    let ack = tcp4(CLIENT4, VIP4, 40000, 80, b"x");
+    let first = f.run(&ack).expect("run");
+    assert_eq!((first.action, first.out.len()), (action::TX, ack.len()));
+    spec.flags = VIP_F_IPIP;
+    f.add_vip(&spec).expect("now ipip");
+    let next = f.run(&ack).expect("run");
+    assert_eq!(next.action, action::TX);
+    assert_eq!(next.out.len(), ack.len() + 20, "encapsulated");
+    assert_eq!(
+        backend_of(&first.out),
+        backend_of(&next.out),
+        "on the same backend"
+    );
+}
+
 #[test]
 fn port_zero_vip_matches_every_port() {
     let mut f = Fixture::new().expect("load");

@@ -13,7 +13,7 @@ use aya::{
 };
 use lb_common::{
     Backend, BackendIdKey, Flow, FlowKey, MAX_RING_SIZE, RegionKey, RegionMeta, Settings, Traffic,
-    VipKey, VipMeta, decap_verdict, ring_base, verdict,
+    VipById, VipKey, VipMeta, decap_verdict, ring_base, verdict,
 };
 
 /// What went wrong programming the datapath.
@@ -362,24 +362,39 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     /// Rewrites the VIP-address filter word that `key`'s address falls in
     /// from the VIPs in the table, in one 32-bit store: a VIP that shares the
     /// word never sees its bit cleared, even for an instant.
+    /// Also rewrites the `VIP_TABLE_FILTER` word of `key`'s address and
+    /// port (VIPs that keep a connection table, whose established flows
+    /// find their VIP by id).
     fn refresh_filter_word(&mut self, key: &VipKey) -> Result<()> {
         let (w, _) = lb_common::hash::vip_filter_slot(&key.addr);
-        let mut word = 0u32;
+        let (tw, _) = lb_common::hash::vip_table_slot(&key.addr, key.port);
+        let (mut word, mut table_word) = (0u32, 0u32);
         let m = self.mirror()?;
-        for a in m.vips.keys().map(|k| &k.addr).chain(m.nat_addrs.iter()) {
-            let (kw, bit) = lb_common::hash::vip_filter_slot(a);
-            if kw == w {
-                word |= 1 << bit;
+        let bit_in = |(kw, bit): (u32, u32), w: u32| if kw == w { 1u32 << bit } else { 0 };
+        for (k, meta) in &m.vips {
+            word |= bit_in(lb_common::hash::vip_filter_slot(&k.addr), w);
+            if meta.flags & lb_common::VIP_F_NO_FLOW_TABLE == 0
+                || meta.flags & lb_common::VIP_F_NAT != 0
+            {
+                table_word |= bit_in(lb_common::hash::vip_table_slot(&k.addr, k.port), tw);
             }
         }
-        let name = lb_common::MAP_VIP_FILTER;
-        let Ok(map) = self.map_mut(name) else {
-            // An older datapath object without the filter (the A/B
-            // benchmark loads one): nothing to keep.
-            return Ok(());
-        };
-        let mut filter: Array<_, u32> = Array::try_from(map).map_err(map_err(name))?;
-        filter.set(w, word, 0).map_err(map_err(name))
+        for a in &m.nat_addrs {
+            word |= bit_in(lb_common::hash::vip_filter_slot(a), w);
+        }
+        for (name, w, word) in [
+            (lb_common::MAP_VIP_FILTER, w, word),
+            (lb_common::MAP_VIP_TABLE_FILTER, tw, table_word),
+        ] {
+            let Ok(map) = self.map_mut(name) else {
+                // An older datapath object without the filter (the A/B
+                // benchmark loads one): nothing to keep.
+                continue;
+            };
+            let mut filter: Array<_, u32> = Array::try_from(map).map_err(map_err(name))?;
+            filter.set(w, word, 0).map_err(map_err(name))?;
+        }
+        Ok(())
     }
 
     /// Sets the NAT source addresses (IPv4 at 0.., IPv6 at
@@ -465,6 +480,10 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
 
     /// Removes a VIP (its ring range is free for other rings from then on).
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        // Established flows stop finding it by id first.
+        if let Some(old) = self.mirror()?.vips.get(key).copied() {
+            self.put_vip_by_id(old.vip_id, None)?;
+        }
         self.vips()?
             .remove(key)
             .map_err(|_| DataplaneError::NoSuchVip { key: *key })?;
@@ -539,8 +558,27 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         self.vips()?
             .insert(key, meta, 0)
             .map_err(map_err(lb_common::MAP_VIPS))?;
-        self.mirror()?.vips.insert(*key, meta);
-        Ok(())
+        let old = self.mirror()?.vips.insert(*key, meta);
+        if let Some(old) = old
+            && old.vip_id != meta.vip_id
+        {
+            self.put_vip_by_id(old.vip_id, None)?;
+        }
+        self.put_vip_by_id(meta.vip_id, Some((key, meta)))
+    }
+
+    /// Writes (or, with `None`, clears) VIP id `id`'s entry in
+    /// `VIPS_BY_ID`, where established flows find their VIP.
+    fn put_vip_by_id(&mut self, id: u32, vip: Option<(&VipKey, VipMeta)>) -> Result<()> {
+        let name = lb_common::MAP_VIPS_BY_ID;
+        let Ok(map) = self.map_mut(name) else {
+            // An older datapath object without it (the A/B benchmark's
+            // base): its flows look their VIP up by address.
+            return Ok(());
+        };
+        let mut a: Array<_, VipById> = Array::try_from(map).map_err(map_err(name))?;
+        let e = vip.map_or_else(VipById::default, |(key, meta)| VipById { key: *key, meta });
+        a.set(id, e, 0).map_err(map_err(name))
     }
 
     fn regions(
