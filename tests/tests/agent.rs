@@ -185,6 +185,43 @@ fn pinned_flow(instance: &str, key: &lb_common::FlowKey) -> Option<lb_common::Fl
     m.get(key, 0).ok()
 }
 
+/// The id of the program in slot `slot` of the instance's pinned program
+/// array `map`, read the way another process would; `None`: the slot is
+/// empty or the map is not pinned.
+fn pinned_program_in_slot(instance: &str, map: &str, slot: u32) -> Option<u32> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let md = aya::maps::MapData::from_pin(format!("/sys/fs/bpf/lb/{instance}/maps/{map}")).ok()?;
+    // BPF_MAP_LOOKUP_ELEM on a program array answers the program's id.
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut id = 0u32;
+    let attr = Attr {
+        map_fd: md.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: &slot as *const u32 as u64,
+        value: &mut id as *mut u32 as u64,
+        flags: 0,
+    };
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    // SAFETY: bpf(2) with an attribute block that outlives the call, whose
+    // key and value point at live u32s.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_ELEM,
+            &attr as *const Attr,
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    (rc == 0).then_some(id)
+}
+
 /// Backend `id`'s datapath entry in the instance's pinned map, read the way
 /// another process would.
 fn pinned_backend(instance: &str, id: u32) -> Option<lb_common::Backend> {
@@ -481,8 +518,22 @@ fn agent_kill_9_and_restart_loses_nothing_and_cli_changes_persist() {
         .iter()
         .map(|b| (b.address.to_string(), b.id))
         .collect();
+    let icmp_slots = |agent: &Agent| {
+        [0, 1].map(|s| pinned_program_in_slot(&agent.instance, lb_common::MAP_ICMP_JUMP, s))
+    };
+    assert!(
+        icmp_slots(&agent).iter().all(Option::is_some),
+        "the ICMP programs are in their slots: {:?}",
+        icmp_slots(&agent)
+    );
     agent.kill9();
     std::thread::sleep(Duration::from_millis(500));
+    // Without an agent the balancer still reaches its ICMP programs.
+    assert!(
+        icmp_slots(&agent).iter().all(Option::is_some),
+        "ICMP programs still installed after kill -9: {:?}",
+        icmp_slots(&agent)
+    );
     agent.spawn();
     agent.wait_ready(2);
     let results = sender.join().expect("sender");

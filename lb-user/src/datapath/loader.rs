@@ -338,6 +338,12 @@ pub const PINNED_MAPS: &[&str] = &[
     lb_common::MAP_TRACE_CFG,
     lb_common::MAP_TRACE,
     lb_common::MAP_TRACE_JUMP,
+    // The kernel empties a program array when the last process holding it
+    // closes it, unless it is pinned: without the pin, every agent exit
+    // (kill -9, or a clean stop while the datapath keeps forwarding) left
+    // ICMP "too big" answers and NAT ICMP translation off until the next
+    // agent started.
+    lb_common::MAP_ICMP_JUMP,
 ];
 
 /// Where an instance's pins live.
