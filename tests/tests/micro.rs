@@ -1,8 +1,9 @@
 //! Micro-benchmark (run by `cargo xtask bench micro`, not by the test
 //! suite): ns/packet through BPF_PROG_TEST_RUN with `repeat`, the median of
-//! five runs, for the datapath's paths, two floor programs and the cost
-//! programs of the tools object (the floor plus one primitive each), each as
-//! a ratio to the swap-MACs-`XDP_TX` floor measured in the same run.
+//! five rounds (each round times every case once), for the datapath's
+//! paths, two floor programs and the cost programs of the tools object (the
+//! floor plus one primitive each), each as the median of its per-round
+//! ratios to the swap-MACs-`XDP_TX` floor of the same round.
 //!
 //! `repeat` runs every repetition on the buffer the previous one left, so
 //! each case checks afterwards, with the verdict counters, that every
@@ -31,6 +32,10 @@ fn run_count() -> usize {
 struct Row {
     name: &'static str,
     ns: f64,
+    /// Multiple of the swap-MACs floor: the median of the per-round ratios
+    /// (each case timed against the floor of its own round, so a VM that
+    /// speeds up or slows down during the run moves both alike).
+    ratio: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -38,14 +43,34 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// The median of [`run_count`] timed runs of case `c` (see [`time_case`]).
-fn bench(f: &mut Fixture, tools: &mut aya::Ebpf, c: &Case) -> f64 {
-    median(
-        (0..run_count())
-            .map(|_| time_case(f, tools, c, REPEAT))
-            .collect(),
-    )
+/// Every case timed [`run_count`] times, in rounds (each round times every
+/// case once, the floors included): per case the median ns and the median
+/// of its per-round ratios to the swap-MACs floor (`cases[FLOOR_TX]`).
+fn bench_rounds(f: &mut Fixture, tools: &mut aya::Ebpf, cases: &[Case]) -> Vec<Row> {
+    let mut ns: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for _ in 0..run_count() {
+        for (i, c) in cases.iter().enumerate() {
+            ns[i].push(time_case(f, tools, c, REPEAT));
+        }
+    }
+    cases
+        .iter()
+        .zip(&ns)
+        .map(|(c, runs)| Row {
+            name: c.name,
+            ns: median(runs.clone()),
+            ratio: median(
+                runs.iter()
+                    .zip(&ns[FLOOR_TX])
+                    .map(|(t, fl)| t / fl.max(0.001))
+                    .collect(),
+            ),
+        })
+        .collect()
 }
+
+/// Index of the swap-MACs floor in [`cases`].
+const FLOOR_TX: usize = 1;
 
 /// Points `bench_ipip`'s tail call at `f`'s balancer.
 fn jump_to(tools: &mut aya::Ebpf, f: &mut Fixture) {
@@ -417,15 +442,9 @@ fn micro() {
     let mut f = Fixture::new().expect("load");
     let mut tools = lb_tests::load_tools().expect("tools object");
     setup(&mut f);
-    let mut rows: Vec<Row> = cases()
-        .into_iter()
-        .map(|c| Row {
-            name: c.name,
-            ns: bench(&mut f, &mut tools, &c),
-        })
-        .collect();
-    rows.extend(next_hop_rows());
-    let floor = rows[1].ns.max(0.001);
+    let mut rows = bench_rounds(&mut f, &mut tools, &cases());
+    let floor = rows[FLOOR_TX].ns.max(0.001);
+    rows.extend(next_hop_rows(floor));
 
     // The Maglev table build the agent does on every ring change.
     let entries: Vec<_> = (1..=1000u32)
@@ -476,9 +495,7 @@ fn micro() {
             .map(|r| {
                 format!(
                     "{{\"case\":\"{}\",\"ns_per_packet\":{:.1},\"ratio_to_floor_tx\":{:.2}}}",
-                    r.name,
-                    r.ns,
-                    r.ns / floor
+                    r.name, r.ns, r.ratio
                 )
             })
             .collect();
@@ -490,7 +507,7 @@ fn micro() {
         );
     } else {
         println!(
-            "\nmicro-benchmark: BPF_PROG_TEST_RUN, repeat {REPEAT}, median of {} runs",
+            "\nmicro-benchmark: BPF_PROG_TEST_RUN, repeat {REPEAT}, median of {} rounds (ratio: median of per-round ratios)",
             run_count()
         );
         println!("| case | ns/packet | × swap-MACs floor | target |");
@@ -500,7 +517,7 @@ fn micro() {
                 "| {} | {:.1} | {:.2} | {} |",
                 r.name,
                 r.ns,
-                r.ns / floor,
+                r.ratio,
                 target(r.name)
                     .map(|t| format!("≤ {t:.1}×"))
                     .unwrap_or_default()
@@ -516,7 +533,7 @@ fn micro() {
 /// The established path with the next hop from the backend entry (what the
 /// agent keeps fresh) against `bpf_fib_lookup` per packet, in a namespace
 /// with a route and neighbour entries for the backends.
-fn next_hop_rows() -> Vec<Row> {
+fn next_hop_rows(floor: f64) -> Vec<Row> {
     use lb_tests::{Netns, time_on};
     Netns::sweep("mnh");
     let ns = Netns::new("mnh").expect("ns");
@@ -605,9 +622,13 @@ fn next_hop_rows() -> Vec<Row> {
                     .collect::<Vec<_>>()
             })
             .expect("setns");
+        // Another fixture, timed after the rounds: against the rounds'
+        // median floor.
+        let ns = median(ns_runs);
         out.push(Row {
             name,
-            ns: median(ns_runs),
+            ns,
+            ratio: ns / floor,
         });
     }
     out
