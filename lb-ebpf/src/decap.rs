@@ -19,22 +19,24 @@ pub fn decap(ctx: &XdpContext, l3_off: usize, outer_len: usize) -> Result<(), ()
     // Read the whole L2 header into locals before writing, so the source and
     // destination ranges may overlap (they do with a VLAN tag and IPv4).
     // SAFETY: bounds checked by ptr_at.
+    // Volatile reads: plain ones let the compiler turn read-then-write
+    // back into a call of `memmove` (a byte loop in a function of its own).
     let (eth, tag) = unsafe {
-        let eth = *src;
+        let eth = core::ptr::read_volatile(src);
         let tag = if l3_off > EthHdr::LEN {
             let t: *const [u8; 4] = ptr_at(ctx, EthHdr::LEN)?;
-            Some(*t)
+            Some(core::ptr::read_volatile(t))
         } else {
             None
         };
         (eth, tag)
     };
-    // SAFETY: bounds checked above.
-    unsafe { *dst = eth };
+    // SAFETY: bounds checked above; the locals are not packet memory.
+    unsafe { core::ptr::copy_nonoverlapping(&eth, dst, 1) };
     if let Some(tag) = tag {
         let t: *mut [u8; 4] = ptr_at(ctx, outer_len + EthHdr::LEN)?;
-        // SAFETY: bounds checked by ptr_at.
-        unsafe { *t = tag };
+        // SAFETY: bounds checked by ptr_at; as above.
+        unsafe { core::ptr::copy_nonoverlapping(&tag, t, 1) };
     }
     // SAFETY: shrinking the head; pointers are re-derived afterwards.
     let rc = unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) };
