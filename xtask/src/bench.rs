@@ -622,13 +622,14 @@ The tools object's cost programs are the swap-MACs floor plus one \
             .unwrap_or(w);
         o.push_str(&format!(
             "- Packet rate at {} flows (\"Packet rate\" above): the minimal balancer forwarded {m:.2}× the floor \
-             program's rate ({:.2}× at {} flows), {m16:.2}× with a compact 16-byte IPv4 flow key; ours {lb:.2}×, \
+             program's rate ({:.2}× at {} flow{}), {m16:.2}× with a compact 16-byte IPv4 flow key; ours {lb:.2}×, \
              {:.2}× the minimal one. So the 0.85× target {} for a balancer that looks every packet up in a \
              connection table: what falls with the flow count is the table lookup's, whatever the key's size, \
              not our code's.\n",
             w["flows"],
             f(&first["minimal_pps"]) / f(&first["floor_pps"]),
             first["flows"],
+            if first["flows"].as_u64() == Some(1) { "" } else { "s" },
             lb / m,
             if m < 0.85 && m16 < 0.85 { "lies out of reach at this flow count (both measured below it)" } else { "is within reach" }
         ));
