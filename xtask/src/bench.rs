@@ -712,19 +712,31 @@ fn chart(r: &Value, path: &Path) -> Result<()> {
         .disable_x_mesh()
         .x_labels(rows.len())
         .x_label_formatter(&|x| {
-            label_at(*x, |i| rows.get(i).map(|r| format!("{} flows", r["flows"])))
+            label_at(*x, |i| {
+                rows.get(i).map(|r| {
+                    let n = r["flows"].as_u64().unwrap_or(0);
+                    format!("{n} flow{}", if n == 1 { "" } else { "s" })
+                })
+            })
         })
         .draw()?;
+    let minimal = MAGENTA.mix(0.35);
     for (i, row) in rows.iter().enumerate() {
         let x = i as f64;
         c.draw_series([Rectangle::new(
-            [(x - 0.38, 0.0), (x - 0.02, f(&row["floor_pps"]) / 1e6)],
+            [(x - 0.42, 0.0), (x - 0.15, f(&row["floor_pps"]) / 1e6)],
             BLUE.mix(0.5).filled(),
         )])?;
         c.draw_series([Rectangle::new(
-            [(x + 0.02, 0.0), (x + 0.38, f(&row["lb_pps"]) / 1e6)],
+            [(x - 0.13, 0.0), (x + 0.13, f(&row["lb_pps"]) / 1e6)],
             RED.mix(0.7).filled(),
         )])?;
+        if row.get("minimal_pps").is_some() {
+            c.draw_series([Rectangle::new(
+                [(x + 0.15, 0.0), (x + 0.42, f(&row["minimal_pps"]) / 1e6)],
+                minimal.filled(),
+            )])?;
+        }
     }
     c.draw_series([Rectangle::new(
         [(0.0, 0.0), (0.0, 0.0)],
@@ -738,6 +750,9 @@ fn chart(r: &Value, path: &Path) -> Result<()> {
     )])?
     .label("lb")
     .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], RED.mix(0.7).filled()));
+    c.draw_series([Rectangle::new([(0.0, 0.0), (0.0, 0.0)], minimal.filled())])?
+        .label("minimal balancer (VIP hash + connection table)")
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], minimal.filled()));
     c.configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE)
@@ -746,7 +761,23 @@ fn chart(r: &Value, path: &Path) -> Result<()> {
 
     let rows = r["http"]["rows"].as_array().cloned().unwrap_or_default();
     let max = rows.iter().map(|x| f(&x["rps"])).fold(0.0, f64::max);
-    let names = ["direct", "lb", "HAProxy", "nftables"];
+    // Short labels in the benchmark's row order; a row without one shows
+    // its target's words up to the first parenthesis.
+    let short = ["direct", "lb DSR", "HAProxy", "nftables", "lb NAT"];
+    let names: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, row)| match short.get(i) {
+            Some(s) => s.to_string(),
+            None => row["target"]
+                .as_str()
+                .unwrap_or("?")
+                .split(" (")
+                .next()
+                .unwrap_or("?")
+                .to_string(),
+        })
+        .collect();
     let mut c = ChartBuilder::on(&right)
         .caption(
             "HTTP requests/s (bar) and p99 ms (label)",
@@ -762,7 +793,7 @@ fn chart(r: &Value, path: &Path) -> Result<()> {
     c.configure_mesh()
         .disable_x_mesh()
         .x_labels(rows.len())
-        .x_label_formatter(&|x| label_at(*x, |i| names.get(i).map(|s| s.to_string())))
+        .x_label_formatter(&|x| label_at(*x, |i| names.get(i).cloned()))
         .draw()?;
     for (i, row) in rows.iter().enumerate() {
         let x = i as f64;
