@@ -83,6 +83,12 @@ pub const PROG_PASS: &str = "lb_pass";
 pub const PROG_FLOOR_DROP: &str = "floor_drop";
 pub const PROG_FLOOR_TX: &str = "floor_tx";
 pub const PROG_BENCH_IPIP: &str = "bench_ipip";
+/// Restores a rewritten packet before tail-calling the balancer (full NAT).
+pub const PROG_BENCH_RESTORE: &str = "bench_restore";
+/// `bench_restore`'s frame: the first [`BENCH_FRAME_LEN`] bytes it writes
+/// back.
+pub const MAP_BENCH_FRAME: &str = "BENCH_FRAME";
+pub const BENCH_FRAME_LEN: usize = 64;
 pub const PROG_LOADGEN: &str = "loadgen";
 pub const PROG_SINK: &str = "sink";
 pub const MAP_LOADGEN: &str = "LOADGEN";

@@ -11,7 +11,7 @@
 //! which strips the previous repetition's outer header and tail-calls the
 //! balancer.
 
-use aya::maps::ProgramArray;
+use aya::maps::{Array, ProgramArray};
 use lb_common::{
     AF_INET, AF_INET6, PROTO_TCP, VIP_F_IPIP, VIP_F_NO_FLOW_TABLE, VipKey, VipMeta, verdict,
 };
@@ -96,8 +96,17 @@ fn time_case(f: &mut Fixture, tools: &mut aya::Ebpf, c: &Case, repeat: u32) -> f
     let (t, action) = match c.obj {
         Obj::Lb => time_action(&mut f.ebpf, c.prog, &c.pkt, repeat),
         Obj::Tools => {
-            if c.prog == lb_common::PROG_BENCH_IPIP {
+            if c.prog == lb_common::PROG_BENCH_IPIP || c.prog == lb_common::PROG_BENCH_RESTORE {
                 jump_to(tools, f);
+            }
+            if c.prog == lb_common::PROG_BENCH_RESTORE {
+                let mut frame: Array<_, [u8; lb_common::BENCH_FRAME_LEN]> =
+                    Array::try_from(tools.map_mut(lb_common::MAP_BENCH_FRAME).expect("map"))
+                        .expect("array");
+                let bytes: [u8; lb_common::BENCH_FRAME_LEN] = c.pkt[..lb_common::BENCH_FRAME_LEN]
+                    .try_into()
+                    .expect("a frame of at least BENCH_FRAME_LEN bytes");
+                frame.set(0, bytes, 0).expect("frame");
             }
             time_action(tools, c.prog, &c.pkt, repeat)
         }
@@ -212,8 +221,34 @@ fn setup(f: &mut Fixture) {
         // no run reaches: every new flow reads its clock, none is refused.
         dp.set_flood_limit(u32::MAX).expect("flood guard");
     }
+    // Full NAT: one NAT address and one port (so the reply case knows its
+    // destination), one backend.
+    {
+        let mut dp = f.dp();
+        dp.set_settings(&lb_common::Settings {
+            ipip_src_v4: [198, 19, 0, 0],
+            ipip_src_v6: v6("2001:2:0:ff::".parse().unwrap()),
+            nat_port_lo: NAT_PORT,
+            nat_port_hi: NAT_PORT,
+            nat_v4_count: 1,
+            nat_cpus: 1,
+            ..Default::default()
+        })
+        .expect("settings");
+        dp.set_nat_addrs(&[v4(NAT_ADDR)], &[]).expect("NAT address");
+    }
+    f.add_vip(&VipSpec {
+        key: k4(87),
+        vip_id: 8,
+        flags: lb_common::VIP_F_NAT,
+        ring_size: 65537,
+        backends: b4(1),
+    })
+    .expect("NAT VIP");
     // Prime the connection table so the established cases are established.
     f.run(&established()).expect("prime");
+    let r = f.run(&nat_established()).expect("prime NAT");
+    assert_eq!(r.action, lb_tests::action::TX, "the NAT flow starts");
     f.run(&tcp4(CLIENT, VIP4, 40000, 86, &[0; 10]))
         .expect("prime");
 }
@@ -223,6 +258,21 @@ const CLIENT: [u8; 4] = [198, 19, 0, 1];
 
 fn established() -> Vec<u8> {
     tcp4(CLIENT, VIP4, 40000, 80, &[0; 10])
+}
+
+/// The NAT source the NAT VIP's one flow gets (one address, one port).
+const NAT_ADDR: [u8; 4] = [198, 18, 20, 2];
+const NAT_PORT: u16 = 40000;
+
+/// A packet of an established flow of the NAT VIP (port 87).
+fn nat_established() -> Vec<u8> {
+    tcp4(CLIENT, VIP4, 40000, 87, &[0; 10])
+}
+
+/// Its backend's reply (the VIP's one backend, 198.18.2.1:87, to the flow's
+/// NAT source).
+fn nat_reply() -> Vec<u8> {
+    tcp4([198, 18, 2, 1], NAT_ADDR, 87, NAT_PORT, &[0; 10])
 }
 
 /// The datapath-cost issue's target for a case, as a multiple of the
@@ -299,6 +349,14 @@ fn cases() -> Vec<Case> {
         pkt,
         check: Check::Verdict(verdict::TX),
     };
+    // Paths that rewrite the packet in place, timed through `bench_restore`.
+    let restored = |name, pkt, v| Case {
+        name,
+        obj: Obj::Tools,
+        prog: lb_common::PROG_BENCH_RESTORE,
+        pkt,
+        check: Check::Verdict(v),
+    };
     vec![
         Case::tools("floor: XDP_DROP", "floor_drop", est.clone(), DROP),
         Case::tools("floor: swap MACs + XDP_TX", "floor_tx", est.clone(), TX),
@@ -328,6 +386,16 @@ fn cases() -> Vec<Case> {
         ipip(
             "IPv6 ipip (via bench_ipip)",
             tcp6(c6, v6(vip6), 40000, 82, &[0; 10]),
+        ),
+        restored(
+            "established IPv4 TCP full NAT (via bench_restore)",
+            nat_established(),
+            verdict::TX,
+        ),
+        restored(
+            "NAT reply IPv4 TCP (via bench_restore)",
+            nat_reply(),
+            verdict::NAT_REPLY,
         ),
         Case::lb(
             "new flow, round-robin (table off)",
@@ -664,10 +732,11 @@ fn ab(path: &std::path::Path) {
     setup(&mut fb);
     let mut out = Vec::new();
     // Floors and cost programs are the tools object's, the same for A and B.
-    for c in cases()
-        .into_iter()
-        .filter(|c| c.obj == Obj::Lb || c.prog == lb_common::PROG_BENCH_IPIP)
-    {
+    for c in cases().into_iter().filter(|c| {
+        c.obj == Obj::Lb
+            || c.prog == lb_common::PROG_BENCH_IPIP
+            || c.prog == lb_common::PROG_BENCH_RESTORE
+    }) {
         let (mut a, mut b, mut r) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..pairs {
             let (ta, tb) = if i % 2 == 0 {
