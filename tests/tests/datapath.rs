@@ -536,6 +536,30 @@ fn an_established_flow_does_not_follow_its_vip_id_to_another_vip() {
     );
 }
 
+/// Two VIPs that swap ids keep their entries under their new ids (where
+/// established flows look them up): the first one's move must not clear the
+/// slot the second still holds, nor the second's the slot the first took.
+#[test]
+fn vips_that_swap_ids_keep_their_entries_by_id() {
+    let mut f = Fixture::new().expect("load");
+    let spec = |port: u16, id: u32| VipSpec {
+        key: vip4_key(port, PROTO_TCP),
+        vip_id: id,
+        flags: 0,
+        ring_size: 251,
+        backends: backends4(3),
+    };
+    f.add_vip(&spec(80, 1)).expect("vip");
+    f.add_vip(&spec(443, 2)).expect("vip");
+    f.add_vip(&spec(80, 2)).expect("80 takes id 2");
+    f.add_vip(&spec(443, 1)).expect("443 takes id 1");
+    let by_id: aya::maps::Array<_, lb_common::VipById> =
+        aya::maps::Array::try_from(f.ebpf.map(lb_common::MAP_VIPS_BY_ID).expect("map"))
+            .expect("array");
+    let port_at = |id: u32| by_id.get(&id, 0).expect("slot").key.port;
+    assert_eq!((port_at(1), port_at(2)), (443, 80));
+}
+
 /// A VIP's changed settings reach its established flows (they read the VIP
 /// by id): a dsr VIP made ipip encapsulates the next packet of a flow.
 #[test]

@@ -482,7 +482,7 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
         // Established flows stop finding it by id first.
         if let Some(old) = self.mirror()?.vips.get(key).copied() {
-            self.put_vip_by_id(old.vip_id, None)?;
+            self.put_vip_by_id(old.vip_id, key, None)?;
         }
         self.vips()?
             .remove(key)
@@ -562,14 +562,15 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         if let Some(old) = old
             && old.vip_id != meta.vip_id
         {
-            self.put_vip_by_id(old.vip_id, None)?;
+            self.put_vip_by_id(old.vip_id, key, None)?;
         }
-        self.put_vip_by_id(meta.vip_id, Some((key, meta)))
+        self.put_vip_by_id(meta.vip_id, key, Some(meta))
     }
 
-    /// Writes (or, with `None`, clears) VIP id `id`'s entry in
-    /// `VIPS_BY_ID`, where established flows find their VIP.
-    fn put_vip_by_id(&mut self, id: u32, vip: Option<(&VipKey, VipMeta)>) -> Result<()> {
+    /// Writes VIP `key`'s entry under id `id` in `VIPS_BY_ID`, where
+    /// established flows find their VIP; with `None`, clears the slot if it
+    /// still holds `key` (another VIP may have taken the id meanwhile).
+    fn put_vip_by_id(&mut self, id: u32, key: &VipKey, meta: Option<VipMeta>) -> Result<()> {
         let name = lb_common::MAP_VIPS_BY_ID;
         let Ok(map) = self.map_mut(name) else {
             // An older datapath object without it (the A/B benchmark's
@@ -577,7 +578,11 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             return Ok(());
         };
         let mut a: Array<_, VipById> = Array::try_from(map).map_err(map_err(name))?;
-        let e = vip.map_or_else(VipById::default, |(key, meta)| VipById { key: *key, meta });
+        let e = match meta {
+            Some(meta) => VipById { key: *key, meta },
+            None if a.get(&id, 0).is_ok_and(|e| e.key == *key) => VipById::default(),
+            None => return Ok(()),
+        };
         a.set(id, e, 0).map_err(map_err(name))
     }
 
