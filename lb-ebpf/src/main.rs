@@ -251,8 +251,10 @@ fn try_lb<O: Observe>(
     // A least-connections flow counted in ACTIVE that is being rescheduled
     // (its backend died or it idled out): uncount it from the old backend.
     let mut uncount: Option<u32> = None;
-    // A NAT flow's source (address index, port), from its table entry.
+    // A NAT flow's source (address index, port), from its table entry, and
+    // whether its reply entry's clock is due for a refresh.
     let mut nat_src: Option<(u16, u16)> = None;
+    let mut nat_refresh = false;
     let entry = if early {
         entry
     } else if use_table {
@@ -296,6 +298,17 @@ fn try_lb<O: Observe>(
             chosen = Some((id, b));
             if nat_vip && nat_port != 0 {
                 nat_src = Some((nat_addr, nat_port));
+                // The reply entry's clock (60 s and 300 s timeouts) needs
+                // a refresh at most once a second: the flow's own clock
+                // says when, saving a NAT lookup on every other packet.
+                if now == 0 {
+                    now = now_s();
+                }
+                if now != last {
+                    // SAFETY: as above.
+                    unsafe { (*f).last_seen_s = now };
+                    nat_refresh = true;
+                }
             }
             seen.table(trace_table::HIT);
         } else {
@@ -373,8 +386,11 @@ fn try_lb<O: Observe>(
                     return Ok((verdict::INTERNAL, xdp_action::XDP_DROP));
                 };
                 let src = nat::Source { idx, addr, port };
-                // Keeps the reply entry's clock and closing state.
-                nat::note_forward(pkt, b, &src, now);
+                // Keeps the reply entry's clock (once a second) and closing
+                // state (FIN or RST) up to date.
+                if nat_refresh || pkt.tcp_flags & (parse::TCP_FIN | parse::TCP_RST) != 0 {
+                    nat::note_forward(pkt, b, &src, now);
+                }
                 src
             }
             None => match nat::allocate(ctx, pkt, b, settings, flow_hash(), now) {

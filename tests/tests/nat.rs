@@ -769,3 +769,75 @@ fn closed_ports_return_after_time_wait_and_not_before() {
     assert_eq!(f.dp().nat_sweep(now + 299).expect("sweep"), 0);
     assert_eq!(f.dp().nat_sweep(now + 302).expect("sweep"), 2);
 }
+
+/// Sets the clock of every `NAT` entry to `at`.
+fn rewind_nat_entries(f: &mut Fixture, at: u32) {
+    let mut nat: aya::maps::HashMap<_, lb_common::NatKey, lb_common::NatEntry> =
+        aya::maps::HashMap::try_from(f.ebpf.map_mut(lb_common::MAP_NAT).expect("map"))
+            .expect("hash");
+    let entries: Vec<_> = nat.iter().map(|r| r.expect("entry")).collect();
+    assert_eq!(entries.len(), 1, "one NAT flow");
+    for (k, mut e) in entries {
+        e.last_seen_s = at;
+        nat.insert(k, e, 0).expect("rewind");
+    }
+}
+
+/// Sets the clock of flow `key`'s connection-table entry to `at`.
+fn rewind_flow(f: &mut Fixture, key: &lb_common::FlowKey, at: u32) {
+    let mut flows: aya::maps::HashMap<_, lb_common::FlowKey, lb_common::Flow> =
+        aya::maps::HashMap::try_from(f.ebpf.map_mut(lb_common::MAP_FLOWS).expect("map"))
+            .expect("hash");
+    let mut e = flows.get(key, 0).expect("the flow");
+    e.last_seen_s = at;
+    flows.insert(key, e, 0).expect("rewind");
+}
+
+/// An open flow's packets keep its reply entry alive: the entry's clock is
+/// refreshed when the flow's own clock moves (at most once a second, not
+/// on every packet), so a flow quiet for a while that speaks again is not
+/// swept 300 s after the entry's last refresh. Both clocks are rewound by
+/// 100 s to stand for the quiet time; without a packet the entry goes at
+/// 300 s from its clock (the control), with one it stays.
+#[test]
+fn a_flows_packets_keep_its_reply_entry_alive() {
+    let k = key(v4(VIP4), AF_INET, PROTO_TCP);
+    let mut f = fixture((3000, 3001), &[(k, 0, vec![(1, v4([198, 18, 2, 1]), 0)])]);
+    let client = v4([198, 18, 1, 1]);
+    let from = |flags: &str| {
+        packet(
+            (CLIENT_MAC, LB_MAC),
+            client,
+            v4(VIP4),
+            AF_INET,
+            PROTO_TCP,
+            40000,
+            80,
+            flags,
+        )
+    };
+    let flow = lb_common::FlowKey {
+        src: client,
+        dst: v4(VIP4),
+        sport: 40000,
+        dport: 80,
+        proto: PROTO_TCP,
+        _pad: 0,
+        _pad2: 0,
+    };
+    let now = monotonic_s();
+    let quiet = now - 100;
+    for speaks in [false, true] {
+        assert_eq!(f.run(&from("S")).expect("run").action, action::TX);
+        rewind_nat_entries(&mut f, quiet);
+        rewind_flow(&mut f, &flow, quiet);
+        if speaks {
+            assert_eq!(f.run(&from("A")).expect("run").action, action::TX);
+        }
+        assert_eq!(
+            f.dp().nat_sweep(now + 201).expect("sweep"),
+            usize::from(!speaks),
+            "swept at 300 s from the entry's clock unless the flow spoke (speaks: {speaks})"
+        );
+    }
+}
