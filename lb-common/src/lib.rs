@@ -58,6 +58,10 @@ pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
 /// The VIP-address filter of addresses with a VIP that keeps a connection
 /// table (same slots as `VIP_FILTER`).
 pub const MAP_VIP_TABLE_FILTER: &str = "VIP_TABLE_FILTER";
+/// The VIP-address filter without the NAT addresses (same slots as
+/// `VIP_FILTER`): a clear bit means no VIP lives on the address, so a
+/// packet to it (a NAT reply) skips the VIP lookups.
+pub const MAP_VIP_ONLY_FILTER: &str = "VIP_ONLY_FILTER";
 /// VIP id → [`VipById`].
 pub const MAP_VIPS_BY_ID: &str = "VIPS_BY_ID";
 pub const MAP_ACTIVE: &str = "ACTIVE";

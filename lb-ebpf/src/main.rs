@@ -51,7 +51,9 @@ use crate::{
     sched::{active_add, backend, ring_for, schedule, vip_ring},
     stats::{decap_verdict, verdict},
     trace::{Observe, Quiet, Seen},
-    vip::{is_vip_addr, lookup_vip, maybe_table_vip, maybe_vip_addr, vip_of_flow},
+    vip::{
+        is_vip_addr, lookup_vip, maybe_table_vip, maybe_vip_addr, maybe_vip_only_addr, vip_of_flow,
+    },
 };
 
 #[xdp]
@@ -208,7 +210,10 @@ fn try_lb<O: Observe>(
     }
     let vip = match vip {
         Some(v) => Some(v),
-        None => lookup_vip(pkt),
+        // No VIP on the address (a NAT address: a backend's reply) needs
+        // no VIP lookup.
+        None if maybe_vip_only_addr(folded_dst) => lookup_vip(pkt),
+        None => None,
     };
     if pkt.icmp_error && vip.is_none_or(|v| v.flags & VIP_F_NAT != 0) {
         // About a NAT VIP's flow, or to no VIP (perhaps a NAT address):

@@ -33,6 +33,12 @@ pub static VIP_FILTER: Array<u32> = Array::with_max_entries(lb_common::hash::VIP
 pub static VIP_TABLE_FILTER: Array<u32> =
     Array::with_max_entries(lb_common::hash::VIP_FILTER_WORDS, 0);
 
+/// The same slots as `VIP_FILTER`, for VIP addresses only (not NAT
+/// addresses): a packet to an address with no VIP skips the VIP lookups.
+#[map(name = "VIP_ONLY_FILTER")]
+pub static VIP_ONLY_FILTER: Array<u32> =
+    Array::with_max_entries(lb_common::hash::VIP_FILTER_WORDS, 0);
+
 /// VIP id → the VIP's key and entry (`lb_common::VipById`).
 #[map(name = "VIPS_BY_ID")]
 pub static VIPS_BY_ID: Array<VipById> = Array::with_max_entries(MAX_VIPS, 0);

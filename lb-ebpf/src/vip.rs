@@ -6,7 +6,7 @@
 use lb_common::{FlowKey, VipById, VipKey, VipMeta, hash};
 
 use crate::{
-    maps::{VIP_ADDRS, VIP_FILTER, VIP_TABLE_FILTER, VIPS, VIPS_BY_ID},
+    maps::{VIP_ADDRS, VIP_FILTER, VIP_ONLY_FILTER, VIP_TABLE_FILTER, VIPS, VIPS_BY_ID},
     parse::Packet,
 };
 
@@ -42,6 +42,17 @@ fn same_addr(v: &VipById, k: &FlowKey) -> bool {
         )
     };
     (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) == 0
+}
+
+/// False when no VIP lives on the address (its bit in `VIP_ONLY_FILTER`
+/// is clear): a packet that passed `VIP_FILTER` for a NAT address then
+/// skips the VIP hash lookups.
+#[inline(always)]
+pub(crate) fn maybe_vip_only_addr(folded_dst: u32) -> bool {
+    let (w, bit) = hash::vip_filter_slot_folded(folded_dst);
+    VIP_ONLY_FILTER
+        .get(w)
+        .is_some_and(|word| word & (1u32 << bit) != 0)
 }
 
 /// Whether a VIP that keeps a connection table may live on the packet's

@@ -362,17 +362,18 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     /// Rewrites the VIP-address filter word that `key`'s address falls in
     /// from the VIPs in the table, in one 32-bit store: a VIP that shares the
     /// word never sees its bit cleared, even for an instant.
-    /// Also rewrites the `VIP_TABLE_FILTER` word of `key`'s address and
-    /// port (VIPs that keep a connection table, whose established flows
-    /// find their VIP by id).
+    /// Also rewrites the same word of `VIP_ONLY_FILTER` (VIP addresses
+    /// without the NAT addresses) and the `VIP_TABLE_FILTER` word of
+    /// `key`'s address and port (VIPs that keep a connection table, whose
+    /// established flows find their VIP by id).
     fn refresh_filter_word(&mut self, key: &VipKey) -> Result<()> {
         let (w, _) = lb_common::hash::vip_filter_slot(&key.addr);
         let (tw, _) = lb_common::hash::vip_table_slot(&key.addr, key.port);
-        let (mut word, mut table_word) = (0u32, 0u32);
+        let (mut word, mut vip_word, mut table_word) = (0u32, 0u32, 0u32);
         let m = self.mirror()?;
         let bit_in = |(kw, bit): (u32, u32), w: u32| if kw == w { 1u32 << bit } else { 0 };
         for (k, meta) in &m.vips {
-            word |= bit_in(lb_common::hash::vip_filter_slot(&k.addr), w);
+            vip_word |= bit_in(lb_common::hash::vip_filter_slot(&k.addr), w);
             if meta.flags & lb_common::VIP_F_NO_FLOW_TABLE == 0
                 || meta.flags & lb_common::VIP_F_NAT != 0
             {
@@ -382,8 +383,10 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         for a in &m.nat_addrs {
             word |= bit_in(lb_common::hash::vip_filter_slot(a), w);
         }
+        word |= vip_word;
         for (name, w, word) in [
             (lb_common::MAP_VIP_FILTER, w, word),
+            (lb_common::MAP_VIP_ONLY_FILTER, w, vip_word),
             (lb_common::MAP_VIP_TABLE_FILTER, tw, table_word),
         ] {
             let Ok(map) = self.map_mut(name) else {
