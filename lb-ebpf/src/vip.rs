@@ -3,6 +3,7 @@
 //! may name its VIP), the VIP of an established flow by its id, the exact
 //! and every-port VIP lookups, and the address check fragments need.
 
+use aya_ebpf::maps::Array;
 use lb_common::{FlowKey, VipById, VipKey, VipMeta, hash};
 
 use crate::{
@@ -49,10 +50,13 @@ fn same_addr(v: &VipById, k: &FlowKey) -> bool {
 /// skips the VIP hash lookups.
 #[inline(always)]
 pub(crate) fn maybe_vip_only_addr(folded_dst: u32) -> bool {
-    let (w, bit) = hash::vip_filter_slot_folded(folded_dst);
-    VIP_ONLY_FILTER
-        .get(w)
-        .is_some_and(|word| word & (1u32 << bit) != 0)
+    bit_set(&VIP_ONLY_FILTER, hash::vip_filter_slot_folded(folded_dst))
+}
+
+/// Whether bit `bit` of word `w` of an address filter is set.
+#[inline(always)]
+fn bit_set(filter: &Array<u32>, (w, bit): (u32, u32)) -> bool {
+    filter.get(w).is_some_and(|word| word & (1u32 << bit) != 0)
 }
 
 /// Whether a VIP that keeps a connection table may live on the packet's
@@ -62,10 +66,10 @@ pub(crate) fn maybe_vip_only_addr(folded_dst: u32) -> bool {
 #[inline(always)]
 pub(crate) fn maybe_table_vip(folded_dst: u32, port: u16) -> bool {
     let set = |port| {
-        let (w, bit) = hash::vip_table_slot_folded(folded_dst, port);
-        VIP_TABLE_FILTER
-            .get(w)
-            .is_some_and(|word| word & (1u32 << bit) != 0)
+        bit_set(
+            &VIP_TABLE_FILTER,
+            hash::vip_table_slot_folded(folded_dst, port),
+        )
     };
     set(port) || set(0)
 }
@@ -94,10 +98,7 @@ pub(crate) fn lookup_vip(pkt: &Packet) -> Option<VipMeta> {
 /// filter bit is clear (one inlined array lookup, no hash-map probe).
 #[inline(always)]
 pub(crate) fn maybe_vip_addr(folded_dst: u32) -> bool {
-    let (w, bit) = hash::vip_filter_slot_folded(folded_dst);
-    VIP_FILTER
-        .get(w)
-        .is_some_and(|word| word & (1u32 << bit) != 0)
+    bit_set(&VIP_FILTER, hash::vip_filter_slot_folded(folded_dst))
 }
 
 /// Whether any VIP lives on this address (for fragments, which lack ports).

@@ -710,6 +710,20 @@ fn no_nat_source_is_counted_not_guessed() {
 }
 
 /// Seconds on the datapath's clock (CLOCK_MONOTONIC).
+/// A TCP packet from `client`:40000 to the IPv4 VIP's port 80.
+fn client_packet(client: [u8; 16], flags: &str) -> Vec<u8> {
+    packet(
+        (CLIENT_MAC, LB_MAC),
+        client,
+        v4(VIP4),
+        AF_INET,
+        PROTO_TCP,
+        40000,
+        80,
+        flags,
+    )
+}
+
 fn monotonic_s() -> u32 {
     // SAFETY: clock_gettime into a zeroed timespec.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
@@ -726,18 +740,7 @@ fn closed_ports_return_after_time_wait_and_not_before() {
     let k = key(v4(VIP4), AF_INET, PROTO_TCP);
     let backend = v4([198, 18, 2, 1]);
     let mut f = fixture((3000, 3001), &[(k, 0, vec![(1, backend, 0)])]);
-    let from = |c: u8, flags: &str| {
-        packet(
-            (CLIENT_MAC, LB_MAC),
-            v4([198, 18, 1, c]),
-            v4(VIP4),
-            AF_INET,
-            PROTO_TCP,
-            40000,
-            80,
-            flags,
-        )
-    };
+    let from = |c: u8, flags: &str| client_packet(v4([198, 18, 1, c]), flags);
     for c in [1, 2] {
         assert_eq!(f.run(&from(c, "S")).expect("run").action, action::TX);
     }
@@ -804,18 +807,7 @@ fn a_flows_packets_keep_its_reply_entry_alive() {
     let k = key(v4(VIP4), AF_INET, PROTO_TCP);
     let mut f = fixture((3000, 3001), &[(k, 0, vec![(1, v4([198, 18, 2, 1]), 0)])]);
     let client = v4([198, 18, 1, 1]);
-    let from = |flags: &str| {
-        packet(
-            (CLIENT_MAC, LB_MAC),
-            client,
-            v4(VIP4),
-            AF_INET,
-            PROTO_TCP,
-            40000,
-            80,
-            flags,
-        )
-    };
+    let from = |flags: &str| client_packet(client, flags);
     let flow = lb_common::FlowKey {
         src: client,
         dst: v4(VIP4),
