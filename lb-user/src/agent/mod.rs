@@ -358,6 +358,10 @@ pub async fn run_until(
         tokio::spawn(serve_metrics(l, registry(&shared, metrics)));
     }
     let lc_shared = shared.clone();
+    // The NAT sweep reads the whole NAT table: through a handle of its own,
+    // so it never holds the state lock (with a million NAT flows that would
+    // stall the CLI and health updates for seconds).
+    let mut nat = lock(&shared)?.dp.nat_handle()?;
     tokio::spawn(async move {
         // The counter as first seen: refusals before a restart are old news.
         let mut nat_no_port_seen: Option<u64> = None;
@@ -374,13 +378,13 @@ pub async fn run_until(
             }
             // NAT ports whose flows closed or idled out go back to the pool
             // (the datapath also reclaims one when an allocation meets it).
-            let r = tokio::task::block_in_place(|| {
-                lock(&lc_shared).and_then(|mut s| Ok(s.dp.nat_sweep(state::monotonic_s() as u32)?))
-            });
-            match r {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!(freed = n, "NAT ports reclaimed"),
-                Err(e) => tracing::error!(error = format!("{e:#}"), "sweeping NAT entries failed"),
+            if let Some(m) = nat.as_mut() {
+                let n = tokio::task::block_in_place(|| {
+                    crate::datapath::sweep_nat(m, state::monotonic_s() as u32)
+                });
+                if n > 0 {
+                    tracing::debug!(freed = n, "NAT ports reclaimed");
+                }
             }
             // New NAT flows refused for want of a port since the last look.
             let refused = tokio::task::block_in_place(|| {

@@ -438,21 +438,23 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         };
         let mut m: HashMap<_, lb_common::NatKey, lb_common::NatEntry> =
             HashMap::try_from(map).map_err(map_err(name))?;
-        let stale =
-            |e: &lb_common::NatEntry| lb_common::nat_reclaimable(e.flags, e.last_seen_s, now_s);
-        let keys: Vec<_> = m
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(_, e)| stale(e))
-            .map(|(k, _)| k)
-            .collect();
-        let mut n = 0;
-        for k in keys {
-            if m.get(&k, 0).is_ok_and(|e| stale(&e)) && m.remove(&k).is_ok() {
-                n += 1;
-            }
-        }
-        Ok(n)
+        Ok(sweep_nat(&mut m, now_s))
+    }
+
+    /// A handle on `NAT` of its own (the same map, opened again by id),
+    /// for [`sweep_nat`] outside whatever lock guards this facade: with
+    /// many NAT flows a sweep reads the whole table. `None` for an object
+    /// without full NAT.
+    pub fn nat_handle(&self) -> Result<Option<NatHandle>> {
+        let name = lb_common::MAP_NAT;
+        let Ok(aya::maps::Map::HashMap(map)) = self.map(name) else {
+            return Ok(None);
+        };
+        let id = map.info().map_err(map_err(name))?.id();
+        let data = MapData::from_id(id).map_err(map_err(name))?;
+        Ok(Some(
+            HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err(name))?,
+        ))
     }
 
     /// NAT flows held now (entries in `NAT`).
@@ -864,6 +866,31 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
         Ok(m.iter().filter_map(|r| r.ok()).collect())
     }
+}
+
+/// `NAT` through a handle of its own ([`Dataplane::nat_handle`]).
+pub type NatHandle = HashMap<MapData, lb_common::NatKey, lb_common::NatEntry>;
+
+/// Removes the NAT entries whose port may be given out again (see
+/// [`Dataplane::nat_sweep`]); returns how many.
+pub fn sweep_nat<T: std::borrow::Borrow<MapData> + BorrowMut<MapData>>(
+    m: &mut HashMap<T, lb_common::NatKey, lb_common::NatEntry>,
+    now_s: u32,
+) -> usize {
+    let stale = |e: &lb_common::NatEntry| lb_common::nat_reclaimable(e.flags, e.last_seen_s, now_s);
+    let keys: Vec<_> = m
+        .iter()
+        .filter_map(|r| r.ok())
+        .filter(|(_, e)| stale(e))
+        .map(|(k, _)| k)
+        .collect();
+    let mut n = 0;
+    for k in keys {
+        if m.get(&k, 0).is_ok_and(|e| stale(&e)) && m.remove(&k).is_ok() {
+            n += 1;
+        }
+    }
+    n
 }
 
 #[cfg(test)]
