@@ -70,6 +70,14 @@ impl RateRig {
         }
     }
 
+    /// Attaches program `prog` of `ebpf` to the LB's veth (native XDP).
+    fn attach(&self, ebpf: &mut aya::Ebpf, prog: &str) {
+        self.lb_ns
+            .enter(|| loader::attach(ebpf, prog, "l0", loader::AttachMode::Native))
+            .expect("setns")
+            .unwrap_or_else(|e| panic!("attach {prog}: {e:#}"));
+    }
+
     /// Sends flat out for `secs` and returns (sent pps, forwarded pps at the sink).
     fn blast(&self, dst: &str, syn: bool, flows: u32, secs: f64) -> (f64, f64) {
         let before = sink_count(&self.sink);
@@ -192,17 +200,7 @@ fn bench_packet_rate() {
         for _ in 0..3 {
             // The floor program in the LB's place, then the balancer, alternating.
             let mut floor = lb_tests::load_tools().expect("load");
-            rig.lb_ns
-                .enter(|| {
-                    loader::attach(
-                        &mut floor,
-                        lb_common::PROG_FLOOR_TX,
-                        "l0",
-                        loader::AttachMode::Native,
-                    )
-                })
-                .expect("setns")
-                .expect("attach floor");
+            rig.attach(&mut floor, lb_common::PROG_FLOOR_TX);
             let (floor_sent, floor_fwd) = rig.blast("198.18.20.100:9", false, flows, 2.0);
             floor_sent_runs.push(floor_sent);
             floor_runs.push(floor_fwd);
@@ -217,25 +215,12 @@ fn bench_packet_rate() {
                 ("cost_minimal_lb16", &mut minimal16_runs),
             ] {
                 let mut minimal = lb_tests::load_tools().expect("load");
-                rig.lb_ns
-                    .enter(|| loader::attach(&mut minimal, prog, "l0", loader::AttachMode::Native))
-                    .expect("setns")
-                    .expect("attach minimal balancer");
+                rig.attach(&mut minimal, prog);
                 let (_, fwd) = rig.blast("198.18.20.100:9", false, flows, 2.0);
                 runs.push(fwd);
             }
             let mut lb = balancer(&rig, vip, 1 << 18);
-            rig.lb_ns
-                .enter(|| {
-                    loader::attach(
-                        &mut lb,
-                        lb_common::PROG_BALANCER,
-                        "l0",
-                        loader::AttachMode::Native,
-                    )
-                })
-                .expect("setns")
-                .expect("attach lb");
+            rig.attach(&mut lb, lb_common::PROG_BALANCER);
             let (sent, fwd) = rig.blast("198.18.20.100:9", false, flows, 2.0);
             sent_runs.push(sent);
             lb_runs.push(fwd);
@@ -243,25 +228,11 @@ fn bench_packet_rate() {
             // The same VIP in full NAT (one-way UDP: every flow keeps its
             // port for the run).
             let mut nat = balancer_with(&rig, vip, 1 << 18, lb_common::VIP_F_NAT);
-            rig.lb_ns
-                .enter(|| {
-                    loader::attach(
-                        &mut nat,
-                        lb_common::PROG_BALANCER,
-                        "l0",
-                        loader::AttachMode::Native,
-                    )
-                })
-                .expect("setns")
-                .expect("attach lb (nat)");
+            rig.attach(&mut nat, lb_common::PROG_BALANCER);
             let (_, fwd) = rig.blast("198.18.20.100:9", false, flows, 2.0);
             nat_runs.push(fwd);
             drop(nat);
         }
-        println!(
-            "minimal16 {:.3}",
-            median(minimal16_runs.clone()) / 1e6 / (median(floor_runs.clone()) / 1e6)
-        );
         let (f, l) = (median(floor_runs), median(lb_runs));
         let n = median(nat_runs);
         let (m, m16) = (median(minimal_runs), median(minimal16_runs));
@@ -318,17 +289,7 @@ fn syn_flood_once(rig: &RateRig, table: u32, flows: u32, guard: u32) -> serde_js
         let r = lb_tests::run(&mut lb, lb_common::PROG_BALANCER, &pkt(a)).expect("run");
         first.push(backend_of(&r.out));
     }
-    rig.lb_ns
-        .enter(|| {
-            loader::attach(
-                &mut lb,
-                lb_common::PROG_BALANCER,
-                "l0",
-                loader::AttachMode::Native,
-            )
-        })
-        .expect("setns")
-        .expect("attach");
+    rig.attach(&mut lb, lb_common::PROG_BALANCER);
     let (sent, fwd) = rig.blast("[2001:2::20:100]:80", true, flows, 4.0);
     let mut dp = Dataplane::new(&mut lb);
     let new_flows = dp.vip_traffic(0).expect("stats").new_flows;

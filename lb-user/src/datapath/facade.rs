@@ -16,6 +16,9 @@ use lb_common::{
     VipById, VipKey, VipMeta, decap_verdict, ring_base, verdict,
 };
 
+mod nat;
+pub use nat::{NatHandle, sweep_nat};
+
 /// What went wrong programming the datapath.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -398,74 +401,6 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             filter.set(w, word, 0).map_err(map_err(name))?;
         }
         Ok(())
-    }
-
-    /// Sets the NAT source addresses (IPv4 at 0.., IPv6 at
-    /// `MAX_NAT_ADDRS`..; the counts go in `Settings`) and keeps their bits
-    /// in the VIP-address filter.
-    pub fn set_nat_addrs(&mut self, v4: &[[u8; 16]], v6: &[[u8; 16]]) -> Result<()> {
-        let name = lb_common::MAP_NAT_ADDRS;
-        let max = lb_common::MAX_NAT_ADDRS as usize;
-        let mut arr: Array<_, [u8; 16]> =
-            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        for (base, list) in [(0, v4), (max, v6)] {
-            for i in 0..max {
-                let a = list.get(i).copied().unwrap_or([0; 16]);
-                arr.set((base + i) as u32, a, 0).map_err(map_err(name))?;
-            }
-        }
-        let old = std::mem::take(&mut self.mirror()?.nat_addrs);
-        self.mirror()?.nat_addrs = v4.iter().chain(v6).copied().collect();
-        for a in old.iter().chain(v4).chain(v6) {
-            let key = VipKey {
-                addr: *a,
-                ..Default::default()
-            };
-            self.refresh_filter_word(&key)?;
-        }
-        Ok(())
-    }
-
-    /// Removes the NAT entries whose port may be given out again (closed
-    /// `NAT_CLOSED_S` ago, or idle `NAT_IDLE_S`), as of `now_s` on the
-    /// datapath's clock; returns how many. Each is read again just before
-    /// its removal, so an entry the datapath gave to a new flow meanwhile
-    /// stays (the window left is one map read).
-    pub fn nat_sweep(&mut self, now_s: u32) -> Result<usize> {
-        let name = lb_common::MAP_NAT;
-        let Ok(map) = self.map_mut(name) else {
-            return Ok(0);
-        };
-        let mut m: HashMap<_, lb_common::NatKey, lb_common::NatEntry> =
-            HashMap::try_from(map).map_err(map_err(name))?;
-        Ok(sweep_nat(&mut m, now_s))
-    }
-
-    /// A handle on `NAT` of its own (the same map, opened again by id),
-    /// for [`sweep_nat`] outside whatever lock guards this facade: with
-    /// many NAT flows a sweep reads the whole table. `None` for an object
-    /// without full NAT.
-    pub fn nat_handle(&self) -> Result<Option<NatHandle>> {
-        let name = lb_common::MAP_NAT;
-        let Ok(aya::maps::Map::HashMap(map)) = self.map(name) else {
-            return Ok(None);
-        };
-        let id = map.info().map_err(map_err(name))?.id();
-        let data = MapData::from_id(id).map_err(map_err(name))?;
-        Ok(Some(
-            HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err(name))?,
-        ))
-    }
-
-    /// NAT flows held now (entries in `NAT`).
-    pub fn nat_flows(&self) -> Result<usize> {
-        let name = lb_common::MAP_NAT;
-        let Ok(map) = self.map(name) else {
-            return Ok(0);
-        };
-        let m: HashMap<_, lb_common::NatKey, lb_common::NatEntry> =
-            HashMap::try_from(map).map_err(map_err(name))?;
-        Ok(m.keys().filter_map(|k| k.ok()).count())
     }
 
     /// The VIP entry for `key`.
@@ -866,31 +801,6 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
         Ok(m.iter().filter_map(|r| r.ok()).collect())
     }
-}
-
-/// `NAT` through a handle of its own ([`Dataplane::nat_handle`]).
-pub type NatHandle = HashMap<MapData, lb_common::NatKey, lb_common::NatEntry>;
-
-/// Removes the NAT entries whose port may be given out again (see
-/// [`Dataplane::nat_sweep`]); returns how many.
-pub fn sweep_nat<T: std::borrow::Borrow<MapData> + BorrowMut<MapData>>(
-    m: &mut HashMap<T, lb_common::NatKey, lb_common::NatEntry>,
-    now_s: u32,
-) -> usize {
-    let stale = |e: &lb_common::NatEntry| lb_common::nat_reclaimable(e.flags, e.last_seen_s, now_s);
-    let keys: Vec<_> = m
-        .iter()
-        .filter_map(|r| r.ok())
-        .filter(|(_, e)| stale(e))
-        .map(|(k, _)| k)
-        .collect();
-    let mut n = 0;
-    for k in keys {
-        if m.get(&k, 0).is_ok_and(|e| stale(&e)) && m.remove(&k).is_ok() {
-            n += 1;
-        }
-    }
-    n
 }
 
 #[cfg(test)]
