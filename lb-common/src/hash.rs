@@ -71,6 +71,14 @@ pub const fn hash_addr_seeded(addr: &[u8; 16], seed: u32) -> u32 {
     finish(h, 16)
 }
 
+/// An address folded to 32 bits: the XOR of its four little-endian words
+/// (an IPv4 address is its one word), as the datapath folds a destination
+/// straight from the IP header.
+#[inline(always)]
+pub const fn fold_addr(a: &[u8; 16]) -> u32 {
+    word(a, 0) ^ word(a, 4) ^ word(a, 8) ^ word(a, 12)
+}
+
 /// Words in the VIP-address filter: 4,096 × 32 = 131,072 bits.
 pub const VIP_FILTER_WORDS: u32 = 4096;
 

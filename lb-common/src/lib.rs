@@ -108,6 +108,35 @@ pub const MAP_FLOOD_STATE: &str = "FLOOD_STATE";
 pub const MAP_TRACE: &str = "TRACE";
 pub const MAP_TRACE_CFG: &str = "TRACE_CFG";
 pub const MAP_TRACE_JUMP: &str = "TRACE_JUMP";
+/// Load-time constant of the datapath (`EbpfLoader::override_global`):
+/// the connection table's sets.
+pub const GLOBAL_FLOW_SETS: &str = "FLOW_SETS";
+
+/// Ways per set of the connection table (`FLOWS`, see [`FlowSlot`]).
+pub const FLOW_WAYS: u32 = 4;
+
+/// Sets of a connection table of `entries` slots: the last set may be cut
+/// short (its missing ways are never used).
+pub const fn flow_sets(entries: u32) -> u32 {
+    let s = entries.div_ceil(FLOW_WAYS);
+    if s == 0 { 1 } else { s }
+}
+
+/// The first slot of the set a flow hash falls in (multiply-shift: any
+/// number of sets, no division).
+#[inline(always)]
+pub const fn flow_set_base(h: u32, sets: u32) -> u32 {
+    (((h as u64) * (sets as u64)) >> 32) as u32 * FLOW_WAYS
+}
+
+/// The tag a connection-table slot carries for `key`: never 0 (0 marks an
+/// empty slot), and written in one 8-byte store with the backend id, so a
+/// slot torn between two writers never pairs one flow's key with another's
+/// backend unnoticed. `h` is [`hash::hash_5tuple`] of the key.
+#[inline(always)]
+pub const fn flow_tag(h: u32, key: &FlowKey) -> u32 {
+    (h ^ hash::fold_addr(&key.dst).rotate_left(16)) | 1
+}
 
 /// New flows per second per CPU above which new flows are forwarded
 /// without a connection-table entry (Katran's default flood guard).
@@ -382,6 +411,26 @@ pub struct Flow {
     pub nat_addr: u16,
 }
 
+/// One slot of the connection table `FLOWS`, an array of sets of
+/// [`FLOW_WAYS`] slots (the set from the flow hash, [`flow_set_base`]).
+/// `tag` and `flow.backend_id` are the 8-byte word at offset 40, written
+/// last (0 first) by the datapath: a reader that sees the same word before
+/// and after reading the rest read one writer's entry. `tag == 0`: empty.
+/// 64 bytes: one cache line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FlowSlot {
+    pub key: FlowKey,
+    /// [`flow_tag`] of the key, 0 for an empty slot.
+    pub tag: u32,
+    pub flow: Flow,
+    /// Set by a packet of the flow, cleared when a full set looks for a
+    /// slot to give a new flow: a slot left clear since is replaced first
+    /// (not-recently-used, without a clock read per packet).
+    pub referenced: u32,
+}
+
 /// [`Flow::flags`]: counted in `ACTIVE` (a least-connections VIP's flow).
 pub const FLOW_F_COUNTED: u16 = 1 << 0;
 
@@ -635,6 +684,7 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::FlowSlot {}
     unsafe impl aya::Pod for super::Traffic {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::FloodGuard {}
@@ -656,6 +706,9 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 40);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<Flow>() == 16);
+    assert!(core::mem::size_of::<FlowSlot>() == 64);
+    assert!(core::mem::offset_of!(FlowSlot, tag) == 40);
+    assert!(core::mem::offset_of!(FlowSlot, flow) == 44);
     assert!(core::mem::size_of::<Settings>() == 36);
     assert!(core::mem::size_of::<NatKey>() == 40);
     assert!(core::mem::size_of::<NatEntry>() == 60);

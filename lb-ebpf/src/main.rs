@@ -33,20 +33,21 @@ mod nat;
 mod parse;
 mod sched;
 mod stats;
+mod table;
 mod trace;
 mod vip;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     Backend, FLOW_F_COUNTED, Flow, PROTO_TCP, SCHED_LEAST_CONN, SETTINGS_F_FIB, VIP_F_HASH_SRC_IP,
-    VIP_F_IPIP, VIP_F_NAT, VIP_F_NO_FLOW_TABLE, decap_verdict, hash, trace_ring, trace_table,
-    verdict,
+    VIP_F_IPIP, VIP_F_NAT, VIP_F_NO_FLOW_TABLE, VipMeta, decap_verdict, hash, trace_ring,
+    trace_table, verdict,
 };
 
 use crate::{
     flow::{may_record_flow, now_s},
     forward::fib_next_hop,
-    maps::{DECAP_ADDRS, FLOWS, SETTINGS, TX_PORTS},
+    maps::{DECAP_ADDRS, SETTINGS, TX_PORTS},
     parse::Skip,
     sched::{active_add, backend, ring_for, schedule, vip_ring},
     stats::{decap_verdict, verdict},
@@ -103,12 +104,14 @@ pub fn lb_xdp_traced(ctx: XdpContext) -> u32 {
         Ok(p) => p,
         Err(action) => return action,
     };
-    let mut seen = Seen::new();
+    let Some(mut seen) = Seen::new() else {
+        return verdict(verdict::INTERNAL, xdp_action::XDP_DROP);
+    };
     let (reason, action) =
         try_lb(&ctx, &pkt, folded, &mut seen).unwrap_or((verdict::MALFORMED, xdp_action::XDP_PASS));
     if let Some(c) = trace::filter() {
-        seen.family = pkt.family;
-        trace::emit(c, &pkt.key, &seen, (reason << 8) | action);
+        seen.0.family = pkt.family;
+        trace::emit(c, &pkt.key, seen.data(), (reason << 8) | action);
     }
     verdict(reason, action)
 }
@@ -193,19 +196,23 @@ fn try_lb<O: Observe>(
         }
         return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
     }
+    // The connection table's set for this flow, and the 5-tuple hash that
+    // also schedules a new flow and varies the IPIP outer source.
+    let probe = table::probe(&pkt.key);
     // Where a VIP with a connection table may live, the flow is looked up
     // first: an established flow's entry names its VIP, read by id (one
-    // array read) instead of by the VIP hash lookups. Anything else (a new
-    // flow, an entry whose VIP is gone) looks the VIP up as usual, and the
-    // entry found here is the one used below.
+    // array read) instead of the directory. Anything else (a new flow, an
+    // entry whose VIP is gone) looks the VIP up as usual, and the entry
+    // found here is the one used below.
     let early = !pkt.icmp_error && maybe_table_vip(folded_dst, pkt.key.dport);
-    let mut entry: Option<*mut Flow> = None;
+    // The flow's entry in `FLOWS`.
+    let mut at: Option<core::ptr::NonNull<Flow>> = None;
     let mut vip = None;
     if early {
-        entry = FLOWS.get_ptr_mut(&pkt.key);
-        if let Some(f) = entry {
-            // SAFETY: a value pointer from a successful lookup.
-            vip = vip_of_flow(pkt, unsafe { (*f).vip_id });
+        at = table::lookup(probe.base, probe.tag, &pkt.key);
+        if let Some(f) = at {
+            // SAFETY: a pointer into the entry's map value.
+            vip = vip_of_flow(pkt, unsafe { (*f.as_ptr()).vip_id });
         }
     }
     let vip = match vip {
@@ -228,6 +235,9 @@ fn try_lb<O: Observe>(
         // Perhaps a backend's reply to a NAT flow.
         return nat_reply(ctx, pkt);
     };
+    // A copy: each read of the map's value would be a new unknown to the
+    // verifier, which then walks paths where one flag is both set and clear.
+    let vip: VipMeta = *vip;
     seen.vip(vip.vip_id, vip.scheduler as u8);
     let nat_vip = vip.flags & VIP_F_NAT != 0;
 
@@ -237,7 +247,7 @@ fn try_lb<O: Observe>(
         if vip.flags & VIP_F_HASH_SRC_IP != 0 {
             hash::hash_src(&pkt.key.src)
         } else {
-            hash::hash_5tuple(&pkt.key.src, pkt.key.sport, pkt.key.dport, pkt.key.proto)
+            probe.hash
         }
     };
     // A NAT flow must find its source port again: NAT VIPs always keep one.
@@ -260,20 +270,25 @@ fn try_lb<O: Observe>(
     // whether its reply entry's clock is due for a refresh.
     let mut nat_src: Option<(u16, u16)> = None;
     let mut nat_refresh = false;
-    let entry = if early {
-        entry
-    } else if use_table {
-        FLOWS.get_ptr_mut(key)
-    } else {
-        None
-    };
-    if use_table && let Some(f) = entry {
-        // SAFETY: the pointer comes from a successful lookup; a concurrent
-        // writer can at worst make us reschedule a flow, never read garbage
-        // out of bounds.
-        let (id, last, flags) = unsafe { ((*f).backend_id, (*f).last_seen_s, (*f).flags) };
-        // SAFETY: as above.
-        let (nat_addr, nat_port) = unsafe { ((*f).nat_addr, (*f).nat_port) };
+    if !use_table {
+        at = None;
+    } else if at.is_none() && !early {
+        at = table::lookup(probe.base, probe.tag, key);
+    }
+    if let Some(p) = at {
+        let f = p.as_ptr();
+        // SAFETY: a pointer into the entry's map value (read through it, not
+        // copied: a copy on the stack, zero where no entry was found, would
+        // split every path that follows in two for the verifier).
+        let (id, last, flags, nat_addr, nat_port) = unsafe {
+            (
+                (*f).backend_id,
+                (*f).last_seen_s,
+                (*f).flags,
+                (*f).nat_addr,
+                (*f).nat_port,
+            )
+        };
         let fresh = if opening {
             seen.table(trace_table::SYN);
             false
@@ -281,7 +296,9 @@ fn try_lb<O: Observe>(
             now = now_s();
             if now.saturating_sub(last) <= vip.idle_timeout_s {
                 if now != last {
-                    // SAFETY: as above.
+                    // SAFETY: `at` points into the entry's map value; a
+                    // concurrent writer can at worst make us reschedule a
+                    // flow, never read garbage out of bounds.
                     unsafe { (*f).last_seen_s = now };
                 }
                 true
@@ -449,9 +466,9 @@ fn try_lb<O: Observe>(
             nat_addr: nat_rec.0,
             nat_port: nat_rec.1,
         };
-        // A full table evicts its least recently used entry; a failed insert
-        // only costs this flow its stickiness, so the error is ignored.
-        if FLOWS.insert(key, &flow, 0).is_ok() && count {
+        // A full set replaces a slot not recently used (see `table`).
+        table::insert(probe.base, probe.tag, key, &flow);
+        if count {
             active_add(id, 1);
         }
         if let Some(old) = uncount {

@@ -3,13 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
     Backend, BackendIdKey, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SLOTS, FloodGuard, FloodState,
-    Flow, FlowKey, MAX_BACKENDS, MAX_NAT_ADDRS, MAX_TX_PORTS, MAX_VIPS, NatEntry, NatKey,
-    RegionKey, RegionMeta, Settings, TraceCfg, Traffic, VipById, VipKey, VipMeta, decap_verdict,
-    verdict,
+    FlowSlot, MAX_BACKENDS, MAX_NAT_ADDRS, MAX_TX_PORTS, MAX_VIPS, NatEntry, NatKey, RegionKey,
+    RegionMeta, Settings, TraceCfg, Traffic, VipById, VipKey, VipMeta, decap_verdict, verdict,
 };
 
 /// (address, port, protocol) → VIP. Port 0 entries match every port.
@@ -54,10 +53,23 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map(name = "RINGS")]
 pub static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_RING_SLOTS, 0);
 
-/// Connection table: client 5-tuple → backend.
+/// Connection table: client 5-tuple → backend, in sets of `FLOW_WAYS`
+/// slots (see `table.rs`). Sized by the loader (`agent.flow_table_size`),
+/// which sets `FLOW_SETS` to match.
 #[map(name = "FLOWS")]
-pub static FLOWS: LruHashMap<FlowKey, Flow> =
-    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+pub static FLOWS: Array<FlowSlot> = Array::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+/// Sets of `FLOWS` (`lb_common::flow_sets` of its size): a load-time
+/// constant (`EbpfLoader::override_global`).
+#[unsafe(no_mangle)]
+static FLOW_SETS: u32 = lb_common::flow_sets(DEFAULT_FLOW_TABLE_SIZE);
+
+#[inline(always)]
+pub fn flow_sets() -> u32 {
+    // SAFETY: a read of a constant the loader may have overridden; volatile
+    // so the compiler does not fold the default in.
+    unsafe { core::ptr::read_volatile(&FLOW_SETS) }
+}
 
 /// The flood guard's limit (see `lb_common::FloodGuard`).
 #[map(name = "FLOOD_GUARD")]
@@ -150,6 +162,10 @@ pub static TRACE_CFG: Array<TraceCfg> = Array::with_max_entries(1, 0);
 /// Slot 0: `lb_xdp_traced`, which `lb_xdp` tail-calls while tracing.
 #[map(name = "TRACE_JUMP")]
 pub static TRACE_JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Per-CPU room for what the traced balancer saw (`trace::SeenData`).
+#[map(name = "TRACE_SCRATCH")]
+pub static TRACE_SCRATCH: PerCpuArray<crate::trace::SeenData> = PerCpuArray::with_max_entries(1, 0);
 
 /// Traced packets, read by `lb trace`.
 #[map(name = "TRACE")]

@@ -367,8 +367,10 @@ pub(crate) fn icmp_error(ctx: &XdpContext, pkt: &Packet) -> Option<IcmpOut> {
             Some(vip) if vip.flags & lb_common::VIP_F_NAT != 0 => {
                 // About a reply VIP → client: the flow's entry says which
                 // backend and NAT source it has.
-                // SAFETY: read-only use of the value.
-                let f = unsafe { crate::maps::FLOWS.get(&pkt.key) }?;
+                let p = crate::table::probe(&pkt.key);
+                let f = crate::table::lookup(p.base, p.tag, &pkt.key)?;
+                // SAFETY: a pointer into the flow's map value, read only.
+                let f = unsafe { &*f.as_ptr() };
                 if f.nat_port == 0 {
                     return None;
                 }

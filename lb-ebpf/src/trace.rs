@@ -18,13 +18,14 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{FlowKey, TraceCfg, TraceRecord, trace_ring, trace_table};
 
 use crate::{
-    maps::{TRACE, TRACE_CFG},
+    maps::{TRACE, TRACE_CFG, TRACE_SCRATCH},
     sched::Ring,
 };
 
 /// What the balancer decided for one packet, filled in as it goes (plain
-/// stores on the stack; read only when tracing).
-pub struct Seen {
+/// stores into this CPU's `TRACE_SCRATCH` slot: the balancer's stack has no
+/// room left for it; read only when tracing).
+pub struct SeenData {
     pub family: u8,
     pub vip_id: u32,
     pub backend_id: u32,
@@ -37,10 +38,18 @@ pub struct Seen {
     pub ipip: u8,
 }
 
+/// [`SeenData`] in this CPU's scratch slot.
+pub struct Seen(pub &'static mut SeenData);
+
 impl Seen {
+    /// This CPU's slot, reset; `None` cannot happen (index 0 of a per-CPU
+    /// array always exists).
     #[inline(always)]
-    pub fn new() -> Self {
-        Self {
+    pub fn new() -> Option<Self> {
+        let p = TRACE_SCRATCH.get_ptr_mut(0)?;
+        // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
+        let d = unsafe { &mut *p };
+        *d = SeenData {
             family: 0,
             vip_id: u32::MAX,
             backend_id: 0,
@@ -51,7 +60,13 @@ impl Seen {
             ring: trace_ring::NONE,
             scheduler: 0,
             ipip: 0,
-        }
+        };
+        Some(Seen(d))
+    }
+
+    #[inline(always)]
+    pub fn data(&self) -> &SeenData {
+        self.0
     }
 }
 
@@ -83,27 +98,27 @@ impl Observe for Quiet {
 impl Observe for Seen {
     #[inline(always)]
     fn vip(&mut self, id: u32, scheduler: u8) {
-        self.vip_id = id;
-        self.scheduler = scheduler;
+        self.0.vip_id = id;
+        self.0.scheduler = scheduler;
     }
     #[inline(always)]
     fn table(&mut self, t: u8) {
-        self.table = t;
+        self.0.table = t;
     }
     #[inline(always)]
     fn ring(&mut self, which: u8, ring: &Ring, hash: u32) {
-        self.ring = which;
-        self.ring_id = ring.id;
-        self.ring_size = ring.size;
-        self.hash = hash;
+        self.0.ring = which;
+        self.0.ring_id = ring.id;
+        self.0.ring_size = ring.size;
+        self.0.hash = hash;
     }
     #[inline(always)]
     fn backend(&mut self, id: u32) {
-        self.backend_id = id;
+        self.0.backend_id = id;
     }
     #[inline(always)]
     fn ipip(&mut self) {
-        self.ipip = 1;
+        self.0.ipip = 1;
     }
 }
 
@@ -153,7 +168,7 @@ fn matches(c: &TraceCfg, k: &FlowKey, family: u8) -> bool {
 /// arguments are the key, already in memory for the table lookup, and
 /// small values, so the packet's other fields stay in registers.
 #[inline(never)]
-pub fn emit(c: &TraceCfg, key: &FlowKey, seen: &Seen, verdict: u32) {
+pub fn emit(c: &TraceCfg, key: &FlowKey, seen: &SeenData, verdict: u32) {
     if !matches(c, key, seen.family) {
         return;
     }

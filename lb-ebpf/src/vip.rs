@@ -1,4 +1,6 @@
-//! Which VIP a packet is for: the address filters (one array lookup that
+//! Which VIP a packet is for (a reference into its map: an `Option` of a
+//! copy leaves a `None`'s payload undefined, which the verifier refuses to
+//! see copied): the address filters (one array lookup that
 //! turns non-VIP traffic away; one that says whether an established flow
 //! may name its VIP), the VIP of an established flow by its id, the exact
 //! and every-port VIP lookups, and the address check fragments need.
@@ -16,7 +18,7 @@ use crate::{
 /// VIP since the flow began, or a removed VIP, does not match): one array
 /// read instead of [`lookup_vip`]'s one or two hash lookups.
 #[inline(always)]
-pub(crate) fn vip_of_flow(pkt: &Packet, id: u16) -> Option<VipMeta> {
+pub(crate) fn vip_of_flow(pkt: &Packet, id: u16) -> Option<&'static VipMeta> {
     let e = VIPS_BY_ID.get(u32::from(id))?;
     let k = &e.key;
     if k.family != pkt.family
@@ -26,7 +28,7 @@ pub(crate) fn vip_of_flow(pkt: &Packet, id: u16) -> Option<VipMeta> {
     {
         return None;
     }
-    Some(e.meta)
+    Some(&e.meta)
 }
 
 /// The VIP's address equals the flow's destination, compared a word at a
@@ -77,7 +79,7 @@ pub(crate) fn maybe_table_vip(folded_dst: u32, port: u16) -> bool {
 /// The VIP for this packet: exact (address, port, protocol), then the
 /// every-port entry (port 0).
 #[inline(always)]
-pub(crate) fn lookup_vip(pkt: &Packet) -> Option<VipMeta> {
+pub(crate) fn lookup_vip(pkt: &Packet) -> Option<&'static VipMeta> {
     let mut key = VipKey {
         addr: pkt.key.dst,
         port: pkt.key.dport,
@@ -87,11 +89,11 @@ pub(crate) fn lookup_vip(pkt: &Packet) -> Option<VipMeta> {
     // SAFETY: VIP entries are only replaced whole by userspace; a torn read
     // cannot happen for the values the kernel copies out under RCU.
     if let Some(m) = unsafe { VIPS.get(&key) } {
-        return Some(*m);
+        return Some(m);
     }
     key.port = 0;
     // SAFETY: as above.
-    unsafe { VIPS.get(&key) }.copied()
+    unsafe { VIPS.get(&key) }
 }
 
 /// False when no VIP can live on the packet's destination address: its

@@ -178,11 +178,8 @@ impl Drop for Agent {
 /// another process would (from bpffs), not through the agent.
 fn pinned_flow(instance: &str, key: &lb_common::FlowKey) -> Option<lb_common::Flow> {
     let md = aya::maps::MapData::from_pin(format!("/sys/fs/bpf/lb/{instance}/maps/FLOWS")).ok()?;
-    let m = aya::maps::HashMap::<_, lb_common::FlowKey, lb_common::Flow>::try_from(
-        aya::maps::Map::LruHashMap(md),
-    )
-    .ok()?;
-    m.get(key, 0).ok()
+    let m = aya::maps::Array::<_, lb_common::FlowSlot>::try_from(aya::maps::Map::Array(md)).ok()?;
+    lb_user::datapath::flow_in(&m, key)
 }
 
 /// The id of the program in slot `slot` of the instance's pinned program

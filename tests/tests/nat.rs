@@ -791,12 +791,9 @@ fn rewind_nat_entries(f: &mut Fixture, at: u32) {
 
 /// Sets the clock of flow `key`'s connection-table entry to `at`.
 fn rewind_flow(f: &mut Fixture, key: &lb_common::FlowKey, at: u32) {
-    let mut flows: aya::maps::HashMap<_, lb_common::FlowKey, lb_common::Flow> =
-        aya::maps::HashMap::try_from(f.ebpf.map_mut(lb_common::MAP_FLOWS).expect("map"))
-            .expect("hash");
-    let mut e = flows.get(key, 0).expect("the flow");
+    let mut e = f.dp().flow(key).expect("read").expect("the flow");
     e.last_seen_s = at;
-    flows.insert(key, e, 0).expect("rewind");
+    assert!(f.dp().set_flow(key, &e).expect("rewind"), "the flow's slot");
 }
 
 /// An open flow's packets keep its reply entry alive: the entry's clock is

@@ -12,11 +12,13 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
 };
 use lb_common::{
-    Backend, BackendIdKey, Flow, FlowKey, MAX_RING_SIZE, RegionKey, RegionMeta, Settings, Traffic,
-    VipById, VipKey, VipMeta, decap_verdict, ring_base, verdict,
+    Backend, BackendIdKey, MAX_RING_SIZE, RegionKey, RegionMeta, Settings, Traffic, VipById,
+    VipKey, VipMeta, decap_verdict, ring_base, verdict,
 };
 
+mod flows;
 mod nat;
+pub use flows::{flow_in, set_flow_in};
 pub use nat::{NatHandle, sweep_nat};
 
 /// What went wrong programming the datapath.
@@ -257,13 +259,18 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             .map_err(map_err(lb_common::MAP_BACKENDS))?;
         let rings: Array<_, u32> = Array::try_from(self.map(lb_common::MAP_RINGS)?)
             .map_err(map_err(lb_common::MAP_RINGS))?;
-        let flows: HashMap<_, FlowKey, Flow> = HashMap::try_from(self.map(lb_common::MAP_FLOWS)?)
-            .map_err(map_err(lb_common::MAP_FLOWS))?;
+        // Any map type: an older object (the A/B base) has an LRU table.
+        let flows = match self.map(lb_common::MAP_FLOWS)? {
+            aya::maps::Map::Array(d) | aya::maps::Map::LruHashMap(d) => {
+                d.info().map(|i| i.max_entries()).unwrap_or(0)
+            }
+            _ => 0,
+        };
         Ok(Capacity {
             vips: max_entries(&stats),
             backends: max_entries(&backends),
             ring_slots: max_entries(&rings),
-            flows: max_entries(&flows),
+            flows,
         })
     }
 
@@ -784,22 +791,6 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     /// Packets, bytes and new flows of a backend, summed over CPUs.
     pub fn backend_traffic(&self, id: u32) -> Result<Traffic> {
         self.traffic(lb_common::MAP_BACKEND_STATS, id)
-    }
-
-    /// The connection-table entry of a flow, if any.
-    pub fn flow(&self, key: &FlowKey) -> Result<Option<Flow>> {
-        let name = lb_common::MAP_FLOWS;
-        let m: HashMap<_, FlowKey, Flow> =
-            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-        Ok(m.get(key, 0).ok())
-    }
-
-    /// Every entry in the connection table.
-    pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
-        let name = lb_common::MAP_FLOWS;
-        let m: HashMap<_, FlowKey, Flow> =
-            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-        Ok(m.iter().filter_map(|r| r.ok()).collect())
     }
 }
 

@@ -30,7 +30,7 @@ pub fn load_tools() -> Result<Ebpf> {
 /// Load-time sizing of the datapath (see README, "Sizing").
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Entries in the connection table (LRU).
+    /// Slots in the connection table (sets of `lb_common::FLOW_WAYS`).
     pub flow_table_size: u32,
     /// VIPs plus regions (ring ids).
     pub max_vips: u32,
@@ -51,9 +51,23 @@ impl Default for LoadOptions {
     }
 }
 
+/// The datapath's load-time constants for a [`LoadOptions`], kept apart
+/// because the loader borrows them until it loads.
+pub struct Globals {
+    flow_sets: u32,
+}
+
 impl LoadOptions {
-    /// Sets every map's size from these options.
-    fn apply(&self, loader: &mut EbpfLoader<'_>) {
+    pub fn globals(&self) -> Globals {
+        Globals {
+            flow_sets: lb_common::flow_sets(self.flow_table_size),
+        }
+    }
+
+    /// Sets every map's size and the constant that goes with them (an older
+    /// object without it, the A/B benchmark's base, goes without).
+    fn apply<'a>(&self, loader: &mut EbpfLoader<'a>, g: &'a Globals) {
+        loader.override_global(lb_common::GLOBAL_FLOW_SETS, &g.flow_sets, false);
         let vip_keys = self.max_vips.saturating_mul(2);
         for (map, n) in [
             (lb_common::MAP_FLOWS, self.flow_table_size),
@@ -87,8 +101,9 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
 /// [`load`] of another build of the datapath object (the A/B benchmark
 /// loads an older revision's next to this one); `obj` must be 8-aligned.
 pub fn load_object(obj: &[u8], opts: &LoadOptions) -> Result<Ebpf> {
+    let globals = opts.globals();
     let mut loader = EbpfLoader::new();
-    opts.apply(&mut loader);
+    opts.apply(&mut loader, &globals);
     let mut ebpf = loader.load(obj).context(
         "loading the datapath object into the kernel failed (are you root, with BPF enabled?)",
     )?;
@@ -191,6 +206,10 @@ fn check_pins(maps_dir: &std::path::Path, opts: &LoadOptions) -> Result<()> {
         (
             lb_common::MAP_SETTINGS,
             std::mem::size_of::<lb_common::Settings>(),
+        ),
+        (
+            lb_common::MAP_FLOWS,
+            std::mem::size_of::<lb_common::FlowSlot>(),
         ),
     ] {
         if let Some(i) = info(map)
@@ -394,8 +413,9 @@ pub fn load_pinned(opts: &LoadOptions, dir: &std::path::Path) -> Result<(Ebpf, b
     if adopted {
         check_pins(&maps_dir, opts)?;
     }
+    let globals = opts.globals();
     let mut loader = EbpfLoader::new();
-    opts.apply(&mut loader);
+    opts.apply(&mut loader, &globals);
     let paths: Vec<(&str, std::path::PathBuf)> =
         PINNED_MAPS.iter().map(|n| (*n, maps_dir.join(n))).collect();
     for (name, path) in &paths {

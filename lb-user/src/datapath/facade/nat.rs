@@ -41,33 +41,34 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
 
     /// Removes the NAT entries whose port may be given out again (closed
     /// `NAT_CLOSED_S` ago, or idle `NAT_IDLE_S`), as of `now_s` on the
-    /// datapath's clock; returns how many. Each is read again just before
-    /// its removal, so an entry the datapath gave to a new flow meanwhile
-    /// stays (the window left is one map read).
+    /// datapath's clock; returns how many. Each is read again just before its removal, so an entry the
+    /// datapath gave to a new flow meanwhile stays (the window left is one
+    /// map read).
     pub fn nat_sweep(&mut self, now_s: u32) -> Result<usize> {
-        let name = lb_common::MAP_NAT;
-        let Ok(map) = self.map_mut(name) else {
-            return Ok(0);
-        };
-        let mut m: HashMap<_, lb_common::NatKey, lb_common::NatEntry> =
-            HashMap::try_from(map).map_err(map_err(name))?;
-        Ok(sweep_nat(&mut m, now_s))
+        Ok(match self.nat_handle()? {
+            Some(mut h) => sweep_nat(&mut h, now_s),
+            None => 0,
+        })
     }
 
-    /// A handle on `NAT` of its own (the same map, opened again by id),
-    /// for [`sweep_nat`] outside whatever lock guards this facade: with
-    /// many NAT flows a sweep reads the whole table. `None` for an object
-    /// without full NAT.
+    /// A handle on `NAT` of its own (the same map, opened again by id), for [`sweep_nat`] outside whatever lock guards this
+    /// facade: with many NAT flows a sweep reads the whole table. `None`
+    /// for an object without full NAT.
     pub fn nat_handle(&self) -> Result<Option<NatHandle>> {
-        let name = lb_common::MAP_NAT;
-        let Ok(aya::maps::Map::HashMap(map)) = self.map(name) else {
+        let reopen = |name: &'static str| -> Result<Option<MapData>> {
+            let Ok(aya::maps::Map::HashMap(map)) = self.map(name) else {
+                return Ok(None);
+            };
+            let id = map.info().map_err(map_err(name))?.id();
+            Ok(Some(MapData::from_id(id).map_err(map_err(name))?))
+        };
+        let Some(nat) = reopen(lb_common::MAP_NAT)? else {
             return Ok(None);
         };
-        let id = map.info().map_err(map_err(name))?.id();
-        let data = MapData::from_id(id).map_err(map_err(name))?;
-        Ok(Some(
-            HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err(name))?,
-        ))
+        Ok(Some(NatHandle {
+            nat: HashMap::try_from(aya::maps::Map::HashMap(nat))
+                .map_err(map_err(lb_common::MAP_NAT))?,
+        }))
     }
 
     /// NAT flows held now (entries in `NAT`).
@@ -83,15 +84,15 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
 }
 
 /// `NAT` through a handle of its own ([`Dataplane::nat_handle`]).
-pub type NatHandle = HashMap<MapData, lb_common::NatKey, lb_common::NatEntry>;
+pub struct NatHandle {
+    nat: HashMap<MapData, lb_common::NatKey, lb_common::NatEntry>,
+}
 
 /// Removes the NAT entries whose port may be given out again (see
 /// [`Dataplane::nat_sweep`]); returns how many.
-pub fn sweep_nat<T: std::borrow::Borrow<MapData> + BorrowMut<MapData>>(
-    m: &mut HashMap<T, lb_common::NatKey, lb_common::NatEntry>,
-    now_s: u32,
-) -> usize {
+pub fn sweep_nat(h: &mut NatHandle, now_s: u32) -> usize {
     let stale = |e: &lb_common::NatEntry| lb_common::nat_reclaimable(e.flags, e.last_seen_s, now_s);
+    let m = &mut h.nat;
     let keys: Vec<_> = m
         .iter()
         .filter_map(|r| r.ok())
@@ -100,9 +101,11 @@ pub fn sweep_nat<T: std::borrow::Borrow<MapData> + BorrowMut<MapData>>(
         .collect();
     let mut n = 0;
     for k in keys {
-        if m.get(&k, 0).is_ok_and(|e| stale(&e)) && m.remove(&k).is_ok() {
-            n += 1;
+        let Ok(e) = m.get(&k, 0) else { continue };
+        if !stale(&e) || m.remove(&k).is_err() {
+            continue;
         }
+        n += 1;
     }
     n
 }
