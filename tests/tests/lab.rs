@@ -101,6 +101,20 @@ impl Running {
         );
     }
 
+    /// The agent log `name` once it contains `line` (waiting at most
+    /// `limit`; printed with how long it took), or as it is at the limit.
+    fn wait_for_log(&self, name: &str, line: &str, limit: Duration) -> String {
+        let t0 = std::time::Instant::now();
+        loop {
+            let log = std::fs::read_to_string(self.lab.run_dir().join(name)).unwrap_or_default();
+            if log.contains(line) || t0.elapsed() > limit {
+                println!("{name}: `{line}` after {:.1} s", t0.elapsed().as_secs_f64());
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn stop_agent(&mut self) {
         let _ = Command::new(LB)
             .args(["down", "--instance", &self.lab.prefix, "--socket"])
@@ -544,7 +558,13 @@ fn agent_kill_9_and_restart_under_steady_traffic_fails_nothing() {
     let mut r = Running::start("lt-rs", "dsr", "5-tuple", "kind = \"tcp\"");
     let s = r.load_across_kill_9();
     let failed = s.iter().filter(|x| x.result.is_err()).count();
-    let log = std::fs::read_to_string(r.lab.run_dir().join("agent2.log")).unwrap_or_default();
+    // The new agent loads (and the kernel verifies) the datapath while the
+    // pinned one goes on forwarding; its log says when it has adopted it.
+    let log = r.wait_for_log(
+        "agent2.log",
+        "adopted the running datapath",
+        Duration::from_secs(20),
+    );
     println!(
         "{} requests across kill -9 and restart of the agent, {failed} failed",
         s.len()
