@@ -196,15 +196,20 @@ fn try_lb<O: Observe>(
         }
         return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
     }
-    // The connection table's set for this flow, and the 5-tuple hash that
-    // also schedules a new flow and varies the IPIP outer source.
-    let probe = table::probe(&pkt.key);
     // Where a VIP with a connection table may live, the flow is looked up
     // first: an established flow's entry names its VIP, read by id (one
     // array read) instead of the directory. Anything else (a new flow, an
     // entry whose VIP is gone) looks the VIP up as usual, and the entry
     // found here is the one used below.
     let early = !pkt.icmp_error && maybe_table_vip(folded_dst, pkt.key.dport);
+    // No VIP on the address (a NAT address): a backend's reply, perhaps,
+    // which needs neither the VIP lookups nor the flow hash.
+    if !early && !pkt.icmp_error && !maybe_vip_only_addr(folded_dst) {
+        return nat_reply(ctx, pkt);
+    }
+    // The connection table's set for this flow, and the 5-tuple hash that
+    // also schedules a new flow and varies the IPIP outer source.
+    let probe = table::probe(&pkt.key);
     // The flow's entry in `FLOWS`.
     let mut at: Option<core::ptr::NonNull<Flow>> = None;
     let mut vip = None;
