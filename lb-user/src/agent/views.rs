@@ -237,18 +237,22 @@ impl State {
 }
 
 /// The kernel's `memlock` of every BPF map this process holds open (its
-/// `/proc/self/fdinfo`): the memory the datapath's maps take.
+/// `/proc/self/fdinfo`): the memory the datapath's maps take. Each map once,
+/// by its id: the NAT sweep holds a second handle on `NAT`.
 pub(super) fn maps_memlock() -> u64 {
     let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
         return 0;
     };
-    dir.filter_map(|e| e.ok())
+    let field = |t: &str, name: &str| {
+        t.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let by_id: std::collections::HashMap<u64, u64> = dir
+        .filter_map(|e| e.ok())
         .filter_map(|e| std::fs::read_to_string(e.path()).ok())
         .filter(|t| t.contains("map_type:"))
-        .filter_map(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("memlock:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        })
-        .sum()
+        .filter_map(|t| Some((field(&t, "map_id:")?, field(&t, "memlock:")?)))
+        .collect();
+    by_id.values().sum()
 }
