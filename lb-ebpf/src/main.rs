@@ -68,8 +68,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         // slot (no agent loaded the traced copy) it falls through.
         unsafe { maps::TRACE_JUMP.tail_call(&ctx, 0) };
     }
-    let (reason, action) = try_lb(&ctx, &pkt, folded, &mut Quiet)
-        .unwrap_or((verdict::MALFORMED, xdp_action::XDP_PASS));
+    let (reason, action) = try_lb(&ctx, &pkt, folded, &mut Quiet);
     verdict(reason, action)
 }
 
@@ -107,8 +106,7 @@ pub fn lb_xdp_traced(ctx: XdpContext) -> u32 {
     let Some(mut seen) = Seen::new() else {
         return verdict(verdict::INTERNAL, xdp_action::XDP_DROP);
     };
-    let (reason, action) =
-        try_lb(&ctx, &pkt, folded, &mut seen).unwrap_or((verdict::MALFORMED, xdp_action::XDP_PASS));
+    let (reason, action) = try_lb(&ctx, &pkt, folded, &mut seen);
     if let Some(c) = trace::filter() {
         seen.0.family = pkt.family;
         trace::emit(c, &pkt.key, seen.data(), (reason << 8) | action);
@@ -158,12 +156,23 @@ pub fn lb_nat_icmp(ctx: XdpContext) -> u32 {
     if forward::set_macs(&ctx, &hop).is_err() {
         return verdict(verdict::INTERNAL, xdp_action::XDP_DROP);
     }
-    if hop.ifindex == 0 || hop.ifindex as usize == ctx.ingress_ifindex() {
-        return verdict(verdict::NAT_ICMP, xdp_action::XDP_TX);
+    let (reason, action) = send(&ctx, hop.ifindex, verdict::NAT_ICMP, verdict::NAT_ICMP);
+    verdict(reason, action)
+}
+
+/// Sends the rewritten packet: back out where it came in (`XDP_TX`, counted
+/// as `tx_reason`) when `ifindex` is 0 or the ingress interface, else to
+/// `ifindex` (`XDP_REDIRECT`, counted as `redirect_reason`); an interface
+/// that is no redirect target drops it (`redirect_failed`). Returns
+/// (verdict reason, XDP action).
+#[inline(always)]
+fn send(ctx: &XdpContext, ifindex: u32, tx_reason: u32, redirect_reason: u32) -> (u32, u32) {
+    if ifindex == 0 || ifindex as usize == ctx.ingress_ifindex() {
+        return (tx_reason, xdp_action::XDP_TX);
     }
-    match TX_PORTS.redirect(hop.ifindex, 0) {
-        Ok(action) => verdict(verdict::NAT_ICMP, action),
-        Err(_) => verdict(verdict::REDIRECT_FAILED, xdp_action::XDP_DROP),
+    match TX_PORTS.redirect(ifindex, 0) {
+        Ok(action) => (redirect_reason, action),
+        Err(_) => (verdict::REDIRECT_FAILED, xdp_action::XDP_DROP),
     }
 }
 
@@ -189,12 +198,12 @@ fn try_lb<O: Observe>(
     pkt: &parse::Packet,
     folded_dst: u32,
     seen: &mut O,
-) -> Result<(u32, u32), ()> {
+) -> (u32, u32) {
     if pkt.fragment {
         if is_vip_addr(pkt) {
-            return Ok((verdict::FRAGMENT, xdp_action::XDP_DROP));
+            return (verdict::FRAGMENT, xdp_action::XDP_DROP);
         }
-        return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
+        return (verdict::PASS_NON_VIP, xdp_action::XDP_PASS);
     }
     // Where a VIP with a connection table may live, the flow is looked up
     // first: an established flow's entry names its VIP, read by id (one
@@ -234,7 +243,7 @@ fn try_lb<O: Observe>(
         // empty slot passes it untouched.
         // SAFETY: tail call into a program of the same type.
         unsafe { maps::ICMP_JUMP.tail_call(ctx, 1) };
-        return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
+        return (verdict::PASS_NON_VIP, xdp_action::XDP_PASS);
     }
     let Some(vip) = vip else {
         // Perhaps a backend's reply to a NAT flow.
@@ -373,10 +382,10 @@ fn try_lb<O: Observe>(
                     seen.ring(trace_ring::REGION_FALLBACK, &whole, h);
                     match schedule(&vip, &whole, h) {
                         Some(c) => c,
-                        None => return Ok((verdict::NO_BACKEND, xdp_action::XDP_DROP)),
+                        None => return (verdict::NO_BACKEND, xdp_action::XDP_DROP),
                     }
                 }
-                None => return Ok((verdict::NO_BACKEND, xdp_action::XDP_DROP)),
+                None => return (verdict::NO_BACKEND, xdp_action::XDP_DROP),
             }
         }
     };
@@ -384,7 +393,7 @@ fn try_lb<O: Observe>(
     let Some(settings) = SETTINGS.get(0) else {
         // Cannot happen (an array's index 0 always exists): counted apart
         // rather than under a reason that would mislead.
-        return Ok((verdict::INTERNAL, xdp_action::XDP_DROP));
+        return (verdict::INTERNAL, xdp_action::XDP_DROP);
     };
     let hop = if settings.flags & SETTINGS_F_FIB != 0 {
         fib_next_hop(ctx, pkt, b)
@@ -398,7 +407,7 @@ fn try_lb<O: Observe>(
         None
     };
     let Some(hop) = hop else {
-        return Ok((verdict::NO_NEIGH, xdp_action::XDP_PASS));
+        return (verdict::NO_NEIGH, xdp_action::XDP_PASS);
     };
     // Rewrite first, then record the flow: a packet that cannot be sent
     // leaves no table entry (and no least-connections count) behind.
@@ -410,7 +419,7 @@ fn try_lb<O: Observe>(
         let src = match nat_src {
             Some((idx, port)) => {
                 let Some(addr) = nat::source_addr(idx) else {
-                    return Ok((verdict::INTERNAL, xdp_action::XDP_DROP));
+                    return (verdict::INTERNAL, xdp_action::XDP_DROP);
                 };
                 let src = nat::Source { idx, addr, port };
                 // Keeps the reply entry's clock (once a second) and closing
@@ -422,14 +431,14 @@ fn try_lb<O: Observe>(
             }
             None => match nat::allocate(ctx, pkt, b, settings, flow_hash(), now) {
                 Some(s) => s,
-                None => return Ok((verdict::NAT_NO_PORT, xdp_action::XDP_DROP)),
+                None => return (verdict::NAT_NO_PORT, xdp_action::XDP_DROP),
             },
         };
         let bport = nat::backend_port(pkt, b);
         if nat::rewrite(ctx, pkt, &src.addr, src.port, &b.addr, bport).is_err()
             || forward::set_macs(ctx, &hop).is_err()
         {
-            return Ok((verdict::INTERNAL, xdp_action::XDP_DROP));
+            return (verdict::INTERNAL, xdp_action::XDP_DROP);
         }
         nat_rec = (src.idx, src.port);
     } else if vip.flags & VIP_F_IPIP != 0 {
@@ -446,14 +455,14 @@ fn try_lb<O: Observe>(
             // SAFETY: tail call into a program of the same type; with an
             // empty slot it falls through and the packet is dropped.
             unsafe { maps::ICMP_JUMP.tail_call(ctx, 0) };
-            return Ok((verdict::TOO_BIG, xdp_action::XDP_DROP));
+            return (verdict::TOO_BIG, xdp_action::XDP_DROP);
         }
         seen.ipip();
         if forward::encap(ctx, pkt, b, settings, flow_hash(), &hop).is_err() {
-            return Ok((verdict::ENCAP_FAILED, xdp_action::XDP_DROP));
+            return (verdict::ENCAP_FAILED, xdp_action::XDP_DROP);
         }
     } else if forward::set_macs(ctx, &hop).is_err() {
-        return Ok((verdict::INTERNAL, xdp_action::XDP_DROP));
+        return (verdict::INTERNAL, xdp_action::XDP_DROP);
     }
     // A NAT flow is always recorded (without its entry the next packet
     // would get another port): the flood guard spares NAT VIPs.
@@ -487,17 +496,15 @@ fn try_lb<O: Observe>(
         (ctx.data_end() - ctx.data()) as u64,
         new_flow,
     );
-    let reason = if pkt.icmp_error {
-        Some(verdict::ICMP_TO_FLOW)
+    if pkt.icmp_error {
+        send(
+            ctx,
+            hop.ifindex,
+            verdict::ICMP_TO_FLOW,
+            verdict::ICMP_TO_FLOW,
+        )
     } else {
-        None
-    };
-    if hop.ifindex == 0 || hop.ifindex as usize == ctx.ingress_ifindex() {
-        return Ok((reason.unwrap_or(verdict::TX), xdp_action::XDP_TX));
-    }
-    match TX_PORTS.redirect(hop.ifindex, 0) {
-        Ok(action) => Ok((reason.unwrap_or(verdict::REDIRECT), action)),
-        Err(_) => Ok((verdict::REDIRECT_FAILED, xdp_action::XDP_DROP)),
+        send(ctx, hop.ifindex, verdict::TX, verdict::REDIRECT)
     }
 }
 
@@ -505,9 +512,9 @@ fn try_lb<O: Observe>(
 /// to a NAT flow is translated back to its client (source: the VIP) and
 /// sent out where the client's packet came in; anything else passes.
 #[inline(always)]
-fn nat_reply(ctx: &XdpContext, pkt: &parse::Packet) -> Result<(u32, u32), ()> {
+fn nat_reply(ctx: &XdpContext, pkt: &parse::Packet) -> (u32, u32) {
     let Some(e) = nat::reply_for(pkt) else {
-        return Ok((verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
+        return (verdict::PASS_NON_VIP, xdp_action::XDP_PASS);
     };
     // SAFETY: a value pointer from a successful lookup; an entry is only
     // ever replaced whole by the allocating CPU.
@@ -515,15 +522,9 @@ fn nat_reply(ctx: &XdpContext, pkt: &parse::Packet) -> Result<(u32, u32), ()> {
     if nat::rewrite(ctx, pkt, &e.vip, e.vip_port, &e.client, e.client_port).is_err()
         || forward::write_macs(ctx, &e.client_mac, &e.lb_mac).is_err()
     {
-        return Ok((verdict::INTERNAL, xdp_action::XDP_DROP));
+        return (verdict::INTERNAL, xdp_action::XDP_DROP);
     }
-    if e.ifindex == 0 || e.ifindex as usize == ctx.ingress_ifindex() {
-        return Ok((verdict::NAT_REPLY, xdp_action::XDP_TX));
-    }
-    match TX_PORTS.redirect(e.ifindex, 0) {
-        Ok(action) => Ok((verdict::NAT_REPLY, action)),
-        Err(_) => Ok((verdict::REDIRECT_FAILED, xdp_action::XDP_DROP)),
-    }
+    send(ctx, e.ifindex, verdict::NAT_REPLY, verdict::NAT_REPLY)
 }
 
 fn try_decap(ctx: &XdpContext) -> Result<u32, ()> {
