@@ -193,6 +193,20 @@ pub fn tcp4_syn(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     v
 }
 
+/// An Ethernet/IPv4/TCP FIN|ACK: a connection being closed.
+pub fn tcp4_fin(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1000, 65535)
+        .ack(1)
+        .fin();
+    let payload: &[u8] = &[];
+    let mut v = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut v, payload)
+        .expect("writing to a Vec cannot fail");
+    v
+}
+
 /// An Ethernet/IPv4/UDP datagram.
 pub fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)

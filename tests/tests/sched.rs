@@ -78,30 +78,35 @@ fn install(f: &mut Fixture, spec: &VipSpec, sched: Scheduler) {
         .expect("ring");
 }
 
+/// Client `i`'s address and port.
+fn client(i: u32) -> ([u8; 4], u16) {
+    (
+        [198, 19, (i >> 8) as u8, i as u8],
+        1024 + (i % 60000) as u16,
+    )
+}
+
+/// Client `i` opens a connection (a SYN without ACK: a new flow, scheduled
+/// and written to the table); returns the backend it went to.
 fn syn(f: &mut Fixture, i: u32) -> u32 {
-    let r = f
-        .run(&tcp4(
-            [198, 19, (i >> 8) as u8, i as u8],
-            VIP4,
-            1024 + (i % 60000) as u16,
-            80,
-            b"",
-        ))
-        .expect("run");
+    let (a, p) = client(i);
+    let r = f.run(&lb_tests::tcp4_syn(a, VIP4, p, 80)).expect("run");
     assert_eq!(r.action, action::TX);
     backend_of(&r.out)
 }
 
+/// A segment of client `i`'s established connection (ACK).
+fn ack(f: &mut Fixture, i: u32) -> u32 {
+    let (a, p) = client(i);
+    let r = f.run(&tcp4(a, VIP4, p, 80, b"")).expect("run");
+    assert_eq!(r.action, action::TX);
+    backend_of(&r.out)
+}
+
+/// Client `i` closes its connection (FIN|ACK).
 fn fin(f: &mut Fixture, i: u32) -> u32 {
-    let mut p = tcp4(
-        [198, 19, (i >> 8) as u8, i as u8],
-        VIP4,
-        1024 + (i % 60000) as u16,
-        80,
-        b"",
-    );
-    p[14 + 20 + 13] = 0x11; // FIN|ACK (checksums are not checked on this path)
-    let r = f.run(&p).expect("run");
+    let (a, p) = client(i);
+    let r = f.run(&lb_tests::tcp4_fin(a, VIP4, p, 80)).expect("run");
     backend_of(&r.out)
 }
 
@@ -164,7 +169,7 @@ fn least_connections_sends_new_flows_to_the_least_loaded() {
     let active: Vec<u64> = (1..=3).map(|id| f.dp().active(id).unwrap()).collect();
     assert_eq!(active, vec![10, 10, 10]);
     // Close the 10 flows of backend 1 (FIN): the next 10 go there.
-    let on_1: Vec<u32> = (0..30).filter(|&i| syn(&mut f, i) == 1).collect();
+    let on_1: Vec<u32> = (0..30).filter(|&i| ack(&mut f, i) == 1).collect();
     assert_eq!(on_1.len(), 10, "established flows keep their backend");
     for &i in &on_1 {
         fin(&mut f, i);
@@ -320,7 +325,7 @@ fn established_flows_never_move_when_policy_state_changes() {
         if s == Scheduler::LeastConnections {
             f.dp().set_active(2, 500).unwrap();
         }
-        let again: Vec<u32> = (0..90).map(|i| syn(&mut f, i)).collect();
+        let again: Vec<u32> = (0..90).map(|i| ack(&mut f, i)).collect();
         assert_eq!(first, again, "{}: established flows moved", s.name());
     }
 }
