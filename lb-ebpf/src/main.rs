@@ -11,8 +11,9 @@
 //! the lab attaches to veth peers (native `XDP_TX` on a veth needs one
 //! there).
 //!
-//! Modules: `parse` (offsets), `vip` (which VIP), `sched` (scheduling a new
-//! flow), `flow` (flood guard, clock), `forward` (header rewrites, FIB next
+//! Modules: `parse` (offsets), `vip` (which VIP), `table` (the connection
+//! table: sets of array slots), `sched` (scheduling a new flow), `flow`
+//! (flood guard, clock), `forward` (header rewrites, FIB next
 //! hop), `nat` (full NAT both ways), `decap` (stripping a tunnel), `maps`,
 //! `stats` (counters), `csum`, `trace`. This file: the entry points and the
 //! balancer's flow, parse → VIP → table or schedule → rewrite → count.
@@ -207,9 +208,9 @@ fn try_lb<O: Observe>(
     }
     // Where a VIP with a connection table may live, the flow is looked up
     // first: an established flow's entry names its VIP, read by id (one
-    // array read) instead of the directory. Anything else (a new flow, an
-    // entry whose VIP is gone) looks the VIP up as usual, and the entry
-    // found here is the one used below.
+    // array read) instead of by the VIP hash lookups. Anything else (a new
+    // flow, an entry whose VIP is gone) looks the VIP up as usual, and the
+    // entry found here is the one used below.
     let early = !pkt.icmp_error && maybe_table_vip(folded_dst, pkt.key.dport);
     // No VIP on the address (a NAT address): a backend's reply, perhaps,
     // which needs neither the VIP lookups nor the flow hash.

@@ -1,7 +1,7 @@
 //! The connection table's side of the facade: `FLOWS` is an array of sets
 //! (see `lb-ebpf/src/table.rs`), read here the way the datapath reads it.
-//! Whole arrays are read with
-//! `BPF_MAP_LOOKUP_BATCH` (a million slots one syscall each took seconds).
+//! Whole arrays are read with `BPF_MAP_LOOKUP_BATCH`, in chunks of 16,384
+//! slots, rather than one syscall per slot (a million with the defaults).
 
 use std::{
     borrow::BorrowMut,
