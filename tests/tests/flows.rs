@@ -30,6 +30,17 @@ fn client(i: u32) -> ([u8; 4], u16) {
     (a, 1024 + (i % 50000) as u16)
 }
 
+/// A TCP VIP on port 80 over `n` backends, Maglev, with a table.
+fn tcp80(n: u32) -> VipSpec {
+    VipSpec {
+        key: key(PROTO_TCP, 80),
+        vip_id: 0,
+        flags: 0,
+        ring_size: RING,
+        backends: backends(n),
+    }
+}
+
 fn send(f: &mut Fixture, i: u32, dport: u16) -> u32 {
     let (a, p) = client(i);
     let r = f.run(&tcp4(a, VIP4, p, dport, b"")).expect("run");
@@ -40,13 +51,7 @@ fn send(f: &mut Fixture, i: u32, dport: u16) -> u32 {
 #[test]
 fn established_flows_keep_their_backend_across_ring_changes() {
     let mut f = Fixture::new().expect("load");
-    let mut spec = VipSpec {
-        key: key(PROTO_TCP, 80),
-        vip_id: 0,
-        flags: 0,
-        ring_size: RING,
-        backends: backends(3),
-    };
+    let mut spec = tcp80(3);
     f.add_vip(&spec).expect("vip");
     const N: u32 = 2000;
     let first: Vec<u32> = (0..N).map(|i| send(&mut f, i, 80)).collect();
@@ -89,13 +94,7 @@ fn established_flows_keep_their_backend_across_ring_changes() {
 #[test]
 fn flows_of_a_down_backend_move_to_live_ones() {
     let mut f = Fixture::new().expect("load");
-    let mut spec = VipSpec {
-        key: key(PROTO_TCP, 80),
-        vip_id: 0,
-        flags: 0,
-        ring_size: RING,
-        backends: backends(3),
-    };
+    let mut spec = tcp80(3);
     f.add_vip(&spec).expect("vip");
     const N: u32 = 1500;
     let first: Vec<u32> = (0..N).map(|i| send(&mut f, i, 80)).collect();
@@ -316,13 +315,7 @@ fn a_new_syn_on_a_reused_5_tuple_is_scheduled_afresh() {
     use lb_common::BACKEND_DRAINING;
     use lb_tests::tcp4_syn;
     let mut f = Fixture::new().expect("load");
-    let mut spec = VipSpec {
-        key: key(PROTO_TCP, 80),
-        vip_id: 0,
-        flags: 0,
-        ring_size: RING,
-        backends: backends(3),
-    };
+    let mut spec = tcp80(3);
     f.add_vip(&spec).expect("vip");
     let (a, p) = client(7);
     let open = |f: &mut Fixture| {
@@ -395,13 +388,7 @@ fn one_flow_on_several_cpus_keeps_its_backend_across_a_ring_change() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert!(cpus >= 2, "this machine kind has 2 CPUs; found {cpus}");
     let mut f = Fixture::new().expect("load");
-    let mut spec = VipSpec {
-        key: key(PROTO_TCP, 80),
-        vip_id: 0,
-        flags: 0,
-        ring_size: RING,
-        backends: backends(3),
-    };
+    let mut spec = tcp80(3);
     f.add_vip(&spec).expect("vip");
     const N: u32 = 400;
     let first: Vec<u32> = (0..N)

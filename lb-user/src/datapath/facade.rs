@@ -108,23 +108,45 @@ fn max_entries<K: aya::Pod, V>(m: &impl aya::maps::IterableMap<K, V>) -> u32 {
     m.map().info().map(|i| i.max_entries()).unwrap_or(0)
 }
 
-/// `BPF_MAP_UPDATE_BATCH` of `keys[i] → values[i]` on a map of u32 keys and
-/// values (aya has no batch operations). Partial failure is reported; the
-/// caller then writes slot by slot.
-fn update_batch_u32(fd: i32, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
-    // `union bpf_attr`'s `batch` member.
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
+/// `union bpf_attr`'s `batch` member (aya has no batch operations).
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct BatchAttr {
+    pub in_batch: u64,
+    pub out_batch: u64,
+    pub keys: u64,
+    pub values: u64,
+    pub count: u32,
+    pub map_fd: u32,
+    pub elem_flags: u64,
+    pub flags: u64,
+}
+
+/// Runs BPF command `cmd` (a `BPF_MAP_*_BATCH`) on `attr`; the kernel writes
+/// the count it handled back into `attr.count`.
+///
+/// # Safety
+/// `attr`'s pointers must name live buffers of `count` keys and values of
+/// the map's key and value sizes (and cursors where the command uses them).
+pub(crate) unsafe fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: the caller's contract.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// `BPF_MAP_UPDATE_BATCH` of `keys[i] → values[i]` on a map of u32 keys and
+/// values. Partial failure is reported; the caller then writes slot by slot.
+fn update_batch_u32(fd: i32, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     assert_eq!(keys.len(), values.len());
     let mut done = 0;
@@ -139,17 +161,7 @@ fn update_batch_u32(fd: i32, keys: &[u32], values: &[u32]) -> std::io::Result<()
         // SAFETY: the attr points at live key and value buffers of `count`
         // u32s each, matching the map's key and value sizes; the kernel
         // writes back only `count`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        unsafe { bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr) }?;
         if attr.count == 0 {
             return Err(std::io::Error::other("batch update made no progress"));
         }

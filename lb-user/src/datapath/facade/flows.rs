@@ -14,7 +14,7 @@ use aya::{
 };
 use lb_common::{FLOW_WAYS, Flow, FlowKey, FlowSlot, flow_set_base, flow_sets, flow_tag, hash};
 
-use super::{Dataplane, Result, map_err};
+use super::{BatchAttr, Dataplane, Result, bpf_batch, map_err};
 
 /// The flow of `key` among a set's slots, as the datapath matches it.
 pub(crate) fn match_slot(slots: &[FlowSlot], key: &FlowKey) -> Option<Flow> {
@@ -36,19 +36,6 @@ pub(crate) fn set_of(key: &FlowKey, entries: u32) -> impl Iterator<Item = u32> {
 /// Every value of an array map of `n` entries, by `BPF_MAP_LOOKUP_BATCH`;
 /// `None` when the kernel refuses it (the caller then reads one by one).
 pub(crate) fn lookup_batch<V: aya::Pod + Default + Clone>(fd: i32, n: u32) -> Option<Vec<V>> {
-    // `union bpf_attr`'s `batch` member.
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     const CHUNK: u32 = 16_384;
     let mut out = Vec::with_capacity(n as usize);
@@ -72,20 +59,13 @@ pub(crate) fn lookup_batch<V: aya::Pod + Default + Clone>(fd: i32, n: u32) -> Op
         };
         // SAFETY: the attr points at live buffers of `count` keys (u32, the
         // array's key) and values (`V`, the array's value type, checked by
-        // the typed `Array` the caller opened); the kernel writes at most
-        // `count` of each and the cursors.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
+        // the typed `Array` the caller opened) and at the two cursors.
+        let done = match unsafe { bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) } {
+            Ok(()) => false,
+            // The end of the map: `count` says how many came with it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(_) => return None,
         };
-        let done = rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT);
-        if rc != 0 && !done {
-            return None;
-        }
         out.extend_from_slice(&values[..attr.count as usize]);
         if done || out.len() >= n as usize {
             return Some(out);
