@@ -163,9 +163,26 @@ pub static TRACE_CFG: Array<TraceCfg> = Array::with_max_entries(1, 0);
 #[map(name = "TRACE_JUMP")]
 pub static TRACE_JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
-/// Per-CPU room for what the traced balancer saw (`trace::SeenData`).
+/// Per-CPU room for what the traced balancer saw.
 #[map(name = "TRACE_SCRATCH")]
-pub static TRACE_SCRATCH: PerCpuArray<crate::trace::SeenData> = PerCpuArray::with_max_entries(1, 0);
+pub static TRACE_SCRATCH: PerCpuArray<SeenData> = PerCpuArray::with_max_entries(1, 0);
+
+/// What the balancer decided for one packet, filled in as it goes (plain
+/// stores into this CPU's `TRACE_SCRATCH` slot: the balancer's stack has no
+/// room left for it; read only when tracing).
+/// (Here, with its map, so that `trace` uses `maps` and not the reverse.)
+pub struct SeenData {
+    pub family: u8,
+    pub vip_id: u32,
+    pub backend_id: u32,
+    pub ring_id: u32,
+    pub ring_size: u32,
+    pub hash: u32,
+    pub table: u8,
+    pub ring: u8,
+    pub scheduler: u8,
+    pub ipip: u8,
+}
 
 /// Traced packets, read by `lb trace`.
 #[map(name = "TRACE")]

@@ -18,25 +18,9 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{FlowKey, TraceCfg, TraceRecord, trace_ring, trace_table};
 
 use crate::{
-    maps::{TRACE, TRACE_CFG, TRACE_SCRATCH},
+    maps::{SeenData, TRACE, TRACE_CFG, TRACE_SCRATCH},
     sched::Ring,
 };
-
-/// What the balancer decided for one packet, filled in as it goes (plain
-/// stores into this CPU's `TRACE_SCRATCH` slot: the balancer's stack has no
-/// room left for it; read only when tracing).
-pub struct SeenData {
-    pub family: u8,
-    pub vip_id: u32,
-    pub backend_id: u32,
-    pub ring_id: u32,
-    pub ring_size: u32,
-    pub hash: u32,
-    pub table: u8,
-    pub ring: u8,
-    pub scheduler: u8,
-    pub ipip: u8,
-}
 
 /// [`SeenData`] in this CPU's scratch slot.
 pub struct Seen(pub &'static mut SeenData);
