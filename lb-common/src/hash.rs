@@ -121,6 +121,34 @@ pub const fn vip_table_slot_folded(folded: u32, port: u16) -> (u32, u32) {
     vip_filter_slot_folded(folded ^ ((port as u32) << 16))
 }
 
+/// The last word of a [`VipKey`](crate::VipKey) as the datapath reads it:
+/// port (low half), protocol, family (top byte), little-endian as
+/// `#[repr(C)]` lays them out.
+#[inline(always)]
+pub const fn vip_key_tail(port: u16, proto: u8, family: u8) -> u32 {
+    port as u32 | (proto as u32) << 16 | (family as u32) << 24
+}
+
+/// The two buckets of the VIP directory where the key (address folded to
+/// 32 bits as [`fold_addr`], [`vip_key_tail`]) may live, for a directory of
+/// `mask + 1` buckets (a power of two). The second comes from the hash's
+/// other half and always differs from the first.
+#[inline(always)]
+pub const fn vip_dir_buckets(folded: u32, tail: u32, mask: u32) -> (u32, u32) {
+    let mut h = folded ^ tail.wrapping_mul(0x9e37_79b1);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    let first = h & mask;
+    let mut second = h.rotate_right(16) & mask;
+    if second == first {
+        second = first ^ 1;
+    }
+    (first, second & mask)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +213,65 @@ mod tests {
         let client = [198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         assert_eq!(hash_5tuple(&client, 40000, 80, 6), 614508554);
         assert_eq!(hash_src(&client), 3358244290);
+    }
+
+    #[test]
+    fn vip_directory_places_a_full_house_of_vips() {
+        // The agent's placement (the less full of the two buckets) for as
+        // many VIPs as the directory is sized for, in the shapes VIPs come
+        // in: neighbouring addresses, and one address with many ports.
+        for (max_vips, shape) in [(1000u32, 0), (1000, 1), (256, 0), (16, 1), (65536, 0)] {
+            let buckets = crate::vip_dir_buckets(max_vips);
+            let mask = buckets - 1;
+            let mut fill = [0u8; 65536];
+            let mut in_first = 0;
+            for i in 0..max_vips {
+                let (addr, port) = if shape == 0 {
+                    let b = i.to_be_bytes();
+                    (
+                        [
+                            198,
+                            18 | (b[1] & 1),
+                            b[2],
+                            b[3],
+                            0,
+                            0,
+                            0,
+                            0,
+                            0,
+                            0,
+                            0,
+                            0,
+                            0,
+                            0,
+                            0,
+                            0,
+                        ],
+                        80,
+                    )
+                } else {
+                    (
+                        [198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                        i as u16 + 1,
+                    )
+                };
+                let tail = vip_key_tail(port, 6, 4);
+                let (a, b) = vip_dir_buckets(fold_addr(&addr), tail, mask);
+                assert!(a <= mask && b <= mask && a != b);
+                let (a, b) = (a as usize, b as usize);
+                let at = if fill[b] < fill[a] { b } else { a };
+                assert!(
+                    (fill[at] as usize) < crate::VIP_DIR_WAYS,
+                    "{max_vips} VIPs: no room for {i}"
+                );
+                fill[at] += 1;
+                in_first += (at == a) as u32;
+            }
+            // Most VIPs are found in their first bucket (one array read).
+            assert!(
+                in_first * 10 >= max_vips * 7,
+                "{in_first} of {max_vips} in the first bucket"
+            );
+        }
     }
 }

@@ -64,6 +64,9 @@ pub const MAP_VIP_TABLE_FILTER: &str = "VIP_TABLE_FILTER";
 pub const MAP_VIP_ONLY_FILTER: &str = "VIP_ONLY_FILTER";
 /// VIP id → [`VipById`].
 pub const MAP_VIPS_BY_ID: &str = "VIPS_BY_ID";
+/// The VIP directory: (address, port, protocol) → VIP id in an array of
+/// [`VipDirBucket`]s, where the datapath finds a packet's VIP.
+pub const MAP_VIP_DIR: &str = "VIP_DIR";
 pub const MAP_ACTIVE: &str = "ACTIVE";
 pub const MAP_RR_POS: &str = "RR_POS";
 pub const MAP_FIB_SCRATCH: &str = "FIB_SCRATCH";
@@ -111,6 +114,8 @@ pub const MAP_TRACE_JUMP: &str = "TRACE_JUMP";
 /// Load-time constant of the datapath (`EbpfLoader::override_global`):
 /// the connection table's sets.
 pub const GLOBAL_FLOW_SETS: &str = "FLOW_SETS";
+/// Load-time constant of the datapath: the VIP directory's buckets − 1.
+pub const GLOBAL_VIP_DIR_MASK: &str = "VIP_DIR_MASK";
 
 /// Ways per set of the connection table (`FLOWS`, see [`FlowSlot`]).
 pub const FLOW_WAYS: u32 = 4;
@@ -191,6 +196,40 @@ pub struct VipKey {
 pub struct VipById {
     pub key: VipKey,
     pub meta: VipMeta,
+}
+
+/// Slots per [`VipDirBucket`].
+pub const VIP_DIR_WAYS: usize = 4;
+
+/// Buckets of the VIP directory for `max_vips` VIPs: a power of two with
+/// at least [`VIP_DIR_WAYS`] slots per VIP (at most a quarter of the slots
+/// used), so that a VIP almost always finds room in the first of its two
+/// buckets and never in neither (see [`hash::vip_dir_buckets`]).
+pub const fn vip_dir_buckets(max_vips: u32) -> u32 {
+    let n = if max_vips < 16 { 16 } else { max_vips };
+    n.next_power_of_two()
+}
+
+/// One slot of the VIP directory: a VIP's key and id. `key.family == 0`:
+/// empty. The datapath compares the key as six 32-bit words (`VipKey` is
+/// 20 bytes, 4-aligned), then reads the VIP by its id from `VIPS_BY_ID`,
+/// whose key it compares again: a slot read while the agent rewrites it
+/// cannot hand a packet another VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct VipDirSlot {
+    pub key: VipKey,
+    pub vip_id: u32,
+}
+
+/// A bucket of the VIP directory (`VIP_DIR`, an array): a key lives in one
+/// of its two buckets ([`hash::vip_dir_buckets`]), in any slot. 96 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct VipDirBucket {
+    pub slots: [VipDirSlot; VIP_DIR_WAYS],
 }
 
 /// [`VipMeta::flags`]: hash the client address only (source-ip stickiness).
@@ -681,6 +720,7 @@ mod pod {
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipMeta {}
     unsafe impl aya::Pod for super::VipById {}
+    unsafe impl aya::Pod for super::VipDirBucket {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}

@@ -208,9 +208,9 @@ fn try_lb<O: Observe>(
     }
     // Where a VIP with a connection table may live, the flow is looked up
     // first: an established flow's entry names its VIP, read by id (one
-    // array read) instead of by the VIP hash lookups. Anything else (a new
-    // flow, an entry whose VIP is gone) looks the VIP up as usual, and the
-    // entry found here is the one used below.
+    // array read) instead of through the VIP directory. Anything else (a
+    // new flow, an entry whose VIP is gone) looks the VIP up in the
+    // directory, and the entry found here is the one used below.
     let early = !pkt.icmp_error && maybe_table_vip(folded_dst, pkt.key.dport);
     // No VIP on the address (a NAT address): a backend's reply, perhaps,
     // which needs neither the VIP lookups nor the flow hash.
@@ -227,13 +227,13 @@ fn try_lb<O: Observe>(
         at = table::lookup(probe.base, probe.tag, &pkt.key);
         if let Some(f) = at {
             // SAFETY: a pointer into the entry's map value.
-            vip = vip_of_flow(pkt, unsafe { (*f.as_ptr()).vip_id });
+            vip = vip_of_flow(pkt, u32::from(unsafe { (*f.as_ptr()).vip_id }));
         }
     }
     let vip = match vip {
         Some(v) => Some(v),
         // No VIP on the address (a NAT address: a backend's reply) needs
-        // no VIP lookup.
+        // no directory lookup.
         None if maybe_vip_only_addr(folded_dst) => lookup_vip(pkt),
         None => None,
     };

@@ -8,10 +8,13 @@ use aya_ebpf::{
 use lb_common::{
     Backend, BackendIdKey, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SLOTS, FloodGuard, FloodState,
     FlowSlot, MAX_BACKENDS, MAX_NAT_ADDRS, MAX_TX_PORTS, MAX_VIPS, NatEntry, NatKey, RegionKey,
-    RegionMeta, Settings, TraceCfg, Traffic, VipById, VipKey, VipMeta, decap_verdict, verdict,
+    RegionMeta, Settings, TraceCfg, Traffic, VipById, VipDirBucket, VipKey, VipMeta, decap_verdict,
+    verdict,
 };
 
-/// (address, port, protocol) → VIP. Port 0 entries match every port.
+/// (address, port, protocol) → VIP. Port 0 entries match every port. The
+/// agent's record (pinned, read back when it starts); packets find their
+/// VIP in `VIP_DIR` and `VIPS_BY_ID`, arrays, and never read this one.
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS * 2, 0);
 
@@ -37,6 +40,24 @@ pub static VIP_TABLE_FILTER: Array<u32> =
 #[map(name = "VIP_ONLY_FILTER")]
 pub static VIP_ONLY_FILTER: Array<u32> =
     Array::with_max_entries(lb_common::hash::VIP_FILTER_WORDS, 0);
+
+/// (address, port, protocol) → VIP id, in buckets of four slots (see
+/// `vip.rs`): where every packet finds its VIP, with array reads. Sized by
+/// the loader (`lb_common::vip_dir_buckets` of `agent.max_vips`), which sets
+/// `VIP_DIR_MASK` to match; written by the agent next to `VIPS`.
+#[map(name = "VIP_DIR")]
+pub static VIP_DIR: Array<VipDirBucket> =
+    Array::with_max_entries(lb_common::vip_dir_buckets(MAX_VIPS), 0);
+
+/// Buckets of `VIP_DIR` − 1: a load-time constant.
+#[unsafe(no_mangle)]
+static VIP_DIR_MASK: u32 = lb_common::vip_dir_buckets(MAX_VIPS) - 1;
+
+#[inline(always)]
+pub fn vip_dir_mask() -> u32 {
+    // SAFETY: as `flow_sets`.
+    unsafe { core::ptr::read_volatile(&VIP_DIR_MASK) }
+}
 
 /// VIP id → the VIP's key and entry (`lb_common::VipById`).
 #[map(name = "VIPS_BY_ID")]

@@ -3,23 +3,28 @@
 //! see copied): the address filters (one array lookup that
 //! turns non-VIP traffic away; one that says whether an established flow
 //! may name its VIP), the VIP of an established flow by its id, the exact
-//! and every-port VIP lookups, and the address check fragments need.
+//! and every-port VIP lookups in the VIP directory (arrays only), and the
+//! address check fragments need (the one hash lookup left, for fragments,
+//! which are dropped).
 
 use aya_ebpf::maps::Array;
 use lb_common::{FlowKey, VipById, VipKey, VipMeta, hash};
 
 use crate::{
-    maps::{VIP_ADDRS, VIP_FILTER, VIP_ONLY_FILTER, VIP_TABLE_FILTER, VIPS, VIPS_BY_ID},
+    maps::{
+        VIP_ADDRS, VIP_DIR, VIP_FILTER, VIP_ONLY_FILTER, VIP_TABLE_FILTER, VIPS_BY_ID, vip_dir_mask,
+    },
     parse::Packet,
 };
 
 /// The VIP of a flow whose connection-table entry names VIP `id`, if that
 /// VIP is still the one the packet is addressed to (an id given to another
 /// VIP since the flow began, or a removed VIP, does not match): one array
-/// read instead of [`lookup_vip`]'s one or two hash lookups.
+/// read instead of [`lookup_vip`]'s directory buckets. Also the last step
+/// of [`lookup_vip`], with the id the directory found.
 #[inline(always)]
-pub(crate) fn vip_of_flow(pkt: &Packet, id: u16) -> Option<&'static VipMeta> {
-    let e = VIPS_BY_ID.get(u32::from(id))?;
+pub(crate) fn vip_of_flow(pkt: &Packet, id: u32) -> Option<&'static VipMeta> {
+    let e = VIPS_BY_ID.get(id)?;
     let k = &e.key;
     if k.family != pkt.family
         || k.proto != pkt.key.proto
@@ -77,23 +82,58 @@ pub(crate) fn maybe_table_vip(folded_dst: u32, port: u16) -> bool {
 }
 
 /// The VIP for this packet: exact (address, port, protocol), then the
-/// every-port entry (port 0).
+/// every-port entry (port 0), found in the directory `VIP_DIR` with array
+/// reads only (no hash-map lookup): each key lives in one of two buckets of
+/// four slots; a packet reads the first, and the second only when the
+/// first does not hold its key. The id found is read from `VIPS_BY_ID`,
+/// whose key must match too ([`vip_of_flow`]).
 #[inline(always)]
 pub(crate) fn lookup_vip(pkt: &Packet) -> Option<&'static VipMeta> {
-    let mut key = VipKey {
-        addr: pkt.key.dst,
-        port: pkt.key.dport,
-        proto: pkt.key.proto,
-        family: pkt.family,
-    };
-    // SAFETY: VIP entries are only replaced whole by userspace; a torn read
-    // cannot happen for the values the kernel copies out under RCU.
-    if let Some(m) = unsafe { VIPS.get(&key) } {
-        return Some(m);
+    // SAFETY: `FlowKey` is `align(4)` with `dst` at offset 16.
+    let dst = unsafe { &*(pkt.key.dst.as_ptr() as *const [u32; 4]) };
+    let folded = dst[0] ^ dst[1] ^ dst[2] ^ dst[3];
+    let mut id = dir_find(dst, folded, pkt.key.dport, pkt);
+    if id == NO_VIP {
+        id = dir_find(dst, folded, 0, pkt);
     }
-    key.port = 0;
-    // SAFETY: as above.
-    unsafe { VIPS.get(&key) }
+    vip_of_flow(pkt, id)
+}
+
+/// What [`dir_find`] answers for a key the directory does not hold: no
+/// index of `VIPS_BY_ID`, whose lookup then fails.
+const NO_VIP: u32 = u32::MAX;
+
+/// The id of the VIP (destination `dst`, `port`, the packet's protocol and
+/// family) in `VIP_DIR`, or [`NO_VIP`]. A scalar, not a reference: every
+/// slot it may come from leaves the verifier one state to follow.
+#[inline(always)]
+fn dir_find(dst: &[u32; 4], folded: u32, port: u16, pkt: &Packet) -> u32 {
+    let tail = hash::vip_key_tail(port, pkt.key.proto, pkt.family);
+    let (first, second) = hash::vip_dir_buckets(folded, tail, vip_dir_mask());
+    let found = in_bucket(first, dst, tail);
+    if found != NO_VIP {
+        return found;
+    }
+    in_bucket(second, dst, tail)
+}
+
+/// The id in bucket `b` of the key (`dst`, `tail`), or [`NO_VIP`].
+#[inline(always)]
+fn in_bucket(b: u32, dst: &[u32; 4], tail: u32) -> u32 {
+    let Some(bucket) = VIP_DIR.get(b) else {
+        return NO_VIP;
+    };
+    for s in &bucket.slots {
+        // SAFETY: `VipKey` is 20 bytes, 4-aligned (`repr(C)`, `VipDirSlot`
+        // starts with it): five little-endian words, the last `tail`.
+        let k = unsafe { &*(s.key.addr.as_ptr() as *const [u32; 5]) };
+        if k[4] == tail
+            && (k[0] ^ dst[0]) | (k[1] ^ dst[1]) | (k[2] ^ dst[2]) | (k[3] ^ dst[3]) == 0
+        {
+            return s.vip_id;
+        }
+    }
+    NO_VIP
 }
 
 /// False when no VIP can live on the packet's destination address: its

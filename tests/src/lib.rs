@@ -354,6 +354,11 @@ impl Fixture {
         Self::with_ebpf(load()?)
     }
 
+    /// A fixture loaded with other capacities.
+    pub fn with_options(opts: &loader::LoadOptions) -> Result<Self> {
+        Self::with_ebpf(loader::load(opts)?)
+    }
+
     /// A fixture on another build of the datapath object (8-aligned bytes).
     pub fn with_object(obj: &[u8]) -> Result<Self> {
         Self::with_ebpf(loader::load_object(

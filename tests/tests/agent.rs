@@ -646,6 +646,82 @@ fn bad_config_is_refused_and_changes_nothing() {
     agent.cli(&["reload"]).expect("reload good file");
 }
 
+/// The instance's pinned `SETTINGS` entry, read the way another process
+/// would.
+fn pinned_settings(instance: &str) -> lb_common::Settings {
+    let md = aya::maps::MapData::from_pin(format!("/sys/fs/bpf/lb/{instance}/maps/SETTINGS"))
+        .expect("SETTINGS pinned");
+    let a = aya::maps::Array::<_, lb_common::Settings>::try_from(aya::maps::Map::Array(md))
+        .expect("an array");
+    a.get(&0, 0).expect("entry 0")
+}
+
+/// A reload that changes `agent.*` settings applies those the datapath can
+/// take live (read back from the pinned map, not the agent's model) and
+/// refuses the rest where the file sets them, changing nothing.
+#[test]
+fn agent_settings_in_a_reload_are_applied_or_refused_where_the_file_sets_them() {
+    let d = dc("ags", 2).expect("dc");
+    let _srv = servers(&d);
+    let agent = Agent::start("ags", &d, 2);
+    let good = std::fs::read_to_string(&agent.config).unwrap();
+    let before = pinned_settings(&agent.instance);
+    assert_eq!(before.ipip_mtu, 1500);
+
+    // Applied live: the path MTU of ipip backends and the NAT port range.
+    let live = good.replace(
+        "xdp_mode = \"native\"\n",
+        "xdp_mode = \"native\"\nipip_mtu = 1400\nnat_ports = \"2000-2999\"\n",
+    );
+    std::fs::write(&agent.config, &live).unwrap();
+    agent.cli(&["reload"]).expect("reload with new settings");
+    let s = pinned_settings(&agent.instance);
+    assert_eq!(s.ipip_mtu, 1400, "agent.ipip_mtu reached the datapath");
+    assert_eq!(
+        (s.nat_port_lo, s.nat_port_hi),
+        (2000, 2999),
+        "agent.nat_ports too"
+    );
+
+    // Refused where the file sets it: a capacity (line 7 once the two
+    // lines above are in), then a setting read at start.
+    for (from, to, want) in [
+        (
+            "flow_table_size = 65536",
+            "flow_table_size = 131072",
+            "lb.toml:7:1: agent.flow_table_size: fixed when the datapath is loaded",
+        ),
+        (
+            "metrics_listen = \"127.0.0.1:9100\"",
+            "metrics_listen = \"127.0.0.1:9101\"",
+            "agent.metrics_listen: read when the agent starts",
+        ),
+    ] {
+        assert!(live.contains(from), "{from}");
+        std::fs::write(&agent.config, live.replace(from, to)).unwrap();
+        let err = agent.cli(&["reload"]).expect_err("refused");
+        println!("lb reload: {err}");
+        assert!(err.contains(want), "{err}");
+        assert_eq!(
+            pinned_settings(&agent.instance),
+            s,
+            "a refused reload changes nothing"
+        );
+    }
+    // The applied file again: the agent still serves.
+    std::fs::write(&agent.config, &live).unwrap();
+    agent.cli(&["reload"]).expect("reload");
+    let t = traffic(&d, 20, Duration::ZERO);
+    assert!(
+        t.iter().all(|(_, r)| r.is_ok()),
+        "traffic unaffected: {t:?}"
+    );
+    // And back to the defaults, live.
+    std::fs::write(&agent.config, &good).unwrap();
+    agent.cli(&["reload"]).expect("reload of the first file");
+    assert_eq!(pinned_settings(&agent.instance), before);
+}
+
 /// Concurrent CLI edits: 40 `lb backend add` processes at once, then 40
 /// removes. Every edit that reports success is in the datapath and in the
 /// file, and the file stays valid; a request that merely carries the word

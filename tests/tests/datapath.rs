@@ -588,6 +588,74 @@ fn an_established_flow_sees_its_vip_change() {
     );
 }
 
+/// The VIP directory at its fullest: as many VIPs as it is sized for, all
+/// on one address (one key shape, so buckets collide and some VIPs live in
+/// their second bucket), each found by its packets; a removed VIP is found
+/// no more while its neighbours still are, and comes back when added again.
+#[test]
+fn a_full_vip_directory_finds_every_vip_and_forgets_removed_ones() {
+    let max_vips = 16;
+    let mut f = Fixture::with_options(&lb_user::datapath::loader::LoadOptions {
+        flow_table_size: 4096,
+        max_vips,
+        ..Default::default()
+    })
+    .expect("load");
+    // VIP i on port 1000 + i with one backend of its own, id i + 1.
+    let spec = |i: u32| VipSpec {
+        key: vip4_key(1000 + i as u16, PROTO_TCP),
+        vip_id: i,
+        flags: 0,
+        ring_size: 251,
+        backends: vec![(i + 1, v4([198, 18, 2, i as u8 + 1]), 1)],
+    };
+    for i in 0..max_vips {
+        f.add_vip(&spec(i)).expect("vip");
+    }
+    let buckets = lb_common::vip_dir_buckets(max_vips);
+    let in_second = (0..max_vips)
+        .filter(|&i| {
+            let k = spec(i).key;
+            let tail = lb_common::hash::vip_key_tail(k.port, k.proto, k.family);
+            let (first, _) = lb_common::hash::vip_dir_buckets(
+                lb_common::hash::fold_addr(&k.addr),
+                tail,
+                buckets - 1,
+            );
+            let dir = f.dp().vip_dir_bucket(first).expect("bucket");
+            !dir.slots.iter().any(|s| s.key == k)
+        })
+        .count();
+    assert!(
+        in_second > 0,
+        "no VIP in its second bucket: the test must exercise both"
+    );
+    let check = |f: &mut Fixture, live: &dyn Fn(u32) -> bool| {
+        for i in 0..max_vips {
+            let r = f
+                .run(&tcp4(CLIENT4, VIP4, 40000, 1000 + i as u16, b""))
+                .expect("run");
+            if live(i) {
+                assert_eq!(r.action, action::TX, "VIP {i} forwards");
+                assert_eq!(backend_of(&r.out), i + 1, "VIP {i} uses its own backend");
+                assert_eq!(f.dp().vip_dir_id(&spec(i).key).expect("read"), Some(i));
+            } else {
+                assert_eq!(r.action, action::PASS, "removed VIP {i} passes");
+                assert_eq!(f.dp().vip_dir_id(&spec(i).key).expect("read"), None);
+            }
+        }
+    };
+    check(&mut f, &|_| true);
+    for i in (0..max_vips).step_by(2) {
+        f.dp().remove_vip(&spec(i).key).expect("remove");
+    }
+    check(&mut f, &|i| i % 2 == 1);
+    for i in (0..max_vips).step_by(2) {
+        f.add_vip(&spec(i)).expect("vip again");
+    }
+    check(&mut f, &|_| true);
+}
+
 #[test]
 fn port_zero_vip_matches_every_port() {
     let mut f = Fixture::new().expect("load");

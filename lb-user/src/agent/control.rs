@@ -9,7 +9,11 @@ pub(super) fn reload(shared: &Shared) -> Result<()> {
     // reload and a CLI edit cannot interleave.
     let spawns = {
         let mut s = lock(shared)?;
-        let cfg = config::load(&s.cfg_path)?;
+        let path = s.cfg_path.clone();
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {file}"))?;
+        let cfg = config::parse(&text, &file)?;
+        check_settings(&s.cfg.agent, &cfg.agent, &text, &file)?;
         s.reconcile(cfg)?
     };
     for s in spawns {
@@ -18,22 +22,50 @@ pub(super) fn reload(shared: &Shared) -> Result<()> {
     Ok(())
 }
 
+/// Refuses, before anything changes, an `agent.*` setting the running
+/// agent cannot take on, at the place in the file that sets it.
+fn check_settings(old: &config::Agent, new: &config::Agent, text: &str, file: &str) -> Result<()> {
+    match super::reconcile::plan_settings(old, new) {
+        Ok(_) => Ok(()),
+        Err(r) => Err(config::error_at_key(
+            text,
+            file,
+            "agent",
+            r.key,
+            format!("agent.{}: {}", r.key, r.why),
+        )
+        .into()),
+    }
+}
+
 /// Applies a CLI change: edit the file's text, validate it like a file,
-/// reconcile, then save it atomically. The whole read → edit → validate →
-/// apply → save runs under the state lock: the agent is the file's only
-/// writer, and two concurrent edits are applied one after the other, never
-/// one over the other.
+/// save it atomically, then reconcile (a failed save leaves the datapath as
+/// it was; a failed reconcile puts the old text back). The whole read →
+/// edit → validate → save → apply runs under the state lock: the agent is
+/// the file's only writer, and two concurrent edits are applied one after
+/// the other, never one over the other.
 pub(super) fn change(shared: &Shared, edit: Edit) -> Result<()> {
     let spawns = {
         let mut s = lock(shared)?;
         let path = s.cfg_path.clone();
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {file}"))?;
         let new_text = edit::apply(&text, &edit)?;
-        let cfg = config::parse(&new_text, &path.display().to_string())?;
-        let spawns = s.reconcile(cfg)?;
+        let cfg = config::parse(&new_text, &file)?;
+        check_settings(&s.cfg.agent, &cfg.agent, &new_text, &file)?;
         edit::write_atomic(&path, &new_text)?;
-        spawns
+        match s.reconcile(cfg) {
+            Ok(spawns) => spawns,
+            Err(e) => {
+                return Err(match edit::write_atomic(&path, &text) {
+                    Ok(()) => e.context(format!("the change was not applied; {file} is as it was")),
+                    Err(w) => e.context(format!(
+                        "the change was not applied, and putting {file} back failed too ({w:#}): \
+                         the file holds the change"
+                    )),
+                });
+            }
+        }
     };
     for s in spawns {
         spawn_probe(s);

@@ -47,8 +47,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use lb_common::{
-    AF_INET, AF_INET6, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, Backend, BackendIdKey, VipKey,
-    VipMeta,
+    BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, Backend, BackendIdKey, VipKey, VipMeta,
 };
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
@@ -64,12 +63,17 @@ use crate::{
     },
     config::edit::{self, Edit},
     config::{self, BackendCfg, CheckKind, Config, Forwarding, HashInput, Protocol, Vip, XdpMode},
-    datapath::Dataplane,
     datapath::loader,
+    datapath::{Dataplane, encode},
     host::netlink,
     policy::health::{HealthState, Outcome, Transition, probe},
     policy::maglev,
 };
+
+/// CPUs of this host, as the datapath numbers them.
+fn cpus() -> u16 {
+    aya::util::nr_cpus().map_or(1, |n| n as u16)
+}
 
 /// A health transition, as the agent reports it to an embedding caller.
 #[derive(Clone, Debug)]
@@ -205,35 +209,9 @@ pub async fn run_until(
         &dir,
     )?;
     let mut dp = Dataplane::new(ebpf);
-    dp.set_settings(&lb_common::Settings {
-        ipip_src_v4: cfg.agent.ipip_source_v4.octets(),
-        ipip_src_v6: cfg.agent.ipip_source_v6.octets(),
-        flags: if cfg.agent.next_hop_fib {
-            lb_common::SETTINGS_F_FIB
-        } else {
-            0
-        },
-        nat_port_lo: cfg.agent.nat_ports.0,
-        nat_port_hi: cfg.agent.nat_ports.1,
-        nat_v4_count: cfg.agent.nat_source_v4.len() as u8,
-        nat_v6_count: cfg.agent.nat_source_v6.len() as u8,
-        // Each CPU allocates NAT ports in its own slice of the range.
-        nat_cpus: aya::util::nr_cpus().map_or(1, |n| n as u16),
-        ipip_mtu: cfg.agent.ipip_mtu,
-        _pad: 0,
-    })?;
-    dp.set_nat_addrs(
-        &cfg.agent
-            .nat_source_v4
-            .iter()
-            .map(|a| state::addr16(IpAddr::V4(*a)).0)
-            .collect::<Vec<_>>(),
-        &cfg.agent
-            .nat_source_v6
-            .iter()
-            .map(|a| state::addr16(IpAddr::V6(*a)).0)
-            .collect::<Vec<_>>(),
-    )?;
+    dp.set_settings(&encode::settings(&cfg.agent, cpus()))?;
+    let (v4, v6) = encode::nat_addrs(&cfg.agent);
+    dp.set_nat_addrs(&v4, &v6)?;
     let (observations, reports) = tokio::sync::mpsc::unbounded_channel();
     let metrics = AgentMetrics::default();
     let mut state = State {

@@ -37,6 +37,125 @@ fn meta_of(v: &Vip) -> (u32, u32, u32) {
     (vip_flags(v), v.idle_timeout_s, v.scheduler.datapath())
 }
 
+/// An `agent.*` setting that the running agent cannot take on, and why:
+/// the whole change is refused, nothing is applied.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Refusal {
+    /// The key as the file spells it (under `[agent]`).
+    pub key: &'static str,
+    pub why: String,
+}
+
+/// What a new configuration does with the agent's own settings: `Ok(true)`
+/// when the datapath's settings (`SETTINGS`, the NAT addresses) must be
+/// rewritten, `Ok(false)` when they stay, a [`Refusal`] when a setting
+/// cannot change while the agent runs. Every field is named, so a new
+/// setting cannot be forgotten here. (`new_flow_limit` and `[announce]` are
+/// applied by [`State::reconcile`] on every change.)
+pub(super) fn plan_settings(old: &config::Agent, new: &config::Agent) -> Result<bool, Refusal> {
+    let config::Agent {
+        interface,
+        xdp_mode,
+        flow_table_size,
+        control_socket,
+        instance,
+        metrics_listen,
+        netns,
+        next_hop_fib,
+        ipip_source_v4,
+        ipip_source_v6,
+        new_flow_limit: _,
+        max_vips,
+        max_backends,
+        ring_slots,
+        nat_source_v4,
+        nat_source_v6,
+        nat_ports,
+        reply_interfaces,
+        ipip_mtu,
+    } = new;
+    let loaded = |key: &'static str| Refusal {
+        key,
+        why: format!(
+            "fixed when the datapath is loaded; to change it, `lb down --instance {}` detaches the \
+             datapath (traffic stops until the agent starts again), then start the agent",
+            old.instance
+        ),
+    };
+    let at_start = |key: &'static str| Refusal {
+        key,
+        why: "read when the agent starts: restart the agent to change it (the datapath keeps \
+              forwarding while the agent restarts)"
+            .into(),
+    };
+    if *interface != old.interface {
+        return Err(Refusal {
+            why: format!(
+                "changed from {} to {}: the datapath stays attached to {}; detach it first with \
+                 `lb down`, then start the agent again",
+                old.interface, interface, old.interface
+            ),
+            ..loaded("interface")
+        });
+    }
+    for (same, key) in [
+        (*xdp_mode == old.xdp_mode, "xdp_mode"),
+        (*flow_table_size == old.flow_table_size, "flow_table_size"),
+        (*max_vips == old.max_vips, "max_vips"),
+        (*max_backends == old.max_backends, "max_backends"),
+        (*ring_slots == old.ring_slots, "ring_slots"),
+    ] {
+        if !same {
+            return Err(loaded(key));
+        }
+    }
+    if *instance != old.instance {
+        return Err(Refusal {
+            key: "instance",
+            why: format!(
+                "names this agent's pins and lock (`{}`): stop the agent, then start it with the new file",
+                old.instance
+            ),
+        });
+    }
+    for (same, key) in [
+        (*control_socket == old.control_socket, "control_socket"),
+        (*metrics_listen == old.metrics_listen, "metrics_listen"),
+        (*netns == old.netns, "netns"),
+        (
+            *reply_interfaces == old.reply_interfaces,
+            "reply_interfaces",
+        ),
+    ] {
+        if !same {
+            return Err(at_start(key));
+        }
+    }
+    // A NAT flow names its source address by its place in the list.
+    let why = "NAT flows name their source address by its place in this list, so an address \
+               removed or moved would move live flows to another: add new addresses at the end \
+               (to remove one, `lb down` and start the agent again)";
+    if !nat_source_v4.starts_with(&old.nat_source_v4) {
+        return Err(Refusal {
+            key: "nat_source_v4",
+            why: why.into(),
+        });
+    }
+    if !nat_source_v6.starts_with(&old.nat_source_v6) {
+        return Err(Refusal {
+            key: "nat_source_v6",
+            why: why.into(),
+        });
+    }
+    Ok(*next_hop_fib != old.next_hop_fib
+        || *ipip_source_v4 != old.ipip_source_v4
+        || *ipip_source_v6 != old.ipip_source_v6
+        || *nat_ports != old.nat_ports
+        || *ipip_mtu != old.ipip_mtu
+        || nat_source_v4.len() != old.nat_source_v4.len()
+        || nat_source_v6.len() != old.nat_source_v6.len())
+}
+
 /// What to change to go from `old` to `new` (VIPs as configured).
 pub(super) fn plan(old: &[Vip], new: &[Vip]) -> Vec<Change> {
     use Change::*;
@@ -120,12 +239,15 @@ impl State {
     /// Brings the datapath from the current configuration to `new`,
     /// applying [`plan`]. Returns the probe tasks to start.
     pub(super) fn reconcile(&mut self, new: Config) -> Result<Vec<ProbeJob>> {
-        if !self.vips.is_empty() && new.agent.interface != self.cfg.agent.interface {
-            bail!(
-                "agent.interface changed from {} to {}: detach first with `lb down`, then start the agent again",
-                self.cfg.agent.interface,
-                new.agent.interface
-            );
+        let settings_changed = plan_settings(&self.cfg.agent, &new.agent)
+            .map_err(|r| anyhow!("agent.{}: {}", r.key, r.why))?;
+        if settings_changed {
+            // Before the VIPs: a new NAT VIP may need a new NAT address.
+            self.dp
+                .set_settings(&encode::settings(&new.agent, cpus()))?;
+            let (v4, v6) = encode::nat_addrs(&new.agent);
+            self.dp.set_nat_addrs(&v4, &v6)?;
+            tracing::info!("agent settings applied to the datapath");
         }
         let old: Vec<Vip> = self.vips.iter().map(|v| v.cfg.clone()).collect();
         let want: HashMap<VipKey, &Vip> = new.vips.iter().map(|v| (vip_key(v), v)).collect();
@@ -275,6 +397,71 @@ mod tests {
         config::parse(&format!("{head}{text}"), "t.toml")
             .expect("valid")
             .vips
+    }
+
+    fn agent(extra: &str) -> config::Agent {
+        let text =
+            format!("[agent]\ninterface = \"eth0\"\nnat_source_v4 = [\"198.18.11.1\"]\n{extra}");
+        config::parse(&text, "t.toml").expect("valid").agent
+    }
+
+    #[test]
+    fn every_agent_setting_is_applied_or_refused() {
+        let old = agent("");
+        assert_eq!(plan_settings(&old, &old), Ok(false), "nothing changed");
+        for live in [
+            "ipip_mtu = 1400",
+            "next_hop = \"fib\"",
+            "ipip_source_v4 = \"198.18.9.0\"",
+            "ipip_source_v6 = \"2001:2:0:9::\"",
+            "nat_ports = \"2000-3000\"",
+            "nat_source_v6 = [\"2001:2::b:1\"]",
+        ] {
+            assert_eq!(plan_settings(&old, &agent(live)), Ok(true), "{live}");
+        }
+        // Applied by reconcile itself, not through SETTINGS.
+        assert_eq!(plan_settings(&old, &agent("new_flow_limit = 5")), Ok(false));
+        // A NAT address added at the end is applied; one removed is not.
+        let two = config::parse(
+            "[agent]\ninterface = \"eth0\"\nnat_source_v4 = [\"198.18.11.1\", \"198.18.11.2\"]\n",
+            "t.toml",
+        )
+        .expect("valid")
+        .agent;
+        assert_eq!(plan_settings(&old, &two), Ok(true));
+        assert_eq!(
+            plan_settings(&two, &old).map_err(|r| r.key),
+            Err("nat_source_v4")
+        );
+        for (text, key) in [
+            ("xdp_mode = \"skb\"", "xdp_mode"),
+            ("flow_table_size = 4096", "flow_table_size"),
+            ("max_vips = 512", "max_vips"),
+            ("max_backends = 512", "max_backends"),
+            ("ring_slots = 1000000", "ring_slots"),
+            ("instance = \"other\"", "instance"),
+            ("control_socket = \"/run/lb/other.sock\"", "control_socket"),
+            ("metrics_listen = \"198.18.0.1:9100\"", "metrics_listen"),
+            ("netns = \"other\"", "netns"),
+            ("reply_interfaces = [\"eth1\"]", "reply_interfaces"),
+        ] {
+            let r = plan_settings(&old, &agent(text)).expect_err(text);
+            assert_eq!(r.key, key);
+        }
+        let mut moved = old.clone();
+        moved.interface = "eth9".into();
+        let r = plan_settings(&old, &moved).expect_err("interface");
+        assert_eq!(r.key, "interface");
+        assert!(r.why.contains("eth0 to eth9"), "{}", r.why);
+    }
+
+    #[test]
+    fn a_refusal_points_at_the_key_or_its_table() {
+        let text = "# x\n[agent]\ninterface = \"eth0\"\nmax_vips = 512\n";
+        let e = config::error_at_key(text, "f.toml", "agent", "max_vips", "m".into());
+        assert_eq!((e.line, e.col), (4, 1));
+        let e = config::error_at_key(text, "f.toml", "agent", "ring_slots", "m".into());
+        assert_eq!(e.line, 2, "a key left to its default: the table's header");
     }
 
     const ONE: &str = r#"

@@ -4,16 +4,7 @@
 
 use super::*;
 
-pub(super) fn addr16(a: IpAddr) -> ([u8; 16], u8) {
-    match a {
-        IpAddr::V4(v) => {
-            let mut o = [0u8; 16];
-            o[..4].copy_from_slice(&v.octets());
-            (o, AF_INET)
-        }
-        IpAddr::V6(v) => (v.octets(), AF_INET6),
-    }
-}
+pub(super) use crate::datapath::encode::addr16;
 
 pub(super) fn vip_key(v: &Vip) -> VipKey {
     let (addr, family) = addr16(v.address);

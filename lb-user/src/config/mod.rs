@@ -44,6 +44,17 @@ fn locate(text: &str, file: &str, span: Option<Range<usize>>, msg: String) -> Co
     }
 }
 
+/// An error about key `key` of table `table` (e.g. `agent`,
+/// `ipip_mtu`), located where the file sets it; at the table's header when
+/// the file leaves it to its default, at the start when neither is there.
+pub fn error_at_key(text: &str, file: &str, table: &str, key: &str, msg: String) -> ConfigError {
+    let span = toml_edit::ImDocument::parse(text).ok().and_then(|doc| {
+        let t = doc.get(table)?.as_table()?;
+        t.key(key).and_then(|k| k.span()).or_else(|| t.span())
+    });
+    locate(text, file, span, msg)
+}
+
 // ---- the file as written ----
 
 #[derive(Deserialize)]

@@ -16,6 +16,7 @@ use lb_common::{
     VipKey, VipMeta, decap_verdict, ring_base, verdict,
 };
 
+mod dir;
 mod flows;
 mod nat;
 pub use flows::{flow_in, set_flow_in};
@@ -45,6 +46,11 @@ pub enum DataplaneError {
          raise agent.ring_slots (8 bytes each; needs `lb down` first) or lower ring_size"
     )]
     RingsFull { need: u64, capacity: u32, used: u64 },
+    #[error(
+        "no room for VIP {key:?} in the VIP directory ({slots} slots, both of its buckets full): \
+         raise agent.max_vips (needs `lb down` first)"
+    )]
+    VipDirectoryFull { key: VipKey, slots: u32 },
     #[error("devmap: {0}")]
     DevMap(String),
 }
@@ -439,7 +445,8 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
 
     /// Removes a VIP (its ring range is free for other rings from then on).
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
-        // Established flows stop finding it by id first.
+        // Packets stop finding it (the directory, then by id) first.
+        self.put_vip_dir(key, None)?;
         if let Some(old) = self.mirror()?.vips.get(key).copied() {
             self.put_vip_by_id(old.vip_id, key, None)?;
         }
@@ -518,12 +525,16 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             .insert(key, meta, 0)
             .map_err(map_err(lb_common::MAP_VIPS))?;
         let old = self.mirror()?.vips.insert(*key, meta);
+        // The entry first, then the directory's pointer to it, then the
+        // old id's entry cleared: a packet always finds a VIP that exists.
+        self.put_vip_by_id(meta.vip_id, key, Some(meta))?;
+        self.put_vip_dir(key, Some(meta.vip_id))?;
         if let Some(old) = old
             && old.vip_id != meta.vip_id
         {
             self.put_vip_by_id(old.vip_id, key, None)?;
         }
-        self.put_vip_by_id(meta.vip_id, key, Some(meta))
+        Ok(())
     }
 
     /// Writes VIP `key`'s entry under id `id` in `VIPS_BY_ID`, where

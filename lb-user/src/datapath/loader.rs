@@ -55,12 +55,14 @@ impl Default for LoadOptions {
 /// because the loader borrows them until it loads.
 pub struct Globals {
     flow_sets: u32,
+    vip_dir_mask: u32,
 }
 
 impl LoadOptions {
     pub fn globals(&self) -> Globals {
         Globals {
             flow_sets: lb_common::flow_sets(self.flow_table_size),
+            vip_dir_mask: lb_common::vip_dir_buckets(self.max_vips) - 1,
         }
     }
 
@@ -68,6 +70,7 @@ impl LoadOptions {
     /// object without it, the A/B benchmark's base, goes without).
     fn apply<'a>(&self, loader: &mut EbpfLoader<'a>, g: &'a Globals) {
         loader.override_global(lb_common::GLOBAL_FLOW_SETS, &g.flow_sets, false);
+        loader.override_global(lb_common::GLOBAL_VIP_DIR_MASK, &g.vip_dir_mask, false);
         let vip_keys = self.max_vips.saturating_mul(2);
         for (map, n) in [
             (lb_common::MAP_FLOWS, self.flow_table_size),
@@ -75,6 +78,10 @@ impl LoadOptions {
             (lb_common::MAP_VIP_ADDRS, vip_keys),
             (lb_common::MAP_VIP_STATS, self.max_vips),
             (lb_common::MAP_VIPS_BY_ID, self.max_vips),
+            (
+                lb_common::MAP_VIP_DIR,
+                lb_common::vip_dir_buckets(self.max_vips),
+            ),
             (lb_common::MAP_RR_POS, self.max_vips),
             (lb_common::MAP_BACKENDS, self.max_backends),
             (lb_common::MAP_BACKEND_STATS, self.max_backends),
@@ -158,6 +165,13 @@ fn check_pins(maps_dir: &std::path::Path, opts: &LoadOptions) -> Result<()> {
          starts again), then start the agent"
     );
     let info = |name: &str| aya::maps::MapInfo::from_pin(maps_dir.join(name)).ok();
+    if info(lb_common::MAP_VIP_DIR).is_none() {
+        anyhow::bail!(
+            "the running datapath of instance `{instance}` was made by an older version of lb \
+             (it has no VIP directory, map `{}`); {down}",
+            lb_common::MAP_VIP_DIR
+        );
+    }
     for (map, key, want, what) in [
         (
             lb_common::MAP_VIP_STATS,
@@ -210,6 +224,10 @@ fn check_pins(maps_dir: &std::path::Path, opts: &LoadOptions) -> Result<()> {
         (
             lb_common::MAP_FLOWS,
             std::mem::size_of::<lb_common::FlowSlot>(),
+        ),
+        (
+            lb_common::MAP_VIP_DIR,
+            std::mem::size_of::<lb_common::VipDirBucket>(),
         ),
     ] {
         if let Some(i) = info(map)
@@ -332,6 +350,7 @@ pub const PINNED_MAPS: &[&str] = &[
     lb_common::MAP_VIP_TABLE_FILTER,
     lb_common::MAP_VIP_ONLY_FILTER,
     lb_common::MAP_VIPS_BY_ID,
+    lb_common::MAP_VIP_DIR,
     lb_common::MAP_BACKENDS,
     lb_common::MAP_RINGS,
     lb_common::MAP_FLOWS,

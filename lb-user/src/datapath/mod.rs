@@ -1,8 +1,10 @@
 //! The datapath as userspace sees it: `loader` loads, attaches and pins the
 //! XDP object (the only module that touches aya's program and link APIs);
 //! the facade ([`Dataplane`]) is the typed access to its maps; `trace` is
-//! `lb trace`'s side of the datapath's packet tracer.
+//! `lb trace`'s side of the datapath's packet tracer; `encode` translates
+//! the agent's settings into what the maps hold (pure, no BPF).
 
+pub mod encode;
 mod facade;
 pub mod loader;
 pub mod trace;
