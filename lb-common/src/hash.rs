@@ -21,7 +21,13 @@ const fn mix(h: u32, k: u32) -> u32 {
 
 #[inline(always)]
 const fn finish(h: u32, len_bytes: u32) -> u32 {
-    let mut h = h ^ len_bytes;
+    fmix(h ^ len_bytes)
+}
+
+/// MurmurHash3's finalizer: a bijection of 32-bit words that mixes every
+/// input bit into every output bit.
+#[inline(always)]
+const fn fmix(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
@@ -58,6 +64,21 @@ pub const fn hash_5tuple(src: &[u8; 16], sport: u16, dport: u16, proto: u8) -> u
     h = mix(h, ((sport as u32) << 16) | dport as u32);
     h = mix(h, proto as u32);
     finish(h, 24)
+}
+
+/// The connection table's hash of a flow (its set, and with the
+/// destination its tag; see `lb_common::flow_set_base`): the client address
+/// folded to 32 bits ([`fold_addr`], passed in so the datapath can fold
+/// aligned words), the protocol and the ports, through two rounds of
+/// [`fmix`]. Not the scheduling hash ([`hash_5tuple`], which the rings,
+/// `lb explain` and every node depend on): the table needs only spread,
+/// since it compares the key in full, and this costs four multiplications
+/// where the scheduling hash costs twenty (BENCHMARKS.md: hashing was a
+/// fifth of an established packet's time).
+#[inline(always)]
+pub const fn table_hash(src_folded: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    let a = fmix(src_folded ^ proto as u32);
+    fmix(a ^ (((sport as u32) << 16) | dport as u32))
 }
 
 /// Hash of a backend address with a seed, for the Maglev permutation.
@@ -271,6 +292,50 @@ mod tests {
             assert!(
                 in_first * 10 >= max_vips * 7,
                 "{in_first} of {max_vips} in the first bucket"
+            );
+        }
+    }
+
+    #[test]
+    fn the_table_hash_spreads_the_shapes_traffic_comes_in() {
+        // 10,000 flows into 65,536 sets: a random function fills about
+        // 9,264 distinct sets. Shapes: one client's ports, many clients of
+        // one port, IPv6 clients differing in one word.
+        let sets = 65536u32;
+        for shape in 0..3 {
+            let mut seen = [0u32; 65536 / 32];
+            let mut distinct = 0;
+            for i in 0..10_000u32 {
+                let (src, sport) = match shape {
+                    0 => (
+                        [198, 19, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                        20000 + i as u16,
+                    ),
+                    1 => {
+                        let b = i.to_be_bytes();
+                        (
+                            [198, 19, b[2], b[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                            40000,
+                        )
+                    }
+                    _ => {
+                        let b = i.to_be_bytes();
+                        let mut a = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                        a[8..12].copy_from_slice(&b);
+                        (a, 40000)
+                    }
+                };
+                let h = table_hash(fold_addr(&src), sport, 80, 6);
+                let set = crate::flow_set_base(h, sets) / crate::FLOW_WAYS;
+                let (w, m) = ((set / 32) as usize, 1u32 << (set % 32));
+                if seen[w] & m == 0 {
+                    seen[w] |= m;
+                    distinct += 1;
+                }
+            }
+            assert!(
+                distinct > 9000,
+                "shape {shape}: {distinct} distinct sets of 10,000 flows"
             );
         }
     }

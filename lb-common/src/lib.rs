@@ -137,10 +137,23 @@ pub const fn flow_set_base(h: u32, sets: u32) -> u32 {
 /// The tag a connection-table slot carries for `key`: never 0 (0 marks an
 /// empty slot), and written in one 8-byte store with the backend id, so a
 /// slot torn between two writers never pairs one flow's key with another's
-/// backend unnoticed. `h` is [`hash::hash_5tuple`] of the key.
+/// backend unnoticed. `h` is [`table_hash_of`] the key.
 #[inline(always)]
 pub const fn flow_tag(h: u32, key: &FlowKey) -> u32 {
-    (h ^ hash::fold_addr(&key.dst).rotate_left(16)) | 1
+    flow_tag_folded(h, hash::fold_addr(&key.dst))
+}
+
+/// [`flow_tag`] with the destination already folded ([`hash::fold_addr`]).
+#[inline(always)]
+pub const fn flow_tag_folded(h: u32, dst_folded: u32) -> u32 {
+    (h ^ dst_folded.rotate_left(16)) | 1
+}
+
+/// The connection table's hash of `key` ([`hash::table_hash`]): which set
+/// it lives in ([`flow_set_base`]) and, with [`flow_tag`], its tag.
+#[inline(always)]
+pub const fn table_hash_of(key: &FlowKey) -> u32 {
+    hash::table_hash(hash::fold_addr(&key.src), key.sport, key.dport, key.proto)
 }
 
 /// New flows per second per CPU above which new flows are forwarded

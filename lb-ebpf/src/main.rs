@@ -217,10 +217,12 @@ fn try_lb<O: Observe>(
     if !early && !pkt.icmp_error && !maybe_vip_only_addr(folded_dst) {
         return nat_reply(ctx, pkt);
     }
-    // The connection table's set for this flow, and the 5-tuple hash that
-    // also schedules a new flow and varies the IPIP outer source.
-    let probe = table::probe(&pkt.key);
     // The flow's entry in `FLOWS`.
+    // The connection table's set for this flow, and the table hash that
+    // also varies the IPIP outer source (a few instructions: computed once
+    // here, as computing it only where needed split the verifier's paths
+    // past its budget).
+    let probe = table::probe(&pkt.key);
     let mut at: Option<core::ptr::NonNull<Flow>> = None;
     let mut vip = None;
     if early {
@@ -256,13 +258,14 @@ fn try_lb<O: Observe>(
     seen.vip(vip.vip_id, vip.scheduler as u8);
     let nat_vip = vip.flags & VIP_F_NAT != 0;
 
-    // The flow hash is needed only to schedule a new flow or to vary the
-    // IPIP outer source; established DSR packets skip it.
+    // The scheduling hash (the one the rings and `lb explain` use), needed
+    // only for a new flow: an established packet computes just the table's
+    // cheaper hash (`table::probe`).
     let flow_hash = || {
         if vip.flags & VIP_F_HASH_SRC_IP != 0 {
             hash::hash_src(&pkt.key.src)
         } else {
-            probe.hash
+            hash::hash_5tuple(&pkt.key.src, pkt.key.sport, pkt.key.dport, pkt.key.proto)
         }
     };
     // A NAT flow must find its source port again: NAT VIPs always keep one.
@@ -459,7 +462,9 @@ fn try_lb<O: Observe>(
             return (verdict::TOO_BIG, xdp_action::XDP_DROP);
         }
         seen.ipip();
-        if forward::encap(ctx, pkt, b, settings, flow_hash(), &hop).is_err() {
+        // The outer source varies per flow with the table hash, so a
+        // receiver's RSS spreads flows (of one client too) over its queues.
+        if forward::encap(ctx, pkt, b, settings, probe.hash, &hop).is_err() {
             return (verdict::ENCAP_FAILED, xdp_action::XDP_DROP);
         }
     } else if forward::set_macs(ctx, &hop).is_err() {

@@ -31,7 +31,7 @@
 use core::ptr::{NonNull, read_volatile, write_volatile};
 
 use lb_common::{
-    FLOW_F_COUNTED, FLOW_WAYS, Flow, FlowKey, FlowSlot, flow_set_base, flow_tag, hash,
+    FLOW_F_COUNTED, FLOW_WAYS, Flow, FlowKey, FlowSlot, flow_set_base, flow_tag_folded, hash,
 };
 
 use crate::{
@@ -39,8 +39,9 @@ use crate::{
     sched::active_add,
 };
 
-/// Where a flow's entry lives: its set, its tag, and its hash (the 5-tuple
-/// hash, which also schedules the flow and varies the IPIP outer source).
+/// Where a flow's entry lives: its set, its tag, and its table hash
+/// (`hash::table_hash`, also the IPIP outer source's per-flow part; not the
+/// scheduling hash, which only a new flow needs).
 pub(crate) struct Probe {
     pub(crate) hash: u32,
     pub(crate) tag: u32,
@@ -49,10 +50,19 @@ pub(crate) struct Probe {
 
 #[inline(always)]
 pub(crate) fn probe(key: &FlowKey) -> Probe {
-    let hash = hash::hash_5tuple(&key.src, key.sport, key.dport, key.proto);
+    // SAFETY: `FlowKey` is `align(4)`, `src` at offset 0 and `dst` at 16,
+    // 16 bytes each: four little-endian words, as `hash::fold_addr` reads.
+    let (src, dst) = unsafe {
+        (
+            &*(key.src.as_ptr() as *const [u32; 4]),
+            &*(key.dst.as_ptr() as *const [u32; 4]),
+        )
+    };
+    let fold = |a: &[u32; 4]| a[0] ^ a[1] ^ a[2] ^ a[3];
+    let hash = hash::table_hash(fold(src), key.sport, key.dport, key.proto);
     Probe {
         hash,
-        tag: flow_tag(hash, key),
+        tag: flow_tag_folded(hash, fold(dst)),
         base: flow_set_base(hash, flow_sets()),
     }
 }

@@ -12,13 +12,15 @@ use aya::{
     Ebpf,
     maps::{Array, MapData},
 };
-use lb_common::{FLOW_WAYS, Flow, FlowKey, FlowSlot, flow_set_base, flow_sets, flow_tag, hash};
+use lb_common::{
+    FLOW_WAYS, Flow, FlowKey, FlowSlot, flow_set_base, flow_sets, flow_tag, table_hash_of,
+};
 
 use super::{BatchAttr, Dataplane, Result, bpf_batch, map_err};
 
 /// The flow of `key` among a set's slots, as the datapath matches it.
 pub(crate) fn match_slot(slots: &[FlowSlot], key: &FlowKey) -> Option<Flow> {
-    let h = hash::hash_5tuple(&key.src, key.sport, key.dport, key.proto);
+    let h = table_hash_of(key);
     let tag = flow_tag(h, key);
     slots
         .iter()
@@ -28,7 +30,7 @@ pub(crate) fn match_slot(slots: &[FlowSlot], key: &FlowKey) -> Option<Flow> {
 
 /// The slots of the set `key` falls in, in a table of `entries` slots.
 pub(crate) fn set_of(key: &FlowKey, entries: u32) -> impl Iterator<Item = u32> {
-    let h = hash::hash_5tuple(&key.src, key.sport, key.dport, key.proto);
+    let h = table_hash_of(key);
     let base = flow_set_base(h, flow_sets(entries));
     (base..base + FLOW_WAYS).filter(move |&i| i < entries)
 }
@@ -95,7 +97,7 @@ pub fn set_flow_in<T: std::borrow::BorrowMut<MapData>>(
     key: &FlowKey,
     flow: &Flow,
 ) -> std::result::Result<bool, aya::maps::MapError> {
-    let h = hash::hash_5tuple(&key.src, key.sport, key.dport, key.proto);
+    let h = table_hash_of(key);
     let tag = flow_tag(h, key);
     for i in set_of(key, a.len()) {
         let mut s = a.get(&i, 0)?;
@@ -161,7 +163,7 @@ mod tests {
             proto: 6,
             ..Default::default()
         };
-        let h = hash::hash_5tuple(&key.src, key.sport, key.dport, key.proto);
+        let h = table_hash_of(key);
         let slot = FlowSlot {
             key,
             tag: flow_tag(h, &key),
