@@ -163,7 +163,7 @@ mod tests {
             proto: 6,
             ..Default::default()
         };
-        let h = table_hash_of(key);
+        let h = table_hash_of(&key);
         let slot = FlowSlot {
             key,
             tag: flow_tag(h, &key),
