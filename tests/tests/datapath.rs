@@ -656,6 +656,45 @@ fn a_full_vip_directory_finds_every_vip_and_forgets_removed_ones() {
     check(&mut f, &|_| true);
 }
 
+/// An agent stopped between writing a VIP and its directory slot left the
+/// VIP unreachable: the next agent's first look at the record (the facade's
+/// mirror) puts the slot back.
+#[test]
+fn a_vip_missing_from_the_directory_is_put_back_when_the_record_is_read() {
+    let mut f = Fixture::new().expect("load");
+    let spec = VipSpec {
+        key: vip4_key(80, PROTO_TCP),
+        vip_id: 3,
+        flags: 0,
+        ring_size: 251,
+        backends: backends4(2),
+    };
+    f.add_vip(&spec).expect("vip");
+    let syn = tcp4(CLIENT4, VIP4, 40000, 80, b"");
+    assert_eq!(f.run(&syn).expect("run").action, action::TX);
+    // Clear the VIP's slot behind the facade's back.
+    {
+        let mut dir: aya::maps::Array<_, lb_common::VipDirBucket> =
+            aya::maps::Array::try_from(f.ebpf.map_mut(lb_common::MAP_VIP_DIR).expect("map"))
+                .expect("array");
+        for b in 0..dir.len() {
+            let mut bucket = dir.get(&b, 0).expect("bucket");
+            if let Some(s) = bucket.slots.iter_mut().find(|s| s.key == spec.key) {
+                *s = lb_common::VipDirSlot::default();
+                dir.set(b, bucket, 0).expect("clear");
+            }
+        }
+    }
+    // A new flow (an established one finds its VIP through its entry).
+    let other = tcp4(CLIENT4, VIP4, 40001, 80, b"");
+    let r = f.run(&other).expect("run");
+    assert_eq!(r.action, action::PASS, "no slot, no VIP");
+    f.dp().list_vips().expect("read the record");
+    assert_eq!(f.dp().vip_dir_id(&spec.key).expect("read"), Some(3));
+    let r = f.run(&other).expect("run");
+    assert_eq!(r.action, action::TX, "the slot is back");
+}
+
 #[test]
 fn port_zero_vip_matches_every_port() {
     let mut f = Fixture::new().expect("load");

@@ -98,12 +98,75 @@ const MICRO_ARGS: &[&str] = &[
     "--nocapture",
 ];
 
-/// Writes BENCHMARKS.md and the chart from `results`; returns the Markdown.
+/// Writes BENCHMARKS.md, the chart and README's figures from `results`;
+/// returns the Markdown.
 fn write_report(root: &Path, results: &Value) -> Result<String> {
     chart(results, &root.join("xtask/report/bench.svg"))?;
     let md = markdown(results);
     std::fs::write(root.join("BENCHMARKS.md"), &md)?;
+    let readme = root.join("README.md");
+    let text = std::fs::read_to_string(&readme)?;
+    std::fs::write(&readme, with_readme_figures(&text, results)?)?;
     Ok(md)
+}
+
+/// The micro-benchmark's table (case, ns per packet, × floor) and the
+/// Maglev build time, as BENCHMARKS.md and README show them.
+fn micro_table(r: &Value) -> String {
+    let mut o = String::from("| case | ns/packet | × swap-MACs floor |\n|---|---:|---:|\n");
+    for c in r["micro"]["cases"].as_array().into_iter().flatten() {
+        o.push_str(&format!(
+            "| {} | {:.1} | {:.2} |\n",
+            c["case"].as_str().unwrap_or(""),
+            f(&c["ns_per_packet"]),
+            f(&c["ratio_to_floor_tx"])
+        ));
+    }
+    o.push_str(&format!(
+        "\nMaglev table build, 1000 backends, M = 65537: {:.1} ms.\n",
+        f(&r["micro"]["maglev_build_1000_backends_m65537_ms"])
+    ));
+    o
+}
+
+/// README's section of figures: between these markers, rendered from
+/// bench.json, never typed.
+const README_BEGIN: &str =
+    "<!-- bench:micro (written by `cargo xtask bench` from xtask/report/bench.json) -->";
+const README_END: &str = "<!-- /bench:micro -->";
+
+/// README's text with its figures section rendered from `r`.
+fn with_readme_figures(text: &str, r: &Value) -> Result<String> {
+    let (Some(b), Some(e)) = (text.find(README_BEGIN), text.find(README_END)) else {
+        bail!("README.md has no benchmark section (`{README_BEGIN}` … `{README_END}`)");
+    };
+    let head = &text[..b + README_BEGIN.len()];
+    let m = &r["meta"];
+    let body = format!(
+        "\nFrom the last `cargo xtask bench` run ({}, revision {}, {} vCPUs, kernel {}):\n\n{}",
+        m["date"].as_str().unwrap_or(""),
+        m["revision"].as_str().unwrap_or("unrecorded"),
+        m["cpus"],
+        m["kernel"].as_str().unwrap_or(""),
+        micro_table(r)
+    );
+    Ok(format!("{head}{body}{}", &text[e..]))
+}
+
+/// Fails when README's figures are not the ones bench.json renders (a
+/// figure typed by hand, or a run whose report was not written back).
+pub fn check_readme(root: &Path) -> Result<()> {
+    let json = root.join("xtask/report/bench.json");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)
+        .with_context(|| format!("reading {}", json.display()))?;
+    let text = std::fs::read_to_string(root.join("README.md"))?;
+    if with_readme_figures(&text, &r)? != text {
+        bail!(
+            "README.md's benchmark figures differ from xtask/report/bench.json: run `cargo xtask bench report` \
+             (it renders them) and commit README.md"
+        );
+    }
+    Ok(())
 }
 
 fn all(root: &Path) -> Result<()> {
@@ -250,19 +313,8 @@ fn markdown(r: &Value) -> String {
     o.push_str(
         "## Datapath micro-benchmark (BPF_PROG_TEST_RUN, repeat 1,000,000, median of 5 rounds; × floor: median of the per-round ratios)\n\n",
     );
-    o.push_str("| case | ns/packet | × swap-MACs floor |\n|---|---:|---:|\n");
-    for c in r["micro"]["cases"].as_array().into_iter().flatten() {
-        o.push_str(&format!(
-            "| {} | {:.1} | {:.2} |\n",
-            c["case"].as_str().unwrap_or(""),
-            f(&c["ns_per_packet"]),
-            f(&c["ratio_to_floor_tx"])
-        ));
-    }
-    o.push_str(&format!(
-        "\nMaglev table build, 1000 backends, M = 65537: {:.1} ms.\n\n",
-        f(&r["micro"]["maglev_build_1000_backends_m65537_ms"])
-    ));
+    o.push_str(&micro_table(r));
+    o.push('\n');
     let grid = r["micro"]["maglev_build"]
         .as_array()
         .cloned()
@@ -907,4 +959,32 @@ fn label_at(x: f64, name: impl Fn(usize) -> Option<String>) -> String {
         return String::new();
     }
     name(x.round() as usize).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod readme_tests {
+    use super::*;
+
+    #[test]
+    fn readme_figures_are_rendered_and_a_typed_one_is_caught() {
+        let r = json!({
+            "meta": {"date": "d", "revision": "abc", "cpus": 2, "kernel": "k"},
+            "micro": {"cases": [{"case": "floor", "ns_per_packet": 8.0, "ratio_to_floor_tx": 1.0}],
+                      "maglev_build_1000_backends_m65537_ms": 2.0}
+        });
+        let text = format!("# x\n{README_BEGIN}\nold\n{README_END}\nrest\n");
+        let out = with_readme_figures(&text, &r).expect("markers");
+        assert!(
+            out.contains("| floor | 8.0 | 1.00 |")
+                && out.ends_with(&format!("{README_END}\nrest\n"))
+        );
+        assert_eq!(
+            with_readme_figures(&out, &r).expect("again"),
+            out,
+            "rendering is stable"
+        );
+        let typed = out.replace("| 8.0 |", "| 7.0 |");
+        assert_ne!(with_readme_figures(&typed, &r).expect("markers"), typed);
+        assert!(with_readme_figures("no markers", &r).is_err());
+    }
 }

@@ -277,6 +277,8 @@ fn test() -> Result<()> {
             "the privileged tests load BPF programs and create network namespaces: run `cargo xtask test` as root"
         );
     }
+    step("README's figures are bench.json's");
+    bench::check_readme(&root)?;
     step("cargo fmt --check");
     run(cargo(&root).args(["fmt", "--all", "--check"]))
         .context("formatting differs; run `cargo fmt --all`")?;

@@ -238,6 +238,16 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
                 // An older datapath object (the A/B base) has no NAT.
                 Err(_) => Vec::new(),
             };
+            // The directory must point at every VIP of the record (an agent
+            // stopped between writing a VIP and its slot left it without
+            // one); from here on every change keeps them in step.
+            let vips: std::collections::HashMap<VipKey, VipMeta> = vips;
+            for (k, m) in &vips {
+                if self.map(lb_common::MAP_VIP_DIR).is_ok() && self.vip_dir_id(k)? != Some(m.vip_id)
+                {
+                    self.put_vip_dir(k, Some(m.vip_id))?;
+                }
+            }
             self.mirror = Some(Mirror {
                 capacity,
                 vips,
@@ -435,8 +445,10 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             .map_err(|_| DataplaneError::NoSuchVip { key: *key })
     }
 
-    /// Every VIP in the datapath.
+    /// Every VIP in the datapath (the first read of the record also puts
+    /// back a directory slot an interrupted agent left out, see `mirror`).
     pub fn list_vips(&mut self) -> Result<Vec<(VipKey, VipMeta)>> {
+        self.mirror()?;
         let vips = self.vips()?;
         vips.iter()
             .map(|r| r.map_err(map_err(lb_common::MAP_VIPS)))
@@ -445,6 +457,8 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
 
     /// Removes a VIP (its ring range is free for other rings from then on).
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        // The record read first (reading it may repair the directory).
+        self.mirror()?;
         // Packets stop finding it (the directory, then by id) first.
         self.put_vip_dir(key, None)?;
         if let Some(old) = self.mirror()?.vips.get(key).copied() {
@@ -521,6 +535,9 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
 
     /// Writes a VIP entry to `VIPS` and the mirror.
     fn put_vip(&mut self, key: &VipKey, meta: VipMeta) -> Result<()> {
+        // The record read before it changes (reading it may repair the
+        // directory, which must not see this entry before its id does).
+        self.mirror()?;
         self.vips()?
             .insert(key, meta, 0)
             .map_err(map_err(lb_common::MAP_VIPS))?;
@@ -528,7 +545,11 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         // The entry first, then the directory's pointer to it, then the
         // old id's entry cleared: a packet always finds a VIP that exists.
         self.put_vip_by_id(meta.vip_id, key, Some(meta))?;
-        self.put_vip_dir(key, Some(meta.vip_id))?;
+        // A ring flip or a new setting keeps the id: the directory already
+        // points at it (`mirror` made sure of that when it read the record).
+        if old.is_none_or(|o| o.vip_id != meta.vip_id) {
+            self.put_vip_dir(key, Some(meta.vip_id))?;
+        }
         if let Some(old) = old
             && old.vip_id != meta.vip_id
         {
