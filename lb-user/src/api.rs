@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-pub use crate::config::vocab::{BackendState, Forwarding, HashInput, Protocol, Scheduler};
+pub use crate::vocab::{BackendState, Forwarding, HashInput, Protocol, Scheduler};
 
 /// A VIP as the CLI names it: `ADDRESS:PORT[/tcp|udp]`, e.g.
 /// `198.18.0.100:80/tcp` or `[2001:2::100]:443/udp`. In JSON it is that

@@ -6,7 +6,10 @@
 //! - `datapath`: loading the XDP object and the typed facade over its maps;
 //! - `policy`: Maglev and the other schedulers, health probes (pure);
 //! - `config`: the TOML model and its validation, runtime edits written
-//!   back (`config::edit`), the typed vocabulary (`config::vocab`);
+//!   back (`config::edit`);
+//! - `vocab`: one enum per concept (protocol, forwarding, scheduler, XDP
+//!   mode, ...) with its spellings, on the ground floor: every other module
+//!   may use it, it uses none of them;
 //! - `host`: the kernel's routes and neighbours over netlink, namespaces;
 //! - `api` and `cli`: the control protocol and the command line;
 //! - `tools`: the lab, the demos and the traffic generator, the test bench
@@ -20,3 +23,4 @@ pub mod datapath;
 pub mod host;
 pub mod policy;
 pub mod tools;
+pub mod vocab;

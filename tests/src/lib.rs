@@ -677,7 +677,7 @@ pub fn dc(tag: &str, n: usize) -> Result<Dc> {
                 &mut e,
                 lb_common::PROG_PASS,
                 "b0",
-                loader::AttachMode::Native,
+                lb_user::vocab::XdpMode::Native,
             )
         })??;
         pass.push(e);

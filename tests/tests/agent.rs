@@ -1477,7 +1477,7 @@ fn nat_replies_arriving_on_other_interfaces_reach_the_client() {
                 &mut pass,
                 lb_common::PROG_PASS,
                 "c0",
-                lb_tests::loader::AttachMode::Native,
+                lb_user::vocab::XdpMode::Native,
             )
         })
         .expect("setns")

@@ -25,7 +25,7 @@ fn attached_natively_counts_real_packets() {
             &mut ebpf,
             lb_common::PROG_BALANCER,
             "att-lb",
-            loader::AttachMode::Native,
+            lb_user::vocab::XdpMode::Native,
         )
     })
     .expect("setns")

@@ -56,7 +56,7 @@ impl RateRig {
                     &mut sink,
                     lb_common::PROG_SINK,
                     "g0",
-                    loader::AttachMode::Native,
+                    lb_user::vocab::XdpMode::Native,
                 )
             })
             .expect("setns")
@@ -73,7 +73,7 @@ impl RateRig {
     /// Attaches program `prog` of `ebpf` to the LB's veth (native XDP).
     fn attach(&self, ebpf: &mut aya::Ebpf, prog: &str) {
         self.lb_ns
-            .enter(|| loader::attach(ebpf, prog, "l0", loader::AttachMode::Native))
+            .enter(|| loader::attach(ebpf, prog, "l0", lb_user::vocab::XdpMode::Native))
             .expect("setns")
             .unwrap_or_else(|e| panic!("attach {prog}: {e:#}"));
     }

@@ -154,7 +154,7 @@ fn run_case(tag: &str, family: u8, ipip: bool) {
             &mut lb,
             lb_common::PROG_BALANCER,
             "l0",
-            loader::AttachMode::Native,
+            lb_user::vocab::XdpMode::Native,
         )
         .expect("attach lb");
     })
@@ -173,7 +173,8 @@ fn run_case(tag: &str, family: u8, ipip: bool) {
     };
     t.backend
         .enter(|| {
-            loader::attach(&mut be, prog, "b0", loader::AttachMode::Native).expect("attach backend")
+            loader::attach(&mut be, prog, "b0", lb_user::vocab::XdpMode::Native)
+                .expect("attach backend")
         })
         .expect("setns");
     servers(&t.backend, vip_s, CONNS, DGRAMS);

@@ -65,7 +65,7 @@ fn loadgen_sends_distinct_flows_through_the_balancer() {
                 &mut lb,
                 lb_common::PROG_BALANCER,
                 "l0",
-                loader::AttachMode::Native,
+                lb_user::vocab::XdpMode::Native,
             )
         })
         .expect("setns")
@@ -78,7 +78,7 @@ fn loadgen_sends_distinct_flows_through_the_balancer() {
                 &mut sink,
                 lb_common::PROG_SINK,
                 "g0",
-                loader::AttachMode::Native,
+                lb_user::vocab::XdpMode::Native,
             )
         })
         .expect("setns")

@@ -62,7 +62,7 @@ use crate::{
         VipStatus, VipTraffic,
     },
     config::edit::{self, Edit},
-    config::{self, BackendCfg, CheckKind, Config, Forwarding, HashInput, Protocol, Vip, XdpMode},
+    config::{self, BackendCfg, CheckKind, Config, Forwarding, HashInput, Protocol, Vip},
     datapath::loader,
     datapath::{Dataplane, encode},
     host::netlink,
@@ -245,11 +245,7 @@ pub async fn run_until(
         }
     }
     let spawns = state.reconcile(cfg.clone())?;
-    let mode = match cfg.agent.xdp_mode {
-        XdpMode::Native => loader::AttachMode::Native,
-        XdpMode::Skb => loader::AttachMode::Skb,
-        XdpMode::Auto => loader::AttachMode::Auto,
-    };
+    let mode = cfg.agent.xdp_mode;
     if cfg.agent.next_hop_fib {
         // bpf_fib_lookup refuses ("forwarding disabled") on a host that does
         // not forward: every packet would pass as `no_neigh`.

@@ -156,7 +156,7 @@ impl State {
             None
         };
         let (slot, ring_backend) =
-            if cfg.scheduler == crate::config::vocab::Scheduler::Maglev && cfg.regions.is_empty() {
+            if cfg.scheduler == crate::vocab::Scheduler::Maglev && cfg.regions.is_empty() {
                 let slot = hash % cfg.ring_size;
                 let id = self.dp.ring_slot(&key, slot)?;
                 (Some(slot), addr_of(self, id))

@@ -15,7 +15,7 @@ use crate::{
     datapath::loader,
 };
 use anyhow::{Context as _, Result, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use lb_common::verdict;
 
 #[derive(Parser)]
@@ -27,23 +27,6 @@ use lb_common::verdict;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Mode {
-    Native,
-    Skb,
-    Auto,
-}
-
-impl From<Mode> for loader::AttachMode {
-    fn from(m: Mode) -> Self {
-        match m {
-            Mode::Native => Self::Native,
-            Mode::Skb => Self::Skb,
-            Mode::Auto => Self::Auto,
-        }
-    }
 }
 
 /// Options every command that talks to the agent takes.
@@ -181,7 +164,7 @@ enum Cmd {
         #[arg(long)]
         iface: String,
         #[arg(long, value_enum, default_value = "auto")]
-        mode: Mode,
+        mode: crate::vocab::XdpMode,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
@@ -541,7 +524,7 @@ fn real_main() -> Result<()> {
             iface,
             mode,
             seconds,
-        } => attach(&iface, mode.into(), seconds),
+        } => attach(&iface, mode, seconds),
         Cmd::Lab { cmd } => lab(cmd),
         Cmd::Loadgen(a) => loadgen(a),
     }
@@ -1050,7 +1033,7 @@ fn print_stats(s: &StatsInfo, prev: Option<&StatsInfo>) {
     }
 }
 
-fn attach(iface: &str, mode: loader::AttachMode, seconds: u64) -> Result<()> {
+fn attach(iface: &str, mode: crate::vocab::XdpMode, seconds: u64) -> Result<()> {
     if seconds == 0 {
         bail!("--seconds must be at least 1");
     }
@@ -1060,7 +1043,7 @@ fn attach(iface: &str, mode: loader::AttachMode, seconds: u64) -> Result<()> {
     })?;
     let used = loader::attach(&mut ebpf, lb_common::PROG_BALANCER, iface, mode)?;
     println!(
-        "attached {} to {iface} in {used:?} mode for {seconds}s",
+        "attached {} to {iface} in {used} mode for {seconds}s",
         lb_common::PROG_BALANCER
     );
     for s in 1..=seconds {

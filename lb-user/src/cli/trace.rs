@@ -9,7 +9,7 @@ fn filter(
     client: Option<String>,
     client_port: Option<u16>,
 ) -> Result<crate::datapath::trace::Filter> {
-    use crate::config::vocab::Protocol;
+    use crate::vocab::Protocol;
     let mut f = crate::datapath::trace::Filter {
         client_port,
         ..Default::default()

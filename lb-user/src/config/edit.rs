@@ -295,8 +295,8 @@ address = "198.18.2.1" # rack 1
     fn vip_add_and_remove() {
         let add = crate::api::VipAdd {
             vip: "[2001:2::100]:53/udp".parse().unwrap(),
-            forwarding: crate::config::vocab::Forwarding::Ipip,
-            hash: crate::config::vocab::HashInput::SourceIp,
+            forwarding: crate::vocab::Forwarding::Ipip,
+            hash: crate::vocab::HashInput::SourceIp,
             ring_size: 251,
             flow_table: false,
             settings: vec![("health.kind".into(), "http".into())],

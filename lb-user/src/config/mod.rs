@@ -5,7 +5,6 @@
 //! complete, consistent [`Config`] or an error.
 
 pub mod edit;
-pub mod vocab;
 
 use std::{collections::HashSet, fmt, net::IpAddr, ops::Range, path::Path};
 
@@ -308,7 +307,7 @@ pub const MAX_WEIGHT: u32 = 10_000;
 
 // ---- the validated model ----
 
-pub use self::vocab::{Forwarding, HashInput, Protocol, XdpMode};
+pub use crate::vocab::{Forwarding, HashInput, Protocol, XdpMode};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CheckKind {
@@ -770,7 +769,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
                 drain: b.drain,
             });
         }
-        use self::vocab::Scheduler;
+        use crate::vocab::Scheduler;
         let scheduler = v
             .scheduler
             .get_ref()

@@ -3,9 +3,14 @@
 
 use anyhow::{Context as _, Result};
 use aya::{
-    Ebpf, EbpfLoader,
-    programs::{Xdp, XdpMode},
+    Ebpf,
+    EbpfLoader,
+    // aya's own name for the kernel's modes; ours (`vocab::XdpMode`, with
+    // `auto`) is the one the config, the CLI and the messages use.
+    programs::{Xdp, XdpMode as AyaXdpMode},
 };
+
+use crate::vocab::XdpMode;
 
 /// The compiled datapath object: the balancer (and its traced copy), the
 /// decapsulator, the pass program, and their maps.
@@ -292,17 +297,10 @@ pub fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
         .with_context(|| format!("program `{name}` is not an XDP program"))
 }
 
-/// How to attach: `native` (driver), `skb` (generic), or `auto` (native,
-/// falling back to skb with a message).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttachMode {
-    Native,
-    Skb,
-    Auto,
-}
-
-/// Attaches program `name` to `iface`. Returns the mode actually used.
-pub fn attach(ebpf: &mut Ebpf, name: &str, iface: &str, mode: AttachMode) -> Result<AttachMode> {
+/// Attaches program `name` to `iface` in `mode` (`auto`: native, falling
+/// back to skb with a message). Returns the mode actually used (native or
+/// skb).
+pub fn attach(ebpf: &mut Ebpf, name: &str, iface: &str, mode: XdpMode) -> Result<XdpMode> {
     Ok(attach_with_id(ebpf, name, iface, mode)?.0)
 }
 
@@ -311,32 +309,32 @@ pub fn attach_with_id(
     ebpf: &mut Ebpf,
     name: &str,
     iface: &str,
-    mode: AttachMode,
-) -> Result<(AttachMode, aya::programs::xdp::XdpLinkId)> {
+    mode: XdpMode,
+) -> Result<(XdpMode, aya::programs::xdp::XdpLinkId)> {
     let prog = xdp_program(ebpf, name)?;
     match mode {
-        AttachMode::Native => {
-            let id = prog.attach(iface, XdpMode::Driver).with_context(|| {
+        XdpMode::Native => {
+            let id = prog.attach(iface, AyaXdpMode::Driver).with_context(|| {
                 format!(
                     "attaching `{name}` to {iface} in native mode failed - try xdp_mode = \"skb\""
                 )
             })?;
-            Ok((AttachMode::Native, id))
+            Ok((XdpMode::Native, id))
         }
-        AttachMode::Skb => {
+        XdpMode::Skb => {
             let id = prog
-                .attach(iface, XdpMode::Skb)
+                .attach(iface, AyaXdpMode::Skb)
                 .with_context(|| format!("attaching `{name}` to {iface} in skb mode failed"))?;
-            Ok((AttachMode::Skb, id))
+            Ok((XdpMode::Skb, id))
         }
-        AttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
-            Ok(id) => Ok((AttachMode::Native, id)),
+        XdpMode::Auto => match prog.attach(iface, AyaXdpMode::Driver) {
+            Ok(id) => Ok((XdpMode::Native, id)),
             Err(e) => {
                 tracing::warn!(interface = iface, error = %e, "native XDP failed; falling back to generic (skb) mode");
-                let id = prog.attach(iface, XdpMode::Skb).with_context(|| {
+                let id = prog.attach(iface, AyaXdpMode::Skb).with_context(|| {
                     format!("attaching `{name}` to {iface} failed in both modes")
                 })?;
-                Ok((AttachMode::Skb, id))
+                Ok((XdpMode::Skb, id))
             }
         },
     }
@@ -460,7 +458,7 @@ pub fn load_pinned(opts: &LoadOptions, dir: &std::path::Path) -> Result<(Ebpf, b
 pub fn attach_pinned(
     ebpf: &mut Ebpf,
     iface: &str,
-    mode: AttachMode,
+    mode: XdpMode,
     dir: &std::path::Path,
     link_name: &str,
 ) -> Result<(aya::programs::links::PinnedLink, String)> {
@@ -492,7 +490,7 @@ pub fn attach_pinned(
         .pin(&link_path)
         .with_context(|| format!("pinning the link at {}", link_path.display()))?;
     pin_program(ebpf, dir)?;
-    Ok((pinned, format!("attached to {iface} in {used:?} mode")))
+    Ok((pinned, format!("attached to {iface} in {used} mode")))
 }
 
 /// Pins the running balancer program at `dir/prog` (replacing an earlier

@@ -17,7 +17,7 @@ use lb_common::{
 };
 use serde::Serialize;
 
-use crate::config::vocab::Protocol;
+use crate::vocab::Protocol;
 
 /// Which packets to trace; `None` fields match anything.
 #[derive(Clone, Debug, Default)]

@@ -11,7 +11,7 @@
 
 use crate::policy::maglev::Entry;
 
-pub use crate::config::vocab::Scheduler;
+pub use crate::vocab::Scheduler;
 
 impl Scheduler {
     /// The datapath's `SCHED_*` value.

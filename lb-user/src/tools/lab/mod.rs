@@ -346,7 +346,8 @@ impl Lab {
             Dataplane::new(&mut ebpf).add_decap_addr(k)?;
         }
         in_netns(ns, || -> Result<()> {
-            let (_, id) = loader::attach_with_id(&mut ebpf, prog, dev, loader::AttachMode::Native)?;
+            let (_, id) =
+                loader::attach_with_id(&mut ebpf, prog, dev, crate::vocab::XdpMode::Native)?;
             let p = loader::xdp_program(&mut ebpf, prog)?;
             let link = p.take_link(id)?;
             let fd = FdLink::try_from(link).context("XDP link is not an fd link")?;
