@@ -155,6 +155,9 @@ pub struct Response {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StatusInfo {
+    /// The agent's version and the commit it was built from ([`VERSION`]).
+    #[serde(default)]
+    pub version: String,
     pub instance: String,
     pub interface: String,
     pub attach: String,
@@ -173,6 +176,15 @@ pub struct StatusInfo {
     #[serde(default)]
     pub capacity: Option<CapacityStatus>,
 }
+
+/// This binary's version and the commit it was built from, as `lb
+/// --version` prints it and `lb status` reports the agent's.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("LB_GIT_COMMIT"),
+    ")"
+);
 
 /// `lb status`: capacities (fixed when the datapath is loaded), their use,
 /// and the memory the datapath's maps hold.

@@ -819,9 +819,23 @@ fn concurrent_cli_edits_are_all_applied_and_saved() {
         "{answer}"
     );
     std::thread::sleep(Duration::from_millis(200));
-    agent
+    let status = agent
         .cli(&["status"])
         .expect("the agent still runs after a request carrying \"shutdown\"");
+    // The agent names its version and commit, as `lb --version` does.
+    let out = Command::new(LB)
+        .arg("--version")
+        .output()
+        .expect("lb --version");
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        version.starts_with("lb ") && version.contains("(commit "),
+        "{version}"
+    );
+    assert!(
+        status.contains(&format!("agent      {version}")),
+        "lb status names the agent's version: {status}"
+    );
 }
 
 /// `lb down --instance` finds its agent through the instance lock even when

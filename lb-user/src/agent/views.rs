@@ -6,6 +6,7 @@ impl State {
     pub(super) fn status(&self) -> StatusInfo {
         let backends: Vec<&BackendRt> = self.vips.iter().flat_map(|v| &v.backends).collect();
         StatusInfo {
+            version: api::VERSION.into(),
             instance: self.cfg.agent.instance.clone(),
             interface: self.cfg.agent.interface.clone(),
             attach: self.attach_desc.clone(),

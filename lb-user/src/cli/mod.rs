@@ -21,7 +21,7 @@ use lb_common::verdict;
 #[derive(Parser)]
 #[command(
     name = "lb",
-    version,
+    version = api::VERSION,
     about = "XDP layer-4 load balancer: agent and CLI"
 )]
 struct Cli {
@@ -422,6 +422,7 @@ fn real_main() -> Result<()> {
                 return print_json(&v);
             }
             let s: StatusInfo = serde_json::from_value(v)?;
+            println!("agent      lb {}", s.version);
             println!("instance   {}", s.instance);
             println!("interface  {} ({})", s.interface, s.attach);
             println!("config     {}", s.config);
