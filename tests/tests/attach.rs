@@ -85,5 +85,5 @@ fn auto_mode_falls_back_to_skb_and_says_so() {
             && stderr.contains("interface=\"lo\""),
         "{stderr}"
     );
-    assert!(stdout.contains("in Skb mode"), "{stdout}");
+    assert!(stdout.contains("in skb mode"), "{stdout}");
 }
