@@ -249,6 +249,10 @@ pub struct BackendInfo {
     pub last_latency_ms: Option<f64>,
     pub transitions: u64,
     pub next_hop_known: bool,
+    /// What the health probe is, exactly: kind, address:port and path
+    /// (e.g. `http 198.18.10.2:9090/healthz`); absent with `kind = "none"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<String>,
     /// Active flows (least-connections VIPs only).
     #[serde(default)]
     pub active_flows: Option<u64>,

@@ -1536,3 +1536,89 @@ fn nat_replies_arriving_on_other_interfaces_reach_the_client() {
     let replies = v["verdicts"]["nat_reply"].as_u64().unwrap_or(0);
     assert!(replies >= 40, "replies translated in XDP: {v}");
 }
+
+/// Counts the TCP connections `ns` accepts on `port` (a health probe's
+/// connect) until the returned flag is set; bounded to 60 s.
+fn count_accepts(
+    ns: &lb_tests::Netns,
+    port: u16,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    };
+    let l = ns
+        .enter(|| std::net::TcpListener::bind(("0.0.0.0", port)))
+        .expect("setns")
+        .expect("bind");
+    l.set_nonblocking(true).expect("nonblocking");
+    let (n, stop) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (n2, stop2) = (n.clone(), stop.clone());
+    std::thread::spawn(move || {
+        let t0 = Instant::now();
+        while !stop2.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(60) {
+            match l.accept() {
+                Ok(_) => {
+                    n2.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    (n, stop)
+}
+
+/// `lb health` and `lb vip list` say where probes really go: a NAT VIP on
+/// 8080 whose backends listen on 9090 (their own port) is probed on 9090,
+/// which the backends see, and which is what both commands show.
+#[test]
+fn health_probes_go_where_lb_health_says() {
+    let d = dc("ahp", 2).expect("dc");
+    // Nothing listens on the VIP's port: a probe sent there would be refused.
+    let counters: Vec<_> = d.backends.iter().map(|b| count_accepts(b, 9090)).collect();
+    let agent = Agent::start_edited("ahp", &d, 2, |t| {
+        let mut t = t
+            .replace(
+                "metrics_listen = \"127.0.0.1:9100\"\n",
+                "nat_source_v4 = [\"198.18.11.1\"]\n",
+            )
+            .replace("port = 8080\n", "port = 8080\nforwarding = \"nat\"\n");
+        for i in 1..=2 {
+            let a = format!("address = \"{}\"\n", backend_addr(i));
+            t = t.replace(&a, &format!("{a}port = 9090\n"));
+        }
+        t
+    });
+    // Well past `fall` probes (3 × 200 ms): a wrong target would be down.
+    std::thread::sleep(Duration::from_millis(1500));
+    let v = api::call(&agent.socket, &Request::BackendList { vip: None }).expect("list");
+    let list: Vec<BackendInfo> = serde_json::from_value(v).expect("backend list");
+    for (i, (n, stop)) in counters.iter().enumerate() {
+        let addr = backend_addr(i + 1);
+        let b = list
+            .iter()
+            .find(|b| b.address.to_string() == addr)
+            .expect("listed");
+        assert_eq!(
+            b.probe.as_deref(),
+            Some(format!("tcp {addr}:9090").as_str())
+        );
+        assert_eq!(b.state, BackendState::Up, "{addr}: {}", b.last_result);
+        let seen = n.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(seen >= 3, "{addr}:9090 saw {seen} probes");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    let health = agent.cli(&["health"]).expect("lb health");
+    assert!(
+        health.contains(&format!("tcp {}:9090", backend_addr(1))),
+        "{health}"
+    );
+    let vips = agent.cli(&["vip", "list"]).expect("vip list");
+    assert!(vips.contains("tcp :9090 every 200 ms"), "{vips}");
+}

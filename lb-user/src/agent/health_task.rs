@@ -62,14 +62,8 @@ impl State {
         }
         let (alive_tx, alive) = watch::channel(());
         b.probe = Some(alive_tx);
-        // A NAT backend on a port of its own is probed there, unless the
-        // health check names a port other than the VIP's.
         let mut health = health;
-        if let Some(p) = b.cfg.port
-            && health.port == v.cfg.port
-        {
-            health.port = p;
-        }
+        health.port = probe_port(&v.cfg, &b.cfg, &health);
         Some(ProbeJob {
             key: v.key,
             vip: vip_ref(&v.cfg),
@@ -222,4 +216,27 @@ pub(super) fn spawn_applier(
         })
         .context("starting the health applier thread")?;
     Ok(())
+}
+
+/// The port a backend's probe goes to: a NAT backend on a port of its own
+/// is probed there, unless the health check names a port other than the
+/// VIP's; otherwise `health.port` (the VIP's port by default).
+pub(super) fn probe_port(vip: &Vip, b: &BackendCfg, health: &config::Health) -> u16 {
+    match b.port {
+        Some(p) if health.port == vip.port => p,
+        _ => health.port,
+    }
+}
+
+/// What a backend's probe is, as `lb health` and `lb vip list` show it:
+/// kind, address, port (and path), exactly where the probe task connects;
+/// `None` with `kind = "none"`.
+pub(super) fn probe_target(vip: &Vip, b: &BackendCfg) -> Option<String> {
+    let h = &vip.health;
+    let to = SocketAddr::new(b.address, probe_port(vip, b, h));
+    match &h.kind {
+        config::CheckKind::None => None,
+        config::CheckKind::Tcp => Some(format!("tcp {to}")),
+        config::CheckKind::Http { path, .. } => Some(format!("http {to}{path}")),
+    }
 }

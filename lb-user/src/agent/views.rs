@@ -69,17 +69,34 @@ impl State {
                 scheduler: v.cfg.scheduler,
                 ring_size: v.cfg.ring_size,
                 flow_table: v.cfg.flow_table,
-                health: match &v.cfg.health.kind {
-                    CheckKind::None => "none".into(),
-                    CheckKind::Tcp => format!(
-                        "tcp :{} every {} ms",
-                        v.cfg.health.port, v.cfg.health.interval_ms
-                    ),
-                    CheckKind::Http { path, .. } => {
-                        format!(
-                            "http :{}{path} every {} ms",
-                            v.cfg.health.port, v.cfg.health.interval_ms
-                        )
+                health: {
+                    // The ports the probes really go to (a NAT backend with
+                    // a port of its own is probed there), as `lb health`
+                    // shows per backend.
+                    let mut ports: Vec<u16> = v
+                        .cfg
+                        .backends
+                        .iter()
+                        .map(|b| probe_port(&v.cfg, b, &v.cfg.health))
+                        .collect();
+                    ports.sort_unstable();
+                    ports.dedup();
+                    if ports.is_empty() {
+                        ports.push(v.cfg.health.port);
+                    }
+                    let ports = ports
+                        .iter()
+                        .map(|p| format!(":{p}"))
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    match &v.cfg.health.kind {
+                        CheckKind::None => "none".into(),
+                        CheckKind::Tcp => {
+                            format!("tcp {ports} every {} ms", v.cfg.health.interval_ms)
+                        }
+                        CheckKind::Http { path, .. } => {
+                            format!("http {ports}{path} every {} ms", v.cfg.health.interval_ms)
+                        }
                     }
                 },
                 backends: v.backends.len(),
@@ -107,6 +124,7 @@ impl State {
                         == crate::policy::sched::Scheduler::LeastConnections)
                         .then(|| self.active_of(b.id)),
                     next_hop_known: b.resolved,
+                    probe: probe_target(&v.cfg, &b.cfg),
                 })
             })
             .collect()

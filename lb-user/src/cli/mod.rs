@@ -500,7 +500,7 @@ fn real_main() -> Result<()> {
             }
             let list: Vec<BackendInfo> = serde_json::from_value(v)?;
             println!(
-                "{:<28} {:<40} {:<9} {:<14} {:>9} {:>11}",
+                "{:<28} {:<40} {:<9} {:<14} {:>9} {:>11}  PROBE",
                 "VIP", "BACKEND", "STATE", "LAST", "LATENCY", "TRANSITIONS"
             );
             for b in list {
@@ -509,13 +509,14 @@ fn real_main() -> Result<()> {
                     .map(|l| format!("{l:.1} ms"))
                     .unwrap_or_else(|| "-".into());
                 println!(
-                    "{:<28} {:<40} {:<9} {:<14} {:>9} {:>11}",
+                    "{:<28} {:<40} {:<9} {:<14} {:>9} {:>11}  {}",
                     b.vip.to_string(),
                     b.address.to_string(),
                     b.state,
                     b.last_result,
                     lat,
-                    b.transitions
+                    b.transitions,
+                    b.probe.as_deref().unwrap_or("none")
                 );
             }
             Ok(())
