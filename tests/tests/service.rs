@@ -184,3 +184,58 @@ fn the_systemd_unit_checks_starts_reloads_and_stops_the_agent() {
         "still forwarding after the agent stopped"
     );
 }
+
+/// `lb completions` and `lb man` (what `cargo xtask dist` installs) come
+/// from the CLI's own definitions: every subcommand `lb --help` lists has a
+/// manual page and is completed, and the bash script parses.
+#[test]
+fn completions_and_manual_pages_cover_every_subcommand() {
+    let help = Command::new(LB).arg("--help").output().expect("lb --help");
+    let help = String::from_utf8_lossy(&help.stdout).to_string();
+    let subcommands: Vec<String> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|c| c != "help")
+        .collect();
+    assert!(subcommands.len() > 10, "{help}");
+    let dir = std::env::temp_dir().join(format!("lb-man-{}", std::process::id()));
+    let out = Command::new(LB)
+        .args(["man", "--dir"])
+        .arg(&dir)
+        .output()
+        .expect("lb man");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let main = std::fs::read_to_string(dir.join("lb.1")).expect("lb.1");
+    assert!(main.contains(".TH lb 1"), "{main}");
+    for c in &subcommands {
+        assert!(
+            dir.join(format!("lb-{c}.1")).exists(),
+            "no manual page for lb {c}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let bash = Command::new(LB)
+        .args(["completions", "bash"])
+        .output()
+        .expect("lb completions");
+    let script = String::from_utf8_lossy(&bash.stdout).to_string();
+    for c in &subcommands {
+        assert!(script.contains(c.as_str()), "bash completion lacks {c}");
+    }
+    let check = Command::new("bash")
+        .args(["-n", "-c", &script])
+        .output()
+        .expect("bash -n");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}

@@ -158,6 +158,19 @@ enum Cmd {
         #[command(subcommand)]
         cmd: LabCmd,
     },
+    /// Print a shell completion script for `lb` (from its own argument
+    /// definitions): `lb completions bash > /etc/bash_completion.d/lb`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page of `lb` (roff, from its own argument
+    /// definitions), or with `--dir` write it and one page per subcommand
+    /// (`lb-run.1`, `lb-vip-add.1`, ...): `lb man --dir /usr/local/share/man/man1`.
+    Man {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Attach the datapath (no VIPs) to an interface for a while and print
     /// its verdict counters every second: a check that XDP works there.
     Attach {
@@ -522,6 +535,25 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Cmd::Stats { watch, conn } => stats(watch, &conn),
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "lb", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man { dir } => {
+            use clap::CommandFactory as _;
+            match dir {
+                Some(d) => {
+                    std::fs::create_dir_all(&d)
+                        .with_context(|| format!("creating {}", d.display()))?;
+                    clap_mangen::generate_to(Cli::command(), &d)
+                        .with_context(|| format!("writing manual pages to {}", d.display()))
+                }
+                None => clap_mangen::Man::new(Cli::command())
+                    .render(&mut std::io::stdout())
+                    .context("writing the manual page"),
+            }
+        }
         Cmd::Attach {
             iface,
             mode,
