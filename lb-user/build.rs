@@ -19,6 +19,11 @@ fn main() -> anyhow::Result<()> {
         root_dir: ebpf_dir,
         ..Default::default()
     };
+    // The nested cargo's progress ("Compiling proc-macro2 ..."), which
+    // aya-build relays line by line as cargo warnings, stays quiet; its
+    // real diagnostics (compiler warnings and errors) still come through.
+    // SAFETY: set before any thread of this build script starts.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf([package], aya_build::Toolchain::default())
         .context("building the eBPF datapath failed; run `cargo xtask setup` to install bpf-linker and the nightly's rust-src")
 }

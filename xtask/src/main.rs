@@ -17,6 +17,10 @@ mod demo;
 #[derive(Parser)]
 #[command(about = "Developer and CI tasks for the load balancer")]
 struct Cli {
+    /// Show every step's output live (apt, installs) instead of keeping it
+    /// in target/xtask-logs/.
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -77,6 +81,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if cli.verbose {
+        // SAFETY: set before this process starts any thread.
+        unsafe { std::env::set_var("LB_XTASK_VERBOSE", "1") };
+    }
     match cli.cmd {
         Cmd::Setup => setup(),
         Cmd::Test => test(),
@@ -132,6 +140,46 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs a command with its output going to `target/xtask-logs/<name>.log`
+/// instead of the terminal (`cargo xtask -v ...`, or `LB_XTASK_VERBOSE=1`,
+/// shows it live instead); on failure the log's last
+/// lines and its path are shown with the error.
+fn run_logged(cmd: &mut Command, name: &str) -> Result<()> {
+    if std::env::var_os("LB_XTASK_VERBOSE").is_some() {
+        return run(cmd);
+    }
+    let dir = root()?.join("target/xtask-logs");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.log"));
+    let log =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    let shown = format!("{cmd:?}");
+    let t0 = std::time::Instant::now();
+    let status = cmd
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()
+        .with_context(|| format!("could not start {shown}"))?;
+    if !status.success() {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!("    last lines of {}:", path.display());
+        for l in &lines[lines.len().saturating_sub(30)..] {
+            eprintln!("    | {l}");
+        }
+        bail!(
+            "{shown} failed with {status} (whole output: {})",
+            path.display()
+        );
+    }
+    eprintln!(
+        "    done in {:.1} s (output: {})",
+        t0.elapsed().as_secs_f64(),
+        path.display()
+    );
+    Ok(())
+}
+
 /// Runs a command and returns its stdout, or None if it cannot run or fails.
 fn output(cmd: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(cmd)
@@ -157,12 +205,19 @@ fn apt_install(packages: &[&str]) -> Result<()> {
         "apt-get update && apt-get install -y {}",
         packages.join(" ")
     );
-    run(Command::new("apt-get").args(["update", "-qq"]))
-        .with_context(|| format!("apt-get update failed; run as root: {fix}"))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(packages)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    eprintln!("    apt-get install {} (quiet)", packages.join(" "));
+    run_logged(
+        Command::new("apt-get").args(["update", "-qq"]),
+        "apt-update",
+    )
+    .with_context(|| format!("apt-get update failed; run as root: {fix}"))?;
+    run_logged(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-install",
+    )
     .with_context(|| {
         format!(
             "installing {} failed; run as root: {fix}",
@@ -427,6 +482,27 @@ mod tests {
         let t = Tally::parse("test result: FAILED. 0 passed; 4 failed; 0 ignored").unwrap();
         assert_eq!((t.passed, t.failed), (0, 4));
         assert!(Tally::parse("running 3 tests").is_none());
+    }
+
+    #[test]
+    fn a_quiet_step_keeps_its_output_in_a_log_and_shows_it_on_failure() {
+        let ok = super::run_logged(
+            std::process::Command::new("sh").args(["-c", "echo quiet-ok"]),
+            "unit-ok",
+        );
+        assert!(ok.is_ok());
+        let log = super::root().unwrap().join("target/xtask-logs/unit-ok.log");
+        assert_eq!(std::fs::read_to_string(log).unwrap().trim(), "quiet-ok");
+        let err = super::run_logged(
+            std::process::Command::new("sh").args(["-c", "echo broken-step; exit 3"]),
+            "unit-fail",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("unit-fail.log") && err.contains("exit status: 3"),
+            "{err}"
+        );
     }
 }
 
