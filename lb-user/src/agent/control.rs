@@ -2,7 +2,19 @@
 //! before anything is decided, and the edits and reloads it triggers, each
 //! applied under the state lock from reading the file to saving it.
 
-use super::*;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::Notify;
+
+use crate::api::{Request, Response};
+use crate::config;
+use crate::config::edit::{self, Edit};
+
+use super::health_task::spawn_probe;
+use super::{Shared, lock};
 
 pub(super) fn reload(shared: &Shared) -> Result<()> {
     // The state lock is held from reading the file to applying it, so a

@@ -14,7 +14,20 @@
 
 use tokio::sync::{mpsc, watch};
 
-use super::*;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use lb_common::VipKey;
+
+use crate::api::VipRef;
+use crate::config::{self, BackendCfg, Vip};
+use crate::policy::health::{Outcome, Transition, probe};
+
+use super::nexthop::datapath_state;
+use super::state::{State, vip_ref};
+use super::{Event, Shared, lock, metrics};
 
 /// What a probe task needs, fixed for its life.
 pub(super) struct ProbeJob {

@@ -3,7 +3,13 @@
 //! agent runs; a zeroed backend entry makes flows that still point at a
 //! removed id reschedule.
 
-use super::*;
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use anyhow::{Result, anyhow};
+use lb_common::{Backend, BackendIdKey, VipKey};
+
+use super::state::{State, addr16};
 
 /// Sentinel key in BACKEND_IDS whose value is the next unused backend id.
 pub(super) const HIGH_WATER: BackendIdKey = BackendIdKey {

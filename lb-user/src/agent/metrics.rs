@@ -20,7 +20,12 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use super::*;
+use std::sync::{Arc, Mutex};
+
+use crate::api::BackendState;
+
+use super::Shared;
+use super::state::State;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct BackendLabels {

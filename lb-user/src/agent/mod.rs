@@ -33,41 +33,31 @@ mod state;
 mod views;
 
 // The submodules split one type's work by concern (`impl State` blocks in
-// several files) and share this module's imports and each other's items
-// through `use super::*`.
-use self::{control::*, health_task::*, metrics::*, nexthop::*, node::*, state::*};
+// several files); each names what it uses from the others, and from here,
+// by its own path.
+use self::{
+    control::{reload, serve_api},
+    health_task::{spawn_applier, spawn_probe},
+    metrics::{AgentMetrics, registry, serve_metrics},
+    state::{State, vip_key},
+};
 
 use std::{
-    collections::{BTreeMap, HashSet},
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use lb_common::{
-    BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, Backend, BackendIdKey, VipKey, VipMeta,
-};
-use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
-    net::UnixListener,
-    sync::Notify,
-};
+use lb_common::VipKey;
+use tokio::{net::UnixListener, sync::Notify};
 
 use crate::{
-    api::{
-        self, AnnounceStatus, BackendInfo, BackendState, BackendTraffic, CapacityStatus,
-        ExplainInfo, Request, Response, StatsInfo, StatusInfo, TrafficInfo, VipInfo, VipRef,
-        VipStatus, VipTraffic,
-    },
-    config::edit::{self, Edit},
-    config::{self, BackendCfg, CheckKind, Config, Forwarding, HashInput, Protocol, Vip},
+    api::{self, Request, VipRef},
+    config::{self, Config},
     datapath::loader,
     datapath::{Dataplane, encode},
-    host::netlink,
-    policy::health::{HealthState, Outcome, Transition, probe},
-    policy::maglev,
 };
 
 /// CPUs of this host, as the datapath numbers them.

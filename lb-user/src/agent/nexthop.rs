@@ -1,7 +1,15 @@
 //! Next hops: the route, egress device and neighbour MAC of each backend
 //! as the kernel knows them, written into the backend's datapath entry.
 
-use super::*;
+use std::net::IpAddr;
+
+use anyhow::{Context as _, Result};
+use lb_common::{BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, Backend};
+
+use crate::api::BackendState;
+use crate::host::netlink;
+
+use super::state::{State, addr16};
 
 /// The next hop towards an address as the kernel knows it.
 pub(super) struct NextHop {

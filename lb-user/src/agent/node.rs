@@ -2,7 +2,15 @@
 //! in the kernel table, `lb node drain`/`resume`, and the warning for
 //! schedulers that are not consistent across nodes.
 
-use super::*;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use anyhow::{Result, bail};
+
+use crate::config::{self, Config};
+
+use super::announce;
+use super::state::{State, vip_ref};
 
 /// Schedulers whose choice depends on this node's own state pick different
 /// backends on different nodes: a flow that ECMP moves loses its backend.

@@ -8,7 +8,20 @@
 
 use std::collections::HashMap;
 
-use super::*;
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use anyhow::{Context as _, Result, anyhow};
+use lb_common::{VipKey, VipMeta};
+
+use crate::config::{self, Config, Vip};
+use crate::datapath::encode;
+use crate::policy::health::HealthState;
+
+use super::cpus;
+use super::health_task::ProbeJob;
+use super::node::warn_multi_node;
+use super::state::{State, VipRt, vip_flags, vip_key, vip_ref};
 
 /// One step from one configuration to the next, in the order to apply.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -2,7 +2,21 @@
 //! generation of their probe task) and regions, as programmed into the
 //! datapath, and the helpers that rebuild a VIP's rings from it.
 
-use super::*;
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, anyhow};
+use lb_common::VipKey;
+
+use crate::api::{BackendState, VipRef};
+use crate::config::{self, BackendCfg, Config, Forwarding, HashInput, Protocol, Vip};
+use crate::datapath::Dataplane;
+use crate::policy::health::HealthState;
+use crate::policy::maglev;
+
+use super::{Event, announce, health_task, metrics};
 
 pub(super) use crate::datapath::encode::addr16;
 

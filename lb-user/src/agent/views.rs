@@ -1,6 +1,18 @@
 //! What the CLI reads: status, VIP and backend lists, traffic counters.
 
-use super::*;
+use std::net::SocketAddr;
+
+use anyhow::{Result, bail};
+
+use crate::api::{
+    self, AnnounceStatus, BackendInfo, BackendTraffic, CapacityStatus, ExplainInfo, StatsInfo,
+    StatusInfo, TrafficInfo, VipInfo, VipRef, VipStatus, VipTraffic,
+};
+use crate::config::{CheckKind, HashInput};
+
+use super::announce;
+use super::health_task::{probe_port, probe_target};
+use super::state::{BackendRt, State, addr16, vip_ref};
 
 impl State {
     pub(super) fn status(&self) -> StatusInfo {
