@@ -132,7 +132,15 @@ pub static NAT_ADDRS: Array<[u8; 16]> = Array::with_max_entries(2 * MAX_NAT_ADDR
 /// Scratch space for a NAT key and entry being built: at 100 bytes they do
 /// not fit the 512-byte stack next to the rest of the balancer.
 #[map(name = "NAT_SCRATCH")]
-pub static NAT_SCRATCH: PerCpuArray<crate::nat::Scratch> = PerCpuArray::with_max_entries(1, 0);
+pub static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// A NAT key and entry under construction (per-CPU, `NAT_SCRATCH`). (Here,
+/// with its map, so that `nat` uses `maps` and not the reverse.)
+#[repr(C)]
+pub struct NatScratch {
+    pub key: NatKey,
+    pub entry: NatEntry,
+}
 
 /// Per-CPU position in this CPU's slice of the NAT port range.
 #[map(name = "NAT_CURSOR")]

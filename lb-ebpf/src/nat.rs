@@ -34,13 +34,6 @@ use crate::{
     parse::{IPPROTO_TCP, IPPROTO_UDP, Packet, TCP_FIN, TCP_RST, ptr_at},
 };
 
-/// A NAT key and entry under construction (per-CPU, see `NAT_SCRATCH`).
-#[repr(C)]
-pub struct Scratch {
-    pub key: NatKey,
-    pub entry: NatEntry,
-}
-
 /// A flow's NAT source: which address (index into `NAT_ADDRS`) and port.
 #[derive(Clone, Copy)]
 pub(crate) struct Source {
