@@ -2,6 +2,8 @@
 //! forwarding, hash input, scheduler, XDP mode, backend state), each with
 //! the one spelling that the config file, the control API's JSON, the CLI's
 //! flags and its output all use. `FromStr` errors list the valid values.
+//! Also the concepts that carry data: a health check's kind and a VIP as
+//! the CLI names it.
 
 /// Defines a vocabulary enum with its spellings and every conversion.
 macro_rules! vocab {
@@ -115,6 +117,71 @@ vocab!(
         LeastConnections = "least-connections",
     }
 );
+
+/// What a health check does (`vip.health.kind`): nothing, a TCP connect,
+/// or an HTTP GET of `path` whose status must lie in `status` (inclusive).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckKind {
+    None,
+    Tcp,
+    Http { path: String, status: (u16, u16) },
+}
+
+/// A VIP as the CLI names it (`VipRef`): address, port, protocol; the one
+/// spelling the CLI, the control API and the logs use.
+/// A VIP as the CLI names it: `ADDRESS:PORT[/tcp|udp]`, e.g.
+/// `198.18.0.100:80/tcp` or `[2001:2::100]:443/udp`. In JSON it is that
+/// same string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipRef {
+    pub address: std::net::IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl serde::Serialize for VipRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for VipRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::str::FromStr for VipRef {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (sock, proto) = match s.rsplit_once('/') {
+            Some((a, p)) => (
+                a,
+                p.parse::<Protocol>()
+                    .map_err(|e| format!("{e} (in `{s}`)"))?,
+            ),
+            None => (s, Protocol::Tcp),
+        };
+        let sa: std::net::SocketAddr = sock
+            .parse()
+            .map_err(|_| format!("`{s}` is not ADDRESS:PORT[/tcp|udp] (IPv6 as [2001:2::1]:80)"))?;
+        Ok(Self {
+            address: sa.ip(),
+            port: sa.port(),
+            protocol: proto,
+        })
+    }
+}
+
+impl std::fmt::Display for VipRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.address {
+            std::net::IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.protocol),
+            std::net::IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.protocol),
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

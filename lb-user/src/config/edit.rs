@@ -7,8 +7,59 @@ use std::{net::IpAddr, path::Path};
 use anyhow::{Context as _, Result, bail};
 use toml_edit::{ArrayOfTables, DocumentMut, Item, Table, value};
 
-pub use crate::api::Edit;
-use crate::api::VipRef;
+use serde::{Deserialize, Serialize};
+
+use crate::vocab::{Forwarding, HashInput, VipRef};
+
+/// Settings for `vip add` (the control API carries them, see `api`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VipAdd {
+    pub vip: VipRef,
+    pub forwarding: Forwarding,
+    pub hash: HashInput,
+    pub ring_size: u32,
+    pub flow_table: bool,
+    /// Further VIP keys, as `lb vip set` takes them (`scheduler`,
+    /// `health.interval_ms`, ...).
+    #[serde(default)]
+    pub settings: Vec<(String, String)>,
+}
+
+/// A change to the configuration: the one wire form of every edit, from
+/// the CLI to the agent (which applies it to the file's text, validates,
+/// applies and saves it, see `config::edit`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "edit", rename_all = "kebab-case")]
+pub enum Edit {
+    VipAdd(VipAdd),
+    VipRemove {
+        vip: VipRef,
+    },
+    /// Change VIP keys live (`KEY=VALUE`).
+    VipSet {
+        vip: VipRef,
+        settings: Vec<(String, String)>,
+    },
+    BackendAdd {
+        vip: VipRef,
+        address: IpAddr,
+        weight: u32,
+        /// NAT VIPs: the backend's own port (`None`: the VIP's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
+    },
+    BackendRemove {
+        vip: VipRef,
+        address: IpAddr,
+    },
+    /// Weight and/or drain of a backend (`None`: unchanged).
+    BackendSet {
+        vip: VipRef,
+        address: IpAddr,
+        weight: Option<u32>,
+        drain: Option<bool>,
+    },
+}
 
 fn vips(doc: &mut DocumentMut) -> Result<&mut ArrayOfTables> {
     if doc.get("vip").is_none() {
@@ -293,7 +344,7 @@ address = "198.18.2.1" # rack 1
 
     #[test]
     fn vip_add_and_remove() {
-        let add = crate::api::VipAdd {
+        let add = VipAdd {
             vip: "[2001:2::100]:53/udp".parse().unwrap(),
             forwarding: crate::vocab::Forwarding::Ipip,
             hash: crate::vocab::HashInput::SourceIp,

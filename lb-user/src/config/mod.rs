@@ -307,14 +307,7 @@ pub const MAX_WEIGHT: u32 = 10_000;
 
 // ---- the validated model ----
 
-pub use crate::vocab::{Forwarding, HashInput, Protocol, XdpMode};
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CheckKind {
-    None,
-    Tcp,
-    Http { path: String, status: (u16, u16) },
-}
+pub use crate::vocab::{CheckKind, Forwarding, HashInput, Protocol, XdpMode};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Health {

@@ -12,7 +12,7 @@ use tokio::{
     time::timeout,
 };
 
-use crate::config::CheckKind;
+use crate::vocab::CheckKind;
 
 /// What a probe found.
 #[derive(Clone, Debug, PartialEq, Eq)]
