@@ -217,12 +217,12 @@ fn try_lb<O: Observe>(
     if !early && !pkt.icmp_error && !maybe_vip_only_addr(folded_dst) {
         return nat_reply(ctx, pkt);
     }
-    // The flow's entry in `FLOWS`.
     // The connection table's set for this flow, and the table hash that
     // also varies the IPIP outer source (a few instructions: computed once
     // here, as computing it only where needed split the verifier's paths
     // past its budget).
     let probe = table::probe(&pkt.key);
+    // The flow's entry in `FLOWS`.
     let mut at: Option<core::ptr::NonNull<Flow>> = None;
     let mut vip = None;
     if early {
