@@ -171,6 +171,11 @@ pub static BACKEND_IDS: HashMap<BackendIdKey, u32> = HashMap::with_max_entries(M
 #[map(name = "ACTIVE")]
 pub static ACTIVE: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
 
+/// The exact least-connections scan's running best (`sched::lb_lc_scan`):
+/// [backend id, active flows, weight, tie-break hash].
+#[map(name = "LC_SCRATCH")]
+pub static LC_SCRATCH: PerCpuArray<[u64; 4]> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU position in each ring for round-robin.
 #[map(name = "RR_POS")]
 pub static RR_POS: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
