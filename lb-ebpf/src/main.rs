@@ -218,14 +218,16 @@ fn try_lb<O: Observe>(
         return nat_reply(ctx, pkt);
     }
     // The connection table's set for this flow, and the table hash that
-    // also varies the IPIP outer source (a few instructions: computed once
-    // here, as computing it only where needed split the verifier's paths
-    // past its budget).
-    let probe = table::probe(&pkt.key);
+    // also varies the IPIP outer source: computed where the table is
+    // looked up (or an IPIP packet is encapsulated), so a VIP without a
+    // table, which schedules every packet with the scheduling hash, never
+    // pays for it.
+    let mut probe = table::Probe::NONE;
     // The flow's entry in `FLOWS`.
     let mut at: Option<core::ptr::NonNull<Flow>> = None;
     let mut vip = None;
     if early {
+        probe = table::probe(&pkt.key);
         at = table::lookup(probe.base, probe.tag, &pkt.key);
         if let Some(f) = at {
             // SAFETY: a pointer into the entry's map value.
@@ -291,6 +293,7 @@ fn try_lb<O: Observe>(
     if !use_table {
         at = None;
     } else if at.is_none() && !early {
+        probe = table::probe(key);
         at = table::lookup(probe.base, probe.tag, key);
     }
     if let Some(p) = at {
@@ -464,6 +467,9 @@ fn try_lb<O: Observe>(
         seen.ipip();
         // The outer source varies per flow with the table hash, so a
         // receiver's RSS spreads flows (of one client too) over its queues.
+        if !use_table {
+            probe = table::probe(&pkt.key);
+        }
         if forward::encap(ctx, pkt, b, settings, probe.hash, &hop).is_err() {
             return (verdict::ENCAP_FAILED, xdp_action::XDP_DROP);
         }

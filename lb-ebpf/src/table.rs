@@ -48,6 +48,15 @@ pub(crate) struct Probe {
     pub(crate) base: u32,
 }
 
+impl Probe {
+    /// Not computed (the table not looked up yet).
+    pub(crate) const NONE: Probe = Probe {
+        hash: 0,
+        tag: 0,
+        base: 0,
+    };
+}
+
 #[inline(always)]
 pub(crate) fn probe(key: &FlowKey) -> Probe {
     // SAFETY: `FlowKey` is `align(4)`, `src` at offset 0 and `dst` at 16,
