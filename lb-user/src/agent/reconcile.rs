@@ -6,9 +6,7 @@
 //! unit-tested without BPF. [`State::reconcile`] applies the plan to the
 //! datapath and the runtime model.
 
-use std::collections::HashMap;
-
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use anyhow::{Context as _, Result, anyhow};
