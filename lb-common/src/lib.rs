@@ -72,6 +72,7 @@ pub const MAP_RR_POS: &str = "RR_POS";
 pub const MAP_FIB_SCRATCH: &str = "FIB_SCRATCH";
 pub const MAP_NAT: &str = "NAT";
 pub const MAP_ICMP_JUMP: &str = "ICMP_JUMP";
+pub const MAP_LOG_JUMP: &str = "LOG_JUMP";
 pub const MAP_NAT_ADDRS: &str = "NAT_ADDRS";
 pub const MAP_NAT_CURSOR: &str = "NAT_CURSOR";
 pub const MAP_REGIONS: &str = "REGIONS";
@@ -86,6 +87,8 @@ pub const PROG_DECAP: &str = "lb_decap";
 pub const PROG_TOO_BIG: &str = "lb_too_big";
 /// Translates ICMP errors about NAT flows; tail-called by the balancer.
 pub const PROG_NAT_ICMP: &str = "lb_nat_icmp";
+/// Logs a rare drop (aya-log), tail-called by the balancer after counting it.
+pub const PROG_DROP_LOG: &str = "lb_drop_log";
 pub const PROG_PASS: &str = "lb_pass";
 pub const PROG_FLOOR_DROP: &str = "floor_drop";
 pub const PROG_FLOOR_TX: &str = "floor_tx";
@@ -716,6 +719,63 @@ pub mod verdict {
         "nat_icmp",
         "too_big",
     ];
+}
+
+/// The datapath's own log (aya-log, read by the agent into its log): one
+/// event per rare drop, rate-limited per CPU and per reason in the
+/// datapath. The message is a line of `key=value` fields (the agent parses
+/// it back into fields):
+///
+/// `drop reason=R client=A:P dst=A:P proto=N backend_id=B suppressed=S`
+///
+/// with IPv6 addresses in brackets; `R` a [`verdict`] reason, `B` 0 when no
+/// backend was chosen, `S` the events of this reason this CPU held back
+/// since its last one.
+pub mod drop_log {
+    use super::verdict;
+
+    /// Events per second, per reason and per CPU; the rest are counted in
+    /// the next event's `suppressed`.
+    pub const PER_SECOND: u32 = 5;
+
+    /// The verdict reasons whose drops are logged: each means a packet for
+    /// a VIP was dropped for a cause an operator must act on, and none is on
+    /// a forwarding fast path.
+    pub const fn logged(reason: u32) -> bool {
+        matches!(
+            reason,
+            verdict::INTERNAL
+                | verdict::ENCAP_FAILED
+                | verdict::REDIRECT_FAILED
+                | verdict::NAT_NO_PORT
+                | verdict::TOO_BIG
+        )
+    }
+}
+
+/// What a rare drop path leaves for the log program (one per-CPU slot,
+/// `LOG_NOTE`): the packet's flow, its family, the backend chosen (0:
+/// none), the verdict reason, and whether it is still to be logged.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DropNote {
+    pub key: FlowKey,
+    pub backend_id: u32,
+    pub reason: u8,
+    pub family: u8,
+    pub pending: u8,
+    pub _pad: u8,
+}
+
+/// One reason's rate limit on one CPU (`LOG_LIMIT`, per-CPU, indexed by
+/// reason): the current one-second window, the events sent in it, and the
+/// events held back since the last one sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LogLimit {
+    pub window_ns: u64,
+    pub sent: u32,
+    pub suppressed: u32,
 }
 
 /// Verdict counters of the decap program (in `DECAP_VERDICTS`).

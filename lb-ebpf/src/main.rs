@@ -15,7 +15,8 @@
 //! table: sets of array slots), `sched` (scheduling a new flow), `flow`
 //! (flood guard, clock), `forward` (header rewrites, FIB next
 //! hop), `nat` (full NAT both ways), `decap` (stripping a tunnel), `maps`,
-//! `stats` (counters), `csum`, `trace`. This file: the entry points and the
+//! `stats` (counters), `csum`, `trace`, `log` (rare drops into the agent's
+//! log, by `lb_drop_log`). This file: the entry points and the
 //! balancer's flow, parse → VIP → table or schedule → rewrite → count.
 #![no_std]
 #![no_main]
@@ -29,6 +30,7 @@ mod decap;
 mod flow;
 mod forward;
 mod icmp;
+mod log;
 mod maps;
 mod nat;
 mod parse;
@@ -70,7 +72,9 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         unsafe { maps::TRACE_JUMP.tail_call(&ctx, 0) };
     }
     let (reason, action) = try_lb(&ctx, &pkt, folded, &mut Quiet);
-    verdict(reason, action)
+    let action = verdict(reason, action);
+    log::after(&ctx, reason);
+    action
 }
 
 /// Parses the packet and lets through what cannot be for a VIP, counted:
@@ -105,14 +109,19 @@ pub fn lb_xdp_traced(ctx: XdpContext) -> u32 {
         Err(action) => return action,
     };
     let Some(mut seen) = Seen::new() else {
-        return verdict(verdict::INTERNAL, xdp_action::XDP_DROP);
+        let (reason, action) = log::dropped(&pkt, verdict::INTERNAL, 0);
+        let action = verdict(reason, action);
+        log::after(&ctx, reason);
+        return action;
     };
     let (reason, action) = try_lb(&ctx, &pkt, folded, &mut seen);
     if let Some(c) = trace::filter() {
         seen.0.family = pkt.family;
         trace::emit(c, &pkt.key, seen.data(), (reason << 8) | action);
     }
-    verdict(reason, action)
+    let action = verdict(reason, action);
+    log::after(&ctx, reason);
+    action
 }
 
 /// An `ipip` packet too big for the path once encapsulated, tail-called
@@ -127,8 +136,16 @@ pub fn lb_too_big(ctx: XdpContext) -> u32 {
             } else {
                 40
             };
-            icmp::too_big(&ctx, &pkt, s.ipip_mtu.saturating_sub(outer))
-                .unwrap_or(xdp_action::XDP_DROP)
+            match icmp::too_big(&ctx, &pkt, s.ipip_mtu.saturating_sub(outer)) {
+                Ok(a) => a,
+                // The answer could not be built: the client never learns.
+                Err(_) => {
+                    let action =
+                        verdict(verdict::TOO_BIG, log::dropped(&pkt, verdict::TOO_BIG, 0).1);
+                    log::after(&ctx, verdict::TOO_BIG);
+                    return action;
+                }
+            }
         }
         _ => xdp_action::XDP_DROP,
     };
@@ -154,26 +171,50 @@ pub fn lb_nat_icmp(ctx: XdpContext) -> u32 {
         smac: out.smac,
         ifindex: out.ifindex,
     };
-    if forward::set_macs(&ctx, &hop).is_err() {
-        return verdict(verdict::INTERNAL, xdp_action::XDP_DROP);
-    }
-    let (reason, action) = send(&ctx, hop.ifindex, verdict::NAT_ICMP, verdict::NAT_ICMP);
-    verdict(reason, action)
+    let (reason, action) = if forward::set_macs(&ctx, &hop).is_err() {
+        log::dropped(&pkt, verdict::INTERNAL, 0)
+    } else {
+        send(
+            &ctx,
+            &pkt,
+            0,
+            hop.ifindex,
+            verdict::NAT_ICMP,
+            verdict::NAT_ICMP,
+        )
+    };
+    let action = verdict(reason, action);
+    log::after(&ctx, reason);
+    action
+}
+
+/// A rare drop, counted by the program that tail-called this one: logged
+/// (aya-log, rate-limited; see `log`) and dropped.
+#[xdp]
+pub fn lb_drop_log(_ctx: XdpContext) -> u32 {
+    log::emit()
 }
 
 /// Sends the rewritten packet: back out where it came in (`XDP_TX`, counted
 /// as `tx_reason`) when `ifindex` is 0 or the ingress interface, else to
 /// `ifindex` (`XDP_REDIRECT`, counted as `redirect_reason`); an interface
-/// that is no redirect target drops it (`redirect_failed`). Returns
-/// (verdict reason, XDP action).
+/// that is no redirect target drops it (`redirect_failed`, logged with
+/// `pkt` and `backend_id`). Returns (verdict reason, XDP action).
 #[inline(always)]
-fn send(ctx: &XdpContext, ifindex: u32, tx_reason: u32, redirect_reason: u32) -> (u32, u32) {
+fn send(
+    ctx: &XdpContext,
+    pkt: &parse::Packet,
+    backend_id: u32,
+    ifindex: u32,
+    tx_reason: u32,
+    redirect_reason: u32,
+) -> (u32, u32) {
     if ifindex == 0 || ifindex as usize == ctx.ingress_ifindex() {
         return (tx_reason, xdp_action::XDP_TX);
     }
     match TX_PORTS.redirect(ifindex, 0) {
         Ok(action) => (redirect_reason, action),
-        Err(_) => (verdict::REDIRECT_FAILED, xdp_action::XDP_DROP),
+        Err(_) => log::dropped(pkt, verdict::REDIRECT_FAILED, backend_id),
     }
 }
 
@@ -400,7 +441,7 @@ fn try_lb<O: Observe>(
     let Some(settings) = SETTINGS.get(0) else {
         // Cannot happen (an array's index 0 always exists): counted apart
         // rather than under a reason that would mislead.
-        return (verdict::INTERNAL, xdp_action::XDP_DROP);
+        return log::dropped(pkt, verdict::INTERNAL, id);
     };
     let hop = if settings.flags & SETTINGS_F_FIB != 0 {
         fib_next_hop(ctx, pkt, b)
@@ -426,7 +467,7 @@ fn try_lb<O: Observe>(
         let src = match nat_src {
             Some((idx, port)) => {
                 let Some(addr) = nat::source_addr(idx) else {
-                    return (verdict::INTERNAL, xdp_action::XDP_DROP);
+                    return log::dropped(pkt, verdict::INTERNAL, id);
                 };
                 let src = nat::Source { idx, addr, port };
                 // Keeps the reply entry's clock (once a second) and closing
@@ -438,14 +479,14 @@ fn try_lb<O: Observe>(
             }
             None => match nat::allocate(ctx, pkt, b, settings, flow_hash(), now) {
                 Some(s) => s,
-                None => return (verdict::NAT_NO_PORT, xdp_action::XDP_DROP),
+                None => return log::dropped(pkt, verdict::NAT_NO_PORT, id),
             },
         };
         let bport = nat::backend_port(pkt, b);
         if nat::rewrite(ctx, pkt, &src.addr, src.port, &b.addr, bport).is_err()
             || forward::set_macs(ctx, &hop).is_err()
         {
-            return (verdict::INTERNAL, xdp_action::XDP_DROP);
+            return log::dropped(pkt, verdict::INTERNAL, id);
         }
         nat_rec = (src.idx, src.port);
     } else if vip.flags & VIP_F_IPIP != 0 {
@@ -462,7 +503,7 @@ fn try_lb<O: Observe>(
             // SAFETY: tail call into a program of the same type; with an
             // empty slot it falls through and the packet is dropped.
             unsafe { maps::ICMP_JUMP.tail_call(ctx, 0) };
-            return (verdict::TOO_BIG, xdp_action::XDP_DROP);
+            return log::dropped(pkt, verdict::TOO_BIG, id);
         }
         seen.ipip();
         // The outer source varies per flow with the table hash, so a
@@ -471,10 +512,10 @@ fn try_lb<O: Observe>(
             probe = table::probe(&pkt.key);
         }
         if forward::encap(ctx, pkt, b, settings, probe.hash, &hop).is_err() {
-            return (verdict::ENCAP_FAILED, xdp_action::XDP_DROP);
+            return log::dropped(pkt, verdict::ENCAP_FAILED, id);
         }
     } else if forward::set_macs(ctx, &hop).is_err() {
-        return (verdict::INTERNAL, xdp_action::XDP_DROP);
+        return log::dropped(pkt, verdict::INTERNAL, id);
     }
     // A NAT flow is always recorded (without its entry the next packet
     // would get another port): the flood guard spares NAT VIPs.
@@ -511,12 +552,14 @@ fn try_lb<O: Observe>(
     if pkt.icmp_error {
         send(
             ctx,
+            pkt,
+            id,
             hop.ifindex,
             verdict::ICMP_TO_FLOW,
             verdict::ICMP_TO_FLOW,
         )
     } else {
-        send(ctx, hop.ifindex, verdict::TX, verdict::REDIRECT)
+        send(ctx, pkt, id, hop.ifindex, verdict::TX, verdict::REDIRECT)
     }
 }
 
@@ -534,9 +577,16 @@ fn nat_reply(ctx: &XdpContext, pkt: &parse::Packet) -> (u32, u32) {
     if nat::rewrite(ctx, pkt, &e.vip, e.vip_port, &e.client, e.client_port).is_err()
         || forward::write_macs(ctx, &e.client_mac, &e.lb_mac).is_err()
     {
-        return (verdict::INTERNAL, xdp_action::XDP_DROP);
+        return log::dropped(pkt, verdict::INTERNAL, 0);
     }
-    send(ctx, e.ifindex, verdict::NAT_REPLY, verdict::NAT_REPLY)
+    send(
+        ctx,
+        pkt,
+        0,
+        e.ifindex,
+        verdict::NAT_REPLY,
+        verdict::NAT_REPLY,
+    )
 }
 
 fn try_decap(ctx: &XdpContext) -> Result<u32, ()> {

@@ -151,6 +151,11 @@ pub static NAT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "ICMP_JUMP")]
 pub static ICMP_JUMP: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
+/// Tail-call slot of the drop log program `lb_drop_log` (see `log.rs`),
+/// installed by the loader.
+#[map(name = "LOG_JUMP")]
+pub static LOG_JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
 #[map(name = "TX_PORTS")]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
 
@@ -175,6 +180,15 @@ pub static ACTIVE: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// [backend id, active flows, weight, tie-break hash].
 #[map(name = "LC_SCRATCH")]
 pub static LC_SCRATCH: PerCpuArray<[u64; 4]> = PerCpuArray::with_max_entries(1, 0);
+
+/// What a rare drop path leaves for `lb_drop_log` (see `log.rs`).
+#[map(name = "LOG_NOTE")]
+pub static LOG_NOTE: PerCpuArray<lb_common::DropNote> = PerCpuArray::with_max_entries(1, 0);
+
+/// The log's rate limit, per verdict reason (see `log.rs`).
+#[map(name = "LOG_LIMIT")]
+pub static LOG_LIMIT: PerCpuArray<lb_common::LogLimit> =
+    PerCpuArray::with_max_entries(verdict::COUNT, 0);
 
 /// Per-CPU position in each ring for round-robin.
 #[map(name = "RR_POS")]

@@ -91,6 +91,34 @@ pub fn xdp_ctx(len: usize, ifindex: u32) -> [u8; 24] {
     c
 }
 
+/// Runs `prog` on `pkt` `repeat` times (at least once) with `meta` bytes of
+/// XDP metadata in front of it, which leaves the packet only 256 − `meta`
+/// bytes of headroom (the kernel keeps 40 of them for its frame header).
+pub fn run_with_headroom_taken(
+    prog: &aya::programs::Xdp,
+    pkt: &[u8],
+    meta: u32,
+    repeat: u32,
+) -> Result<Run> {
+    let mut data = vec![0u8; meta as usize];
+    data.extend_from_slice(pkt);
+    let mut ctx = xdp_ctx(data.len(), 0);
+    ctx[0..4].copy_from_slice(&meta.to_ne_bytes());
+    let mut out = vec![0u8; data.len() + 256];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(&data),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        repeat,
+        ..Default::default()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    Ok(Run {
+        action: r.return_value,
+        out,
+    })
+}
+
 /// [`run`] with the packet received on interface `ifindex`.
 pub fn run_on(ebpf: &mut Ebpf, prog: &str, pkt: &[u8], ifindex: u32) -> Result<Run> {
     let p = loader::xdp_program(ebpf, prog)?;

@@ -1622,3 +1622,156 @@ fn health_probes_go_where_lb_health_says() {
     let vips = agent.cli(&["vip", "list"]).expect("vip list");
     assert!(vips.contains("tcp :9090 every 200 ms"), "{vips}");
 }
+
+/// Runs `pkt` `repeat` times through the agent's own (pinned) balancer
+/// with BPF_PROG_TEST_RUN, `meta` bytes of its headroom taken; returns the
+/// action.
+fn run_pinned(instance: &str, pkt: &[u8], meta: u32, repeat: u32) -> u32 {
+    let prog = aya::programs::Xdp::from_pin(
+        format!("/sys/fs/bpf/lb/{instance}/prog"),
+        aya_obj::programs::XdpAttachType::Interface,
+    )
+    .expect("the agent's pinned program");
+    lb_tests::run_with_headroom_taken(&prog, pkt, meta, repeat)
+        .expect("test run")
+        .action
+}
+
+/// The datapath's rare drops reach the agent's JSON log as events with
+/// their fields (`reason`, `vip`, `client`, `backend`, `suppressed`), sent
+/// through the agent's own pinned program: an `ipip` packet without room
+/// for its outer header (`encap_failed`) and a NAT VIP out of ports
+/// (`nat_no_port`). A burst of 10,000 such drops yields at most the rate
+/// limit's events, and the events' packets plus their `suppressed` counts
+/// add up to the drops counted.
+#[test]
+fn datapath_drops_reach_the_log_with_their_fields_and_a_rate_limit() {
+    let d = dc("dlg", 1).expect("dc");
+    let _srv = servers(&d);
+    let b = backend_addr(1);
+    let agent = Agent::start_edited("dlg", &d, 1, |t| {
+        // One NAT port for the whole host: with two CPUs each CPU's slice
+        // is empty, with one the first flow takes it (see below).
+        t.replace(
+            "metrics_listen = \"127.0.0.1:9100\"\n",
+            "nat_source_v4 = [\"198.18.11.1\"]\nnat_ports = \"2000-2000\"\n",
+        ) + &format!(
+            "\n[[vip]]\naddress = \"198.18.0.101\"\nport = 8080\nforwarding = \"ipip\"\n\n\
+             [[vip.backend]]\naddress = \"{b}\"\n\n\
+             [[vip]]\naddress = \"198.18.0.102\"\nport = 8080\nforwarding = \"nat\"\n\n\
+             [[vip.backend]]\naddress = \"{b}\"\n"
+        )
+    });
+    agent.wait_ready(3);
+    // One CPU for every run below: the rate limit and its `suppressed`
+    // count are per CPU.
+    // SAFETY: sched_setaffinity on this thread with a zeroed, then filled,
+    // CPU set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning the test thread"
+        );
+    }
+    let wait_for = |want: &[(&str, &str)], n: usize| {
+        let t0 = Instant::now();
+        loop {
+            let got = agent.events(want);
+            if got.len() >= n || t0.elapsed() > Duration::from_secs(5) {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    let syn = |c: u8| lb_tests::tcp4_syn([198, 18, 1, c], [198, 18, 0, 102], 40000, 8080);
+    let ipip = lb_tests::tcp4([198, 18, 1, 50], [198, 18, 0, 101], 40000, 8080, b"x");
+    assert_eq!(
+        run_pinned(&agent.instance, &ipip, 200, 1),
+        lb_tests::action::DROP
+    );
+    let got = wait_for(&[("reason", "encap_failed")], 1);
+    assert_eq!(
+        got.len(),
+        1,
+        "one encap_failed event; log:\n{}",
+        agent.log_text()
+    );
+    let e = &got[0];
+    assert_eq!(e["level"], "WARN");
+    assert_eq!(e["vip"], "198.18.0.101:8080/tcp");
+    assert_eq!(e["client"], "198.18.1.50:40000");
+    assert_eq!(e["backend"], b.as_str());
+    assert_eq!(e["suppressed"], 0);
+
+    // With one CPU, this flow takes the only port; with more, none is free.
+    run_pinned(&agent.instance, &syn(51), 0, 1);
+    let no_port = || -> u64 {
+        let v = api::call(&agent.socket, &Request::Stats).expect("stats");
+        v["verdicts"]["nat_no_port"].as_u64().expect("nat_no_port")
+    };
+    assert_eq!(
+        run_pinned(&agent.instance, &syn(52), 0, 1),
+        lb_tests::action::DROP
+    );
+    let got = wait_for(
+        &[("reason", "nat_no_port"), ("client", "198.18.1.52:40000")],
+        1,
+    );
+    assert_eq!(
+        got.len(),
+        1,
+        "one nat_no_port event; log:\n{}",
+        agent.log_text()
+    );
+    assert_eq!(got[0]["vip"], "198.18.0.102:8080/tcp");
+    assert_eq!(got[0]["backend"], b.as_str());
+
+    // The burst, then (in the next second) one more drop, whose event
+    // carries what the limit held back.
+    let t0 = Instant::now();
+    assert_eq!(
+        run_pinned(&agent.instance, &syn(53), 0, 10_000),
+        lb_tests::action::DROP
+    );
+    let burst = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(1_200));
+    run_pinned(&agent.instance, &syn(53), 0, 1);
+    // Every NAT drop of this agent's life, all on this CPU.
+    let dropped = no_port();
+    assert!(dropped >= 10_002, "every drop counted: {dropped}");
+    let sum = |events: &[serde_json::Value]| -> u64 {
+        events
+            .iter()
+            .map(|e| 1 + e["suppressed"].as_u64().expect("suppressed"))
+            .sum()
+    };
+    let want = [("reason", "nat_no_port")];
+    let t1 = Instant::now();
+    let mut events = agent.events(&want);
+    while sum(&events) < dropped && t1.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+        events = agent.events(&want);
+    }
+    assert_eq!(
+        sum(&events),
+        dropped,
+        "events plus suppressed add up to the drops: {events:#?}"
+    );
+    // Windows of a second each: the burst's, the late drop's, and one
+    // more should the burst have crossed a window's end.
+    let limit = lb_common::drop_log::PER_SECOND as usize * (burst.as_secs() as usize + 2) + 1;
+    assert!(
+        events.len() <= limit,
+        "{} events for {dropped} drops in {burst:?}: at most {limit}",
+        events.len()
+    );
+    assert!(
+        events.len() < 50,
+        "the rate limit held: {} events",
+        events.len()
+    );
+}

@@ -907,28 +907,52 @@ fn icmp6_too_big(client_port: u16) -> Vec<u8> {
 }
 
 /// Runs the balancer on `pkt` with `meta` bytes of XDP metadata in front of
-/// it, which leaves the packet only 256 − `meta` bytes of headroom.
+/// it (see `lb_tests::run_with_headroom_taken`).
 fn run_with_headroom_taken(f: &mut Fixture, pkt: &[u8], meta: u32) -> lb_tests::Run {
-    use aya::programs::{TestRun as _, TestRunOptions};
-    let mut data = vec![0u8; meta as usize];
-    data.extend_from_slice(pkt);
-    let mut ctx = [0u8; 24];
-    ctx[0..4].copy_from_slice(&meta.to_ne_bytes());
-    ctx[4..8].copy_from_slice(&(data.len() as u32).to_ne_bytes());
-    let mut out = vec![0u8; data.len() + 256];
     let p = lb_tests::loader::xdp_program(&mut f.ebpf, lb_common::PROG_BALANCER).expect("prog");
-    let r = p
-        .test_run(TestRunOptions {
-            data_in: Some(&data),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..Default::default()
-        })
-        .expect("test run");
-    out.truncate(r.data_size_out as usize);
-    lb_tests::Run {
-        action: r.return_value,
-        out,
+    lb_tests::run_with_headroom_taken(p, pkt, meta, 1).expect("test run")
+}
+
+/// A rare drop (here `encap_failed`) is logged by the datapath: one event
+/// per packet while under the rate limit, with the client, the
+/// destination, the protocol and the backend the flow was given; a
+/// forwarded packet logs nothing.
+#[test]
+fn a_rare_drop_is_logged_with_its_flow_and_backend() {
+    use lb_user::datapath::drop_log::DropLog;
+    let mut f = standard();
+    let mut log = DropLog::take(&mut f.ebpf).expect("drop log");
+    for (pkt, client, dst) in [
+        (
+            udp4(CLIENT4, VIP4, 40001, 53, b"q"),
+            "198.18.1.7:40001",
+            "198.18.0.100:53",
+        ),
+        (
+            udp6(client6(), vip6(), 40002, 53, b"q"),
+            "[2001:2:1::7]:40002",
+            "[2001:2::100]:53",
+        ),
+    ] {
+        let r = run_with_headroom_taken(&mut f, &pkt, 200);
+        assert_eq!(r.action, action::DROP);
+        let got = log.read();
+        assert_eq!(got.len(), 1, "one event per drop: {got:?}");
+        let e = got[0].clone().expect("an event of the drop log's format");
+        assert_eq!(e.reason, "encap_failed");
+        assert_eq!(e.client.to_string(), client);
+        assert_eq!(e.dst.to_string(), dst);
+        assert_eq!(e.proto, PROTO_UDP);
+        assert_eq!(e.suppressed, 0);
+        // The backend the same packet is given once it fits.
+        let ok = run_with_headroom_taken(&mut f, &pkt, 0);
+        assert_eq!(ok.action, action::TX);
+        assert_eq!(
+            backend_of(&ok.out),
+            e.backend_id,
+            "the event names the backend chosen"
+        );
+        assert!(log.read().is_empty(), "a forwarded packet logs nothing");
     }
 }
 

@@ -30,6 +30,7 @@ fn verifier_budget_has_headroom() {
         lb_common::PROG_BALANCER_TRACED,
         lb_common::PROG_TOO_BIG,
         lb_common::PROG_NAT_ICMP,
+        lb_common::PROG_DROP_LOG,
         lb_common::PROG_DECAP,
     ] {
         let p = lb_tests::loader::xdp_program(&mut ebpf, name).expect("program");

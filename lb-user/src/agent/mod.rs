@@ -17,11 +17,13 @@
 //! (one probe loop per backend), `control` (the socket, edits, reloads),
 //! `views` (what the CLI reads), `metrics` (Prometheus), `announce` (VIP
 //! routes for BIRD, pure decision + kernel side) and `node` (this node's
-//! announcement and drain state). This file: startup, the instance lock,
+//! announcement and drain state), `drop_events` (the datapath's rare drops
+//! into the log). This file: startup, the instance lock,
 //! shutdown and `lb down`.
 
 mod announce;
 mod control;
+mod drop_events;
 mod health_task;
 mod ids;
 pub mod logging;
@@ -199,6 +201,7 @@ pub async fn run_until(
         &dir,
     )?;
     let mut dp = Dataplane::new(ebpf);
+    let drop_log = crate::datapath::drop_log::DropLog::take(dp.object_mut());
     dp.set_settings(&encode::settings(&cfg.agent, cpus()))?;
     let (v4, v6) = encode::nat_addrs(&cfg.agent);
     dp.set_nat_addrs(&v4, &v6)?;
@@ -296,6 +299,13 @@ pub async fn run_until(
     );
     let shared: Shared = Arc::new(Mutex::new(state));
     spawn_applier(&shared, reports)?;
+    match drop_log {
+        Ok(log) => drop_events::spawn(&shared, log)?,
+        Err(e) => tracing::warn!(
+            error = format!("{e:#}"),
+            "the datapath's drop events will not be logged"
+        ),
+    }
     for s in spawns {
         spawn_probe(s);
     }

@@ -249,11 +249,13 @@ fn check_pins(maps_dir: &std::path::Path, opts: &LoadOptions) -> Result<()> {
 }
 
 /// Every program the balancer tail-calls, in its slot: the traced copy
-/// (`lb trace`), the ICMP "too big" builder and the NAT ICMP translator.
+/// (`lb trace`), the ICMP "too big" builder, the NAT ICMP translator and
+/// the drop log.
 fn install_tail_calls(ebpf: &mut Ebpf) -> Result<()> {
     install_tracer(ebpf)?;
     install_jump(ebpf, lb_common::PROG_TOO_BIG, lb_common::MAP_ICMP_JUMP, 0)?;
-    install_jump(ebpf, lb_common::PROG_NAT_ICMP, lb_common::MAP_ICMP_JUMP, 1)
+    install_jump(ebpf, lb_common::PROG_NAT_ICMP, lb_common::MAP_ICMP_JUMP, 1)?;
+    install_jump(ebpf, lb_common::PROG_DROP_LOG, lb_common::MAP_LOG_JUMP, 0)
 }
 
 /// Loads program `prog` and puts it in slot `slot` of program array `map`,
@@ -381,6 +383,9 @@ pub const PINNED_MAPS: &[&str] = &[
     // ICMP "too big" answers and NAT ICMP translation off until the next
     // agent started.
     lb_common::MAP_ICMP_JUMP,
+    // The same for the drop log: its events wait in the log ring for the
+    // next agent (each agent's own datapath load brings its own ring).
+    lb_common::MAP_LOG_JUMP,
 ];
 
 /// Where an instance's pins live.

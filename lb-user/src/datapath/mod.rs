@@ -2,8 +2,10 @@
 //! XDP object (the only module that touches aya's program and link APIs);
 //! the facade ([`Dataplane`]) is the typed access to its maps; `trace` is
 //! `lb trace`'s side of the datapath's packet tracer; `encode` translates
-//! the agent's settings into what the maps hold (pure, no BPF).
+//! the agent's settings into what the maps hold (pure, no BPF); `drop_log`
+//! reads the datapath's log of rare drops.
 
+pub mod drop_log;
 pub mod encode;
 mod facade;
 pub mod loader;
