@@ -105,6 +105,9 @@ vocab!(
         Down = "down",
         /// Healthy but drained (`drain` or weight 0): no new flows.
         Draining = "draining",
+        /// Not probed yet (added, or the agent just started without a
+        /// datapath to adopt): no new flows until its first probe succeeds.
+        Unchecked = "unchecked",
     }
 );
 

@@ -47,6 +47,15 @@ impl Agent {
 
     /// [`Agent::start`] with the configuration text passed through `edit`.
     fn start_edited(tag: &str, d: &Dc, n: usize, edit: impl FnOnce(String) -> String) -> Self {
+        let a = Self::launch(tag, d, n, edit);
+        a.wait_ready(n);
+        a
+    }
+
+    /// Starts the agent with `n` backends, edited by `edit`, and returns
+    /// once its control socket answers (its datapath attached), without
+    /// waiting for any backend.
+    fn launch(tag: &str, d: &Dc, n: usize, edit: impl FnOnce(String) -> String) -> Self {
         let instance = format!("t-{tag}-{}", std::process::id());
         let socket = PathBuf::from(format!("/run/lb/{instance}.sock"));
         let dir = std::env::temp_dir().join(&instance);
@@ -65,7 +74,15 @@ impl Agent {
             log: dir.join("agent.log"),
         };
         a.spawn();
-        a.wait_ready(n);
+        let t0 = Instant::now();
+        while api::call(&a.socket, &Request::Status).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "agent not answering; its log:\n{}",
+                a.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         a
     }
 
@@ -1773,5 +1790,119 @@ fn datapath_drops_reach_the_log_with_their_fields_and_a_rate_limit() {
         events.len() < 50,
         "the rate limit held: {} events",
         events.len()
+    );
+}
+
+/// No traffic to an unchecked backend: of three backends one is dead from
+/// the start, and from the moment the agent answers, no connection reaches
+/// it (a connection it refuses would fail with "refused"); the same when
+/// the dead backend is added to the running agent. Before its first probe
+/// a backend is `unchecked`, then `down` with the probe's reason.
+#[test]
+fn a_backend_takes_no_connection_before_its_first_probe_succeeds() {
+    let d = dc("unc", 3).expect("dc");
+    let _srv: Vec<TestServer> = d.backends[..2]
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| TestServer::start(ns, &format!("b{}", i + 1)).expect("server"))
+        .collect();
+    let agent = Agent::launch("unc", &d, 3, |t| t);
+    let check = |what: &str, got: &[(Instant, Result<String, String>)]| {
+        let reached_dead: Vec<_> = got
+            .iter()
+            .filter(|(_, r)| match r {
+                Ok(name) => name == "b3",
+                Err(e) => !e.contains("timed out"),
+            })
+            .collect();
+        assert!(
+            reached_dead.is_empty(),
+            "{what}: connections that reached the dead backend: {reached_dead:?}; log:\n{}",
+            agent.log_text()
+        );
+        let ok = got.iter().filter(|(_, r)| r.is_ok()).count();
+        assert!(
+            ok >= got.len() / 2,
+            "{what}: only {ok} of {} connections answered",
+            got.len()
+        );
+    };
+    check("agent start", &traffic(&d, 40, Duration::from_millis(25)));
+    let b3 = backend_addr(3);
+    let state = |addr: &str| {
+        agent
+            .backends()
+            .into_iter()
+            .find(|b| b.address.to_string() == addr)
+            .map(|b| (b.state, b.last_result))
+    };
+    assert_eq!(
+        state(&b3),
+        Some((BackendState::Down, "refused".to_string())),
+        "decided by its first probe"
+    );
+    assert!(
+        !agent
+            .events(&[("message", "backend checked"), ("state", "down")])
+            .is_empty(),
+        "its first verdict is logged"
+    );
+
+    agent
+        .cli(&["backend", "remove", "198.18.0.100:8080", &b3])
+        .expect("remove");
+    agent
+        .cli(&["backend", "add", "198.18.0.100:8080", &b3])
+        .expect("add");
+    check(
+        "backend added live",
+        &traffic(&d, 40, Duration::from_millis(25)),
+    );
+    assert_eq!(state(&b3).map(|s| s.0), Some(BackendState::Down));
+}
+
+/// A round-robin VIP (a list, not a Maglev table) whose every backend is
+/// down gets a ring with no backend in it, so its packets are dropped as
+/// `no_backend`: an empty list cannot be installed, and the last list, with
+/// a dead backend in it, must not stay.
+#[test]
+fn a_list_scheduler_with_every_backend_down_sends_nothing() {
+    let d = dc("rrd", 2).expect("dc");
+    let mut srv = servers(&d);
+    let agent = Agent::start_edited("rrd", &d, 2, |t| {
+        t.replace(
+            "port = 8080\n",
+            "port = 8080\nscheduler = \"round-robin\"\n",
+        )
+    });
+    for s in &mut srv {
+        s.stop();
+    }
+    let t0 = Instant::now();
+    while agent
+        .backends()
+        .iter()
+        .any(|b| b.state != BackendState::Down)
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "backends never went down"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let no_backend = || -> u64 {
+        let v = api::call(&agent.socket, &Request::Stats).expect("stats");
+        v["verdicts"]["no_backend"].as_u64().expect("no_backend")
+    };
+    let before = no_backend();
+    let got = traffic(&d, 3, Duration::ZERO);
+    assert!(got.iter().all(|(_, r)| r.is_err()), "{got:?}");
+    assert!(no_backend() > before, "dropped as no_backend");
+    assert!(
+        agent
+            .events(&[("message", "updating the datapath failed")])
+            .is_empty(),
+        "every ring change applied; log:\n{}",
+        agent.log_text()
     );
 }

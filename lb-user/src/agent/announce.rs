@@ -39,12 +39,19 @@ pub struct VipView {
     pub address: IpAddr,
     /// Backends that can take new flows (up, not draining, weight > 0).
     pub serving: usize,
+    /// Backends still waiting for their first probe's verdict (for a
+    /// bounded time: see `BackendRt::unsettled`).
+    pub unsettled: usize,
 }
 
 /// Which VIP addresses this node should announce. An address is announced
 /// when the node is not drained, the datapath is attached, and at least one
 /// VIP on that address has a backend that takes new flows (several VIPs,
-/// one per port, can share one address and so one route).
+/// one per port, can share one address and so one route), and no VIP on
+/// that address has a backend still waiting for its first verdict (a node
+/// that starts or returns announces once it knows which backends serve,
+/// not before: a node that announced sooner would take connections it
+/// then sends to a backend that turns out dead, or refuses).
 pub fn desired(vips: &[VipView], attached: bool, drained: bool) -> BTreeMap<IpAddr, Verdict> {
     let mut out: BTreeMap<IpAddr, Verdict> = BTreeMap::new();
     for v in vips {
@@ -60,6 +67,14 @@ pub fn desired(vips: &[VipView], attached: bool, drained: bool) -> BTreeMap<IpAd
         let e = out.entry(v.address).or_insert(verdict.clone());
         if verdict == Verdict::Announce {
             *e = Verdict::Announce;
+        }
+    }
+    for v in vips {
+        if v.unsettled > 0
+            && let Some(e) = out.get_mut(&v.address)
+            && *e == Verdict::Announce
+        {
+            *e = Verdict::Withhold("waiting for the first health verdicts");
         }
     }
     out
@@ -185,7 +200,28 @@ mod tests {
         VipView {
             address: a.parse().unwrap(),
             serving,
+            unsettled: 0,
         }
+    }
+
+    /// A backend without a verdict yet holds back its VIP's address, even
+    /// when another VIP on it serves; once it has one, the address goes.
+    #[test]
+    fn waits_for_every_first_verdict_on_the_address() {
+        let unsettled = VipView {
+            unsettled: 1,
+            ..v("198.18.0.100", 1)
+        };
+        let d = desired(
+            &[v("198.18.0.100", 2), unsettled, v("198.18.0.101", 1)],
+            true,
+            false,
+        );
+        assert_eq!(
+            d[&"198.18.0.100".parse().unwrap()],
+            Verdict::Withhold("waiting for the first health verdicts")
+        );
+        assert_eq!(d[&"198.18.0.101".parse().unwrap()], Verdict::Announce);
     }
 
     #[test]

@@ -115,27 +115,42 @@ impl State {
         // was unknown or has changed (every 25 probes).
         let needs_hop = ok && (!b.resolved || o.round.is_multiple_of(25));
         if let Some(t) = b.health.observe(ok) {
-            b.transitions += 1;
+            // The first verdict of an unchecked backend is not a transition
+            // (it was never in the ring), but the ring follows it as well.
+            let (up, first) = match t {
+                Transition::Up => (true, false),
+                Transition::Down => (false, false),
+                Transition::Checked { up } => (up, true),
+            };
+            if !first {
+                b.transitions += 1;
+            }
             // The next good probe re-reads the next hop (a backend that
             // comes back may have moved).
             b.resolved = false;
             let why = b.last_result.clone();
             let (id, state) = (b.id, datapath_state(b.state()));
-            let up = t == Transition::Up;
             let entered = if up { "up" } else { "down" };
-            if up {
-                tracing::info!(vip = %o.vip, backend = %o.address, state = entered, reason = %why, "backend health changed");
+            let msg = if first {
+                "backend checked"
             } else {
-                tracing::warn!(vip = %o.vip, backend = %o.address, state = entered, reason = %why, "backend health changed");
+                "backend health changed"
+            };
+            if up {
+                tracing::info!(vip = %o.vip, backend = %o.address, state = entered, reason = %why, "{msg}");
+            } else {
+                tracing::warn!(vip = %o.vip, backend = %o.address, state = entered, reason = %why, "{msg}");
             }
-            self.metrics
-                .transitions
-                .get_or_create(&metrics::TransitionLabels {
-                    vip: o.vip.to_string(),
-                    backend: o.address.to_string(),
-                    to: entered.to_string(),
-                })
-                .inc();
+            if !first {
+                self.metrics
+                    .transitions
+                    .get_or_create(&metrics::TransitionLabels {
+                        vip: o.vip.to_string(),
+                        backend: o.address.to_string(),
+                        to: entered.to_string(),
+                    })
+                    .inc();
+            }
             let r = self
                 .dp
                 .set_backend_state(id, state)
@@ -145,11 +160,11 @@ impl State {
                 tracing::error!(vip = %o.vip, backend = %o.address, error = format!("{e:#}"), "updating the datapath failed");
             }
             self.sync_announce();
-            if let Some(ev) = &self.events {
+            if !first && let Some(ev) = &self.events {
                 let _ = ev.send(Event {
                     vip: o.vip.clone(),
                     backend: o.address,
-                    up: t == Transition::Up,
+                    up,
                     reason: why,
                     at: Instant::now(),
                 });

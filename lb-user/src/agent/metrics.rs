@@ -169,7 +169,8 @@ impl Collector for DatapathCollector {
         )?;
         for b in &backends {
             let (vip, backend) = (b.vip.to_string(), b.address.to_string());
-            ConstGauge::new(i64::from(b.state != BackendState::Down)).encode(
+            let up = matches!(b.state, BackendState::Up | BackendState::Draining);
+            ConstGauge::new(i64::from(up)).encode(
                 m.encode_family(&[("vip", vip.as_str()), ("backend", backend.as_str())])?,
             )?;
         }

@@ -342,7 +342,12 @@ pub async fn run_until(
         loop {
             tokio::time::sleep(Duration::from_secs(5)).await;
             let r = tokio::task::block_in_place(|| {
-                lock(&lc_shared).and_then(|mut s| s.reconcile_active())
+                lock(&lc_shared).and_then(|mut s| {
+                    // A backend whose first verdict is overdue no longer
+                    // holds back its VIP's announcement (see `node`).
+                    s.sync_announce();
+                    s.reconcile_active()
+                })
             });
             if let Err(e) = r {
                 tracing::error!(

@@ -38,7 +38,7 @@ pub(super) fn next_hop(addr: IpAddr) -> Option<NextHop> {
 /// The datapath's `BACKEND_*` value of a backend state.
 pub(super) fn datapath_state(s: BackendState) -> u8 {
     match s {
-        BackendState::Down => BACKEND_DOWN,
+        BackendState::Down | BackendState::Unchecked => BACKEND_DOWN,
         BackendState::Draining => BACKEND_DRAINING,
         BackendState::Up => BACKEND_UP,
     }

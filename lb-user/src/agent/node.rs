@@ -59,12 +59,14 @@ impl State {
 
     /// Per VIP address: announced, or why not.
     pub(super) fn announce_view(&self) -> BTreeMap<IpAddr, announce::Verdict> {
+        let now = std::time::Instant::now();
         let views: Vec<announce::VipView> = self
             .vips
             .iter()
             .map(|v| announce::VipView {
                 address: v.cfg.address,
                 serving: v.backends.iter().filter(|b| b.in_ring()).count(),
+                unsettled: v.backends.iter().filter(|b| b.unsettled(now)).count(),
             })
             .collect();
         announce::desired(&views, self.attached, self.drained)

@@ -362,12 +362,23 @@ impl State {
                     let health = cfg_of(&key)?.health;
                     let vi = self.vip_index(&key)?;
                     let bi = self.backend_index(vi, addr)?;
-                    let was_up = self.vips[vi].backends[bi].up();
-                    self.vips[vi].backends[bi].health = HealthState::new(health.rise, health.fall);
+                    let old = &self.vips[vi].backends[bi].health;
+                    let was = (old.up, old.checked());
+                    // The verdict so far stays (an unchecked backend stays
+                    // unchecked), counted again under the new settings;
+                    // without checks (`kind = "none"`) a backend is up.
+                    let new = if health.kind == config::CheckKind::None {
+                        HealthState::known(true, health.rise, health.fall)
+                    } else if old.checked() {
+                        HealthState::known(old.up, health.rise, health.fall)
+                    } else {
+                        HealthState::unchecked(health.rise, health.fall)
+                    };
+                    let changed = (new.up, new.checked()) != was;
+                    self.vips[vi].backends[bi].health = new;
                     spawns.extend(self.probe_job(vi, bi, health));
-                    if !was_up {
-                        // New settings start "up", as a new backend does:
-                        // its entry and its VIP's ring follow at once (with
+                    if changed {
+                        // Its entry and its VIP's ring follow at once (with
                         // `kind = "none"` no transition would ever come).
                         self.write_backend(vi, bi)?;
                         self.rebuild_ring(vi)?;

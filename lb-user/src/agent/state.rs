@@ -75,6 +75,13 @@ pub(super) fn monotonic_s() -> u64 {
     ts.tv_sec as u64
 }
 
+/// How long announcement waits for a new backend's first verdict: two
+/// probe rounds (the first probe is sent at once, and gives its verdict
+/// within `timeout_ms`).
+pub(super) fn first_verdict_bound(h: &config::Health) -> std::time::Duration {
+    std::time::Duration::from_millis(2 * (h.interval_ms + h.timeout_ms))
+}
+
 pub(super) struct BackendRt {
     pub(super) cfg: BackendCfg,
     pub(super) id: u32,
@@ -89,17 +96,27 @@ pub(super) struct BackendRt {
     /// Keeps the probe task alive; dropping it (backend removed, task
     /// replaced) ends the task.
     pub(super) probe: Option<tokio::sync::watch::Sender<()>>,
+    /// Until when announcement waits for this backend's first verdict
+    /// (see `unsettled`).
+    pub(super) verdict_due: Instant,
 }
 
 impl BackendRt {
     pub(super) fn up(&self) -> bool {
         self.health.up
     }
+    /// Not probed yet, and not for long: its VIP's address waits for its
+    /// verdict before it is announced.
+    pub(super) fn unsettled(&self, now: Instant) -> bool {
+        !self.health.checked() && now < self.verdict_due
+    }
     pub(super) fn in_ring(&self) -> bool {
         self.up() && !self.cfg.drain && self.cfg.weight > 0
     }
     pub(super) fn state(&self) -> BackendState {
-        if !self.up() {
+        if !self.health.checked() {
+            BackendState::Unchecked
+        } else if !self.up() {
             BackendState::Down
         } else if self.cfg.drain || self.cfg.weight == 0 {
             BackendState::Draining
@@ -173,7 +190,15 @@ impl State {
                 weight: b.cfg.weight,
             })
             .collect();
-        let table = crate::policy::sched::ring(v.cfg.scheduler, &entries, v.cfg.ring_size);
+        let mut table = crate::policy::sched::ring(v.cfg.scheduler, &entries, v.cfg.ring_size);
+        if table.is_empty() {
+            // No live backend under a list scheduler (round-robin, least
+            // connections): one empty slot (id 0 is no backend's), which
+            // the datapath answers with `no_backend`, rather than keeping
+            // the last list (a dead backend in it) because an empty one
+            // cannot be installed.
+            table.push(0);
+        }
         let digest = ring_digest(&table, |id| {
             entries.iter().find(|e| e.id == id).map(|e| e.addr)
         });
@@ -309,14 +334,32 @@ impl State {
         Ok(BackendRt {
             cfg: cfg.clone(),
             id,
-            health: HealthState::new(health.rise, health.fall),
+            health: self.initial_health(id, health),
             last_result: "not probed yet".into(),
             last_latency_ms: None,
             transitions: 0,
             resolved: false,
             generation: 0,
             probe: None,
+            verdict_due: Instant::now() + first_verdict_bound(health),
         })
+    }
+
+    /// Where a backend's health starts: with checks off (`kind = "none"`)
+    /// up; with the state a datapath this agent adopted holds for its id
+    /// (a restarted agent keeps what its predecessor knew); else unchecked,
+    /// out of the ring until its first probe succeeds.
+    fn initial_health(&self, id: u32, health: &config::Health) -> HealthState {
+        if health.kind == config::CheckKind::None {
+            return HealthState::known(true, health.rise, health.fall);
+        }
+        match self.dp.backend(id) {
+            // A zeroed entry (family 0) is no backend's: removed or never set.
+            Ok(b) if b.family != 0 => {
+                HealthState::known(b.state != lb_common::BACKEND_DOWN, health.rise, health.fall)
+            }
+            _ => HealthState::unchecked(health.rise, health.fall),
+        }
     }
 
     pub(super) fn find(&self, key: &VipKey, addr: IpAddr) -> Option<(usize, usize)> {

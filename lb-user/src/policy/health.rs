@@ -1,8 +1,10 @@
 //! Health checks: the rise/fall state machine (pure) and the probes (tokio).
 //!
-//! A backend starts up. `fall` failed probes in a row take it down, `rise`
-//! good ones bring it back; every transition carries the reason of the last
-//! probe so the agent can log it.
+//! A backend starts unchecked (no new flows): its first probe decides, up
+//! at once if it succeeds (one probe, not `rise`), down otherwise. Then
+//! `fall` failed probes in a row take it down, `rise` good ones bring it
+//! back; every transition carries the reason of the last probe so the
+//! agent can log it.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -26,12 +28,19 @@ pub enum Outcome {
 pub enum Transition {
     Up,
     Down,
+    /// The first verdict of an unchecked backend: up (it takes new flows
+    /// from now on) or down.
+    Checked {
+        up: bool,
+    },
 }
 
 /// Rise/fall counting for one backend.
 #[derive(Clone, Debug)]
 pub struct HealthState {
     pub up: bool,
+    /// Whether any probe has given a verdict (see the module).
+    checked: bool,
     rise: u32,
     fall: u32,
     good: u32,
@@ -39,9 +48,11 @@ pub struct HealthState {
 }
 
 impl HealthState {
-    pub fn new(rise: u32, fall: u32) -> Self {
+    /// Not probed yet: down until its first probe succeeds.
+    pub fn unchecked(rise: u32, fall: u32) -> Self {
         Self {
-            up: true,
+            up: false,
+            checked: false,
             rise: rise.max(1),
             fall: fall.max(1),
             good: 0,
@@ -49,8 +60,28 @@ impl HealthState {
         }
     }
 
+    /// A state already known (an adopted datapath's, or no checks at all).
+    pub fn known(up: bool, rise: u32, fall: u32) -> Self {
+        Self {
+            up,
+            checked: true,
+            ..Self::unchecked(rise, fall)
+        }
+    }
+
+    /// Whether a probe (or the state it was adopted with) gave a verdict.
+    pub fn checked(&self) -> bool {
+        self.checked
+    }
+
     /// Records one probe result; returns the transition it caused, if any.
     pub fn observe(&mut self, ok: bool) -> Option<Transition> {
+        if !self.checked {
+            self.checked = true;
+            self.up = ok;
+            (self.good, self.bad) = if ok { (1, 0) } else { (0, 1) };
+            return Some(Transition::Checked { up: ok });
+        }
         if ok {
             self.bad = 0;
             self.good = self.good.saturating_add(1);
@@ -131,7 +162,7 @@ mod tests {
 
     #[test]
     fn falls_after_fall_failures_and_rises_after_rise_successes() {
-        let mut h = HealthState::new(2, 3);
+        let mut h = HealthState::known(true, 2, 3);
         assert_eq!(h.observe(false), None);
         assert_eq!(h.observe(false), None);
         assert_eq!(h.observe(false), Some(Transition::Down));
@@ -143,7 +174,7 @@ mod tests {
 
     #[test]
     fn flapping_resets_the_streaks() {
-        let mut h = HealthState::new(2, 2);
+        let mut h = HealthState::known(true, 2, 2);
         for _ in 0..10 {
             assert_eq!(h.observe(false), None);
             assert_eq!(h.observe(true), None);
@@ -156,6 +187,23 @@ mod tests {
             assert_eq!(h.observe(false), None);
         }
         assert!(!h.up);
+    }
+
+    /// The first probe decides at once, either way; after a failed first
+    /// probe the backend needs `rise` good ones like any down backend.
+    #[test]
+    fn an_unchecked_backend_is_decided_by_its_first_probe() {
+        let mut h = HealthState::unchecked(3, 3);
+        assert!(!h.up && !h.checked());
+        assert_eq!(h.observe(true), Some(Transition::Checked { up: true }));
+        assert!(h.up && h.checked());
+        assert_eq!(h.observe(false), None, "then fall as usual");
+
+        let mut h = HealthState::unchecked(2, 3);
+        assert_eq!(h.observe(false), Some(Transition::Checked { up: false }));
+        assert!(!h.up && h.checked());
+        assert_eq!(h.observe(true), None);
+        assert_eq!(h.observe(true), Some(Transition::Up), "rise = 2");
     }
 
     #[tokio::test]
@@ -218,7 +266,7 @@ mod tests {
             path: "/healthz".into(),
             status: (200, 399),
         };
-        let mut h = HealthState::new(2, 3);
+        let mut h = HealthState::known(true, 2, 3);
         let t0 = tokio::time::Instant::now();
         let mut down_after = None;
         for i in 1..=3 {
