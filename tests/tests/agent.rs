@@ -1137,6 +1137,16 @@ fn vip_edits_sighup_and_metrics_end_to_end() {
         buckets.iter().any(|b| b.less_than <= 0.01 && b.count > 0.0),
         "probes on a local veth finish within 10 ms: {buckets:?}"
     );
+    // The shipped Grafana dashboard queries only what this exports.
+    let exposed = exposed_names(text);
+    for (q, names) in dashboard_metrics() {
+        for n in names {
+            assert!(
+                exposed.contains(&n),
+                "the dashboard's query {q:?} reads {n}, which /metrics does not export: {exposed:?}"
+            );
+        }
+    }
 }
 
 /// Least-connections counts are recounted from the connection table every
@@ -1905,4 +1915,76 @@ fn a_list_scheduler_with_every_backend_down_sends_nothing() {
         "every ring change applied; log:\n{}",
         agent.log_text()
     );
+}
+
+/// The metric names a Prometheus exposition offers to queries: every
+/// sample's name, and what each `# TYPE` line's family is queried as
+/// (a counter as `NAME_total`, a histogram as `NAME_bucket`, `_sum` and
+/// `_count`), so families without a series yet count too.
+fn exposed_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Some(t) = line.strip_prefix("# TYPE ") {
+            let mut w = t.split_whitespace();
+            let (Some(name), Some(kind)) = (w.next(), w.next()) else {
+                continue;
+            };
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            names.insert(line[..end].to_string());
+        }
+    }
+    names
+}
+
+/// Every PromQL query of the shipped Grafana dashboard (`dist/grafana/lb.json`:
+/// panel targets and template variables), checked to parse as PromQL, and
+/// the `lb_*` metric names they use.
+fn dashboard_metrics() -> Vec<(String, Vec<String>)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/grafana/lb.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("JSON");
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    match (k.as_str(), x) {
+                        ("expr" | "definition", serde_json::Value::String(q)) => {
+                            out.push(q.clone())
+                        }
+                        _ => walk(x, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    let mut queries = Vec::new();
+    walk(&dash, &mut queries);
+    assert!(queries.len() >= 10, "the dashboard's queries: {queries:?}");
+    queries
+        .into_iter()
+        .map(|q| {
+            // Grafana's own variables, as Grafana substitutes them.
+            let promql = q.replace("$__rate_interval", "1m").replace("$vip", ".*");
+            let names: Vec<String> = promql
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("lb_"))
+                .map(str::to_string)
+                .collect();
+            if !promql.starts_with("label_values(") {
+                promql_parser::parser::parse(&promql)
+                    .unwrap_or_else(|e| panic!("dashboard query {q:?} is not PromQL: {e}"));
+            }
+            assert!(!names.is_empty(), "{q:?} reads no lb metric");
+            (q, names)
+        })
+        .collect()
 }

@@ -141,15 +141,21 @@ impl State {
             } else {
                 tracing::warn!(vip = %o.vip, backend = %o.address, state = entered, reason = %why, "{msg}");
             }
-            if !first {
-                self.metrics
+            // The first verdict opens both series at 0, so a dashboard's
+            // increase() sees the first real transition and the family is
+            // exported before anything has flapped.
+            for to in ["up", "down"] {
+                let c = self
+                    .metrics
                     .transitions
                     .get_or_create(&metrics::TransitionLabels {
                         vip: o.vip.to_string(),
                         backend: o.address.to_string(),
-                        to: entered.to_string(),
-                    })
-                    .inc();
+                        to: to.to_string(),
+                    });
+                if !first && to == entered {
+                    c.inc();
+                }
             }
             let r = self
                 .dp
