@@ -60,7 +60,11 @@ use crate::{
     },
 };
 
+// `#[inline(always)]` reaches the function `#[xdp]` wraps: without it LLVM
+// keeps the balancer's body as a BPF-to-BPF call of its own (too big for
+// its inliner), which every packet pays for (a call, a second prologue).
 #[xdp]
+#[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let (pkt, folded) = match vip_candidate(&ctx) {
         Ok(p) => p,
@@ -103,6 +107,7 @@ fn vip_candidate(ctx: &XdpContext) -> Result<(parse::Packet, u32), u32> {
 /// a tail call. A program of its own, so the untraced path carries none of
 /// it and each copy fits the verifier's budget on its own.
 #[xdp]
+#[inline(always)]
 pub fn lb_xdp_traced(ctx: XdpContext) -> u32 {
     let (pkt, folded) = match vip_candidate(&ctx) {
         Ok(p) => p,

@@ -91,9 +91,14 @@ fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
 }
 
+/// An IPv4 address in the 16-byte form of `FlowKey`, built as four words:
+/// built byte by byte, LLVM keeps each byte a value of its own, spilled
+/// and stored one at a time on every path that carries the key.
 #[inline(always)]
 fn v4_addr(a: [u8; 4]) -> [u8; 16] {
-    [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    // SAFETY: [u32; 4] and [u8; 16] have the same size, every bit pattern
+    // valid for both.
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>([u32::from_ne_bytes(a), 0, 0, 0]) }
 }
 
 /// Reads the Ethernet header (and one VLAN tag). Returns (ethertype, l3 offset).

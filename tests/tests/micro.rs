@@ -10,6 +10,11 @@
 //! repetition took the path being timed; IPIP is timed through `bench_ipip`,
 //! which strips the previous repetition's outer header and tail-calls the
 //! balancer.
+//!
+//! `LB_PROFILE="<case name>"` times only that case, alternating with the
+//! swap-MACs floor, for about 8 s, and prints its median and its median
+//! ratio to the floor: long enough to sample the JIT image with `perf
+//! record -a` while it runs.
 
 use aya::maps::{Array, ProgramArray};
 use lb_common::{
@@ -510,6 +515,24 @@ fn micro() {
     let mut f = Fixture::new().expect("load");
     let mut tools = lb_tests::load_tools().expect("tools object");
     setup(&mut f);
+    if let Ok(name) = std::env::var("LB_PROFILE") {
+        let cs = cases();
+        let c = cs.iter().find(|c| c.name == name).expect("case");
+        let t0 = std::time::Instant::now();
+        let (mut v, mut r) = (Vec::new(), Vec::new());
+        while t0.elapsed().as_secs() < 8 {
+            let fl = time_case(&mut f, &mut tools, &cs[FLOOR_TX], REPEAT);
+            let t = time_case(&mut f, &mut tools, c, REPEAT);
+            v.push(t);
+            r.push(t / fl);
+        }
+        eprintln!(
+            "PROFILE {name}: median {:.1} ns, {:.2}x floor",
+            median(v),
+            median(r)
+        );
+        return;
+    }
     let mut rows = bench_rounds(&mut f, &mut tools, &cases());
     let floor = rows[FLOOR_TX].ns.max(0.001);
     rows.extend(next_hop_rows(floor));

@@ -1,0 +1,14 @@
+//! Code generation options for the BPF objects, passed to bpf-linker (which
+//! runs LLVM's BPF back end when it links).
+//!
+//! `allows-misaligned-mem-access` (LLVM 22): a load or store whose alignment
+//! LLVM cannot prove (packet headers at offsets 14, 26, 30, ...; byte arrays
+//! such as addresses and MACs) is one instruction of its width instead of a
+//! byte at a time with shifts. The kernel allows misaligned packet and map
+//! value accesses where the CPU does (x86-64, arm64: no
+//! `BPF_F_STRICT_ALIGNMENT`); stack accesses stay aligned, as the verifier
+//! requires, since stack slots have their type's alignment.
+fn main() {
+    println!("cargo::rustc-link-arg=--cpu-features=+allows-misaligned-mem-access");
+    println!("cargo::rerun-if-changed=build.rs");
+}
