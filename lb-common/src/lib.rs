@@ -179,8 +179,11 @@ pub struct FloodGuard {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FloodState {
+    /// Where the current window began: the first new flow past the limit
+    /// after the previous window's second was over (see the datapath's
+    /// `may_record_flow`).
     pub window_start_ns: u64,
-    /// New flows recorded in the current one-second window.
+    /// New flows recorded since the window began.
     pub count: u64,
     /// New flows forwarded without a table entry, ever.
     pub unrecorded: u64,

@@ -136,3 +136,54 @@ fn a_flood_larger_than_the_table_evicts_established_flows_only_where_a_set_overf
         "and evicted flows follow the ring change: {moved}"
     );
 }
+
+/// The guard's window on one CPU, with a limit of 3 new flows per second:
+/// the count since the datapath started reaches the limit (3 recorded),
+/// the first flow past it begins a window (3 more recorded, counted from
+/// 1), and the window refuses the rest for its second; a second later a
+/// window begins again. So a flood's first second records at most twice
+/// the limit, each second after it at most the limit.
+#[test]
+fn the_guard_records_its_limit_per_second_per_cpu() {
+    // The guard's state is per CPU: every packet from one CPU.
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+    let mut f = Fixture::new().expect("load");
+    f.add_vip(&spec(3)).expect("vip");
+    f.dp().set_flood_limit(3).expect("flood limit");
+    let key = |n: u32| {
+        let (a, p) = flooder(n);
+        FlowKey {
+            src: v4(a),
+            dst: v4(VIP),
+            sport: p,
+            dport: 80,
+            proto: PROTO_TCP,
+            _pad: 0,
+            _pad2: 0,
+        }
+    };
+    let syns = |f: &mut Fixture, ns: std::ops::Range<u32>| {
+        for n in ns.clone() {
+            let (a, p) = flooder(n);
+            let r = f.run(&tcp4_syn(a, VIP, p, 80)).expect("run");
+            assert_eq!(r.action, action::TX, "forwarded, recorded or not");
+        }
+        ns.map(|n| f.dp().flow(&key(n)).expect("read").is_some())
+            .collect::<Vec<_>>()
+    };
+    let t = [true; 6];
+    assert_eq!(syns(&mut f, 0..8), [&t[..], &[false, false]].concat());
+    assert_eq!(f.dp().flows_unrecorded().expect("counter"), 2);
+    // The window that refused them is over after a second.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(syns(&mut f, 8..12), [true, true, true, false]);
+    assert_eq!(f.dp().flows_unrecorded().expect("counter"), 3);
+}
