@@ -16,11 +16,12 @@ use network_types::{
 
 use crate::{
     csum,
-    forward::{grow, move_l2},
-    parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, Packet, ptr_at},
+    forward::{grow, move_l2, write_macs},
+    parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, Packet, field, ptr_at},
 };
 
-const ICMP_HDR: usize = 8;
+/// An ICMP error's own header.
+const ICMP_HDR: usize = field::ICMP_ERROR_HEADER.end;
 /// What an error quotes: the IP header and 8 bytes of what follows.
 const QUOTE_V4: usize = Ipv4Hdr::LEN + 8;
 const QUOTE_V6: usize = Ipv6Hdr::LEN + 8;
@@ -49,7 +50,7 @@ pub(crate) fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<u32, (
             return Ok(xdp_action::XDP_DROP);
         }
         shape(ctx, l3_off, QUOTE_V4, Ipv4Hdr::LEN + ICMP_HDR)?;
-        set_macs(ctx, client_mac, our_mac)?;
+        write_macs(ctx, &client_mac, &our_mac)?;
         let (src, dst) = (&pkt.key.dst, &pkt.key.src);
         let tot_len = (Ipv4Hdr::LEN + ICMP_HDR + QUOTE_V4) as u16;
         let words: [u16; 10] = [
@@ -82,7 +83,7 @@ pub(crate) fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<u32, (
         // Destination unreachable (3), fragmentation needed (4).
         let icmp_off = l3_off + Ipv4Hdr::LEN;
         let mut sum = (3u32 << 8 | 4) + mtu as u32;
-        sum += words_sum::<QUOTE_V4>(ctx, icmp_off + ICMP_HDR)?;
+        sum += csum::words_sum::<QUOTE_V4>(ctx, icmp_off + ICMP_HDR)?;
         let h: *mut [u8; ICMP_HDR] = ptr_at(ctx, icmp_off)?;
         let c = csum::fold(sum).to_be_bytes();
         let m = mtu.to_be_bytes();
@@ -90,7 +91,7 @@ pub(crate) fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<u32, (
         unsafe { *h = [3, 4, c[0], c[1], 0, 0, m[0], m[1]] };
     } else {
         shape(ctx, l3_off, QUOTE_V6, Ipv6Hdr::LEN + ICMP_HDR)?;
-        set_macs(ctx, client_mac, our_mac)?;
+        write_macs(ctx, &client_mac, &our_mac)?;
         let (src, dst) = (&pkt.key.dst, &pkt.key.src);
         let payload = (ICMP_HDR + QUOTE_V6) as u16;
         let ip: *mut Ipv6Hdr = ptr_at(ctx, l3_off)?;
@@ -113,7 +114,7 @@ pub(crate) fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<u32, (
             sum += u16::from_be_bytes([dst[2 * i], dst[2 * i + 1]]) as u32;
             i += 1;
         }
-        sum += words_sum::<QUOTE_V6>(ctx, icmp_off + ICMP_HDR)?;
+        sum += csum::words_sum::<QUOTE_V6>(ctx, icmp_off + ICMP_HDR)?;
         let h: *mut [u8; ICMP_HDR] = ptr_at(ctx, icmp_off)?;
         let c = csum::fold(sum).to_be_bytes();
         let m = (mtu as u32).to_be_bytes();
@@ -138,30 +139,4 @@ fn shape(ctx: &XdpContext, l3_off: usize, quote: usize, hdrs: usize) -> Result<(
     }
     grow(ctx, hdrs)?;
     move_l2(ctx, hdrs, l3_off)
-}
-
-#[inline(always)]
-fn set_macs(ctx: &XdpContext, dst: [u8; 6], src: [u8; 6]) -> Result<(), ()> {
-    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: ptr_at checked the bounds.
-    unsafe {
-        (*eth).dst_addr = dst;
-        (*eth).src_addr = src;
-    }
-    Ok(())
-}
-
-/// Sum of the big-endian 16-bit words of the `N` packet bytes at `off`:
-/// one bounds check for the whole quote, then reads through the pointer.
-#[inline(always)]
-fn words_sum<const N: usize>(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
-    let q: *const [u8; N] = ptr_at(ctx, off)?;
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i + 1 < N {
-        // SAFETY: ptr_at checked all N bytes.
-        sum += u16::from_be_bytes(unsafe { [(*q)[i], (*q)[i + 1]] }) as u32;
-        i += 2;
-    }
-    Ok(sum)
 }

@@ -29,9 +29,10 @@ use network_types::{
 };
 
 use crate::{
+    csum::{apply, delta, delta_ports, delta4},
     flow::now_s,
     maps::{NAT, NAT_ADDRS, NAT_CURSOR, NAT_SCRATCH},
-    parse::{IPPROTO_TCP, IPPROTO_UDP, Packet, TCP_FIN, TCP_RST, ptr_at},
+    parse::{IPPROTO_TCP, IPPROTO_UDP, Packet, TCP_FIN, TCP_RST, field, ptr_at},
 };
 
 /// A flow's NAT source: which address (index into `NAT_ADDRS`) and port.
@@ -245,30 +246,6 @@ pub(crate) fn reply_for(pkt: &Packet) -> Option<*mut NatEntry> {
     Some(e)
 }
 
-/// Ones'-complement sum of `~old + new` over the first `words` 16-bit words
-/// (RFC 1624): what replacing `old` by `new` adds to a checksum.
-#[inline(always)]
-fn delta(old: &[u8; 16], new: &[u8; 16], words: usize) -> u32 {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 8 && i < words {
-        let o = u16::from_be_bytes([old[2 * i], old[2 * i + 1]]);
-        let n = u16::from_be_bytes([new[2 * i], new[2 * i + 1]]);
-        sum += (!o) as u32 + n as u32;
-        i += 1;
-    }
-    sum
-}
-
-/// Applies a delta to a checksum as stored in the packet (big-endian).
-#[inline(always)]
-fn apply(check: [u8; 2], delta: u32) -> [u8; 2] {
-    let mut sum = (!u16::from_be_bytes(check)) as u32 + delta;
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    (!(sum as u16)).to_be_bytes()
-}
-
 /// Rewrites the packet's addresses and ports to `src:sport → dst:dport`,
 /// updating the IPv4 header checksum and the TCP/UDP checksum in place.
 #[inline(always)]
@@ -318,11 +295,11 @@ pub(crate) fn rewrite(
     }
     let d = d_addr + d_ports;
     if pkt.key.proto == IPPROTO_TCP {
-        let c: *mut [u8; 2] = ptr_at(ctx, l4_off + 16)?;
+        let c: *mut [u8; 2] = ptr_at(ctx, l4_off + field::TCP_CHECKSUM.start)?;
         // SAFETY: as above.
         unsafe { *c = apply(*c, d) };
     } else if pkt.key.proto == IPPROTO_UDP {
-        let c: *mut [u8; 2] = ptr_at(ctx, l4_off + 6)?;
+        let c: *mut [u8; 2] = ptr_at(ctx, l4_off + field::UDP_CHECKSUM.start)?;
         // SAFETY: as above.
         unsafe {
             // An IPv4 UDP checksum of 0 means "none" and stays so; a
@@ -405,24 +382,6 @@ pub(crate) fn icmp_error(ctx: &XdpContext, pkt: &Packet) -> Option<IcmpOut> {
     Some(out)
 }
 
-/// Ones'-complement sum of `~old + new` over a 4-byte address.
-#[inline(always)]
-fn delta4(old: [u8; 4], new: &[u8; 16]) -> u32 {
-    (!u16::from_be_bytes([old[0], old[1]])) as u32
-        + u16::from_be_bytes([new[0], new[1]]) as u32
-        + (!u16::from_be_bytes([old[2], old[3]])) as u32
-        + u16::from_be_bytes([new[2], new[3]]) as u32
-}
-
-/// What replacing the ports `p` by `from, to` adds to a checksum.
-#[inline(always)]
-fn delta_ports(p: [u8; 4], from: u16, to: u16) -> u32 {
-    (!u16::from_be_bytes([p[0], p[1]])) as u32
-        + from as u32
-        + (!u16::from_be_bytes([p[2], p[3]])) as u32
-        + to as u32
-}
-
 /// Rewrites an ICMP error: the outer header to `outer` (source,
 /// destination), the quoted packet to `from → to` (address, port), with
 /// the outer and quoted IPv4 header checksums and the ICMP checksum
@@ -443,9 +402,10 @@ fn translate_icmp(
     if pkt.family == AF_INET {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, l3)?;
         let icmp = l3 + Ipv4Hdr::LEN;
-        let inner: *mut Ipv4Hdr = ptr_at(ctx, icmp + 8)?;
-        let ports: *mut [u8; 4] = ptr_at(ctx, icmp + 8 + Ipv4Hdr::LEN)?;
-        let check: *mut [u8; 2] = ptr_at(ctx, icmp + 2)?;
+        let quote = icmp + field::ICMP_ERROR_HEADER.end;
+        let inner: *mut Ipv4Hdr = ptr_at(ctx, quote)?;
+        let ports: *mut [u8; 4] = ptr_at(ctx, quote + Ipv4Hdr::LEN)?;
+        let check: *mut [u8; 2] = ptr_at(ctx, icmp + field::ICMP_CHECKSUM.start)?;
         // SAFETY: every pointer checked by ptr_at.
         unsafe {
             if (*ip).vihl != 0x45 || (*inner).vihl != 0x45 {
@@ -472,16 +432,16 @@ fn translate_icmp(
             );
         }
     } else {
-        // Addresses at fixed offsets: source 8, destination 24 of each
-        // IPv6 header (outer at l3, quoted after the 8-byte ICMPv6 header).
+        // The addresses of each IPv6 header (outer at l3, quoted after the
+        // ICMPv6 error's own header).
         let icmp = l3 + Ipv6Hdr::LEN;
-        let inner = icmp + 8;
-        let os: *mut [u8; 16] = ptr_at(ctx, l3 + 8)?;
-        let od: *mut [u8; 16] = ptr_at(ctx, l3 + 24)?;
-        let is: *mut [u8; 16] = ptr_at(ctx, inner + 8)?;
-        let id: *mut [u8; 16] = ptr_at(ctx, inner + 24)?;
+        let inner = icmp + field::ICMP_ERROR_HEADER.end;
+        let os: *mut [u8; 16] = ptr_at(ctx, l3 + field::IPV6_SRC.start)?;
+        let od: *mut [u8; 16] = ptr_at(ctx, l3 + field::IPV6_DST.start)?;
+        let is: *mut [u8; 16] = ptr_at(ctx, inner + field::IPV6_SRC.start)?;
+        let id: *mut [u8; 16] = ptr_at(ctx, inner + field::IPV6_DST.start)?;
         let ports: *mut [u8; 4] = ptr_at(ctx, inner + Ipv6Hdr::LEN)?;
-        let check: *mut [u8; 2] = ptr_at(ctx, icmp + 2)?;
+        let check: *mut [u8; 2] = ptr_at(ctx, icmp + field::ICMP_CHECKSUM.start)?;
         let (f, t) = (from.1.to_be_bytes(), to.1.to_be_bytes());
         let mut new_ports = [f[0], f[1], t[0], t[1]];
         // The differences by `bpf_csum_diff`, in the packet's byte order

@@ -26,12 +26,32 @@ pub const IPPROTO_IPV6: u8 = 41;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_ICMPV6: u8 = 58;
 
+/// Header fields as byte ranges from the start of their header, for the
+/// stages that write them (`nat`, `icmp`); what `network_types`' header
+/// structs do not name, or where a caller writes one field alone.
+pub mod field {
+    use core::ops::Range;
+
+    /// TCP checksum.
+    pub const TCP_CHECKSUM: Range<usize> = 16..18;
+    /// UDP checksum.
+    pub const UDP_CHECKSUM: Range<usize> = 6..8;
+    /// ICMP and ICMPv6 checksum.
+    pub const ICMP_CHECKSUM: Range<usize> = 2..4;
+    /// An ICMP error's own header (type, code, checksum, 4 more bytes); the
+    /// packet it quotes follows.
+    pub const ICMP_ERROR_HEADER: Range<usize> = 0..8;
+    /// IPv6 source and destination addresses.
+    pub const IPV6_SRC: Range<usize> = 8..24;
+    pub const IPV6_DST: Range<usize> = 24..40;
+}
+
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PKT_TOOBIG: u8 = 2;
 /// IPv4 `frag_off` bits: more-fragments flag and the offset.
 const IPV4_MF_OFFSET: u16 = 0x3fff;
-const ICMP_HDR_LEN: usize = 8;
+const ICMP_HDR_LEN: usize = field::ICMP_ERROR_HEADER.end;
 
 /// The packet description every later stage reads.
 ///

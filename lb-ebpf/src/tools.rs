@@ -21,7 +21,7 @@
 #[allow(dead_code)]
 #[path = "decap.rs"]
 mod decap;
-#[path = "loadgen.rs"]
+#[path = "tools/loadgen.rs"]
 mod loadgen;
 #[allow(dead_code)]
 #[path = "parse.rs"]
