@@ -124,7 +124,17 @@ fn root() -> Result<PathBuf> {
         .to_path_buf())
 }
 
+/// Prints a step's line; the step before it (in this process) gets its
+/// time first.
 fn step(msg: &str) {
+    use std::sync::Mutex;
+    static LAST: Mutex<Option<(std::time::Instant, String)>> = Mutex::new(None);
+    let now = std::time::Instant::now();
+    if let Ok(mut last) = LAST.lock()
+        && let Some((t, name)) = last.replace((now, msg.to_string()))
+    {
+        eprintln!("    ({name}: {:.1} s)", now.duration_since(t).as_secs_f64());
+    }
     eprintln!("\x1b[1m==> {msg}\x1b[0m");
 }
 
@@ -155,11 +165,21 @@ fn run_logged(cmd: &mut Command, name: &str) -> Result<()> {
         std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
     let shown = format!("{cmd:?}");
     let t0 = std::time::Instant::now();
+    // A spinner with the time so far while it runs (drawn only on a
+    // terminal: piped or logged, nothing of it is written).
+    let spin = indicatif::ProgressBar::new_spinner().with_style(
+        indicatif::ProgressStyle::with_template("    {spinner} {elapsed} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    spin.set_message(format!("(output: {})", path.display()));
+    spin.enable_steady_tick(std::time::Duration::from_millis(120));
     let status = cmd
         .stdout(log.try_clone()?)
         .stderr(log)
         .status()
-        .with_context(|| format!("could not start {shown}"))?;
+        .with_context(|| format!("could not start {shown}"));
+    spin.finish_and_clear();
+    let status = status?;
     if !status.success() {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -227,6 +247,7 @@ fn apt_install(packages: &[&str]) -> Result<()> {
 }
 
 fn setup() -> Result<()> {
+    let t0 = std::time::Instant::now();
     step("setup: checking prerequisites");
     if !have("rustup") {
         bail!(
@@ -246,7 +267,10 @@ fn setup() -> Result<()> {
     for c in ["rustfmt", "clippy"] {
         if !comps.lines().any(|l| l.starts_with(c)) {
             eprintln!("    installing {c} for 1.95.0");
-            run(Command::new("rustup").args(["component", "add", c, "--toolchain", "1.95.0"]))?;
+            run_logged(
+                Command::new("rustup").args(["component", "add", c, "--toolchain", "1.95.0"]),
+                &format!("rustup-{c}"),
+            )?;
         }
     }
     // The nightly that builds the eBPF crate: present, right LLVM, rust-src.
@@ -275,13 +299,10 @@ fn setup() -> Result<()> {
     .unwrap_or_default();
     if !ncomps.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("    installing rust-src for nightly (needed to build core for the BPF target)");
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))
+        run_logged(
+            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+            "rustup-rust-src",
+        )
         .context("`rustup component add rust-src --toolchain nightly` failed")?;
     }
     // Debian packages: LLVM 22 for bpf-linker, and the tools the tests use.
@@ -308,21 +329,75 @@ fn setup() -> Result<()> {
             "LLVM_PREFIX=/usr/lib/llvm-{LLVM_MAJOR} cargo install bpf-linker@{BPF_LINKER_VERSION} --locked \
              --no-default-features --features llvm-{LLVM_MAJOR}"
         );
-        run(Command::new("cargo")
-            .args([
-                "install",
-                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-                "--locked",
-                "--no-default-features",
-            ])
-            .args(["--features", &format!("llvm-{LLVM_MAJOR}")])
-            .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}")))
+        run_logged(
+            Command::new("cargo")
+                .args([
+                    "install",
+                    &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                    "--locked",
+                    "--no-default-features",
+                ])
+                .args(["--features", &format!("llvm-{LLVM_MAJOR}")])
+                .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}")),
+            "bpf-linker",
+        )
         .with_context(|| format!("installing bpf-linker failed; try: {fix}"))?;
     }
     eprintln!(
-        "    ok: toolchain 1.95.0, nightly (LLVM {llvm}) + rust-src, bpf-linker {BPF_LINKER_VERSION}, llvm-{LLVM_MAJOR}, iproute2, ethtool, bird2, redis-server"
+        "    ok: toolchain 1.95.0, nightly (LLVM {llvm}) + rust-src, bpf-linker {BPF_LINKER_VERSION}, llvm-{LLVM_MAJOR}, iproute2, ethtool, bird2, redis-server ({:.1} s)",
+        t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Most lines setup may print when it installs nothing.
+const SETUP_QUIET_LINES: usize = 20;
+
+/// [`setup`] in a child process whose output is shown and checked, as
+/// `cargo xtask test` runs it: no `warning:` line (the nested builds'
+/// progress relayed as cargo warnings, say), and at most
+/// [`SETUP_QUIET_LINES`] lines when nothing had to be installed.
+fn checked_setup() -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    if std::env::var_os("LB_XTASK_VERBOSE").is_some() {
+        return setup();
+    }
+    let exe = std::env::current_exe().context("the xtask binary's path")?;
+    let mut child = Command::new(exe)
+        .arg("setup")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("could not start `cargo xtask setup`")?;
+    let mut lines = Vec::new();
+    if let Some(err) = child.stderr.take() {
+        for line in BufReader::new(err).lines() {
+            let line = line?;
+            eprintln!("{line}");
+            lines.push(line);
+        }
+    }
+    if !child.wait()?.success() {
+        bail!("`cargo xtask setup` failed (its output is above)");
+    }
+    setup_output_problem(&lines).map_or(Ok(()), |p| bail!("setup's output: {p}"))
+}
+
+/// What is wrong with setup's output `lines`, if anything (see
+/// [`checked_setup`]).
+fn setup_output_problem(lines: &[String]) -> Option<String> {
+    if let Some(w) = lines.iter().find(|l| l.contains("warning:")) {
+        return Some(format!("a warning reached the terminal: {w}"));
+    }
+    let installed = lines
+        .iter()
+        .any(|l| l.trim_start().starts_with("installing"));
+    (!installed && lines.len() > SETUP_QUIET_LINES).then(|| {
+        format!(
+            "{} lines with nothing to install (at most {SETUP_QUIET_LINES})",
+            lines.len()
+        )
+    })
 }
 
 /// `cargo xtask dist`: target/dist/lb, target/dist/man1/*.1 and
@@ -365,7 +440,8 @@ fn cargo(root: &Path) -> Command {
 
 fn test() -> Result<()> {
     let root = root()?;
-    setup()?;
+    let t0 = std::time::Instant::now();
+    checked_setup()?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc_geteuid() } != 0 {
         bail!(
@@ -392,7 +468,10 @@ fn test() -> Result<()> {
     ]))?);
     step("privileged tests (BPF_PROG_TEST_RUN, network namespaces)");
     total.add(run_tests(cargo(&root).args(["test", "-p", "lb-tests"]))?);
-    step("all tests passed");
+    step(&format!(
+        "all tests passed in {:.0} s",
+        t0.elapsed().as_secs_f64()
+    ));
     println!(
         "summary: {} passed, {} failed, {} skipped",
         total.passed, total.failed, total.ignored
@@ -503,6 +582,29 @@ mod tests {
             err.contains("unit-fail.log") && err.contains("exit status: 3"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn setup_output_is_refused_with_a_warning_or_too_many_lines() {
+        let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let quiet = lines(&["==> setup: checking prerequisites", "    ok: ... (0.4 s)"]);
+        assert_eq!(super::setup_output_problem(&quiet), None);
+        let warned = lines(&["==> setup", "warning: lb-user@0.1.0: Compiling proc-macro2"]);
+        assert!(
+            super::setup_output_problem(&warned)
+                .unwrap()
+                .contains("warning reached")
+        );
+        let noisy: Vec<String> = (0..25).map(|i| format!("line {i}")).collect();
+        assert!(
+            super::setup_output_problem(&noisy)
+                .unwrap()
+                .contains("25 lines")
+        );
+        // Installing something may take more lines.
+        let mut installing = noisy.clone();
+        installing.push("    installing bpf-linker 0.13.0".into());
+        assert_eq!(super::setup_output_problem(&installing), None);
     }
 }
 
