@@ -220,6 +220,22 @@ fn completions_and_manual_pages_cover_every_subcommand() {
             "no manual page for lb {c}"
         );
     }
+    // The pages render as a reader sees them (`man -l`, no pager).
+    for page in ["lb.1", "lb-vip-add.1"] {
+        let shown = Command::new("man")
+            .arg("-l")
+            .arg(dir.join(page))
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "80")
+            .output()
+            .expect("man -l");
+        let text = String::from_utf8_lossy(&shown.stdout).to_string();
+        assert!(
+            shown.status.success() && text.contains("NAME") && text.contains("SYNOPSIS"),
+            "man -l {page}: {text}{}",
+            String::from_utf8_lossy(&shown.stderr)
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
     let bash = Command::new(LB)
         .args(["completions", "bash"])

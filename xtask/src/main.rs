@@ -77,6 +77,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("redis-server", "redis-server"),
     // HTTP load in the lab's NAT scenario (and the benchmarks).
     ("wrk", "wrk"),
+    // `man -l` renders the generated manual pages in the tests.
+    ("man", "man-db"),
 ];
 
 fn main() -> Result<()> {
