@@ -245,6 +245,34 @@ fn pinned_backend(instance: &str, id: u32) -> Option<lb_common::Backend> {
     a.get(&id, 0).ok()
 }
 
+/// What the instance's pinned maps hold for its VIPs, backends and
+/// settings (every VIP by id, every backend entry, the settings), read the
+/// way another process would: two reads compare equal when the datapath's
+/// configuration did not change.
+fn pinned_datapath_config(
+    instance: &str,
+) -> (
+    Vec<lb_common::VipById>,
+    Vec<lb_common::Backend>,
+    lb_common::Settings,
+) {
+    fn entries<T: aya::Pod + Default + PartialEq>(instance: &str, map: &str) -> Vec<T> {
+        let md = aya::maps::MapData::from_pin(format!("/sys/fs/bpf/lb/{instance}/maps/{map}"))
+            .unwrap_or_else(|e| panic!("pinned {map}: {e}"));
+        let a = aya::maps::Array::<_, T>::try_from(aya::maps::Map::Array(md)).expect("array");
+        a.iter()
+            .map(|v| v.expect("read"))
+            .filter(|v| *v != T::default())
+            .collect()
+    }
+    let settings = entries::<lb_common::Settings>(instance, "SETTINGS");
+    (
+        entries(instance, "VIPS_BY_ID"),
+        entries(instance, "BACKENDS"),
+        settings.first().copied().unwrap_or_default(),
+    )
+}
+
 /// Sends `n` requests, `gap` apart, from the client namespace; returns
 /// (send time, backend name or error) for each.
 fn traffic(d: &Dc, n: usize, gap: Duration) -> Vec<(Instant, Result<String, String>)> {
@@ -610,6 +638,11 @@ fn bad_config_is_refused_and_changes_nothing() {
     let _srv = servers(&d);
     let agent = Agent::start("agb", &d, 2);
     let before = agent.cli(&["vip", "list", "--json"]).expect("vip list");
+    let maps_before = pinned_datapath_config(&agent.instance);
+    assert!(
+        !maps_before.0.is_empty() && !maps_before.1.is_empty(),
+        "the agent's VIP and backends are in the maps: {maps_before:?}"
+    );
 
     let good = std::fs::read_to_string(&agent.config).unwrap();
     std::fs::write(
@@ -628,7 +661,12 @@ fn bad_config_is_refused_and_changes_nothing() {
     assert_eq!(
         agent.cli(&["vip", "list", "--json"]).expect("vip list"),
         before,
-        "datapath config unchanged"
+        "the agent's model unchanged"
+    );
+    assert_eq!(
+        pinned_datapath_config(&agent.instance),
+        maps_before,
+        "the datapath's maps unchanged"
     );
     let t = traffic(&d, 30, Duration::ZERO);
     assert!(

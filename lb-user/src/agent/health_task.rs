@@ -141,22 +141,8 @@ impl State {
             } else {
                 tracing::warn!(vip = %o.vip, backend = %o.address, state = entered, reason = %why, "{msg}");
             }
-            // The first verdict opens both series at 0, so a dashboard's
-            // increase() sees the first real transition and the family is
-            // exported before anything has flapped.
-            for to in ["up", "down"] {
-                let c = self
-                    .metrics
-                    .transitions
-                    .get_or_create(&metrics::TransitionLabels {
-                        vip: o.vip.to_string(),
-                        backend: o.address.to_string(),
-                        to: to.to_string(),
-                    });
-                if !first && to == entered {
-                    c.inc();
-                }
-            }
+            self.metrics
+                .verdict(&o.vip.to_string(), &o.address.to_string(), up, first);
             let r = self
                 .dp
                 .set_backend_state(id, state)

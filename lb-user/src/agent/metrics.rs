@@ -67,9 +67,37 @@ impl Default for AgentMetrics {
     }
 }
 
+impl AgentMetrics {
+    /// A backend's health verdict: `first` (an unchecked backend's first
+    /// one) opens both of its transition series at 0, so the family is
+    /// exported and a dashboard's increase() sees the first real
+    /// transition; a later one counts the state entered.
+    pub(super) fn verdict(&self, vip: &str, backend: &str, up: bool, first: bool) {
+        for to in ["up", "down"] {
+            let c = self.transitions.get_or_create(&TransitionLabels {
+                vip: vip.to_string(),
+                backend: backend.to_string(),
+                to: to.to_string(),
+            });
+            if !first && (to == "up") == up {
+                c.inc();
+            }
+        }
+    }
+}
+
 /// The registry `/metrics` encodes: the agent's own metrics and the
 /// datapath collector.
 pub(super) fn registry(shared: &Shared, m: AgentMetrics) -> Arc<Registry> {
+    let mut r = agent_registry(m);
+    r.register_collector(Box::new(DatapathCollector {
+        state: Arc::downgrade(shared),
+    }));
+    Arc::new(r)
+}
+
+/// The agent's own metrics, registered as `/metrics` serves them.
+fn agent_registry(m: AgentMetrics) -> Registry {
     let mut r = Registry::default();
     r.register_with_unit(
         "lb_health_probe_duration",
@@ -82,10 +110,7 @@ pub(super) fn registry(shared: &Shared, m: AgentMetrics) -> Arc<Registry> {
         "Backend health transitions, by the state entered.",
         m.transitions,
     );
-    r.register_collector(Box::new(DatapathCollector {
-        state: Arc::downgrade(shared),
-    }));
-    Arc::new(r)
+    r
 }
 
 /// Reads the datapath's counters and the backends' health at each scrape.
@@ -216,26 +241,45 @@ mod tests {
     #[test]
     fn exposition_has_probe_histograms_and_transitions() {
         let m = AgentMetrics::default();
-        let mut r = Registry::default();
-        r.register_with_unit(
-            "lb_health_probe_duration",
-            "d",
-            Unit::Seconds,
-            m.probe_seconds.clone(),
+        let r = agent_registry(m.clone());
+        let text = |r: &Registry| {
+            let mut s = String::new();
+            prometheus_client::encoding::prometheus_text::encode(&mut s, r).unwrap();
+            s
+        };
+        // Nothing observed yet: no series.
+        assert!(
+            !text(&r).contains("lb_health_transitions_total{"),
+            "{}",
+            text(&r)
         );
-        r.register("lb_health_transitions", "t", m.transitions.clone());
         let l = BackendLabels {
             vip: "v".into(),
             backend: "b".into(),
         };
         m.probe_seconds.get_or_create(&l).observe(0.002);
-        let mut s = String::new();
-        prometheus_client::encoding::prometheus_text::encode(&mut s, &r).unwrap();
-        println!("{s}");
+        // The first verdict opens both series at 0; then b goes down once.
+        m.verdict("v", "b", true, true);
+        let s = text(&r);
         assert!(
             s.contains(
                 "lb_health_probe_duration_seconds_bucket{vip=\"v\",backend=\"b\",le=\"0.0025\"} 1"
             ),
+            "{s}"
+        );
+        for to in ["up", "down"] {
+            assert!(
+                s.contains(&format!(
+                    "lb_health_transitions_total{{vip=\"v\",backend=\"b\",to=\"{to}\"}} 0"
+                )),
+                "{s}"
+            );
+        }
+        m.verdict("v", "b", false, false);
+        let s = text(&r);
+        assert!(
+            s.contains("lb_health_transitions_total{vip=\"v\",backend=\"b\",to=\"down\"} 1")
+                && s.contains("lb_health_transitions_total{vip=\"v\",backend=\"b\",to=\"up\"} 0"),
             "{s}"
         );
     }
