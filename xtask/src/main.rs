@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 mod ab;
 mod bench;
 mod demo;
+mod package;
 
 #[derive(Parser)]
 #[command(about = "Developer and CI tasks for the load balancer")]
@@ -33,6 +34,10 @@ enum Cmd {
     /// the binary, manual pages (man1/) and shell completions
     /// (completions/), all generated from the CLI's own definitions.
     Dist,
+    /// A Debian package (target/deb/lb_<version>_<arch>.deb) of the release
+    /// build: binary, unit, /etc/lb/lb.toml, manual pages, completions,
+    /// the Grafana dashboard.
+    Package,
     /// fmt check, clippy, unit tests, privileged tests: what CI runs.
     Test,
     /// The lab, the agent, steady traffic, a backend killed and brought back, a report.
@@ -93,6 +98,15 @@ fn main() -> Result<()> {
         Cmd::Dist => {
             setup()?;
             dist(&root()?)
+        }
+        Cmd::Package => {
+            setup()?;
+            let root = root()?;
+            dist(&root)?;
+            step("Debian package (dpkg-deb)");
+            let deb = package::build(&root, &root.join("target/dist/lb"))?;
+            println!("wrote {} (install: dpkg -i; see README)", deb.display());
+            Ok(())
         }
         Cmd::Demo { nodes } => {
             setup()?;
@@ -470,6 +484,8 @@ fn test() -> Result<()> {
     ]))?);
     step("privileged tests (BPF_PROG_TEST_RUN, network namespaces)");
     total.add(run_tests(cargo(&root).args(["test", "-p", "lb-tests"]))?);
+    step("package: built from the tested binary, installed, checked, purged");
+    package::install_check(&root, &root.join("target/debug/lb"))?;
     step(&format!(
         "all tests passed in {:.0} s",
         t0.elapsed().as_secs_f64()
