@@ -4,6 +4,10 @@
 //! Ring updates are atomic from the datapath's point of view: the new table
 //! is written into the VIP's idle half, then the VIP entry is replaced in one
 //! map update that flips `active_half`.
+//!
+//! Rooms: this file (the `Dataplane` type, its errors, VIPs, backends,
+//! settings), `rings`, `regions`, `dir` (the VIP directory), `flows` (the
+//! connection table), `nat`, `counters`.
 
 use std::{borrow::BorrowMut, collections::HashSet};
 
@@ -11,16 +15,17 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
 };
-use lb_common::{
-    Backend, BackendIdKey, MAX_RING_SIZE, RegionKey, RegionMeta, Settings, Traffic, VipById,
-    VipKey, VipMeta, decap_verdict, ring_base, verdict,
-};
+use lb_common::{Backend, BackendIdKey, RegionMeta, Settings, Traffic, VipById, VipKey, VipMeta};
 
+mod counters;
 mod dir;
 mod flows;
 mod nat;
+mod regions;
+mod rings;
 pub use flows::{flow_in, set_flow_in};
 pub use nat::{NatHandle, sweep_nat};
+use regions::region_mirror_key;
 
 /// What went wrong programming the datapath.
 #[derive(Debug, thiserror::Error)]
@@ -69,30 +74,6 @@ fn addr_key(key: &VipKey) -> VipKey {
         proto: 0,
         family: key.family,
     }
-}
-
-/// The `REGIONS` trie key of a VIP's client prefix: 32 bits of VIP id
-/// always match, then `prefix_len` bits of the address.
-fn region_key(vip_id: u32, addr: [u8; 16], prefix_len: u32) -> aya::maps::lpm_trie::Key<RegionKey> {
-    aya::maps::lpm_trie::Key::new(
-        32 + prefix_len,
-        RegionKey {
-            vip_id_be: vip_id.to_be_bytes(),
-            addr,
-        },
-    )
-}
-
-/// The mirror's key of a region prefix: the address's bits past the prefix
-/// cleared, as the trie compares them (a prefix read back from the trie and
-/// one given by the agent are the same key).
-fn region_mirror_key(vip_id: u32, addr: [u8; 16], prefix_len: u32) -> (u32, [u8; 16], u32) {
-    let mut a = addr;
-    for (i, b) in a.iter_mut().enumerate() {
-        let keep = prefix_len.saturating_sub(8 * i as u32).min(8);
-        *b &= !(0xffu8.checked_shr(keep).unwrap_or(0));
-    }
-    (vip_id, a, prefix_len)
 }
 
 /// What a loaded datapath can hold, read from its maps (the loader sizes
@@ -146,32 +127,6 @@ pub(crate) unsafe fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::
     };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// `BPF_MAP_UPDATE_BATCH` of `keys[i] → values[i]` on a map of u32 keys and
-/// values. Partial failure is reported; the caller then writes slot by slot.
-fn update_batch_u32(fd: i32, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    assert_eq!(keys.len(), values.len());
-    let mut done = 0;
-    while done < keys.len() {
-        let mut attr = BatchAttr {
-            keys: keys[done..].as_ptr() as u64,
-            values: values[done..].as_ptr() as u64,
-            count: (keys.len() - done) as u32,
-            map_fd: fd as u32,
-            ..Default::default()
-        };
-        // SAFETY: the attr points at live key and value buffers of `count`
-        // u32s each, matching the map's key and value sizes; the kernel
-        // writes back only `count`.
-        unsafe { bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr) }?;
-        if attr.count == 0 {
-            return Err(std::io::Error::other("batch update made no progress"));
-        }
-        done += attr.count as usize;
     }
     Ok(())
 }
@@ -300,70 +255,6 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             ring_slots: max_entries(&rings),
             flows,
         })
-    }
-
-    /// `RINGS` ranges in use: every VIP's and region's two halves, sorted.
-    fn ring_ranges(&mut self) -> Result<Vec<(u64, u64)>> {
-        let m = self.mirror()?;
-        let mut used: Vec<(u64, u64)> = m
-            .vips
-            .values()
-            .map(|v| (v.ring_offset, v.ring_size))
-            .chain(m.regions.values().map(|r| (r.ring_offset, r.ring_size)))
-            .filter(|&(_, size)| size > 0)
-            .map(|(off, size)| (u64::from(off), 2 * u64::from(size)))
-            .collect();
-        used.sort_unstable();
-        used.dedup();
-        Ok(used)
-    }
-
-    /// The offset of a free range for a ring of `size` slots per half
-    /// (first fit). The range a ring is being moved away from stays in use
-    /// until the update that moves it, so old and new never overlap.
-    fn alloc_ring(&mut self, size: u32) -> Result<u32> {
-        let need = 2 * u64::from(size);
-        let capacity = self.mirror()?.capacity.ring_slots;
-        let used = self.ring_ranges()?;
-        let mut at = 0u64;
-        for &(off, len) in &used {
-            if off >= at + need {
-                break;
-            }
-            at = at.max(off + len);
-        }
-        if at + need > u64::from(capacity) {
-            return Err(DataplaneError::RingsFull {
-                need,
-                capacity,
-                used: used.iter().map(|r| r.1).sum(),
-            });
-        }
-        Ok(at as u32)
-    }
-
-    /// Writes `table` into `RINGS` from slot `base`: one batched update
-    /// (a 65,537-slot ring was 65,537 syscalls), slot by slot where the
-    /// kernel has no batch operation for arrays.
-    fn write_rings(&mut self, base: u32, table: &[u32]) -> Result<()> {
-        let name = lb_common::MAP_RINGS;
-        let mut rings: Array<_, u32> =
-            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        let keys: Vec<u32> = (0..table.len() as u32).map(|i| base + i).collect();
-        {
-            use std::os::fd::{AsFd as _, AsRawFd as _};
-            let fd = aya::maps::IterableMap::<u32, u32>::map(&rings)
-                .fd()
-                .as_fd()
-                .as_raw_fd();
-            if update_batch_u32(fd, &keys, table).is_ok() {
-                return Ok(());
-            }
-        }
-        for (k, id) in keys.iter().zip(table) {
-            rings.set(*k, id, 0).map_err(map_err(name))?;
-        }
-        Ok(())
     }
 
     fn vips(&mut self) -> Result<HashMap<&mut MapData, VipKey, VipMeta>> {
@@ -508,31 +399,6 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         self.set_backend(id, &b)
     }
 
-    /// Installs a Maglev table for the VIP: fills the idle half, then flips
-    /// the VIP to it in one update. The table's length is the ring size; a
-    /// new size (or a VIP's first ring) gets a range of its own, written
-    /// before the one update that moves the VIP onto it.
-    pub fn install_ring(&mut self, key: &VipKey, table: &[u32]) -> Result<()> {
-        if table.is_empty() || table.len() > MAX_RING_SIZE as usize {
-            return Err(DataplaneError::BadRingSize {
-                size: table.len(),
-                max: MAX_RING_SIZE,
-            });
-        }
-        let n = table.len() as u32;
-        let mut meta = self.vip(key)?;
-        let (offset, half) = if meta.ring_size == n {
-            (meta.ring_offset, meta.active_half ^ 1)
-        } else {
-            (self.alloc_ring(n)?, 0)
-        };
-        self.write_rings(ring_base(offset, n, half), table)?;
-        meta.ring_offset = offset;
-        meta.active_half = half;
-        meta.ring_size = n;
-        self.put_vip(key, meta)
-    }
-
     /// Writes a VIP entry to `VIPS` and the mirror.
     fn put_vip(&mut self, key: &VipKey, meta: VipMeta) -> Result<()> {
         // The record read before it changes (reading it may repair the
@@ -577,81 +443,6 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         a.set(id, e, 0).map_err(map_err(name))
     }
 
-    fn regions(
-        &mut self,
-    ) -> Result<aya::maps::lpm_trie::LpmTrie<&mut MapData, RegionKey, RegionMeta>> {
-        let name = lb_common::MAP_REGIONS;
-        aya::maps::lpm_trie::LpmTrie::try_from(self.map_mut(name)?).map_err(map_err(name))
-    }
-
-    /// The region entry for a VIP's client prefix, if any.
-    pub fn region(
-        &mut self,
-        vip_id: u32,
-        addr: [u8; 16],
-        prefix_len: u32,
-    ) -> Result<Option<RegionMeta>> {
-        Ok(self
-            .regions()?
-            .get(&region_key(vip_id, addr, prefix_len), 0)
-            .ok())
-    }
-
-    /// Installs `table` as the ring of a region of VIP `vip_id` with ring id
-    /// `ring_id`: fills the idle half of its range (a new range when the size
-    /// changes), then points every prefix (address, length) at it.
-    pub fn install_region_ring(
-        &mut self,
-        vip_id: u32,
-        prefixes: &[([u8; 16], u32)],
-        ring_id: u32,
-        table: &[u32],
-    ) -> Result<()> {
-        if table.is_empty() || table.len() > MAX_RING_SIZE as usize {
-            return Err(DataplaneError::BadRingSize {
-                size: table.len(),
-                max: MAX_RING_SIZE,
-            });
-        }
-        let n = table.len() as u32;
-        let (offset, half) = match prefixes.first() {
-            Some(&(addr, len)) => match self.region(vip_id, addr, len)? {
-                Some(m) if m.ring_id == ring_id && m.ring_size == n => {
-                    (m.ring_offset, m.active_half ^ 1)
-                }
-                _ => (self.alloc_ring(n)?, 0),
-            },
-            None => return Ok(()),
-        };
-        self.write_rings(ring_base(offset, n, half), table)?;
-        let m = RegionMeta {
-            ring_id,
-            active_half: half,
-            ring_size: n,
-            ring_offset: offset,
-        };
-        for &(addr, len) in prefixes {
-            self.regions()?
-                .insert(&region_key(vip_id, addr, len), m, 0)
-                .map_err(map_err(lb_common::MAP_REGIONS))?;
-            self.mirror()?
-                .regions
-                .insert(region_mirror_key(vip_id, addr, len), m);
-        }
-        Ok(())
-    }
-
-    /// Removes a region's prefix: its clients use the VIP's ring again.
-    pub fn remove_region(&mut self, vip_id: u32, addr: [u8; 16], prefix_len: u32) -> Result<()> {
-        let _ = self
-            .regions()?
-            .remove(&region_key(vip_id, addr, prefix_len));
-        self.mirror()?
-            .regions
-            .remove(&region_mirror_key(vip_id, addr, prefix_len));
-        Ok(())
-    }
-
     fn backend_ids(&mut self) -> Result<HashMap<&mut MapData, BackendIdKey, u32>> {
         let name = lb_common::MAP_BACKEND_IDS;
         HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))
@@ -690,85 +481,12 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             .collect())
     }
 
-    /// Active flows of a backend (least-connections).
-    pub fn active(&self, id: u32) -> Result<u64> {
-        let name = lb_common::MAP_ACTIVE;
-        let a: Array<_, u64> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
-        a.get(&id, 0).map_err(map_err(name))
-    }
-
-    /// Overwrites a backend's active-flow count (the agent's reconciliation).
-    pub fn set_active(&mut self, id: u32, n: u64) -> Result<()> {
-        let name = lb_common::MAP_ACTIVE;
-        let mut a: Array<_, u64> = Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        a.set(id, n, 0).map_err(map_err(name))
-    }
-
-    /// The VIP's live ring, as the datapath reads it.
-    pub fn ring(&mut self, key: &VipKey) -> Result<Vec<u32>> {
-        let meta = self.vip(key)?;
-        let base = ring_base(meta.ring_offset, meta.ring_size, meta.active_half);
-        let name = lb_common::MAP_RINGS;
-        let rings: Array<_, u32> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
-        (0..meta.ring_size)
-            .map(|i| rings.get(&(base + i), 0).map_err(map_err(name)))
-            .collect()
-    }
-
-    /// The backend id in slot `slot` of the VIP's active ring.
-    pub fn ring_slot(&mut self, key: &VipKey, slot: u32) -> Result<u32> {
-        let meta = self.vip(key)?;
-        let name = lb_common::MAP_RINGS;
-        let rings: Array<_, u32> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
-        rings
-            .get(
-                &(ring_base(meta.ring_offset, meta.ring_size, meta.active_half) + slot),
-                0,
-            )
-            .map_err(map_err(name))
-    }
-
     /// Sets the global settings (IPIP outer source addresses).
     pub fn set_settings(&mut self, s: &Settings) -> Result<()> {
         let name = lb_common::MAP_SETTINGS;
         let mut a: Array<_, Settings> =
             Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         a.set(0, s, 0).map_err(map_err(name))
-    }
-
-    /// Sets the flood guard: new flows per second per CPU that may be
-    /// written to the connection table (0 = no limit). A datapath object
-    /// without the guard (an older one) ignores it.
-    pub fn set_flood_limit(&mut self, per_cpu_s: u32) -> Result<()> {
-        let name = lb_common::MAP_FLOOD_GUARD;
-        let Ok(map) = self.map_mut(name) else {
-            return Ok(());
-        };
-        let mut a: Array<_, lb_common::FloodGuard> = Array::try_from(map).map_err(map_err(name))?;
-        a.set(
-            0,
-            lb_common::FloodGuard {
-                new_flows_per_cpu_s: per_cpu_s,
-                _pad: 0,
-            },
-            0,
-        )
-        .map_err(map_err(name))
-    }
-
-    /// New flows the flood guard forwarded without a table entry (all CPUs).
-    pub fn flows_unrecorded(&self) -> Result<u64> {
-        let name = lb_common::MAP_FLOOD_STATE;
-        let Ok(map) = self.map(name) else {
-            return Ok(0);
-        };
-        let a: PerCpuArray<_, lb_common::FloodState> =
-            PerCpuArray::try_from(map).map_err(map_err(name))?;
-        Ok(a.get(&0, 0)
-            .map_err(map_err(name))?
-            .iter()
-            .map(|s| s.unrecorded)
-            .sum())
     }
 
     /// Adds `ifindex` as a redirect target.
@@ -786,70 +504,5 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         let mut m: HashMap<_, [u8; 16], u32> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         m.insert(addr, 1, 0).map_err(map_err(name))
-    }
-
-    fn sum_counters(&self, name: &'static str, count: u32) -> Result<Vec<u64>> {
-        let a: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
-        // A datapath built before a reason was added (a pinned map adopted
-        // across an upgrade, or the A side of an A/B benchmark) has fewer
-        // slots: the reasons it cannot count read as 0.
-        let slots = a.len().min(count);
-        (0..count)
-            .map(|i| {
-                if i < slots {
-                    a.get(&i, 0).map(|v| v.iter().sum()).map_err(map_err(name))
-                } else {
-                    Ok(0)
-                }
-            })
-            .collect()
-    }
-
-    /// Verdict counters of the balancer, summed over CPUs, by `verdict::*` index.
-    pub fn verdicts(&self) -> Result<Vec<u64>> {
-        self.sum_counters(lb_common::MAP_VERDICTS, verdict::COUNT)
-    }
-
-    /// Verdict counters of the decap program, by `decap_verdict::*` index.
-    pub fn decap_verdicts(&self) -> Result<Vec<u64>> {
-        self.sum_counters(lb_common::MAP_DECAP_VERDICTS, decap_verdict::COUNT)
-    }
-
-    fn traffic(&self, name: &'static str, id: u32) -> Result<Traffic> {
-        let a: PerCpuArray<_, Traffic> =
-            PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
-        let per_cpu = a.get(&id, 0).map_err(map_err(name))?;
-        Ok(per_cpu.iter().fold(Traffic::default(), |acc, t| Traffic {
-            packets: acc.packets + t.packets,
-            bytes: acc.bytes + t.bytes,
-            new_flows: acc.new_flows + t.new_flows,
-        }))
-    }
-
-    /// Packets, bytes and new flows of a VIP, summed over CPUs.
-    pub fn vip_traffic(&self, vip_id: u32) -> Result<Traffic> {
-        self.traffic(lb_common::MAP_VIP_STATS, vip_id)
-    }
-
-    /// Packets, bytes and new flows of a backend, summed over CPUs.
-    pub fn backend_traffic(&self, id: u32) -> Result<Traffic> {
-        self.traffic(lb_common::MAP_BACKEND_STATS, id)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn region_mirror_key_clears_bits_past_the_prefix() {
-        let mut a = [0xffu8; 16];
-        a[4..].fill(0);
-        let (_, k, _) = region_mirror_key(7, a, 20);
-        assert_eq!(&k[..4], &[0xff, 0xff, 0xf0, 0]);
-        assert_eq!(region_mirror_key(7, a, 32).1, a);
-        assert_eq!(region_mirror_key(7, a, 0).1, [0u8; 16]);
-        assert_eq!(region_mirror_key(7, [0xff; 16], 128).1, [0xff; 16]);
     }
 }

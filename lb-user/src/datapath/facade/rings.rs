@@ -1,0 +1,151 @@
+//! The rings' side of the facade: `RINGS` slots allocated per VIP (two
+//! halves each), written in one batch, flipped by the VIP entry's
+//! `active_half` (see the facade's module documentation), and read back.
+
+use std::borrow::BorrowMut;
+
+use aya::{Ebpf, maps::Array};
+use lb_common::{MAX_RING_SIZE, VipKey, ring_base};
+
+use super::{BatchAttr, Dataplane, DataplaneError, Result, bpf_batch, map_err};
+
+impl<E: BorrowMut<Ebpf>> Dataplane<E> {
+    /// `RINGS` ranges in use: every VIP's and region's two halves, sorted.
+    pub(super) fn ring_ranges(&mut self) -> Result<Vec<(u64, u64)>> {
+        let m = self.mirror()?;
+        let mut used: Vec<(u64, u64)> = m
+            .vips
+            .values()
+            .map(|v| (v.ring_offset, v.ring_size))
+            .chain(m.regions.values().map(|r| (r.ring_offset, r.ring_size)))
+            .filter(|&(_, size)| size > 0)
+            .map(|(off, size)| (u64::from(off), 2 * u64::from(size)))
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        Ok(used)
+    }
+
+    /// The offset of a free range for a ring of `size` slots per half
+    /// (first fit). The range a ring is being moved away from stays in use
+    /// until the update that moves it, so old and new never overlap.
+    pub(super) fn alloc_ring(&mut self, size: u32) -> Result<u32> {
+        let need = 2 * u64::from(size);
+        let capacity = self.mirror()?.capacity.ring_slots;
+        let used = self.ring_ranges()?;
+        let mut at = 0u64;
+        for &(off, len) in &used {
+            if off >= at + need {
+                break;
+            }
+            at = at.max(off + len);
+        }
+        if at + need > u64::from(capacity) {
+            return Err(DataplaneError::RingsFull {
+                need,
+                capacity,
+                used: used.iter().map(|r| r.1).sum(),
+            });
+        }
+        Ok(at as u32)
+    }
+
+    /// Writes `table` into `RINGS` from slot `base`: one batched update
+    /// (a 65,537-slot ring was 65,537 syscalls), slot by slot where the
+    /// kernel has no batch operation for arrays.
+    pub(super) fn write_rings(&mut self, base: u32, table: &[u32]) -> Result<()> {
+        let name = lb_common::MAP_RINGS;
+        let mut rings: Array<_, u32> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let keys: Vec<u32> = (0..table.len() as u32).map(|i| base + i).collect();
+        {
+            use std::os::fd::{AsFd as _, AsRawFd as _};
+            let fd = aya::maps::IterableMap::<u32, u32>::map(&rings)
+                .fd()
+                .as_fd()
+                .as_raw_fd();
+            if update_batch_u32(fd, &keys, table).is_ok() {
+                return Ok(());
+            }
+        }
+        for (k, id) in keys.iter().zip(table) {
+            rings.set(*k, id, 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// Installs a Maglev table for the VIP: fills the idle half, then flips
+    /// the VIP to it in one update. The table's length is the ring size; a
+    /// new size (or a VIP's first ring) gets a range of its own, written
+    /// before the one update that moves the VIP onto it.
+    pub fn install_ring(&mut self, key: &VipKey, table: &[u32]) -> Result<()> {
+        if table.is_empty() || table.len() > MAX_RING_SIZE as usize {
+            return Err(DataplaneError::BadRingSize {
+                size: table.len(),
+                max: MAX_RING_SIZE,
+            });
+        }
+        let n = table.len() as u32;
+        let mut meta = self.vip(key)?;
+        let (offset, half) = if meta.ring_size == n {
+            (meta.ring_offset, meta.active_half ^ 1)
+        } else {
+            (self.alloc_ring(n)?, 0)
+        };
+        self.write_rings(ring_base(offset, n, half), table)?;
+        meta.ring_offset = offset;
+        meta.active_half = half;
+        meta.ring_size = n;
+        self.put_vip(key, meta)
+    }
+
+    /// The VIP's live ring, as the datapath reads it.
+    pub fn ring(&mut self, key: &VipKey) -> Result<Vec<u32>> {
+        let meta = self.vip(key)?;
+        let base = ring_base(meta.ring_offset, meta.ring_size, meta.active_half);
+        let name = lb_common::MAP_RINGS;
+        let rings: Array<_, u32> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
+        (0..meta.ring_size)
+            .map(|i| rings.get(&(base + i), 0).map_err(map_err(name)))
+            .collect()
+    }
+
+    /// The backend id in slot `slot` of the VIP's active ring.
+    pub fn ring_slot(&mut self, key: &VipKey, slot: u32) -> Result<u32> {
+        let meta = self.vip(key)?;
+        let name = lb_common::MAP_RINGS;
+        let rings: Array<_, u32> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
+        rings
+            .get(
+                &(ring_base(meta.ring_offset, meta.ring_size, meta.active_half) + slot),
+                0,
+            )
+            .map_err(map_err(name))
+    }
+}
+
+/// `BPF_MAP_UPDATE_BATCH` of `keys[i] → values[i]` on a map of u32 keys and
+/// values. Partial failure is reported; the caller then writes slot by slot.
+pub(super) fn update_batch_u32(fd: i32, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    assert_eq!(keys.len(), values.len());
+    let mut done = 0;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: (keys.len() - done) as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: the attr points at live key and value buffers of `count`
+        // u32s each, matching the map's key and value sizes; the kernel
+        // writes back only `count`.
+        unsafe { bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr) }?;
+        if attr.count == 0 {
+            return Err(std::io::Error::other("batch update made no progress"));
+        }
+        done += attr.count as usize;
+    }
+    Ok(())
+}
