@@ -37,7 +37,7 @@ pub(super) fn reload(shared: &Shared) -> Result<()> {
 /// Refuses, before anything changes, an `agent.*` setting the running
 /// agent cannot take on, at the place in the file that sets it.
 fn check_settings(old: &config::Agent, new: &config::Agent, text: &str, file: &str) -> Result<()> {
-    match super::reconcile::plan_settings(old, new) {
+    match super::plan::plan_settings(old, new) {
         Ok(_) => Ok(()),
         Err(r) => Err(config::error_at_key(
             text,

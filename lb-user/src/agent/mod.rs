@@ -30,6 +30,7 @@ pub mod logging;
 mod metrics;
 mod nexthop;
 mod node;
+mod plan;
 mod reconcile;
 mod state;
 mod views;
