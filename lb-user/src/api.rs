@@ -34,6 +34,11 @@ pub enum Request {
         vip: VipRef,
         client: std::net::SocketAddr,
     },
+    /// What an edit would do to a VIP's ring and its flows, without making
+    /// it (`lb explain --what-if`).
+    WhatIf {
+        edit: Edit,
+    },
     /// Withdraw every VIP announcement (the node keeps forwarding).
     NodeDrain,
     /// Announce again what this node can serve.
@@ -48,6 +53,48 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default)]
     pub data: serde_json::Value,
+}
+
+/// `lb explain --what-if`: a prediction, nothing changed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WhatIfInfo {
+    pub vip: VipRef,
+    pub ring_size_before: u32,
+    pub ring_size_after: u32,
+    /// Share of new flows (of the hash space) that would reach another
+    /// backend than today.
+    pub new_flows_moved: f64,
+    /// Ring slots that would change (rings of one size only).
+    pub slots_moved: Option<u64>,
+    /// Ring slots per backend, now and after the edit.
+    pub backends: Vec<BackendSlots>,
+    /// Whether the VIP keeps a connection table (else every flow follows
+    /// the ring).
+    pub flow_table: bool,
+    pub flows: WhatIfFlows,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackendSlots {
+    pub address: std::net::IpAddr,
+    pub slots_before: u64,
+    pub slots_after: u64,
+}
+
+/// The VIP's established flows in the connection table, sorted by what the
+/// edit would do to them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WhatIfFlows {
+    pub total: u64,
+    /// The ring would send them elsewhere, but their entry keeps them on
+    /// their backend.
+    pub protected: u64,
+    /// Their backend leaves (removed): scheduled again by the new ring.
+    pub rescheduled: u64,
+    /// The new ring sends them where they are.
+    pub unaffected: u64,
+    /// Where the rescheduled flows would go: (backend address, flows).
+    pub rescheduled_to: Vec<(String, u64)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -2026,3 +2026,101 @@ fn dashboard_metrics() -> Vec<(String, Vec<String>)> {
         })
         .collect()
 }
+
+/// `lb explain --what-if` predicts what an edit does before it is made:
+/// the prediction for removing a backend names the ring the removal then
+/// installs, slot for slot per backend (read back from the datapath after
+/// the change), sorts the VIP's established flows (those on the removed
+/// backend rescheduled, the rest kept), and changes nothing by itself.
+#[test]
+fn what_if_predicts_the_ring_an_edit_installs() {
+    let d = dc("agw", 3).expect("dc");
+    let _srv = servers(&d);
+    let agent = Agent::start("agw", &d, 3);
+    let t = traffic(&d, 30, Duration::ZERO);
+    assert!(t.iter().all(|(_, r)| r.is_ok()), "traffic: {t:?}");
+    let vip = "198.18.0.100:8080";
+    let gone = backend_addr(3);
+    let predict = |edit: String| -> serde_json::Value {
+        let out = agent
+            .cli(&["explain", "--what-if", &edit, "--json"])
+            .unwrap_or_else(|e| panic!("what-if {edit}: {e}"));
+        serde_json::from_str(&out).expect("JSON")
+    };
+    let slots = |w: &serde_json::Value, field: &str| -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = w["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .map(|b| {
+                (
+                    b["address"].as_str().expect("address").to_string(),
+                    b[field].as_u64().expect("slots"),
+                )
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        v.sort();
+        v
+    };
+    let p = predict(format!("backend remove {vip} {gone}"));
+    println!("prediction: {p:#}");
+    let before = slots(&p, "slots_before");
+    let after = slots(&p, "slots_after");
+    assert_eq!(
+        before.len(),
+        3,
+        "three backends in the ring now: {before:?}"
+    );
+    assert!(
+        after.iter().all(|(a, _)| *a != gone) && after.len() == 2,
+        "{gone} leaves the ring: {after:?}"
+    );
+    let f = &p["flows"];
+    let n = |k: &str| f[k].as_u64().expect(k);
+    assert!(
+        n("total") >= 30,
+        "the requests' flows are in the table: {f}"
+    );
+    assert_eq!(
+        n("rescheduled") + n("protected") + n("unaffected"),
+        n("total"),
+        "{f}"
+    );
+    assert!(n("rescheduled") > 0, "flows on {gone} are rescheduled: {f}");
+    // As a person reads it.
+    let text = agent
+        .cli(&[
+            "explain",
+            "--what-if",
+            &format!("backend remove {vip} {gone}"),
+        ])
+        .expect("what-if");
+    println!("{text}");
+    assert!(
+        text.contains(&format!(
+            "prediction (nothing changed): removed {gone} from {vip}"
+        )) && text.contains(&format!("{} would be rescheduled", n("rescheduled"))),
+        "{text}"
+    );
+    // Nothing changed: the backend is still there.
+    let listed = agent.cli(&["backend", "list", "--json"]).expect("list");
+    assert!(listed.contains(&gone), "{listed}");
+
+    agent
+        .cli(&["backend", "remove", vip, &gone])
+        .expect("remove");
+    // The ring the datapath holds now (a prediction's "now" reads it back).
+    let b1 = backend_addr(1);
+    let now = predict(format!("backend weight {vip} {b1} 1"));
+    assert_eq!(
+        slots(&now, "slots_before"),
+        after,
+        "the installed ring is the one predicted"
+    );
+    // An edit it does not predict is refused with what it takes.
+    let err = agent
+        .cli(&["explain", "--what-if", &format!("vip remove {vip}")])
+        .expect_err("vip remove is no prediction");
+    assert!(err.contains("--what-if"), "{err}");
+}

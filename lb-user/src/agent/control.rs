@@ -180,6 +180,7 @@ pub(super) fn handle(shared: &Shared, req: Request) -> Result<serde_json::Value>
             serde_json::Value::Null
         }
         Request::Explain { vip, client } => to_value(lock(shared)?.explain(&vip, client)?)?,
+        Request::WhatIf { edit } => to_value(lock(shared)?.what_if(&edit)?)?,
         Request::NodeDrain => {
             lock(shared)?.set_drained(true)?;
             serde_json::Value::Null

@@ -34,6 +34,7 @@ mod plan;
 mod reconcile;
 mod state;
 mod views;
+mod what_if;
 
 // The submodules split one type's work by concern (`impl State` blocks in
 // several files); each names what it uses from the others, and from here,

@@ -123,11 +123,24 @@ pub(super) enum Cmd {
     },
     /// Which backend a client's connection to a VIP goes to now, and why
     /// (connection table, or the Maglev ring slot of its hash), from the
-    /// live maps: `lb explain 198.18.0.100:80 198.19.4.7:51234`.
+    /// live maps: `lb explain 198.18.0.100:80 198.19.4.7:51234`. Or, with
+    /// `--what-if`, what an edit would do before it is made: `lb explain
+    /// --what-if 'backend drain 198.18.0.100:80 198.18.0.31'`.
     Explain {
-        vip: VipRef,
+        /// The VIP (with CLIENT).
+        #[arg(required_unless_present = "what_if")]
+        vip: Option<VipRef>,
         /// The client's ADDRESS:PORT (IPv6 in brackets).
-        client: std::net::SocketAddr,
+        #[arg(required_unless_present = "what_if")]
+        client: Option<std::net::SocketAddr>,
+        /// An edit, written as the `lb` command that would make it (`backend
+        /// add|remove|drain|undrain|weight ...` or `vip set VIP
+        /// ring_size=N`): the VIP's ring after it, the share of new flows that
+        /// would move and to which backends, and the VIP's established flows
+        /// the connection table protects or that would be rescheduled.
+        /// Nothing is changed.
+        #[arg(long, value_name = "EDIT", conflicts_with_all = ["vip", "client"])]
+        what_if: Option<String>,
         #[command(flatten)]
         conn: Conn,
     },

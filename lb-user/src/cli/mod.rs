@@ -72,7 +72,18 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Cmd::Node { cmd, conn } => node(cmd, &conn),
-        Cmd::Explain { vip, client, conn } => {
+        Cmd::Explain {
+            vip,
+            client,
+            what_if,
+            conn,
+        } => {
+            if let Some(text) = what_if {
+                return what_if_cmd(&text, &conn);
+            }
+            let (Some(vip), Some(client)) = (vip, client) else {
+                bail!("lb explain needs VIP and CLIENT, or --what-if EDIT");
+            };
             let v = api::call(&conn.socket, &Request::Explain { vip, client })?;
             if conn.json {
                 return print_json(&v);
@@ -386,16 +397,27 @@ fn vip(cmd: VipCmd, conn: &Conn) -> Result<()> {
 }
 
 fn backend(cmd: BackendCmd, conn: &Conn) -> Result<()> {
-    let (req, what) = match cmd {
-        BackendCmd::List { vip } => {
-            let v = api::call(&conn.socket, &Request::BackendList { vip })?;
-            if conn.json {
-                return print_json(&v);
-            }
-            let list: Vec<BackendInfo> = serde_json::from_value(v)?;
-            backend_list(&list);
-            return Ok(());
+    if let BackendCmd::List { vip } = cmd {
+        let v = api::call(&conn.socket, &Request::BackendList { vip })?;
+        if conn.json {
+            return print_json(&v);
         }
+        let list: Vec<BackendInfo> = serde_json::from_value(v)?;
+        backend_list(&list);
+        return Ok(());
+    }
+    let Some((req, what)) = backend_edit(cmd) else {
+        return Ok(());
+    };
+    api::call(&conn.socket, &Request::Edit(req))?;
+    done(conn, what)
+}
+
+/// The edit a `lb backend` command makes, and how it is reported once made
+/// (`None`: `list`, which edits nothing).
+fn backend_edit(cmd: BackendCmd) -> Option<(Edit, String)> {
+    Some(match cmd {
+        BackendCmd::List { .. } => return None,
         BackendCmd::Add {
             vip,
             address,
@@ -448,9 +470,46 @@ fn backend(cmd: BackendCmd, conn: &Conn) -> Result<()> {
             },
             format!("weight of {address} in {vip} is now {weight}"),
         ),
+    })
+}
+
+/// `lb explain --what-if EDIT`: `EDIT` is parsed as the `lb` command that
+/// would make the change, and the agent predicts it.
+fn what_if_cmd(text: &str, conn: &Conn) -> Result<()> {
+    let words = std::iter::once("lb").chain(text.split_whitespace());
+    let usage = "--what-if takes a backend edit (`backend add|remove|drain|undrain|weight VIP ADDRESS ...`) \
+                 or `vip set VIP ring_size=N`";
+    let cli = Cli::try_parse_from(words).map_err(|e| {
+        let first = e.to_string().lines().next().unwrap_or_default().to_string();
+        anyhow::anyhow!("--what-if '{text}': {first}\n{usage}")
+    })?;
+    let (edit, what) = match cli.cmd {
+        Cmd::Backend { cmd, .. } => {
+            backend_edit(cmd).ok_or_else(|| anyhow::anyhow!("`{text}` edits nothing; {usage}"))?
+        }
+        Cmd::Vip {
+            cmd: VipCmd::Set { vip, settings },
+            ..
+        } => {
+            let what = format!(
+                "VIP {vip}: {}",
+                settings
+                    .iter()
+                    .map(|(k, v)| format!("{k} = {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            (Edit::VipSet { vip, settings }, what)
+        }
+        _ => bail!("`{text}` is no edit --what-if predicts; {usage}"),
     };
-    api::call(&conn.socket, &Request::Edit(req))?;
-    done(conn, what)
+    let v = api::call(&conn.socket, &Request::WhatIf { edit })?;
+    if conn.json {
+        return print_json(&v);
+    }
+    let w: api::WhatIfInfo = serde_json::from_value(v)?;
+    render::what_if(&w, &what);
+    Ok(())
 }
 
 fn stats(watch: bool, conn: &Conn) -> Result<()> {

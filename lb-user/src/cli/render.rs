@@ -4,7 +4,7 @@
 use anyhow::Result;
 use lb_common::verdict;
 
-use crate::api::{BackendInfo, ExplainInfo, StatsInfo, StatusInfo, VipInfo};
+use crate::api::{BackendInfo, ExplainInfo, StatsInfo, StatusInfo, VipInfo, WhatIfInfo};
 
 use super::args::Conn;
 
@@ -237,5 +237,48 @@ pub(super) fn backend_list(list: &[BackendInfo]) {
                 "unresolved"
             }
         );
+    }
+}
+
+/// `lb explain --what-if`.
+pub(super) fn what_if(w: &WhatIfInfo, what: &str) {
+    println!("prediction (nothing changed): {what}");
+    let size = if w.ring_size_before == w.ring_size_after {
+        format!("{}", w.ring_size_after)
+    } else {
+        format!("{} → {}", w.ring_size_before, w.ring_size_after)
+    };
+    let slots = w
+        .slots_moved
+        .map(|n| format!("{n} of {} slots", w.ring_size_before))
+        .unwrap_or_else(|| "sampled hashes".into());
+    println!(
+        "  new flows        {:.1} % would reach another backend ({slots}; ring {size})",
+        100.0 * w.new_flows_moved
+    );
+    println!(
+        "  {:<40} {:>12} {:>12}",
+        "BACKEND", "SLOTS NOW", "SLOTS AFTER"
+    );
+    for b in &w.backends {
+        println!(
+            "  {:<40} {:>12} {:>12}",
+            b.address.to_string(),
+            b.slots_before,
+            b.slots_after
+        );
+    }
+    if !w.flow_table {
+        println!("  established      no connection table: every flow follows the new ring");
+        return;
+    }
+    let f = &w.flows;
+    println!(
+        "  established      {} flows in the table: {} keep their backend (the ring agrees), \
+         {} are kept by the table (the ring would move them), {} would be rescheduled",
+        f.total, f.unaffected, f.protected, f.rescheduled
+    );
+    for (to, n) in &f.rescheduled_to {
+        println!("    {n} rescheduled to {to}");
     }
 }
