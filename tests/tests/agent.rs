@@ -2124,3 +2124,116 @@ fn what_if_predicts_the_ring_an_edit_installs() {
         .expect_err("vip remove is no prediction");
     assert!(err.contains("--what-if"), "{err}");
 }
+
+/// The status page in a real browser: headless Chromium loads it from the
+/// agent (`agent.metrics_listen`, in the balancer's namespace), lets its
+/// script poll `/status.json`, and the DOM it leaves names every backend
+/// `up`; a backend whose server is killed is `down` on the page as soon as
+/// the agent has marked it so (within the failover bound). Screenshots at
+/// desktop and phone width go to `target/screenshots/` for a person to
+/// look at.
+#[test]
+fn the_status_page_shows_a_killed_backend_down_in_a_browser() {
+    let d = dc("agp", 3).expect("dc");
+    let mut srv = servers(&d);
+    let agent = Agent::start("agp", &d, 3);
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
+    std::fs::create_dir_all(&shots).expect("screenshot directory");
+    let profile = std::env::temp_dir().join(format!("lb-chromium-{}", std::process::id()));
+    // Chromium in the balancer's namespace (the page's address is there),
+    // bounded in time; its stderr (GPU and D-Bus notices) is not the test's.
+    let browse = |extra: &[String]| -> String {
+        let out = Command::new("timeout")
+            .args(["60", "ip", "netns", "exec", &d.lb.name, "chromium"])
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--virtual-time-budget=4000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(extra)
+            .arg("http://127.0.0.1:9100/")
+            .output()
+            .expect("chromium (cargo xtask setup installs it)");
+        assert!(
+            out.status.success(),
+            "chromium failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    // The state cell of a backend's row in the DOM Chromium leaves.
+    let state_of = |dom: &str, addr: &str| -> Option<String> {
+        let row = &dom[dom.find(&format!("data-backend=\"{addr}\""))?..];
+        let row = &row[..row.find("</tr>")?];
+        let cls = &row[row.find("class=\"state ")? + "class=\"state ".len()..];
+        Some(cls[..cls.find('"')?].to_string())
+    };
+    let refreshes = |dom: &str| -> u32 {
+        dom.find("data-refreshes=\"")
+            .and_then(|i| {
+                let rest = &dom[i + "data-refreshes=\"".len()..];
+                rest[..rest.find('"')?].parse().ok()
+            })
+            .unwrap_or(0)
+    };
+
+    let dom = browse(&["--dump-dom".to_string()]);
+    for i in 1..=3 {
+        assert_eq!(
+            state_of(&dom, &backend_addr(i)).as_deref(),
+            Some("up"),
+            "backend {i} up on the page:\n{dom}"
+        );
+    }
+    assert!(
+        refreshes(&dom) >= 2,
+        "the page polls the agent (refreshes {}):\n{dom}",
+        refreshes(&dom)
+    );
+    assert!(dom.contains("198.18.0.100:8080/tcp"), "the VIP is listed");
+    browse(&[
+        format!("--screenshot={}", shots.join("status-page.png").display()),
+        "--window-size=1280,720".to_string(),
+    ]);
+
+    // Kill b2's server: down in the agent within the failover bound, and
+    // then on the page.
+    let t_kill = Instant::now();
+    srv[1].stop();
+    let b2 = backend_addr(2);
+    while agent
+        .backends()
+        .iter()
+        .any(|b| b.address.to_string() == b2 && b.state != BackendState::Down)
+    {
+        assert!(
+            t_kill.elapsed() < Duration::from_secs(2),
+            "b2 is marked down within the failover bound"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dom = browse(&["--dump-dom".to_string()]);
+    println!(
+        "killed → page shows it: {:?} (agent, then a browser load)",
+        t_kill.elapsed()
+    );
+    assert_eq!(state_of(&dom, &b2).as_deref(), Some("down"), "{dom}");
+    assert_eq!(state_of(&dom, &backend_addr(1)).as_deref(), Some("up"));
+    browse(&[
+        format!(
+            "--screenshot={}",
+            shots.join("status-page-phone.png").display()
+        ),
+        "--window-size=390,844".to_string(),
+    ]);
+    for f in ["status-page.png", "status-page-phone.png"] {
+        let len = std::fs::metadata(shots.join(f))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert!(len > 10_000, "a screenshot {f} of the page ({len} bytes)");
+    }
+    let _ = std::fs::remove_dir_all(&profile);
+}

@@ -84,6 +84,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     // `man -l` renders the generated manual pages in the tests.
     ("man", "man-db"),
+    // Headless browser for the status page's test.
+    ("chromium", "chromium"),
 ];
 
 fn main() -> Result<()> {
@@ -360,7 +362,12 @@ fn setup() -> Result<()> {
         .with_context(|| format!("installing bpf-linker failed; try: {fix}"))?;
     }
     eprintln!(
-        "    ok: toolchain 1.95.0, nightly (LLVM {llvm}) + rust-src, bpf-linker {BPF_LINKER_VERSION}, llvm-{LLVM_MAJOR}, iproute2, ethtool, bird2, redis-server ({:.1} s)",
+        "    ok: toolchain 1.95.0, nightly (LLVM {llvm}) + rust-src, bpf-linker {BPF_LINKER_VERSION}, llvm-{LLVM_MAJOR}, {} ({:.1} s)",
+        APT_PACKAGES
+            .iter()
+            .map(|(_, p)| *p)
+            .collect::<Vec<_>>()
+            .join(", "),
         t0.elapsed().as_secs_f64()
     );
     Ok(())

@@ -1,9 +1,11 @@
 //! Prometheus `/metrics`, built with `prometheus-client` and served by
-//! `axum`. Two kinds of metric: what the agent observes as it happens
-//! ([`AgentMetrics`]: health-probe durations, health transitions) and what
-//! the datapath counts, read from its maps at each scrape
-//! ([`DatapathCollector`]). Names follow Prometheus conventions: counters
-//! end in `_total`, durations are in seconds, bytes in bytes.
+//! `axum`, beside the status page (`/`, a page embedded in the binary, and
+//! the `/status.json` it polls every second). Two kinds of metric: what the
+//! agent observes as it happens ([`AgentMetrics`]: health-probe durations,
+//! health transitions) and what the datapath counts, read from its maps at
+//! each scrape ([`DatapathCollector`]). Names follow Prometheus
+//! conventions: counters end in `_total`, durations are in seconds, bytes
+//! in bytes.
 
 use std::fmt;
 
@@ -204,9 +206,15 @@ impl Collector for DatapathCollector {
 }
 
 /// Serves `GET /metrics` (and 404 elsewhere) until the agent stops.
-pub(super) async fn serve_metrics(listener: tokio::net::TcpListener, registry: Arc<Registry>) {
+pub(super) async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+    shared: Shared,
+) {
     use axum::{extract::State as Shared_, http::StatusCode, response::IntoResponse, routing::get};
-    async fn scrape(Shared_(reg): Shared_<Arc<Registry>>) -> axum::response::Response {
+    async fn scrape(
+        Shared_((reg, _)): Shared_<(Arc<Registry>, Shared)>,
+    ) -> axum::response::Response {
         // Off the async workers: the collector takes the state lock.
         let body = tokio::task::spawn_blocking(move || {
             let mut s = String::new();
@@ -225,10 +233,44 @@ pub(super) async fn serve_metrics(listener: tokio::net::TcpListener, registry: A
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n").into_response(),
         }
     }
+    /// What the status page shows, in one answer: `lb status`, `lb vip
+    /// list`, `lb health` (the backends) and `lb stats`.
+    async fn status_json(
+        Shared_((_, shared)): Shared_<(Arc<Registry>, Shared)>,
+    ) -> axum::response::Response {
+        // Off the async workers: the views take the state lock and read maps.
+        let body = tokio::task::spawn_blocking(move || -> anyhow::Result<serde_json::Value> {
+            let mut s = shared
+                .lock()
+                .map_err(|_| anyhow::anyhow!("the agent's state lock is poisoned"))?;
+            Ok(serde_json::json!({
+                "status": s.status(),
+                "vips": s.vip_list(),
+                "backends": s.backend_list(None),
+                "stats": s.stats()?,
+            }))
+        })
+        .await;
+        match body {
+            // axum's `json` feature is off: the body is serialized here.
+            Ok(Ok(v)) => (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                v.to_string(),
+            )
+                .into_response(),
+            Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
+            Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "status failed\n").into_response(),
+        }
+    }
+    async fn page() -> axum::response::Html<&'static str> {
+        axum::response::Html(include_str!("status.html"))
+    }
     let app = axum::Router::new()
+        .route("/", get(page))
+        .route("/status.json", get(status_json))
         .route("/metrics", get(scrape))
-        .fallback(|| async { (StatusCode::NOT_FOUND, "try /metrics\n") })
-        .with_state(registry);
+        .fallback(|| async { (StatusCode::NOT_FOUND, "try / (status page) or /metrics\n") })
+        .with_state((registry, shared));
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "metrics server stopped");
     }

@@ -330,8 +330,8 @@ pub async fn run_until(
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding metrics on {addr}"))?;
-        tracing::info!(url = %format!("http://{addr}/metrics"), "serving Prometheus metrics");
-        tokio::spawn(serve_metrics(l, registry(&shared, metrics)));
+        tracing::info!(url = %format!("http://{addr}/metrics"), status_page = %format!("http://{addr}/"), "serving Prometheus metrics and the status page");
+        tokio::spawn(serve_metrics(l, registry(&shared, metrics), shared.clone()));
     }
     let lc_shared = shared.clone();
     // The NAT sweep reads the whole NAT table: through a handle of its own,
