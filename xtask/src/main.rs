@@ -106,7 +106,7 @@ fn main() -> Result<()> {
             let root = root()?;
             dist(&root)?;
             step("Debian package (dpkg-deb)");
-            let deb = package::build(&root, &root.join("target/dist/lb"))?;
+            let deb = package::build(&root, &root.join("target/dist/lb"), false)?;
             println!("wrote {} (install: dpkg -i; see README)", deb.display());
             Ok(())
         }
