@@ -87,7 +87,107 @@ fn build_object(dir: &Path, target: &Path) -> Result<PathBuf> {
     bail!("cargo did not report lb-user's build output")
 }
 
-pub fn against(root: &Path, rev: &str, pairs: usize, json_out: bool) -> Result<()> {
+/// What `--record` adds to the A/B history with the run's numbers.
+pub struct Record {
+    pub change: String,
+    pub kept: String,
+}
+
+/// The A/B history the tool writes: one JSON object per line.
+pub const HISTORY_JSONL: &str = "report/ab-history.jsonl";
+
+/// The short commit `rev` names (and "+changes" for a dirty working tree
+/// when `rev` is `HEAD` of the tree B is).
+fn short(root: &Path, rev: &str, dirty_mark: bool) -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .current_dir(root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let c = git(&["rev-parse", "--short=7", rev]).unwrap_or_else(|| rev.to_string());
+    let dirty = dirty_mark
+        && git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    if dirty { format!("{c}+changes") } else { c }
+}
+
+/// Appends a run to the history (see [`HISTORY_JSONL`]).
+fn append_history(
+    root: &Path,
+    rev: &str,
+    pairs: usize,
+    rec: &Record,
+    rows: &[Value],
+) -> Result<()> {
+    use std::io::Write as _;
+    let date = Command::new("date")
+        .arg("+%F")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let entry = serde_json::json!({
+        "date": date,
+        "a": short(root, rev, false),
+        "b": short(root, "HEAD", true),
+        "pairs": pairs,
+        "change": rec.change,
+        "kept": rec.kept,
+        "cases": rows,
+    });
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(HISTORY_JSONL);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "{entry}")?;
+    step(&format!(
+        "recorded in {} (`cargo xtask bench report` renders BENCHMARKS.md)",
+        path.display()
+    ));
+    Ok(())
+}
+
+/// A history row (Markdown) for one recorded run: every case's B/A, the
+/// median of its per-pair ratios with their range.
+pub fn history_row(e: &Value) -> String {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let cases: Vec<String> = e["cases"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            format!(
+                "{} {:.2} ({:.2}–{:.2})",
+                c["case"].as_str().unwrap_or("?"),
+                f(&c["pair_median"]),
+                f(&c["pair_min"]),
+                f(&c["pair_max"])
+            )
+        })
+        .collect();
+    format!(
+        "| {} | {} | {} | recorded by the tool: B = {} against A = {} ({} pairs): {} |",
+        e["date"].as_str().unwrap_or("?"),
+        e["change"].as_str().unwrap_or("?").replace('|', "\\|"),
+        e["kept"].as_str().unwrap_or("?"),
+        e["b"].as_str().unwrap_or("?"),
+        e["a"].as_str().unwrap_or("?"),
+        e["pairs"],
+        cases.join("; ")
+    )
+}
+
+pub fn against(
+    root: &Path,
+    rev: &str,
+    pairs: usize,
+    json_out: bool,
+    record: Option<Record>,
+) -> Result<()> {
     let target = root.join("target");
     let wt = std::env::temp_dir().join(format!("lb-ab-{}", std::process::id()));
     step(&format!(
@@ -148,6 +248,9 @@ pub fn against(root: &Path, rev: &str, pairs: usize, json_out: bool) -> Result<(
                 "the A/B run failed (A's object must be compatible with this tree's maps; \
                  a revision that changed map layouts cannot be compared this way)"
             );
+        }
+        if let Some(rec) = &record {
+            append_history(root, rev, pairs, rec, &rows)?;
         }
         if json_out {
             println!(

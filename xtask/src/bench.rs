@@ -546,10 +546,33 @@ fn markdown(r: &Value) -> String {
     if let Ok(h) =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("report/ab-history.md"))
     {
+        let recorded = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(crate::ab::HISTORY_JSONL),
+        )
+        .unwrap_or_default();
         o.push('\n');
-        o.push_str(&h);
+        o.push_str(&with_recorded_rows(&h, &recorded));
     }
     o
+}
+
+/// The hand-kept history (`ab-history.md`) with the rows the A/B tool
+/// recorded (`ab-history.jsonl`, one run per line) after its table's last
+/// row.
+fn with_recorded_rows(md: &str, jsonl: &str) -> String {
+    let rows: Vec<String> = jsonl
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|e| crate::ab::history_row(&e))
+        .collect();
+    let lines: Vec<&str> = md.lines().collect();
+    let Some(last) = lines.iter().rposition(|l| l.starts_with('|')) else {
+        return md.to_string();
+    };
+    let mut out: Vec<String> = lines[..=last].iter().map(|l| l.to_string()).collect();
+    out.extend(rows);
+    out.extend(lines[last + 1..].iter().map(|l| l.to_string()));
+    out.join("\n") + "\n"
 }
 
 fn met(ok: bool) -> &'static str {
@@ -964,6 +987,20 @@ fn label_at(x: f64, name: impl Fn(usize) -> Option<String>) -> String {
 #[cfg(test)]
 mod readme_tests {
     use super::*;
+
+    #[test]
+    fn recorded_ab_runs_render_as_history_rows_after_the_table() {
+        let md = "intro\n\n| date | change | kept | B/A |\n|---|---|---|---|\n| 2026-12-04 | old | yes | 0.9 |\n\nA note after.\n";
+        let jsonl = r#"{"date":"2026-12-05","a":"abc1234","b":"def5678+changes","pairs":25,"change":"a change | with a bar","kept":"no","cases":[{"case":"established IPv4 TCP dsr","pair_median":0.96,"pair_min":0.8,"pair_max":1.35}]}"#;
+        let out = with_recorded_rows(md, jsonl);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[4], "| 2026-12-04 | old | yes | 0.9 |");
+        assert_eq!(
+            lines[5],
+            "| 2026-12-05 | a change \\| with a bar | no | recorded by the tool: B = def5678+changes against A = abc1234 (25 pairs): established IPv4 TCP dsr 0.96 (0.80–1.35) |"
+        );
+        assert_eq!(lines[7], "A note after.");
+    }
 
     #[test]
     fn readme_figures_are_rendered_and_a_typed_one_is_caught() {

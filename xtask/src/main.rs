@@ -65,6 +65,15 @@ enum Cmd {
         /// Pairs of interleaved runs per case for `--against`.
         #[arg(long, default_value_t = 25)]
         pairs: usize,
+        /// `--against` only: append this run to the A/B history
+        /// (`xtask/report/ab-history.jsonl`, rendered into BENCHMARKS.md by
+        /// `cargo xtask bench report`) as the change it measured.
+        #[arg(long, value_name = "CHANGE", requires = "against")]
+        record: Option<String>,
+        /// With `--record`: whether the change was kept, and why (e.g.
+        /// "yes", "no", "yes (structure)").
+        #[arg(long, default_value = "yes", requires = "record")]
+        kept: String,
     },
 }
 
@@ -123,10 +132,18 @@ fn main() -> Result<()> {
             json,
             against,
             pairs,
+            record,
+            kept,
         } => {
             setup()?;
             match against {
-                Some(rev) if suite == "micro" => ab::against(&root()?, &rev, pairs.max(1), json),
+                Some(rev) if suite == "micro" => ab::against(
+                    &root()?,
+                    &rev,
+                    pairs.max(1),
+                    json,
+                    record.map(|change| ab::Record { change, kept }),
+                ),
                 Some(_) => anyhow::bail!("--against works with `cargo xtask bench micro` only"),
                 None => bench::bench(&root()?, &suite, json),
             }
