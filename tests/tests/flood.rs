@@ -34,6 +34,19 @@ fn established(i: u32) -> ([u8; 4], u16) {
     ([198, 18, 30 + (i / 250) as u8, (i % 250) as u8], 40000)
 }
 
+/// The connection-table key of a client's flow to the VIP's port 80.
+fn key_of(client: [u8; 4], port: u16) -> FlowKey {
+    FlowKey {
+        src: v4(client),
+        dst: v4(VIP),
+        sport: port,
+        dport: 80,
+        proto: PROTO_TCP,
+        _pad: 0,
+        _pad2: 0,
+    }
+}
+
 /// Flood source `n`: 65,536 addresses of 198.19.0.0/16, then the next port.
 fn flooder(n: u32) -> ([u8; 4], u16) {
     ([198, 19, (n >> 8) as u8, n as u8], 1024 + (n >> 16) as u16)
@@ -69,16 +82,7 @@ fn run(limit: u32, flood: u32) -> (u32, u32, u64) {
     let in_table = (0..ESTABLISHED)
         .filter(|i| {
             let (a, p) = established(*i);
-            let k = FlowKey {
-                src: v4(a),
-                dst: v4(VIP),
-                sport: p,
-                dport: 80,
-                proto: PROTO_TCP,
-                _pad: 0,
-                _pad2: 0,
-            };
-            dp.flow(&k).ok().flatten().is_some()
+            dp.flow(&key_of(a, p)).ok().flatten().is_some()
         })
         .count() as u32;
     let unrecorded = dp.flows_unrecorded().expect("counter");
@@ -160,15 +164,7 @@ fn the_guard_records_its_limit_per_second_per_cpu() {
     f.dp().set_flood_limit(3).expect("flood limit");
     let key = |n: u32| {
         let (a, p) = flooder(n);
-        FlowKey {
-            src: v4(a),
-            dst: v4(VIP),
-            sport: p,
-            dport: 80,
-            proto: PROTO_TCP,
-            _pad: 0,
-            _pad2: 0,
-        }
+        key_of(a, p)
     };
     let syns = |f: &mut Fixture, ns: std::ops::Range<u32>| {
         for n in ns.clone() {

@@ -377,14 +377,7 @@ fn vip(cmd: VipCmd, conn: &Conn) -> Result<()> {
             done(conn, what)
         }
         VipCmd::Set { vip, settings } => {
-            let what = format!(
-                "VIP {vip}: {}",
-                settings
-                    .iter()
-                    .map(|(k, v)| format!("{k} = {v}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            let what = vip_set_what(&vip, &settings);
             api::call(&conn.socket, &Request::Edit(Edit::VipSet { vip, settings }))?;
             done(conn, what)
         }
@@ -473,6 +466,18 @@ fn backend_edit(cmd: BackendCmd) -> Option<(Edit, String)> {
     })
 }
 
+/// How a `lb vip set` is reported: `VIP 198.18.0.100:80/tcp: ring_size = 1021`.
+fn vip_set_what(vip: &api::VipRef, settings: &[(String, String)]) -> String {
+    format!(
+        "VIP {vip}: {}",
+        settings
+            .iter()
+            .map(|(k, v)| format!("{k} = {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
 /// `lb explain --what-if EDIT`: `EDIT` is parsed as the `lb` command that
 /// would make the change, and the agent predicts it.
 fn what_if_cmd(text: &str, conn: &Conn) -> Result<()> {
@@ -491,14 +496,7 @@ fn what_if_cmd(text: &str, conn: &Conn) -> Result<()> {
             cmd: VipCmd::Set { vip, settings },
             ..
         } => {
-            let what = format!(
-                "VIP {vip}: {}",
-                settings
-                    .iter()
-                    .map(|(k, v)| format!("{k} = {v}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            let what = vip_set_what(&vip, &settings);
             (Edit::VipSet { vip, settings }, what)
         }
         _ => bail!("`{text}` is no edit --what-if predicts; {usage}"),
