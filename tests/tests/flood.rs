@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use lb_common::{AF_INET, FlowKey, PROTO_TCP, VipKey};
-use lb_tests::{Fixture, VipSpec, action, backend_of, tcp4, tcp4_syn, v4};
+use lb_tests::{Fixture, VipSpec, action, backend_of, tcp4, tcp4_syn, time_action, v4};
 
 const VIP: [u8; 4] = [198, 18, 0, 100];
 const TABLE: u32 = 65_536; // what Fixture::new sizes the table to
@@ -182,4 +182,62 @@ fn the_guard_records_its_limit_per_second_per_cpu() {
     std::thread::sleep(std::time::Duration::from_millis(1100));
     assert_eq!(syns(&mut f, 8..12), [true, true, true, false]);
     assert_eq!(f.dp().flows_unrecorded().expect("counter"), 3);
+}
+
+/// The bound the default guard states: at `agent.new_flow_limit`'s default
+/// (125,000 new flows per second per CPU), a burst of 1,000,000 SYNs on one
+/// CPU (one SYN repeated: every repetition opens a new flow) records at most
+/// the limit per window, plus the count the first window found, whatever
+/// the burst's speed; all of them are forwarded.
+#[test]
+fn the_default_guard_records_at_most_its_limit_per_second() {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+    let mut f = Fixture::new().expect("load");
+    f.add_vip(&spec(3)).expect("vip");
+    let limit = u64::from(lb_common::DEFAULT_NEW_FLOW_LIMIT);
+    f.dp()
+        .set_flood_limit(lb_common::DEFAULT_NEW_FLOW_LIMIT)
+        .expect("flood limit");
+    let burst: u32 = 1_000_000;
+    let before = f.verdicts().expect("counters")[lb_common::verdict::TX as usize];
+    let t0 = std::time::Instant::now();
+    let (_, act) = time_action(
+        &mut f.ebpf,
+        lb_common::PROG_BALANCER,
+        &tcp4_syn([198, 18, 40, 1], VIP, 40000, 80),
+        burst,
+    )
+    .expect("timed run");
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(act, action::TX);
+    let sent = f.verdicts().expect("counters")[lb_common::verdict::TX as usize] - before;
+    assert_eq!(sent, u64::from(burst), "every SYN forwarded");
+    let unrecorded = f.dp().flows_unrecorded().expect("counter");
+    let recorded = u64::from(burst) - unrecorded;
+    // Windows of at least a second each, the first one counting from the
+    // count it found (at most the limit more).
+    let windows = secs.ceil() as u64 + 1;
+    println!(
+        "{burst} SYNs in {secs:.2} s at the default guard: {recorded} recorded, {unrecorded} not \
+         (bound: {} = {limit}/s x {windows} windows)",
+        limit * windows
+    );
+    assert!(
+        recorded <= limit * windows,
+        "at most {limit} per window: {recorded} recorded in {secs:.2} s"
+    );
+    if secs < 4.0 {
+        assert!(
+            unrecorded > 0,
+            "a burst faster than the limit is partly kept out of the table"
+        );
+    }
 }
