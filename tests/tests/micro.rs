@@ -41,6 +41,8 @@ struct Row {
     /// (each case timed against the floor of its own round, so a VM that
     /// speeds up or slows down during the run moves both alike).
     ratio: f64,
+    /// Every run's ns per packet, in run order (bench.json keeps them).
+    samples: Vec<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -63,6 +65,7 @@ fn bench_rounds(f: &mut Fixture, tools: &mut aya::Ebpf, cases: &[Case]) -> Vec<R
         .zip(&ns)
         .map(|(c, runs)| Row {
             name: c.name,
+            samples: runs.clone(),
             ns: median(runs.clone()),
             ratio: median(
                 runs.iter()
@@ -585,8 +588,15 @@ fn micro() {
             .iter()
             .map(|r| {
                 format!(
-                    "{{\"case\":\"{}\",\"ns_per_packet\":{:.1},\"ratio_to_floor_tx\":{:.2}}}",
-                    r.name, r.ns, r.ratio
+                    "{{\"case\":\"{}\",\"ns_per_packet\":{:.1},\"ratio_to_floor_tx\":{:.2},\"samples_ns\":[{}]}}",
+                    r.name,
+                    r.ns,
+                    r.ratio,
+                    r.samples
+                        .iter()
+                        .map(|x| format!("{x:.1}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
                 )
             })
             .collect();
@@ -715,11 +725,12 @@ fn next_hop_rows(floor: f64) -> Vec<Row> {
             .expect("setns");
         // Another fixture, timed after the rounds: against the rounds'
         // median floor.
-        let ns = median(ns_runs);
+        let ns = median(ns_runs.clone());
         out.push(Row {
             name,
             ns,
             ratio: ns / floor,
+            samples: ns_runs,
         });
     }
     out
