@@ -9,10 +9,12 @@
 mod args;
 mod render;
 mod trace;
+mod what_if;
 
 pub use args::DEFAULT_CONFIG;
 use args::{BackendCmd, Cli, Cmd, Conn, LabCmd, LoadgenArgs, NodeCmd, VipCmd};
 use render::{backend_list, done, explain, health, print_json, print_stats, status, vip_list};
+use what_if::{vip_set_what, what_if_cmd};
 
 use std::{net::IpAddr, time::Duration};
 
@@ -464,50 +466,6 @@ fn backend_edit(cmd: BackendCmd) -> Option<(Edit, String)> {
             format!("weight of {address} in {vip} is now {weight}"),
         ),
     })
-}
-
-/// How a `lb vip set` is reported: `VIP 198.18.0.100:80/tcp: ring_size = 1021`.
-fn vip_set_what(vip: &api::VipRef, settings: &[(String, String)]) -> String {
-    format!(
-        "VIP {vip}: {}",
-        settings
-            .iter()
-            .map(|(k, v)| format!("{k} = {v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
-}
-
-/// `lb explain --what-if EDIT`: `EDIT` is parsed as the `lb` command that
-/// would make the change, and the agent predicts it.
-fn what_if_cmd(text: &str, conn: &Conn) -> Result<()> {
-    let words = std::iter::once("lb").chain(text.split_whitespace());
-    let usage = "--what-if takes a backend edit (`backend add|remove|drain|undrain|weight VIP ADDRESS ...`) \
-                 or `vip set VIP ring_size=N`";
-    let cli = Cli::try_parse_from(words).map_err(|e| {
-        let first = e.to_string().lines().next().unwrap_or_default().to_string();
-        anyhow::anyhow!("--what-if '{text}': {first}\n{usage}")
-    })?;
-    let (edit, what) = match cli.cmd {
-        Cmd::Backend { cmd, .. } => {
-            backend_edit(cmd).ok_or_else(|| anyhow::anyhow!("`{text}` edits nothing; {usage}"))?
-        }
-        Cmd::Vip {
-            cmd: VipCmd::Set { vip, settings },
-            ..
-        } => {
-            let what = vip_set_what(&vip, &settings);
-            (Edit::VipSet { vip, settings }, what)
-        }
-        _ => bail!("`{text}` is no edit --what-if predicts; {usage}"),
-    };
-    let v = api::call(&conn.socket, &Request::WhatIf { edit })?;
-    if conn.json {
-        return print_json(&v);
-    }
-    let w: api::WhatIfInfo = serde_json::from_value(v)?;
-    render::what_if(&w, &what);
-    Ok(())
 }
 
 fn stats(watch: bool, conn: &Conn) -> Result<()> {
