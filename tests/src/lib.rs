@@ -795,3 +795,20 @@ pub fn ask_vip(timeout: std::time::Duration) -> Result<String> {
     }
     Ok(line.trim().to_string())
 }
+
+/// Pins the calling thread to CPU `cpu`: BPF_PROG_TEST_RUN runs the
+/// program on the CPU that calls it, as veth and generic XDP run it on the
+/// sender's.
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning to CPU {cpu}"
+        );
+        assert_eq!(libc::sched_getcpu(), cpu as i32, "running on CPU {cpu}");
+    }
+}

@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use lb_common::{AF_INET, FlowKey, PROTO_TCP, VipKey};
-use lb_tests::{Fixture, VipSpec, action, backend_of, tcp4, tcp4_syn, time_action, v4};
+use lb_tests::{Fixture, VipSpec, action, backend_of, pin_to_cpu, tcp4, tcp4_syn, time_action, v4};
 
 const VIP: [u8; 4] = [198, 18, 0, 100];
 const TABLE: u32 = 65_536; // what Fixture::new sizes the table to
@@ -150,15 +150,7 @@ fn a_flood_larger_than_the_table_evicts_established_flows_only_where_a_set_overf
 #[test]
 fn the_guard_records_its_limit_per_second_per_cpu() {
     // The guard's state is per CPU: every packet from one CPU.
-    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread (pid 0).
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0
-        );
-    }
+    pin_to_cpu(0);
     let mut f = Fixture::new().expect("load");
     f.add_vip(&spec(3)).expect("vip");
     f.dp().set_flood_limit(3).expect("flood limit");
@@ -191,15 +183,7 @@ fn the_guard_records_its_limit_per_second_per_cpu() {
 /// the burst's speed; all of them are forwarded.
 #[test]
 fn the_default_guard_records_at_most_its_limit_per_second() {
-    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread (pid 0).
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0
-        );
-    }
+    pin_to_cpu(0);
     let mut f = Fixture::new().expect("load");
     f.add_vip(&spec(3)).expect("vip");
     let limit = u64::from(lb_common::DEFAULT_NEW_FLOW_LIMIT);

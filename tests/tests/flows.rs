@@ -5,7 +5,7 @@
 use lb_common::{
     AF_INET, BACKEND_DOWN, PROTO_TCP, VIP_F_HASH_SRC_IP, VIP_F_NO_FLOW_TABLE, VipKey, hash,
 };
-use lb_tests::{Fixture, VipSpec, action, backend_of, tcp4, udp4, v4};
+use lb_tests::{Fixture, VipSpec, action, backend_of, pin_to_cpu, tcp4, udp4, v4};
 
 const VIP4: [u8; 4] = [198, 18, 0, 100];
 const RING: u32 = 65537;
@@ -359,23 +359,6 @@ fn a_new_syn_on_a_reused_5_tuple_is_scheduled_afresh() {
         again,
         "the new connection sticks to its new backend"
     );
-}
-
-/// Pins the calling thread to CPU `cpu`: BPF_PROG_TEST_RUN runs the
-/// program on the CPU that calls it, as veth and generic XDP run it on the
-/// sender's.
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread (pid 0).
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0,
-            "pinning to CPU {cpu}"
-        );
-        assert_eq!(libc::sched_getcpu(), cpu as i32, "running on CPU {cpu}");
-    }
 }
 
 /// One connection whose packets arrive on both CPUs keeps its backend, also
