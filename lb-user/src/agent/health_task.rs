@@ -26,8 +26,8 @@ use crate::config::{self, BackendCfg, Vip};
 use crate::policy::health::{Outcome, Transition, probe};
 
 use super::nexthop::datapath_state;
-use super::state::{State, vip_ref};
-use super::{Event, Shared, lock, metrics};
+use super::state::{Observation, State, vip_ref};
+use super::{Event, Shared, agent_metrics, lock};
 
 /// What a probe task needs, fixed for its life.
 pub(super) struct ProbeJob {
@@ -39,18 +39,6 @@ pub(super) struct ProbeJob {
     /// Closed when the backend is removed or its task replaced.
     pub(super) alive: watch::Receiver<()>,
     pub(super) report: mpsc::UnboundedSender<Observation>,
-}
-
-/// One probe's outcome, for the applier.
-pub(super) struct Observation {
-    key: VipKey,
-    vip: VipRef,
-    address: IpAddr,
-    generation: u64,
-    outcome: Outcome,
-    latency_ms: f64,
-    /// Probes sent so far by this task (the next hop is re-read every 25).
-    round: u64,
 }
 
 impl State {
@@ -105,7 +93,7 @@ impl State {
         b.last_latency_ms = ok.then_some(o.latency_ms);
         self.metrics
             .probe_seconds
-            .get_or_create(&metrics::BackendLabels {
+            .get_or_create(&agent_metrics::BackendLabels {
                 vip: o.vip.to_string(),
                 backend: o.address.to_string(),
             })

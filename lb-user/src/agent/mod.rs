@@ -21,6 +21,7 @@
 //! into the log). This file: startup, the instance lock,
 //! shutdown and `lb down`.
 
+mod agent_metrics;
 mod announce;
 mod control;
 mod drop_events;
@@ -40,9 +41,10 @@ mod what_if;
 // several files); each names what it uses from the others, and from here,
 // by its own path.
 use self::{
+    agent_metrics::AgentMetrics,
     control::{reload, serve_api},
     health_task::{spawn_applier, spawn_probe},
-    metrics::{AgentMetrics, registry, serve_metrics},
+    metrics::{registry, serve_metrics},
     state::{State, vip_key},
 };
 

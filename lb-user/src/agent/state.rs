@@ -13,10 +13,10 @@ use lb_common::VipKey;
 use crate::api::{BackendState, VipRef};
 use crate::config::{self, BackendCfg, Config, Forwarding, HashInput, Protocol, Vip};
 use crate::datapath::Dataplane;
-use crate::policy::health::HealthState;
+use crate::policy::health::{HealthState, Outcome};
 use crate::policy::maglev;
 
-use super::{Event, announce, health_task, metrics};
+use super::{Event, agent_metrics, announce};
 
 pub(super) use crate::datapath::encode::addr16;
 
@@ -166,15 +166,27 @@ pub(super) struct State {
     pub(super) events: Option<std::sync::mpsc::Sender<Event>>,
     pub(super) next_generation: u64,
     /// Probe durations and transitions, for `/metrics`.
-    pub(super) metrics: metrics::AgentMetrics,
+    pub(super) metrics: agent_metrics::AgentMetrics,
     /// Where probe tasks report (see `health_task`).
-    pub(super) observations: tokio::sync::mpsc::UnboundedSender<health_task::Observation>,
+    pub(super) observations: tokio::sync::mpsc::UnboundedSender<Observation>,
     /// VIP announcement (`[announce]`): the kernel table of our routes.
     pub(super) announce: Option<announce::Routes>,
     /// `lb node drain`: withdraw everything, whatever the backends say.
     pub(super) drained: bool,
     /// Until the datapath is attached nothing is announced or withdrawn.
     pub(super) attached: bool,
+}
+
+/// One probe's outcome, for the applier.
+pub(super) struct Observation {
+    pub(super) key: VipKey,
+    pub(super) vip: VipRef,
+    pub(super) address: IpAddr,
+    pub(super) generation: u64,
+    pub(super) outcome: Outcome,
+    pub(super) latency_ms: f64,
+    /// Probes sent so far by this task (the next hop is re-read every 25).
+    pub(super) round: u64,
 }
 
 impl State {
