@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use crate::config::edit::{Edit, VipAdd};
@@ -46,7 +47,7 @@ pub enum Request {
     Shutdown,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct Response {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,7 +57,7 @@ pub struct Response {
 }
 
 /// `lb explain --what-if`: a prediction, nothing changed.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct WhatIfInfo {
     pub vip: VipRef,
     pub ring_size_before: u32,
@@ -74,7 +75,7 @@ pub struct WhatIfInfo {
     pub flows: WhatIfFlows,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct BackendSlots {
     pub address: std::net::IpAddr,
     pub slots_before: u64,
@@ -83,7 +84,7 @@ pub struct BackendSlots {
 
 /// The VIP's established flows in the connection table, sorted by what the
 /// edit would do to them.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
 pub struct WhatIfFlows {
     pub total: u64,
     /// The ring would send them elsewhere, but their entry keeps them on
@@ -97,7 +98,7 @@ pub struct WhatIfFlows {
     pub rescheduled_to: Vec<(String, u64)>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct StatusInfo {
     /// The agent's version and the commit it was built from ([`VERSION`]).
     #[serde(default)]
@@ -132,7 +133,7 @@ pub const VERSION: &str = concat!(
 
 /// `lb status`: capacities (fixed when the datapath is loaded), their use,
 /// and the memory the datapath's maps hold.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct CapacityStatus {
     pub max_vips: u32,
     /// VIPs plus regions (each holds a ring id).
@@ -146,7 +147,7 @@ pub struct CapacityStatus {
     pub maps_memory_bytes: u64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct AnnounceStatus {
     /// Kernel table holding the announced routes.
     pub table: u32,
@@ -154,7 +155,7 @@ pub struct AnnounceStatus {
     pub drained: bool,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct VipStatus {
     pub vip: VipRef,
     /// Digest of the active ring as backend addresses: equal on nodes that
@@ -166,7 +167,7 @@ pub struct VipStatus {
     pub why_not: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct VipInfo {
     pub vip: VipRef,
     pub forwarding: Forwarding,
@@ -179,7 +180,7 @@ pub struct VipInfo {
     pub backends_up: usize,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct BackendInfo {
     pub vip: VipRef,
     pub address: IpAddr,
@@ -202,7 +203,7 @@ pub struct BackendInfo {
     pub active_flows: Option<u64>,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
 pub struct TrafficInfo {
     pub packets: u64,
     pub bytes: u64,
@@ -214,7 +215,7 @@ pub struct TrafficInfo {
 
 /// `lb stats --json`, a stable schema: `vips` and `backends` are lists of
 /// objects with named fields, `verdicts` an object keyed by reason.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct StatsInfo {
     /// Seconds since the agent started (rates are differences over it).
     pub at_s: f64,
@@ -227,7 +228,7 @@ pub struct StatsInfo {
 }
 
 /// `lb explain`: the backend a 5-tuple maps to now, from the live maps.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct ExplainInfo {
     pub vip: VipRef,
     pub client: std::net::SocketAddr,
@@ -246,7 +247,7 @@ pub struct ExplainInfo {
 }
 
 /// `{"vip": "198.18.0.100:80/tcp", "packets": …, "bytes": …, "new_flows": …}`
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct VipTraffic {
     pub vip: VipRef,
     #[serde(flatten)]
@@ -254,7 +255,7 @@ pub struct VipTraffic {
 }
 
 /// `{"vip": …, "backend": "198.18.2.1", "packets": …, …, "active": …}`
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct BackendTraffic {
     pub vip: VipRef,
     pub backend: IpAddr,

@@ -12,6 +12,8 @@
 //!   may use it, it uses none of them;
 //! - `host`: the kernel's routes and neighbours over netlink, namespaces;
 //! - `api` and `cli`: the control protocol and the command line;
+//! - `http_api`: the control protocol over HTTP (routes, OpenAPI document,
+//!   tokens; served by `agent`);
 //! - `tools`: the lab, the demos and the traffic generator, the test bench
 //!   that ships with the product.
 
@@ -21,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod host;
+pub mod http_api;
 pub mod policy;
 pub mod tools;
 pub mod vocab;

@@ -57,6 +57,19 @@ macro_rules! vocab {
             }
         }
 
+        impl schemars::JsonSchema for $name {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($name).into()
+            }
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({
+                    "description": concat!("A ", $what, ", one of its spellings."),
+                    "type": "string",
+                    "enum": [$($text),+],
+                })
+            }
+        }
+
         impl clap::ValueEnum for $name {
             fn value_variants<'a>() -> &'a [Self] {
                 Self::ALL
@@ -145,6 +158,19 @@ pub struct VipRef {
 impl serde::Serialize for VipRef {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
+    }
+}
+
+impl schemars::JsonSchema for VipRef {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "VipRef".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A VIP as `ADDRESS:PORT[/tcp|udp]` (tcp when left out), as the CLI names it.",
+            "type": "string",
+            "examples": ["198.18.0.100:80/tcp", "[2001:2::100]:443/udp"],
+        })
     }
 }
 

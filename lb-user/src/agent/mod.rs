@@ -15,6 +15,7 @@
 //! Layout: `state` (the runtime model), `reconcile` (config → datapath),
 //! `ids` (backend ids), `nexthop` (MACs from the kernel), `health_task`
 //! (one probe loop per backend), `control` (the socket, edits, reloads),
+//! `api_server` (the same operations over HTTP, see `crate::http_api`),
 //! `views` (what the CLI reads), `metrics` (Prometheus), `announce` (VIP
 //! routes for BIRD, pure decision + kernel side) and `node` (this node's
 //! announcement and drain state), `drop_events` (the datapath's rare drops
@@ -23,6 +24,7 @@
 
 mod agent_metrics;
 mod announce;
+mod api_server;
 mod control;
 mod drop_events;
 mod health_task;
@@ -191,6 +193,11 @@ pub async fn run_until(
     shutdown: impl std::future::Future<Output = ()>,
     events: Option<std::sync::mpsc::Sender<Event>>,
 ) -> Result<()> {
+    // The API's tokens are checked before the datapath is touched.
+    let api_tokens = match &cfg.agent.api_token_file {
+        Some(f) => Some(crate::http_api::tokens::TokenFile::open(f)?),
+        None => None,
+    };
     let instance_lock = lock_instance(&cfg.agent.instance)?;
     instance_lock.record(Path::new(&cfg.agent.control_socket))?;
     loader::ensure_bpffs()?;
@@ -334,6 +341,25 @@ pub async fn run_until(
             .with_context(|| format!("binding metrics on {addr}"))?;
         tracing::info!(url = %format!("http://{addr}/metrics"), status_page = %format!("http://{addr}/"), "serving Prometheus metrics and the status page");
         tokio::spawn(serve_metrics(l, registry(&shared, metrics), shared.clone()));
+    }
+    if let (Some(addr), Some(tokens)) = (cfg.agent.api_listen, api_tokens) {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the HTTP API on {addr}"))?;
+        if !addr.ip().is_loopback() {
+            tracing::warn!(
+                listen = %addr,
+                "the HTTP API is plain HTTP: bearer tokens cross the network in clear; put a TLS \
+                 reverse proxy in front of it (README \"The HTTP API\")"
+            );
+        }
+        tracing::info!(url = %format!("http://{addr}/api/v1/"), openapi = %format!("http://{addr}{}", crate::http_api::OPENAPI_PATH), "serving the HTTP API");
+        tokio::spawn(api_server::serve_http_api(
+            l,
+            shared.clone(),
+            stop.clone(),
+            tokens,
+        ));
     }
     let lc_shared = shared.clone();
     // The NAT sweep reads the whole NAT table: through a handle of its own,

@@ -61,6 +61,8 @@ pub(super) fn plan_settings(old: &config::Agent, new: &config::Agent) -> Result<
         control_socket,
         instance,
         metrics_listen,
+        api_listen,
+        api_token_file,
         netns,
         next_hop_fib,
         ipip_source_v4,
@@ -122,6 +124,8 @@ pub(super) fn plan_settings(old: &config::Agent, new: &config::Agent) -> Result<
     for (same, key) in [
         (*control_socket == old.control_socket, "control_socket"),
         (*metrics_listen == old.metrics_listen, "metrics_listen"),
+        (*api_listen == old.api_listen, "api_listen"),
+        (*api_token_file == old.api_token_file, "api_token_file"),
         (*netns == old.netns, "netns"),
         (
             *reply_interfaces == old.reply_interfaces,

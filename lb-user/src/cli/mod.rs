@@ -46,7 +46,19 @@ fn real_main() -> Result<()> {
         Cmd::Run { config, .. } => crate::agent::run(&config),
         Cmd::Check { config } => {
             let cfg = crate::config::load(&config)?;
+            let tokens = match &cfg.agent.api_token_file {
+                Some(f) => Some((f, crate::http_api::tokens::Tokens::load(f)?)),
+                None => None,
+            };
             println!("{}: ok, {} VIP(s)", config.display(), cfg.vips.len());
+            if let Some((f, t)) = tokens {
+                println!(
+                    "{}: ok, {} API token(s), {} read-only",
+                    f.display(),
+                    t.len(),
+                    t.read_only()
+                );
+            }
             Ok(())
         }
         Cmd::Down { instance, conn } => crate::agent::down(&instance, &conn.socket),

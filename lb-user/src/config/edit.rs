@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::vocab::{Forwarding, HashInput, VipRef};
 
 /// Settings for `vip add` (the control API carries them, see `api`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct VipAdd {
     pub vip: VipRef,
     pub forwarding: Forwarding,
@@ -25,10 +25,10 @@ pub struct VipAdd {
     pub settings: Vec<(String, String)>,
 }
 
-/// A change to the configuration: the one wire form of every edit, from
-/// the CLI to the agent (which applies it to the file's text, validates,
-/// applies and saves it, see `config::edit`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// A change to the configuration: the one wire form of every edit (the
+/// CLI's socket and the HTTP API). The agent applies it to the file's text,
+/// validates the result like a file, applies it and saves it.
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "edit", rename_all = "kebab-case")]
 pub enum Edit {
     VipAdd(VipAdd),
@@ -44,7 +44,7 @@ pub enum Edit {
         vip: VipRef,
         address: IpAddr,
         weight: u32,
-        /// NAT VIPs: the backend's own port (`None`: the VIP's).
+        /// NAT VIPs: the backend's own port (absent or null: the VIP's).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         port: Option<u16>,
     },
@@ -52,7 +52,7 @@ pub enum Edit {
         vip: VipRef,
         address: IpAddr,
     },
-    /// Weight and/or drain of a backend (`None`: unchanged).
+    /// Weight and/or drain of a backend (null: unchanged).
     BackendSet {
         vip: VipRef,
         address: IpAddr,

@@ -138,6 +138,11 @@ pub struct Agent {
     pub control_socket: String,
     pub instance: String,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where the HTTP API listens (off when `None`); always with
+    /// `api_token_file`.
+    pub api_listen: Option<std::net::SocketAddr>,
+    /// The API's bearer tokens (`ACCESS TOKEN [NAME]` per line, mode 0600).
+    pub api_token_file: Option<std::path::PathBuf>,
     /// Network namespace (a name under /run/netns) the agent enters before
     /// anything else; for labs and tests. Unlike `ip netns exec`, this keeps
     /// the host's mount namespace, so pins land in the host's bpffs.

@@ -40,6 +40,8 @@ pub(super) struct RawAgent {
     #[serde(default = "default_instance")]
     pub(super) instance: String,
     pub(super) metrics_listen: Option<Spanned<String>>,
+    pub(super) api_listen: Option<Spanned<String>>,
+    pub(super) api_token_file: Option<Spanned<String>>,
     pub(super) netns: Option<String>,
     #[serde(default = "default_next_hop")]
     pub(super) next_hop: Spanned<String>,

@@ -284,3 +284,22 @@ fn shipped_example_is_valid() {
     assert_eq!(c.vips.len(), 1);
     assert_eq!(c.vips[0].backends.len(), 2);
 }
+
+#[test]
+fn the_http_api_needs_its_token_file_and_the_token_file_its_listener() {
+    let with = |keys: &str| GOOD.replace("[agent]\n", &format!("[agent]\n{keys}\n"));
+    let c = parse(
+        &with("api_listen = \"127.0.0.1:9200\"\napi_token_file = \"/etc/lb/api-tokens\""),
+        "lb.toml",
+    )
+    .expect("valid");
+    assert_eq!(c.agent.api_listen, Some("127.0.0.1:9200".parse().unwrap()));
+    let e = error_of(&with("api_listen = \"127.0.0.1:9200\""));
+    assert!(e.contains("api_listen needs api_token_file"), "{e}");
+    let e = error_of(&with("api_token_file = \"/etc/lb/api-tokens\""));
+    assert!(e.contains("no effect without api_listen"), "{e}");
+    let e = error_of(&with(
+        "api_listen = \"localhost\"\napi_token_file = \"/etc/lb/api-tokens\"",
+    ));
+    assert!(e.contains("not an address:port"), "{e}");
+}

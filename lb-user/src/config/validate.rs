@@ -69,6 +69,37 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             )
         })?),
     };
+    let api_listen = match &a.api_listen {
+        None => None,
+        Some(s) => Some(s.get_ref().parse::<std::net::SocketAddr>().map_err(|_| {
+            err(
+                Some(s.span()),
+                format!(
+                    "api_listen `{}` is not an address:port such as 127.0.0.1:9200",
+                    s.get_ref()
+                ),
+            )
+        })?),
+    };
+    // The API is never served without tokens, and a token file without a
+    // listener would be silently ignored.
+    let api_token_file = match (&a.api_listen, &a.api_token_file) {
+        (Some(l), None) => {
+            return Err(err(
+                Some(l.span()),
+                "api_listen needs api_token_file: the HTTP API is never served without bearer                  tokens (see README \"The HTTP API\")"
+                    .into(),
+            ));
+        }
+        (None, Some(f)) => {
+            return Err(err(
+                Some(f.span()),
+                "api_token_file has no effect without api_listen: set api_listen to serve the                  HTTP API, or remove api_token_file"
+                    .into(),
+            ));
+        }
+        (_, f) => f.as_ref().map(|f| std::path::PathBuf::from(f.get_ref())),
+    };
     let ipip_source_v4 = a.ipip_source_v4.get_ref().parse().map_err(|_| {
         err(
             Some(a.ipip_source_v4.span()),
@@ -172,6 +203,8 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         control_socket: a.control_socket.clone(),
         instance: a.instance.clone(),
         metrics_listen,
+        api_listen,
+        api_token_file,
         netns: a.netns.clone(),
         next_hop_fib: match a.next_hop.get_ref().as_str() {
             "map" => false,

@@ -1,0 +1,200 @@
+//! The agent harness the end-to-end test files share: `lb run` (the real
+//! CLI binary) started in a small data center's balancer namespace, the CLI
+//! pointed at it, and everything removed on drop.
+// Each test file uses a part of this module.
+#![allow(dead_code)]
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{Dc, TestServer, backend_addr};
+use lb_user::api::{self, BackendInfo, BackendState, Request};
+
+pub const LB: &str = env!("CARGO_BIN_EXE_lb");
+
+/// A running `lb run` process and everything it owns.
+pub struct Agent {
+    pub child: Option<Child>,
+    pub instance: String,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn config_text(instance: &str, socket: &std::path::Path, lb_ns: &str, n: usize) -> String {
+        let mut s = format!(
+            "# test agent\n[agent]\ninterface = \"l0\"\nxdp_mode = \"native\"\nflow_table_size = 65536\n\
+             instance = \"{instance}\"\ncontrol_socket = \"{}\"\nnetns = \"{lb_ns}\"\nmetrics_listen = \"127.0.0.1:9100\"\n\n[[vip]]\naddress = \"198.18.0.100\"\nport = 8080\n",
+            socket.display()
+        );
+        for i in 1..=n {
+            s.push_str(&format!(
+                "\n[[vip.backend]] # backend {i}\naddress = \"{}\"\n",
+                backend_addr(i)
+            ));
+        }
+        s
+    }
+
+    pub fn start(tag: &str, d: &Dc, n: usize) -> Self {
+        Self::start_edited(tag, d, n, |t| t)
+    }
+
+    /// [`Agent::start`] with the configuration text passed through `edit`.
+    pub fn start_edited(tag: &str, d: &Dc, n: usize, edit: impl FnOnce(String) -> String) -> Self {
+        let a = Self::launch(tag, d, n, edit);
+        a.wait_ready(n);
+        a
+    }
+
+    /// Starts the agent with `n` backends, edited by `edit`, and returns
+    /// once its control socket answers (its datapath attached), without
+    /// waiting for any backend.
+    pub fn launch(tag: &str, d: &Dc, n: usize, edit: impl FnOnce(String) -> String) -> Self {
+        let instance = format!("t-{tag}-{}", std::process::id());
+        let socket = PathBuf::from(format!("/run/lb/{instance}.sock"));
+        let dir = std::env::temp_dir().join(&instance);
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let config = dir.join("lb.toml");
+        std::fs::write(
+            &config,
+            edit(Self::config_text(&instance, &socket, &d.lb.name, n)),
+        )
+        .expect("config");
+        let mut a = Agent {
+            child: None,
+            instance,
+            socket,
+            config,
+            log: dir.join("agent.log"),
+        };
+        a.spawn();
+        let t0 = Instant::now();
+        while api::call(&a.socket, &Request::Status).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "agent not answering; its log:\n{}",
+                a.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        a
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new(LB)
+            .args(["run", "--log-format", "json", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start lb run");
+        self.child = Some(child);
+    }
+
+    /// Waits until the agent answers and `n` backends are up with their
+    /// next hop known.
+    pub fn wait_ready(&self, n: usize) {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(v) = api::call(&self.socket, &Request::BackendList { vip: None }) {
+                let list: Vec<BackendInfo> = serde_json::from_value(v).expect("backend list");
+                if list
+                    .iter()
+                    .filter(|b| b.next_hop_known && b.state == BackendState::Up)
+                    .count()
+                    >= n
+                {
+                    return;
+                }
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "agent not ready; its log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The agent's log events (one JSON object per line) whose fields
+    /// include every `(key, value)` of `want`.
+    pub fn events(&self, want: &[(&str, &str)]) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| want.iter().all(|(k, v)| e[*k].as_str() == Some(*v)))
+            .collect()
+    }
+
+    /// Runs the CLI against this agent.
+    pub fn cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(LB)
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .expect("run lb");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    pub fn backends(&self) -> Vec<BackendInfo> {
+        serde_json::from_str(
+            &self
+                .cli(&["backend", "list", "--json"])
+                .expect("backend list"),
+        )
+        .expect("json")
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-9", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = Command::new(LB)
+            .args(["down", "--instance", &self.instance, "--socket"])
+            .arg(&self.socket)
+            .stdout(Stdio::null())
+            .status();
+        self.kill9();
+        let _ = std::fs::remove_file(format!("/run/lb/{}.lock", self.instance));
+        if let Some(dir) = self.config.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A test HTTP server on every backend of `d`.
+pub fn servers(d: &Dc) -> Vec<TestServer> {
+    d.backends
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| TestServer::start(ns, &format!("b{}", i + 1)).expect("server"))
+        .collect()
+}
