@@ -86,6 +86,11 @@ pub fn build(root: &Path, binary: &Path, quick: bool) -> Result<PathBuf> {
         &dir("usr/share/lb/grafana")?.join("lb.json"),
         0o644,
     )?;
+    put(
+        &root.join("dist/openapi.json"),
+        &dir("usr/share/lb")?.join("openapi.json"),
+        0o644,
+    )?;
     let doc = dir("usr/share/doc/lb")?;
     std::fs::write(
         doc.join("README"),
@@ -95,6 +100,7 @@ pub fn build(root: &Path, binary: &Path, quick: bool) -> Result<PathBuf> {
          Reload: systemctl reload lb        Status: lb status, lb health, lb stats\n\
          Manual: man lb (one page per subcommand: man lb-vip-add, ...)\n\
          Grafana dashboard: /usr/share/lb/grafana/lb.json\n\
+         HTTP API (agent.api_listen): OpenAPI document /usr/share/lb/openapi.json\n\
          Project README: the README.md of the source tree.\n",
     )?;
     std::fs::write(
@@ -225,6 +231,7 @@ fn installed_ok() -> Result<()> {
         "/usr/share/man/man1/lb.1.gz",
         "/usr/share/bash-completion/completions/lb",
         "/usr/share/lb/grafana/lb.json",
+        "/usr/share/lb/openapi.json",
     ] {
         if !Path::new(f).exists() {
             bail!("the package did not install {f}");
