@@ -134,3 +134,36 @@ pub struct FlowSlot {
 
 /// [`Flow::flags`]: counted in `ACTIVE` (a least-connections VIP's flow).
 pub const FLOW_F_COUNTED: u16 = 1 << 0;
+/// [`Flow::flags`]: written by a SYN and no packet of the flow but SYNs
+/// seen since. A second SYN on such an entry is the client sending its SYN
+/// again: no SYN-ACK reached it (a [`SIGNAL_SYN_AGAIN`]).
+pub const FLOW_F_OPENING: u16 = 1 << 1;
+
+/// What the datapath tells the agent about a backend (`SIGNALS`, a ring):
+/// a sign of failure that the agent checks at once with probes (only
+/// failed probes take a backend down).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Signal {
+    /// `SIGNAL_*`.
+    pub kind: u32,
+    /// The backend, when the datapath knows its id (0: see `backend`).
+    pub backend_id: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u8,
+    pub proto: u8,
+    /// The VIP's port (host order).
+    pub vip_port: u16,
+    pub _pad: u32,
+    /// The VIP's address.
+    pub vip: [u8; 16],
+    /// The backend's address (`SIGNAL_RST_ON_SYN`: the reply's source).
+    pub backend: [u8; 16],
+}
+
+/// [`Signal::kind`]: a client sent the SYN of a 5-tuple again while its
+/// entry had seen nothing but the SYN (every mode).
+pub const SIGNAL_SYN_AGAIN: u32 = 1;
+/// [`Signal::kind`]: a NAT backend's first answer to a new connection was
+/// a RST (nothing listens: the server is gone).
+pub const SIGNAL_RST_ON_SYN: u32 = 2;

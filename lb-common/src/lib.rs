@@ -262,6 +262,7 @@ mod pod {
     unsafe impl aya::Pod for super::RegionMeta {}
     unsafe impl aya::Pod for super::TraceCfg {}
     unsafe impl aya::Pod for super::TraceRecord {}
+    unsafe impl aya::Pod for super::Signal {}
 }
 
 const _: () = {
@@ -283,4 +284,5 @@ const _: () = {
     assert!(core::mem::size_of::<RegionMeta>() == 16);
     assert!(core::mem::size_of::<TraceCfg>() == 52);
     assert!(core::mem::size_of::<TraceRecord>() == 80);
+    assert!(core::mem::size_of::<Signal>() == 48);
 };

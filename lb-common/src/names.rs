@@ -101,6 +101,8 @@ pub const MAP_BENCH_JUMP: &str = "BENCH_JUMP";
 pub const MAP_FLOOD_GUARD: &str = "FLOOD_GUARD";
 pub const MAP_FLOOD_STATE: &str = "FLOOD_STATE";
 pub const MAP_TRACE: &str = "TRACE";
+/// The datapath's signals of backend failure for the agent ([`crate::Signal`]).
+pub const MAP_SIGNALS: &str = "SIGNALS";
 pub const MAP_TRACE_CFG: &str = "TRACE_CFG";
 pub const MAP_TRACE_JUMP: &str = "TRACE_JUMP";
 /// Load-time constant of the datapath (`EbpfLoader::override_global`):

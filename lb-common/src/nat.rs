@@ -47,6 +47,9 @@ pub struct NatEntry {
 /// [`NatEntry::flags`]: a FIN or RST was seen; the port is free again
 /// after [`NAT_CLOSED_S`] seconds.
 pub const NAT_F_CLOSING: u16 = 1 << 0;
+/// [`NatEntry::flags`]: the backend has answered (a RST before this is a
+/// [`crate::SIGNAL_RST_ON_SYN`]).
+pub const NAT_F_REPLIED: u16 = 1 << 1;
 /// Seconds a closed NAT flow keeps its port: a backend that closed first
 /// holds the connection in TIME_WAIT for 60 s (Linux), and a new SYN from
 /// the same address and port, with another client's timestamps, would be

@@ -13,9 +13,9 @@ use core::ptr::NonNull;
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    Backend, FLOW_F_COUNTED, Flow, PROTO_TCP, SCHED_LEAST_CONN, SETTINGS_F_FIB, Settings,
-    VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NAT, VIP_F_NO_FLOW_TABLE, VipMeta, hash, trace_ring,
-    trace_table, verdict,
+    Backend, FLOW_F_COUNTED, FLOW_F_OPENING, Flow, PROTO_TCP, SCHED_LEAST_CONN, SETTINGS_F_FIB,
+    Settings, VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NAT, VIP_F_NO_FLOW_TABLE, VipMeta, hash,
+    trace_ring, trace_table, verdict,
 };
 
 use crate::{
@@ -26,7 +26,7 @@ use crate::{
     nat, parse,
     parse::Packet,
     sched::{active_add, backend, ring_for, schedule, vip_ring},
-    send, stats, table,
+    send, signal, stats, table,
     trace::Observe,
     vip::{is_vip_addr, lookup_vip, maybe_table_vip, maybe_vip_only_addr, vip_of_flow},
 };
@@ -234,6 +234,10 @@ fn choose<O: Observe>(pkt: &Packet, found: &Found, seen: &mut O) -> Result<Choic
         };
         let fresh = if opening {
             seen.table(trace_table::SYN);
+            if flags & FLOW_F_OPENING != 0 {
+                // The client's SYN again: no SYN-ACK reached it.
+                signal::syn_again(id, pkt.family, &pkt.key);
+            }
             false
         } else if vip.idle_timeout_s != 0 {
             now = now_s();
@@ -254,11 +258,16 @@ fn choose<O: Observe>(pkt: &Packet, found: &Found, seen: &mut O) -> Result<Choic
         };
         let counted = flags & FLOW_F_COUNTED != 0;
         if fresh && let Some(b) = backend(id) {
+            // Past the SYN (a SYN is never `fresh`): the flow has opened.
+            let mut kept = flags & !FLOW_F_OPENING;
             if counted && pkt.tcp_flags & (parse::TCP_FIN | parse::TCP_RST) != 0 {
                 // The connection is ending: it no longer counts as active.
                 active_add(id, u64::MAX);
+                kept &= !FLOW_F_COUNTED;
+            }
+            if kept != flags {
                 // SAFETY: as above.
-                unsafe { (*f).flags = flags & !FLOW_F_COUNTED };
+                unsafe { (*f).flags = kept };
             }
             let mut nat_src = None;
             let mut nat_refresh = false;
@@ -462,7 +471,14 @@ fn record(pkt: &Packet, found: &Found, c: &mut Choice, nat_src: (u16, u16)) {
     let flow = Flow {
         backend_id: c.id,
         vip_id: vip.vip_id as u16,
-        flags: if count { FLOW_F_COUNTED } else { 0 },
+        flags: if count { FLOW_F_COUNTED } else { 0 }
+            | if pkt.key.proto == PROTO_TCP
+                && pkt.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN
+            {
+                FLOW_F_OPENING
+            } else {
+                0
+            },
         last_seen_s: c.now,
         nat_addr: nat_src.0,
         nat_port: nat_src.1,

@@ -38,6 +38,7 @@ mod maps;
 mod nat;
 mod parse;
 mod sched;
+mod signal;
 mod stats;
 mod table;
 mod trace;

@@ -235,3 +235,8 @@ pub struct SeenData {
 /// Traced packets, read by `lb trace`.
 #[map(name = "TRACE")]
 pub static TRACE: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Signs of backend failure for the agent (`signal`); each agent's load
+/// brings its own ring (not pinned).
+#[map(name = "SIGNALS")]
+pub static SIGNALS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);

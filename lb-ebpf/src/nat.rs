@@ -21,7 +21,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    AF_INET, Backend, MAX_NAT_ADDRS, NAT_F_CLOSING, NAT_PORT_TRIES, NatEntry, NatKey, Settings,
+    AF_INET, Backend, MAX_NAT_ADDRS, NAT_F_CLOSING, NAT_F_REPLIED, NAT_PORT_TRIES, NatEntry,
+    NatKey, Settings,
 };
 use network_types::{
     eth::EthHdr,
@@ -33,6 +34,7 @@ use crate::{
     flow::now_s,
     maps::{NAT, NAT_ADDRS, NAT_CURSOR, NAT_SCRATCH},
     parse::{IPPROTO_TCP, IPPROTO_UDP, Packet, TCP_FIN, TCP_RST, field, ptr_at},
+    signal,
 };
 
 /// A flow's NAT source: which address (index into `NAT_ADDRS`) and port.
@@ -239,8 +241,17 @@ pub(crate) fn reply_for(pkt: &Packet) -> Option<*mut NatEntry> {
         if (*e).last_seen_s != now {
             (*e).last_seen_s = now;
         }
+        let flags = (*e).flags;
+        let mut kept = flags | NAT_F_REPLIED;
         if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            (*e).flags |= NAT_F_CLOSING;
+            kept |= NAT_F_CLOSING;
+            if flags & NAT_F_REPLIED == 0 && pkt.tcp_flags & TCP_RST != 0 {
+                // The backend's first answer to the flow's SYN: refused.
+                signal::rst_on_syn(pkt.family, &pkt.key, &*e);
+            }
+        }
+        if kept != flags {
+            (*e).flags = kept;
         }
     }
     Some(e)

@@ -1,5 +1,5 @@
 //! What the agent observes as it happens, for `/metrics`: health-probe
-//! durations and health transitions, recorded by the health task and
+//! durations, health transitions and the datapath's signals, recorded by the health task and
 //! registered by `metrics`. A room of its own below both, so the runtime
 //! state can hold it without `state` and `metrics` importing each other.
 
@@ -22,6 +22,14 @@ pub(super) struct TransitionLabels {
     pub(super) to: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct SignalLabels {
+    pub(super) vip: String,
+    pub(super) backend: String,
+    /// `syn_again` or `rst_on_syn` (see `datapath::signals`).
+    pub(super) signal: String,
+}
+
 type HistogramFamily = Family<BackendLabels, Histogram, fn() -> Histogram>;
 
 /// Health-probe durations: 0.5 ms to 1 s (the probe timeout is at most
@@ -37,6 +45,8 @@ fn probe_histogram() -> Histogram {
 pub(super) struct AgentMetrics {
     pub(super) probe_seconds: HistogramFamily,
     pub(super) transitions: Family<TransitionLabels, Counter>,
+    /// The datapath's signals of failure, per backend.
+    pub(super) signals: Family<SignalLabels, Counter>,
 }
 
 impl Default for AgentMetrics {
@@ -44,6 +54,7 @@ impl Default for AgentMetrics {
         Self {
             probe_seconds: Family::new_with_constructor(probe_histogram),
             transitions: Family::default(),
+            signals: Family::default(),
         }
     }
 }

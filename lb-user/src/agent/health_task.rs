@@ -12,7 +12,7 @@
 //! A CLI edit that holds the lock for a ring rebuild delays when a
 //! transition is applied, never when a probe is sent.
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -38,6 +38,8 @@ pub(super) struct ProbeJob {
     pub(super) health: config::Health,
     /// Closed when the backend is removed or its task replaced.
     pub(super) alive: watch::Receiver<()>,
+    /// A datapath signal: probe now, a burst (see [`BURST_GAP`]).
+    pub(super) kick: Arc<Notify>,
     pub(super) report: mpsc::UnboundedSender<Observation>,
 }
 
@@ -58,11 +60,14 @@ impl State {
         b.generation = self.next_generation;
         if health.kind == config::CheckKind::None {
             b.probe = None;
+            b.kick = None;
             b.last_result = "not checked (kind = none)".into();
             return None;
         }
         let (alive_tx, alive) = watch::channel(());
         b.probe = Some(alive_tx);
+        let kick = Arc::new(Notify::new());
+        b.kick = Some(kick.clone());
         let mut health = health;
         health.port = probe_port(&v.cfg, &b.cfg, &health);
         Some(ProbeJob {
@@ -72,6 +77,7 @@ impl State {
             generation: b.generation,
             health,
             alive,
+            kick,
             report: self.observations.clone(),
         })
     }
@@ -156,6 +162,17 @@ impl State {
     }
 }
 
+/// The gap between the probes of a burst: a datapath signal (see
+/// `signals`) makes the probe task probe at once and, while probes fail,
+/// again after this gap, up to `fall` probes: a backend that is gone is
+/// down after `fall` quick failures instead of `fall` intervals, and a
+/// false signal costs a probe that succeeds.
+pub(super) const BURST_GAP: Duration = Duration::from_millis(10);
+
+/// The least time between two bursts of one backend: a stream of signals
+/// (a busy VIP whose backend hangs) costs at most one burst a second.
+pub(super) const BURST_EVERY: Duration = Duration::from_secs(1);
+
 /// Starts the probe task of one backend.
 pub(super) fn spawn_probe(job: ProbeJob) {
     tokio::spawn(async move {
@@ -166,11 +183,15 @@ pub(super) fn spawn_probe(job: ProbeJob) {
             generation,
             health,
             mut alive,
+            kick,
             report,
         } = job;
         let mut seed = (generation.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
         let target = SocketAddr::new(address, health.port);
         let timeout = Duration::from_millis(health.timeout_ms);
+        // Probes left in the current burst, and when the last one began.
+        let mut burst = 0u32;
+        let mut last_burst: Option<Instant> = None;
         for round in 0u64.. {
             if alive.has_changed().is_err() {
                 return;
@@ -180,11 +201,18 @@ pub(super) fn spawn_probe(job: ProbeJob) {
             seed ^= seed << 17;
             // Up to 10 % jitter so probes of many backends do not fire in lockstep.
             let jitter = Duration::from_millis(seed % (health.interval_ms / 10 + 1));
-            let next =
+            let mut next =
                 tokio::time::Instant::now() + Duration::from_millis(health.interval_ms) + jitter;
             let t0 = Instant::now();
             let outcome = probe(&health.kind, target, timeout).await;
             let latency_ms = t0.elapsed().as_secs_f64() * 1e3;
+            burst = match (burst, &outcome) {
+                (0, _) | (_, Outcome::Ok) => 0,
+                (n, Outcome::Fail(_)) => n - 1,
+            };
+            if burst > 0 {
+                next = tokio::time::Instant::now() + BURST_GAP;
+            }
             let o = Observation {
                 key,
                 vip: vip.clone(),
@@ -197,10 +225,20 @@ pub(super) fn spawn_probe(job: ProbeJob) {
             if report.send(o).is_err() {
                 return;
             }
-            tokio::select! {
-                _ = tokio::time::sleep_until(next) => {}
-                // Only a closed channel wakes this: the task is over.
-                _ = alive.changed() => {}
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next) => break,
+                    // Only a closed channel wakes this: the task is over.
+                    _ = alive.changed() => break,
+                    _ = kick.notified() => {
+                        if last_burst.is_none_or(|t| t.elapsed() >= BURST_EVERY) {
+                            last_burst = Some(Instant::now());
+                            burst = health.fall.max(1);
+                            tracing::info!(vip = %vip, backend = %address, "a datapath signal: probing the backend at once");
+                            break;
+                        }
+                    }
+                }
             }
         }
     });

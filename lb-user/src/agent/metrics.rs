@@ -48,6 +48,13 @@ fn agent_registry(m: AgentMetrics) -> Registry {
         "Backend health transitions, by the state entered.",
         m.transitions,
     );
+    r.register(
+        "lb_backend_signals",
+        "Signs of failure the datapath saw, by backend and signal (syn_again: a client sent its SYN \
+         again; rst_on_syn: a NAT backend refused a new connection); each makes the agent probe \
+         the backend at once.",
+        m.signals,
+    );
     r
 }
 

@@ -19,7 +19,8 @@
 //! `views` (what the CLI reads), `metrics` (Prometheus), `announce` (VIP
 //! routes for BIRD, pure decision + kernel side) and `node` (this node's
 //! announcement and drain state), `drop_events` (the datapath's rare drops
-//! into the log). This file: startup, the instance lock,
+//! into the log), `signals` (the datapath's signs of backend failure wake
+//! the probes). This file: startup, the instance lock,
 //! shutdown and `lb down`.
 
 mod agent_metrics;
@@ -35,6 +36,7 @@ mod nexthop;
 mod node;
 mod plan;
 mod reconcile;
+mod signals;
 mod state;
 mod views;
 mod what_if;
@@ -213,6 +215,7 @@ pub async fn run_until(
     )?;
     let mut dp = Dataplane::new(ebpf);
     let drop_log = crate::datapath::drop_log::DropLog::take(dp.object_mut());
+    let signal_ring = crate::datapath::signals::SignalRing::take(dp.object_mut());
     dp.set_settings(&encode::settings(&cfg.agent, cpus()))?;
     let (v4, v6) = encode::nat_addrs(&cfg.agent);
     dp.set_nat_addrs(&v4, &v6)?;
@@ -315,6 +318,13 @@ pub async fn run_until(
         Err(e) => tracing::warn!(
             error = format!("{e:#}"),
             "the datapath's drop events will not be logged"
+        ),
+    }
+    match signal_ring {
+        Ok(ring) => signals::spawn(&shared, ring)?,
+        Err(e) => tracing::warn!(
+            error = format!("{e:#}"),
+            "the datapath's signals of backend failure will not be read: probes alone decide"
         ),
     }
     for s in spawns {

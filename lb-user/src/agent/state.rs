@@ -96,6 +96,8 @@ pub(super) struct BackendRt {
     /// Keeps the probe task alive; dropping it (backend removed, task
     /// replaced) ends the task.
     pub(super) probe: Option<tokio::sync::watch::Sender<()>>,
+    /// Wakes the probe task for a burst of probes now (a datapath signal).
+    pub(super) kick: Option<std::sync::Arc<tokio::sync::Notify>>,
     /// Until when announcement waits for this backend's first verdict
     /// (see `unsettled`).
     pub(super) verdict_due: Instant,
@@ -353,6 +355,7 @@ impl State {
             resolved: false,
             generation: 0,
             probe: None,
+            kick: None,
             verdict_due: Instant::now() + first_verdict_bound(health),
         })
     }
