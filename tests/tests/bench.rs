@@ -436,11 +436,23 @@ impl LabRun {
         prepare: impl FnOnce(&Lab),
         edit: impl FnOnce(String) -> String,
     ) -> Self {
+        Self::start_forwarding(prefix, "dsr", health, prepare, edit)
+    }
+
+    /// [`LabRun::start_with`] with the lab's VIPs in `forwarding` mode.
+    fn start_forwarding(
+        prefix: &str,
+        forwarding: &str,
+        health: &str,
+        prepare: impl FnOnce(&Lab),
+        edit: impl FnOnce(String) -> String,
+    ) -> Self {
         let lab = Lab::with_exe(prefix, std::path::Path::new(LB));
         lab.up().expect("lab up");
         prepare(&lab);
         let cfg = lab.run_dir().join("lb.toml");
-        std::fs::write(&cfg, edit(lab.agent_config("dsr", "5-tuple", health))).expect("config");
+        std::fs::write(&cfg, edit(lab.agent_config(forwarding, "5-tuple", health)))
+            .expect("config");
         let log = std::fs::File::create(lab.run_dir().join("agent.log")).expect("log");
         let agent = Command::new(LB)
             .args(["run", "--config"])
@@ -681,10 +693,11 @@ fn bench_http() {
     );
 }
 
-#[test]
-#[ignore = "benchmark: cargo xtask bench"]
-fn bench_failover() {
-    let r = LabRun::start("bf", "kind = \"http\"\npath = \"/healthz\"");
+/// Ten failovers of backend 2 under 200 new connections/s: `fail` breaks
+/// it 0.7 s into each repetition, `heal` mends it after. Per repetition,
+/// kill → the last new connection that failed (none failed: counted apart,
+/// never as 0 ms). The JSON object `bench` for BENCHMARKS.md.
+fn failover_reps(r: &LabRun, bench: &str, what: &str, fail: impl Fn(), heal: impl Fn()) {
     let mut times = Vec::new();
     let mut no_failure = 0;
     for rep in 0..10 {
@@ -698,7 +711,7 @@ fn bench_failover() {
             samples.clone(),
         );
         std::thread::sleep(Duration::from_millis(700));
-        r.lab.stop_backend(2).expect("kill");
+        fail();
         let kill = start.elapsed();
         for h in handles {
             h.join().unwrap();
@@ -706,8 +719,6 @@ fn bench_failover() {
         let s = samples.lock().unwrap();
         // 200 requests/s for 2.2 s offer 440; a slow VM completes fewer.
         assert!(s.len() >= 250, "repetition {rep}: only {} samples", s.len());
-        // A repetition where no connection happened to reach the dead
-        // backend measured nothing: it is counted apart, never as 0 ms.
         let last = s
             .iter()
             .filter(|s| s.result.is_err() && s.at >= kill)
@@ -715,14 +726,14 @@ fn bench_failover() {
             .reduce(f64::max);
         drop(s);
         println!(
-            "failover {rep}: last new connection to the dead backend {:?} ms after the kill",
+            "{bench} {rep}: last new connection to the failed backend {:?} ms after the failure",
             last.map(|l| (l * 1e3).round())
         );
         match last {
             Some(l) => times.push(l),
             None => no_failure += 1,
         }
-        r.lab.start_backend(2).expect("restart");
+        heal();
         let t0 = Instant::now();
         // Up means listed and up: an API error is not an answer.
         while !r
@@ -742,9 +753,86 @@ fn bench_failover() {
     let mut s = times.clone();
     s.sort_by(f64::total_cmp);
     emit(
-        json!({"bench": "failover", "repetitions": 10, "measured": times.len(), "no_failure": no_failure,
+        json!({"bench": bench, "what": what, "repetitions": 10, "measured": times.len(), "no_failure": no_failure,
         "min_s": s[0], "median_s": median(times.clone()), "max_s": s[s.len() - 1],
         "health": "http /healthz every 200 ms, timeout 150 ms, fall 3 (defaults)", "rate_rps": 200}),
+    );
+}
+
+const HEALTHZ: &str = "kind = \"http\"\npath = \"/healthz\"";
+
+/// Probes alone: a `dsr` backend's server is killed (its RSTs go to the
+/// clients directly, the datapath sees none).
+#[test]
+#[ignore = "benchmark: cargo xtask bench"]
+fn bench_failover() {
+    let r = LabRun::start("bf", HEALTHZ);
+    failover_reps(
+        &r,
+        "failover",
+        "dsr, server killed (probes alone)",
+        || r.lab.stop_backend(2).expect("kill"),
+        || r.lab.start_backend(2).expect("restart"),
+    );
+}
+
+/// A NAT backend's server is killed: its RST to the next new connection
+/// crosses the balancer, which signals it (`rst_on_syn`).
+#[test]
+#[ignore = "benchmark: cargo xtask bench"]
+fn bench_failover_nat() {
+    let r = LabRun::start_forwarding(
+        "bfn",
+        "nat",
+        HEALTHZ,
+        |lab| {
+            // NAT replies pass the LB's XDP: finished checksums, as on a wire.
+            for i in 1..=lab::BACKENDS {
+                let st = Command::new("ip")
+                    .args(["netns", "exec", &lab.backend_ns(i)])
+                    .args(["ethtool", "-K", "eth0", "tx", "off"])
+                    .status()
+                    .expect("ethtool");
+                assert!(st.success(), "ethtool in b{i}");
+            }
+        },
+        |t| t,
+    );
+    failover_reps(
+        &r,
+        "failover_nat",
+        "nat, server killed (its RST signalled)",
+        || r.lab.stop_backend(2).expect("kill"),
+        || r.lab.start_backend(2).expect("restart"),
+    );
+}
+
+/// A hung `dsr` backend: its host drops every packet to port 80 (SYNs and
+/// probes alike, as a wedged server whose backlog is full). Clients send
+/// their SYN again after 1 s, which the datapath signals (`syn_again`).
+#[test]
+#[ignore = "benchmark: cargo xtask bench"]
+fn bench_failover_hung() {
+    let r = LabRun::start("bfh", HEALTHZ);
+    let ns = r.lab.backend_ns(2);
+    let nft = |args: &str| {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &ns, "nft"])
+            .args(args.split(' '))
+            .status()
+            .expect("nft");
+        assert!(st.success(), "nft {args}");
+    };
+    failover_reps(
+        &r,
+        "failover_hung",
+        "dsr, backend drops every packet to its port (hung)",
+        || {
+            nft("add table inet hang");
+            nft("add chain inet hang in { type filter hook input priority 0 ; }");
+            nft("add rule inet hang in tcp dport 80 drop");
+        },
+        || nft("delete table inet hang"),
     );
 }
 

@@ -193,6 +193,14 @@ fn all(root: &Path) -> Result<()> {
         ),
         ("bench_failover", "failover time, ten repetitions"),
         (
+            "bench_failover_nat",
+            "failover of a NAT backend (its RST signalled), ten repetitions",
+        ),
+        (
+            "bench_failover_hung",
+            "failover of a hung backend (SYNs dropped), ten repetitions",
+        ),
+        (
             "bench_node_failover",
             "LB-node failover behind a BGP router, ten repetitions",
         ),
@@ -458,6 +466,29 @@ fn markdown(r: &Value) -> String {
              and they are left out rather than counted as 0 ms.\n",
             fo["measured"], fo["repetitions"], fo["no_failure"]
         ));
+    }
+    // The datapath's signals beside probes alone (README \"Failure seen by
+    // the datapath\"); runs before they existed have only the first row.
+    let rows: Vec<&Value> = ["failover", "failover_nat", "failover_hung"]
+        .iter()
+        .map(|k| &r[*k])
+        .filter(|v| v.get("what").is_some())
+        .collect();
+    if rows.len() > 1 {
+        o.push_str(
+            "\nBy failure (same load and health settings; kill → last new connection that failed, ten \
+             repetitions each):\n\n| failure | median | max | repetitions measured |\n|---|---:|---:|---:|\n",
+        );
+        for v in rows {
+            o.push_str(&format!(
+                "| {} | {:.0} ms | {:.0} ms | {} of {} |\n",
+                v["what"].as_str().unwrap_or(""),
+                f(&v["median_s"]) * 1e3,
+                f(&v["max_s"]) * 1e3,
+                v["measured"],
+                v["repetitions"]
+            ));
+        }
     }
     let nf = &r["node_failover"];
     if !nf.is_null() {
