@@ -138,6 +138,10 @@ pub const FLOW_F_COUNTED: u16 = 1 << 0;
 /// seen since. A second SYN on such an entry is the client sending its SYN
 /// again: no SYN-ACK reached it (a [`SIGNAL_SYN_AGAIN`]).
 pub const FLOW_F_OPENING: u16 = 1 << 1;
+/// [`Flow::flags`]: with [`FLOW_F_OPENING`], the SYN sent again was
+/// signalled already: one signal per connection attempt, however often its
+/// client sends the SYN.
+pub const FLOW_F_SIGNALLED: u16 = 1 << 2;
 
 /// What the datapath tells the agent about a backend (`SIGNALS`, a ring):
 /// a sign of failure that the agent checks at once with probes (only

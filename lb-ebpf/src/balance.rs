@@ -13,9 +13,9 @@ use core::ptr::NonNull;
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    Backend, FLOW_F_COUNTED, FLOW_F_OPENING, Flow, PROTO_TCP, SCHED_LEAST_CONN, SETTINGS_F_FIB,
-    Settings, VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NAT, VIP_F_NO_FLOW_TABLE, VipMeta, hash,
-    trace_ring, trace_table, verdict,
+    Backend, FLOW_F_COUNTED, FLOW_F_OPENING, FLOW_F_SIGNALLED, Flow, PROTO_TCP, SCHED_LEAST_CONN,
+    SETTINGS_F_FIB, Settings, VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NAT, VIP_F_NO_FLOW_TABLE,
+    VipMeta, hash, trace_ring, trace_table, verdict,
 };
 
 use crate::{
@@ -205,6 +205,9 @@ pub(crate) struct Choice {
     /// The clock in seconds, 0 until some stage read it (it is dear here:
     /// BENCHMARKS.md's cost rows).
     now: u32,
+    /// Flags the new entry keeps from the one it replaces
+    /// (`FLOW_F_SIGNALLED` for a SYN sent again).
+    carry: u16,
 }
 
 /// Keeps the flow's backend, unless the flow opens anew (a SYN without
@@ -216,6 +219,7 @@ fn choose<O: Observe>(pkt: &Packet, found: &Found, seen: &mut O) -> Result<Choic
     let vip = &found.vip;
     let mut now = 0;
     let mut uncount = None;
+    let mut carry = 0;
     let opening = pkt.key.proto == PROTO_TCP
         && pkt.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN;
     if let Some(p) = found.at {
@@ -235,8 +239,13 @@ fn choose<O: Observe>(pkt: &Packet, found: &Found, seen: &mut O) -> Result<Choic
         let fresh = if opening {
             seen.table(trace_table::SYN);
             if flags & FLOW_F_OPENING != 0 {
-                // The client's SYN again: no SYN-ACK reached it.
-                signal::syn_again(id, pkt.family, &pkt.key);
+                // The client's SYN again: no SYN-ACK reached it. Signalled
+                // once per attempt (the micro-benchmark's SYN case sends
+                // one SYN over and over: it pays this once).
+                if flags & FLOW_F_SIGNALLED == 0 {
+                    signal::syn_again(id, pkt.family, &pkt.key);
+                }
+                carry = FLOW_F_SIGNALLED;
             }
             false
         } else if vip.idle_timeout_s != 0 {
@@ -259,7 +268,7 @@ fn choose<O: Observe>(pkt: &Packet, found: &Found, seen: &mut O) -> Result<Choic
         let counted = flags & FLOW_F_COUNTED != 0;
         if fresh && let Some(b) = backend(id) {
             // Past the SYN (a SYN is never `fresh`): the flow has opened.
-            let mut kept = flags & !FLOW_F_OPENING;
+            let mut kept = flags & !(FLOW_F_OPENING | FLOW_F_SIGNALLED);
             if counted && pkt.tcp_flags & (parse::TCP_FIN | parse::TCP_RST) != 0 {
                 // The connection is ending: it no longer counts as active.
                 active_add(id, u64::MAX);
@@ -294,6 +303,7 @@ fn choose<O: Observe>(pkt: &Packet, found: &Found, seen: &mut O) -> Result<Choic
                 nat_src,
                 nat_refresh,
                 now,
+                carry: 0,
             });
         }
         if fresh {
@@ -338,6 +348,7 @@ fn choose<O: Observe>(pkt: &Packet, found: &Found, seen: &mut O) -> Result<Choic
         nat_src: None,
         nat_refresh: false,
         now,
+        carry,
     })
 }
 
@@ -475,7 +486,7 @@ fn record(pkt: &Packet, found: &Found, c: &mut Choice, nat_src: (u16, u16)) {
             | if pkt.key.proto == PROTO_TCP
                 && pkt.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN
             {
-                FLOW_F_OPENING
+                FLOW_F_OPENING | c.carry
             } else {
                 0
             },

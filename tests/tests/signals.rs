@@ -188,8 +188,12 @@ fn a_syn_sent_again_costs_probes_that_succeed_never_a_failover() {
     }
     assert_eq!(signals(&d, &b1, "syn_again"), 1, "only the SYN sent again");
     assert_eq!(bursts(&agent, &b1), 1, "log:\n{}", agent.log_text());
-    // A third SYN within the second: counted, but no second burst.
+    // The same SYN a third time: one signal per connection attempt.
     run(&syn(41001));
+    // Another attempt whose SYN comes again, within the second: counted,
+    // but no second burst.
+    run(&syn(41002));
+    run(&syn(41002));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(signals(&d, &b1, "syn_again"), 2);
     assert_eq!(bursts(&agent, &b1), 1, "at most one burst a second");
