@@ -1,6 +1,7 @@
 //! The userspace side of the load balancer. The folders say what runs on a
 //! production node and what is tooling:
 //!
+//! - `backend_host`: `lb backend-host`, the backend side of `ipip` VIPs;
 //! - `agent`: `lb run`, the daemon (state, reconcile, health tasks, control
 //!   socket served per `api`, metrics, announcement);
 //! - `datapath`: loading the XDP object and the typed facade over its maps;
@@ -19,6 +20,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod backend_host;
 pub mod cli;
 pub mod config;
 pub mod datapath;

@@ -91,7 +91,8 @@ vocab!(
     Forwarding, "forwarding" {
         /// L2 direct server return: MAC rewrite; the backend owns the VIP.
         Dsr = "dsr",
-        /// IPIP/IP6IP6 encapsulation; the backend runs `lb_decap`.
+        /// IPIP/IP6IP6 encapsulation; the backend runs `lb backend-host`
+        /// (`lb_decap`).
         Ipip = "ipip",
         /// Full NAT: to the backend's address and port from a balancer
         /// address; replies come back through the balancer.

@@ -76,6 +76,16 @@ pub fn build(root: &Path, binary: &Path, quick: bool) -> Result<PathBuf> {
     let unit_path = dir("lib/systemd/system")?.join("lb.service");
     std::fs::write(&unit_path, unit)?;
     set_mode(&unit_path, 0o644)?;
+    // The backend host's template unit (one instance per interface).
+    let unit = std::fs::read_to_string(root.join("dist/lb-backend-host@.service"))?
+        .replace("/usr/local/bin/lb", "/usr/bin/lb")
+        .replace(
+            "# Install: see README, \"Install on a backend host\".",
+            "# Installed by the lb package.",
+        );
+    let unit_path = dir("lib/systemd/system")?.join("lb-backend-host@.service");
+    std::fs::write(&unit_path, unit)?;
+    set_mode(&unit_path, 0o644)?;
     put(
         &root.join("lb-user/lb.example.toml"),
         &dir("etc/lb")?.join("lb.toml"),
@@ -100,6 +110,7 @@ pub fn build(root: &Path, binary: &Path, quick: bool) -> Result<PathBuf> {
          Reload: systemctl reload lb        Status: lb status, lb health, lb stats\n\
          Manual: man lb (one page per subcommand: man lb-vip-add, ...)\n\
          Grafana dashboard: /usr/share/lb/grafana/lb.json\n\
+         Backend hosts of ipip VIPs: systemctl enable --now lb-backend-host@eth0\n\
          HTTP API (agent.api_listen): OpenAPI document /usr/share/lb/openapi.json\n\
          Project README: the README.md of the source tree.\n",
     )?;
@@ -227,11 +238,17 @@ fn installed_ok() -> Result<()> {
     if !unit.contains("ExecStart=/usr/bin/lb run --config /etc/lb/lb.toml") {
         bail!("the installed unit does not run /usr/bin/lb:\n{unit}");
     }
+    let unit = std::fs::read_to_string("/lib/systemd/system/lb-backend-host@.service")
+        .context("the package installs lb-backend-host@.service")?;
+    if !unit.contains("ExecStart=/usr/bin/lb backend-host run --interface %i") {
+        bail!("the installed backend-host unit does not run /usr/bin/lb:\n{unit}");
+    }
     for f in [
         "/usr/share/man/man1/lb.1.gz",
         "/usr/share/bash-completion/completions/lb",
         "/usr/share/lb/grafana/lb.json",
         "/usr/share/lb/openapi.json",
+        "/lib/systemd/system/lb-backend-host@.service",
     ] {
         if !Path::new(f).exists() {
             bail!("the package did not install {f}");

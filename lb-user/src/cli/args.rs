@@ -113,6 +113,14 @@ pub(super) enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// The backend side of `ipip` VIPs, on each backend host: `lb_decap`
+    /// attached and pinned (`lb backend-host run --interface eth0`), its
+    /// counters, and its removal.
+    #[command(name = "backend-host")]
+    BackendHost {
+        #[command(subcommand)]
+        cmd: BackendHostCmd,
+    },
     /// This node's VIP announcement: `drain` withdraws every VIP and waits
     /// until new flows stop arriving; `resume` announces again.
     Node {
@@ -290,6 +298,51 @@ pub(super) enum LabCmd {
     Demo {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
         nodes: u8,
+    },
+}
+
+#[derive(Subcommand)]
+pub(super) enum BackendHostCmd {
+    /// Attach `lb_decap` to INTERFACE (or swap it into the link an earlier
+    /// run pinned: no packet goes undecapsulated), keep the addresses it
+    /// decapsulates for current, serve its counters; stopped, it stays
+    /// attached. `lb backend-host run --interface eth0 --metrics-listen
+    /// 127.0.0.1:9101`
+    Run {
+        /// The interface the balancer's encapsulated packets arrive on.
+        #[arg(long)]
+        interface: String,
+        /// An address to decapsulate for (the backend's address in the
+        /// balancer's `[[vip.backend]]`); repeatable. Default: every global
+        /// address of the interface, followed as it changes.
+        #[arg(long = "address")]
+        addresses: Vec<std::net::IpAddr>,
+        /// Names the pins (`/sys/fs/bpf/lb-backend/<instance>/`).
+        #[arg(long, default_value = "default")]
+        instance: String,
+        #[arg(long, value_enum, default_value_t = crate::vocab::XdpMode::Auto)]
+        xdp_mode: crate::vocab::XdpMode,
+        /// Serve `lb_decap_packets_total{verdict}` on ADDRESS:PORT.
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
+        /// Network namespace (a name under /run/netns) to work in; for labs
+        /// and tests. Unlike `ip netns exec`, this keeps the host's mount
+        /// namespace, so the pins land in the host's bpffs.
+        #[arg(long)]
+        netns: Option<String>,
+    },
+    /// The decap counters of an instance (read from its pins): `lb
+    /// backend-host stats --json`
+    Stats {
+        #[arg(long, default_value = "default")]
+        instance: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach `lb_decap` and remove the instance's pins.
+    Down {
+        #[arg(long, default_value = "default")]
+        instance: String,
     },
 }
 

@@ -12,7 +12,7 @@ mod trace;
 mod what_if;
 
 pub use args::DEFAULT_CONFIG;
-use args::{BackendCmd, Cli, Cmd, Conn, LabCmd, LoadgenArgs, NodeCmd, VipCmd};
+use args::{BackendCmd, BackendHostCmd, Cli, Cmd, Conn, LabCmd, LoadgenArgs, NodeCmd, VipCmd};
 use render::{backend_list, done, explain, health, print_json, print_stats, status, vip_list};
 use what_if::{vip_set_what, what_if_cmd};
 
@@ -40,6 +40,9 @@ fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match &cli.cmd {
         Cmd::Run { log_format, .. } => logging::init(*log_format, "info"),
+        Cmd::BackendHost {
+            cmd: BackendHostCmd::Run { .. },
+        } => logging::init(LogFormat::Text, "info"),
         _ => logging::init(LogFormat::Text, "warn"),
     }
     match cli.cmd {
@@ -86,6 +89,7 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Cmd::Node { cmd, conn } => node(cmd, &conn),
+        Cmd::BackendHost { cmd } => backend_host(cmd),
         Cmd::Explain {
             vip,
             client,
@@ -540,4 +544,48 @@ fn attach(iface: &str, mode: crate::vocab::XdpMode, seconds: u64) -> Result<()> 
     }
     println!("detaching");
     Ok(())
+}
+
+fn backend_host(cmd: BackendHostCmd) -> Result<()> {
+    use crate::backend_host as bh;
+    match cmd {
+        BackendHostCmd::Run {
+            interface,
+            addresses,
+            instance,
+            xdp_mode,
+            metrics_listen,
+            netns,
+        } => {
+            let o = bh::Options {
+                interface,
+                addresses,
+                instance,
+                xdp_mode,
+            };
+            match netns {
+                Some(ns) => crate::host::netns::in_netns(&ns, || bh::run(&o, metrics_listen))?,
+                None => bh::run(&o, metrics_listen),
+            }
+        }
+        BackendHostCmd::Stats { instance, json } => {
+            let s = bh::stats(&instance)?;
+            if json {
+                return print_json(&serde_json::to_value(s)?);
+            }
+            println!(
+                "decapsulated {}  passed {}  malformed {}",
+                s.decapsulated, s.passed, s.malformed
+            );
+            Ok(())
+        }
+        BackendHostCmd::Down { instance } => {
+            if bh::down(&instance)? {
+                println!("backend host `{instance}`: lb_decap detached, pins removed");
+            } else {
+                println!("backend host `{instance}`: nothing pinned, nothing to do");
+            }
+            Ok(())
+        }
+    }
 }

@@ -467,12 +467,25 @@ pub fn attach_pinned(
     dir: &std::path::Path,
     link_name: &str,
 ) -> Result<(aya::programs::links::PinnedLink, String)> {
+    attach_pinned_program(ebpf, lb_common::PROG_BALANCER, iface, mode, dir, link_name)
+}
+
+/// [`attach_pinned`] for program `prog_name` (the backend host's
+/// `lb_decap`).
+pub fn attach_pinned_program(
+    ebpf: &mut Ebpf,
+    prog_name: &str,
+    iface: &str,
+    mode: XdpMode,
+    dir: &std::path::Path,
+    link_name: &str,
+) -> Result<(aya::programs::links::PinnedLink, String)> {
     use aya::programs::{
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
     };
     let link_path = dir.join(link_name);
-    let prog = xdp_program(ebpf, lb_common::PROG_BALANCER)?;
+    let prog = xdp_program(ebpf, prog_name)?;
     if link_path.exists() {
         let pinned = PinnedLink::from_pin(&link_path)
             .with_context(|| format!("opening the pinned link {}", link_path.display()))?;
@@ -480,33 +493,66 @@ pub fn attach_pinned(
         let link = XdpLink::try_from(fd).context("the pinned link is not an XDP link")?;
         prog.attach_to_link(link)
             .context("swapping the new program into the pinned link")?;
-        pin_program(ebpf, dir)?;
+        pin_program(ebpf, prog_name, dir)?;
         let pinned = PinnedLink::from_pin(&link_path).context("reopening the pinned link")?;
         return Ok((
             pinned,
             "adopted the running datapath (program replaced atomically)".into(),
         ));
     }
-    let (used, id) = attach_with_id(ebpf, lb_common::PROG_BALANCER, iface, mode)?;
-    let prog = xdp_program(ebpf, lb_common::PROG_BALANCER)?;
+    let (used, id) = attach_with_id(ebpf, prog_name, iface, mode)?;
+    let prog = xdp_program(ebpf, prog_name)?;
     let link = prog.take_link(id).context("taking the XDP link")?;
     let fd = FdLink::try_from(link).context("XDP link is not an fd link (kernel < 5.9?)")?;
     let pinned = fd
         .pin(&link_path)
         .with_context(|| format!("pinning the link at {}", link_path.display()))?;
-    pin_program(ebpf, dir)?;
+    pin_program(ebpf, prog_name, dir)?;
     Ok((pinned, format!("attached to {iface} in {used} mode")))
 }
 
-/// Pins the running balancer program at `dir/prog` (replacing an earlier
-/// agent's), next to the maps and the link, for inspection with bpftool.
-fn pin_program(ebpf: &mut Ebpf, dir: &std::path::Path) -> Result<()> {
+/// Pins the running program at `dir/prog` (replacing an earlier agent's),
+/// next to the maps and the link, for inspection with bpftool.
+fn pin_program(ebpf: &mut Ebpf, prog_name: &str, dir: &std::path::Path) -> Result<()> {
     let path = dir.join("prog");
     let _ = std::fs::remove_file(&path);
-    xdp_program(ebpf, lb_common::PROG_BALANCER)?
+    xdp_program(ebpf, prog_name)?
         .pin(&path)
         .with_context(|| format!("pinning the program at {}", path.display()))
 }
+
+/// Loads the datapath object for a backend host: only `lb_decap` is
+/// verified, the balancer's maps at their smallest (it uses none of them),
+/// and its own two maps pinned in `dir/maps`, so a restart keeps the
+/// addresses and the counters.
+pub fn load_decap_pinned(dir: &std::path::Path) -> Result<Ebpf> {
+    let opts = LoadOptions {
+        flow_table_size: 1024,
+        max_vips: 1,
+        max_backends: 1,
+        ring_slots: 1,
+    };
+    let maps_dir = dir.join("maps");
+    std::fs::create_dir_all(&maps_dir)
+        .with_context(|| format!("creating {}", maps_dir.display()))?;
+    let globals = opts.globals();
+    let mut loader = EbpfLoader::new();
+    opts.apply(&mut loader, &globals);
+    let paths: Vec<(&str, std::path::PathBuf)> =
+        DECAP_MAPS.iter().map(|n| (*n, maps_dir.join(n))).collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).context(
+        "loading the datapath object into the kernel failed (are you root, with BPF enabled?)",
+    )?;
+    load_program(&mut ebpf, lb_common::PROG_DECAP)?;
+    Ok(ebpf)
+}
+
+/// The maps a backend host pins: the addresses it decapsulates for, and
+/// its verdict counters.
+pub const DECAP_MAPS: &[&str] = &[lb_common::MAP_DECAP_ADDRS, lb_common::MAP_DECAP_VERDICTS];
 
 /// Detaches and removes everything an instance pinned.
 pub fn remove_pins(dir: &std::path::Path) -> Result<bool> {

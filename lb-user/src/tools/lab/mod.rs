@@ -170,6 +170,11 @@ impl Lab {
         PathBuf::from("/sys/fs/bpf/lb-lab").join(&self.prefix)
     }
 
+    /// The `lb backend-host` instance of backend `i`.
+    pub fn backend_host_instance(&self, i: usize) -> String {
+        format!("{}-b{i}", self.prefix)
+    }
+
     pub(crate) fn exec(&self, ns: &str, args: &[&str]) -> Result<String> {
         let mut a = vec!["netns", "exec", ns];
         a.extend_from_slice(args);
@@ -274,9 +279,16 @@ impl Lab {
             let port = format!("p-{}", routed::short(n));
             self.pin_program(&br, &port, lb_common::PROG_PASS, &[])?;
         }
+        // The backends' `lb_decap` the way a backend host runs it (`lb
+        // backend-host run`), pinned under its own instance.
         for i in (1..=BACKENDS).filter(|_| !self.bare) {
-            let addrs = [backend4(i).parse()?, backend6(i).parse()?];
-            self.pin_program(&self.backend_ns(i), "eth0", lb_common::PROG_DECAP, &addrs)?;
+            let o = crate::backend_host::Options {
+                interface: "eth0".into(),
+                addresses: vec![backend4(i).parse()?, backend6(i).parse()?],
+                instance: self.backend_host_instance(i),
+                xdp_mode: crate::vocab::XdpMode::Native,
+            };
+            in_netns(&self.backend_ns(i), || crate::backend_host::attach(&o))??;
         }
         if self.redis {
             self.add_addrs(
@@ -422,6 +434,9 @@ impl Lab {
         }
         self.stop_daemons();
         let _ = std::fs::remove_dir_all(self.pin_dir());
+        for i in 1..=BACKENDS {
+            let _ = crate::backend_host::down(&self.backend_host_instance(i));
+        }
         let list = run_ok("ip", &["netns", "list"]).unwrap_or_default();
         for line in list.lines() {
             let name = line.split_whitespace().next().unwrap_or("");
