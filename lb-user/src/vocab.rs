@@ -126,6 +126,18 @@ vocab!(
 );
 
 vocab!(
+    /// Where a health probe goes (`vip.health.via`).
+    ProbeVia, "health via" {
+        /// Along the VIP's forwarding path: `dsr` to VIP:port at the
+        /// backend's MAC, `ipip` encapsulated as data (`nat`: the backend's
+        /// address, which is its path).
+        Path = "path",
+        /// To the backend's own address (the server, not the path).
+        Address = "address",
+    }
+);
+
+vocab!(
     /// How new flows pick a backend.
     Scheduler, "scheduler" {
         Maglev = "maglev",

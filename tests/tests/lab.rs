@@ -684,3 +684,89 @@ fn nat_carries_http_to_bare_backends_and_survives_kill_9() {
     assert!(s.len() > 600);
     assert_eq!(failed, 0);
 }
+
+/// Path probes (the default, `health.via = "path"`) see what a probe of
+/// the backend's address cannot: a `dsr` backend that lost the VIP from its
+/// loopback, an `ipip` backend whose `lb backend-host` program is gone. The
+/// server keeps answering on its own address all along; the backend is out
+/// within the failover bound and back when the path is mended, and `lb
+/// health` says why.
+#[test]
+fn path_probes_take_out_a_backend_the_vip_no_longer_reaches() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut r = Running::start("lt-pp", "dsr", "5-tuple", "kind = \"tcp\"");
+    let b2 = lab::backend4(2);
+    let ns = r.lab.backend_ns(2);
+    let ip = |args: &[&str]| {
+        let st = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "ip"])
+            .args(args)
+            .status()
+            .expect("ip");
+        assert!(st.success(), "ip {args:?}");
+    };
+    let wait = |r: &Running, want: &str, what: &str| {
+        let t0 = Instant::now();
+        while r.state(&b2) != want {
+            assert!(
+                t0.elapsed() < Duration::from_secs(3),
+                "{what}: b2 is {}",
+                r.state(&b2)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t0.elapsed()
+    };
+    let last_result = |r: &Running| {
+        r.backends()
+            .expect("backends")
+            .into_iter()
+            .find(|b| b.address.to_string() == b2)
+            .map(|b| (b.last_result, b.probe.unwrap_or_default()))
+            .unwrap_or_default()
+    };
+    let (_, probe) = last_result(&r);
+    assert!(probe.contains("via the path (dsr)"), "{probe}");
+
+    // dsr: the VIP leaves b2's loopback; the server still listens.
+    ip(&["addr", "del", &format!("{}/32", lab::VIP4), "dev", "lo"]);
+    let out = wait(&r, "down", "VIP off the loopback");
+    let (why, _) = last_result(&r);
+    println!("dsr, VIP removed → b2 down in {out:?}: {why}");
+    assert!(why.contains("no answer via the path"), "{why}");
+    let direct = lb_user::host::netns::in_netns(&r.lab.lb_ns(), || {
+        lab::http_get(&format!("{b2}:80").parse().unwrap(), None, "/")
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .expect("setns");
+    assert_eq!(
+        direct,
+        Ok(()),
+        "b2's server still answers on its own address"
+    );
+    ip(&["addr", "add", &format!("{}/32", lab::VIP4), "dev", "lo"]);
+    let back = wait(&r, "up", "VIP back");
+    println!("dsr, VIP back → b2 up in {back:?}");
+
+    // ipip: b2's lb_decap is detached.
+    r.agent_with("ipip", "5-tuple", "kind = \"tcp\"");
+    let (_, probe) = last_result(&r);
+    assert!(probe.contains("via the path (ipip)"), "{probe}");
+    lb_user::backend_host::down(&r.lab.backend_host_instance(2)).expect("detach");
+    let out = wait(&r, "down", "decap detached");
+    let (why, _) = last_result(&r);
+    println!("ipip, decap detached → b2 down in {out:?}: {why}");
+    assert!(why.contains("lb backend-host"), "{why}");
+    let o = lb_user::backend_host::Options {
+        interface: "eth0".into(),
+        addresses: vec![b2.parse().unwrap(), lab::backend6(2).parse().unwrap()],
+        instance: r.lab.backend_host_instance(2),
+        xdp_mode: lb_user::vocab::XdpMode::Native,
+    };
+    lb_user::host::netns::in_netns(&ns, || lb_user::backend_host::attach(&o).map(|_| ()))
+        .expect("setns")
+        .expect("attach again");
+    let back = wait(&r, "up", "decap back");
+    println!("ipip, decap back → b2 up in {back:?}");
+}

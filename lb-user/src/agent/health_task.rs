@@ -23,7 +23,9 @@ use lb_common::VipKey;
 
 use crate::api::VipRef;
 use crate::config::{self, BackendCfg, Vip};
+use crate::host::syn_probe;
 use crate::policy::health::{Outcome, Transition, probe};
+use crate::vocab::{Forwarding, ProbeVia};
 
 use super::nexthop::datapath_state;
 use super::state::{Observation, State, vip_ref};
@@ -40,6 +42,10 @@ pub(super) struct ProbeJob {
     pub(super) alive: watch::Receiver<()>,
     /// A datapath signal: probe now, a burst (see [`BURST_GAP`]).
     pub(super) kick: Arc<Notify>,
+    /// Probe along the VIP's forwarding path (`health.via = "path"`, `dsr`
+    /// and `ipip`): a SYN to VIP:port as the balancer delivers it, then,
+    /// for `http`, the request to the backend's address.
+    pub(super) path: Option<syn_probe::Path>,
     pub(super) report: mpsc::UnboundedSender<Observation>,
 }
 
@@ -70,6 +76,7 @@ impl State {
         b.kick = Some(kick.clone());
         let mut health = health;
         health.port = probe_port(&v.cfg, &b.cfg, &health);
+        let path = probe_path(&v.cfg, &b.cfg, &health);
         Some(ProbeJob {
             key: v.key,
             vip: vip_ref(&v.cfg),
@@ -78,6 +85,7 @@ impl State {
             health,
             alive,
             kick,
+            path,
             report: self.observations.clone(),
         })
     }
@@ -184,6 +192,7 @@ pub(super) fn spawn_probe(job: ProbeJob) {
             health,
             mut alive,
             kick,
+            path,
             report,
         } = job;
         let mut seed = (generation.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
@@ -204,7 +213,10 @@ pub(super) fn spawn_probe(job: ProbeJob) {
             let mut next =
                 tokio::time::Instant::now() + Duration::from_millis(health.interval_ms) + jitter;
             let t0 = Instant::now();
-            let outcome = probe(&health.kind, target, timeout).await;
+            let outcome = match &path {
+                Some(p) => path_probe(p, &health.kind, target, timeout).await,
+                None => probe(&health.kind, target, timeout).await,
+            };
             let latency_ms = t0.elapsed().as_secs_f64() * 1e3;
             burst = match (burst, &outcome) {
                 (0, _) | (_, Outcome::Ok) => 0,
@@ -264,6 +276,67 @@ pub(super) fn spawn_applier(
     Ok(())
 }
 
+/// A path probe: the SYN along the path within `limit`, then, for `http`,
+/// the request to the backend's own address in what is left of it.
+async fn path_probe(
+    p: &syn_probe::Path,
+    kind: &config::CheckKind,
+    target: SocketAddr,
+    limit: Duration,
+) -> Outcome {
+    let t0 = Instant::now();
+    let pp = *p;
+    let r = tokio::task::spawn_blocking(move || syn_probe::probe(&pp, limit)).await;
+    match r {
+        Ok(Ok(syn_probe::Answer::Open)) => match kind {
+            config::CheckKind::Http { .. } => {
+                probe(kind, target, limit.saturating_sub(t0.elapsed())).await
+            }
+            _ => Outcome::Ok,
+        },
+        Ok(Ok(syn_probe::Answer::Refused)) => Outcome::Fail(format!(
+            "refused via the path: nothing listens on {}",
+            p.vip
+        )),
+        Ok(Ok(syn_probe::Answer::Silent)) => Outcome::Fail(match p.encap {
+            syn_probe::Encap::None => format!(
+                "no answer via the path: is {} on the backend's loopback?",
+                p.vip.ip()
+            ),
+            syn_probe::Encap::Ip => format!(
+                "no answer via the path: does the backend run lb backend-host, with {} on its \
+                 loopback?",
+                p.vip.ip()
+            ),
+        }),
+        Ok(Err(e)) => Outcome::Fail(format!("path probe: {e:#}")),
+        Err(e) => Outcome::Fail(format!("path probe: {e}")),
+    }
+}
+
+/// The path a backend's probe takes with `health.via = "path"`: `dsr` and
+/// `ipip` VIPs (a `nat` backend's own address is its path). `None`: the
+/// probe goes to the backend's address.
+pub(super) fn probe_path(
+    vip: &Vip,
+    b: &BackendCfg,
+    health: &config::Health,
+) -> Option<syn_probe::Path> {
+    if health.via != ProbeVia::Path || health.kind == config::CheckKind::None {
+        return None;
+    }
+    let encap = match vip.forwarding {
+        Forwarding::Dsr => syn_probe::Encap::None,
+        Forwarding::Ipip => syn_probe::Encap::Ip,
+        Forwarding::Nat => return None,
+    };
+    Some(syn_probe::Path {
+        vip: SocketAddr::new(vip.address, health.port),
+        backend: b.address,
+        encap,
+    })
+}
+
 /// The port a backend's probe goes to: a NAT backend on a port of its own
 /// is probed there, unless the health check names a port other than the
 /// VIP's; otherwise `health.port` (the VIP's port by default).
@@ -280,9 +353,26 @@ pub(super) fn probe_port(vip: &Vip, b: &BackendCfg, health: &config::Health) -> 
 pub(super) fn probe_target(vip: &Vip, b: &BackendCfg) -> Option<String> {
     let h = &vip.health;
     let to = SocketAddr::new(b.address, probe_port(vip, b, h));
-    match &h.kind {
-        config::CheckKind::None => None,
-        config::CheckKind::Tcp => Some(format!("tcp {to}")),
-        config::CheckKind::Http { path, .. } => Some(format!("http {to}{path}")),
+    let mut hp = h.clone();
+    hp.port = probe_port(vip, b, h);
+    let via = probe_path(vip, b, &hp).map(|p| {
+        format!(
+            "{} via the path ({}) to {}",
+            match p.encap {
+                syn_probe::Encap::None => "SYN",
+                syn_probe::Encap::Ip => "SYN in IPIP",
+            },
+            vip.forwarding,
+            p.vip
+        )
+    });
+    match (&h.kind, via) {
+        (config::CheckKind::None, _) => None,
+        (config::CheckKind::Tcp, Some(via)) => Some(format!("tcp: {via}")),
+        (config::CheckKind::Tcp, None) => Some(format!("tcp {to}")),
+        (config::CheckKind::Http { path, .. }, Some(via)) => {
+            Some(format!("http {to}{path} after a {via}"))
+        }
+        (config::CheckKind::Http { path, .. }, None) => Some(format!("http {to}{path}")),
     }
 }

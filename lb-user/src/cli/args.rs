@@ -397,6 +397,10 @@ pub(super) enum VipCmd {
         /// Port probed on the backend (default: the VIP's).
         #[arg(long)]
         health_port: Option<u16>,
+        /// Probes along the forwarding path (default) or to the backend's
+        /// address.
+        #[arg(long, value_enum)]
+        health_via: Option<crate::vocab::ProbeVia>,
         /// http checks: the path to GET.
         #[arg(long)]
         health_path: Option<String>,
@@ -407,7 +411,7 @@ pub(super) enum VipCmd {
     /// Change VIP settings live, written back to the file:
     /// `lb vip set 198.18.0.100:80 scheduler=least-connections health.interval_ms=500`.
     /// Keys: forwarding, hash, scheduler, ring_size, flow_table, idle_timeout,
-    /// health.kind, health.interval_ms, health.timeout_ms, health.rise,
+    /// health.kind, health.via, health.interval_ms, health.timeout_ms, health.rise,
     /// health.fall, health.port, health.path, health.expect_status.
     Set {
         vip: VipRef,

@@ -354,6 +354,7 @@ fn vip(cmd: VipCmd, conn: &Conn) -> Result<()> {
             rise,
             fall,
             health_port,
+            health_via,
             health_path,
             expect_status,
         } => {
@@ -375,6 +376,7 @@ fn vip(cmd: VipCmd, conn: &Conn) -> Result<()> {
                     opt("health.rise", rise.map(|v| v.to_string())),
                     opt("health.fall", fall.map(|v| v.to_string())),
                     opt("health.port", health_port.map(|v| v.to_string())),
+                    opt("health.via", health_via.map(|v| v.to_string())),
                     opt("health.path", health_path),
                     opt("health.expect_status", expect_status),
                 ]

@@ -132,6 +132,7 @@ const SETTABLE: &[(&str, Kind)] = &[
     ("health.port", Kind::Int),
     ("health.path", Kind::Str),
     ("health.expect_status", Kind::Str),
+    ("health.via", Kind::Str),
 ];
 
 /// Writes one VIP key; the value's meaning is checked afterwards by

@@ -92,6 +92,8 @@ pub struct Health {
     pub fall: u32,
     /// Port to probe (default: the VIP's port).
     pub port: u16,
+    /// Along the forwarding path (the default) or to the backend's address.
+    pub via: crate::vocab::ProbeVia,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -136,6 +136,8 @@ pub(super) struct RawHealth {
     pub(super) path: String,
     #[serde(default = "default_status")]
     pub(super) expect_status: Spanned<String>,
+    #[serde(default = "default_via")]
+    pub(super) via: Spanned<String>,
 }
 
 impl Default for RawHealth {
@@ -149,6 +151,7 @@ impl Default for RawHealth {
             port: None,
             path: default_path(),
             expect_status: default_status(),
+            via: default_via(),
         }
     }
 }
@@ -229,7 +232,11 @@ pub(super) fn default_fall() -> u32 {
 pub(super) fn default_path() -> String {
     "/healthz".into()
 }
-pub(super) fn default_status() -> Spanned<String> {
+pub(super) fn default_via() -> Spanned<String> {
+    sp("path".into())
+}
+
+fn default_status() -> Spanned<String> {
     sp("200-399".into())
 }
 pub(super) fn default_scheduler() -> Spanned<String> {

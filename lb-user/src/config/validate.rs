@@ -318,6 +318,11 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             })? },
             other => return Err(err(Some(h.kind.span()), format!("health kind `{other}` is not \"tcp\", \"http\" or \"none\""))),
         };
+        let via: crate::vocab::ProbeVia = h
+            .via
+            .get_ref()
+            .parse()
+            .map_err(|e: String| err(Some(h.via.span()), e))?;
         if h.interval_ms == 0 || h.timeout_ms == 0 || h.rise == 0 || h.fall == 0 {
             return Err(err(
                 Some(h.kind.span()),
@@ -499,6 +504,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
                 rise: h.rise,
                 fall: h.fall,
                 port: h.port.unwrap_or(v.port),
+                via,
             },
             backends,
         });

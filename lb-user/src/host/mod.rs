@@ -5,3 +5,4 @@
 pub mod iproute;
 pub mod netlink;
 pub mod netns;
+pub mod syn_probe;
