@@ -199,7 +199,10 @@ fn failover_within_a_second_and_recovery() {
         .expect("b2");
     assert_eq!(
         (b2.state, b2.last_result.as_str()),
-        (BackendState::Down, "refused")
+        (
+            BackendState::Down,
+            "refused via the path: nothing listens on 198.18.0.100:8080"
+        )
     );
     assert!(health.contains("down") && health.contains("refused"));
     // The transition is one structured log event with its fields.
@@ -208,7 +211,10 @@ fn failover_within_a_second_and_recovery() {
         ("state", "down"),
         ("backend", &backend_addr(2)),
         ("vip", "198.18.0.100:8080/tcp"),
-        ("reason", "refused"),
+        (
+            "reason",
+            "refused via the path: nothing listens on 198.18.0.100:8080",
+        ),
     ]);
     assert_eq!(down.len(), 1, "one DOWN event for b2: {down:?}");
     assert_eq!(down[0]["level"], "WARN");
@@ -1538,7 +1544,10 @@ fn datapath_drops_reach_the_log_with_their_fields_and_a_rate_limit() {
             "metrics_listen = \"127.0.0.1:9100\"\n",
             "nat_source_v4 = [\"198.18.11.1\"]\nnat_ports = \"2000-2000\"\n",
         ) + &format!(
-            "\n[[vip]]\naddress = \"198.18.0.101\"\nport = 8080\nforwarding = \"ipip\"\n\n\
+            // The backend runs no lb_decap (the test only feeds the
+            // program): its health is probed on its address.
+            "\n[[vip]]\naddress = \"198.18.0.101\"\nport = 8080\nforwarding = \"ipip\"\n\
+             health.via = \"address\"\n\n\
              [[vip.backend]]\naddress = \"{b}\"\n\n\
              [[vip]]\naddress = \"198.18.0.102\"\nport = 8080\nforwarding = \"nat\"\n\n\
              [[vip.backend]]\naddress = \"{b}\"\n"
@@ -1703,7 +1712,10 @@ fn a_backend_takes_no_connection_before_its_first_probe_succeeds() {
     };
     assert_eq!(
         state(&b3),
-        Some((BackendState::Down, "refused".to_string())),
+        Some((
+            BackendState::Down,
+            "refused via the path: nothing listens on 198.18.0.100:8080".to_string()
+        )),
         "decided by its first probe"
     );
     assert!(

@@ -807,6 +807,31 @@ fn bench_failover_nat() {
     );
 }
 
+/// A `dsr` backend loses the VIP from its loopback (its server goes on
+/// answering on its own address): path probes see it.
+#[test]
+#[ignore = "benchmark: cargo xtask bench"]
+fn bench_failover_path() {
+    let r = LabRun::start("bfp", HEALTHZ);
+    let ns = r.lab.backend_ns(2);
+    let ip = |verb: &str| {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &ns, "ip", "addr", verb])
+            .arg(format!("{}/32", lab::VIP4))
+            .args(["dev", "lo"])
+            .status()
+            .expect("ip");
+        assert!(st.success(), "ip addr {verb}");
+    };
+    failover_reps(
+        &r,
+        "failover_path",
+        "dsr, VIP removed from the backend's loopback (path probes)",
+        || ip("del"),
+        || ip("add"),
+    );
+}
+
 /// A hung `dsr` backend: its host drops every packet to port 80 (SYNs and
 /// probes alike, as a wedged server whose backlog is full). Clients send
 /// their SYN again after 1 s, which the datapath signals (`syn_again`).

@@ -201,6 +201,10 @@ fn all(root: &Path) -> Result<()> {
             "failover of a hung backend (SYNs dropped), ten repetitions",
         ),
         (
+            "bench_failover_path",
+            "failover of a backend without the VIP on its loopback, ten repetitions",
+        ),
+        (
             "bench_node_failover",
             "LB-node failover behind a BGP router, ten repetitions",
         ),
@@ -469,7 +473,7 @@ fn markdown(r: &Value) -> String {
     }
     // The datapath's signals beside probes alone (README \"Failure seen by
     // the datapath\"); runs before they existed have only the first row.
-    let rows: Vec<&Value> = ["failover", "failover_nat", "failover_hung"]
+    let rows: Vec<&Value> = ["failover", "failover_nat", "failover_hung", "failover_path"]
         .iter()
         .map(|k| &r[*k])
         .filter(|v| v.get("what").is_some())

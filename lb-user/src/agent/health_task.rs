@@ -198,6 +198,8 @@ pub(super) fn spawn_probe(job: ProbeJob) {
         let mut seed = (generation.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
         let target = SocketAddr::new(address, health.port);
         let timeout = Duration::from_millis(health.timeout_ms);
+        // The path prober's packet socket, kept from probe to probe.
+        let mut prober: Option<syn_probe::Prober> = None;
         // Probes left in the current burst, and when the last one began.
         let mut burst = 0u32;
         let mut last_burst: Option<Instant> = None;
@@ -214,7 +216,7 @@ pub(super) fn spawn_probe(job: ProbeJob) {
                 tokio::time::Instant::now() + Duration::from_millis(health.interval_ms) + jitter;
             let t0 = Instant::now();
             let outcome = match &path {
-                Some(p) => path_probe(p, &health.kind, target, timeout).await,
+                Some(p) => path_probe(&mut prober, p, &health.kind, target, timeout).await,
                 None => probe(&health.kind, target, timeout).await,
             };
             let latency_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -279,6 +281,7 @@ pub(super) fn spawn_applier(
 /// A path probe: the SYN along the path within `limit`, then, for `http`,
 /// the request to the backend's own address in what is left of it.
 async fn path_probe(
+    prober: &mut Option<syn_probe::Prober>,
     p: &syn_probe::Path,
     kind: &config::CheckKind,
     target: SocketAddr,
@@ -286,7 +289,23 @@ async fn path_probe(
 ) -> Outcome {
     let t0 = Instant::now();
     let pp = *p;
-    let r = tokio::task::spawn_blocking(move || syn_probe::probe(&pp, limit)).await;
+    let mine = prober.take();
+    let r = tokio::task::spawn_blocking(move || {
+        let mut pr = match mine {
+            Some(pr) => pr,
+            None => match syn_probe::Prober::new(pp.vip.is_ipv4()) {
+                Ok(pr) => pr,
+                Err(e) => return (None, Err(e)),
+            },
+        };
+        let r = pr.probe(&pp, limit);
+        (Some(pr), r)
+    })
+    .await
+    .map(|(pr, r)| {
+        *prober = pr;
+        r
+    });
     match r {
         Ok(Ok(syn_probe::Answer::Open)) => match kind {
             config::CheckKind::Http { .. } => {

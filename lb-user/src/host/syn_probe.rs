@@ -83,7 +83,7 @@ fn next_hop(backend: IpAddr, limit: Duration) -> Result<(IpAddr, u32, [u8; 6], [
                 route.via
             );
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -219,8 +219,9 @@ fn filter(vip: SocketAddr, sport: u16) -> Vec<libc::sock_filter> {
     p
 }
 
-/// A packet socket for IPv4 or IPv6 frames with `prog` attached.
-fn packet_socket(v4: bool, prog: &[libc::sock_filter]) -> Result<OwnedFd> {
+/// A packet socket for IPv4 or IPv6 frames, passing nothing until a probe
+/// attaches its filter.
+fn packet_socket(v4: bool) -> Result<OwnedFd> {
     let proto = if v4 { libc::ETH_P_IP } else { libc::ETH_P_IPV6 } as u16;
     // SAFETY: plain socket(2); the descriptor is owned at once.
     let fd = unsafe {
@@ -238,6 +239,18 @@ fn packet_socket(v4: bool, prog: &[libc::sock_filter]) -> Result<OwnedFd> {
     }
     // SAFETY: a fresh descriptor nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let reject = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    attach(&fd, &reject)?;
+    Ok(fd)
+}
+
+/// Attaches (replaces) the socket's filter.
+fn attach(fd: &OwnedFd, prog: &[libc::sock_filter]) -> Result<()> {
     let fprog = libc::sock_fprog {
         len: prog.len() as u16,
         filter: prog.as_ptr() as *mut libc::sock_filter,
@@ -259,13 +272,38 @@ fn packet_socket(v4: bool, prog: &[libc::sock_filter]) -> Result<OwnedFd> {
             std::io::Error::last_os_error()
         );
     }
-    Ok(fd)
+    Ok(())
 }
 
-/// Sends one SYN along `path` and waits up to `limit` for the answer.
-/// Blocking (a packet socket); `Err` is a local failure (no route, no next
-/// hop, no permission), not the backend's.
-pub fn probe(path: &Path, limit: Duration) -> Result<Answer> {
+/// A backend's path prober: one packet socket for all its probes (closing
+/// a packet socket waits for an RCU grace period, 10 ms and more here,
+/// which a socket per probe would add to every probe's latency).
+pub struct Prober {
+    fd: OwnedFd,
+    v4: bool,
+}
+
+impl Prober {
+    pub fn new(v4: bool) -> Result<Self> {
+        Ok(Self {
+            fd: packet_socket(v4)?,
+            v4,
+        })
+    }
+
+    /// Sends one SYN along `path` and waits up to `limit` for the answer.
+    /// Blocking; `Err` is a local failure (no route, no next hop, no
+    /// permission), not the backend's.
+    pub fn probe(&mut self, path: &Path, limit: Duration) -> Result<Answer> {
+        if path.vip.is_ipv4() != self.v4 {
+            *self = Self::new(path.vip.is_ipv4())?;
+        }
+        probe_on(&self.fd, path, limit)
+    }
+}
+
+/// [`Prober::probe`] on a packet socket of the path's family.
+fn probe_on(fd: &OwnedFd, path: &Path, limit: Duration) -> Result<Answer> {
     let t0 = Instant::now();
     let (src, ifindex, smac, dmac) = next_hop(path.backend, limit / 2)?;
     // A source port and sequence of our own per probe.
@@ -277,7 +315,19 @@ pub fn probe(path: &Path, limit: Duration) -> Result<Answer> {
     let seq = nanos.rotate_left(13);
     let frame = frame(path, src, sport, seq, smac, dmac)?;
     let v4 = path.vip.is_ipv4();
-    let fd = packet_socket(v4, &filter(path.vip, sport))?;
+    attach(fd, &filter(path.vip, sport))?;
+    let mut buf = [0u8; 2048];
+    // Whatever the previous filter let in is no answer to this probe.
+    // SAFETY: `buf` is valid for its length.
+    while unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    } > 0
+    {}
     // SAFETY: a zeroed sockaddr_ll, filled in below.
     let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     to.sll_family = libc::AF_PACKET as u16;
@@ -303,7 +353,6 @@ pub fn probe(path: &Path, limit: Duration) -> Result<Answer> {
             std::io::Error::last_os_error()
         );
     }
-    let mut buf = [0u8; 2048];
     loop {
         let left = limit.saturating_sub(t0.elapsed());
         if left.is_zero() {
