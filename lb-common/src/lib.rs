@@ -73,7 +73,8 @@ pub struct Settings {
     /// once encapsulated is answered with ICMP "fragmentation needed" /
     /// ICMPv6 "packet too big" (0 = no check).
     pub ipip_mtu: u16,
-    pub _pad: u16,
+    /// UDP destination port of `gue` VIPs' encapsulation (host order).
+    pub gue_port: u16,
 }
 
 /// [`Settings::flags`]: take each packet's next hop from `bpf_fib_lookup`

@@ -108,5 +108,7 @@ pub const MAP_TRACE_JUMP: &str = "TRACE_JUMP";
 /// Load-time constant of the datapath (`EbpfLoader::override_global`):
 /// the connection table's sets.
 pub const GLOBAL_FLOW_SETS: &str = "FLOW_SETS";
+/// The UDP port `lb_decap` takes GUE on (a load-time constant).
+pub const GLOBAL_DECAP_GUE_PORT: &str = "DECAP_GUE_PORT";
 /// Load-time constant of the datapath: the VIP directory's buckets − 1.
 pub const GLOBAL_VIP_DIR_MASK: &str = "VIP_DIR_MASK";

@@ -68,6 +68,16 @@ pub const VIP_F_HASH_SRC_IP: u32 = 1 << 0;
 pub const VIP_F_NO_FLOW_TABLE: u32 = 1 << 1;
 /// [`VipMeta::flags`]: encapsulate (IPIP / IP6IP6) instead of L2 DSR.
 pub const VIP_F_IPIP: u32 = 1 << 2;
+/// [`VipMeta::flags`], with [`VIP_F_IPIP`]: the outer header is followed by
+/// UDP (to `Settings::gue_port`) and a GUE header (`forwarding = "gue"`).
+pub const VIP_F_GUE: u32 = 1 << 5;
+/// The GUE header (version 0, no optional fields): 4 bytes.
+pub const GUE_HDR_LEN: usize = 4;
+/// UDP and GUE headers together.
+pub const GUE_OVERHEAD: usize = 8 + GUE_HDR_LEN;
+/// The default UDP port of GUE (`agent.gue_port`, `lb backend-host
+/// --gue-port`).
+pub const DEFAULT_GUE_PORT: u16 = 6080;
 
 /// Value of the VIP table.
 #[repr(C)]

@@ -13,9 +13,9 @@ use core::ptr::NonNull;
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    Backend, FLOW_F_COUNTED, FLOW_F_OPENING, FLOW_F_SIGNALLED, Flow, PROTO_TCP, SCHED_LEAST_CONN,
-    SETTINGS_F_FIB, Settings, VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NAT, VIP_F_NO_FLOW_TABLE,
-    VipMeta, hash, trace_ring, trace_table, verdict,
+    Backend, FLOW_F_COUNTED, FLOW_F_OPENING, FLOW_F_SIGNALLED, Flow, GUE_OVERHEAD, PROTO_TCP,
+    SCHED_LEAST_CONN, SETTINGS_F_FIB, Settings, VIP_F_GUE, VIP_F_HASH_SRC_IP, VIP_F_IPIP,
+    VIP_F_NAT, VIP_F_NO_FLOW_TABLE, VipMeta, hash, trace_ring, trace_table, verdict,
 };
 
 use crate::{
@@ -430,12 +430,17 @@ fn rewrite<O: Observe>(
     if vip.flags & VIP_F_IPIP != 0 {
         // Too big once encapsulated: tell the client (path-MTU discovery)
         // rather than drop it silently.
-        let outer: u16 = if pkt.family == lb_common::AF_INET {
+        let gue = vip.flags & VIP_F_GUE != 0;
+        let outer = if pkt.family == lb_common::AF_INET {
             20
         } else {
             40
-        };
+        } + if gue { GUE_OVERHEAD as u16 } else { 0 };
         if settings.ipip_mtu != 0 && pkt.ip_len > settings.ipip_mtu.saturating_sub(outer) {
+            if let Some(n) = maps::TOO_BIG_NOTE.get_ptr_mut(0) {
+                // SAFETY: this CPU's slot, read by `lb_too_big` next.
+                unsafe { *n = outer };
+            }
             // The error is built by a program of its own (`lb_too_big`),
             // which counts it: its headers do not fit this one's stack.
             // SAFETY: tail call into a program of the same type; with an
@@ -451,7 +456,7 @@ fn rewrite<O: Observe>(
         } else {
             table::probe(&pkt.key).hash
         };
-        if forward::encap(ctx, pkt, b, settings, flow_hash, hop).is_err() {
+        if forward::encap(ctx, pkt, b, settings, flow_hash, hop, gue).is_err() {
             return Err(log::dropped(pkt, verdict::ENCAP_FAILED, id));
         }
         return Ok((0, 0));

@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
-use lb_common::{AF_INET, Backend, Settings};
+use lb_common::{AF_INET, Backend, GUE_OVERHEAD, Settings};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -18,7 +18,7 @@ use network_types::{
 use crate::{
     csum,
     maps::FIB_SCRATCH,
-    parse::{IPPROTO_IPIP, IPPROTO_IPV6, Packet, ptr_at},
+    parse::{IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, Packet, ptr_at},
 };
 
 const ENCAP_TTL: u8 = 64;
@@ -83,12 +83,45 @@ pub fn encap(
     s: &Settings,
     hash: u32,
     hop: &Hop,
+    gue: bool,
 ) -> Result<(), ()> {
-    if pkt.family == AF_INET {
-        encap_v4(ctx, pkt, b, s, hash, hop)
-    } else {
-        encap_v6(ctx, pkt, b, s, hash, hop)
+    match (pkt.family == AF_INET, gue) {
+        (true, false) => encap_v4::<0>(ctx, pkt, b, s, hash, hop),
+        (true, true) => encap_v4::<GUE_OVERHEAD>(ctx, pkt, b, s, hash, hop),
+        (false, false) => encap_v6::<0>(ctx, pkt, b, s, hash, hop),
+        (false, true) => encap_v6::<GUE_OVERHEAD>(ctx, pkt, b, s, hash, hop),
     }
+}
+
+/// Writes the UDP and GUE headers of a `gue` packet at `off` (right after
+/// the outer IP header): the source port from the flow hash (per-flow
+/// entropy for the receiver's RSS), the destination `s.gue_port`, no UDP
+/// checksum (RFC 6935 allows none for tunnels; `lb_decap` strips the
+/// header before the backend's stack would check it), and a version-0 GUE
+/// header naming the inner protocol.
+#[inline(always)]
+fn write_gue(
+    ctx: &XdpContext,
+    off: usize,
+    s: &Settings,
+    hash: u32,
+    udp_len: u16,
+    inner: u8,
+) -> Result<(), ()> {
+    let h: *mut [u8; GUE_OVERHEAD] = ptr_at(ctx, off)?;
+    let sport = 0xc000 | (hash as u16 & 0x3fff);
+    let (sp, dp, len) = (
+        sport.to_be_bytes(),
+        s.gue_port.to_be_bytes(),
+        udp_len.to_be_bytes(),
+    );
+    // SAFETY: ptr_at checked the bounds.
+    unsafe {
+        *h = [
+            sp[0], sp[1], dp[0], dp[1], len[0], len[1], 0, 0, 0, inner, 0, 0,
+        ];
+    }
+    Ok(())
 }
 
 #[inline(always)]
@@ -99,8 +132,10 @@ pub(crate) fn grow(ctx: &XdpContext, by: usize) -> Result<(), ()> {
     if rc != 0 { Err(()) } else { Ok(()) }
 }
 
+/// IPv4 in IPv4, followed by `GUE` bytes of UDP and GUE header (0 or
+/// `GUE_OVERHEAD`).
 #[inline(always)]
-fn encap_v4(
+fn encap_v4<const GUE: usize>(
     ctx: &XdpContext,
     pkt: &Packet,
     b: &Backend,
@@ -119,11 +154,12 @@ fn encap_v4(
     let inner: *const Ipv4Hdr = ptr_at(ctx, l3_off)?;
     // SAFETY: ptr_at checked the bounds.
     let tos = unsafe { (*inner).tos };
-    grow(ctx, Ipv4Hdr::LEN)?;
-    move_l2(ctx, Ipv4Hdr::LEN, l3_off)?;
+    grow(ctx, Ipv4Hdr::LEN + GUE)?;
+    move_l2(ctx, Ipv4Hdr::LEN + GUE, l3_off)?;
     set_macs(ctx, hop)?;
 
-    let tot_len = pkt.ip_len + Ipv4Hdr::LEN as u16;
+    let tot_len = pkt.ip_len + (Ipv4Hdr::LEN + GUE) as u16;
+    let proto = if GUE > 0 { IPPROTO_UDP } else { IPPROTO_IPIP };
     let src = [
         s.ipip_src_v4[0],
         s.ipip_src_v4[1],
@@ -136,7 +172,7 @@ fn encap_v4(
         tot_len,
         0,
         0,
-        ((ENCAP_TTL as u16) << 8) | IPPROTO_IPIP as u16,
+        ((ENCAP_TTL as u16) << 8) | proto as u16,
         0,
         u16::from_be_bytes([src[0], src[1]]),
         u16::from_be_bytes([src[2], src[3]]),
@@ -153,16 +189,27 @@ fn encap_v4(
         (*outer).id = [0, 0];
         (*outer).frags = [0, 0];
         (*outer).ttl = ENCAP_TTL;
-        (*outer).proto = IPPROTO_IPIP;
+        (*outer).proto = proto;
         (*outer).check = check.to_be_bytes();
         (*outer).src_addr = src;
         (*outer).dst_addr = dst;
     }
+    if GUE > 0 {
+        write_gue(
+            ctx,
+            l3_off + Ipv4Hdr::LEN,
+            s,
+            hash,
+            pkt.ip_len + GUE as u16,
+            IPPROTO_IPIP,
+        )?;
+    }
     Ok(())
 }
 
+/// IPv6 in IPv6, followed by `GUE` bytes of UDP and GUE header.
 #[inline(always)]
-fn encap_v6(
+fn encap_v6<const GUE: usize>(
     ctx: &XdpContext,
     pkt: &Packet,
     b: &Backend,
@@ -178,8 +225,8 @@ fn encap_v6(
     let inner: *const [u8; 2] = ptr_at(ctx, l3_off)?;
     // SAFETY: ptr_at checked the bounds. Traffic class spans both bytes.
     let tc_bytes = unsafe { *inner };
-    grow(ctx, Ipv6Hdr::LEN)?;
-    move_l2(ctx, Ipv6Hdr::LEN, l3_off)?;
+    grow(ctx, Ipv6Hdr::LEN + GUE)?;
+    move_l2(ctx, Ipv6Hdr::LEN + GUE, l3_off)?;
     set_macs(ctx, hop)?;
 
     let mut src = s.ipip_src_v6;
@@ -199,11 +246,21 @@ fn encap_v6(
     // SAFETY: ptr_at checked the bounds (after adjust_head).
     unsafe {
         (*outer).vcf = vcf;
-        (*outer).payload_len = pkt.ip_len.to_be_bytes();
-        (*outer).next_hdr = IPPROTO_IPV6;
+        (*outer).payload_len = (pkt.ip_len + GUE as u16).to_be_bytes();
+        (*outer).next_hdr = if GUE > 0 { IPPROTO_UDP } else { IPPROTO_IPV6 };
         (*outer).hop_limit = ENCAP_TTL;
         (*outer).src_addr = src;
         (*outer).dst_addr = b.addr;
+    }
+    if GUE > 0 {
+        write_gue(
+            ctx,
+            l3_off + Ipv6Hdr::LEN,
+            s,
+            hash,
+            pkt.ip_len + GUE as u16,
+            IPPROTO_IPV6,
+        )?;
     }
     Ok(())
 }

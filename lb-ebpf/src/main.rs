@@ -132,7 +132,12 @@ pub fn lb_xdp_traced(ctx: XdpContext) -> u32 {
 pub fn lb_too_big(ctx: XdpContext) -> u32 {
     let action = match (parse::parse(&ctx), SETTINGS.get(0)) {
         (Ok(pkt), Some(s)) => {
-            let outer: u16 = if pkt.family == lb_common::AF_INET {
+            // The balancer's note of the outer header's length (`gue`
+            // adds UDP and GUE); without one, plain IPIP's.
+            let noted = maps::TOO_BIG_NOTE.get(0).copied().unwrap_or(0);
+            let outer: u16 = if noted != 0 {
+                noted
+            } else if pkt.family == lb_common::AF_INET {
                 20
             } else {
                 40
@@ -233,7 +238,7 @@ pub fn lb_pass(_ctx: XdpContext) -> u32 {
 }
 
 fn try_decap(ctx: &XdpContext) -> Result<u32, ()> {
-    let Some(t) = parse::tunnel(ctx)? else {
+    let Some(t) = parse::tunnel(ctx, maps::decap_gue_port())? else {
         return Ok(decap_verdict(decap_verdict::PASS, xdp_action::XDP_PASS));
     };
     if DECAP_ADDRS.get_ptr(&t.dst).is_none() {

@@ -92,6 +92,22 @@ pub fn flow_sets() -> u32 {
     unsafe { core::ptr::read_volatile(&FLOW_SETS) }
 }
 
+/// The UDP port `lb_decap` takes GUE on: a load-time constant (`lb
+/// backend-host --gue-port`).
+#[unsafe(no_mangle)]
+static DECAP_GUE_PORT: u16 = lb_common::DEFAULT_GUE_PORT;
+
+#[inline(always)]
+pub fn decap_gue_port() -> u16 {
+    // SAFETY: as `flow_sets`.
+    unsafe { core::ptr::read_volatile(&DECAP_GUE_PORT) }
+}
+
+/// The outer header's length for `lb_too_big`, written by the balancer
+/// before it tail-calls it (this CPU's slot; 0: plain IPIP).
+#[map(name = "TOO_BIG_NOTE")]
+pub static TOO_BIG_NOTE: PerCpuArray<u16> = PerCpuArray::with_max_entries(1, 0);
+
 /// The flood guard's limit (see `lb_common::FloodGuard`).
 #[map(name = "FLOOD_GUARD")]
 pub static FLOOD_GUARD: Array<FloodGuard> = Array::with_max_entries(1, 0);

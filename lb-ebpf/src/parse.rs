@@ -7,7 +7,7 @@
 //! `Packet`.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::FlowKey;
+use lb_common::{FlowKey, GUE_OVERHEAD};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -374,7 +374,7 @@ pub struct Tunnel {
 /// protocol 4, or outer IPv6 whose next header is 41. `Ok(None)` for
 /// anything else; `Err` if the headers are cut short.
 #[inline(always)]
-pub fn tunnel(ctx: &XdpContext) -> Result<Option<Tunnel>, ()> {
+pub fn tunnel(ctx: &XdpContext, gue_port: u16) -> Result<Option<Tunnel>, ()> {
     let (ether_type, l3_off) = parse_l2(ctx).map_err(|_| ())?;
     let l3 = if l3_off > EthHdr::LEN {
         18
@@ -386,12 +386,19 @@ pub fn tunnel(ctx: &XdpContext) -> Result<Option<Tunnel>, ()> {
             let ip: *const Ipv4Hdr = ptr_at(ctx, l3)?;
             // SAFETY: ptr_at checked the bounds.
             let (vihl, proto, dst) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).dst_addr) };
-            if vihl != 0x45 || proto != IPPROTO_IPIP {
+            if vihl != 0x45 {
                 return Ok(None);
             }
+            let outer_len = match proto {
+                IPPROTO_IPIP => Ipv4Hdr::LEN,
+                IPPROTO_UDP if is_gue(ctx, l3 + Ipv4Hdr::LEN, gue_port, IPPROTO_IPIP)? => {
+                    Ipv4Hdr::LEN + GUE_OVERHEAD
+                }
+                _ => return Ok(None),
+            };
             Ok(Some(Tunnel {
                 l3_off: l3,
-                outer_len: Ipv4Hdr::LEN,
+                outer_len,
                 dst: v4_addr(dst),
             }))
         }
@@ -399,15 +406,30 @@ pub fn tunnel(ctx: &XdpContext) -> Result<Option<Tunnel>, ()> {
             let ip: *const Ipv6Hdr = ptr_at(ctx, l3)?;
             // SAFETY: ptr_at checked the bounds.
             let (next, dst) = unsafe { ((*ip).next_hdr, (*ip).dst_addr) };
-            if next != IPPROTO_IPV6 {
-                return Ok(None);
-            }
+            let outer_len = match next {
+                IPPROTO_IPV6 => Ipv6Hdr::LEN,
+                IPPROTO_UDP if is_gue(ctx, l3 + Ipv6Hdr::LEN, gue_port, IPPROTO_IPV6)? => {
+                    Ipv6Hdr::LEN + GUE_OVERHEAD
+                }
+                _ => return Ok(None),
+            };
             Ok(Some(Tunnel {
                 l3_off: l3,
-                outer_len: Ipv6Hdr::LEN,
+                outer_len,
                 dst,
             }))
         }
         _ => Ok(None),
     }
+}
+
+/// Whether the UDP header at `off` goes to `gue_port` and carries a
+/// version-0 GUE header without optional fields whose inner protocol is
+/// `inner` (the outer family's own: IPv4 in IPv4, IPv6 in IPv6).
+#[inline(always)]
+fn is_gue(ctx: &XdpContext, off: usize, gue_port: u16, inner: u8) -> Result<bool, ()> {
+    let h: *const [u8; GUE_OVERHEAD] = ptr_at(ctx, off)?;
+    // SAFETY: ptr_at checked the bounds.
+    let h = unsafe { *h };
+    Ok(u16::from_be_bytes([h[2], h[3]]) == gue_port && h[8] == 0 && h[9] == inner)
 }

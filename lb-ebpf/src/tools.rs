@@ -181,7 +181,7 @@ pub fn floor_tx(ctx: XdpContext) -> u32 {
 /// the original packet) and tail-calls the balancer in `BENCH_JUMP`.
 #[xdp]
 pub fn bench_ipip(ctx: XdpContext) -> u32 {
-    if let Ok(Some(t)) = parse::tunnel(&ctx) {
+    if let Ok(Some(t)) = parse::tunnel(&ctx, lb_common::DEFAULT_GUE_PORT) {
         let _ = decap::decap(&ctx, t.l3_off, t.outer_len);
     }
     // SAFETY: tail call into a program of the same type; falls through on

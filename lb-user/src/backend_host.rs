@@ -1,7 +1,8 @@
-//! `lb backend-host`: the backend side of `ipip` VIPs. It attaches
-//! `lb_decap` to a backend's interface, where it strips the balancer's
-//! IPIP/IP6IP6 header from packets to this host's addresses (everything
-//! else passes untouched), and pins the link and its maps under
+//! `lb backend-host`: the backend side of `ipip` and `gue` VIPs. It
+//! attaches `lb_decap` to a backend's interface, where it strips the
+//! balancer's IPIP/IP6IP6 header, or its outer IP, UDP and GUE headers (to
+//! `--gue-port`), from packets to this host's addresses (everything else
+//! passes untouched), and pins the link and its maps under
 //! `/sys/fs/bpf/lb-backend/<instance>/`, as the agent pins the balancer: a
 //! restarted `lb backend-host run` swaps its program into the pinned link
 //! atomically (no packet meets a host without it) and keeps the counters.
@@ -37,6 +38,8 @@ pub struct Options {
     pub addresses: Vec<IpAddr>,
     pub instance: String,
     pub xdp_mode: XdpMode,
+    /// The UDP port `gue` packets arrive on (the balancers' `agent.gue_port`).
+    pub gue_port: u16,
 }
 
 /// Where an instance's pins live.
@@ -53,7 +56,7 @@ const LINK: &str = "link";
 pub fn attach(o: &Options) -> Result<(Ebpf, BTreeSet<IpAddr>, String)> {
     loader::ensure_bpffs()?;
     let dir = pin_dir(&o.instance);
-    let mut ebpf = loader::load_decap_pinned(&dir)?;
+    let mut ebpf = loader::load_decap_pinned(&dir, o.gue_port)?;
     let addrs = wanted(o)?;
     sync_addrs(&mut ebpf, &addrs)?;
     let (_link, what) = loader::attach_pinned_program(

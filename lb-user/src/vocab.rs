@@ -97,6 +97,10 @@ vocab!(
         /// Full NAT: to the backend's address and port from a balancer
         /// address; replies come back through the balancer.
         Nat = "nat",
+        /// IP in UDP (GUE) to `agent.gue_port`: passes networks that drop
+        /// IPIP, and the UDP source port spreads flows over the backend
+        /// NIC's queues; the backend runs `lb backend-host`.
+        Gue = "gue",
     }
 );
 
@@ -275,13 +279,14 @@ mod tests {
         round_trip::<XdpMode>();
         round_trip::<BackendState>();
         round_trip::<Scheduler>();
+        round_trip::<ProbeVia>();
         assert_eq!(
             serde_json::to_string(&HashInput::FiveTuple).unwrap(),
             "\"5-tuple\""
         );
         assert_eq!(
             "shutdown".parse::<Forwarding>().unwrap_err(),
-            "forwarding `shutdown` is not one of \"dsr\", \"ipip\", \"nat\""
+            "forwarding `shutdown` is not one of \"dsr\", \"ipip\", \"nat\", \"gue\""
         );
         assert!(serde_json::from_str::<BackendState>("\"sleeping\"").is_err());
     }

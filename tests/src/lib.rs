@@ -403,6 +403,7 @@ impl Fixture {
             ipip_src_v4: [198, 19, 0, 0],
             ipip_src_v6: v6("2001:2:0:ff::".parse().expect("literal")),
             flags: 0,
+            gue_port: lb_common::DEFAULT_GUE_PORT,
             ..Default::default()
         })?;
         Ok(Self { ebpf })

@@ -808,6 +808,82 @@ fn decap_restores_the_original_packet() {
     assert_eq!(dv, vec![4, 1, 0], "decapsulated, passed, malformed");
 }
 
+/// `gue` VIPs: the packet leaves inside outer IP, UDP to the GUE port (the
+/// source port from the flow hash) and a version-0 GUE header, in both
+/// families, and `lb_decap` gives back exactly the original; UDP to
+/// another port is not a tunnel and passes untouched.
+#[test]
+fn gue_encapsulates_and_decap_restores_the_original() {
+    let mut f = standard();
+    for (key, id) in [
+        (vip4_key(9090, PROTO_TCP), 8),
+        (vip6_key(9090, PROTO_TCP), 9),
+    ] {
+        let backends = if key.family == AF_INET {
+            backends4(3)
+        } else {
+            backends6(3, 11)
+        };
+        f.add_vip(&VipSpec {
+            key,
+            vip_id: id,
+            flags: VIP_F_IPIP | lb_common::VIP_F_GUE,
+            ring_size: RING,
+            backends,
+        })
+        .expect("vip");
+    }
+    for addr in backends4(3).iter().chain(&backends6(3, 11)).map(|b| b.1) {
+        f.dp().add_decap_addr(addr).expect("decap addr");
+    }
+    let port = lb_common::DEFAULT_GUE_PORT.to_be_bytes();
+    for (pkt, l3, ip_len, proto_at, inner) in [
+        (
+            tcp4(CLIENT4, VIP4, 40030, 9090, b"gue4"),
+            14,
+            20,
+            14 + 9,
+            4u8,
+        ),
+        (
+            tcp6(client6(), vip6(), 40031, 9090, b"gue6"),
+            14,
+            40,
+            14 + 6,
+            41u8,
+        ),
+    ] {
+        let enc = f.run(&pkt).expect("encap");
+        assert_eq!(enc.action, action::TX);
+        let o = &enc.out;
+        assert_eq!(o.len(), pkt.len() + ip_len + 12, "outer IP, UDP and GUE");
+        assert_eq!(o[proto_at], 17, "the outer header carries UDP");
+        let udp = l3 + ip_len;
+        assert_eq!(&o[udp + 2..udp + 4], &port, "to the GUE port");
+        assert!(o[udp] & 0xc0 == 0xc0, "source port from the flow hash");
+        assert_eq!(
+            u16::from_be_bytes([o[udp + 4], o[udp + 5]]) as usize,
+            pkt.len() - 14 + 12,
+            "UDP length"
+        );
+        assert_eq!(&o[udp + 8..udp + 12], &[0, inner, 0, 0], "GUE header");
+        assert_eq!(&o[udp + 12..], &pkt[14..], "the client's packet inside");
+        let dec = lb_tests::run(&mut f.ebpf, lb_common::PROG_DECAP, o).expect("decap");
+        assert_eq!(dec.action, action::PASS);
+        assert_eq!(&dec.out[12..], &pkt[12..], "decap restores the original");
+        let mut other = o.clone();
+        other[udp + 3] ^= 1;
+        let dec = lb_tests::run(&mut f.ebpf, lb_common::PROG_DECAP, &other).expect("decap");
+        assert_eq!(
+            (dec.action, dec.out),
+            (action::PASS, other),
+            "another UDP port"
+        );
+    }
+    let dv = f.dp().decap_verdicts().expect("decap counters");
+    assert_eq!(dv[0], 2, "two decapsulated");
+}
+
 // ---- packet builders for the odd cases ----
 
 fn arp() -> Vec<u8> {

@@ -307,21 +307,30 @@ fn failover_within_a_second_recovery_and_no_errors_elsewhere() {
     assert!(per_backend(&s).contains_key("b2"), "b2 serves again");
 }
 
+/// `ipip` and then `gue` (IP in UDP), each over IPv4 and IPv6, through
+/// the backends' `lb backend-host` decap; the agent restarts in between
+/// and comes up only when every backend's path probe (encapsulated the
+/// same way) succeeds.
 #[test]
-fn ipip_with_decap_carries_http_over_ipv4_and_ipv6() {
+fn ipip_and_gue_with_decap_carry_http_over_ipv4_and_ipv6() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let r = Running::start("lt-ip", "ipip", "5-tuple", "kind = \"tcp\"");
-    for v6 in [false, true] {
-        let s = r.load(v6, 200, 2.0, |_| {});
-        let m = per_backend(&s);
-        let failed = s.iter().filter(|x| x.result.is_err()).count();
-        println!(
-            "ipip {}: {} requests, {failed} failed, {m:?}",
-            if v6 { "IPv6" } else { "IPv4" },
-            s.len()
-        );
-        assert_eq!(failed, 0);
-        assert_eq!(m.len(), 3, "all three backends answer through their decap");
+    let mut r = Running::start("lt-ip", "ipip", "5-tuple", "kind = \"tcp\"");
+    for mode in ["ipip", "gue"] {
+        if mode == "gue" {
+            r.agent_with("gue", "5-tuple", "kind = \"tcp\"");
+        }
+        for v6 in [false, true] {
+            let s = r.load(v6, 200, 2.0, |_| {});
+            let m = per_backend(&s);
+            let failed = s.iter().filter(|x| x.result.is_err()).count();
+            println!(
+                "{mode} {}: {} requests, {failed} failed, {m:?}",
+                if v6 { "IPv6" } else { "IPv4" },
+                s.len()
+            );
+            assert_eq!(failed, 0);
+            assert_eq!(m.len(), 3, "all three backends answer through their decap");
+        }
     }
 }
 
@@ -763,6 +772,7 @@ fn path_probes_take_out_a_backend_the_vip_no_longer_reaches() {
         addresses: vec![b2.parse().unwrap(), lab::backend6(2).parse().unwrap()],
         instance: r.lab.backend_host_instance(2),
         xdp_mode: lb_user::vocab::XdpMode::Native,
+        gue_port: lb_common::DEFAULT_GUE_PORT,
     };
     lb_user::host::netns::in_netns(&ns, || lb_user::backend_host::attach(&o).map(|_| ()))
         .expect("setns")

@@ -61,6 +61,7 @@ impl State {
         health: config::Health,
     ) -> Option<ProbeJob> {
         self.next_generation += 1;
+        let gue_port = self.cfg.agent.gue_port;
         let v = &mut self.vips[vi];
         let b = &mut v.backends[bi];
         b.generation = self.next_generation;
@@ -76,7 +77,7 @@ impl State {
         b.kick = Some(kick.clone());
         let mut health = health;
         health.port = probe_port(&v.cfg, &b.cfg, &health);
-        let path = probe_path(&v.cfg, &b.cfg, &health);
+        let path = probe_path(&v.cfg, &b.cfg, &health, gue_port);
         Some(ProbeJob {
             key: v.key,
             vip: vip_ref(&v.cfg),
@@ -322,7 +323,7 @@ async fn path_probe(
                 "no answer via the path: is {} on the backend's loopback?",
                 p.vip.ip()
             ),
-            syn_probe::Encap::Ip => format!(
+            syn_probe::Encap::Ip | syn_probe::Encap::Gue(_) => format!(
                 "no answer via the path: does the backend run lb backend-host, with {} on its \
                  loopback?",
                 p.vip.ip()
@@ -340,6 +341,7 @@ pub(super) fn probe_path(
     vip: &Vip,
     b: &BackendCfg,
     health: &config::Health,
+    gue_port: u16,
 ) -> Option<syn_probe::Path> {
     if health.via != ProbeVia::Path || health.kind == config::CheckKind::None {
         return None;
@@ -347,6 +349,7 @@ pub(super) fn probe_path(
     let encap = match vip.forwarding {
         Forwarding::Dsr => syn_probe::Encap::None,
         Forwarding::Ipip => syn_probe::Encap::Ip,
+        Forwarding::Gue => syn_probe::Encap::Gue(gue_port),
         Forwarding::Nat => return None,
     };
     Some(syn_probe::Path {
@@ -369,17 +372,18 @@ pub(super) fn probe_port(vip: &Vip, b: &BackendCfg, health: &config::Health) -> 
 /// What a backend's probe is, as `lb health` and `lb vip list` show it:
 /// kind, address, port (and path), exactly where the probe task connects;
 /// `None` with `kind = "none"`.
-pub(super) fn probe_target(vip: &Vip, b: &BackendCfg) -> Option<String> {
+pub(super) fn probe_target(vip: &Vip, b: &BackendCfg, gue_port: u16) -> Option<String> {
     let h = &vip.health;
     let to = SocketAddr::new(b.address, probe_port(vip, b, h));
     let mut hp = h.clone();
     hp.port = probe_port(vip, b, h);
-    let via = probe_path(vip, b, &hp).map(|p| {
+    let via = probe_path(vip, b, &hp, gue_port).map(|p| {
         format!(
             "{} via the path ({}) to {}",
             match p.encap {
                 syn_probe::Encap::None => "SYN",
                 syn_probe::Encap::Ip => "SYN in IPIP",
+                syn_probe::Encap::Gue(_) => "SYN in GUE",
             },
             vip.forwarding,
             p.vip

@@ -76,6 +76,7 @@ pub(super) fn plan_settings(old: &config::Agent, new: &config::Agent) -> Result<
         nat_ports,
         reply_interfaces,
         ipip_mtu,
+        gue_port,
     } = new;
     let loaded = |key: &'static str| Refusal {
         key,
@@ -157,6 +158,7 @@ pub(super) fn plan_settings(old: &config::Agent, new: &config::Agent) -> Result<
         || *ipip_source_v6 != old.ipip_source_v6
         || *nat_ports != old.nat_ports
         || *ipip_mtu != old.ipip_mtu
+        || *gue_port != old.gue_port
         || nat_source_v4.len() != old.nat_source_v4.len()
         || nat_source_v6.len() != old.nat_source_v6.len())
 }

@@ -46,6 +46,7 @@ pub(super) fn vip_flags(v: &Vip) -> u32 {
     let mut f = 0;
     match v.forwarding {
         Forwarding::Ipip => f |= lb_common::VIP_F_IPIP,
+        Forwarding::Gue => f |= lb_common::VIP_F_IPIP | lb_common::VIP_F_GUE,
         Forwarding::Nat => f |= lb_common::VIP_F_NAT,
         Forwarding::Dsr => {}
     }

@@ -136,7 +136,7 @@ impl State {
                         == crate::policy::sched::Scheduler::LeastConnections)
                         .then(|| self.active_of(b.id)),
                     next_hop_known: b.resolved,
-                    probe: probe_target(&v.cfg, &b.cfg),
+                    probe: probe_target(&v.cfg, &b.cfg, self.cfg.agent.gue_port),
                 })
             })
             .collect()

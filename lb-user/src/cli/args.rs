@@ -322,6 +322,9 @@ pub(super) enum BackendHostCmd {
         instance: String,
         #[arg(long, value_enum, default_value_t = crate::vocab::XdpMode::Auto)]
         xdp_mode: crate::vocab::XdpMode,
+        /// The UDP port of `gue` VIPs (the balancers' `agent.gue_port`).
+        #[arg(long, default_value_t = lb_common::DEFAULT_GUE_PORT)]
+        gue_port: u16,
         /// Serve `lb_decap_packets_total{verdict}` on ADDRESS:PORT.
         #[arg(long)]
         metrics_listen: Option<std::net::SocketAddr>,

@@ -556,6 +556,7 @@ fn backend_host(cmd: BackendHostCmd) -> Result<()> {
             addresses,
             instance,
             xdp_mode,
+            gue_port,
             metrics_listen,
             netns,
         } => {
@@ -564,6 +565,7 @@ fn backend_host(cmd: BackendHostCmd) -> Result<()> {
                 addresses,
                 instance,
                 xdp_mode,
+                gue_port,
             };
             match netns {
                 Some(ns) => crate::host::netns::in_netns(&ns, || bh::run(&o, metrics_listen))?,

@@ -173,6 +173,8 @@ pub struct Agent {
     pub reply_interfaces: Vec<String>,
     /// MTU of the path to `ipip` backends (see `lb_common::Settings`).
     pub ipip_mtu: u16,
+    /// UDP destination port of `gue` VIPs (the backend hosts' `--gue-port`).
+    pub gue_port: u16,
 }
 
 /// VIP announcement: the agent keeps one host route per servable VIP

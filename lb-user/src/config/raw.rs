@@ -67,6 +67,12 @@ pub(super) struct RawAgent {
     pub(super) reply_interfaces: Vec<String>,
     #[serde(default = "default_ipip_mtu")]
     pub(super) ipip_mtu: Spanned<u16>,
+    #[serde(default = "default_gue_port")]
+    pub(super) gue_port: Spanned<u16>,
+}
+
+pub(super) fn default_gue_port() -> Spanned<u16> {
+    sp(lb_common::DEFAULT_GUE_PORT)
 }
 
 pub(super) fn default_ipip_mtu() -> Spanned<u16> {

@@ -188,8 +188,18 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             ),
         ));
     }
+    let gue_port = *a.gue_port.get_ref();
+    if gue_port == 0 {
+        return Err(err(
+            Some(a.gue_port.span()),
+            "gue_port 0 is no port: the UDP port `gue` VIPs encapsulate to (default 6080; the \
+             backends' `lb backend-host --gue-port` must match)"
+                .into(),
+        ));
+    }
     let agent = Agent {
         ipip_mtu,
+        gue_port,
         nat_source_v4,
         nat_source_v6,
         nat_ports,

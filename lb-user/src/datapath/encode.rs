@@ -39,7 +39,7 @@ pub fn settings(agent: &Agent, cpus: u16) -> Settings {
         nat_v6_count: agent.nat_source_v6.len() as u8,
         nat_cpus: cpus.max(1),
         ipip_mtu: agent.ipip_mtu,
-        _pad: 0,
+        gue_port: agent.gue_port,
     }
 }
 

@@ -525,7 +525,7 @@ fn pin_program(ebpf: &mut Ebpf, prog_name: &str, dir: &std::path::Path) -> Resul
 /// verified, the balancer's maps at their smallest (it uses none of them),
 /// and its own two maps pinned in `dir/maps`, so a restart keeps the
 /// addresses and the counters.
-pub fn load_decap_pinned(dir: &std::path::Path) -> Result<Ebpf> {
+pub fn load_decap_pinned(dir: &std::path::Path, gue_port: u16) -> Result<Ebpf> {
     let opts = LoadOptions {
         flow_table_size: 1024,
         max_vips: 1,
@@ -538,6 +538,7 @@ pub fn load_decap_pinned(dir: &std::path::Path) -> Result<Ebpf> {
     let globals = opts.globals();
     let mut loader = EbpfLoader::new();
     opts.apply(&mut loader, &globals);
+    loader.override_global(lb_common::GLOBAL_DECAP_GUE_PORT, &gue_port, false);
     let paths: Vec<(&str, std::path::PathBuf)> =
         DECAP_MAPS.iter().map(|n| (*n, maps_dir.join(n))).collect();
     for (name, path) in &paths {

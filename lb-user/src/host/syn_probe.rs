@@ -26,6 +26,8 @@ pub enum Encap {
     None,
     /// Inside an IPv4 (IPv6) header to the backend's address (`ipip`).
     Ip,
+    /// The same, with UDP to this port and a GUE header (`gue`).
+    Gue(u16),
 }
 
 /// One path to probe: the VIP's address and the probed port, the backend.
@@ -122,25 +124,44 @@ fn frame(
         ether_type,
     }
     .write(&mut v)?;
+    // `gue`: UDP (no checksum, as the balancer sends it) and a version-0
+    // GUE header naming the inner protocol, between the two IP headers.
+    let gue: Vec<u8> = match path.encap {
+        Encap::Gue(port) => {
+            let inner_proto = if src.is_ipv4() { 4u8 } else { 41 };
+            let len = (inner.len() + lb_common::GUE_OVERHEAD) as u16;
+            let mut g = Vec::with_capacity(lb_common::GUE_OVERHEAD);
+            g.extend_from_slice(&sport.to_be_bytes());
+            g.extend_from_slice(&port.to_be_bytes());
+            g.extend_from_slice(&len.to_be_bytes());
+            g.extend_from_slice(&[0, 0, 0, inner_proto, 0, 0]);
+            g
+        }
+        _ => Vec::new(),
+    };
+    let payload = (inner.len() + gue.len()) as u16;
     match (path.encap, src, path.backend) {
         (Encap::None, _, _) => {}
-        (Encap::Ip, IpAddr::V4(s), IpAddr::V4(b)) => {
-            let mut h = Ipv4Header::new(
-                inner.len() as u16,
-                64,
-                IpNumber::IPV4,
-                s.octets(),
-                b.octets(),
-            )?;
+        (Encap::Ip | Encap::Gue(_), IpAddr::V4(s), IpAddr::V4(b)) => {
+            let proto = if gue.is_empty() {
+                IpNumber::IPV4
+            } else {
+                IpNumber::UDP
+            };
+            let mut h = Ipv4Header::new(payload, 64, proto, s.octets(), b.octets())?;
             h.header_checksum = h.calc_header_checksum();
             h.write(&mut v)?;
         }
-        (Encap::Ip, IpAddr::V6(s), IpAddr::V6(b)) => {
+        (Encap::Ip | Encap::Gue(_), IpAddr::V6(s), IpAddr::V6(b)) => {
             Ipv6Header {
                 traffic_class: 0,
                 flow_label: Default::default(),
-                payload_length: inner.len() as u16,
-                next_header: IpNumber::IPV6,
+                payload_length: payload,
+                next_header: if gue.is_empty() {
+                    IpNumber::IPV6
+                } else {
+                    IpNumber::UDP
+                },
                 hop_limit: 64,
                 source: s.octets(),
                 destination: b.octets(),
@@ -152,6 +173,7 @@ fn frame(
             path.backend
         ),
     }
+    v.extend_from_slice(&gue);
     v.extend_from_slice(&inner);
     Ok(v)
 }
@@ -435,6 +457,20 @@ mod tests {
         assert_eq!(&f[14 + 16..14 + 20], &[198, 18, 2, 1], "to the backend");
         assert_eq!(
             &f[34 + 16..34 + 20],
+            &[198, 18, 0, 100],
+            "inside: to the VIP"
+        );
+        let f = frame(&path(Encap::Gue(6080)), src, 41000, 7, s, d).unwrap();
+        assert_eq!(f.len(), 14 + 20 + 12 + 20 + 20);
+        assert_eq!(f[14 + 9], 17, "UDP");
+        assert_eq!(
+            &f[34 + 2..34 + 4],
+            &6080u16.to_be_bytes(),
+            "to the GUE port"
+        );
+        assert_eq!((f[34 + 8], f[34 + 9]), (0, 4), "GUE version 0, IPv4 inside");
+        assert_eq!(
+            &f[46 + 16..46 + 20],
             &[198, 18, 0, 100],
             "inside: to the VIP"
         );

@@ -287,6 +287,7 @@ impl Lab {
                 addresses: vec![backend4(i).parse()?, backend6(i).parse()?],
                 instance: self.backend_host_instance(i),
                 xdp_mode: crate::vocab::XdpMode::Native,
+                gue_port: lb_common::DEFAULT_GUE_PORT,
             };
             in_netns(&self.backend_ns(i), || crate::backend_host::attach(&o))??;
         }
