@@ -179,6 +179,7 @@ fn setup(f: &mut Fixture) {
         (k4(84), 5, VIP_F_NO_FLOW_TABLE, b4(8)),
         (k4(85), 6, VIP_F_NO_FLOW_TABLE, b4(20)),
         (k4(86), 7, 0, b4(10)),
+        (k4(87), 8, VIP_F_IPIP | lb_common::VIP_F_GUE, b4(10)),
     ] {
         f.add_vip(&VipSpec {
             key,
@@ -240,6 +241,7 @@ fn setup(f: &mut Fixture) {
             nat_port_hi: NAT_PORT,
             nat_v4_count: 1,
             nat_cpus: 1,
+            gue_port: lb_common::DEFAULT_GUE_PORT,
             ..Default::default()
         })
         .expect("settings");
@@ -394,6 +396,10 @@ fn cases() -> Vec<Case> {
         ipip(
             "IPv6 ipip (via bench_ipip)",
             tcp6(c6, v6(vip6), 40000, 82, &[0; 10]),
+        ),
+        ipip(
+            "IPv4 gue (via bench_ipip)",
+            tcp4(client, vip4, 40000, 87, &[0; 10]),
         ),
         restored(
             "established IPv4 TCP full NAT (via bench_restore)",
