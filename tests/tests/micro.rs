@@ -127,9 +127,13 @@ fn time_case(f: &mut Fixture, tools: &mut aya::Ebpf, c: &Case, repeat: u32) -> f
             assert_eq!(
                 after[r] - before[r],
                 u64::from(repeat),
-                "{}: every repetition must take the `{}` path",
+                "{}: every repetition must take the `{}` path; taken: {:?}",
                 c.name,
-                verdict::NAMES[r]
+                verdict::NAMES[r],
+                lb_tests::moved_verdicts(&before, &after)
+                    .into_iter()
+                    .map(|(i, n)| (verdict::NAMES[i], n))
+                    .collect::<Vec<_>>()
             );
             let total: u64 = after.iter().sum::<u64>() - before.iter().sum::<u64>();
             assert_eq!(
@@ -179,7 +183,7 @@ fn setup(f: &mut Fixture) {
         (k4(84), 5, VIP_F_NO_FLOW_TABLE, b4(8)),
         (k4(85), 6, VIP_F_NO_FLOW_TABLE, b4(20)),
         (k4(86), 7, 0, b4(10)),
-        (k4(87), 8, VIP_F_IPIP | lb_common::VIP_F_GUE, b4(10)),
+        (k4(88), 9, VIP_F_IPIP | lb_common::VIP_F_GUE, b4(10)),
     ] {
         f.add_vip(&VipSpec {
             key,
@@ -399,7 +403,7 @@ fn cases() -> Vec<Case> {
         ),
         ipip(
             "IPv4 gue (via bench_ipip)",
-            tcp4(client, vip4, 40000, 87, &[0; 10]),
+            tcp4(client, vip4, 40000, 88, &[0; 10]),
         ),
         restored(
             "established IPv4 TCP full NAT (via bench_restore)",
