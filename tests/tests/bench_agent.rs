@@ -130,10 +130,12 @@ impl Agent {
             socket.display(),
             l.name
         );
+        // The backends are probe counters on their own addresses, without
+        // the VIP: what is measured is the probes' schedule, not a path.
         for (vip, backends) in vips {
             cfg.push_str(&format!(
                 "\n[[vip]]\naddress = \"{}\"\nport = {}\n[vip.health]\nkind = \"http\"\nport = 8080\n\
-                 interval_ms = {INTERVAL_MS}\ntimeout_ms = 150\n",
+                 via = \"address\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = 150\n",
                 vip.address, vip.port
             ));
             for b in backends {
