@@ -83,7 +83,8 @@ pub struct TraceRecord {
     pub ring: u8,
     /// The VIP's `SCHED_*`.
     pub scheduler: u8,
-    /// 1: encapsulated (`ipip`), 0: MACs rewritten (`dsr`) or not forwarded.
+    /// 1: encapsulated (`ipip`), 2: in UDP (`gue`), 0: MACs rewritten
+    /// (`dsr`) or not forwarded.
     pub ipip: u8,
     pub _pad: [u8; 6],
 }

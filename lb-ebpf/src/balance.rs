@@ -448,7 +448,7 @@ fn rewrite<O: Observe>(
             unsafe { maps::ICMP_JUMP.tail_call(ctx, 0) };
             return Err(log::dropped(pkt, verdict::TOO_BIG, id));
         }
-        seen.ipip();
+        seen.ipip(gue);
         // The outer source varies per flow with the table hash, so a
         // receiver's RSS spreads flows (of one client too) over its queues.
         let flow_hash = if found.use_table {

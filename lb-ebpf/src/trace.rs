@@ -60,7 +60,8 @@ pub trait Observe {
     fn table(&mut self, t: u8);
     fn ring(&mut self, which: u8, ring: &Ring, hash: u32);
     fn backend(&mut self, id: u32);
-    fn ipip(&mut self);
+    /// Encapsulated: IPIP, or GUE (`gue`).
+    fn ipip(&mut self, gue: bool);
 }
 
 /// The untraced balancer.
@@ -76,7 +77,7 @@ impl Observe for Quiet {
     #[inline(always)]
     fn backend(&mut self, _: u32) {}
     #[inline(always)]
-    fn ipip(&mut self) {}
+    fn ipip(&mut self, _gue: bool) {}
 }
 
 impl Observe for Seen {
@@ -101,8 +102,8 @@ impl Observe for Seen {
         self.0.backend_id = id;
     }
     #[inline(always)]
-    fn ipip(&mut self) {
-        self.0.ipip = 1;
+    fn ipip(&mut self, gue: bool) {
+        self.0.ipip = if gue { 2 } else { 1 };
     }
 }
 

@@ -165,7 +165,8 @@ pub struct Explained {
     pub backend_id: Option<u32>,
     /// The backend's address, when the agent could name it.
     pub backend: Option<IpAddr>,
-    /// `dsr` (MACs rewritten) or `ipip` (encapsulated), when forwarded.
+    /// `dsr` (MACs rewritten), `ipip` or `gue` (encapsulated), when
+    /// forwarded.
     pub rewrite: Option<&'static str>,
     pub verdict: &'static str,
     pub action: &'static str,
@@ -233,7 +234,11 @@ pub fn explain(
         backend: (r.backend_id != 0)
             .then(|| backend_of(r.backend_id))
             .flatten(),
-        rewrite: forwarded.then_some(if r.ipip != 0 { "ipip" } else { "dsr" }),
+        rewrite: forwarded.then_some(match r.ipip {
+            0 => "dsr",
+            2 => "gue",
+            _ => "ipip",
+        }),
         verdict: lb_common::verdict::NAMES
             .get(r.verdict as usize)
             .copied()
