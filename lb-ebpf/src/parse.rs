@@ -428,7 +428,10 @@ pub fn tunnel(ctx: &XdpContext, gue_port: u16) -> Result<Option<Tunnel>, ()> {
 /// `inner` (the outer family's own: IPv4 in IPv4, IPv6 in IPv6).
 #[inline(always)]
 fn is_gue(ctx: &XdpContext, off: usize, gue_port: u16, inner: u8) -> Result<bool, ()> {
-    let h: *const [u8; GUE_OVERHEAD] = ptr_at(ctx, off)?;
+    // A UDP packet too short for the headers is no tunnel, not malformed.
+    let Ok(h) = ptr_at::<[u8; GUE_OVERHEAD]>(ctx, off) else {
+        return Ok(false);
+    };
     // SAFETY: ptr_at checked the bounds.
     let h = unsafe { *h };
     Ok(u16::from_be_bytes([h[2], h[3]]) == gue_port && h[8] == 0 && h[9] == inner)

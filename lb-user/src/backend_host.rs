@@ -56,6 +56,7 @@ const LINK: &str = "link";
 pub fn attach(o: &Options) -> Result<(Ebpf, BTreeSet<IpAddr>, String)> {
     loader::ensure_bpffs()?;
     let dir = pin_dir(&o.instance);
+    same_interface(o, &dir)?;
     let mut ebpf = loader::load_decap_pinned(&dir, o.gue_port)?;
     let addrs = wanted(o)?;
     sync_addrs(&mut ebpf, &addrs)?;
@@ -69,6 +70,33 @@ pub fn attach(o: &Options) -> Result<(Ebpf, BTreeSet<IpAddr>, String)> {
     )
     .with_context(|| format!("attaching lb_decap to {}", o.interface))?;
     Ok((ebpf, addrs, what))
+}
+
+/// An instance's pinned link is swapped in place, whatever `--interface`
+/// says: refuses when its program is not the one on the interface (the
+/// instance runs on another one).
+fn same_interface(o: &Options, dir: &std::path::Path) -> Result<()> {
+    if !dir.join(LINK).exists() {
+        return Ok(());
+    }
+    let pinned = aya::programs::ProgramInfo::from_pin(dir.join("prog"))
+        .map(|i| i.id())
+        .ok();
+    let out = crate::host::iproute::run("ip", &["-j", "link", "show", "dev", &o.interface])
+        .with_context(|| format!("no interface {}", o.interface))?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("ip -j link")?;
+    let on_it = v[0]["xdp"]["prog"]["id"].as_u64().map(|id| id as u32);
+    if pinned.is_some() && on_it == pinned {
+        return Ok(());
+    }
+    bail!(
+        "backend host `{}` is attached to another interface than {} (its program is not the one \
+         there): give this interface its own --instance, or detach the other with `lb backend-host \
+         down --instance {}`",
+        o.instance,
+        o.interface,
+        o.instance
+    )
 }
 
 /// The addresses to decapsulate for: the given ones, else the interface's.
@@ -237,7 +265,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, instance: String) {
                     Ok(s) => (
                         [(
                             axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         )],
                         metrics_text(&s),
                     )

@@ -221,6 +221,27 @@ fn a_backend_host_decapsulates_counts_survives_its_restart_and_goes_down() {
     let log = h.stop();
     assert!(log.contains("adopted"), "the link was adopted: {log}");
 
+    // The instance belongs to h0: started on another interface, it refuses
+    // (rather than swap h0's program).
+    let out = Command::new(LB)
+        .args([
+            "backend-host",
+            "run",
+            "--interface",
+            "lo",
+            "--instance",
+            &instance,
+        ])
+        .args(["--netns", &host.name])
+        .output()
+        .expect("run on lo");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("attached to another interface"),
+        "{err}"
+    );
+    assert!(attached(&host).is_some(), "h0 keeps its program");
+
     // Down: detached, pins gone.
     let out = Command::new(LB)
         .args(["backend-host", "down", "--instance", &instance])

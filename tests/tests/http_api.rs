@@ -105,6 +105,14 @@ impl Client<'_> {
 /// path`'s answer with `status` (refs resolved within the document).
 fn schema_errors(doc: &Value, method: &str, path: &str, status: u16, body: &Value) -> Vec<String> {
     let esc = |s: &str| s.replace('~', "~0").replace('/', "~1");
+    if status != 200 {
+        let code = status.to_string();
+        if doc["paths"][path][method]["responses"][code.as_str()].is_null() {
+            return vec![format!(
+                "status {status} is not declared for {method} {path}"
+            )];
+        }
+    }
     let pointer = if status == 200 {
         format!(
             "#/paths/{}/{method}/responses/200/content/application~1json/schema",
@@ -344,10 +352,18 @@ fn every_route_answers_as_its_openapi_document_says_with_tokens_checked() {
     tokens.write(&format!("read-write {RW} deployer\n"), 0o644);
     let a = c.call("get", "/api/v1/status", Some(RW), None);
     assert_eq!(a.status, 503, "{}", a.body);
+    // The reason is in the log, not in the answer to a client.
     assert!(
-        a.body["error"].as_str().unwrap().contains("chmod 600"),
+        a.body["error"]
+            .as_str()
+            .unwrap()
+            .contains("the agent's log says why"),
         "{}",
         a.body
+    );
+    assert!(
+        agent.log_text().contains("chmod 600"),
+        "the log says what to do"
     );
     tokens.write(&format!("read-write {RW} deployer\n"), 0o600);
 

@@ -61,10 +61,14 @@ async fn call(
 ) -> Response {
     let tokens = match ctx.tokens.current() {
         Ok(t) => t,
-        Err(e) => {
+        // The reason stays in the agent's log (`TokenFile::current` logs
+        // it): it may quote the file, and this client has shown no token.
+        Err(_) => {
             return refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("the API's token file does not check out ({e}); fix it, no restart needed"),
+                "the API's token file does not check out (the agent's log says why); fix it, no \
+                 restart needed"
+                    .into(),
             );
         }
     };

@@ -202,7 +202,9 @@ pub(super) fn plan(old: &[Vip], new: &[Vip]) -> Vec<Change> {
                 ring = true;
             }
         }
-        let health_changed = o.is_some_and(|o| o.health != n.health);
+        // Probes follow the forwarding path: a new mode is a new probe.
+        let health_changed =
+            o.is_some_and(|o| o.health != n.health || o.forwarding != n.forwarding);
         for b in &n.backends {
             match old_backends.iter().find(|x| x.address == b.address) {
                 None => {
@@ -402,9 +404,14 @@ address = "198.18.2.2"
         let old = cfg(ONE);
         let k = key(&old);
         let set = |extra: &str| ONE.replacen("port = 80", &format!("port = 80\n{extra}"), 1);
+        // A new mode is a new path: the path probes start again.
         assert_eq!(
             plan(&old, &cfg(&set("forwarding = \"ipip\""))),
-            vec![ConfigureVip(k)]
+            vec![
+                ConfigureVip(k),
+                RestartHealth(k, a("198.18.2.1")),
+                RestartHealth(k, a("198.18.2.2"))
+            ]
         );
         assert_eq!(
             plan(&old, &cfg(&set("ring_size = 251"))),

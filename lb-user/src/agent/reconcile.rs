@@ -51,6 +51,9 @@ impl State {
             self.dp.set_nat_addrs(&v4, &v6)?;
             tracing::info!("agent settings applied to the datapath");
         }
+        // Probe tasks made below encapsulate to the new GUE port.
+        let gue_port_changed = new.agent.gue_port != self.cfg.agent.gue_port;
+        self.cfg.agent.gue_port = new.agent.gue_port;
         let old: Vec<Vip> = self.vips.iter().map(|v| v.cfg.clone()).collect();
         let want: HashMap<VipKey, &Vip> = new.vips.iter().map(|v| (vip_key(v), v)).collect();
         let cfg_of = |k: &VipKey| -> Result<Vip> {
@@ -137,6 +140,8 @@ impl State {
                     let b = self.new_backend(&key, bcfg, &vcfg.health)?;
                     self.vips[vi].backends.push(b);
                     let bi = self.vips[vi].backends.len() - 1;
+                    // Its probe takes the VIP's path as configured now.
+                    self.vips[vi].cfg = vcfg.clone();
                     spawns.extend(self.probe_job(vi, bi, vcfg.health.clone()));
                     self.write_backend(vi, bi)?;
                 }
@@ -150,8 +155,11 @@ impl State {
                     self.write_backend(vi, bi)?;
                 }
                 Change::RestartHealth(key, addr) => {
-                    let health = cfg_of(&key)?.health;
+                    let vcfg = cfg_of(&key)?;
+                    let health = vcfg.health.clone();
                     let vi = self.vip_index(&key)?;
+                    // The probe takes the VIP's new path (forwarding).
+                    self.vips[vi].cfg = vcfg;
                     let bi = self.backend_index(vi, addr)?;
                     let old = &self.vips[vi].backends[bi].health;
                     let was = (old.up, old.checked());
@@ -188,6 +196,17 @@ impl State {
         for v in &mut self.vips {
             if let Some(c) = want.get(&v.key) {
                 v.cfg = (*c).clone();
+            }
+        }
+        // A new GUE port: every `gue` backend's path probe goes there.
+        if gue_port_changed {
+            for vi in 0..self.vips.len() {
+                if self.vips[vi].cfg.forwarding == crate::vocab::Forwarding::Gue {
+                    let health = self.vips[vi].cfg.health.clone();
+                    for bi in 0..self.vips[vi].backends.len() {
+                        spawns.extend(self.probe_job(vi, bi, health.clone()));
+                    }
+                }
             }
         }
         self.dp.set_flood_limit(new.agent.new_flow_limit)?;

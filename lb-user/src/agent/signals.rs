@@ -27,9 +27,16 @@ pub(super) fn spawn(shared: &Shared, ring: SignalRing) -> anyhow::Result<()> {
             if got.is_empty() {
                 continue;
             }
-            let Ok(s) = lock(&shared) else { return };
+            // One entry per backend and sign, however many arrived (a
+            // flood of repeated SYNs): the work under the lock is bounded
+            // by the backends, not by the flood.
+            let mut counts: std::collections::HashMap<Signal, u64> = Default::default();
             for sig in got {
-                s.signal(&sig);
+                *counts.entry(sig).or_default() += 1;
+            }
+            let Ok(s) = lock(&shared) else { return };
+            for (sig, n) in counts {
+                s.signal(&sig, n);
             }
         }
     });
@@ -37,8 +44,8 @@ pub(super) fn spawn(shared: &Shared, ring: SignalRing) -> anyhow::Result<()> {
 }
 
 impl super::State {
-    /// Counts one signal and kicks its backend's probe task.
-    fn signal(&self, sig: &Signal) {
+    /// Counts `n` of one signal and kicks its backend's probe task.
+    fn signal(&self, sig: &Signal, n: u64) {
         let found = self.vips.iter().find_map(|v| {
             let b = match *sig {
                 Signal::SynAgain { backend_id } => v.backends.iter().find(|b| b.id == backend_id),
@@ -67,7 +74,7 @@ impl super::State {
                 backend: b.cfg.address.to_string(),
                 signal: sig.name().to_string(),
             })
-            .inc();
+            .inc_by(n);
         if let Some(k) = &b.kick {
             k.notify_one();
         }

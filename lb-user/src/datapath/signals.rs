@@ -15,7 +15,7 @@ use aya::{
 use lb_common::{AF_INET, SIGNAL_RST_ON_SYN, SIGNAL_SYN_AGAIN};
 
 /// One signal as the agent reads it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Signal {
     /// A client sent its SYN again: no SYN-ACK reached it (backend id).
     SynAgain { backend_id: u32 },

@@ -98,21 +98,31 @@ fn frame(
     smac: [u8; 6],
     dmac: [u8; 6],
 ) -> Result<Vec<u8>> {
+    frame_flags(path, src, sport, seq, smac, dmac, false)
+}
+
+/// [`frame`], or (`rst`) the reset that closes the probe's half-open
+/// connection on the backend, sent the same way.
+fn frame_flags(
+    path: &Path,
+    src: IpAddr,
+    sport: u16,
+    seq: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    rst: bool,
+) -> Result<Vec<u8>> {
     let (vip, port) = (path.vip.ip(), path.vip.port());
     let mut inner = Vec::new();
     let ether_type = match (src, vip) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            PacketBuilder::ipv4(s.octets(), d.octets(), 64)
-                .tcp(sport, port, seq, 64240)
-                .syn()
-                .write(&mut inner, &[])?;
+            let b = PacketBuilder::ipv4(s.octets(), d.octets(), 64).tcp(sport, port, seq, 64240);
+            if rst { b.rst() } else { b.syn() }.write(&mut inner, &[])?;
             EtherType::IPV4
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
-            PacketBuilder::ipv6(s.octets(), d.octets(), 64)
-                .tcp(sport, port, seq, 64240)
-                .syn()
-                .write(&mut inner, &[])?;
+            let b = PacketBuilder::ipv6(s.octets(), d.octets(), 64).tcp(sport, port, seq, 64240);
+            if rst { b.rst() } else { b.syn() }.write(&mut inner, &[])?;
             EtherType::IPV6
         }
         _ => bail!("the VIP {vip} and the path's source {src} are of two families"),
@@ -328,13 +338,15 @@ impl Prober {
 fn probe_on(fd: &OwnedFd, path: &Path, limit: Duration) -> Result<Answer> {
     let t0 = Instant::now();
     let (src, ifindex, smac, dmac) = next_hop(path.backend, limit / 2)?;
-    // A source port and sequence of our own per probe.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .subsec_nanos();
-    let sport = 40000 + (nanos % 20000) as u16;
-    let seq = nanos.rotate_left(13);
+    // A random source port and sequence per probe: an answer must name
+    // both (its acknowledgement is our sequence plus one).
+    let mut r = [0u8; 6];
+    // SAFETY: getrandom(2) into a buffer of the given length.
+    if unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) } != r.len() as isize {
+        bail!("getrandom: {}", std::io::Error::last_os_error());
+    }
+    let sport = 40000 + u16::from_ne_bytes([r[0], r[1]]) % 20000;
+    let seq = u32::from_ne_bytes([r[2], r[3], r[4], r[5]]);
     let frame = frame(path, src, sport, seq, smac, dmac)?;
     let v4 = path.vip.is_ipv4();
     attach(fd, &filter(path.vip, sport))?;
@@ -395,14 +407,35 @@ fn probe_on(fd: &OwnedFd, path: &Path, limit: Duration) -> Result<Answer> {
         if got <= 0 {
             continue;
         }
-        if let Some(a) = answer(&buf[..got as usize], path.vip, src, sport) {
+        if let Some(a) = answer(&buf[..got as usize], path.vip, src, sport, seq) {
+            if a == Answer::Open {
+                // Close the backend's half-open connection along the same
+                // path (this host's own reset would follow its routes to
+                // the VIP, not to this backend). Best effort.
+                if let Ok(rst) =
+                    frame_flags(path, src, sport, seq.wrapping_add(1), smac, dmac, true)
+                {
+                    // SAFETY: as for the SYN.
+                    unsafe {
+                        libc::sendto(
+                            fd.as_raw_fd(),
+                            rst.as_ptr().cast(),
+                            rst.len(),
+                            0,
+                            (&raw const to).cast(),
+                            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                        )
+                    };
+                }
+            }
             return Ok(a);
         }
     }
 }
 
-/// The answer `pkt` gives to our SYN from `src:sport`, if it is one.
-fn answer(pkt: &[u8], vip: SocketAddr, src: IpAddr, sport: u16) -> Option<Answer> {
+/// The answer `pkt` gives to our SYN from `src:sport` with sequence
+/// `seq`, if it is one (it acknowledges `seq + 1`).
+fn answer(pkt: &[u8], vip: SocketAddr, src: IpAddr, sport: u16, seq: u32) -> Option<Answer> {
     let p = etherparse::SlicedPacket::from_ethernet(pkt).ok()?;
     let (s, d) = match p.net? {
         etherparse::NetSlice::Ipv4(h) => (
@@ -417,7 +450,13 @@ fn answer(pkt: &[u8], vip: SocketAddr, src: IpAddr, sport: u16) -> Option<Answer
     let etherparse::TransportSlice::Tcp(t) = p.transport? else {
         return None;
     };
-    if s != vip.ip() || d != src || t.source_port() != vip.port() || t.destination_port() != sport {
+    if s != vip.ip()
+        || d != src
+        || t.source_port() != vip.port()
+        || t.destination_port() != sport
+        || !t.ack()
+        || t.acknowledgment_number() != seq.wrapping_add(1)
+    {
         return None;
     }
     if t.rst() {
@@ -484,20 +523,22 @@ mod tests {
             let b = PacketBuilder::ethernet2([2; 6], [3; 6])
                 .ipv4([198, 18, 0, 100], [198, 18, 2, 254], 64)
                 .tcp(80, sport, 1, 100);
-            let b = if rst { b.rst() } else { b.syn().ack(8) };
+            let b = if rst { b.rst().ack(8) } else { b.syn().ack(8) };
             let mut v = Vec::new();
             b.write(&mut v, &[]).unwrap();
             v
         };
         assert_eq!(
-            answer(&reply(41000, false), vip, me, 41000),
+            answer(&reply(41000, false), vip, me, 41000, 7),
             Some(Answer::Open)
         );
         assert_eq!(
-            answer(&reply(41000, true), vip, me, 41000),
+            answer(&reply(41000, true), vip, me, 41000, 7),
             Some(Answer::Refused)
         );
-        assert_eq!(answer(&reply(41001, false), vip, me, 41000), None);
+        assert_eq!(answer(&reply(41001, false), vip, me, 41000, 7), None);
+        // Another probe's answer (another sequence) is not ours.
+        assert_eq!(answer(&reply(41000, false), vip, me, 41000, 8), None);
     }
 
     #[test]

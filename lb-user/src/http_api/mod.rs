@@ -317,6 +317,7 @@ pub fn document() -> Value {
                 },
                 "400": {"$ref": "#/components/responses/Refused"},
                 "401": {"$ref": "#/components/responses/Unauthorized"},
+                "503": {"$ref": "#/components/responses/Unavailable"},
             },
         });
         if !params.is_empty() {
@@ -385,6 +386,7 @@ pub fn document() -> Value {
                 "Refused": with("Refused (a bad request, a change that does not validate): nothing changed."),
                 "Unauthorized": with("No token, or one the token file does not hold."),
                 "ReadOnly": with("A read-only token on a route that changes something."),
+                "Unavailable": with("The token file does not check out (mode, owner, syntax): every request is refused until it is fixed; the agent's log says why."),
             },
         },
     })

@@ -98,7 +98,13 @@ impl Tokens {
     /// The token an `Authorization` header's value presents, if the file
     /// holds it (compared in constant time, every token tried).
     pub fn find(&self, authorization: Option<&str>) -> Option<&Token> {
-        let presented = authorization?.strip_prefix("Bearer ")?.trim().as_bytes();
+        // The scheme is case-insensitive (RFC 7235).
+        let a = authorization?.trim_start();
+        let (scheme, rest) = a.split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        let presented = rest.trim().as_bytes();
         let mut found = None;
         for t in &self.0 {
             if bool::from(t.secret.as_bytes().ct_eq(presented)) {
@@ -150,7 +156,9 @@ pub struct TokenFile {
     cached: Mutex<Option<(Stamp, Result<Tokens, String>)>>,
 }
 
-type Stamp = (u64, u64, i64, i64, u64, u32);
+/// What makes the file read again: its identity, times, size, mode and
+/// owner (a `chmod` or `chown` changes the ctime too).
+type Stamp = (u64, u64, i64, i64, i64, i64, u64, u32, u32);
 
 impl TokenFile {
     /// Loads `path` once, refusing to start with a file that does not
@@ -173,8 +181,11 @@ impl TokenFile {
                     m.ino(),
                     m.mtime(),
                     m.mtime_nsec(),
+                    m.ctime(),
+                    m.ctime_nsec(),
                     m.size(),
                     m.mode(),
+                    m.uid(),
                 )
             })
             .map_err(|e| format!("api_token_file {}: {e}", self.path.display()))?;
@@ -218,6 +229,10 @@ mod tests {
         assert_eq!((b.access, b.name.as_str()), (Access::Read, "token 4"));
         assert!(t.find(Some(&format!("Bearer {A}x"))).is_none());
         assert!(t.find(Some(&format!("Basic {A}"))).is_none());
+        assert!(
+            t.find(Some(&format!("bearer {A}"))).is_some(),
+            "case-insensitive scheme"
+        );
         assert!(t.find(None).is_none());
     }
 
