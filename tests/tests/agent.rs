@@ -1366,24 +1366,7 @@ fn health_settings_change_brings_a_down_backend_back_into_the_datapath() {
 fn nat_replies_arriving_on_other_interfaces_reach_the_client() {
     let d = dc("anr", 2).expect("dc");
     let _srv = servers(&d);
-    for b in &d.backends {
-        // Their replies pass the LB's XDP: finished checksums, as on a wire.
-        b.exec("ethtool", &["-K", "b0", "tx", "off"])
-            .expect("ethtool");
-    }
-    // Native redirect into l0 needs a program on its peer.
-    let mut pass = lb_tests::load().expect("load");
-    d.client
-        .enter(|| {
-            lb_tests::loader::attach(
-                &mut pass,
-                lb_common::PROG_PASS,
-                "c0",
-                lb_user::vocab::XdpMode::Native,
-            )
-        })
-        .expect("setns")
-        .expect("pass on c0");
+    let _pass = support::nat_two_armed(&d);
     let agent = Agent::start_edited("anr", &d, 2, |t| {
         t.replace(
             "metrics_listen = \"127.0.0.1:9100\"\n",

@@ -70,25 +70,7 @@ fn bursts(agent: &Agent, addr: &str) -> usize {
 fn a_nat_backend_refusing_new_connections_is_out_at_once() {
     let d = dc("sgr", 2).expect("dc");
     let mut srv = servers(&d);
-    // The NAT set-up of `agent.rs`'s NAT test: replies pass the LB's XDP on
-    // the backends' side (l1, l2) with finished checksums, and the client's
-    // veth takes native redirects.
-    for b in &d.backends {
-        b.exec("ethtool", &["-K", "b0", "tx", "off"])
-            .expect("ethtool");
-    }
-    let mut pass = lb_tests::load().expect("load");
-    d.client
-        .enter(|| {
-            lb_tests::loader::attach(
-                &mut pass,
-                lb_common::PROG_PASS,
-                "c0",
-                lb_user::vocab::XdpMode::Native,
-            )
-        })
-        .expect("setns")
-        .expect("pass on c0");
+    let _pass = support::nat_two_armed(&d);
     let agent = Agent::start_edited("sgr", &d, 2, |t| {
         t.replace(
             "metrics_listen = \"127.0.0.1:9100\"\n",

@@ -7,8 +7,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use tokio::io::{Interest, unix::AsyncFd};
-
 use super::{Shared, lock, state::vip_ref};
 use crate::{
     api::VipRef,
@@ -17,32 +15,21 @@ use crate::{
 
 /// Reads `log` whenever the datapath writes to it, until the agent stops.
 pub(super) fn spawn(shared: &Shared, log: DropLog) -> anyhow::Result<()> {
-    // SAFETY: the descriptor is the log ring's, owned by `log`, which the
-    // `AsyncFd` owns until the task ends; it never changes.
-    let mut fd = unsafe { AsyncFd::register_with_interest(log, Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("watching the datapath's log ring: {e}"))?;
     let shared = shared.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok(mut guard) = fd.readable_mut().await else {
-                return;
-            };
-            let got = guard.get_inner_mut().read();
-            guard.clear_ready();
-            for item in got {
-                match item {
-                    Ok(e) => {
-                        let named = lock(&shared)
-                            .ok()
-                            .and_then(|s| s.backend_named(e.backend_id));
-                        report(&e, named);
-                    }
-                    Err(text) => tracing::warn!(record = %text, "unrecognised datapath log record"),
+    super::rings::watch(log, "log ring", DropLog::read, move |got| {
+        for item in got {
+            match item {
+                Ok(e) => {
+                    let named = lock(&shared)
+                        .ok()
+                        .and_then(|s| s.backend_named(e.backend_id));
+                    report(&e, named);
                 }
+                Err(text) => tracing::warn!(record = %text, "unrecognised datapath log record"),
             }
         }
-    });
-    Ok(())
+        true
+    })
 }
 
 /// Logs one drop. `named`: the VIP and address of the backend it names,

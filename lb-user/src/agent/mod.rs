@@ -20,7 +20,7 @@
 //! routes for BIRD, pure decision + kernel side) and `node` (this node's
 //! announcement and drain state), `drop_events` (the datapath's rare drops
 //! into the log), `signals` (the datapath's signs of backend failure wake
-//! the probes). This file: startup, the instance lock,
+//! the probes), `rings` (reading a ring the datapath writes). This file: startup, the instance lock,
 //! shutdown and `lb down`.
 
 mod agent_metrics;
@@ -36,6 +36,7 @@ mod nexthop;
 mod node;
 mod plan;
 mod reconcile;
+mod rings;
 mod signals;
 mod state;
 mod views;

@@ -4,43 +4,27 @@
 //! Only failed probes take a backend down, so a false signal costs probes,
 //! never a failover.
 
-use tokio::io::{Interest, unix::AsyncFd};
-
 use super::{Shared, agent_metrics::SignalLabels, lock, state::vip_ref};
 use crate::datapath::signals::{Signal, SignalRing};
 use crate::vocab::Forwarding;
 
 /// Reads `ring` whenever the datapath writes to it, until the agent stops.
 pub(super) fn spawn(shared: &Shared, ring: SignalRing) -> anyhow::Result<()> {
-    // SAFETY: the descriptor is the ring's, owned by `ring`, which the
-    // `AsyncFd` owns until the task ends; it never changes.
-    let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("watching the datapath's signal ring: {e}"))?;
     let shared = shared.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok(mut guard) = fd.readable_mut().await else {
-                return;
-            };
-            let got = guard.get_inner_mut().read();
-            guard.clear_ready();
-            if got.is_empty() {
-                continue;
-            }
-            // One entry per backend and sign, however many arrived (a
-            // flood of repeated SYNs): the work under the lock is bounded
-            // by the backends, not by the flood.
-            let mut counts: std::collections::HashMap<Signal, u64> = Default::default();
-            for sig in got {
-                *counts.entry(sig).or_default() += 1;
-            }
-            let Ok(s) = lock(&shared) else { return };
-            for (sig, n) in counts {
-                s.signal(&sig, n);
-            }
+    super::rings::watch(ring, "signal ring", SignalRing::read, move |got| {
+        // One entry per backend and sign, however many arrived (a flood of
+        // repeated SYNs): the work under the lock is bounded by the
+        // backends, not by the flood.
+        let mut counts: std::collections::HashMap<Signal, u64> = Default::default();
+        for sig in got {
+            *counts.entry(sig).or_default() += 1;
         }
-    });
-    Ok(())
+        let Ok(s) = lock(&shared) else { return false };
+        for (sig, n) in counts {
+            s.signal(&sig, n);
+        }
+        true
+    })
 }
 
 impl super::State {

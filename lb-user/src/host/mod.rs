@@ -5,4 +5,5 @@
 pub mod iproute;
 pub mod netlink;
 pub mod netns;
+pub mod packet_socket;
 pub mod syn_probe;

@@ -5,12 +5,11 @@
 //! segment with a packet socket, and the backend's answer read from a
 //! packet socket: SYN-ACK (something listens on VIP:port there), RST
 //! (nothing does), or nothing (the VIP is not on the backend, its decap is
-//! gone, the path is broken). This host's kernel, which owns no socket for
-//! the answer, resets the half-open connection itself.
+//! gone, the path is broken). An open probe's half-open connection is
+//! reset along the same path. The socket itself is `packet_socket`.
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::{Duration, Instant},
 };
 
@@ -18,6 +17,7 @@ use anyhow::{Context as _, Result, bail};
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv6Header, PacketBuilder};
 
 use super::netlink;
+use super::packet_socket::{PacketSocket, tcp_answers};
 
 /// How the balancer delivers a VIP's packets to a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,137 +188,18 @@ fn frame_flags(
     Ok(v)
 }
 
-/// A classic BPF filter that passes only TCP from the VIP's address and
-/// port to `sport` (the answers to our SYN), so the socket is not handed
-/// the host's other traffic.
-fn filter(vip: SocketAddr, sport: u16) -> Vec<libc::sock_filter> {
-    const LD_H: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16;
-    const LD_B: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
-    const LD_W: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
-    const LD_H_IND: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_IND) as u16;
-    const LDX_MSH: u16 = (libc::BPF_LDX | libc::BPF_B | libc::BPF_MSH) as u16;
-    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
-    const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
-    let op = |code, k| libc::sock_filter {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    // Each check falls through on a match and jumps to the final "reject"
-    // otherwise; jump offsets are filled in once the program is complete.
-    let mut p: Vec<libc::sock_filter> = Vec::new();
-    let mut checks: Vec<usize> = Vec::new();
-    let mut check = |p: &mut Vec<libc::sock_filter>, k: u32| {
-        checks.push(p.len());
-        p.push(op(JEQ, k));
-    };
-    match vip.ip() {
-        IpAddr::V4(a) => {
-            p.push(op(LD_H, 12));
-            check(&mut p, 0x0800);
-            p.push(op(LD_B, 23));
-            check(&mut p, 6);
-            p.push(op(LD_W, 26));
-            check(&mut p, u32::from(a));
-            p.push(op(LDX_MSH, 14));
-            p.push(op(LD_H_IND, 14));
-            check(&mut p, vip.port() as u32);
-            p.push(op(LD_H_IND, 16));
-            check(&mut p, sport as u32);
-        }
-        IpAddr::V6(a) => {
-            p.push(op(LD_H, 12));
-            check(&mut p, 0x86dd);
-            p.push(op(LD_B, 20));
-            check(&mut p, 6);
-            for (i, w) in a.octets().chunks(4).enumerate() {
-                p.push(op(LD_W, 22 + 4 * i as u32));
-                check(&mut p, u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
-            }
-            p.push(op(LD_H, 54));
-            check(&mut p, vip.port() as u32);
-            p.push(op(LD_H, 56));
-            check(&mut p, sport as u32);
-        }
-    }
-    p.push(op(RET, 0xffff));
-    let reject = p.len();
-    p.push(op(RET, 0));
-    for i in checks {
-        p[i].jf = (reject - i - 1) as u8;
-    }
-    p
-}
-
-/// A packet socket for IPv4 or IPv6 frames, passing nothing until a probe
-/// attaches its filter.
-fn packet_socket(v4: bool) -> Result<OwnedFd> {
-    let proto = if v4 { libc::ETH_P_IP } else { libc::ETH_P_IPV6 } as u16;
-    // SAFETY: plain socket(2); the descriptor is owned at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            proto.to_be() as i32,
-        )
-    };
-    if fd < 0 {
-        bail!(
-            "opening a packet socket: {} (path probes need root)",
-            std::io::Error::last_os_error()
-        );
-    }
-    // SAFETY: a fresh descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let reject = [libc::sock_filter {
-        code: (libc::BPF_RET | libc::BPF_K) as u16,
-        jt: 0,
-        jf: 0,
-        k: 0,
-    }];
-    attach(&fd, &reject)?;
-    Ok(fd)
-}
-
-/// Attaches (replaces) the socket's filter.
-fn attach(fd: &OwnedFd, prog: &[libc::sock_filter]) -> Result<()> {
-    let fprog = libc::sock_fprog {
-        len: prog.len() as u16,
-        filter: prog.as_ptr() as *mut libc::sock_filter,
-    };
-    // SAFETY: `fprog` points at `prog`, alive for the call; the kernel
-    // copies the program.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
-            (&raw const fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as u32,
-        )
-    };
-    if rc != 0 {
-        bail!(
-            "attaching the probe filter: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
-}
-
 /// A backend's path prober: one packet socket for all its probes (closing
 /// a packet socket waits for an RCU grace period, 10 ms and more here,
 /// which a socket per probe would add to every probe's latency).
 pub struct Prober {
-    fd: OwnedFd,
+    sock: PacketSocket,
     v4: bool,
 }
 
 impl Prober {
     pub fn new(v4: bool) -> Result<Self> {
         Ok(Self {
-            fd: packet_socket(v4)?,
+            sock: PacketSocket::open(v4)?,
             v4,
         })
     }
@@ -330,12 +211,12 @@ impl Prober {
         if path.vip.is_ipv4() != self.v4 {
             *self = Self::new(path.vip.is_ipv4())?;
         }
-        probe_on(&self.fd, path, limit)
+        probe_on(&self.sock, path, limit)
     }
 }
 
 /// [`Prober::probe`] on a packet socket of the path's family.
-fn probe_on(fd: &OwnedFd, path: &Path, limit: Duration) -> Result<Answer> {
+fn probe_on(sock: &PacketSocket, path: &Path, limit: Duration) -> Result<Answer> {
     let t0 = Instant::now();
     let (src, ifindex, smac, dmac) = next_hop(path.backend, limit / 2)?;
     // A random source port and sequence per probe: an answer must name
@@ -347,90 +228,28 @@ fn probe_on(fd: &OwnedFd, path: &Path, limit: Duration) -> Result<Answer> {
     }
     let sport = 40000 + u16::from_ne_bytes([r[0], r[1]]) % 20000;
     let seq = u32::from_ne_bytes([r[2], r[3], r[4], r[5]]);
-    let frame = frame(path, src, sport, seq, smac, dmac)?;
-    let v4 = path.vip.is_ipv4();
-    attach(fd, &filter(path.vip, sport))?;
-    let mut buf = [0u8; 2048];
+    let syn = frame(path, src, sport, seq, smac, dmac)?;
+    sock.set_filter(&tcp_answers(path.vip, sport))?;
     // Whatever the previous filter let in is no answer to this probe.
-    // SAFETY: `buf` is valid for its length.
-    while unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    } > 0
-    {}
-    // SAFETY: a zeroed sockaddr_ll, filled in below.
-    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    to.sll_family = libc::AF_PACKET as u16;
-    // IPIP stays in its family (IPv4 in IPv4, IPv6 in IPv6).
-    to.sll_protocol = (if v4 { libc::ETH_P_IP } else { libc::ETH_P_IPV6 } as u16).to_be();
-    to.sll_ifindex = ifindex as i32;
-    to.sll_halen = 6;
-    to.sll_addr[..6].copy_from_slice(&dmac);
-    // SAFETY: `frame` and `to` are valid for the call.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&raw const to).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    if sent < 0 {
-        bail!(
-            "sending the path probe: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    loop {
-        let left = limit.saturating_sub(t0.elapsed());
-        if left.is_zero() {
-            return Ok(Answer::Silent);
-        }
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+    sock.drain();
+    sock.send(&syn, ifindex, dmac)
+        .context("sending the path probe")?;
+    let mut buf = [0u8; 2048];
+    while let Some(n) = sock.recv(&mut buf, limit.saturating_sub(t0.elapsed())) {
+        let Some(a) = answer(&buf[..n], path.vip, src, sport, seq) else {
+            continue;
         };
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) };
-        if n <= 0 {
-            continue;
-        }
-        // SAFETY: `buf` is valid for its length.
-        let got = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if got <= 0 {
-            continue;
-        }
-        if let Some(a) = answer(&buf[..got as usize], path.vip, src, sport, seq) {
-            if a == Answer::Open {
-                // Close the backend's half-open connection along the same
-                // path (this host's own reset would follow its routes to
-                // the VIP, not to this backend). Best effort.
-                if let Ok(rst) =
-                    frame_flags(path, src, sport, seq.wrapping_add(1), smac, dmac, true)
-                {
-                    // SAFETY: as for the SYN.
-                    unsafe {
-                        libc::sendto(
-                            fd.as_raw_fd(),
-                            rst.as_ptr().cast(),
-                            rst.len(),
-                            0,
-                            (&raw const to).cast(),
-                            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                        )
-                    };
-                }
+        if a == Answer::Open {
+            // Close the backend's half-open connection along the same path
+            // (this host's own reset would follow its routes to the VIP,
+            // not to this backend). Best effort.
+            if let Ok(rst) = frame_flags(path, src, sport, seq.wrapping_add(1), smac, dmac, true) {
+                let _ = sock.send(&rst, ifindex, dmac);
             }
-            return Ok(a);
         }
+        return Ok(a);
     }
+    Ok(Answer::Silent)
 }
 
 /// The answer `pkt` gives to our SYN from `src:sport` with sequence
@@ -539,14 +358,5 @@ mod tests {
         assert_eq!(answer(&reply(41001, false), vip, me, 41000, 7), None);
         // Another probe's answer (another sequence) is not ours.
         assert_eq!(answer(&reply(41000, false), vip, me, 41000, 8), None);
-    }
-
-    #[test]
-    fn the_filter_checks_every_field_and_ends_in_reject() {
-        let f = filter("198.18.0.100:80".parse().unwrap(), 41000);
-        assert_eq!(f.last().map(|i| i.k), Some(0), "reject last");
-        assert_eq!(f[f.len() - 2].k, 0xffff, "accept before it");
-        let f6 = filter("[2001:2::100]:80".parse().unwrap(), 41000);
-        assert!(f6.len() > f.len());
     }
 }

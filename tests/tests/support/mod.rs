@@ -198,3 +198,28 @@ pub fn servers(d: &Dc) -> Vec<TestServer> {
         .map(|(i, ns)| TestServer::start(ns, &format!("b{}", i + 1)).expect("server"))
         .collect()
 }
+
+/// Readies `d` for NAT on a two-armed balancer (clients on `l0`, backends
+/// behind `l1`, `l2`, ...): the backends' replies pass the LB's XDP, so
+/// they leave with finished checksums, as on a wire; and native redirects
+/// into `l0` need a program on its peer `c0`. Keep the returned object
+/// while the test runs.
+pub fn nat_two_armed(d: &Dc) -> aya::Ebpf {
+    for b in &d.backends {
+        b.exec("ethtool", &["-K", "b0", "tx", "off"])
+            .expect("ethtool");
+    }
+    let mut pass = lb_tests::load().expect("load");
+    d.client
+        .enter(|| {
+            lb_tests::loader::attach(
+                &mut pass,
+                lb_common::PROG_PASS,
+                "c0",
+                lb_user::vocab::XdpMode::Native,
+            )
+        })
+        .expect("setns")
+        .expect("pass on c0");
+    pass
+}
