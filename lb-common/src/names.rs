@@ -47,6 +47,9 @@ pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
 /// The VIP-address filter of addresses with a VIP that keeps a connection
 /// table (same slots as `VIP_FILTER`).
 pub const MAP_VIP_TABLE_FILTER: &str = "VIP_TABLE_FILTER";
+/// `VIP_TABLE_FILTER` without full-NAT VIPs: where the datapath's
+/// established path (`lb-ebpf/src/fast.rs`) looks a flow up.
+pub const MAP_VIP_FAST_FILTER: &str = "VIP_FAST_FILTER";
 /// The VIP-address filter without the NAT addresses (same slots as
 /// `VIP_FILTER`): a clear bit means no VIP lives on the address, so a
 /// packet to it (a NAT reply) skips the VIP lookups.

@@ -456,7 +456,17 @@ fn rewrite<O: Observe>(
         } else {
             table::probe(&pkt.key).hash
         };
-        if forward::encap(ctx, pkt, b, settings, flow_hash, hop, gue).is_err() {
+        if forward::encap(
+            ctx,
+            &forward::Inner::of(pkt),
+            b,
+            settings,
+            flow_hash,
+            hop,
+            gue,
+        )
+        .is_err()
+        {
             return Err(log::dropped(pkt, verdict::ENCAP_FAILED, id));
         }
         return Ok((0, 0));

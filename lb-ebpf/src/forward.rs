@@ -1,7 +1,8 @@
 //! Header rewrites: L2 direct server return and IPIP / IP6IP6 encapsulation.
 //!
-//! Preconditions for both: `pkt` came from [`crate::parse::parse`] on this
-//! very `ctx`, and `b` has a known next-hop MAC. On return the packet is
+//! Preconditions for both: `pkt` describes this very `ctx` (from
+//! [`crate::parse::parse`], or the established path's own reading), and `b`
+//! has a known next-hop MAC. On return the packet is
 //! ready to leave; the caller picks `XDP_TX` or `XDP_REDIRECT`.
 
 use aya_ebpf::{
@@ -72,13 +73,34 @@ pub(crate) fn move_l2(ctx: &XdpContext, from: usize, l3_off: usize) -> Result<()
     Ok(())
 }
 
+/// What encapsulating needs to know of the packet it wraps.
+pub struct Inner {
+    /// [`AF_INET`] or [`lb_common::AF_INET6`].
+    pub family: u8,
+    /// Offset of the IP header: 14, or 18 with a VLAN tag.
+    pub l3_off: usize,
+    /// Bytes from the IP header to the end of the IP packet.
+    pub ip_len: u16,
+}
+
+impl Inner {
+    #[inline(always)]
+    pub fn of(pkt: &Packet) -> Inner {
+        Inner {
+            family: pkt.family,
+            l3_off: pkt.l3_off,
+            ip_len: pkt.ip_len,
+        }
+    }
+}
+
 /// Encapsulates the packet to backend `b`. `hash` varies the outer source
 /// address (IPv4: low 16 bits; IPv6: last 32 bits and the flow label) so
 /// that receivers can spread flows over queues.
 #[inline(always)]
 pub fn encap(
     ctx: &XdpContext,
-    pkt: &Packet,
+    pkt: &Inner,
     b: &Backend,
     s: &Settings,
     hash: u32,
@@ -137,7 +159,7 @@ pub(crate) fn grow(ctx: &XdpContext, by: usize) -> Result<(), ()> {
 #[inline(always)]
 fn encap_v4<const GUE: usize>(
     ctx: &XdpContext,
-    pkt: &Packet,
+    pkt: &Inner,
     b: &Backend,
     s: &Settings,
     hash: u32,
@@ -211,7 +233,7 @@ fn encap_v4<const GUE: usize>(
 #[inline(always)]
 fn encap_v6<const GUE: usize>(
     ctx: &XdpContext,
-    pkt: &Packet,
+    pkt: &Inner,
     b: &Backend,
     s: &Settings,
     hash: u32,

@@ -19,7 +19,7 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
 };
 use aya_log_ebpf::warn;
-use lb_common::{AF_INET, drop_log, verdict};
+use lb_common::{AF_INET, FlowKey, drop_log, verdict};
 
 use crate::{
     maps::{LOG_JUMP, LOG_LIMIT, LOG_NOTE},
@@ -30,11 +30,18 @@ use crate::{
 /// chosen) for the log, and answers the verdict: (reason, `XDP_DROP`).
 #[inline(always)]
 pub(crate) fn dropped(pkt: &Packet, reason: u32, backend_id: u32) -> (u32, u32) {
+    dropped_flow(&pkt.key, pkt.family, reason, backend_id)
+}
+
+/// [`dropped`] for a flow known by its key and family alone (the
+/// established path, which builds no `Packet`).
+#[inline(always)]
+pub(crate) fn dropped_flow(key: &FlowKey, family: u8, reason: u32, backend_id: u32) -> (u32, u32) {
     if let Some(n) = LOG_NOTE.get_ptr_mut(0) {
         // SAFETY: this CPU's slot, ours while the program runs.
         unsafe {
-            (*n).key = pkt.key;
-            (*n).family = pkt.family;
+            (*n).key = *key;
+            (*n).family = family;
             (*n).backend_id = backend_id;
             (*n).reason = reason as u8;
             (*n).pending = 1;

@@ -30,6 +30,7 @@
 mod balance;
 mod csum;
 mod decap;
+mod fast;
 mod flow;
 mod forward;
 mod icmp;
@@ -62,8 +63,8 @@ use crate::{
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let (pkt, folded) = match vip_candidate(&ctx) {
-        Ok(p) => p,
+    let folded = match vip_addr(&ctx) {
+        Ok(f) => f,
         Err(action) => return action,
     };
     if trace::filter().is_some() {
@@ -71,6 +72,15 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         // slot (no agent loaded the traced copy) it falls through.
         unsafe { maps::TRACE_JUMP.tail_call(&ctx, 0) };
     }
+    if let Some((reason, action)) = fast::established(&ctx, folded) {
+        let action = verdict(reason, action);
+        log::after(&ctx, reason);
+        return action;
+    }
+    let pkt = match parse::parse(&ctx).map_err(skip) {
+        Ok(p) => p,
+        Err(action) => return action,
+    };
     let (reason, action) = try_lb(&ctx, &pkt, folded, &mut Quiet);
     let action = verdict(reason, action);
     log::after(&ctx, reason);
@@ -85,18 +95,31 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// action.
 #[inline(always)]
 fn vip_candidate(ctx: &XdpContext) -> Result<(parse::Packet, u32), u32> {
-    let skip = |s| match s {
-        Skip::NotIp => verdict(verdict::PASS_NON_IP, xdp_action::XDP_PASS),
-        Skip::Ipv6Ext => verdict(verdict::PASS_IPV6_EXT, xdp_action::XDP_PASS),
-        Skip::Malformed => verdict(verdict::MALFORMED, xdp_action::XDP_PASS),
-    };
-    // The filter first, on the destination alone: most of a host's traffic
-    // is for no VIP and leaves after one array lookup, unparsed.
+    let folded = vip_addr(ctx)?;
+    Ok((parse::parse(ctx).map_err(skip)?, folded))
+}
+
+/// The first half of [`vip_candidate`]: the destination folded to 32 bits,
+/// if the address filter lets it through. The filter first, on the
+/// destination alone: most of a host's traffic is for no VIP and leaves
+/// after one array lookup, unparsed.
+#[inline(always)]
+fn vip_addr(ctx: &XdpContext) -> Result<u32, u32> {
     let folded = parse::folded_dst(ctx).map_err(skip)?;
     if !maybe_vip_addr(folded) {
         return Err(verdict(verdict::PASS_NON_VIP, xdp_action::XDP_PASS));
     }
-    Ok((parse::parse(ctx).map_err(skip)?, folded))
+    Ok(folded)
+}
+
+/// Counts a packet `parse` did not take, and lets it through.
+#[inline(always)]
+fn skip(s: Skip) -> u32 {
+    match s {
+        Skip::NotIp => verdict(verdict::PASS_NON_IP, xdp_action::XDP_PASS),
+        Skip::Ipv6Ext => verdict(verdict::PASS_IPV6_EXT, xdp_action::XDP_PASS),
+        Skip::Malformed => verdict(verdict::MALFORMED, xdp_action::XDP_PASS),
+    }
 }
 
 /// [`lb_xdp`] while `lb trace` runs: the same balancer, watched, entered by
@@ -215,12 +238,27 @@ pub(crate) fn send(
     tx_reason: u32,
     redirect_reason: u32,
 ) -> (u32, u32) {
+    send_or(ctx, ifindex, tx_reason, redirect_reason, || {
+        log::dropped(pkt, verdict::REDIRECT_FAILED, backend_id)
+    })
+}
+
+/// [`send`], with what a failed redirect answers given by `failed` (the
+/// established path, which has no `Packet` to log, builds its key there).
+#[inline(always)]
+pub(crate) fn send_or(
+    ctx: &XdpContext,
+    ifindex: u32,
+    tx_reason: u32,
+    redirect_reason: u32,
+    failed: impl FnOnce() -> (u32, u32),
+) -> (u32, u32) {
     if ifindex == 0 || ifindex as usize == ctx.ingress_ifindex() {
         return (tx_reason, xdp_action::XDP_TX);
     }
     match TX_PORTS.redirect(ifindex, 0) {
         Ok(action) => (redirect_reason, action),
-        Err(_) => log::dropped(pkt, verdict::REDIRECT_FAILED, backend_id),
+        Err(_) => failed(),
     }
 }
 

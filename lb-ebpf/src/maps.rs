@@ -35,6 +35,13 @@ pub static VIP_FILTER: Array<u32> = Array::with_max_entries(lb_common::hash::VIP
 pub static VIP_TABLE_FILTER: Array<u32> =
     Array::with_max_entries(lb_common::hash::VIP_FILTER_WORDS, 0);
 
+/// `VIP_TABLE_FILTER` without full-NAT VIPs: only there does the
+/// established path (`fast.rs`) look a flow up (its NAT packets are the
+/// staged balancer's, so they skip the established path's lookups).
+#[map(name = "VIP_FAST_FILTER")]
+pub static VIP_FAST_FILTER: Array<u32> =
+    Array::with_max_entries(lb_common::hash::VIP_FILTER_WORDS, 0);
+
 /// The same slots as `VIP_FILTER`, for VIP addresses only (not NAT
 /// addresses): a packet to an address with no VIP skips the VIP lookups.
 #[map(name = "VIP_ONLY_FILTER")]

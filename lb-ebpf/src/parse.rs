@@ -58,23 +58,29 @@ const ICMP_HDR_LEN: usize = field::ICMP_ERROR_HEADER.end;
 /// For an ICMP error, the addresses and ports are those of the flow the error
 /// is about, as the client sent it (the embedded header reversed), so the
 /// error reaches the same backend as its flow.
+///
+/// `repr(C)`, the small fields in pairs at even offsets: LLVM may merge
+/// two adjacent byte stores into one 2-byte store (the objects allow
+/// misaligned access, see `build.rs`), which the verifier refuses on the
+/// stack when it lands on an odd offset.
+#[repr(C)]
 pub struct Packet {
     /// Offset of the (outer) IP header: 14, or 18 with a VLAN tag.
     pub l3_off: usize,
-    /// [`lb_common::AF_INET`] or [`lb_common::AF_INET6`].
-    pub family: u8,
     /// The flow as the client sent it: client address and port, VIP address
     /// and port (host order), transport protocol. It is also the connection
     /// table's key, kept once here because the BPF stack is 512 bytes.
     pub key: FlowKey,
     /// Bytes from the IP header to the end of the IP packet.
     pub ip_len: u16,
+    /// [`lb_common::AF_INET`] or [`lb_common::AF_INET6`].
+    pub family: u8,
+    /// TCP flags byte (0 for other protocols).
+    pub tcp_flags: u8,
     /// IPv4 fragment (first or later).
     pub fragment: bool,
     /// An ICMP error about a VIP flow.
     pub icmp_error: bool,
-    /// TCP flags byte (0 for other protocols).
-    pub tcp_flags: u8,
 }
 
 /// TCP flags the datapath reacts to: the start (SYN without ACK) and the

@@ -87,8 +87,7 @@ fn word_ptr(s: *mut FlowSlot) -> *mut u64 {
 /// The slot's key equals `key`, compared a word at a time (volatile: see
 /// the module; a byte comparison is a call of `bcmp`).
 #[inline(always)]
-fn same_key(s: *const FlowSlot, key: &FlowKey) -> bool {
-    let a = s as *const u32;
+fn same_key(a: *const u32, key: &FlowKey) -> bool {
     let b = key as *const FlowKey as *const u32;
     let mut diff = 0u32;
     for i in 0..10 {
@@ -107,6 +106,29 @@ fn same_key(s: *const FlowSlot, key: &FlowKey) -> bool {
 /// the verifier refuses.)
 #[inline(always)]
 pub(crate) fn lookup(base: u32, tag: u32, key: &FlowKey) -> Option<NonNull<Flow>> {
+    let (s, _) = find(base, tag, |s| same_key(s, key))?;
+    NonNull::new(flow_of(s))
+}
+
+/// The entry of slot `s` (from [`find`]).
+#[inline(always)]
+pub(crate) fn flow_of(s: *mut FlowSlot) -> *mut Flow {
+    // SAFETY: a field of the slot, no read.
+    unsafe { &raw mut (*s).flow }
+}
+
+/// The slot of set `base` whose tag is `tag` and whose key `same` accepts
+/// (it is given the slot's 40-byte key as ten words, to read with
+/// `read_volatile`), read as the module describes, and marked referenced;
+/// with its tag word (tag, and the backend id in the high half).
+/// [`lookup`] compares a `FlowKey`; the established path (`fast`) compares
+/// the words it read from the headers.
+#[inline(always)]
+pub(crate) fn find(
+    base: u32,
+    tag: u32,
+    same: impl Fn(*const u32) -> bool,
+) -> Option<(*mut FlowSlot, u64)> {
     for w in 0..FLOW_WAYS {
         let Some(s) = FLOWS.get_ptr_mut(base + w) else {
             continue;
@@ -115,7 +137,7 @@ pub(crate) fn lookup(base: u32, tag: u32, key: &FlowKey) -> Option<NonNull<Flow>
         // SAFETY: a value pointer from a successful lookup (every access to
         // the slot below is through it).
         let before = unsafe { read_volatile(word) };
-        if before as u32 != tag || !same_key(s, key) {
+        if before as u32 != tag || !same(s as *const u32) {
             continue;
         }
         // SAFETY: as above.
@@ -129,8 +151,7 @@ pub(crate) fn lookup(base: u32, tag: u32, key: &FlowKey) -> Option<NonNull<Flow>
                 write_volatile(&raw mut (*s).referenced, 1);
             }
         }
-        // SAFETY: as above.
-        return NonNull::new(unsafe { &raw mut (*s).flow });
+        return Some((s, before));
     }
     None
 }
@@ -154,7 +175,7 @@ pub(crate) fn insert(base: u32, tag: u32, key: &FlowKey, flow: &Flow) {
                 read_volatile(&raw const (*s).referenced),
             )
         };
-        if slot_tag == tag && same_key(s, key) {
+        if slot_tag == tag && same_key(s as *const u32, key) {
             same = Some(s);
             break;
         }

@@ -8,11 +8,12 @@
 //! which are dropped).
 
 use aya_ebpf::maps::Array;
-use lb_common::{FlowKey, VipById, VipKey, VipMeta, hash};
+use lb_common::{VipKey, VipMeta, hash};
 
 use crate::{
     maps::{
-        VIP_ADDRS, VIP_DIR, VIP_FILTER, VIP_ONLY_FILTER, VIP_TABLE_FILTER, VIPS_BY_ID, vip_dir_mask,
+        VIP_ADDRS, VIP_DIR, VIP_FAST_FILTER, VIP_FILTER, VIP_ONLY_FILTER, VIP_TABLE_FILTER,
+        VIPS_BY_ID, vip_dir_mask,
     },
     parse::Packet,
 };
@@ -24,32 +25,35 @@ use crate::{
 /// of [`lookup_vip`], with the id the directory found.
 #[inline(always)]
 pub(crate) fn vip_of_flow(pkt: &Packet, id: u32) -> Option<&'static VipMeta> {
+    // SAFETY: `FlowKey` is `align(4)` with `dst` at offset 16.
+    let dst = unsafe { &*(pkt.key.dst.as_ptr() as *const [u32; 4]) };
+    vip_by_id(id, pkt.family, pkt.key.proto, pkt.key.dport, dst)
+}
+
+/// VIP `id`, if its key is (`family`, `proto`, `port` or every port, the
+/// address `dst` as four words): [`vip_of_flow`] for a flow known by its
+/// header fields (the established path, `fast`).
+#[inline(always)]
+pub(crate) fn vip_by_id(
+    id: u32,
+    family: u8,
+    proto: u8,
+    port: u16,
+    dst: &[u32; 4],
+) -> Option<&'static VipMeta> {
     let e = VIPS_BY_ID.get(id)?;
     let k = &e.key;
-    if k.family != pkt.family
-        || k.proto != pkt.key.proto
-        || (k.port != pkt.key.dport && k.port != 0)
-        || !same_addr(e, &pkt.key)
+    // SAFETY: `VipById` starts with its key and is 4-aligned; the address
+    // is its first 16 bytes (a byte-array comparison is a call of `bcmp`).
+    let a = unsafe { &*(k.addr.as_ptr() as *const [u32; 4]) };
+    if k.family != family
+        || k.proto != proto
+        || (k.port != port && k.port != 0)
+        || (a[0] ^ dst[0]) | (a[1] ^ dst[1]) | (a[2] ^ dst[2]) | (a[3] ^ dst[3]) != 0
     {
         return None;
     }
     Some(&e.meta)
-}
-
-/// The VIP's address equals the flow's destination, compared a word at a
-/// time (a byte-array comparison is a call of `bcmp`).
-#[inline(always)]
-fn same_addr(v: &VipById, k: &FlowKey) -> bool {
-    // SAFETY: both addresses are 4-aligned (`VipById` starts with its key
-    // and is 4-aligned; `FlowKey` is `align(4)` with `dst` at offset 16)
-    // and 16 bytes long.
-    let (a, b) = unsafe {
-        (
-            &*(v.key.addr.as_ptr() as *const [u32; 4]),
-            &*(k.dst.as_ptr() as *const [u32; 4]),
-        )
-    };
-    (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) == 0
 }
 
 /// False when no VIP lives on the address (its bit in `VIP_ONLY_FILTER`
@@ -75,6 +79,19 @@ pub(crate) fn maybe_table_vip(folded_dst: u32, port: u16) -> bool {
     let set = |port| {
         bit_set(
             &VIP_TABLE_FILTER,
+            hash::vip_table_slot_folded(folded_dst, port),
+        )
+    };
+    set(port) || set(0)
+}
+
+/// [`maybe_table_vip`] for the established path: VIPs that keep a
+/// connection table and are not full NAT (`VIP_FAST_FILTER`).
+#[inline(always)]
+pub(crate) fn maybe_fast_vip(folded_dst: u32, port: u16) -> bool {
+    let set = |port| {
+        bit_set(
+            &VIP_FAST_FILTER,
             hash::vip_table_slot_folded(folded_dst, port),
         )
     };

@@ -294,19 +294,24 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     /// Also rewrites the same word of `VIP_ONLY_FILTER` (VIP addresses
     /// without the NAT addresses) and the `VIP_TABLE_FILTER` word of
     /// `key`'s address and port (VIPs that keep a connection table, whose
-    /// established flows find their VIP by id).
+    /// established flows find their VIP by id), and that of
+    /// `VIP_FAST_FILTER` (the same without full-NAT VIPs: the datapath's
+    /// established path).
     fn refresh_filter_word(&mut self, key: &VipKey) -> Result<()> {
         let (w, _) = lb_common::hash::vip_filter_slot(&key.addr);
         let (tw, _) = lb_common::hash::vip_table_slot(&key.addr, key.port);
-        let (mut word, mut vip_word, mut table_word) = (0u32, 0u32, 0u32);
+        let (mut word, mut vip_word, mut table_word, mut fast_word) = (0u32, 0u32, 0u32, 0u32);
         let m = self.mirror()?;
         let bit_in = |(kw, bit): (u32, u32), w: u32| if kw == w { 1u32 << bit } else { 0 };
         for (k, meta) in &m.vips {
             vip_word |= bit_in(lb_common::hash::vip_filter_slot(&k.addr), w);
-            if meta.flags & lb_common::VIP_F_NO_FLOW_TABLE == 0
-                || meta.flags & lb_common::VIP_F_NAT != 0
-            {
-                table_word |= bit_in(lb_common::hash::vip_table_slot(&k.addr, k.port), tw);
+            let nat = meta.flags & lb_common::VIP_F_NAT != 0;
+            if meta.flags & lb_common::VIP_F_NO_FLOW_TABLE == 0 || nat {
+                let bit = bit_in(lb_common::hash::vip_table_slot(&k.addr, k.port), tw);
+                table_word |= bit;
+                if !nat {
+                    fast_word |= bit;
+                }
             }
         }
         for a in &m.nat_addrs {
@@ -317,6 +322,7 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             (lb_common::MAP_VIP_FILTER, w, word),
             (lb_common::MAP_VIP_ONLY_FILTER, w, vip_word),
             (lb_common::MAP_VIP_TABLE_FILTER, tw, table_word),
+            (lb_common::MAP_VIP_FAST_FILTER, tw, fast_word),
         ] {
             let Ok(map) = self.map_mut(name) else {
                 // An older datapath object without the filter (the A/B

@@ -1,0 +1,269 @@
+//! The established path (`lb-ebpf/src/fast.rs`) answers every packet as the
+//! staged balancer does. `lb_xdp` runs it first; `lb_xdp_traced` (what
+//! `lb trace` runs) is the staged balancer alone. Each case records a flow,
+//! then sends the same packet through both programs, in turn, and compares
+//! the action, every byte that leaves and the verdict counted, over every
+//! shape the established path takes (IPv4 and IPv6, TCP and UDP, dsr, ipip
+//! and gue, an idle timeout, an every-port VIP) and the ones it must hand
+//! back (a FIN, a SYN, a flow still opening, a backend down, an idle flow
+//! past its timeout, a VLAN tag, IP options, a packet too big to
+//! encapsulate, a full-NAT VIP).
+
+use lb_common::{
+    AF_INET, AF_INET6, BACKEND_DOWN, BACKEND_UP, PROTO_TCP, PROTO_UDP, VIP_F_GUE, VIP_F_IPIP,
+    VIP_F_NAT, VipKey, VipMeta,
+};
+use lb_tests::{Fixture, VipSpec, action, tcp4, tcp4_fin, tcp4_syn, tcp6, udp4, udp6, v4, v6};
+
+const VIP4: [u8; 4] = [198, 18, 0, 100];
+const CLIENT4: [u8; 4] = [198, 18, 1, 7];
+
+fn vip6() -> [u8; 16] {
+    v6("2001:2::100".parse().expect("literal"))
+}
+fn client6() -> [u8; 16] {
+    v6("2001:2:1::7".parse().expect("literal"))
+}
+
+fn key(family: u8, port: u16, proto: u8) -> VipKey {
+    VipKey {
+        addr: if family == AF_INET { v4(VIP4) } else { vip6() },
+        port,
+        proto,
+        family,
+    }
+}
+
+const TCP: u8 = PROTO_TCP;
+const UDP: u8 = PROTO_UDP;
+
+/// Every VIP a case uses, three backends each (ids by family).
+fn fixture() -> Fixture {
+    let mut f = Fixture::new().expect("load");
+    // (key, vip id, flags, idle timeout in seconds)
+    let vips: [(VipKey, u32, u32, u32); 12] = [
+        (key(AF_INET, 80, TCP), 0, 0, 0),
+        (key(AF_INET, 53, UDP), 1, 0, 0),
+        (key(AF_INET, 8080, TCP), 2, VIP_F_IPIP, 0),
+        (key(AF_INET, 8081, TCP), 3, VIP_F_IPIP | VIP_F_GUE, 0),
+        (key(AF_INET, 81, TCP), 4, 0, 300),
+        (key(AF_INET, 82, TCP), 5, 0, 1),
+        (key(AF_INET, 0, UDP), 6, 0, 0),
+        (key(AF_INET6, 80, TCP), 7, 0, 0),
+        (key(AF_INET6, 53, UDP), 8, VIP_F_IPIP, 0),
+        (key(AF_INET6, 8080, TCP), 9, VIP_F_IPIP, 0),
+        (key(AF_INET6, 8081, TCP), 10, VIP_F_IPIP | VIP_F_GUE, 0),
+        (key(AF_INET, 83, TCP), 11, VIP_F_NAT, 0),
+    ];
+    for (k, vip_id, flags, idle) in vips {
+        let backends = (1..=3u32)
+            .map(|i| {
+                let (id, addr) = if k.family == AF_INET {
+                    (i, v4([198, 18, 2, i as u8]))
+                } else {
+                    (
+                        10 + i,
+                        v6(format!("2001:2:2::{i}").parse().expect("literal")),
+                    )
+                };
+                (id, addr, 1)
+            })
+            .collect();
+        f.add_vip(&VipSpec {
+            key: k,
+            vip_id,
+            flags,
+            ring_size: 251,
+            backends,
+        })
+        .expect("vip");
+        if idle != 0 {
+            let meta = f.dp().vip(&k).expect("meta");
+            f.dp()
+                .upsert_vip(
+                    &k,
+                    VipMeta {
+                        idle_timeout_s: idle,
+                        ..meta
+                    },
+                )
+                .expect("idle timeout");
+        }
+    }
+    f
+}
+
+/// What one program answered.
+#[derive(Debug, PartialEq)]
+struct Answer {
+    action: u32,
+    out: Vec<u8>,
+    /// The verdict counters that moved: (reason, by how much).
+    verdicts: Vec<(usize, u64)>,
+}
+
+fn answer(f: &mut Fixture, prog: &str, pkt: &[u8]) -> Answer {
+    let before = f.verdicts().expect("counters");
+    let r = lb_tests::run(&mut f.ebpf, prog, pkt).expect("run");
+    let after = f.verdicts().expect("counters");
+    Answer {
+        action: r.action,
+        out: r.out,
+        verdicts: lb_tests::moved_verdicts(&before, &after),
+    }
+}
+
+/// Sends `pkt` through the balancer (`lb_xdp`: the established path first)
+/// and through the staged balancer alone (`lb_xdp_traced`), `rounds` times
+/// each, alternating, and checks every pair of answers is the same.
+fn same_answers(f: &mut Fixture, desc: &str, pkt: &[u8], rounds: usize) -> Answer {
+    let mut last = None;
+    for _ in 0..rounds {
+        let fast = answer(f, lb_common::PROG_BALANCER, pkt);
+        let staged = answer(f, lb_common::PROG_BALANCER_TRACED, pkt);
+        assert_eq!(
+            fast, staged,
+            "{desc}: lb_xdp and the staged balancer differ"
+        );
+        last = Some(fast);
+    }
+    last.expect("one round at least")
+}
+
+fn vlan(p: Vec<u8>) -> Vec<u8> {
+    let mut v = p[..12].to_vec();
+    v.extend_from_slice(&[0x81, 0x00, 0x00, 0x07]);
+    v.extend_from_slice(&p[12..]);
+    v
+}
+
+fn with_ip_options(p: Vec<u8>) -> Vec<u8> {
+    // Four bytes of NOP options: IHL 6, total length + 4, checksum redone.
+    let mut v = p[..34].to_vec();
+    v.extend_from_slice(&[1, 1, 1, 1]);
+    v.extend_from_slice(&p[34..]);
+    v[14] = 0x46;
+    let tot = u16::from_be_bytes([v[16], v[17]]) + 4;
+    v[16..18].copy_from_slice(&tot.to_be_bytes());
+    v[24..26].copy_from_slice(&[0, 0]);
+    let c = !lb_tests::ones_sum(&v[14..38]);
+    v[24..26].copy_from_slice(&c.to_be_bytes());
+    v
+}
+
+#[test]
+fn the_established_path_answers_as_the_staged_balancer() {
+    let mut f = fixture();
+    let payload = [0x42u8; 100];
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("IPv4 TCP dsr", tcp4(CLIENT4, VIP4, 40001, 80, &payload)),
+        ("IPv4 UDP dsr", udp4(CLIENT4, VIP4, 40002, 53, &payload)),
+        ("IPv4 TCP ipip", tcp4(CLIENT4, VIP4, 40003, 8080, &payload)),
+        ("IPv4 TCP gue", tcp4(CLIENT4, VIP4, 40004, 8081, &payload)),
+        (
+            "IPv4 idle timeout",
+            tcp4(CLIENT4, VIP4, 40005, 81, &payload),
+        ),
+        (
+            "IPv4 every-port UDP VIP",
+            udp4(CLIENT4, VIP4, 40006, 9999, &payload),
+        ),
+        ("IPv6 TCP dsr", tcp6(client6(), vip6(), 40007, 80, &payload)),
+        (
+            "IPv6 UDP ipip",
+            udp6(client6(), vip6(), 40008, 53, &payload),
+        ),
+        (
+            "IPv6 TCP ipip",
+            tcp6(client6(), vip6(), 40009, 8080, &payload),
+        ),
+        (
+            "IPv6 TCP gue",
+            tcp6(client6(), vip6(), 40010, 8081, &payload),
+        ),
+        (
+            "IPv4 full NAT (handed back)",
+            tcp4(CLIENT4, VIP4, 40011, 83, &payload),
+        ),
+        (
+            "IPv4 VLAN (handed back)",
+            vlan(tcp4(CLIENT4, VIP4, 40012, 80, &payload)),
+        ),
+        (
+            "IPv4 IP options (handed back)",
+            with_ip_options(tcp4(CLIENT4, VIP4, 40013, 80, &payload)),
+        ),
+    ];
+    for (desc, pkt) in &cases {
+        // The first packet records the flow (a table miss: the staged
+        // balancer's); the next ones are established.
+        let first = answer(&mut f, lb_common::PROG_BALANCER, pkt);
+        let a = same_answers(&mut f, desc, pkt, 3);
+        assert_eq!(a.action, first.action, "{desc}: the flow kept its answer");
+        assert_eq!(a.out, first.out, "{desc}: the flow kept its backend");
+        assert!(
+            a.action == action::TX || desc.contains("NAT"),
+            "{desc}: forwarded ({a:?})"
+        );
+    }
+}
+
+#[test]
+fn what_the_established_path_hands_back_is_answered_as_before() {
+    let mut f = fixture();
+    let payload = [0x17u8; 64];
+    // A SYN, then its ACK (the flow is still opening: handed back once),
+    // then established packets, then a FIN.
+    let syn = tcp4_syn(CLIENT4, VIP4, 41001, 80);
+    let ack = tcp4(CLIENT4, VIP4, 41001, 80, &payload);
+    same_answers(&mut f, "SYN", &syn, 1);
+    same_answers(&mut f, "the handshake's ACK", &ack, 2);
+    same_answers(&mut f, "FIN", &tcp4_fin(CLIENT4, VIP4, 41001, 80), 1);
+
+    // A backend down: its established flows are rescheduled by both.
+    let ack2 = tcp4(CLIENT4, VIP4, 41002, 80, &payload);
+    let first = answer(&mut f, lb_common::PROG_BALANCER, &ack2);
+    let before = lb_tests::backend_of(&first.out);
+    // As the agent does: marked down, and out of the ring.
+    f.dp()
+        .set_backend_state(before, BACKEND_DOWN)
+        .expect("down");
+    let spec = |down: u32| VipSpec {
+        key: key(AF_INET, 80, TCP),
+        vip_id: 0,
+        flags: 0,
+        ring_size: 251,
+        backends: (1..=3u32)
+            .map(|i| (i, v4([198, 18, 2, i as u8]), u32::from(i != down)))
+            .collect(),
+    };
+    f.set_ring(&spec(before)).expect("ring");
+    let moved = same_answers(&mut f, "backend down", &ack2, 2);
+    assert_ne!(
+        lb_tests::backend_of(&moved.out),
+        before,
+        "rescheduled off the backend that is down"
+    );
+    f.dp().set_backend_state(before, BACKEND_UP).expect("up");
+    f.set_ring(&spec(0)).expect("ring");
+
+    // Too big to encapsulate: both answer with ICMP too-big (or drop).
+    f.dp()
+        .set_settings(&lb_common::Settings {
+            ipip_src_v4: [198, 19, 0, 0],
+            ipip_src_v6: v6("2001:2:0:ff::".parse().expect("literal")),
+            ipip_mtu: 1280,
+            gue_port: lb_common::DEFAULT_GUE_PORT,
+            ..Default::default()
+        })
+        .expect("mtu");
+    let big = tcp4(CLIENT4, VIP4, 41003, 8080, &[0u8; 1300]);
+    same_answers(&mut f, "too big for ipip", &big, 2);
+
+    // Idle past the VIP's timeout (1 s): rescheduled by both; the entry
+    // is then fresh again.
+    let idle = tcp4(CLIENT4, VIP4, 41004, 82, &payload);
+    answer(&mut f, lb_common::PROG_BALANCER, &idle);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    same_answers(&mut f, "idle past the timeout", &idle, 2);
+}
