@@ -1,10 +1,14 @@
 //! The established path: a packet of a flow the connection table already
-//! holds, forwarded as the staged balancer (`balance`) would forward it,
-//! without its general machinery. Most of a balancer's packets are these.
+//! holds, or of a VIP that keeps no table, forwarded as the staged balancer
+//! (`balance`) would forward it, without its general machinery. Most of a
+//! balancer's packets are these.
 //!
 //! It reads the headers it needs straight into registers (no `Packet`, no
-//! key on the stack), finds the flow's slot comparing the slot's words with
-//! them, and rewrites (L2 DSR, IPIP or GUE). Why: the staged balancer,
+//! key on the stack); finds the flow's slot comparing the slot's words with
+//! them ([`established`]), or schedules a table-less VIP's packet on its
+//! ring ([`stateless`]); and rewrites (L2 DSR, IPIP or GUE). Two filters
+//! say where to look (`VIP_FAST_FILTER`, `VIP_STATELESS_FILTER`: per
+//! address and port, full-NAT VIPs in neither). Why: the staged balancer,
 //! stopped after each stage and timed (`LB_PROFILE`, an established IPv4
 //! dsr packet, swap-MACs floor 30 ns), took 45 ns to the end of the parse
 //! and the filters, 30 ns more to find the flow and its VIP (13 of them in
@@ -15,8 +19,9 @@
 //! It takes a packet only where the answer is the staged balancer's own,
 //! and hands back (`None`, before touching the packet) everything else:
 //! not Ethernet + IPv4 without options / IPv6 without extension headers +
-//! TCP or UDP; a TCP SYN, FIN or RST (they open, reschedule or close
-//! flows); no entry, or one still opening (`FLOW_F_OPENING`); a VIP that
+//! TCP or UDP; for a VIP with a table, a TCP SYN, FIN or RST (they open,
+//! reschedule or close flows), no entry (a new flow, recorded there), or
+//! one still opening (`FLOW_F_OPENING`); no live backend; a VIP that
 //! moved, a full-NAT VIP, an idle flow past its timeout, a backend down or
 //! without a next-hop MAC, `next_hop = "fib"`, a packet too big to
 //! encapsulate. Every one of those is the staged balancer's, which then
@@ -25,9 +30,9 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    AF_INET, AF_INET6, FLOW_F_OPENING, FLOW_F_SIGNALLED, FlowKey, GUE_OVERHEAD, PROTO_TCP,
-    PROTO_UDP, SETTINGS_F_FIB, VIP_F_GUE, VIP_F_IPIP, VIP_F_NAT, flow_set_base, flow_tag_folded,
-    hash, verdict,
+    AF_INET, AF_INET6, Backend, FLOW_F_OPENING, FLOW_F_SIGNALLED, FlowKey, GUE_OVERHEAD, PROTO_TCP,
+    PROTO_UDP, SETTINGS_F_FIB, VIP_F_GUE, VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NAT,
+    VIP_F_NO_FLOW_TABLE, flow_set_base, flow_tag_folded, hash, verdict,
 };
 use network_types::{
     eth::EthHdr,
@@ -41,9 +46,9 @@ use crate::{
     log,
     maps::{SETTINGS, flow_sets},
     parse::{TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
-    sched::backend,
+    sched::{backend, ring_for_src, schedule, vip_ring},
     send_or, stats, table,
-    vip::{maybe_fast_vip, vip_by_id},
+    vip::{lookup_vip_by, maybe_fast_vip, maybe_stateless_vip, vip_by_id},
 };
 
 /// A flow as its headers name it, in the connection table's words: the
@@ -56,6 +61,8 @@ struct Tuple {
     src: [u32; 4],
     dst: [u32; 4],
     ports: u32,
+    /// TCP flags (0 for UDP).
+    tcp_flags: u8,
     /// Bytes from the IP header to the end of the IP packet.
     ip_len: u16,
 }
@@ -64,6 +71,14 @@ impl Tuple {
     #[inline(always)]
     fn dport(&self) -> u16 {
         (self.ports >> 16) as u16
+    }
+
+    /// The client address as `FlowKey` holds it.
+    #[inline(always)]
+    fn src_bytes(&self) -> [u8; 16] {
+        // SAFETY: [u32; 4] and [u8; 16] have the same size, every bit
+        // pattern valid for both (the words were read from these bytes).
+        unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(self.src) }
     }
 
     /// The key as `FlowKey` (for the drop log only).
@@ -89,7 +104,7 @@ impl Tuple {
 /// The verdict reason and XDP action of an established packet forwarded
 /// here, or `None`: the staged balancer's (see the module).
 #[inline(always)]
-pub(crate) fn established(ctx: &XdpContext, folded_dst: u32) -> Option<(u32, u32)> {
+pub(crate) fn forward(ctx: &XdpContext, folded_dst: u32) -> Option<(u32, u32)> {
     // One bounds check for the shortest packet taken here (Ethernet, IPv4,
     // the first 20 bytes of TCP or UDP); each family checks its own below.
     let p: *const [u8; V4_MIN] = ptr_at(ctx, 0).ok()?;
@@ -115,22 +130,24 @@ const V4_MIN: usize = EthHdr::LEN + Ipv4Hdr::LEN + TcpHdr::LEN;
 const V6_MIN: usize = EthHdr::LEN + Ipv6Hdr::LEN + TcpHdr::LEN;
 
 /// The two ports of the TCP or UDP header at `l4` (20 bytes there, checked
-/// by the caller) as `Tuple::ports`, for a TCP segment without SYN, FIN or
-/// RST, or a UDP datagram.
+/// by the caller) as `Tuple::ports`, and the TCP flags (0 for UDP).
 #[inline(always)]
-fn ports(l4: *const u8, proto: u8) -> Option<u32> {
-    if proto == PROTO_TCP {
+fn ports(l4: *const u8, proto: u8) -> Option<(u32, u8)> {
+    let flags = if proto == PROTO_TCP {
         // SAFETY: the caller checked the bounds; byte 13 holds the flags.
-        if unsafe { *l4.add(13) } & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
-            return None;
-        }
-    } else if proto != PROTO_UDP {
+        unsafe { *l4.add(13) }
+    } else if proto == PROTO_UDP {
+        0
+    } else {
         return None;
-    }
+    };
     // SAFETY: as above.
     let raw = unsafe { (l4 as *const u32).read_unaligned() };
     // Each 16-bit half from network to host order.
-    Some(((raw & 0x00ff_00ff) << 8) | ((raw >> 8) & 0x00ff_00ff))
+    Some((
+        ((raw & 0x00ff_00ff) << 8) | ((raw >> 8) & 0x00ff_00ff),
+        flags,
+    ))
 }
 
 #[inline(always)]
@@ -155,7 +172,7 @@ fn read_v4(ctx: &XdpContext, p: *const u8) -> Option<Tuple> {
         return None;
     }
     // SAFETY: within the bounds checked.
-    let ports = ports(unsafe { p.add(EthHdr::LEN + Ipv4Hdr::LEN) }, proto)?;
+    let (ports, tcp_flags) = ports(unsafe { p.add(EthHdr::LEN + Ipv4Hdr::LEN) }, proto)?;
     // SAFETY: as above.
     let (src, dst) = unsafe {
         (
@@ -169,6 +186,7 @@ fn read_v4(ctx: &XdpContext, p: *const u8) -> Option<Tuple> {
         src: [src, 0, 0, 0],
         dst: [dst, 0, 0, 0],
         ports,
+        tcp_flags,
         ip_len: tot_len,
     })
 }
@@ -192,7 +210,7 @@ fn read_v6(ctx: &XdpContext) -> Option<Tuple> {
         return None;
     }
     // SAFETY: within the bounds checked.
-    let ports = ports(
+    let (ports, tcp_flags) = ports(
         unsafe { (p as *const u8).add(EthHdr::LEN + Ipv6Hdr::LEN) },
         proto,
     )?;
@@ -207,20 +225,55 @@ fn read_v6(ctx: &XdpContext) -> Option<Tuple> {
         src,
         dst,
         ports,
+        tcp_flags,
         ip_len: payload_len + Ipv6Hdr::LEN as u16,
     })
 }
 
-/// Finds the flow's entry and forwards the packet to its backend, or
-/// `None` (see the module).
+/// The backend a packet goes to, as [`established`] or [`stateless`] found
+/// it, and what sending needs of its VIP.
+struct Target {
+    vip_id: u32,
+    vip_flags: u32,
+    id: u32,
+    backend: &'static Backend,
+    /// Scheduled for this packet (a VIP without a table): counted as a new
+    /// flow, as the staged balancer counts it.
+    new_flow: bool,
+}
+
+/// Finds the packet's backend (its flow's entry, or the ring of a VIP
+/// without a table) and forwards the packet there, or `None` (see the
+/// module).
 #[inline(always)]
 fn forward_flow(ctx: &XdpContext, t: &Tuple, folded_dst: u32) -> Option<(u32, u32)> {
-    if !maybe_fast_vip(folded_dst, t.dport()) {
-        return None;
-    }
-    // The staged balancer's table hash (`table::probe`) of the same key.
+    // The staged balancer's table hash (`table::probe`) of the same key:
+    // the table's set and tag, and the outer source of an encapsulation.
     let fold = |a: &[u32; 4]| a[0] ^ a[1] ^ a[2] ^ a[3];
     let h = hash::table_hash(fold(&t.src), t.ports as u16, t.dport(), t.proto);
+    // (An address can carry both kinds, on other ports or as an every-port
+    // VIP: a flow not in the table may still be a stateless VIP's.)
+    let target = if let Some(e) = maybe_fast_vip(folded_dst, t.dport())
+        .then(|| established(t, h, folded_dst))
+        .flatten()
+    {
+        e
+    } else if maybe_stateless_vip(folded_dst, t.dport()) {
+        stateless(t)?
+    } else {
+        return None;
+    };
+    send_to(ctx, t, h, &target)
+}
+
+/// The flow's entry in the connection table, if it is established (not a
+/// SYN, FIN or RST, not opening) and its VIP and backend still stand;
+/// refreshes its idle clock.
+#[inline(always)]
+fn established(t: &Tuple, h: u32, folded_dst: u32) -> Option<Target> {
+    if t.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        return None;
+    }
     let tag = flow_tag_folded(h, folded_dst);
     let (s, word) = table::find(flow_set_base(h, flow_sets()), tag, |k| {
         let w = |i| {
@@ -246,26 +299,12 @@ fn forward_flow(ctx: &XdpContext, t: &Tuple, folded_dst: u32) -> Option<(u32, u3
         return None;
     }
     let vip = vip_by_id(u32::from(vip_id), t.family, t.proto, t.dport(), &t.dst)?;
-    let (vip_id, vflags, idle) = (vip.vip_id, vip.flags, vip.idle_timeout_s);
-    if vflags & VIP_F_NAT != 0 {
+    let (vip_id, vip_flags, idle) = (vip.vip_id, vip.flags, vip.idle_timeout_s);
+    if vip_flags & VIP_F_NAT != 0 {
         return None;
     }
     let id = (word >> 32) as u32;
     let b = backend(id)?;
-    let settings = SETTINGS.get(0)?;
-    if settings.flags & SETTINGS_F_FIB != 0 || b.dst_mac == [0; 6] {
-        return None;
-    }
-    let ipip = vflags & VIP_F_IPIP != 0;
-    let gue = vflags & VIP_F_GUE != 0;
-    if ipip && settings.ipip_mtu != 0 {
-        let outer =
-            if t.family == AF_INET { 20 } else { 40 } + if gue { GUE_OVERHEAD as u16 } else { 0 };
-        if t.ip_len > settings.ipip_mtu.saturating_sub(outer) {
-            // Answered with ICMP too-big by the staged balancer.
-            return None;
-        }
-    }
     if idle != 0 {
         let now = now_s();
         if now.saturating_sub(last) > idle {
@@ -276,6 +315,68 @@ fn forward_flow(ctx: &XdpContext, t: &Tuple, folded_dst: u32) -> Option<(u32, u3
             // SAFETY: as above; a concurrent writer can at worst make a
             // packet reschedule its flow (see `balance::choose`).
             unsafe { (*f).last_seen_s = now };
+        }
+    }
+    Some(Target {
+        vip_id,
+        vip_flags,
+        id,
+        backend: b,
+        new_flow: false,
+    })
+}
+
+/// The backend of a packet to a VIP without a connection table (not full
+/// NAT): its VIP from the directory, its backend from the VIP's (or its
+/// client's region's) ring, with the VIP's scheduler, as
+/// `balance::choose` schedules it.
+#[inline(always)]
+fn stateless(t: &Tuple) -> Option<Target> {
+    let vip = lookup_vip_by(&t.dst, t.dport(), t.proto, t.family)?;
+    if vip.flags & VIP_F_NAT != 0 || vip.flags & VIP_F_NO_FLOW_TABLE == 0 {
+        return None;
+    }
+    let src = t.src_bytes();
+    let h = if vip.flags & VIP_F_HASH_SRC_IP != 0 {
+        hash::hash_src(&src)
+    } else {
+        hash::hash_5tuple(&src, t.ports as u16, t.dport(), t.proto)
+    };
+    let ring = ring_for_src(&src, vip);
+    let (id, b) = match schedule(vip, &ring, h) {
+        Some(c) => c,
+        // A region with no live backend: its clients use the whole VIP.
+        None if ring.id != vip.vip_id => schedule(vip, &vip_ring(vip), h)?,
+        None => return None,
+    };
+    Some(Target {
+        vip_id: vip.vip_id,
+        vip_flags: vip.flags,
+        id,
+        backend: b,
+        new_flow: true,
+    })
+}
+
+/// Rewrites the packet for `to` (L2 DSR, or IPIP / GUE with `h` in the
+/// outer source) and sends it, counted; `None` where the staged balancer
+/// answers otherwise (no next-hop MAC, `next_hop = "fib"`, too big to
+/// encapsulate).
+#[inline(always)]
+fn send_to(ctx: &XdpContext, t: &Tuple, h: u32, to: &Target) -> Option<(u32, u32)> {
+    let (b, id) = (to.backend, to.id);
+    let settings = SETTINGS.get(0)?;
+    if settings.flags & SETTINGS_F_FIB != 0 || b.dst_mac == [0; 6] {
+        return None;
+    }
+    let ipip = to.vip_flags & VIP_F_IPIP != 0;
+    let gue = to.vip_flags & VIP_F_GUE != 0;
+    if ipip && settings.ipip_mtu != 0 {
+        let outer =
+            if t.family == AF_INET { 20 } else { 40 } + if gue { GUE_OVERHEAD as u16 } else { 0 };
+        if t.ip_len > settings.ipip_mtu.saturating_sub(outer) {
+            // Answered with ICMP too-big by the staged balancer.
+            return None;
         }
     }
     let fail = |reason| log::dropped_flow(&t.key(), t.family, reason, id);
@@ -298,7 +399,12 @@ fn forward_flow(ctx: &XdpContext, t: &Tuple, folded_dst: u32) -> Option<(u32, u3
         // would copy both addresses twice, a byte at a time.)
         return Some(fail(verdict::INTERNAL));
     }
-    stats::traffic(vip_id, id, (ctx.data_end() - ctx.data()) as u64, false);
+    stats::traffic(
+        to.vip_id,
+        id,
+        (ctx.data_end() - ctx.data()) as u64,
+        to.new_flow,
+    );
     Some(send_or(
         ctx,
         b.ifindex,

@@ -72,7 +72,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         // slot (no agent loaded the traced copy) it falls through.
         unsafe { maps::TRACE_JUMP.tail_call(&ctx, 0) };
     }
-    if let Some((reason, action)) = fast::established(&ctx, folded) {
+    if let Some((reason, action)) = fast::forward(&ctx, folded) {
         let action = verdict(reason, action);
         log::after(&ctx, reason);
         return action;

@@ -42,6 +42,13 @@ pub static VIP_TABLE_FILTER: Array<u32> =
 pub static VIP_FAST_FILTER: Array<u32> =
     Array::with_max_entries(lb_common::hash::VIP_FILTER_WORDS, 0);
 
+/// The per-port slots of `VIP_TABLE_FILTER`, for VIPs without a
+/// connection table that are not full NAT: the established path
+/// (`fast.rs`) schedules their packets.
+#[map(name = "VIP_STATELESS_FILTER")]
+pub static VIP_STATELESS_FILTER: Array<u32> =
+    Array::with_max_entries(lb_common::hash::VIP_FILTER_WORDS, 0);
+
 /// The same slots as `VIP_FILTER`, for VIP addresses only (not NAT
 /// addresses): a packet to an address with no VIP skips the VIP lookups.
 #[map(name = "VIP_ONLY_FILTER")]

@@ -39,12 +39,18 @@ pub(crate) struct Ring {
 
 #[inline(always)]
 pub(crate) fn ring_for(pkt: &Packet, vip: &VipMeta) -> Ring {
+    ring_for_src(&pkt.key.src, vip)
+}
+
+/// [`ring_for`] of a client address.
+#[inline(always)]
+pub(crate) fn ring_for_src(src: &[u8; 16], vip: &VipMeta) -> Ring {
     if vip.flags & VIP_F_REGIONS != 0 {
         let key = Key::new(
             32 + 128,
             RegionKey {
                 vip_id_be: vip.vip_id.to_be_bytes(),
-                addr: pkt.key.src,
+                addr: *src,
             },
         );
         if let Some(r) = REGIONS.get(&key) {

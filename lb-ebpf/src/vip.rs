@@ -12,8 +12,8 @@ use lb_common::{VipKey, VipMeta, hash};
 
 use crate::{
     maps::{
-        VIP_ADDRS, VIP_DIR, VIP_FAST_FILTER, VIP_FILTER, VIP_ONLY_FILTER, VIP_TABLE_FILTER,
-        VIPS_BY_ID, vip_dir_mask,
+        VIP_ADDRS, VIP_DIR, VIP_FAST_FILTER, VIP_FILTER, VIP_ONLY_FILTER, VIP_STATELESS_FILTER,
+        VIP_TABLE_FILTER, VIPS_BY_ID, vip_dir_mask,
     },
     parse::Packet,
 };
@@ -89,12 +89,21 @@ pub(crate) fn maybe_table_vip(folded_dst: u32, port: u16) -> bool {
 /// connection table and are not full NAT (`VIP_FAST_FILTER`).
 #[inline(always)]
 pub(crate) fn maybe_fast_vip(folded_dst: u32, port: u16) -> bool {
-    let set = |port| {
-        bit_set(
-            &VIP_FAST_FILTER,
-            hash::vip_table_slot_folded(folded_dst, port),
-        )
-    };
+    port_bit(&VIP_FAST_FILTER, folded_dst, port)
+}
+
+/// The same for VIPs without a connection table, not full NAT
+/// (`VIP_STATELESS_FILTER`).
+#[inline(always)]
+pub(crate) fn maybe_stateless_vip(folded_dst: u32, port: u16) -> bool {
+    port_bit(&VIP_STATELESS_FILTER, folded_dst, port)
+}
+
+/// Whether `filter` (one of the per-port filters) has the bit of the
+/// address and `port`, or of the address and every port.
+#[inline(always)]
+fn port_bit(filter: &Array<u32>, folded_dst: u32, port: u16) -> bool {
+    let set = |port| bit_set(filter, hash::vip_table_slot_folded(folded_dst, port));
     set(port) || set(0)
 }
 
@@ -108,12 +117,24 @@ pub(crate) fn maybe_fast_vip(folded_dst: u32, port: u16) -> bool {
 pub(crate) fn lookup_vip(pkt: &Packet) -> Option<&'static VipMeta> {
     // SAFETY: `FlowKey` is `align(4)` with `dst` at offset 16.
     let dst = unsafe { &*(pkt.key.dst.as_ptr() as *const [u32; 4]) };
+    lookup_vip_by(dst, pkt.key.dport, pkt.key.proto, pkt.family)
+}
+
+/// [`lookup_vip`] of a destination (four words), port, protocol and
+/// family (the established path's, `fast`, which has no `Packet`).
+#[inline(always)]
+pub(crate) fn lookup_vip_by(
+    dst: &[u32; 4],
+    port: u16,
+    proto: u8,
+    family: u8,
+) -> Option<&'static VipMeta> {
     let folded = dst[0] ^ dst[1] ^ dst[2] ^ dst[3];
-    let mut id = dir_find(dst, folded, pkt.key.dport, pkt);
+    let mut id = dir_find(dst, folded, port, proto, family);
     if id == NO_VIP {
-        id = dir_find(dst, folded, 0, pkt);
+        id = dir_find(dst, folded, 0, proto, family);
     }
-    vip_of_flow(pkt, id)
+    vip_by_id(id, family, proto, port, dst)
 }
 
 /// What [`dir_find`] answers for a key the directory does not hold: no
@@ -124,8 +145,8 @@ const NO_VIP: u32 = u32::MAX;
 /// family) in `VIP_DIR`, or [`NO_VIP`]. A scalar, not a reference: every
 /// slot it may come from leaves the verifier one state to follow.
 #[inline(always)]
-fn dir_find(dst: &[u32; 4], folded: u32, port: u16, pkt: &Packet) -> u32 {
-    let tail = hash::vip_key_tail(port, pkt.key.proto, pkt.family);
+fn dir_find(dst: &[u32; 4], folded: u32, port: u16, proto: u8, family: u8) -> u32 {
+    let tail = hash::vip_key_tail(port, proto, family);
     let (first, second) = hash::vip_dir_buckets(folded, tail, vip_dir_mask());
     let found = in_bucket(first, dst, tail);
     if found != NO_VIP {

@@ -4,14 +4,16 @@
 //! then sends the same packet through both programs, in turn, and compares
 //! the action, every byte that leaves and the verdict counted, over every
 //! shape the established path takes (IPv4 and IPv6, TCP and UDP, dsr, ipip
-//! and gue, an idle timeout, an every-port VIP) and the ones it must hand
+//! and gue, an idle timeout, an every-port VIP, VIPs without a connection
+//! table with Maglev, source-ip hashing and least connections) and the
+//! ones it must hand
 //! back (a FIN, a SYN, a flow still opening, a backend down, an idle flow
 //! past its timeout, a VLAN tag, IP options, a packet too big to
 //! encapsulate, a full-NAT VIP).
 
 use lb_common::{
-    AF_INET, AF_INET6, BACKEND_DOWN, BACKEND_UP, PROTO_TCP, PROTO_UDP, VIP_F_GUE, VIP_F_IPIP,
-    VIP_F_NAT, VipKey, VipMeta,
+    AF_INET, AF_INET6, BACKEND_DOWN, BACKEND_UP, PROTO_TCP, PROTO_UDP, SCHED_LEAST_CONN, VIP_F_GUE,
+    VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NAT, VIP_F_NO_FLOW_TABLE, VipKey, VipMeta,
 };
 use lb_tests::{Fixture, VipSpec, action, tcp4, tcp4_fin, tcp4_syn, tcp6, udp4, udp6, v4, v6};
 
@@ -40,8 +42,10 @@ const UDP: u8 = PROTO_UDP;
 /// Every VIP a case uses, three backends each (ids by family).
 fn fixture() -> Fixture {
     let mut f = Fixture::new().expect("load");
-    // (key, vip id, flags, idle timeout in seconds)
-    let vips: [(VipKey, u32, u32, u32); 12] = [
+    // (key, vip id, flags, idle timeout in seconds); the last four keep no
+    // connection table (their packets are scheduled every time).
+    let nt = VIP_F_NO_FLOW_TABLE;
+    let vips: [(VipKey, u32, u32, u32); 16] = [
         (key(AF_INET, 80, TCP), 0, 0, 0),
         (key(AF_INET, 53, UDP), 1, 0, 0),
         (key(AF_INET, 8080, TCP), 2, VIP_F_IPIP, 0),
@@ -54,6 +58,10 @@ fn fixture() -> Fixture {
         (key(AF_INET6, 8080, TCP), 9, VIP_F_IPIP, 0),
         (key(AF_INET6, 8081, TCP), 10, VIP_F_IPIP | VIP_F_GUE, 0),
         (key(AF_INET, 83, TCP), 11, VIP_F_NAT, 0),
+        (key(AF_INET, 90, TCP), 12, nt, 0),
+        (key(AF_INET, 91, TCP), 13, nt | VIP_F_HASH_SRC_IP, 0),
+        (key(AF_INET, 92, TCP), 14, nt, 0),
+        (key(AF_INET6, 90, UDP), 15, nt | VIP_F_IPIP, 0),
     ];
     for (k, vip_id, flags, idle) in vips {
         let backends = (1..=3u32)
@@ -77,17 +85,21 @@ fn fixture() -> Fixture {
             backends,
         })
         .expect("vip");
-        if idle != 0 {
+        // VIP 14 schedules by least connections (two candidates from its
+        // ring of 251).
+        let scheduler = if vip_id == 14 { SCHED_LEAST_CONN } else { 0 };
+        if idle != 0 || scheduler != 0 {
             let meta = f.dp().vip(&k).expect("meta");
             f.dp()
                 .upsert_vip(
                     &k,
                     VipMeta {
                         idle_timeout_s: idle,
+                        scheduler,
                         ..meta
                     },
                 )
-                .expect("idle timeout");
+                .expect("idle timeout, scheduler");
         }
     }
     f
@@ -155,56 +167,72 @@ fn with_ip_options(p: Vec<u8>) -> Vec<u8> {
 fn the_established_path_answers_as_the_staged_balancer() {
     let mut f = fixture();
     let payload = [0x42u8; 100];
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("IPv4 TCP dsr", tcp4(CLIENT4, VIP4, 40001, 80, &payload)),
-        ("IPv4 UDP dsr", udp4(CLIENT4, VIP4, 40002, 53, &payload)),
-        ("IPv4 TCP ipip", tcp4(CLIENT4, VIP4, 40003, 8080, &payload)),
-        ("IPv4 TCP gue", tcp4(CLIENT4, VIP4, 40004, 8081, &payload)),
+    let p = &payload[..];
+    type Make<'a> = Box<dyn Fn(u16) -> Vec<u8> + 'a>;
+    let (c4, v6a, c6) = (CLIENT4, vip6(), client6());
+    let cases: Vec<(&str, Make)> = vec![
+        ("IPv4 TCP dsr", Box::new(|sp| tcp4(c4, VIP4, sp, 80, p))),
+        ("IPv4 UDP dsr", Box::new(|sp| udp4(c4, VIP4, sp, 53, p))),
+        ("IPv4 TCP ipip", Box::new(|sp| tcp4(c4, VIP4, sp, 8080, p))),
+        ("IPv4 TCP gue", Box::new(|sp| tcp4(c4, VIP4, sp, 8081, p))),
         (
             "IPv4 idle timeout",
-            tcp4(CLIENT4, VIP4, 40005, 81, &payload),
+            Box::new(|sp| tcp4(c4, VIP4, sp, 81, p)),
         ),
         (
             "IPv4 every-port UDP VIP",
-            udp4(CLIENT4, VIP4, 40006, 9999, &payload),
+            Box::new(|sp| udp4(c4, VIP4, sp, 9999, p)),
         ),
-        ("IPv6 TCP dsr", tcp6(client6(), vip6(), 40007, 80, &payload)),
+        ("IPv6 TCP dsr", Box::new(|sp| tcp6(c6, v6a, sp, 80, p))),
+        ("IPv6 UDP ipip", Box::new(|sp| udp6(c6, v6a, sp, 53, p))),
+        ("IPv6 TCP ipip", Box::new(|sp| tcp6(c6, v6a, sp, 8080, p))),
+        ("IPv6 TCP gue", Box::new(|sp| tcp6(c6, v6a, sp, 8081, p))),
+        ("IPv4 no table", Box::new(|sp| tcp4(c4, VIP4, sp, 90, p))),
         (
-            "IPv6 UDP ipip",
-            udp6(client6(), vip6(), 40008, 53, &payload),
+            "IPv4 no table, SYN",
+            Box::new(|sp| tcp4_syn(c4, VIP4, sp, 90)),
         ),
         (
-            "IPv6 TCP ipip",
-            tcp6(client6(), vip6(), 40009, 8080, &payload),
+            "IPv4 no table, source-ip hash",
+            Box::new(|sp| tcp4(c4, VIP4, sp, 91, p)),
         ),
         (
-            "IPv6 TCP gue",
-            tcp6(client6(), vip6(), 40010, 8081, &payload),
+            "IPv4 no table, least connections",
+            Box::new(|sp| tcp4(c4, VIP4, sp, 92, p)),
+        ),
+        (
+            "IPv6 no table, UDP ipip",
+            Box::new(|sp| udp6(c6, v6a, sp, 90, p)),
         ),
         (
             "IPv4 full NAT (handed back)",
-            tcp4(CLIENT4, VIP4, 40011, 83, &payload),
+            Box::new(|sp| tcp4(c4, VIP4, sp, 83, p)),
         ),
         (
             "IPv4 VLAN (handed back)",
-            vlan(tcp4(CLIENT4, VIP4, 40012, 80, &payload)),
+            Box::new(|sp| vlan(tcp4(c4, VIP4, sp, 80, p))),
         ),
         (
             "IPv4 IP options (handed back)",
-            with_ip_options(tcp4(CLIENT4, VIP4, 40013, 80, &payload)),
+            Box::new(|sp| with_ip_options(tcp4(c4, VIP4, sp, 80, p))),
         ),
     ];
-    for (desc, pkt) in &cases {
-        // The first packet records the flow (a table miss: the staged
-        // balancer's); the next ones are established.
-        let first = answer(&mut f, lb_common::PROG_BALANCER, pkt);
-        let a = same_answers(&mut f, desc, pkt, 3);
-        assert_eq!(a.action, first.action, "{desc}: the flow kept its answer");
-        assert_eq!(a.out, first.out, "{desc}: the flow kept its backend");
-        assert!(
-            a.action == action::TX || desc.contains("NAT"),
-            "{desc}: forwarded ({a:?})"
-        );
+    // Eight flows per case (client ports): over three backends, a wrong
+    // choice cannot hide behind a lucky one.
+    for (desc, make) in &cases {
+        for sp in (40001..).step_by(97).take(8) {
+            let pkt = make(sp);
+            // The first packet records the flow (a table miss: the staged
+            // balancer's); the next ones are established.
+            let first = answer(&mut f, lb_common::PROG_BALANCER, &pkt);
+            let a = same_answers(&mut f, desc, &pkt, 3);
+            assert_eq!(a.action, first.action, "{desc}: the flow kept its answer");
+            assert_eq!(a.out, first.out, "{desc}: the flow kept its backend");
+            assert!(
+                a.action == action::TX || desc.contains("NAT"),
+                "{desc}: forwarded ({a:?})"
+            );
+        }
     }
 }
 

@@ -296,22 +296,26 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     /// `key`'s address and port (VIPs that keep a connection table, whose
     /// established flows find their VIP by id), and that of
     /// `VIP_FAST_FILTER` (the same without full-NAT VIPs: the datapath's
-    /// established path).
+    /// established path) and `VIP_STATELESS_FILTER` (VIPs without a table,
+    /// not full NAT, which the established path schedules).
     fn refresh_filter_word(&mut self, key: &VipKey) -> Result<()> {
         let (w, _) = lb_common::hash::vip_filter_slot(&key.addr);
         let (tw, _) = lb_common::hash::vip_table_slot(&key.addr, key.port);
-        let (mut word, mut vip_word, mut table_word, mut fast_word) = (0u32, 0u32, 0u32, 0u32);
+        let (mut word, mut vip_word, mut table_word) = (0u32, 0u32, 0u32);
+        let (mut fast_word, mut stateless_word) = (0u32, 0u32);
         let m = self.mirror()?;
         let bit_in = |(kw, bit): (u32, u32), w: u32| if kw == w { 1u32 << bit } else { 0 };
         for (k, meta) in &m.vips {
             vip_word |= bit_in(lb_common::hash::vip_filter_slot(&k.addr), w);
             let nat = meta.flags & lb_common::VIP_F_NAT != 0;
+            let bit = bit_in(lb_common::hash::vip_table_slot(&k.addr, k.port), tw);
             if meta.flags & lb_common::VIP_F_NO_FLOW_TABLE == 0 || nat {
-                let bit = bit_in(lb_common::hash::vip_table_slot(&k.addr, k.port), tw);
                 table_word |= bit;
                 if !nat {
                     fast_word |= bit;
                 }
+            } else {
+                stateless_word |= bit;
             }
         }
         for a in &m.nat_addrs {
@@ -323,6 +327,7 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             (lb_common::MAP_VIP_ONLY_FILTER, w, vip_word),
             (lb_common::MAP_VIP_TABLE_FILTER, tw, table_word),
             (lb_common::MAP_VIP_FAST_FILTER, tw, fast_word),
+            (lb_common::MAP_VIP_STATELESS_FILTER, tw, stateless_word),
         ] {
             let Ok(map) = self.map_mut(name) else {
                 // An older datapath object without the filter (the A/B
