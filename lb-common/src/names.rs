@@ -47,13 +47,11 @@ pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
 /// The VIP-address filter of addresses with a VIP that keeps a connection
 /// table (same slots as `VIP_FILTER`).
 pub const MAP_VIP_TABLE_FILTER: &str = "VIP_TABLE_FILTER";
-/// `VIP_TABLE_FILTER` without full-NAT VIPs: where the datapath's
-/// established path (`lb-ebpf/src/fast.rs`) looks a flow up.
+/// The datapath's established path's filter (`lb-ebpf/src/fast.rs`), the
+/// slots of `VIP_TABLE_FILTER` in 64-bit words: the low half for VIPs with
+/// a connection table, the high half for VIPs without one (full-NAT VIPs
+/// in neither).
 pub const MAP_VIP_FAST_FILTER: &str = "VIP_FAST_FILTER";
-/// The per-port slots of `VIP_TABLE_FILTER` for VIPs without a connection
-/// table that are not full NAT (the datapath's established path schedules
-/// them).
-pub const MAP_VIP_STATELESS_FILTER: &str = "VIP_STATELESS_FILTER";
 /// The VIP-address filter without the NAT addresses (same slots as
 /// `VIP_FILTER`): a clear bit means no VIP lives on the address, so a
 /// packet to it (a NAT reply) skips the VIP lookups.

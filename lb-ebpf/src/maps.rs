@@ -35,18 +35,14 @@ pub static VIP_FILTER: Array<u32> = Array::with_max_entries(lb_common::hash::VIP
 pub static VIP_TABLE_FILTER: Array<u32> =
     Array::with_max_entries(lb_common::hash::VIP_FILTER_WORDS, 0);
 
-/// `VIP_TABLE_FILTER` without full-NAT VIPs: only there does the
-/// established path (`fast.rs`) look a flow up (its NAT packets are the
-/// staged balancer's, so they skip the established path's lookups).
+/// The established path's filter (`fast.rs`): the slots of
+/// `VIP_TABLE_FILTER` (address and port) in 64-bit words, the bit of a
+/// slot in the low half for VIPs with a connection table (where it looks a
+/// flow up), in the high half for VIPs without one (which it schedules);
+/// full-NAT VIPs in neither (their packets are the staged balancer's).
+/// One lookup per port answers both.
 #[map(name = "VIP_FAST_FILTER")]
-pub static VIP_FAST_FILTER: Array<u32> =
-    Array::with_max_entries(lb_common::hash::VIP_FILTER_WORDS, 0);
-
-/// The per-port slots of `VIP_TABLE_FILTER`, for VIPs without a
-/// connection table that are not full NAT: the established path
-/// (`fast.rs`) schedules their packets.
-#[map(name = "VIP_STATELESS_FILTER")]
-pub static VIP_STATELESS_FILTER: Array<u32> =
+pub static VIP_FAST_FILTER: Array<u64> =
     Array::with_max_entries(lb_common::hash::VIP_FILTER_WORDS, 0);
 
 /// The same slots as `VIP_FILTER`, for VIP addresses only (not NAT

@@ -12,8 +12,8 @@ use lb_common::{VipKey, VipMeta, hash};
 
 use crate::{
     maps::{
-        VIP_ADDRS, VIP_DIR, VIP_FAST_FILTER, VIP_FILTER, VIP_ONLY_FILTER, VIP_STATELESS_FILTER,
-        VIP_TABLE_FILTER, VIPS_BY_ID, vip_dir_mask,
+        VIP_ADDRS, VIP_DIR, VIP_FAST_FILTER, VIP_FILTER, VIP_ONLY_FILTER, VIP_TABLE_FILTER,
+        VIPS_BY_ID, vip_dir_mask,
     },
     parse::Packet,
 };
@@ -85,26 +85,17 @@ pub(crate) fn maybe_table_vip(folded_dst: u32, port: u16) -> bool {
     set(port) || set(0)
 }
 
-/// [`maybe_table_vip`] for the established path: VIPs that keep a
-/// connection table and are not full NAT (`VIP_FAST_FILTER`).
+/// What kinds of VIP may live on the destination and port (or every port
+/// of the address) for the established path (`VIP_FAST_FILTER`): (one
+/// with a connection table, one without; full NAT in neither).
 #[inline(always)]
-pub(crate) fn maybe_fast_vip(folded_dst: u32, port: u16) -> bool {
-    port_bit(&VIP_FAST_FILTER, folded_dst, port)
-}
-
-/// The same for VIPs without a connection table, not full NAT
-/// (`VIP_STATELESS_FILTER`).
-#[inline(always)]
-pub(crate) fn maybe_stateless_vip(folded_dst: u32, port: u16) -> bool {
-    port_bit(&VIP_STATELESS_FILTER, folded_dst, port)
-}
-
-/// Whether `filter` (one of the per-port filters) has the bit of the
-/// address and `port`, or of the address and every port.
-#[inline(always)]
-fn port_bit(filter: &Array<u32>, folded_dst: u32, port: u16) -> bool {
-    let set = |port| bit_set(filter, hash::vip_table_slot_folded(folded_dst, port));
-    set(port) || set(0)
+pub(crate) fn maybe_fast_vip(folded_dst: u32, port: u16) -> (bool, bool) {
+    let bits = |port| {
+        let (w, bit) = hash::vip_table_slot_folded(folded_dst, port);
+        VIP_FAST_FILTER.get(w).map_or(0, |word| word >> bit)
+    };
+    let b = bits(port) | bits(0);
+    (b & 1 != 0, b & (1 << 32) != 0)
 }
 
 /// The VIP for this packet: exact (address, port, protocol), then the

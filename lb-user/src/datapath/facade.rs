@@ -295,9 +295,9 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     /// without the NAT addresses) and the `VIP_TABLE_FILTER` word of
     /// `key`'s address and port (VIPs that keep a connection table, whose
     /// established flows find their VIP by id), and that of
-    /// `VIP_FAST_FILTER` (the same without full-NAT VIPs: the datapath's
-    /// established path) and `VIP_STATELESS_FILTER` (VIPs without a table,
-    /// not full NAT, which the established path schedules).
+    /// `VIP_FAST_FILTER` (for the datapath's established path: in the low
+    /// half the same without full-NAT VIPs, in the high half the VIPs
+    /// without a table, not full NAT, which it schedules).
     fn refresh_filter_word(&mut self, key: &VipKey) -> Result<()> {
         let (w, _) = lb_common::hash::vip_filter_slot(&key.addr);
         let (tw, _) = lb_common::hash::vip_table_slot(&key.addr, key.port);
@@ -326,8 +326,6 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             (lb_common::MAP_VIP_FILTER, w, word),
             (lb_common::MAP_VIP_ONLY_FILTER, w, vip_word),
             (lb_common::MAP_VIP_TABLE_FILTER, tw, table_word),
-            (lb_common::MAP_VIP_FAST_FILTER, tw, fast_word),
-            (lb_common::MAP_VIP_STATELESS_FILTER, tw, stateless_word),
         ] {
             let Ok(map) = self.map_mut(name) else {
                 // An older datapath object without the filter (the A/B
@@ -336,6 +334,13 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             };
             let mut filter: Array<_, u32> = Array::try_from(map).map_err(map_err(name))?;
             filter.set(w, word, 0).map_err(map_err(name))?;
+        }
+        // Both of the established path's bits of a slot in one 8-byte store.
+        let name = lb_common::MAP_VIP_FAST_FILTER;
+        if let Ok(map) = self.map_mut(name) {
+            let mut filter: Array<_, u64> = Array::try_from(map).map_err(map_err(name))?;
+            let both = u64::from(fast_word) | (u64::from(stateless_word) << 32);
+            filter.set(tw, both, 0).map_err(map_err(name))?;
         }
         Ok(())
     }

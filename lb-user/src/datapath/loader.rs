@@ -349,7 +349,6 @@ pub const PINNED_MAPS: &[&str] = &[
     lb_common::MAP_VIP_FILTER,
     lb_common::MAP_VIP_TABLE_FILTER,
     lb_common::MAP_VIP_FAST_FILTER,
-    lb_common::MAP_VIP_STATELESS_FILTER,
     lb_common::MAP_VIP_ONLY_FILTER,
     lb_common::MAP_VIPS_BY_ID,
     lb_common::MAP_VIP_DIR,
