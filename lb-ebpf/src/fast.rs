@@ -73,6 +73,14 @@ impl Tuple {
         (self.ports >> 16) as u16
     }
 
+    /// The staged balancer's table hash (`table::probe`) of the same key:
+    /// the table's set and tag, and the outer source of an encapsulation.
+    #[inline(always)]
+    fn table_hash(&self) -> u32 {
+        let fold = |a: &[u32; 4]| a[0] ^ a[1] ^ a[2] ^ a[3];
+        hash::table_hash(fold(&self.src), self.ports as u16, self.dport(), self.proto)
+    }
+
     /// The client address as `FlowKey` holds it.
     #[inline(always)]
     fn src_bytes(&self) -> [u8; 16] {
@@ -247,31 +255,36 @@ struct Target {
 /// module).
 #[inline(always)]
 fn forward_flow(ctx: &XdpContext, t: &Tuple, folded_dst: u32) -> Option<(u32, u32)> {
-    // The staged balancer's table hash (`table::probe`) of the same key:
-    // the table's set and tag, and the outer source of an encapsulation.
-    let fold = |a: &[u32; 4]| a[0] ^ a[1] ^ a[2] ^ a[3];
-    let h = hash::table_hash(fold(&t.src), t.ports as u16, t.dport(), t.proto);
     // (An address can carry both kinds, on other ports or as an every-port
     // VIP: a flow not in the table may still be a stateless VIP's.)
     let (table, no_table) = maybe_fast_vip(folded_dst, t.dport());
-    let target = if let Some(e) = table.then(|| established(t, h, folded_dst)).flatten() {
-        e
-    } else if no_table {
-        stateless(t)?
-    } else {
+    // A SYN, FIN or RST to a VIP with a table is the staged balancer's
+    // (before any hashing: a SYN flood pays for nothing here).
+    let opens_or_closes = t.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0;
+    if table && !opens_or_closes {
+        let h = t.table_hash();
+        if let Some(e) = established(t, h, folded_dst) {
+            return send_to(ctx, t, h, &e);
+        }
+    }
+    if !no_table {
         return None;
+    }
+    let target = stateless(t)?;
+    // The outer source of an encapsulation varies with the same hash.
+    let h = if target.vip_flags & VIP_F_IPIP != 0 {
+        t.table_hash()
+    } else {
+        0
     };
     send_to(ctx, t, h, &target)
 }
 
-/// The flow's entry in the connection table, if it is established (not a
-/// SYN, FIN or RST, not opening) and its VIP and backend still stand;
-/// refreshes its idle clock.
+/// The flow's entry in the connection table (`h`: the table hash), if it
+/// is established (not opening; the caller took no SYN, FIN or RST) and
+/// its VIP and backend still stand; refreshes its idle clock.
 #[inline(always)]
 fn established(t: &Tuple, h: u32, folded_dst: u32) -> Option<Target> {
-    if t.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
-        return None;
-    }
     let tag = flow_tag_folded(h, folded_dst);
     let (s, word) = table::find(flow_set_base(h, flow_sets()), tag, |k| {
         let w = |i| {
