@@ -257,16 +257,26 @@ struct Target {
 fn forward_flow(ctx: &XdpContext, t: &Tuple, folded_dst: u32) -> Option<(u32, u32)> {
     // (An address can carry both kinds, on other ports or as an every-port
     // VIP: a flow not in the table may still be a stateless VIP's.)
+    // The VIP's own port first; the every-port slot (port 0) only when
+    // that answers no (an established flow of a port VIP reads one word).
     let (table, no_table) = maybe_fast_vip(folded_dst, t.dport());
+    let (table0, no_table0) = if table {
+        (false, false)
+    } else {
+        maybe_fast_vip(folded_dst, 0)
+    };
     // A SYN, FIN or RST to a VIP with a table is the staged balancer's
     // (before any hashing: a SYN flood pays for nothing here).
     let opens_or_closes = t.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0;
-    if table && !opens_or_closes {
+    if (table || table0) && !opens_or_closes {
         let h = t.table_hash();
         if let Some(e) = established(t, h, folded_dst) {
             return send_to(ctx, t, h, &e);
         }
     }
+    // (Here a port VIP with a table may still share its address with an
+    // every-port VIP without one.)
+    let no_table = no_table || no_table0 || (table && maybe_fast_vip(folded_dst, 0).1);
     if !no_table {
         return None;
     }

@@ -42,14 +42,22 @@ pub fn set_macs(ctx: &XdpContext, hop: &Hop) -> Result<(), ()> {
 #[inline(always)]
 pub fn write_macs(ctx: &XdpContext, dmac: &[u8; 6], smac: &[u8; 6]) -> Result<(), ()> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    // A plain assignment compiles to a call of `memmove` (a byte loop in a
-    // function of its own); a non-overlapping copy is inlined as loads and
-    // stores.
-    // SAFETY: ptr_at checked the bounds; the sources are not packet memory.
-    unsafe {
-        core::ptr::copy_nonoverlapping(dmac, &mut (*eth).dst_addr, 1);
-        core::ptr::copy_nonoverlapping(smac, &mut (*eth).src_addr, 1);
-    }
+    // Each address as a 4-byte and a 2-byte word (the objects allow
+    // misaligned access, see `build.rs`): a plain assignment compiles to a
+    // call of `memmove`, a `copy_nonoverlapping` of the arrays to six byte
+    // loads and six byte stores each.
+    let put = |dst: *mut u8, src: &[u8; 6]| {
+        let s = src.as_ptr();
+        // SAFETY: six bytes at `dst` (checked by ptr_at) and at `src`; the
+        // sources are not packet memory.
+        unsafe {
+            (dst as *mut u32).write_unaligned((s as *const u32).read_unaligned());
+            (dst.add(4) as *mut u16).write_unaligned((s.add(4) as *const u16).read_unaligned());
+        }
+    };
+    put(eth as *mut u8, dmac);
+    // SAFETY: within the header ptr_at checked.
+    put(unsafe { (eth as *mut u8).add(6) }, smac);
     Ok(())
 }
 

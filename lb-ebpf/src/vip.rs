@@ -85,16 +85,13 @@ pub(crate) fn maybe_table_vip(folded_dst: u32, port: u16) -> bool {
     set(port) || set(0)
 }
 
-/// What kinds of VIP may live on the destination and port (or every port
-/// of the address) for the established path (`VIP_FAST_FILTER`): (one
-/// with a connection table, one without; full NAT in neither).
+/// What kinds of VIP may live on the destination and `port` (0: every
+/// port of the address) for the established path (`VIP_FAST_FILTER`):
+/// (one with a connection table, one without; full NAT in neither).
 #[inline(always)]
 pub(crate) fn maybe_fast_vip(folded_dst: u32, port: u16) -> (bool, bool) {
-    let bits = |port| {
-        let (w, bit) = hash::vip_table_slot_folded(folded_dst, port);
-        VIP_FAST_FILTER.get(w).map_or(0, |word| word >> bit)
-    };
-    let b = bits(port) | bits(0);
+    let (w, bit) = hash::vip_table_slot_folded(folded_dst, port);
+    let b = VIP_FAST_FILTER.get(w).map_or(0, |word| word >> bit);
     (b & 1 != 0, b & (1 << 32) != 0)
 }
 
