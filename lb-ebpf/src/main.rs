@@ -2,8 +2,11 @@
 //! generator, its sink and the benchmark programs are the tools object,
 //! `tools.rs`).
 //!
-//! `lb_xdp` is the balancer: parse → VIP lookup → connection table or Maglev
-//! ring → rewrite (L2 DSR, IPIP, or full NAT) → `XDP_TX` / `XDP_REDIRECT`;
+//! `lb_xdp` is the balancer: the address filter, then the established
+//! path (`fast`: established flows and VIPs without a table, straight from
+//! the headers), else the general balancer: parse → VIP lookup →
+//! connection table or Maglev ring → rewrite (L2 DSR, IPIP, or full NAT) →
+//! `XDP_TX` / `XDP_REDIRECT`;
 //! a backend's reply to a NAT flow is translated back to its client.
 //! Everything else passes to the kernel untouched. `lb_xdp_traced` is its
 //! watched copy for `lb trace`. `lb_decap` runs on backends and strips the
@@ -11,7 +14,8 @@
 //! the lab attaches to veth peers (native `XDP_TX` on a veth needs one
 //! there).
 //!
-//! Modules: `balance` (the balancer's flow in stages: find the VIP and the
+//! Modules: `fast` (the established path), `balance` (the general
+//! balancer's flow in stages: find the VIP and the
 //! flow's entry → choose a backend → next hop → rewrite → record → count),
 //! `parse` (offsets), `vip` (which VIP), `table` (the connection
 //! table: sets of array slots), `sched` (scheduling a new flow), `flow`
