@@ -295,3 +295,29 @@ fn what_the_established_path_hands_back_is_answered_as_before() {
     std::thread::sleep(std::time::Duration::from_millis(2100));
     same_answers(&mut f, "idle past the timeout", &idle, 2);
 }
+
+/// The filter the agent rebuilds when it adopts a datapath pinned without
+/// it holds what the VIPs wrote one by one.
+#[test]
+fn the_established_path_filter_is_rebuilt_from_the_vips() {
+    let mut f = fixture();
+    let words = |f: &mut Fixture| -> Vec<u64> {
+        let map = f.ebpf.map(lb_common::MAP_VIP_FAST_FILTER).expect("map");
+        let a = aya::maps::Array::<_, u64>::try_from(map).expect("array");
+        a.iter().map(|w| w.expect("word")).collect()
+    };
+    let written = words(&mut f);
+    assert!(
+        written.iter().filter(|w| **w != 0).count() >= 10,
+        "the fixture's VIPs set bits"
+    );
+    {
+        let map = f.ebpf.map_mut(lb_common::MAP_VIP_FAST_FILTER).expect("map");
+        let mut a = aya::maps::Array::<_, u64>::try_from(map).expect("array");
+        for i in 0..lb_common::hash::VIP_FILTER_WORDS {
+            a.set(i, 0, 0).expect("clear");
+        }
+    }
+    f.dp().rebuild_fast_filter().expect("rebuild");
+    assert_eq!(words(&mut f), written);
+}

@@ -251,6 +251,9 @@ pub async fn run_until(
         for k in stale {
             state.dp.remove_vip(&k)?;
         }
+        // A datapath pinned by an older version may lack the established
+        // path's filter (created empty just now).
+        state.dp.rebuild_fast_filter()?;
     }
     let spawns = state.reconcile(cfg.clone())?;
     let mode = cfg.agent.xdp_mode;

@@ -345,6 +345,36 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         Ok(())
     }
 
+    /// Writes every word of `VIP_FAST_FILTER` from the VIP record, in one
+    /// pass. The agent calls it when it adopts a pinned datapath: one
+    /// pinned by a version without the established path's filter leaves it
+    /// empty, and the established path would hand every packet to the
+    /// general balancer until each VIP changed.
+    pub fn rebuild_fast_filter(&mut self) -> Result<()> {
+        let mut words = vec![0u64; lb_common::hash::VIP_FILTER_WORDS as usize];
+        for (k, meta) in &self.mirror()?.vips {
+            if meta.flags & lb_common::VIP_F_NAT != 0 {
+                continue;
+            }
+            let (w, bit) = lb_common::hash::vip_table_slot(&k.addr, k.port);
+            let half = if meta.flags & lb_common::VIP_F_NO_FLOW_TABLE == 0 {
+                0
+            } else {
+                32
+            };
+            words[w as usize] |= 1u64 << (bit + half);
+        }
+        let name = lb_common::MAP_VIP_FAST_FILTER;
+        let mut filter: Array<_, u64> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for (i, word) in words.into_iter().enumerate() {
+            if filter.get(&(i as u32), 0).map_err(map_err(name))? != word {
+                filter.set(i as u32, word, 0).map_err(map_err(name))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The VIP entry for `key`.
     pub fn vip(&mut self, key: &VipKey) -> Result<VipMeta> {
         self.vips()?
