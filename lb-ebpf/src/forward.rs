@@ -42,18 +42,23 @@ pub fn set_macs(ctx: &XdpContext, hop: &Hop) -> Result<(), ()> {
 #[inline(always)]
 pub fn write_macs(ctx: &XdpContext, dmac: &[u8; 6], smac: &[u8; 6]) -> Result<(), ()> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    // Each address as a 4-byte and a 2-byte word: a plain assignment
-    // compiles to a call of `memmove`, a `copy_nonoverlapping` of the
-    // arrays to six byte loads and six byte stores each. (The sources are
-    // map values, or a `Hop` LLVM keeps in registers: the verifier, which
-    // refuses misaligned stack access, checks this at every load.)
-    // SAFETY: six bytes at each, checked by ptr_at in the packet; the
-    // sources are not packet memory.
-    unsafe {
-        let e = eth as *mut u8;
-        copy_wide::<6>(e, dmac.as_ptr());
-        copy_wide::<6>(e.add(6), smac.as_ptr());
-    }
+    // Each address as a 4-byte and a 2-byte word (the objects allow
+    // misaligned access, see `build.rs`): a plain assignment compiles to a
+    // call of `memmove`, a `copy_nonoverlapping` of the arrays to six byte
+    // loads and six byte stores each. (Through `copy_wide` the A/B was
+    // mixed: BENCHMARKS.md, "A/B history".)
+    let put = |dst: *mut u8, src: &[u8; 6]| {
+        let s = src.as_ptr();
+        // SAFETY: six bytes at `dst` (checked by ptr_at) and at `src`; the
+        // sources are not packet memory.
+        unsafe {
+            (dst as *mut u32).write_unaligned((s as *const u32).read_unaligned());
+            (dst.add(4) as *mut u16).write_unaligned((s.add(4) as *const u16).read_unaligned());
+        }
+    };
+    put(eth as *mut u8, dmac);
+    // SAFETY: within the header ptr_at checked.
+    put(unsafe { (eth as *mut u8).add(6) }, smac);
     Ok(())
 }
 
