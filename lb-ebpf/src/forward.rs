@@ -103,9 +103,8 @@ pub(crate) fn move_l2(ctx: &XdpContext, from: usize, l3_off: usize) -> Result<()
     // `set_macs`).
     let src: *const [u8; 14] = ptr_at(ctx, from)?;
     let dst: *mut [u8; 14] = ptr_at(ctx, 0)?;
-    // SAFETY: both ranges checked by ptr_at; they do not overlap; packet
-    // memory on both sides (wide loads and stores, see `copy_wide`).
-    unsafe { copy_wide::<14>(dst as *mut u8, src as *const u8) };
+    // SAFETY: both ranges checked by ptr_at; they do not overlap.
+    unsafe { core::ptr::copy_nonoverlapping(src, dst, 1) };
     if l3_off > EthHdr::LEN {
         let src: *const [u8; 4] = ptr_at(ctx, from + EthHdr::LEN)?;
         let dst: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN)?;
