@@ -45,8 +45,7 @@ pub fn write_macs(ctx: &XdpContext, dmac: &[u8; 6], smac: &[u8; 6]) -> Result<()
     // Each address as a 4-byte and a 2-byte word (the objects allow
     // misaligned access, see `build.rs`): a plain assignment compiles to a
     // call of `memmove`, a `copy_nonoverlapping` of the arrays to six byte
-    // loads and six byte stores each. (Through `copy_wide` the A/B was
-    // mixed: BENCHMARKS.md, "A/B history".)
+    // loads and six byte stores each.
     let put = |dst: *mut u8, src: &[u8; 6]| {
         let s = src.as_ptr();
         // SAFETY: six bytes at `dst` (checked by ptr_at) and at `src`; the
@@ -60,38 +59,6 @@ pub fn write_macs(ctx: &XdpContext, dmac: &[u8; 6], smac: &[u8; 6]) -> Result<()
     // SAFETY: within the header ptr_at checked.
     put(unsafe { (eth as *mut u8).add(6) }, smac);
     Ok(())
-}
-
-/// Copies `N` bytes with the widest loads and stores that fit (8, 4, 2, 1
-/// bytes; the objects allow misaligned access, see `build.rs`), where a
-/// `copy_nonoverlapping` of an array compiles to a load and a store per
-/// byte.
-///
-/// # Safety
-/// `src` and `dst` valid for `N` bytes, not overlapping, and neither on the
-/// BPF stack (the verifier refuses misaligned stack access): packet memory
-/// or map values.
-#[inline(always)]
-pub(crate) unsafe fn copy_wide<const N: usize>(dst: *mut u8, src: *const u8) {
-    let mut i = 0;
-    // SAFETY (each access): within the `N` bytes the caller vouches for.
-    unsafe {
-        while i + 8 <= N {
-            (dst.add(i) as *mut u64).write_unaligned((src.add(i) as *const u64).read_unaligned());
-            i += 8;
-        }
-        if i + 4 <= N {
-            (dst.add(i) as *mut u32).write_unaligned((src.add(i) as *const u32).read_unaligned());
-            i += 4;
-        }
-        if i + 2 <= N {
-            (dst.add(i) as *mut u16).write_unaligned((src.add(i) as *const u16).read_unaligned());
-            i += 2;
-        }
-        if i < N {
-            *dst.add(i) = *src.add(i);
-        }
-    }
 }
 
 /// Moves the L2 header (`l3_off` bytes) from `from` to offset 0.
@@ -292,6 +259,12 @@ fn encap_v6<const GUE: usize>(
     move_l2(ctx, Ipv6Hdr::LEN + GUE, l3_off)?;
     set_macs(ctx, hop)?;
 
+    let mut src = s.ipip_src_v6;
+    let hb = hash.to_be_bytes();
+    src[12] = hb[0];
+    src[13] = hb[1];
+    src[14] = hb[2];
+    src[15] = hb[3];
     let label = hash & 0x000f_ffff;
     let vcf = [
         tc_bytes[0],
@@ -306,13 +279,8 @@ fn encap_v6<const GUE: usize>(
         (*outer).payload_len = (pkt.ip_len + GUE as u16).to_be_bytes();
         (*outer).next_hdr = if GUE > 0 { IPPROTO_UDP } else { IPPROTO_IPV6 };
         (*outer).hop_limit = ENCAP_TTL;
-        // The source: the prefix from the settings, the hash in its last
-        // four bytes; both addresses copied from the map values a word at a
-        // time.
-        let src = (&raw mut (*outer).src_addr) as *mut u8;
-        copy_wide::<12>(src, s.ipip_src_v6.as_ptr());
-        (src.add(12) as *mut u32).write_unaligned(hash.to_be());
-        copy_wide::<16>((&raw mut (*outer).dst_addr) as *mut u8, b.addr.as_ptr());
+        (*outer).src_addr = src;
+        (*outer).dst_addr = b.addr;
     }
     if GUE > 0 {
         write_gue(
