@@ -350,7 +350,9 @@ fn established(t: &Tuple, h: u32, folded_dst: u32) -> Option<Target> {
 /// The backend of a packet to a VIP without a connection table (not full
 /// NAT): its VIP from the directory, its backend from the VIP's (or its
 /// client's region's) ring, with the VIP's scheduler, as
-/// `balance::choose` schedules it.
+/// `balance::choose` schedules it. (A round-robin VIP's packet that
+/// [`send_to`] then hands back, e.g. for want of a next-hop MAC, moves this
+/// CPU's position twice: the general balancer schedules it again.)
 #[inline(always)]
 fn stateless(t: &Tuple) -> Option<Target> {
     let vip = lookup_vip_by(&t.dst, t.dport(), t.proto, t.family)?;
