@@ -376,8 +376,9 @@ pub struct Tunnel {
     pub dst: [u8; 16],
 }
 
-/// Recognises a tunnelled packet: outer IPv4 without options carrying
-/// protocol 4, or outer IPv6 whose next header is 41. `Ok(None)` for
+/// Recognises a tunnelled packet: outer IPv4 without options, not a
+/// fragment, carrying protocol 4 (or GUE), or outer IPv6 whose next header
+/// is 41 (or GUE). `Ok(None)` for
 /// anything else; `Err` if the headers are cut short.
 #[inline(always)]
 pub fn tunnel(ctx: &XdpContext, gue_port: u16) -> Result<Option<Tunnel>, ()> {
@@ -391,8 +392,14 @@ pub fn tunnel(ctx: &XdpContext, gue_port: u16) -> Result<Option<Tunnel>, ()> {
         ETH_P_IP => {
             let ip: *const Ipv4Hdr = ptr_at(ctx, l3)?;
             // SAFETY: ptr_at checked the bounds.
-            let (vihl, proto, dst) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).dst_addr) };
-            if vihl != 0x45 {
+            let (vihl, proto, dst, frags) =
+                unsafe { ((*ip).vihl, (*ip).proto, (*ip).dst_addr, (*ip).frags) };
+            // A fragment of a tunnelled packet (a router on the way split
+            // it: the balancer sets no DF) is no whole tunnel: stripping
+            // the first fragment's outer header would hand the stack a
+            // truncated packet, and a later fragment has no inner header
+            // at all. The kernel reassembles it.
+            if vihl != 0x45 || be16(frags) & IPV4_MF_OFFSET != 0 {
                 return Ok(None);
             }
             let outer_len = match proto {

@@ -804,8 +804,23 @@ fn decap_restores_the_original_packet() {
     other[14 + 16..14 + 20].copy_from_slice(&[198, 18, 3, 3]);
     let dec = lb_tests::run(&mut f.ebpf, lb_common::PROG_DECAP, &other).expect("decap");
     assert_eq!((dec.action, dec.out), (action::PASS, other));
+    // A fragment of a tunnelled packet (first: MF set; later: an offset)
+    // passes untouched, for the kernel to reassemble.
+    for frags in [0x2000u16, 0x0010] {
+        let mut frag = enc.out.clone();
+        frag[14 + 6..14 + 8].copy_from_slice(&frags.to_be_bytes());
+        frag[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+        let c = !lb_tests::ones_sum(&frag[14..34]);
+        frag[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+        let dec = lb_tests::run(&mut f.ebpf, lb_common::PROG_DECAP, &frag).expect("decap");
+        assert_eq!(
+            (dec.action, dec.out),
+            (action::PASS, frag),
+            "fragment {frags:#06x}"
+        );
+    }
     let dv = f.dp().decap_verdicts().expect("decap counters");
-    assert_eq!(dv, vec![4, 1, 0], "decapsulated, passed, malformed");
+    assert_eq!(dv, vec![4, 3, 0], "decapsulated, passed, malformed");
 }
 
 /// `gue` VIPs: the packet leaves inside outer IP, UDP to the GUE port (the
