@@ -246,6 +246,26 @@ pub fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) 
     v
 }
 
+/// The Ethernet frame `p` with an 802.1Q tag (VLAN 42) after its MACs.
+pub fn vlan(p: Vec<u8>) -> Vec<u8> {
+    let mut o = p[..12].to_vec();
+    o.extend_from_slice(&[0x81, 0x00, 0x00, 42]);
+    o.extend_from_slice(&p[12..]);
+    o
+}
+
+/// The Ethernet/IPv4 frame `p` rebuilt with a 4-byte options field (IHL 6).
+pub fn with_ip_options(p: Vec<u8>) -> Vec<u8> {
+    let (mut h, rest) = etherparse::Ipv4Header::from_slice(&p[14..]).expect("ipv4");
+    h.options = [1, 1, 1, 1][..].try_into().expect("options");
+    h.total_len += 4;
+    h.header_checksum = h.calc_header_checksum();
+    let mut o = p[..14].to_vec();
+    h.write(&mut o).expect("write");
+    o.extend_from_slice(rest);
+    o
+}
+
 /// An Ethernet/IPv6/TCP segment of an established connection (ACK).
 pub fn tcp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)

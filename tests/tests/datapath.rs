@@ -7,7 +7,7 @@ use etherparse::{IpNumber, Ipv4Header, Ipv6Header, PacketBuilder};
 use lb_common::{AF_INET, AF_INET6, PROTO_TCP, PROTO_UDP, VIP_F_IPIP, VipKey, verdict};
 use lb_tests::{
     CLIENT_MAC, Fixture, LB_MAC, VipSpec, action, backend_mac, backend_of, tcp4, tcp6, udp4, udp6,
-    v4, v6,
+    v4, v6, vlan, with_ip_options,
 };
 
 const VIP4: [u8; 4] = [198, 18, 0, 100];
@@ -802,22 +802,14 @@ fn decap_restores_the_original_packet() {
         .expect("encap");
     let mut other = enc.out.clone();
     other[14 + 16..14 + 20].copy_from_slice(&[198, 18, 3, 3]);
-    let dec = lb_tests::run(&mut f.ebpf, lb_common::PROG_DECAP, &other).expect("decap");
-    assert_eq!((dec.action, dec.out), (action::PASS, other));
+    decap_passes_untouched(&mut f, &other, "another address");
     // A fragment of a tunnelled packet (first: MF set; later: an offset)
     // passes untouched, for the kernel to reassemble.
     for frags in [0x2000u16, 0x0010] {
         let mut frag = enc.out.clone();
         frag[14 + 6..14 + 8].copy_from_slice(&frags.to_be_bytes());
-        frag[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
-        let c = !lb_tests::ones_sum(&frag[14..34]);
-        frag[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
-        let dec = lb_tests::run(&mut f.ebpf, lb_common::PROG_DECAP, &frag).expect("decap");
-        assert_eq!(
-            (dec.action, dec.out),
-            (action::PASS, frag),
-            "fragment {frags:#06x}"
-        );
+        let frag = with_ipv4_checksum(frag);
+        decap_passes_untouched(&mut f, &frag, &format!("fragment {frags:#06x}"));
     }
     let dv = f.dp().decap_verdicts().expect("decap counters");
     assert_eq!(dv, vec![4, 3, 0], "decapsulated, passed, malformed");
@@ -888,12 +880,7 @@ fn gue_encapsulates_and_decap_restores_the_original() {
         assert_eq!(&dec.out[12..], &pkt[12..], "decap restores the original");
         let mut other = o.clone();
         other[udp + 3] ^= 1;
-        let dec = lb_tests::run(&mut f.ebpf, lb_common::PROG_DECAP, &other).expect("decap");
-        assert_eq!(
-            (dec.action, dec.out),
-            (action::PASS, other),
-            "another UDP port"
-        );
+        decap_passes_untouched(&mut f, &other, "another UDP port");
     }
     let dv = f.dp().decap_verdicts().expect("decap counters");
     assert_eq!(dv[0], 2, "two decapsulated");
@@ -912,26 +899,6 @@ fn arp() -> Vec<u8> {
     p.extend_from_slice(&[0; 6]);
     p.extend_from_slice(&VIP4);
     p
-}
-
-/// Inserts an 802.1Q tag (VLAN 42) after the MACs.
-fn vlan(p: Vec<u8>) -> Vec<u8> {
-    let mut o = p[..12].to_vec();
-    o.extend_from_slice(&[0x81, 0x00, 0x00, 42]);
-    o.extend_from_slice(&p[12..]);
-    o
-}
-
-/// Rebuilds an IPv4 packet with a 4-byte options field (IHL 6).
-fn with_ip_options(p: Vec<u8>) -> Vec<u8> {
-    let (mut h, rest) = Ipv4Header::from_slice(&p[14..]).expect("ipv4");
-    h.options = [1, 1, 1, 1][..].try_into().expect("options");
-    h.total_len += 4;
-    h.header_checksum = h.calc_header_checksum();
-    let mut o = p[..14].to_vec();
-    h.write(&mut o).expect("write");
-    o.extend_from_slice(rest);
-    o
 }
 
 fn v6_hop_by_hop() -> Vec<u8> {
@@ -1190,6 +1157,12 @@ fn with_df(p: Vec<u8>) -> Vec<u8> {
     set_df(p, true)
 }
 
+/// `lb_decap` lets `pkt` through (`XDP_PASS`) byte for byte.
+fn decap_passes_untouched(f: &mut Fixture, pkt: &[u8], what: &str) {
+    let dec = lb_tests::run(&mut f.ebpf, lb_common::PROG_DECAP, pkt).expect("decap");
+    assert_eq!((dec.action, &dec.out[..]), (action::PASS, pkt), "{what}");
+}
+
 /// Sets or clears DF on an Ethernet/IPv4 frame, fixing its header checksum.
 fn set_df(mut p: Vec<u8>, on: bool) -> Vec<u8> {
     if on {
@@ -1197,6 +1170,11 @@ fn set_df(mut p: Vec<u8>, on: bool) -> Vec<u8> {
     } else {
         p[14 + 6] &= !0x40;
     }
+    with_ipv4_checksum(p)
+}
+
+/// The Ethernet/IPv4 frame with its IPv4 header checksum computed again.
+fn with_ipv4_checksum(mut p: Vec<u8>) -> Vec<u8> {
     p[14 + 10] = 0;
     p[14 + 11] = 0;
     let h = Ipv4Header::from_slice(&p[14..]).expect("ipv4").0;

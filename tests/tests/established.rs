@@ -15,7 +15,10 @@ use lb_common::{
     AF_INET, AF_INET6, BACKEND_DOWN, BACKEND_UP, PROTO_TCP, PROTO_UDP, SCHED_LEAST_CONN, VIP_F_GUE,
     VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NAT, VIP_F_NO_FLOW_TABLE, VipKey, VipMeta,
 };
-use lb_tests::{Fixture, VipSpec, action, tcp4, tcp4_fin, tcp4_syn, tcp6, udp4, udp6, v4, v6};
+use lb_tests::{
+    Fixture, VipSpec, action, tcp4, tcp4_fin, tcp4_syn, tcp6, udp4, udp6, v4, v6, vlan,
+    with_ip_options,
+};
 
 const VIP4: [u8; 4] = [198, 18, 0, 100];
 const CLIENT4: [u8; 4] = [198, 18, 1, 7];
@@ -140,27 +143,6 @@ fn same_answers(f: &mut Fixture, desc: &str, pkt: &[u8], rounds: usize) -> Answe
         last = Some(fast);
     }
     last.expect("one round at least")
-}
-
-fn vlan(p: Vec<u8>) -> Vec<u8> {
-    let mut v = p[..12].to_vec();
-    v.extend_from_slice(&[0x81, 0x00, 0x00, 0x07]);
-    v.extend_from_slice(&p[12..]);
-    v
-}
-
-fn with_ip_options(p: Vec<u8>) -> Vec<u8> {
-    // Four bytes of NOP options: IHL 6, total length + 4, checksum redone.
-    let mut v = p[..34].to_vec();
-    v.extend_from_slice(&[1, 1, 1, 1]);
-    v.extend_from_slice(&p[34..]);
-    v[14] = 0x46;
-    let tot = u16::from_be_bytes([v[16], v[17]]) + 4;
-    v[16..18].copy_from_slice(&tot.to_be_bytes());
-    v[24..26].copy_from_slice(&[0, 0]);
-    let c = !lb_tests::ones_sum(&v[14..38]);
-    v[24..26].copy_from_slice(&c.to_be_bytes());
-    v
 }
 
 #[test]
