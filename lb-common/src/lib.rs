@@ -236,7 +236,13 @@ pub mod decap_verdict {
     pub const DECAPSULATED: u32 = 0;
     pub const PASS: u32 = 1;
     pub const MALFORMED: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Second chance: no connection here for a packet that names a second
+    /// hop; forwarded there once (its hop removed).
+    pub const SECOND_HOP: u32 = 3;
+    /// Second chance: no connection here and no route or neighbour to the
+    /// second hop yet; delivered here (the stack answers as it would).
+    pub const SECOND_HOP_UNREACHABLE: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 #[cfg(feature = "user")]

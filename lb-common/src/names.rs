@@ -70,6 +70,10 @@ pub const MAP_LOG_JUMP: &str = "LOG_JUMP";
 pub const MAP_NAT_ADDRS: &str = "NAT_ADDRS";
 pub const MAP_NAT_CURSOR: &str = "NAT_CURSOR";
 pub const MAP_REGIONS: &str = "REGIONS";
+/// Ring id (a VIP's or a region's) → until when, in seconds of the coarse
+/// monotonic clock, the other half of its ring is its previous ring (the
+/// second chance, `VIP_F_SECOND_CHANCE`); 0: it is not.
+pub const MAP_PREV_RING_UNTIL: &str = "PREV_RING_UNTIL";
 pub const MAP_BACKEND_IDS: &str = "BACKEND_IDS";
 
 /// Program names in the object file.

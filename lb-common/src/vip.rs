@@ -79,6 +79,24 @@ pub const GUE_OVERHEAD: usize = 8 + GUE_HDR_LEN;
 /// --gue-port`).
 pub const DEFAULT_GUE_PORT: u16 = 6080;
 
+/// [`VipMeta::flags`], with [`VIP_F_GUE`]: the second chance. A packet
+/// that is not a SYN, scheduled on the ring (no table entry kept it), whose
+/// backend on the VIP's previous ring (the ring's other half, while
+/// `PREV_RING_UNTIL` says it is recent) is another live backend, names
+/// that backend as its second hop in the GUE header ([`GUE_HOP_TAG`]).
+/// `lb_decap` on the first hop delivers it when the host has a connection
+/// for it, and otherwise forwards it once to the second hop.
+pub const VIP_F_SECOND_CHANCE: u32 = 1 << 6;
+/// GUE private data naming a second hop: these four bytes ("LB", kind 1,
+/// reserved), then the hop's address (4 bytes in an IPv4 tunnel, 16 in an
+/// IPv6 one). The GUE header's `Hlen` counts it in 32-bit words (2 or 5;
+/// no flags, so it is all private data, as draft-ietf-intarea-gue allows).
+pub const GUE_HOP_TAG: [u8; 4] = [b'L', b'B', 1, 0];
+/// Bytes of second-hop private data in an IPv4 tunnel.
+pub const GUE_HOP_V4: usize = 4 + 4;
+/// Bytes of second-hop private data in an IPv6 tunnel.
+pub const GUE_HOP_V6: usize = 4 + 16;
+
 /// Value of the VIP table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

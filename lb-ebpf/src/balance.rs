@@ -13,9 +13,9 @@ use core::ptr::NonNull;
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    Backend, FLOW_F_COUNTED, FLOW_F_OPENING, FLOW_F_SIGNALLED, Flow, GUE_OVERHEAD, PROTO_TCP,
-    SCHED_LEAST_CONN, SETTINGS_F_FIB, Settings, VIP_F_GUE, VIP_F_HASH_SRC_IP, VIP_F_IPIP,
-    VIP_F_NAT, VIP_F_NO_FLOW_TABLE, VipMeta, hash, trace_ring, trace_table, verdict,
+    Backend, FLOW_F_COUNTED, FLOW_F_OPENING, FLOW_F_SIGNALLED, Flow, PROTO_TCP, SCHED_LEAST_CONN,
+    SETTINGS_F_FIB, Settings, VIP_F_GUE, VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NAT,
+    VIP_F_NO_FLOW_TABLE, VipMeta, hash, trace_ring, trace_table, verdict,
 };
 
 use crate::{
@@ -25,7 +25,7 @@ use crate::{
     maps::SETTINGS,
     nat, parse,
     parse::Packet,
-    sched::{active_add, backend, ring_for, schedule, vip_ring},
+    sched::{active_add, backend, ring_for, schedule, second_hop, vip_ring},
     send, signal, stats, table,
     trace::Observe,
     vip::{is_vip_addr, lookup_vip, maybe_table_vip, maybe_vip_only_addr, vip_of_flow},
@@ -208,6 +208,9 @@ pub(crate) struct Choice {
     /// Flags the new entry keeps from the one it replaces
     /// (`FLOW_F_SIGNALLED` for a SYN sent again).
     carry: u16,
+    /// The second chance's second hop (`sched::second_hop`): the flow may
+    /// be the previous ring's backend's, so it is not recorded.
+    second: Option<&'static Backend>,
 }
 
 /// Keeps the flow's backend, unless the flow opens anew (a SYN without
@@ -304,6 +307,7 @@ fn choose<O: Observe>(pkt: &Packet, found: &Found, seen: &mut O) -> Result<Choic
                 nat_refresh,
                 now,
                 carry: 0,
+                second: None,
             });
         }
         if fresh {
@@ -327,18 +331,25 @@ fn choose<O: Observe>(pkt: &Packet, found: &Found, seen: &mut O) -> Result<Choic
         &ring,
         h,
     );
-    let (id, backend) = match schedule(vip, &ring, h) {
-        Some(c) => c,
+    let (ring, (id, backend)) = match schedule(vip, &ring, h) {
+        Some(c) => (ring, c),
         // A region with no live backend: its clients use the whole VIP.
         None if regional => {
             let whole = vip_ring(vip);
             seen.ring(trace_ring::REGION_FALLBACK, &whole, h);
             match schedule(vip, &whole, h) {
-                Some(c) => c,
+                Some(c) => (whole, c),
                 None => return Err((verdict::NO_BACKEND, xdp_action::XDP_DROP)),
             }
         }
         None => return Err((verdict::NO_BACKEND, xdp_action::XDP_DROP)),
+    };
+    // A TCP packet that opens no connection may be of one the previous
+    // ring placed (see `fast::stateless`).
+    let second = if pkt.key.proto == PROTO_TCP && !opening && !pkt.icmp_error {
+        second_hop(vip, &ring, h, id)
+    } else {
+        None
     };
     Ok(Choice {
         id,
@@ -349,6 +360,7 @@ fn choose<O: Observe>(pkt: &Packet, found: &Found, seen: &mut O) -> Result<Choic
         nat_refresh: false,
         now,
         carry,
+        second,
     })
 }
 
@@ -435,7 +447,11 @@ fn rewrite<O: Observe>(
             20
         } else {
             40
-        } + if gue { GUE_OVERHEAD as u16 } else { 0 };
+        } + if gue {
+            forward::gue_overhead(pkt.family, c.second.is_some())
+        } else {
+            0
+        };
         if settings.ipip_mtu != 0 && pkt.ip_len > settings.ipip_mtu.saturating_sub(outer) {
             if let Some(n) = maps::TOO_BIG_NOTE.get_ptr_mut(0) {
                 // SAFETY: this CPU's slot, read by `lb_too_big` next.
@@ -464,6 +480,7 @@ fn rewrite<O: Observe>(
             flow_hash,
             hop,
             gue,
+            c.second,
         )
         .is_err()
         {
@@ -486,7 +503,15 @@ fn rewrite<O: Observe>(
 fn record(pkt: &Packet, found: &Found, c: &mut Choice, nat_src: (u16, u16)) {
     let vip = &found.vip;
     let nat_vip = vip.flags & VIP_F_NAT != 0;
-    if !c.new_flow || !found.use_table || pkt.icmp_error || !(nat_vip || may_record_flow()) {
+    // A flow sent with a second hop may be the previous ring's backend's:
+    // recorded, it would be kept on the first hop after the previous ring
+    // expires (its packets carry both until then).
+    if !c.new_flow
+        || !found.use_table
+        || pkt.icmp_error
+        || c.second.is_some()
+        || !(nat_vip || may_record_flow())
+    {
         return;
     }
     if c.now == 0 && vip.idle_timeout_s != 0 {

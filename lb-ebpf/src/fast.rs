@@ -30,9 +30,9 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    AF_INET, AF_INET6, Backend, FLOW_F_OPENING, FLOW_F_SIGNALLED, FlowKey, GUE_OVERHEAD, PROTO_TCP,
-    PROTO_UDP, SETTINGS_F_FIB, VIP_F_GUE, VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NAT,
-    VIP_F_NO_FLOW_TABLE, flow_set_base, flow_tag_folded, hash, verdict,
+    AF_INET, AF_INET6, Backend, FLOW_F_OPENING, FLOW_F_SIGNALLED, FlowKey, PROTO_TCP, PROTO_UDP,
+    SETTINGS_F_FIB, VIP_F_GUE, VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NAT, VIP_F_NO_FLOW_TABLE,
+    flow_set_base, flow_tag_folded, hash, verdict,
 };
 use network_types::{
     eth::EthHdr,
@@ -45,8 +45,8 @@ use crate::{
     forward::{self, Hop, Inner},
     log,
     maps::{SETTINGS, flow_sets},
-    parse::{TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
-    sched::{backend, ring_for_src, schedule, vip_ring},
+    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
+    sched::{backend, ring_for_src, schedule, second_hop, vip_ring},
     send_or, stats, table,
     vip::{lookup_vip_by, maybe_fast_vip, vip_by_id},
 };
@@ -248,6 +248,8 @@ struct Target {
     /// Scheduled for this packet (a VIP without a table): counted as a new
     /// flow, as the staged balancer counts it.
     new_flow: bool,
+    /// The second chance's second hop (`sched::second_hop`).
+    second: Option<&'static Backend>,
 }
 
 /// Finds the packet's backend (its flow's entry, or the ring of a VIP
@@ -344,6 +346,7 @@ fn established(t: &Tuple, h: u32, folded_dst: u32) -> Option<Target> {
         id,
         backend: b,
         new_flow: false,
+        second: None,
     })
 }
 
@@ -366,11 +369,23 @@ fn stateless(t: &Tuple) -> Option<Target> {
         hash::hash_5tuple(&src, t.ports as u16, t.dport(), t.proto)
     };
     let ring = ring_for_src(&src, vip);
-    let (id, b) = match schedule(vip, &ring, h) {
-        Some(c) => c,
+    let (ring, (id, b)) = match schedule(vip, &ring, h) {
+        Some(c) => (ring, c),
         // A region with no live backend: its clients use the whole VIP.
-        None if ring.id != vip.vip_id => schedule(vip, &vip_ring(vip), h)?,
+        None if ring.id != vip.vip_id => {
+            let whole = vip_ring(vip);
+            let c = schedule(vip, &whole, h)?;
+            (whole, c)
+        }
         None => return None,
+    };
+    // A TCP packet that does not open a connection may belong to one the
+    // previous ring placed (the second chance); a SYN opens where the
+    // ring says, and UDP has no connection to look for.
+    let second = if t.proto == PROTO_TCP && t.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        second_hop(vip, &ring, h, id)
+    } else {
+        None
     };
     Some(Target {
         vip_id: vip.vip_id,
@@ -378,6 +393,7 @@ fn stateless(t: &Tuple) -> Option<Target> {
         id,
         backend: b,
         new_flow: true,
+        second,
     })
 }
 
@@ -395,8 +411,12 @@ fn send_to(ctx: &XdpContext, t: &Tuple, h: u32, to: &Target) -> Option<(u32, u32
     let ipip = to.vip_flags & VIP_F_IPIP != 0;
     let gue = to.vip_flags & VIP_F_GUE != 0;
     if ipip && settings.ipip_mtu != 0 {
-        let outer =
-            if t.family == AF_INET { 20 } else { 40 } + if gue { GUE_OVERHEAD as u16 } else { 0 };
+        let outer = if t.family == AF_INET { 20 } else { 40 }
+            + if gue {
+                forward::gue_overhead(t.family, to.second.is_some())
+            } else {
+                0
+            };
         if t.ip_len > settings.ipip_mtu.saturating_sub(outer) {
             // Answered with ICMP too-big by the staged balancer.
             return None;
@@ -414,7 +434,7 @@ fn send_to(ctx: &XdpContext, t: &Tuple, h: u32, to: &Target) -> Option<(u32, u32
             smac: b.src_mac,
             ifindex: b.ifindex,
         };
-        if forward::encap(ctx, &inner, b, settings, h, &hop, gue).is_err() {
+        if forward::encap(ctx, &inner, b, settings, h, &hop, gue, to.second).is_err() {
             return Some(fail(verdict::ENCAP_FAILED));
         }
     } else if forward::write_macs(ctx, &b.dst_mac, &b.src_mac).is_err() {

@@ -10,7 +10,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
-use lb_common::{AF_INET, Backend, GUE_OVERHEAD, Settings};
+use lb_common::{AF_INET, Backend, GUE_HOP_TAG, GUE_HOP_V4, GUE_HOP_V6, GUE_OVERHEAD, Settings};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -104,8 +104,10 @@ impl Inner {
 
 /// Encapsulates the packet to backend `b`. `hash` varies the outer source
 /// address (IPv4: low 16 bits; IPv6: last 32 bits and the flow label) so
-/// that receivers can spread flows over queues.
+/// that receivers can spread flows over queues. `second` (GUE only): the
+/// second chance's second hop, named in the GUE header.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)] // one per thing an encapsulation depends on
 pub fn encap(
     ctx: &XdpContext,
     pkt: &Inner,
@@ -114,13 +116,33 @@ pub fn encap(
     hash: u32,
     hop: &Hop,
     gue: bool,
+    second: Option<&Backend>,
 ) -> Result<(), ()> {
-    match (pkt.family == AF_INET, gue) {
-        (true, false) => encap_v4::<0>(ctx, pkt, b, s, hash, hop),
-        (true, true) => encap_v4::<GUE_OVERHEAD>(ctx, pkt, b, s, hash, hop),
-        (false, false) => encap_v6::<0>(ctx, pkt, b, s, hash, hop),
-        (false, true) => encap_v6::<GUE_OVERHEAD>(ctx, pkt, b, s, hash, hop),
+    const V4_HOP: usize = GUE_OVERHEAD + GUE_HOP_V4;
+    const V6_HOP: usize = GUE_OVERHEAD + GUE_HOP_V6;
+    let none = &[0; 16];
+    match (pkt.family == AF_INET, gue, second) {
+        (true, false, _) => encap_v4::<0, 0>(ctx, pkt, b, s, hash, hop, none),
+        (true, true, None) => encap_v4::<GUE_OVERHEAD, 0>(ctx, pkt, b, s, hash, hop, none),
+        (true, true, Some(x)) => encap_v4::<V4_HOP, GUE_HOP_V4>(ctx, pkt, b, s, hash, hop, &x.addr),
+        (false, false, _) => encap_v6::<0, 0>(ctx, pkt, b, s, hash, hop, none),
+        (false, true, None) => encap_v6::<GUE_OVERHEAD, 0>(ctx, pkt, b, s, hash, hop, none),
+        (false, true, Some(x)) => {
+            encap_v6::<V6_HOP, GUE_HOP_V6>(ctx, pkt, b, s, hash, hop, &x.addr)
+        }
     }
+}
+
+/// Bytes a GUE packet's outer headers take beyond the outer IP header, with
+/// a second hop named or not.
+#[inline(always)]
+pub fn gue_overhead(family: u8, second: bool) -> u16 {
+    (GUE_OVERHEAD
+        + match (second, family == AF_INET) {
+            (false, _) => 0,
+            (true, true) => GUE_HOP_V4,
+            (true, false) => GUE_HOP_V6,
+        }) as u16
 }
 
 /// Writes the UDP and GUE headers of a `gue` packet at `off` (right after
@@ -128,16 +150,34 @@ pub fn encap(
 /// entropy for the receiver's RSS), the destination `s.gue_port`, no UDP
 /// checksum (RFC 6935 allows none for tunnels; `lb_decap` strips the
 /// header before the backend's stack would check it), and a version-0 GUE
-/// header naming the inner protocol.
+/// header naming the inner protocol, followed by `HOP` bytes of private
+/// data naming `second` as the second hop (`lb_common::GUE_HOP_TAG`; `HOP`
+/// = 0: none).
 #[inline(always)]
-fn write_gue(
+fn write_gue<const HOP: usize>(
     ctx: &XdpContext,
     off: usize,
     s: &Settings,
     hash: u32,
     udp_len: u16,
     inner: u8,
+    second: &[u8; 16],
 ) -> Result<(), ()> {
+    if HOP > 0 {
+        let d: *mut [u8; HOP] = ptr_at(ctx, off + GUE_OVERHEAD)?;
+        let d = d as *mut u8;
+        // SAFETY: ptr_at checked `HOP` bytes at `d`; `HOP - 4` is 4 or 16,
+        // within `second`.
+        unsafe {
+            (d as *mut [u8; 4]).write_unaligned(GUE_HOP_TAG);
+            if HOP == GUE_HOP_V4 {
+                (d.add(4) as *mut [u8; 4])
+                    .write_unaligned((second.as_ptr() as *const [u8; 4]).read_unaligned());
+            } else {
+                (d.add(4) as *mut [u8; 16]).write_unaligned(*second);
+            }
+        }
+    }
     let h: *mut [u8; GUE_OVERHEAD] = ptr_at(ctx, off)?;
     let sport = 0xc000 | (hash as u16 & 0x3fff);
     let (sp, dp, len) = (
@@ -148,7 +188,18 @@ fn write_gue(
     // SAFETY: ptr_at checked the bounds.
     unsafe {
         *h = [
-            sp[0], sp[1], dp[0], dp[1], len[0], len[1], 0, 0, 0, inner, 0, 0,
+            sp[0],
+            sp[1],
+            dp[0],
+            dp[1],
+            len[0],
+            len[1],
+            0,
+            0,
+            (HOP / 4) as u8,
+            inner,
+            0,
+            0,
         ];
     }
     Ok(())
@@ -162,16 +213,17 @@ pub(crate) fn grow(ctx: &XdpContext, by: usize) -> Result<(), ()> {
     if rc != 0 { Err(()) } else { Ok(()) }
 }
 
-/// IPv4 in IPv4, followed by `GUE` bytes of UDP and GUE header (0 or
-/// `GUE_OVERHEAD`).
+/// IPv4 in IPv4, followed by `GUE` bytes of UDP and GUE header (0, or
+/// `GUE_OVERHEAD` and `HOP` bytes naming `second`).
 #[inline(always)]
-fn encap_v4<const GUE: usize>(
+fn encap_v4<const GUE: usize, const HOP: usize>(
     ctx: &XdpContext,
     pkt: &Inner,
     b: &Backend,
     s: &Settings,
     hash: u32,
     hop: &Hop,
+    second: &[u8; 16],
 ) -> Result<(), ()> {
     // Same value as pkt.l3_off, spelled as one of two constants so the
     // verifier sees fixed offsets after adjust_head.
@@ -225,27 +277,30 @@ fn encap_v4<const GUE: usize>(
         (*outer).dst_addr = dst;
     }
     if GUE > 0 {
-        write_gue(
+        write_gue::<HOP>(
             ctx,
             l3_off + Ipv4Hdr::LEN,
             s,
             hash,
             pkt.ip_len + GUE as u16,
             IPPROTO_IPIP,
+            second,
         )?;
     }
     Ok(())
 }
 
-/// IPv6 in IPv6, followed by `GUE` bytes of UDP and GUE header.
+/// IPv6 in IPv6, followed by `GUE` bytes of UDP and GUE header (and
+/// `HOP` naming `second`).
 #[inline(always)]
-fn encap_v6<const GUE: usize>(
+fn encap_v6<const GUE: usize, const HOP: usize>(
     ctx: &XdpContext,
     pkt: &Inner,
     b: &Backend,
     s: &Settings,
     hash: u32,
     hop: &Hop,
+    second: &[u8; 16],
 ) -> Result<(), ()> {
     let l3_off = if pkt.l3_off > EthHdr::LEN {
         18
@@ -283,13 +338,14 @@ fn encap_v6<const GUE: usize>(
         (*outer).dst_addr = b.addr;
     }
     if GUE > 0 {
-        write_gue(
+        write_gue::<HOP>(
             ctx,
             l3_off + Ipv6Hdr::LEN,
             s,
             hash,
             pkt.ip_len + GUE as u16,
             IPPROTO_IPV6,
+            second,
         )?;
     }
     Ok(())

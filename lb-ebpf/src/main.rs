@@ -20,7 +20,8 @@
 //! `parse` (offsets), `vip` (which VIP), `table` (the connection
 //! table: sets of array slots), `sched` (scheduling a new flow), `flow`
 //! (flood guard, clock), `forward` (header rewrites, FIB next
-//! hop), `nat` (full NAT both ways), `decap` (stripping a tunnel), `maps`,
+//! hop), `nat` (full NAT both ways), `decap` (stripping a tunnel), `second`
+//! (the second chance on a backend host), `maps`,
 //! `stats` (counters), `csum`, `trace`, `log` (rare drops into the agent's
 //! log, by `lb_drop_log`). This file: the entry points (parse and the
 //! VIP-address filter, then `balance::try_lb`) and `send`.
@@ -43,6 +44,7 @@ mod maps;
 mod nat;
 mod parse;
 mod sched;
+mod second;
 mod signal;
 mod stats;
 mod table;
@@ -285,6 +287,18 @@ fn try_decap(ctx: &XdpContext) -> Result<u32, ()> {
     };
     if DECAP_ADDRS.get_ptr(&t.dst).is_none() {
         return Ok(decap_verdict(decap_verdict::PASS, xdp_action::XDP_PASS));
+    }
+    // The second chance: not this host's connection, then the second
+    // hop's (see `second`).
+    if t.hop_len != 0 && !second::is_local(ctx, &t)? {
+        if let Some(action) = second::forward(ctx, &t)? {
+            return Ok(decap_verdict(decap_verdict::SECOND_HOP, action));
+        }
+        decap::decap(ctx, t.l3_off, t.outer_len)?;
+        return Ok(decap_verdict(
+            decap_verdict::SECOND_HOP_UNREACHABLE,
+            xdp_action::XDP_PASS,
+        ));
     }
     decap::decap(ctx, t.l3_off, t.outer_len)?;
     Ok(decap_verdict(

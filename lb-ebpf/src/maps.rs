@@ -216,6 +216,11 @@ pub static LOG_NOTE: PerCpuArray<lb_common::DropNote> = PerCpuArray::with_max_en
 pub static LOG_LIMIT: PerCpuArray<lb_common::LogLimit> =
     PerCpuArray::with_max_entries(verdict::COUNT, 0);
 
+/// Ring id → until when (coarse clock, seconds) the ring's other half is
+/// its previous ring: the second chance (`lb_common::VIP_F_SECOND_CHANCE`).
+#[map(name = "PREV_RING_UNTIL")]
+pub static PREV_RING_UNTIL: Array<u32> = Array::with_max_entries(MAX_VIPS, 0);
+
 /// Per-CPU position in each ring for round-robin.
 #[map(name = "RR_POS")]
 pub static RR_POS: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_VIPS, 0);

@@ -7,7 +7,7 @@
 //! `Packet`.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FlowKey, GUE_OVERHEAD};
+use lb_common::{FlowKey, GUE_HOP_TAG, GUE_HOP_V4, GUE_HOP_V6, GUE_OVERHEAD};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -371,9 +371,14 @@ pub struct Tunnel {
     /// Offset of the outer IP header (14, or 18 with a VLAN tag), as a
     /// constant the verifier can follow through `bpf_xdp_adjust_head`.
     pub l3_off: usize,
+    /// Outer headers to strip: IP, and for GUE UDP, GUE and the second
+    /// hop's private data (`hop_len`).
     pub outer_len: usize,
     /// Outer destination (16 bytes, IPv4 in the first four).
     pub dst: [u8; 16],
+    /// GUE naming a second hop (the second chance): its private data's
+    /// length (`lb_common::GUE_HOP_V4` or `GUE_HOP_V6`; 0: none).
+    pub hop_len: usize,
 }
 
 /// Recognises a tunnelled packet: outer IPv4 without options, not a
@@ -402,10 +407,13 @@ pub fn tunnel(ctx: &XdpContext, gue_port: u16) -> Result<Option<Tunnel>, ()> {
             if vihl != 0x45 || be16(frags) & IPV4_MF_OFFSET != 0 {
                 return Ok(None);
             }
-            let outer_len = match proto {
-                IPPROTO_IPIP => Ipv4Hdr::LEN,
-                IPPROTO_UDP if is_gue(ctx, l3 + Ipv4Hdr::LEN, gue_port, IPPROTO_IPIP)? => {
-                    Ipv4Hdr::LEN + GUE_OVERHEAD
+            let (outer_len, hop_len) = match proto {
+                IPPROTO_IPIP => (Ipv4Hdr::LEN, 0),
+                IPPROTO_UDP => {
+                    match gue(ctx, l3 + Ipv4Hdr::LEN, gue_port, IPPROTO_IPIP, GUE_HOP_V4)? {
+                        Some(hop) => (Ipv4Hdr::LEN + GUE_OVERHEAD + hop, hop),
+                        None => return Ok(None),
+                    }
                 }
                 _ => return Ok(None),
             };
@@ -413,16 +421,20 @@ pub fn tunnel(ctx: &XdpContext, gue_port: u16) -> Result<Option<Tunnel>, ()> {
                 l3_off: l3,
                 outer_len,
                 dst: v4_addr(dst),
+                hop_len,
             }))
         }
         ETH_P_IPV6 => {
             let ip: *const Ipv6Hdr = ptr_at(ctx, l3)?;
             // SAFETY: ptr_at checked the bounds.
             let (next, dst) = unsafe { ((*ip).next_hdr, (*ip).dst_addr) };
-            let outer_len = match next {
-                IPPROTO_IPV6 => Ipv6Hdr::LEN,
-                IPPROTO_UDP if is_gue(ctx, l3 + Ipv6Hdr::LEN, gue_port, IPPROTO_IPV6)? => {
-                    Ipv6Hdr::LEN + GUE_OVERHEAD
+            let (outer_len, hop_len) = match next {
+                IPPROTO_IPV6 => (Ipv6Hdr::LEN, 0),
+                IPPROTO_UDP => {
+                    match gue(ctx, l3 + Ipv6Hdr::LEN, gue_port, IPPROTO_IPV6, GUE_HOP_V6)? {
+                        Some(hop) => (Ipv6Hdr::LEN + GUE_OVERHEAD + hop, hop),
+                        None => return Ok(None),
+                    }
                 }
                 _ => return Ok(None),
             };
@@ -430,6 +442,7 @@ pub fn tunnel(ctx: &XdpContext, gue_port: u16) -> Result<Option<Tunnel>, ()> {
                 l3_off: l3,
                 outer_len,
                 dst,
+                hop_len,
             }))
         }
         _ => Ok(None),
@@ -437,15 +450,41 @@ pub fn tunnel(ctx: &XdpContext, gue_port: u16) -> Result<Option<Tunnel>, ()> {
 }
 
 /// Whether the UDP header at `off` goes to `gue_port` and carries a
-/// version-0 GUE header without optional fields whose inner protocol is
-/// `inner` (the outer family's own: IPv4 in IPv4, IPv6 in IPv6).
+/// version-0 GUE header whose inner protocol is `inner` (the outer family's
+/// own: IPv4 in IPv4, IPv6 in IPv6), without optional fields (`Some(0)`)
+/// or with exactly a second hop's private data of `hop` bytes
+/// (`Some(hop)`, see `lb_common::GUE_HOP_TAG`); `None`: no such tunnel.
 #[inline(always)]
-fn is_gue(ctx: &XdpContext, off: usize, gue_port: u16, inner: u8) -> Result<bool, ()> {
+fn gue(
+    ctx: &XdpContext,
+    off: usize,
+    gue_port: u16,
+    inner: u8,
+    hop: usize,
+) -> Result<Option<usize>, ()> {
     // A UDP packet too short for the headers is no tunnel, not malformed.
     let Ok(h) = ptr_at::<[u8; GUE_OVERHEAD]>(ctx, off) else {
-        return Ok(false);
+        return Ok(None);
     };
     // SAFETY: ptr_at checked the bounds.
     let h = unsafe { *h };
-    Ok(u16::from_be_bytes([h[2], h[3]]) == gue_port && h[8] == 0 && h[9] == inner)
+    let (port, first, proto) = (u16::from_be_bytes([h[2], h[3]]), h[8], h[9]);
+    if port != gue_port || proto != inner {
+        return Ok(None);
+    }
+    if first == 0 {
+        return Ok(Some(0));
+    }
+    // Version 0, no control bit, `Hlen` words of private data: ours only.
+    if usize::from(first) != hop / 4 {
+        return Ok(None);
+    }
+    let Ok(t) = ptr_at::<[u8; 4]>(ctx, off + GUE_OVERHEAD) else {
+        return Ok(None);
+    };
+    // SAFETY: ptr_at checked the bounds.
+    if unsafe { *t } != GUE_HOP_TAG || ptr_at::<u8>(ctx, off + GUE_OVERHEAD + hop - 1).is_err() {
+        return Ok(None);
+    }
+    Ok(Some(hop))
 }

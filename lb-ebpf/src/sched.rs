@@ -6,12 +6,13 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::{
-    BACKEND_DOWN, Backend, LC_EXACT_MAX, RegionKey, SCHED_LEAST_CONN, SCHED_ROUND_ROBIN,
-    VIP_F_REGIONS, VipMeta, ring_base,
+    BACKEND_DOWN, Backend, LC_EXACT_MAX, RegionKey, SCHED_LEAST_CONN, SCHED_MAGLEV,
+    SCHED_ROUND_ROBIN, VIP_F_REGIONS, VIP_F_SECOND_CHANCE, VipMeta, ring_base,
 };
 
 use crate::{
-    maps::{ACTIVE, BACKENDS, REGIONS, RINGS, RR_POS},
+    flow::now_s,
+    maps::{ACTIVE, BACKENDS, PREV_RING_UNTIL, REGIONS, RINGS, RR_POS},
     parse::Packet,
 };
 
@@ -189,4 +190,30 @@ pub(crate) fn schedule(vip: &VipMeta, ring: &Ring, h: u32) -> Option<(u32, &'sta
         SCHED_LEAST_CONN => least_conn(base, ring.size, h),
         _ => ring_entry(base, h % ring.size),
     }
+}
+
+/// The second chance's second hop of a packet scheduled on `ring` (slot
+/// `h`) to backend `first`: the backend the same slot named on the ring's
+/// previous ring (its other half), if the VIP asks for it, the agent says
+/// the other half is recent (`PREV_RING_UNTIL`), and that backend is
+/// another live one. Maglev only: a round-robin or least-connections ring
+/// does not say where a flow went. The caller asks for no SYN (a SYN opens
+/// its connection where the current ring says).
+#[inline(always)]
+pub(crate) fn second_hop(
+    vip: &VipMeta,
+    ring: &Ring,
+    h: u32,
+    first: u32,
+) -> Option<&'static Backend> {
+    if vip.flags & VIP_F_SECOND_CHANCE == 0 || vip.scheduler != SCHED_MAGLEV || ring.size == 0 {
+        return None;
+    }
+    let until = *PREV_RING_UNTIL.get(ring.id)?;
+    if until == 0 || now_s() > until {
+        return None;
+    }
+    let base = ring_base(ring.offset, ring.size, ring.half ^ 1);
+    let (id, b) = ring_entry(base, h % ring.size)?;
+    if id == first { None } else { Some(b) }
 }

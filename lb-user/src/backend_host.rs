@@ -171,6 +171,12 @@ pub struct Stats {
     pub passed: u64,
     /// Tunnel packets too short or inconsistent to strip (passed as they are).
     pub malformed: u64,
+    /// The second chance: packets with no connection here, forwarded once
+    /// to the second hop their GUE header named.
+    pub second_hop: u64,
+    /// The second chance: no connection here and no route or neighbour to
+    /// the second hop yet: delivered here.
+    pub second_hop_unreachable: u64,
 }
 
 /// The counters of an instance, read from its pins (no daemon needed).
@@ -186,10 +192,15 @@ pub fn stats(instance: &str) -> Result<Stats> {
     })?;
     let m: PerCpuArray<_, u64> = PerCpuArray::try_from(Map::PerCpuArray(md))?;
     let sum = |i: u32| -> Result<u64> { Ok(m.get(&i, 0)?.iter().sum()) };
+    // An instance pinned by a version without the second chance has fewer
+    // counters (they stay until `lb backend-host down`).
+    let newer = |i: u32| sum(i).unwrap_or(0);
     Ok(Stats {
         decapsulated: sum(decap_verdict::DECAPSULATED)?,
         passed: sum(decap_verdict::PASS)?,
         malformed: sum(decap_verdict::MALFORMED)?,
+        second_hop: newer(decap_verdict::SECOND_HOP),
+        second_hop_unreachable: newer(decap_verdict::SECOND_HOP_UNREACHABLE),
     })
 }
 
@@ -292,6 +303,8 @@ pub fn metrics_text(s: &Stats) -> String {
         ("decapsulated", s.decapsulated),
         ("passed", s.passed),
         ("malformed", s.malformed),
+        ("second_hop", s.second_hop),
+        ("second_hop_unreachable", s.second_hop_unreachable),
     ] {
         t.push_str(&format!("lb_decap_packets_total{{verdict=\"{v}\"}} {n}\n"));
     }
@@ -309,9 +322,13 @@ mod tests {
             decapsulated: 5,
             passed: 7,
             malformed: 1,
+            second_hop: 3,
+            second_hop_unreachable: 2,
         });
         assert!(t.contains("lb_decap_packets_total{verdict=\"decapsulated\"} 5\n"));
         assert!(t.contains("lb_decap_packets_total{verdict=\"malformed\"} 1\n"));
+        assert!(t.contains("lb_decap_packets_total{verdict=\"second_hop\"} 3\n"));
+        assert!(t.contains("lb_decap_packets_total{verdict=\"second_hop_unreachable\"} 2\n"));
     }
 
     #[test]

@@ -812,7 +812,11 @@ fn decap_restores_the_original_packet() {
         decap_passes_untouched(&mut f, &frag, &format!("fragment {frags:#06x}"));
     }
     let dv = f.dp().decap_verdicts().expect("decap counters");
-    assert_eq!(dv, vec![4, 3, 0], "decapsulated, passed, malformed");
+    assert_eq!(
+        dv,
+        vec![4, 3, 0, 0, 0],
+        "decapsulated, passed, malformed, no second hop"
+    );
 }
 
 /// `gue` VIPs: the packet leaves inside outer IP, UDP to the GUE port (the
@@ -1110,7 +1114,7 @@ fn ring_ranges_never_overlap_and_are_reused() {
     // its place (first fit), a new VIP comes after the others.
     dp.remove_vip(&vip4_key(81, PROTO_TCP)).expect("remove");
     let table = vec![1u32; 1021];
-    dp.install_region_ring(0, &[(v4([198, 18, 1, 0]), 24)], 9, &table)
+    dp.install_region_ring(0, &[(v4([198, 18, 1, 0]), 24)], 9, &table, 0)
         .expect("region ring");
     dp.upsert_vip(
         &vip4_key(90, PROTO_TCP),

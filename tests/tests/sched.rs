@@ -258,6 +258,7 @@ fn regions_keep_clients_on_their_backends_and_fall_back() {
             &[(prefix, 24)],
             5,
             &lb_user::policy::maglev::build(&entries, 251),
+            0,
         )
         .unwrap();
     let regional: Vec<u32> = (0..200u32)
@@ -353,6 +354,7 @@ fn the_longest_region_prefix_wins() {
             &[(prefix([198, 19, 0, 0]), 16)],
             6,
             &lb_user::policy::maglev::build(&only(1), 251),
+            0,
         )
         .unwrap();
     f.dp()
@@ -361,6 +363,7 @@ fn the_longest_region_prefix_wins() {
             &[(prefix([198, 19, 7, 0]), 24)],
             5,
             &lb_user::policy::maglev::build(&only(0), 251),
+            0,
         )
         .unwrap();
     let backends_of = |f: &mut Fixture, net: [u8; 3]| -> std::collections::BTreeSet<u32> {

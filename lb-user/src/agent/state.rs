@@ -59,6 +59,9 @@ pub(super) fn vip_flags(v: &Vip) -> u32 {
     if !v.regions.is_empty() {
         f |= lb_common::VIP_F_REGIONS;
     }
+    if v.second_chance_s > 0 {
+        f |= lb_common::VIP_F_SECOND_CHANCE;
+    }
     f
 }
 
@@ -221,8 +224,9 @@ impl State {
         let v = &self.vips[vi];
         let key = v.key;
         let vip_id = v.vip_id;
+        let keep_s = v.cfg.second_chance_s;
         self.dp
-            .install_ring(&key, &table)
+            .install_ring_keeping(&key, &table, keep_s)
             .context("installing ring")?;
         // Each region: its live backends' ring, or (none live) no entry at
         // all, so that its clients fall back to the whole VIP.
@@ -254,6 +258,7 @@ impl State {
                 &prefixes,
                 ring_id,
                 &crate::policy::sched::ring(sched, &sub, m),
+                keep_s,
             )?;
         }
         Ok(())

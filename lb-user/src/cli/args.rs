@@ -387,6 +387,11 @@ pub(super) enum VipCmd {
         /// Seconds of idleness before a flow is rescheduled (0: LRU only).
         #[arg(long)]
         idle_timeout: Option<u32>,
+        /// Seconds after a ring change in which a packet that is not a SYN
+        /// also names its previous backend (`gue` Maglev VIPs; default 600,
+        /// 0: off).
+        #[arg(long)]
+        second_chance: Option<u32>,
         #[arg(long, value_parser = ["tcp", "http", "none"])]
         health_kind: Option<String>,
         #[arg(long)]
@@ -414,7 +419,7 @@ pub(super) enum VipCmd {
     /// Change VIP settings live, written back to the file:
     /// `lb vip set 198.18.0.100:80 scheduler=least-connections health.interval_ms=500`.
     /// Keys: forwarding, hash, scheduler, ring_size, flow_table, idle_timeout,
-    /// health.kind, health.via, health.interval_ms, health.timeout_ms, health.rise,
+    /// second_chance, health.kind, health.via, health.interval_ms, health.timeout_ms, health.rise,
     /// health.fall, health.port, health.path, health.expect_status.
     Set {
         vip: VipRef,

@@ -348,6 +348,7 @@ fn vip(cmd: VipCmd, conn: &Conn) -> Result<()> {
             no_flow_table,
             scheduler,
             idle_timeout,
+            second_chance,
             health_kind,
             health_interval_ms,
             health_timeout_ms,
@@ -364,6 +365,7 @@ fn vip(cmd: VipCmd, conn: &Conn) -> Result<()> {
             settings.extend(
                 [
                     opt("idle_timeout", idle_timeout.map(|v| v.to_string())),
+                    opt("second_chance", second_chance.map(|v| v.to_string())),
                     opt("health.kind", health_kind),
                     opt(
                         "health.interval_ms",
@@ -578,8 +580,8 @@ fn backend_host(cmd: BackendHostCmd) -> Result<()> {
                 return print_json(&serde_json::to_value(s)?);
             }
             println!(
-                "decapsulated {}  passed {}  malformed {}",
-                s.decapsulated, s.passed, s.malformed
+                "decapsulated {}  passed {}  malformed {}  second hop {}  second hop unreachable {}",
+                s.decapsulated, s.passed, s.malformed, s.second_hop, s.second_hop_unreachable
             );
             Ok(())
         }

@@ -124,6 +124,7 @@ const SETTABLE: &[(&str, Kind)] = &[
     ("ring_size", Kind::Int),
     ("flow_table", Kind::Bool),
     ("idle_timeout", Kind::Int),
+    ("second_chance", Kind::Int),
     ("health.kind", Kind::Str),
     ("health.interval_ms", Kind::Int),
     ("health.timeout_ms", Kind::Int),

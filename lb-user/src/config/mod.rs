@@ -75,6 +75,9 @@ pub const MAX_RING_SLOTS: u32 = 1 << 28;
 pub const DEFAULT_INTERVAL_MS: u64 = 200;
 /// Kernel routing table the agent keeps announced VIP routes in.
 pub const DEFAULT_ANNOUNCE_TABLE: u32 = 100;
+/// `second_chance` of a `gue` Maglev VIP unless the file says otherwise:
+/// ten minutes of a deploy's ring changes.
+pub const DEFAULT_SECOND_CHANCE_S: u32 = 600;
 pub const DEFAULT_TIMEOUT_MS: u64 = 150;
 /// Largest backend weight.
 pub const MAX_WEIGHT: u32 = 10_000;
@@ -116,6 +119,9 @@ pub struct Vip {
     pub ring_size: u32,
     pub flow_table: bool,
     pub idle_timeout_s: u32,
+    /// How long after a ring change a packet that is not a SYN also names
+    /// the backend the previous ring gave it (`gue` Maglev VIPs; 0 = off).
+    pub second_chance_s: u32,
     pub health: Health,
     pub scheduler: crate::policy::sched::Scheduler,
     pub backends: Vec<BackendCfg>,

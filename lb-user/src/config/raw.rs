@@ -114,6 +114,8 @@ pub(super) struct RawVip {
     pub(super) flow_table: bool,
     #[serde(default)]
     pub(super) idle_timeout: u32,
+    /// Seconds; default: `DEFAULT_SECOND_CHANCE_S` for `gue` Maglev VIPs.
+    pub(super) second_chance: Option<Spanned<u32>>,
     #[serde(default)]
     pub(super) health: RawHealth,
     #[serde(default = "default_scheduler")]

@@ -303,3 +303,35 @@ fn the_http_api_needs_its_token_file_and_the_token_file_its_listener() {
     ));
     assert!(e.contains("not an address:port"), "{e}");
 }
+
+#[test]
+fn second_chance_defaults_to_gue_maglev_vips_and_is_refused_elsewhere() {
+    let with = |extra: &str| GOOD.replace("port = 80", &format!("port = 80\n{extra}"));
+    let c = parse(GOOD, "x").expect("valid");
+    assert_eq!(c.vips[0].second_chance_s, 0, "dsr: none");
+    let c = parse(&with("forwarding = \"gue\""), "x").expect("valid");
+    assert_eq!(c.vips[0].second_chance_s, DEFAULT_SECOND_CHANCE_S);
+    let c = parse(&with("forwarding = \"gue\"\nsecond_chance = 60"), "x").expect("valid");
+    assert_eq!(c.vips[0].second_chance_s, 60);
+    let c = parse(&with("forwarding = \"gue\"\nsecond_chance = 0"), "x").expect("valid");
+    assert_eq!(c.vips[0].second_chance_s, 0, "switched off");
+    let c = parse(
+        &with("forwarding = \"gue\"\nscheduler = \"round-robin\""),
+        "x",
+    )
+    .expect("valid");
+    assert_eq!(c.vips[0].second_chance_s, 0, "round-robin: none by default");
+    let e = error_of(&with("forwarding = \"ipip\"\nsecond_chance = 60"));
+    assert!(
+        e.contains("second_chance needs forwarding = \"gue\""),
+        "{e}"
+    );
+    assert!(e.contains("`ipip` has no room"), "{e}");
+    let e = error_of(&with(
+        "forwarding = \"gue\"\nscheduler = \"least-connections\"\nsecond_chance = 60",
+    ));
+    assert!(
+        e.contains("second_chance needs scheduler = \"maglev\""),
+        "{e}"
+    );
+}

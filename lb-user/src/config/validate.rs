@@ -406,6 +406,34 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             .get_ref()
             .parse::<Scheduler>()
             .map_err(|e| err(Some(v.scheduler.span()), e))?;
+        let second_chance_s = match &v.second_chance {
+            None if forwarding == Forwarding::Gue && scheduler == Scheduler::Maglev => {
+                super::DEFAULT_SECOND_CHANCE_S
+            }
+            None => 0,
+            Some(s) if *s.get_ref() > 0 && forwarding != Forwarding::Gue => {
+                return Err(err(
+                    Some(s.span()),
+                    format!(
+                        "VIP {address}: second_chance needs forwarding = \"gue\" (the second hop \
+                         travels in the GUE header; `{}` has no room for it): set forwarding = \
+                         \"gue\" or second_chance = 0",
+                        v.forwarding.get_ref()
+                    ),
+                ));
+            }
+            Some(s) if *s.get_ref() > 0 && scheduler != Scheduler::Maglev => {
+                return Err(err(
+                    Some(s.span()),
+                    format!(
+                        "VIP {address}: second_chance needs scheduler = \"maglev\" (a `{}` ring \
+                         does not say which backend a flow went to): set second_chance = 0",
+                        v.scheduler.get_ref()
+                    ),
+                ));
+            }
+            Some(s) => *s.get_ref(),
+        };
         let mut regions = Vec::new();
         for r in &v.region {
             let mut prefixes = Vec::new();
@@ -507,6 +535,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             ring_size: ring,
             flow_table: v.flow_table,
             idle_timeout_s: v.idle_timeout,
+            second_chance_s,
             health: Health {
                 kind,
                 interval_ms: h.interval_ms,

@@ -88,6 +88,7 @@ impl LoadOptions {
                 lb_common::vip_dir_buckets(self.max_vips),
             ),
             (lb_common::MAP_RR_POS, self.max_vips),
+            (lb_common::MAP_PREV_RING_UNTIL, self.max_vips),
             (lb_common::MAP_BACKENDS, self.max_backends),
             (lb_common::MAP_BACKEND_STATS, self.max_backends),
             (lb_common::MAP_ACTIVE, self.max_backends),
@@ -354,6 +355,8 @@ pub const PINNED_MAPS: &[&str] = &[
     lb_common::MAP_VIP_DIR,
     lb_common::MAP_BACKENDS,
     lb_common::MAP_RINGS,
+    // The second chance's clock goes with the rings it dates.
+    lb_common::MAP_PREV_RING_UNTIL,
     lb_common::MAP_FLOWS,
     lb_common::MAP_VERDICTS,
     lb_common::MAP_DECAP_VERDICTS,

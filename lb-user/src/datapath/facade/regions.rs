@@ -4,9 +4,9 @@
 use std::borrow::BorrowMut;
 
 use aya::{Ebpf, maps::MapData};
-use lb_common::{MAX_RING_SIZE, RegionKey, RegionMeta, ring_base};
+use lb_common::{RegionKey, RegionMeta};
 
-use super::{Dataplane, DataplaneError, Result, map_err};
+use super::{Dataplane, Result, map_err};
 
 impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     pub(super) fn regions(
@@ -31,31 +31,35 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
 
     /// Installs `table` as the ring of a region of VIP `vip_id` with ring id
     /// `ring_id`: fills the idle half of its range (a new range when the size
-    /// changes), then points every prefix (address, length) at it.
+    /// changes), then points every prefix (address, length) at it. The
+    /// ring it replaces is the region's previous ring for `keep_s` seconds,
+    /// as for a VIP's (`install_ring_keeping`).
     pub fn install_region_ring(
         &mut self,
         vip_id: u32,
         prefixes: &[([u8; 16], u32)],
         ring_id: u32,
         table: &[u32],
+        keep_s: u32,
     ) -> Result<()> {
-        if table.is_empty() || table.len() > MAX_RING_SIZE as usize {
-            return Err(DataplaneError::BadRingSize {
-                size: table.len(),
-                max: MAX_RING_SIZE,
-            });
-        }
         let n = table.len() as u32;
-        let (offset, half) = match prefixes.first() {
+        let live = match prefixes.first() {
             Some(&(addr, len)) => match self.region(vip_id, addr, len)? {
                 Some(m) if m.ring_id == ring_id && m.ring_size == n => {
-                    (m.ring_offset, m.active_half ^ 1)
+                    Some((m.ring_offset, m.active_half))
                 }
-                _ => (self.alloc_ring(n)?, 0),
+                _ => None,
             },
             None => return Ok(()),
         };
-        self.write_rings(ring_base(offset, n, half), table)?;
+        let (offset, half, keep) = match self.stage_ring(live, table)? {
+            Some((offset, half, fresh)) => (offset, half, Some(if fresh { 0 } else { keep_s })),
+            // Unchanged: the prefixes (perhaps more of them) point at it.
+            None => {
+                let (offset, half) = live.unwrap_or_default();
+                (offset, half, None)
+            }
+        };
         let m = RegionMeta {
             ring_id,
             active_half: half,
@@ -69,6 +73,9 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             self.mirror()?
                 .regions
                 .insert(region_mirror_key(vip_id, addr, len), m);
+        }
+        if let Some(keep_s) = keep {
+            self.set_prev_until(ring_id, keep_s)?;
         }
         Ok(())
     }

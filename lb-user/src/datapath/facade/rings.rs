@@ -77,8 +77,40 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     /// Installs a Maglev table for the VIP: fills the idle half, then flips
     /// the VIP to it in one update. The table's length is the ring size; a
     /// new size (or a VIP's first ring) gets a range of its own, written
-    /// before the one update that moves the VIP onto it.
+    /// before the one update that moves the VIP onto it. The ring it
+    /// replaces stays in the other half: the second chance's previous ring
+    /// for `keep_s` seconds (0: none; see `lb_common::VIP_F_SECOND_CHANCE`).
+    /// A table the VIP already has changes nothing (its previous ring stays
+    /// what it was).
+    pub fn install_ring_keeping(&mut self, key: &VipKey, table: &[u32], keep_s: u32) -> Result<()> {
+        let mut meta = self.vip(key)?;
+        let live =
+            (meta.ring_size == table.len() as u32).then_some((meta.ring_offset, meta.active_half));
+        let Some((offset, half, fresh)) = self.stage_ring(live, table)? else {
+            return Ok(());
+        };
+        meta.ring_offset = offset;
+        meta.active_half = half;
+        meta.ring_size = table.len() as u32;
+        self.put_vip(key, meta)?;
+        self.set_prev_until(meta.vip_id, if fresh { 0 } else { keep_s })
+    }
+
+    /// [`Self::install_ring_keeping`] without a second chance.
     pub fn install_ring(&mut self, key: &VipKey, table: &[u32]) -> Result<()> {
+        self.install_ring_keeping(key, table, 0)
+    }
+
+    /// Writes `table` where a ring goes next: into the idle half of its
+    /// range `live` (offset, active half) when it has one of this size, or
+    /// into both halves of a new range (a new ring has no previous one).
+    /// `Some((offset, half, fresh))`: where the ring is to be flipped to;
+    /// `None`: `live` already holds `table`.
+    pub(super) fn stage_ring(
+        &mut self,
+        live: Option<(u32, u32)>,
+        table: &[u32],
+    ) -> Result<Option<(u32, u32, bool)>> {
         if table.is_empty() || table.len() > MAX_RING_SIZE as usize {
             return Err(DataplaneError::BadRingSize {
                 size: table.len(),
@@ -86,17 +118,48 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             });
         }
         let n = table.len() as u32;
-        let mut meta = self.vip(key)?;
-        let (offset, half) = if meta.ring_size == n {
-            (meta.ring_offset, meta.active_half ^ 1)
-        } else {
-            (self.alloc_ring(n)?, 0)
+        if let Some((offset, half)) = live {
+            if self.read_rings(ring_base(offset, n, half), n).as_deref() == Some(table) {
+                return Ok(None);
+            }
+            let idle = half ^ 1;
+            self.write_rings(ring_base(offset, n, idle), table)?;
+            return Ok(Some((offset, idle, false)));
+        }
+        let offset = self.alloc_ring(n)?;
+        self.write_rings(ring_base(offset, n, 0), table)?;
+        self.write_rings(ring_base(offset, n, 1), table)?;
+        Ok(Some((offset, 0, true)))
+    }
+
+    /// `n` slots of `RINGS` from `base` in one batched read; `None` where
+    /// the kernel cannot (the caller then writes as if they differed).
+    fn read_rings(&mut self, base: u32, n: u32) -> Option<Vec<u32>> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let name = lb_common::MAP_RINGS;
+        let rings: Array<_, u32> = Array::try_from(self.map(name).ok()?).ok()?;
+        let fd = aya::maps::IterableMap::<u32, u32>::map(&rings)
+            .fd()
+            .as_fd()
+            .as_raw_fd();
+        lookup_batch_u32(fd, base, n).ok()
+    }
+
+    /// Says until when ring `ring_id`'s other half is its previous ring:
+    /// `keep_s` seconds from now on the datapath's clock (0: it is not).
+    /// An older object without `PREV_RING_UNTIL` goes without.
+    pub(super) fn set_prev_until(&mut self, ring_id: u32, keep_s: u32) -> Result<()> {
+        let name = lb_common::MAP_PREV_RING_UNTIL;
+        let Ok(map) = self.map_mut(name) else {
+            return Ok(());
         };
-        self.write_rings(ring_base(offset, n, half), table)?;
-        meta.ring_offset = offset;
-        meta.active_half = half;
-        meta.ring_size = n;
-        self.put_vip(key, meta)
+        let mut until: Array<_, u32> = Array::try_from(map).map_err(map_err(name))?;
+        let at = if keep_s == 0 {
+            0
+        } else {
+            coarse_monotonic_s().saturating_add(keep_s)
+        };
+        until.set(ring_id, at, 0).map_err(map_err(name))
     }
 
     /// The VIP's live ring, as the datapath reads it.
@@ -122,6 +185,62 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             )
             .map_err(map_err(name))
     }
+}
+
+/// Seconds on the clock the datapath's `now_s` reads
+/// (`bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC_COARSE).
+fn coarse_monotonic_s() -> u32 {
+    // SAFETY: clock_gettime into a zeroed timespec.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u32
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` of `n` slots from `base` of an array of u32
+/// values (its batch cursor is the previous key).
+fn lookup_batch_u32(fd: i32, base: u32, n: u32) -> std::io::Result<Vec<u32>> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let mut keys = vec![0u32; n as usize];
+    let mut values = vec![0u32; n as usize];
+    let mut done = 0usize;
+    // The cursor names the key before the first one wanted.
+    let mut cursor = base.wrapping_sub(1);
+    while done < n as usize {
+        let mut out = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: if done == 0 && base == 0 {
+                0
+            } else {
+                &mut cursor as *mut u32 as u64
+            },
+            out_batch: &mut out as *mut u32 as u64,
+            keys: keys[done..].as_mut_ptr() as u64,
+            values: values[done..].as_mut_ptr() as u64,
+            count: (n as usize - done) as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: the attr points at live key and value buffers of `count`
+        // u32s each and at two u32 cursors; the kernel writes back `count`.
+        let r = unsafe { bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let got = attr.count as usize;
+        match r {
+            Ok(()) => {}
+            // The end of the map: what was read is all there is.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && got > 0 => {}
+            Err(e) => return Err(e),
+        }
+        if got == 0 {
+            return Err(std::io::Error::other("batch lookup made no progress"));
+        }
+        done += got;
+        cursor = out;
+    }
+    if keys.first() != Some(&base) {
+        return Err(std::io::Error::other("batch lookup started elsewhere"));
+    }
+    Ok(values)
 }
 
 /// `BPF_MAP_UPDATE_BATCH` of `keys[i] → values[i]` on a map of u32 keys and
