@@ -222,17 +222,20 @@ pub(crate) fn forward(ctx: &XdpContext, t: &Tunnel) -> Result<Option<u32>, ()> {
     }
 }
 
-/// `bpf_fib_lookup`'s answer when the receiving interface does not forward
-/// (`BPF_FIB_LKUP_RET_FWD_DISABLED`).
+/// `bpf_fib_lookup`'s answers when the receiving interface does not
+/// forward (`BPF_FIB_LKUP_RET_FWD_DISABLED`) and when the next hop's MAC is
+/// not known (`BPF_FIB_LKUP_RET_NO_NEIGH`).
 const FIB_FWD_DISABLED: i64 = 5;
+const FIB_NO_NEIGH: i64 = 7;
 
 /// The next hop towards `family`'s address `dst` (as `bpf_fib_lookup`'s
 /// `ipv4_dst`/`ipv6_dst` words): (destination MAC, source MAC, ifindex).
 /// A backend host seldom forwards (`net.ipv4.conf.*.forwarding` is off,
 /// and on for IPv6 it would stop taking router advertisements), and the
-/// kernel's FIB lookup then refuses: the packet goes back to the L2 hop it
-/// came from (the router, or the balancer's host), which routes it on.
-/// `None`: no route or neighbour yet.
+/// kernel's FIB lookup then refuses; nor has it often talked to the other
+/// backends (no neighbour entry, which XDP cannot ask for). Either way the
+/// packet goes back to the L2 hop it came from (the router, or the
+/// balancer's host), which routes it on. `None`: no route to the hop.
 #[inline(always)]
 fn next_hop(
     ctx: &XdpContext,
@@ -265,7 +268,7 @@ fn next_hop(
         );
         match rc {
             0 => Some(((*p).dmac, (*p).smac, (*p).ifindex)),
-            FIB_FWD_DISABLED => {
+            FIB_FWD_DISABLED | FIB_NO_NEIGH => {
                 let e: *const [u8; 12] = ptr_at(ctx, 0).ok()?;
                 let e = *e;
                 let (mut from, mut us) = ([0u8; 6], [0u8; 6]);

@@ -487,6 +487,16 @@ fn the_backend_host_delivers_what_it_knows_and_forwards_the_rest_once() {
                 .expect("sysctl");
             };
             sysctl("1");
+            // A hop whose MAC this host has not learnt: back where it came
+            // from as well (XDP cannot resolve a neighbour).
+            let stranger: IpAddr = if vip.is_ipv4() {
+                "198.18.51.3".parse().unwrap()
+            } else {
+                "2001:2:51::3".parse().unwrap()
+            };
+            let r = decap(&mut f, &gue(first, Some(stranger), &unknown));
+            assert_eq!(r.action, action::TX, "{vip}: no neighbour: back");
+            forwarded(&r.out, &gue(stranger, None, &unknown), vip.is_ipv4());
             let r = decap(&mut f, &sent);
             sysctl("0");
             assert_eq!(r.action, action::REDIRECT, "{vip}: forwarded (out of d0)");
@@ -528,8 +538,8 @@ fn the_backend_host_delivers_what_it_knows_and_forwards_the_rest_once() {
     let dv = f.dp().decap_verdicts().expect("counters");
     assert_eq!(
         dv,
-        vec![7, 0, 0, 4, 2],
-        "decapsulated (known, SYN, last hop; ×2 and UDP), second hop (back, straight; ×2), \
+        vec![7, 0, 0, 6, 2],
+        "decapsulated (known, SYN, last hop; ×2 and UDP), second hop (back ×2, straight; ×2), \
          unreachable ×2"
     );
 }
