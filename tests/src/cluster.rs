@@ -41,8 +41,17 @@ impl Cluster {
     /// node; returns once every agent is ready and the router routes each
     /// VIP over every node.
     pub fn start(lab: Lab) -> Self {
+        Self::start_with(lab, |lab, n| lab.node_config(n, "dsr", "5-tuple", HEALTH))
+    }
+
+    /// [`Cluster::start`] with node `n`'s configuration from `config`.
+    pub fn start_with(lab: Lab, config: impl Fn(&Lab, usize) -> String) -> Self {
         let nodes = lab.nodes;
         lab.up().expect("lab up");
+        for n in 1..=nodes {
+            std::fs::write(lab.run_dir().join(format!("lb{n}.toml")), config(&lab, n))
+                .expect("config");
+        }
         let c = Cluster {
             exe: lab.exe.clone(),
             lab,
@@ -124,11 +133,10 @@ impl Cluster {
         loop {
             if let Ok(v) = self.call(n, &Request::BackendList { vip: None })
                 && let Ok(list) = serde_json::from_value::<Vec<BackendInfo>>(v)
+                && !list.is_empty()
                 && list
                     .iter()
-                    .filter(|b| b.state == BackendState::Up && b.next_hop_known)
-                    .count()
-                    == 2 * lab::BACKENDS
+                    .all(|b| b.state == BackendState::Up && b.next_hop_known)
             {
                 return;
             }

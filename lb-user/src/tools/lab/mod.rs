@@ -274,10 +274,32 @@ impl Lab {
             self.exec(&ns, &["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"])?;
             self.exec(&ns, &["sysctl", "-qw", "net.ipv4.conf.all.arp_announce=2"])?;
         }
-        // XDP helpers, kept attached by pinned links.
+        // XDP helpers, kept attached by pinned links: on the LB's bridge
+        // port, and on the backends' (their `lb_decap` sends the second
+        // chance's packets on with native `XDP_TX`).
         for n in 1..=self.nodes {
             let port = format!("p-{}", routed::short(n));
             self.pin_program(&br, &port, lb_common::PROG_PASS, &[])?;
+        }
+        for i in (1..=BACKENDS).filter(|_| !self.bare) {
+            self.pin_program(&br, &format!("p-b{i}"), lb_common::PROG_PASS, &[])?;
+        }
+        // LB nodes route what a backend sends back for the second chance
+        // (a backend host that does not forward returns a packet for
+        // another backend to the L2 hop it came from).
+        for n in 1..=self.nodes {
+            for kv in [
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv4.conf.all.send_redirects=0",
+                "net.ipv4.conf.eth0.send_redirects=0",
+                // The outer source of an encapsulation is no address of
+                // the segment (`agent.ipip_source_v4` + the flow hash).
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.eth0.rp_filter=0",
+            ] {
+                self.exec(&self.lb_ns_of(n), &["sysctl", "-qw", kv])?;
+            }
         }
         // The backends' `lb_decap` the way a backend host runs it (`lb
         // backend-host run`), pinned under its own instance.
