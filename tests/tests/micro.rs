@@ -184,6 +184,22 @@ fn setup(f: &mut Fixture) {
         (k4(85), 6, VIP_F_NO_FLOW_TABLE, b4(20)),
         (k4(86), 7, 0, b4(10)),
         (k4(88), 9, VIP_F_IPIP | lb_common::VIP_F_GUE, b4(10)),
+        // `gue` without a table, and with the second chance (below).
+        (
+            k4(89),
+            10,
+            VIP_F_IPIP | lb_common::VIP_F_GUE | VIP_F_NO_FLOW_TABLE,
+            b4(10),
+        ),
+        (
+            k4(90),
+            11,
+            VIP_F_IPIP
+                | lb_common::VIP_F_GUE
+                | VIP_F_NO_FLOW_TABLE
+                | lb_common::VIP_F_SECOND_CHANCE,
+            b4(10),
+        ),
     ] {
         f.add_vip(&VipSpec {
             key,
@@ -217,6 +233,31 @@ fn setup(f: &mut Fixture) {
             .collect();
         dp.install_ring(&key, &sched::ring(sched, &entries, 65537))
             .expect("ring");
+    }
+    // The second chance: the ring changes so that the timed flow's backend
+    // on it differs from the one on the previous ring (that backend leaves
+    // the ring, and stays live): every packet names a second hop.
+    {
+        let entries: Vec<_> = b4(10)
+            .into_iter()
+            .map(|(id, addr, weight)| lb_user::policy::maglev::Entry { id, addr, weight })
+            .collect();
+        let before = lb_user::policy::maglev::build(&entries, 65537);
+        let h = lb_common::hash::hash_5tuple(&v4(CLIENT), 40000, 90, PROTO_TCP);
+        let gone = before[(h % 65537) as usize];
+        let after: Vec<_> = entries.into_iter().filter(|e| e.id != gone).collect();
+        f.dp()
+            .install_ring_keeping(&k4(90), &lb_user::policy::maglev::build(&after, 65537), 600)
+            .expect("ring");
+        let out = f
+            .run(&tcp4(CLIENT, VIP4, 40000, 90, &[0; 10]))
+            .expect("run")
+            .out;
+        assert_eq!(
+            out[14 + 20 + 8] & 0x1f,
+            2,
+            "the timed packet names a second hop"
+        );
     }
     // An idle timeout: every established packet reads the clock.
     {
@@ -404,6 +445,14 @@ fn cases() -> Vec<Case> {
         ipip(
             "IPv4 gue (via bench_ipip)",
             tcp4(client, vip4, 40000, 88, &[0; 10]),
+        ),
+        ipip(
+            "IPv4 gue, table off (via bench_ipip)",
+            tcp4(client, vip4, 40000, 89, &[0; 10]),
+        ),
+        ipip(
+            "IPv4 gue, table off, second hop (via bench_ipip)",
+            tcp4(client, vip4, 40000, 90, &[0; 10]),
         ),
         restored(
             "established IPv4 TCP full NAT (via bench_restore)",
