@@ -240,3 +240,134 @@ impl Drop for Cluster {
         let _ = self.lab.down();
     }
 }
+
+/// Node `n`'s configuration for the second-chance scenario: `gue` VIPs,
+/// backends 1 and 2 (and 3 with `third`), the second chance on or off.
+pub fn gue_config(lab: &Lab, n: usize, third: bool, second_chance: bool) -> String {
+    let mut s = lab.node_config(n, "gue", "5-tuple", HEALTH);
+    if !third {
+        for a in [lab::backend4(3), lab::backend6(3)] {
+            s = s.replace(&format!("\n[[vip.backend]]\naddress = \"{a}\"\n"), "");
+        }
+    }
+    if !second_chance {
+        s = s.replace(
+            "forwarding = \"gue\"\n",
+            "forwarding = \"gue\"\nsecond_chance = 0\n",
+        );
+    }
+    s
+}
+
+/// What [`ring_change_then_node_loss`] saw.
+#[derive(Debug, Default)]
+pub struct RingChangeRun {
+    /// Requests sent after node 1 died, and after it came back fresh.
+    pub requests: usize,
+    /// Connections broken after node 1 died (client and error).
+    pub lost: Vec<String>,
+    /// Connections broken after node 1 came back with an empty table.
+    pub fresh: Vec<String>,
+    /// Packets the backends passed to a second hop.
+    pub second_hops: u64,
+}
+
+impl std::fmt::Display for RingChangeRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} requests on 64 connections; broken when node 1 died: {} {:?}; when it came back \
+             with an empty table: {} {:?}; {} packets passed to a second hop",
+            self.requests,
+            self.lost.len(),
+            self.lost.iter().take(3).collect::<Vec<_>>(),
+            self.fresh.len(),
+            self.fresh.iter().take(3).collect::<Vec<_>>(),
+            self.second_hops
+        )
+    }
+}
+
+/// 64 long-lived keep-alive connections (IPv4) through two nodes; a third
+/// backend joins (every node's ring changes); node 1 dies, and node 2,
+/// which holds none of node 1's flows, takes them and schedules them on
+/// the new ring; then node 1 comes back with an empty table (its pins
+/// removed) and the router moves flows to it again. The connections the
+/// new ring puts elsewhere are saved by the second chance (their first hop
+/// has no connection for them and passes them to the backend the previous
+/// ring named); without it they break. Each connection asks three times
+/// after each event; a broken one is not asked again.
+pub fn ring_change_then_node_loss(lab: Lab, second_chance: bool) -> RingChangeRun {
+    use lab::KeepAlive;
+    let c = Cluster::start_with(lab.with_nodes(2), |lab, n| {
+        gue_config(lab, n, false, second_chance)
+    });
+    let mut conns = Vec::new();
+    for cl in 1..=lab::CLIENTS {
+        for k in 0..lab::ADDRS_PER_CLIENT {
+            for _ in 0..4 {
+                let mut ka = KeepAlive::open(&c.lab, cl, k, false).expect("keep-alive connect");
+                let first = ka.ask().expect("first request");
+                conns.push((ka, first));
+            }
+        }
+    }
+    assert_eq!(conns.len(), 64);
+    for n in 1..=2 {
+        std::fs::write(c.config_path(n), gue_config(&c.lab, n, true, second_chance))
+            .expect("config");
+        c.call(n, &Request::Reload).expect("reload");
+    }
+    c.wait_state_everywhere(&lab::backend4(3), BackendState::Up);
+    // Every connection still works (each node's table keeps its flows).
+    for (ka, first) in conns.iter_mut() {
+        assert_eq!(&ka.ask().expect("before the loss"), first);
+    }
+    let mut run = RingChangeRun::default();
+    let mut ask_all = |conns: &mut Vec<(KeepAlive, String)>| {
+        let mut broken = Vec::new();
+        conns.retain_mut(|(ka, first)| {
+            for _ in 0..3 {
+                run.requests += 1;
+                let why = match ka.ask() {
+                    Ok(name) if name == *first => continue,
+                    Ok(name) => format!("moved from {first} to {name}"),
+                    Err(e) => e.to_string(),
+                };
+                broken.push(format!("{}: {why}", ka.client));
+                return false;
+            }
+            true
+        });
+        broken
+    };
+    c.lab.kill_node(1).expect("kill node 1");
+    c.kill9_agent(1);
+    c.lab
+        .wait_next_hops(vip4(), 1, Duration::from_secs(5))
+        .expect("the router withdraws node 1");
+    let lost = ask_all(&mut conns);
+    // Node 1 comes back with nothing pinned: an empty connection table.
+    let _ = Command::new(&c.exe)
+        .args(["down", "--instance", &c.lab.instance_of(1), "--socket"])
+        .arg(c.lab.socket_of(1))
+        .stdout(Stdio::null())
+        .status();
+    c.lab.revive_node(1).expect("revive node 1");
+    c.spawn(1);
+    c.wait_ready(1);
+    c.lab
+        .wait_next_hops(vip4(), 2, Duration::from_secs(10))
+        .expect("the router takes node 1 back");
+    let fresh = ask_all(&mut conns);
+    run.lost = lost;
+    run.fresh = fresh;
+    run.second_hops = (1..=lab::BACKENDS)
+        .map(|i| {
+            lb_user::backend_host::stats(&c.lab.backend_host_instance(i))
+                .expect("backend host counters")
+                .second_hop
+        })
+        .sum();
+    run
+}

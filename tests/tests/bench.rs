@@ -975,3 +975,35 @@ fn bench_node_failover() {
         "no long-lived request may fail when a node dies"
     );
 }
+
+/// LB-node failover after a ring change, with and without the second
+/// chance (`lb_tests::cluster::ring_change_then_node_loss`): 64 long-lived
+/// connections over two nodes, a backend joins, node 1 dies, then comes
+/// back with an empty table. Two repetitions each; long-lived connections
+/// broken (must be 0 with the second chance) and packets the backends
+/// passed to a second hop.
+#[test]
+#[ignore = "benchmark: cargo xtask bench"]
+fn bench_node_failover_ring_change() {
+    use lb_tests::cluster::ring_change_then_node_loss;
+    let mut rows = Vec::new();
+    for second_chance in [true, false] {
+        let (mut lost, mut fresh, mut hops, mut requests) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        for rep in 0..2 {
+            let tag = format!("bsc{}{rep}", u8::from(second_chance));
+            let r = ring_change_then_node_loss(
+                Lab::with_exe(&tag, std::path::Path::new(LB)),
+                second_chance,
+            );
+            println!("ring change, then node loss (second chance {second_chance}), {rep}: {r}");
+            lost.push(r.lost.len());
+            fresh.push(r.fresh.len());
+            hops.push(r.second_hops);
+            requests += r.requests;
+        }
+        rows.push(json!({"second_chance": second_chance, "connections": 64,
+            "broken_node_loss": lost, "broken_fresh_node": fresh,
+            "second_hops": hops, "requests": requests}));
+    }
+    emit(json!({"bench": "node_failover_ring_change", "repetitions": 2, "rows": rows}));
+}

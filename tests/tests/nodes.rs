@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::cluster::{Cluster, vip4};
+use lb_tests::cluster::{Cluster, ring_change_then_node_loss, vip4};
 use lb_user::api::BackendState;
 use lb_user::tools::lab::{
     self, KeepAlive, Lab, Sample,
@@ -419,113 +419,27 @@ fn sessions_survive_only_outside_the_servers() {
     assert!(end - next >= 30, "most requests answered: {}", end - next);
 }
 
-/// Node `n`'s configuration for the second-chance scenario: `gue` VIPs,
-/// backends 1 and 2 (and 3 with `third`), the second chance on or off.
-fn gue_config(lab: &Lab, n: usize, third: bool, second_chance: bool) -> String {
-    let mut s = lab.node_config(n, "gue", "5-tuple", lb_tests::cluster::HEALTH);
-    if !third {
-        for a in [lab::backend4(3), lab::backend6(3)] {
-            s = s.replace(&format!("\n[[vip.backend]]\naddress = \"{a}\"\n"), "");
-        }
-    }
-    if !second_chance {
-        s = s.replace(
-            "forwarding = \"gue\"\n",
-            "forwarding = \"gue\"\nsecond_chance = 0\n",
-        );
-    }
-    s
-}
-
-/// 64 long-lived keep-alive connections through two nodes; a third backend
-/// joins (every node's ring changes), then node 1 dies and node 2, which
-/// holds none of node 1's flows, takes them: it schedules them on the new
-/// ring. The connections that ring puts elsewhere are saved by the second
-/// chance (their first hop has no connection for them and passes them to
-/// the backend the previous ring named). Returns (requests after the loss,
-/// connections broken, packets the backends passed to a second hop).
-fn ring_change_then_node_loss(tag: &str, second_chance: bool) -> (usize, Vec<String>, u64) {
-    let c = Cluster::start_with(Lab::with_exe(tag, Path::new(LB)).with_nodes(2), |lab, n| {
-        gue_config(lab, n, false, second_chance)
-    });
-    let mut conns = Vec::new();
-    for cl in 1..=lab::CLIENTS {
-        for k in 0..lab::ADDRS_PER_CLIENT {
-            for _ in 0..4 {
-                let mut ka = KeepAlive::open(&c.lab, cl, k, false).expect("keep-alive connect");
-                let first = ka.ask().expect("first request");
-                conns.push((ka, first));
-            }
-        }
-    }
-    assert_eq!(conns.len(), 64);
-    // A third backend joins on both nodes.
-    for n in 1..=2 {
-        std::fs::write(c.config_path(n), gue_config(&c.lab, n, true, second_chance))
-            .expect("config");
-        c.call(n, &lb_user::api::Request::Reload).expect("reload");
-    }
-    c.wait_state_everywhere(&lab::backend4(3), BackendState::Up);
-    // Every connection still works (each node's table keeps its flows).
-    for (ka, first) in conns.iter_mut() {
-        assert_eq!(&ka.ask().expect("before the loss"), first);
-    }
-    c.lab.kill_node(1).expect("kill node 1");
-    c.kill9_agent(1);
-    c.lab
-        .wait_next_hops(vip4(), 1, Duration::from_secs(5))
-        .expect("the router withdraws node 1");
-    let (mut requests, mut broken) = (0, Vec::new());
-    for (ka, first) in conns.iter_mut() {
-        for _ in 0..3 {
-            requests += 1;
-            match ka.ask() {
-                Ok(name) if name == *first => {}
-                Ok(name) => {
-                    broken.push(format!("{}: moved from {first} to {name}", ka.client));
-                    break;
-                }
-                Err(e) => {
-                    broken.push(format!("{}: {e}", ka.client));
-                    break;
-                }
-            }
-        }
-    }
-    let second_hops = (1..=lab::BACKENDS)
-        .map(|i| {
-            lb_user::backend_host::stats(&c.lab.backend_host_instance(i))
-                .expect("backend host counters")
-                .second_hop
-        })
-        .sum();
-    (requests, broken, second_hops)
-}
-
+/// Issue 24's scenario (a) and (b) with its control: 64 long-lived
+/// connections over two nodes, a backend joins, node 1 dies, then comes
+/// back with an empty table (see `cluster::ring_change_then_node_loss`).
 #[test]
 fn the_second_chance_keeps_connections_through_a_ring_change_and_a_node_loss() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (requests, broken, hops) = ring_change_then_node_loss("nd-sc", true);
-    println!(
-        "second chance on: {requests} requests on 64 connections after the ring change and the \
-         node loss, {} broken {:?}; {hops} packets passed to a second hop",
-        broken.len(),
-        broken.iter().take(5).collect::<Vec<_>>()
-    );
-    let (control_requests, control, control_hops) = ring_change_then_node_loss("nd-s0", false);
-    println!(
-        "control (second_chance = 0): {control_requests} requests, {} of 64 connections broken {:?}",
-        control.len(),
-        control.iter().take(5).collect::<Vec<_>>()
-    );
+    let on = ring_change_then_node_loss(Lab::with_exe("nd-sc", Path::new(LB)), true);
+    println!("second chance on: {on}");
+    let off = ring_change_then_node_loss(Lab::with_exe("nd-s0", Path::new(LB)), false);
+    println!("control (second_chance = 0): {off}");
     assert!(
-        broken.is_empty(),
+        on.lost.is_empty() && on.fresh.is_empty(),
         "no connection breaks with the second chance"
     );
-    assert!(hops > 0, "the backends passed packets on");
-    assert_eq!(control_hops, 0, "no second hop without the second chance");
+    assert!(on.second_hops > 0, "the backends passed packets on");
+    assert_eq!(
+        off.second_hops, 0,
+        "no second hop without the second chance"
+    );
     assert!(
-        !control.is_empty(),
+        !off.lost.is_empty(),
         "without it, some connection breaks (else the scenario moved no flow)"
     );
 }

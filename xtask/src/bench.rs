@@ -209,6 +209,10 @@ fn all(root: &Path) -> Result<()> {
             "LB-node failover behind a BGP router, ten repetitions",
         ),
         (
+            "bench_node_failover_ring_change",
+            "LB-node failover after a ring change, with and without the second chance",
+        ),
+        (
             "bench_probe_schedule",
             "health probes of 3 and 300 backends under CLI edits",
         ),
@@ -525,6 +529,37 @@ fn markdown(r: &Value) -> String {
             nf["long_lived_failed"],
         ));
     }
+    if let (Some(on), Some(off)) = (ring_change_row(r, true), ring_change_row(r, false)) {
+        let list = |v: &Value| {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|x| x.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default()
+        };
+        o.push_str(&format!(
+            "\n## LB-node failover after a ring change (the second chance)\n\n\
+             Two nodes, `gue` VIPs, 64 long-lived keep-alive connections; a third backend joins \
+             (every ring changes), node 1 dies, then comes back with an empty table. Per \
+             repetition ({} each): connections broken.\n\n\
+             | second chance | broken when node 1 dies | broken when it comes back empty | packets passed to a second hop | requests |\n\
+             |---|---:|---:|---:|---:|\n\
+             | on (`second_chance = 600`) | {} | {} | {} | {} |\n\
+             | off (`second_chance = 0`) | {} | {} | {} | {} |\n",
+            r["node_failover_ring_change"]["repetitions"],
+            list(&on["broken_node_loss"]),
+            list(&on["broken_fresh_node"]),
+            list(&on["second_hops"]),
+            on["requests"],
+            list(&off["broken_node_loss"]),
+            list(&off["broken_fresh_node"]),
+            list(&off["second_hops"]),
+            off["requests"],
+        ));
+    }
     let ps = &r["probe_schedule"];
     if !ps.is_null() {
         o.push_str(&format!(
@@ -733,6 +768,19 @@ fn targets(r: &Value) -> String {
         o.push_str(&format!(
             "| no long-lived connection fails when a node dies | {lf} failed | {} |\n",
             met(lf == 0)
+        ));
+    }
+    if let Some(on) = ring_change_row(r, true) {
+        let broken: u64 = on["broken_node_loss"]
+            .as_array()
+            .into_iter()
+            .chain(on["broken_fresh_node"].as_array())
+            .flatten()
+            .filter_map(Value::as_u64)
+            .sum();
+        o.push_str(&format!(
+            "| no long-lived connection breaks when a node dies after a ring change (second chance) | {broken} broken | {} |\n",
+            met(broken == 0)
         ));
     }
     o.push_str(&costs(r, &ratio, est, syn, ipip));
@@ -1059,4 +1107,13 @@ mod readme_tests {
         assert_ne!(with_readme_figures(&typed, &r).expect("markers"), typed);
         assert!(with_readme_figures("no markers", &r).is_err());
     }
+}
+
+/// The node-failover-after-a-ring-change row with the second chance on or
+/// off, if the run has one.
+fn ring_change_row(r: &Value, second_chance: bool) -> Option<&Value> {
+    r["node_failover_ring_change"]["rows"]
+        .as_array()?
+        .iter()
+        .find(|row| row["second_chance"].as_bool() == Some(second_chance))
 }
