@@ -1067,6 +1067,15 @@ fn label_at(x: f64, name: impl Fn(usize) -> Option<String>) -> String {
     name(x.round() as usize).unwrap_or_default()
 }
 
+/// The node-failover-after-a-ring-change row with the second chance on or
+/// off, if the run has one.
+fn ring_change_row(r: &Value, second_chance: bool) -> Option<&Value> {
+    r["node_failover_ring_change"]["rows"]
+        .as_array()?
+        .iter()
+        .find(|row| row["second_chance"].as_bool() == Some(second_chance))
+}
+
 #[cfg(test)]
 mod readme_tests {
     use super::*;
@@ -1107,13 +1116,4 @@ mod readme_tests {
         assert_ne!(with_readme_figures(&typed, &r).expect("markers"), typed);
         assert!(with_readme_figures("no markers", &r).is_err());
     }
-}
-
-/// The node-failover-after-a-ring-change row with the second chance on or
-/// off, if the run has one.
-fn ring_change_row(r: &Value, second_chance: bool) -> Option<&Value> {
-    r["node_failover_ring_change"]["rows"]
-        .as_array()?
-        .iter()
-        .find(|row| row["second_chance"].as_bool() == Some(second_chance))
 }
