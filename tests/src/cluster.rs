@@ -136,7 +136,11 @@ impl Cluster {
                 && !list.is_empty()
                 && list
                     .iter()
-                    .all(|b| b.state == BackendState::Up && b.next_hop_known)
+                    // (Checked and healthy; a drained backend is too.)
+                    .all(|b| {
+                        matches!(b.state, BackendState::Up | BackendState::Draining)
+                            && b.next_hop_known
+                    })
             {
                 return;
             }
@@ -241,14 +245,40 @@ impl Drop for Cluster {
     }
 }
 
+/// How the second-chance scenario changes every node's ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingChange {
+    /// Backends 1 and 2, then backend 3 joins.
+    Join,
+    /// Backends 1–3, then backend 1 is drained (out of the ring; its
+    /// connections stay).
+    Drain,
+}
+
 /// Node `n`'s configuration for the second-chance scenario: `gue` VIPs,
-/// backends 1 and 2 (and 3 with `third`), the second chance on or off.
-pub fn gue_config(lab: &Lab, n: usize, third: bool, second_chance: bool) -> String {
+/// before (`changed = false`) or after the ring change, the second chance
+/// on or off.
+pub fn gue_config(
+    lab: &Lab,
+    n: usize,
+    change: RingChange,
+    changed: bool,
+    second_chance: bool,
+) -> String {
     let mut s = lab.node_config(n, "gue", "5-tuple", HEALTH);
-    if !third {
-        for a in [lab::backend4(3), lab::backend6(3)] {
-            s = s.replace(&format!("\n[[vip.backend]]\naddress = \"{a}\"\n"), "");
+    match (change, changed) {
+        (RingChange::Join, false) => {
+            for a in [lab::backend4(3), lab::backend6(3)] {
+                s = s.replace(&format!("\n[[vip.backend]]\naddress = \"{a}\"\n"), "");
+            }
         }
+        (RingChange::Drain, true) => {
+            for a in [lab::backend4(1), lab::backend6(1)] {
+                let entry = format!("\n[[vip.backend]]\naddress = \"{a}\"\n");
+                s = s.replace(&entry, &format!("{entry}drain = true\n"));
+            }
+        }
+        _ => {}
     }
     if !second_chance {
         s = s.replace(
@@ -289,7 +319,9 @@ impl std::fmt::Display for RingChangeRun {
 }
 
 /// 64 long-lived keep-alive connections (IPv4) through two nodes; a third
-/// backend joins (every node's ring changes); node 1 dies, and node 2,
+/// backend joins, or backend 1 is drained (`change`: every node's ring
+/// changes; a drained backend must then get no new connection); node 1
+/// dies, and node 2,
 /// which holds none of node 1's flows, takes them and schedules them on
 /// the new ring; then node 1 comes back with an empty table (its pins
 /// removed) and the router moves flows to it again. The connections the
@@ -297,10 +329,14 @@ impl std::fmt::Display for RingChangeRun {
 /// has no connection for them and passes them to the backend the previous
 /// ring named); without it they break. Each connection asks three times
 /// after each event; a broken one is not asked again.
-pub fn ring_change_then_node_loss(lab: Lab, second_chance: bool) -> RingChangeRun {
+pub fn ring_change_then_node_loss(
+    lab: Lab,
+    change: RingChange,
+    second_chance: bool,
+) -> RingChangeRun {
     use lab::KeepAlive;
     let c = Cluster::start_with(lab.with_nodes(2), |lab, n| {
-        gue_config(lab, n, false, second_chance)
+        gue_config(lab, n, change, false, second_chance)
     });
     let mut conns = Vec::new();
     for cl in 1..=lab::CLIENTS {
@@ -314,11 +350,26 @@ pub fn ring_change_then_node_loss(lab: Lab, second_chance: bool) -> RingChangeRu
     }
     assert_eq!(conns.len(), 64);
     for n in 1..=2 {
-        std::fs::write(c.config_path(n), gue_config(&c.lab, n, true, second_chance))
-            .expect("config");
+        std::fs::write(
+            c.config_path(n),
+            gue_config(&c.lab, n, change, true, second_chance),
+        )
+        .expect("config");
         c.call(n, &Request::Reload).expect("reload");
     }
-    c.wait_state_everywhere(&lab::backend4(3), BackendState::Up);
+    match change {
+        RingChange::Join => c.wait_state_everywhere(&lab::backend4(3), BackendState::Up),
+        RingChange::Drain => {
+            c.wait_state_everywhere(&lab::backend4(1), BackendState::Draining);
+            // No new connection reaches the drained backend.
+            for k in 0..lab::ADDRS_PER_CLIENT {
+                let mut ka = KeepAlive::open(&c.lab, 1, k, false).expect("new connection");
+                let name = ka.ask().expect("new request");
+                assert_ne!(name, "b1", "a new connection reached the drained backend");
+            }
+            Duration::ZERO
+        }
+    };
     // Every connection still works (each node's table keeps its flows).
     for (ka, first) in conns.iter_mut() {
         assert_eq!(&ka.ask().expect("before the loss"), first);

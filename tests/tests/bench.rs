@@ -993,6 +993,7 @@ fn bench_node_failover_ring_change() {
             let tag = format!("bsc{}{rep}", u8::from(second_chance));
             let r = ring_change_then_node_loss(
                 Lab::with_exe(&tag, std::path::Path::new(LB)),
+                lb_tests::cluster::RingChange::Join,
                 second_chance,
             );
             println!("ring change, then node loss (second chance {second_chance}), {rep}: {r}");

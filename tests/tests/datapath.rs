@@ -1114,7 +1114,7 @@ fn ring_ranges_never_overlap_and_are_reused() {
     // its place (first fit), a new VIP comes after the others.
     dp.remove_vip(&vip4_key(81, PROTO_TCP)).expect("remove");
     let table = vec![1u32; 1021];
-    dp.install_region_ring(0, &[(v4([198, 18, 1, 0]), 24)], 9, &table, 0)
+    dp.install_region_ring(0, &[(v4([198, 18, 1, 0]), 24)], 9, &table, 0, None)
         .expect("region ring");
     dp.upsert_vip(
         &vip4_key(90, PROTO_TCP),

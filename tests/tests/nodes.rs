@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::cluster::{Cluster, ring_change_then_node_loss, vip4};
+use lb_tests::cluster::{Cluster, RingChange, ring_change_then_node_loss, vip4};
 use lb_user::api::BackendState;
 use lb_user::tools::lab::{
     self, KeepAlive, Lab, Sample,
@@ -425,9 +425,10 @@ fn sessions_survive_only_outside_the_servers() {
 #[test]
 fn the_second_chance_keeps_connections_through_a_ring_change_and_a_node_loss() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let on = ring_change_then_node_loss(Lab::with_exe("nd-sc", Path::new(LB)), true);
+    let lab = |tag| Lab::with_exe(tag, Path::new(LB));
+    let on = ring_change_then_node_loss(lab("nd-sc"), RingChange::Join, true);
     println!("second chance on: {on}");
-    let off = ring_change_then_node_loss(Lab::with_exe("nd-s0", Path::new(LB)), false);
+    let off = ring_change_then_node_loss(lab("nd-s0"), RingChange::Join, false);
     println!("control (second_chance = 0): {off}");
     assert!(
         on.lost.is_empty() && on.fresh.is_empty(),
@@ -441,5 +442,27 @@ fn the_second_chance_keeps_connections_through_a_ring_change_and_a_node_loss() {
     assert!(
         !off.lost.is_empty(),
         "without it, some connection breaks (else the scenario moved no flow)"
+    );
+}
+
+/// Issue 24's scenario (c): a drained backend keeps its connections on
+/// both nodes while no new connection reaches it, node loss and a fresh
+/// node included; the control loses some of them.
+#[test]
+fn a_drained_backend_keeps_its_connections_through_a_node_loss() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = |tag| Lab::with_exe(tag, Path::new(LB));
+    let on = ring_change_then_node_loss(lab("nd-dc"), RingChange::Drain, true);
+    println!("second chance on: {on}");
+    let off = ring_change_then_node_loss(lab("nd-d0"), RingChange::Drain, false);
+    println!("control (second_chance = 0): {off}");
+    assert!(
+        on.lost.is_empty() && on.fresh.is_empty(),
+        "no connection breaks with the second chance"
+    );
+    assert!(on.second_hops > 0, "the backends passed packets on");
+    assert!(
+        !off.lost.is_empty(),
+        "without it, some of the drained backend's connections break"
     );
 }

@@ -259,6 +259,7 @@ fn regions_keep_clients_on_their_backends_and_fall_back() {
             5,
             &lb_user::policy::maglev::build(&entries, 251),
             0,
+            None,
         )
         .unwrap();
     let regional: Vec<u32> = (0..200u32)
@@ -355,6 +356,7 @@ fn the_longest_region_prefix_wins() {
             6,
             &lb_user::policy::maglev::build(&only(1), 251),
             0,
+            None,
         )
         .unwrap();
     f.dp()
@@ -364,6 +366,7 @@ fn the_longest_region_prefix_wins() {
             5,
             &lb_user::policy::maglev::build(&only(0), 251),
             0,
+            None,
         )
         .unwrap();
     let backends_of = |f: &mut Fixture, net: [u8; 3]| -> std::collections::BTreeSet<u32> {

@@ -198,17 +198,44 @@ pub(super) struct Observation {
 impl State {
     pub(super) fn rebuild_ring(&mut self, vi: usize) -> Result<()> {
         let v = &self.vips[vi];
+        let entry = |b: &BackendRt| maglev::Entry {
+            id: b.id,
+            addr: addr16(b.cfg.address).0,
+            weight: b.cfg.weight,
+        };
         let entries: Vec<_> = v
             .backends
             .iter()
             .filter(|b| b.in_ring())
+            .map(entry)
+            .collect();
+        // The second chance's ring while a backend is drained: the ring
+        // with the drained (healthy) backends in it (weight 0 counted as
+        // 1), so that their connections stay reachable from any node, a
+        // fresh one included, for as long as the drain lasts (see
+        // `Dataplane::install_ring_with`).
+        let drained: Vec<_> = v
+            .backends
+            .iter()
+            .filter(|b| v.cfg.second_chance_s > 0 && b.state() == BackendState::Draining)
             .map(|b| maglev::Entry {
-                id: b.id,
-                addr: addr16(b.cfg.address).0,
-                weight: b.cfg.weight,
+                weight: b.cfg.weight.max(1),
+                ..entry(b)
             })
             .collect();
-        let mut table = crate::policy::sched::ring(v.cfg.scheduler, &entries, v.cfg.ring_size);
+        let (sched, m, keep_s) = (v.cfg.scheduler, v.cfg.ring_size, v.cfg.second_chance_s);
+        let second_of = |sub: &[maglev::Entry], region: Option<&[IpAddr]>| {
+            let extra: Vec<_> = drained
+                .iter()
+                .filter(|d| region.is_none_or(|r| r.iter().any(|a| addr16(*a).0 == d.addr)))
+                .copied()
+                .collect();
+            (!extra.is_empty()).then(|| {
+                let all: Vec<_> = sub.iter().chain(&extra).copied().collect();
+                crate::policy::sched::ring(sched, &all, m)
+            })
+        };
+        let mut table = crate::policy::sched::ring(sched, &entries, m);
         if table.is_empty() {
             // No live backend under a list scheduler (round-robin, least
             // connections): one empty slot (id 0 is no backend's), which
@@ -220,45 +247,41 @@ impl State {
         let digest = ring_digest(&table, |id| {
             entries.iter().find(|e| e.id == id).map(|e| e.addr)
         });
-        self.vips[vi].digest = digest;
-        let v = &self.vips[vi];
+        let second = second_of(&entries, None);
         let key = v.key;
         let vip_id = v.vip_id;
-        let keep_s = v.cfg.second_chance_s;
+        self.vips[vi].digest = digest;
         self.dp
-            .install_ring_keeping(&key, &table, keep_s)
+            .install_ring_with(&key, &table, keep_s, second.as_deref())
             .context("installing ring")?;
         // Each region: its live backends' ring, or (none live) no entry at
         // all, so that its clients fall back to the whole VIP.
-        for ri in 0..self.vips[vi].regions.len() {
-            let r = &self.vips[vi].regions[ri];
-            let sched = self.vips[vi].cfg.scheduler;
-            let m = self.vips[vi].cfg.ring_size;
+        for r in &self.vips[vi].regions {
             let sub: Vec<_> = entries
                 .iter()
                 .filter(|e| r.cfg.backends.iter().any(|a| addr16(*a).0 == e.addr))
                 .copied()
                 .collect();
-            let ring_id = r.ring_id;
             let prefixes: Vec<([u8; 16], u32)> = r
                 .cfg
                 .prefixes
                 .iter()
                 .map(|(a, l)| (prefix16(*a), *l as u32))
                 .collect();
-            let dp = &mut self.dp;
             if sub.is_empty() {
                 for (a, l) in &prefixes {
-                    dp.remove_region(vip_id, *a, *l)?;
+                    self.dp.remove_region(vip_id, *a, *l)?;
                 }
                 continue;
             }
-            dp.install_region_ring(
+            let second = second_of(&sub, Some(&r.cfg.backends));
+            self.dp.install_region_ring(
                 vip_id,
                 &prefixes,
-                ring_id,
+                r.ring_id,
                 &crate::policy::sched::ring(sched, &sub, m),
                 keep_s,
+                second.as_deref(),
             )?;
         }
         Ok(())

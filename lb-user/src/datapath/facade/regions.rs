@@ -33,7 +33,8 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     /// `ring_id`: fills the idle half of its range (a new range when the size
     /// changes), then points every prefix (address, length) at it. The
     /// ring it replaces is the region's previous ring for `keep_s` seconds,
-    /// as for a VIP's (`install_ring_keeping`).
+    /// or `second` its second chance's ring, as for a VIP's
+    /// (`install_ring_with`).
     pub fn install_region_ring(
         &mut self,
         vip_id: u32,
@@ -41,6 +42,7 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         ring_id: u32,
         table: &[u32],
         keep_s: u32,
+        second: Option<&[u32]>,
     ) -> Result<()> {
         let n = table.len() as u32;
         let live = match prefixes.first() {
@@ -52,14 +54,9 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             },
             None => return Ok(()),
         };
-        let (offset, half, keep) = match self.stage_ring(live, table)? {
-            Some((offset, half, fresh)) => (offset, half, Some(if fresh { 0 } else { keep_s })),
-            // Unchanged: the prefixes (perhaps more of them) point at it.
-            None => {
-                let (offset, half) = live.unwrap_or_default();
-                (offset, half, None)
-            }
-        };
+        let placed = self.stage_ring(live, table)?;
+        // Unchanged: the prefixes (perhaps more of them) point at it.
+        let (offset, half) = placed.map_or(live.unwrap_or_default(), |(o, h, _)| (o, h));
         let m = RegionMeta {
             ring_id,
             active_half: half,
@@ -74,10 +71,7 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
                 .regions
                 .insert(region_mirror_key(vip_id, addr, len), m);
         }
-        if let Some(keep_s) = keep {
-            self.set_prev_until(ring_id, keep_s)?;
-        }
-        Ok(())
+        self.date_second_ring(ring_id, (offset, n, half), placed, keep_s, second)
     }
 
     /// Removes a region's prefix: its clients use the VIP's ring again.

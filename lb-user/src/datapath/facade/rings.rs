@@ -83,22 +83,64 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     /// A table the VIP already has changes nothing (its previous ring stays
     /// what it was).
     pub fn install_ring_keeping(&mut self, key: &VipKey, table: &[u32], keep_s: u32) -> Result<()> {
+        self.install_ring_with(key, table, keep_s, None)
+    }
+
+    /// [`Self::install_ring_keeping`], or, with `second`, that table as the
+    /// second chance's ring for as long as it is given (the ring with the
+    /// VIP's drained backends in it: their connections stay reachable
+    /// whatever node a flow lands on, a fresh one included).
+    pub fn install_ring_with(
+        &mut self,
+        key: &VipKey,
+        table: &[u32],
+        keep_s: u32,
+        second: Option<&[u32]>,
+    ) -> Result<()> {
         let mut meta = self.vip(key)?;
         let live =
             (meta.ring_size == table.len() as u32).then_some((meta.ring_offset, meta.active_half));
-        let Some((offset, half, fresh)) = self.stage_ring(live, table)? else {
-            return Ok(());
-        };
-        meta.ring_offset = offset;
-        meta.active_half = half;
-        meta.ring_size = table.len() as u32;
-        self.put_vip(key, meta)?;
-        self.set_prev_until(meta.vip_id, if fresh { 0 } else { keep_s })
+        let placed = self.stage_ring(live, table)?;
+        if let Some((offset, half, _)) = placed {
+            meta.ring_offset = offset;
+            meta.active_half = half;
+            meta.ring_size = table.len() as u32;
+            self.put_vip(key, meta)?;
+        }
+        let ring = (meta.ring_offset, meta.ring_size, meta.active_half);
+        self.date_second_ring(meta.vip_id, ring, placed, keep_s, second)
     }
 
     /// [`Self::install_ring_keeping`] without a second chance.
     pub fn install_ring(&mut self, key: &VipKey, table: &[u32]) -> Result<()> {
         self.install_ring_keeping(key, table, 0)
+    }
+
+    /// After a ring install (`placed`: flipped to a new table, `fresh` when
+    /// in a new range), says what the ring's other half is to the datapath:
+    /// the previous ring for `keep_s` seconds, none in a new range, or
+    /// `second` (written there) with no end. `ring`: (offset, size, active
+    /// half).
+    pub(super) fn date_second_ring(
+        &mut self,
+        ring_id: u32,
+        ring: (u32, u32, u32),
+        placed: Option<(u32, u32, bool)>,
+        keep_s: u32,
+        second: Option<&[u32]>,
+    ) -> Result<()> {
+        let (offset, size, half) = ring;
+        if let Some(second) = second.filter(|s| s.len() as u32 == size) {
+            let idle = ring_base(offset, size, half ^ 1);
+            if self.read_rings(idle, size).as_deref() != Some(second) {
+                self.write_rings(idle, second)?;
+            }
+            return self.set_prev_until(ring_id, u32::MAX);
+        }
+        match placed {
+            Some((_, _, fresh)) => self.set_prev_until(ring_id, if fresh { 0 } else { keep_s }),
+            None => Ok(()),
+        }
     }
 
     /// Writes `table` where a ring goes next: into the idle half of its
