@@ -411,6 +411,15 @@ pub fn ring_change_then_node_loss(
         .wait_next_hops(vip4(), 2, Duration::from_secs(10))
         .expect("the router takes node 1 back");
     let fresh = ask_all(&mut conns);
+    // The fresh node took its previous ring from its memory on disk (a
+    // drained backend's ring needs none: it follows from the config).
+    if second_chance && change == RingChange::Join {
+        assert!(
+            c.log(1).contains("previous ring remembered"),
+            "node 1 remembered its previous ring:\n{}",
+            c.log(1)
+        );
+    }
     run.lost = lost;
     run.fresh = fresh;
     run.second_hops = (1..=lab::BACKENDS)

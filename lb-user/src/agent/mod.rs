@@ -29,6 +29,7 @@ mod api_server;
 mod control;
 mod drop_events;
 mod health_task;
+pub mod history;
 mod ids;
 pub mod logging;
 mod metrics;
@@ -238,6 +239,7 @@ pub async fn run_until(
             .read()
             .is_some_and(|n| n.drained),
         attached: false,
+        history: history::History::load(&cfg.agent.instance),
     };
     if adopted {
         // VIPs the old agent had that the config no longer has.

@@ -105,6 +105,8 @@ impl State {
                         backends: Vec::new(),
                         regions: Vec::new(),
                         digest: 0,
+                        ring_backends: Vec::new(),
+                        settled: false,
                     });
                 }
                 Change::ConfigureVip(key) => {

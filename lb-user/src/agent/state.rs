@@ -16,7 +16,7 @@ use crate::datapath::Dataplane;
 use crate::policy::health::{HealthState, Outcome};
 use crate::policy::maglev;
 
-use super::{Event, agent_metrics, announce};
+use super::{Event, agent_metrics, announce, history};
 
 pub(super) use crate::datapath::encode::addr16;
 
@@ -141,6 +141,12 @@ pub(super) struct VipRt {
     /// Digest of the active ring as backend addresses (not ids, which are
     /// per node): equal on every node that makes the same choices.
     pub(super) digest: u64,
+    /// The backends (address, weight) of the ring installed last: the
+    /// previous ring's, remembered on disk, when it changes (`history`).
+    pub(super) ring_backends: Vec<(IpAddr, u32)>,
+    /// Every backend has had a verdict since the agent started: rings
+    /// from now on are real ones (see `rebuild_ring`).
+    pub(super) settled: bool,
 }
 
 /// FNV-1a over each ring slot's backend address (zeros for an empty slot).
@@ -181,6 +187,8 @@ pub(super) struct State {
     pub(super) drained: bool,
     /// Until the datapath is attached nothing is announced or withdrawn.
     pub(super) attached: bool,
+    /// The second chance's previous rings, kept on disk across reboots.
+    pub(super) history: history::History,
 }
 
 /// One probe's outcome, for the applier.
@@ -223,7 +231,19 @@ impl State {
                 ..entry(b)
             })
             .collect();
-        let (sched, m, keep_s) = (v.cfg.scheduler, v.cfg.ring_size, v.cfg.second_chance_s);
+        // Until every backend has had its first verdict once, the ring is
+        // still being built (a start without a datapath to adopt): those
+        // rings are no previous ring of anything. (A backend added later
+        // is unchecked too, but the ring before it is a real one.)
+        let warming = !v.settled
+            && v.backends
+                .iter()
+                .any(|b| b.state() == BackendState::Unchecked);
+        let (sched, m, keep_s) = (
+            v.cfg.scheduler,
+            v.cfg.ring_size,
+            if warming { 0 } else { v.cfg.second_chance_s },
+        );
         let second_of = |sub: &[maglev::Entry], region: Option<&[IpAddr]>| {
             let extra: Vec<_> = drained
                 .iter()
@@ -247,13 +267,70 @@ impl State {
         let digest = ring_digest(&table, |id| {
             entries.iter().find(|e| e.id == id).map(|e| e.addr)
         });
-        let second = second_of(&entries, None);
+        let drained_ring = second_of(&entries, None);
         let key = v.key;
         let vip_id = v.vip_id;
-        self.vips[vi].digest = digest;
+        let name = vip_ref(&v.cfg).to_string();
+        let backends_now: Vec<(IpAddr, u32)> = v
+            .backends
+            .iter()
+            .filter(|b| b.in_ring())
+            .map(|b| (b.cfg.address, b.cfg.weight))
+            .collect();
+        // Started without a datapath that knew a previous ring: the one
+        // this node remembers, for what is left of its time.
+        let remembered =
+            if drained_ring.is_none() && keep_s > 0 && self.dp.prev_until(vip_id)? == 0 {
+                self.history.get(&name).map(|(r, left)| {
+                    let prev: Vec<_> =
+                        r.backends
+                            .iter()
+                            .filter_map(|(a, w)| {
+                                v.backends.iter().find(|b| b.cfg.address == *a).map(|b| {
+                                    maglev::Entry {
+                                        weight: *w,
+                                        ..entry(b)
+                                    }
+                                })
+                            })
+                            .collect();
+                    (
+                        crate::policy::sched::ring(sched, &prev, m),
+                        left.min(u64::from(keep_s)) as u32,
+                    )
+                })
+            } else {
+                None
+            };
+        let second = match (&drained_ring, &remembered) {
+            (Some(t), _) => Some((t.as_slice(), u32::MAX)),
+            (None, Some((t, left))) if !t.is_empty() => {
+                tracing::info!(vip = %name, seconds = left, "second chance: the previous ring remembered from before the start");
+                Some((t.as_slice(), *left))
+            }
+            _ => None,
+        };
+        let changed = digest != self.vips[vi].digest;
         self.dp
-            .install_ring_with(&key, &table, keep_s, second.as_deref())
+            .install_ring_with(&key, &table, keep_s, second)
             .context("installing ring")?;
+        // A change after warm-up dates a previous ring: remember it (a ring
+        // installed while warming up is nobody's previous ring).
+        let old = std::mem::replace(
+            &mut self.vips[vi].ring_backends,
+            if warming { Vec::new() } else { backends_now },
+        );
+        if changed && keep_s > 0 && !old.is_empty() && second.is_none() {
+            self.history.set(
+                &name,
+                history::Record {
+                    until_unix: history::now_unix() + u64::from(keep_s),
+                    backends: old,
+                },
+            );
+        }
+        self.vips[vi].digest = digest;
+        self.vips[vi].settled |= !warming;
         // Each region: its live backends' ring, or (none live) no entry at
         // all, so that its clients fall back to the whole VIP.
         for r in &self.vips[vi].regions {
@@ -281,7 +358,7 @@ impl State {
                 r.ring_id,
                 &crate::policy::sched::ring(sched, &sub, m),
                 keep_s,
-                second.as_deref(),
+                second.as_deref().map(|t| (t, u32::MAX)),
             )?;
         }
         Ok(())

@@ -42,7 +42,7 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         ring_id: u32,
         table: &[u32],
         keep_s: u32,
-        second: Option<&[u32]>,
+        second: Option<(&[u32], u32)>,
     ) -> Result<()> {
         let n = table.len() as u32;
         let live = match prefixes.first() {

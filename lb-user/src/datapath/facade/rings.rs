@@ -86,16 +86,17 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         self.install_ring_with(key, table, keep_s, None)
     }
 
-    /// [`Self::install_ring_keeping`], or, with `second`, that table as the
-    /// second chance's ring for as long as it is given (the ring with the
-    /// VIP's drained backends in it: their connections stay reachable
-    /// whatever node a flow lands on, a fresh one included).
+    /// [`Self::install_ring_keeping`], or, with `second` (a table and its
+    /// seconds, `u32::MAX`: no end), that table as the second chance's ring
+    /// (the ring with the VIP's drained backends in it, whose connections
+    /// then stay reachable whatever node a flow lands on, a fresh one
+    /// included; or a previous ring remembered across a reboot).
     pub fn install_ring_with(
         &mut self,
         key: &VipKey,
         table: &[u32],
         keep_s: u32,
-        second: Option<&[u32]>,
+        second: Option<(&[u32], u32)>,
     ) -> Result<()> {
         let mut meta = self.vip(key)?;
         let live =
@@ -119,23 +120,23 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     /// After a ring install (`placed`: flipped to a new table, `fresh` when
     /// in a new range), says what the ring's other half is to the datapath:
     /// the previous ring for `keep_s` seconds, none in a new range, or
-    /// `second` (written there) with no end. `ring`: (offset, size, active
-    /// half).
+    /// `second` (written there) for its seconds. `ring`: (offset, size,
+    /// active half).
     pub(super) fn date_second_ring(
         &mut self,
         ring_id: u32,
         ring: (u32, u32, u32),
         placed: Option<(u32, u32, bool)>,
         keep_s: u32,
-        second: Option<&[u32]>,
+        second: Option<(&[u32], u32)>,
     ) -> Result<()> {
         let (offset, size, half) = ring;
-        if let Some(second) = second.filter(|s| s.len() as u32 == size) {
+        if let Some((second, secs)) = second.filter(|s| s.0.len() as u32 == size) {
             let idle = ring_base(offset, size, half ^ 1);
             if self.read_rings(idle, size).as_deref() != Some(second) {
                 self.write_rings(idle, second)?;
             }
-            return self.set_prev_until(ring_id, u32::MAX);
+            return self.set_prev_until(ring_id, secs);
         }
         match placed {
             Some((_, _, fresh)) => self.set_prev_until(ring_id, if fresh { 0 } else { keep_s }),
@@ -187,19 +188,32 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         lookup_batch_u32(fd, base, n).ok()
     }
 
+    /// Until when ring `ring_id`'s other half counts as its previous ring
+    /// (the datapath's clock, seconds; 0: it does not; `u32::MAX`: while
+    /// the agent says so). 0 for an older object without the map.
+    pub fn prev_until(&mut self, ring_id: u32) -> Result<u32> {
+        let name = lb_common::MAP_PREV_RING_UNTIL;
+        let Ok(map) = self.map(name) else {
+            return Ok(0);
+        };
+        let until: Array<_, u32> = Array::try_from(map).map_err(map_err(name))?;
+        until.get(&ring_id, 0).map_err(map_err(name))
+    }
+
     /// Says until when ring `ring_id`'s other half is its previous ring:
-    /// `keep_s` seconds from now on the datapath's clock (0: it is not).
-    /// An older object without `PREV_RING_UNTIL` goes without.
+    /// `keep_s` seconds from now on the datapath's clock (0: it is not;
+    /// `u32::MAX`: until said otherwise). An older object without
+    /// `PREV_RING_UNTIL` goes without.
     pub(super) fn set_prev_until(&mut self, ring_id: u32, keep_s: u32) -> Result<()> {
         let name = lb_common::MAP_PREV_RING_UNTIL;
         let Ok(map) = self.map_mut(name) else {
             return Ok(());
         };
         let mut until: Array<_, u32> = Array::try_from(map).map_err(map_err(name))?;
-        let at = if keep_s == 0 {
-            0
-        } else {
-            coarse_monotonic_s().saturating_add(keep_s)
+        let at = match keep_s {
+            0 => 0,
+            u32::MAX => u32::MAX,
+            s => coarse_monotonic_s().saturating_add(s),
         };
         until.set(ring_id, at, 0).map_err(map_err(name))
     }

@@ -468,6 +468,12 @@ impl Lab {
             }
         }
         let _ = std::fs::remove_dir_all(self.run_dir());
+        // The agents' second-chance memory (`/var/lib/lb/<instance>...`).
+        for n in 1..=self.nodes.max(1) {
+            let _ = std::fs::remove_file(crate::agent::history::path_of(&self.instance_of(n)));
+        }
+        // (Only if nothing else is kept there.)
+        let _ = std::fs::remove_dir("/var/lib/lb");
         Ok(())
     }
 
