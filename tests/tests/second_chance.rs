@@ -543,3 +543,81 @@ fn the_backend_host_delivers_what_it_knows_and_forwards_the_rest_once() {
          unreachable ×2"
     );
 }
+
+/// Issue 24's (d), in fixtures: a SYN flood larger than the connection
+/// table (the flood guard off), then a ring change. A `gue` VIP with a
+/// table and no second chance (the control) loses established flows to
+/// the flood and moves some of them; the
+/// same VIP without a table (the second chance alone) has nothing to
+/// evict, and every established flow's packet still reaches its backend:
+/// as the first hop, or named as the second.
+#[test]
+fn a_syn_flood_leaves_a_stateless_vips_connections_reachable() {
+    const FLOWS: u16 = 1000;
+    const FLOOD: u32 = 70_000; // above the fixture's 65,536 table slots
+    let mut f = Fixture::new().expect("load");
+    // The control: a table, no second chance.
+    let mut table = vip(&mut f, AF_INET, 9100, 0, 0, true);
+    let meta = f.dp().vip(&table.key).expect("meta");
+    f.dp()
+        .upsert_vip(
+            &table.key,
+            lb_common::VipMeta {
+                flags: meta.flags & !VIP_F_SECOND_CHANCE,
+                ..meta
+            },
+        )
+        .expect("no second chance");
+    let mut stateless = vip(&mut f, AF_INET, 9101, 1, 10, false);
+    let client = |i: u16| ([198, 18, 30 + (i / 250) as u8, (i % 250) as u8], 40000 + i);
+    let first = |f: &mut Fixture, port| -> Vec<[u8; 16]> {
+        (0..FLOWS)
+            .map(|i| {
+                let (a, p) = client(i);
+                hops(
+                    &f.run(&tcp4(a, VIP4, p, port, b"")).expect("run").out,
+                    AF_INET,
+                )
+                .0
+            })
+            .collect()
+    };
+    let before = [first(&mut f, 9100), first(&mut f, 9101)];
+    f.dp().set_flood_limit(0).expect("guard off");
+    for n in 0..FLOOD {
+        let a = [198, 19, (n >> 8) as u8, n as u8];
+        for port in [9100, 9101] {
+            let r = f
+                .run(&tcp4_syn(a, VIP4, 1024 + (n >> 16) as u16, port))
+                .expect("flood");
+            assert_eq!(r.action, action::TX, "a flood packet is still forwarded");
+        }
+    }
+    add_fourth(&mut f, &mut table);
+    add_fourth(&mut f, &mut stateless);
+    let (mut table_moved, mut stateless_missed) = (0, 0);
+    for i in 0..FLOWS {
+        let (a, p) = client(i);
+        let out = f.run(&tcp4(a, VIP4, p, 9100, b"")).expect("run").out;
+        table_moved += usize::from(hops(&out, AF_INET).0 != before[0][i as usize]);
+        let (dst, second) = hops(
+            &f.run(&tcp4(a, VIP4, p, 9101, b"")).expect("run").out,
+            AF_INET,
+        );
+        stateless_missed +=
+            usize::from(dst != before[1][i as usize] && second != Some(before[1][i as usize]));
+    }
+    println!(
+        "after {FLOOD} SYN sources and a ring change: table VIP {table_moved} of {FLOWS} flows \
+         sent elsewhere; table-less VIP with the second chance {stateless_missed} not sent to \
+         their backend"
+    );
+    assert_eq!(
+        stateless_missed, 0,
+        "every flow reaches its backend, first or second hop"
+    );
+    assert!(
+        table_moved > 0,
+        "the control: the flood evicted flows the ring change then moved"
+    );
+}
