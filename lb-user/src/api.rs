@@ -244,6 +244,10 @@ pub struct ExplainInfo {
     pub backend: Option<IpAddr>,
     /// "connection table", "ring slot N", or why there is no answer.
     pub via: String,
+    /// The second chance: the backend a packet of this 5-tuple that is not
+    /// a SYN also names, as its second hop, when the ring decides and the
+    /// VIP's previous ring gave the slot to another backend.
+    pub second_hop: Option<IpAddr>,
 }
 
 /// `{"vip": "198.18.0.100:80/tcp", "packets": …, "bytes": …, "new_flows": …}`

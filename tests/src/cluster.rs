@@ -370,6 +370,30 @@ pub fn ring_change_then_node_loss(
             Duration::ZERO
         }
     };
+    // `lb explain` names the second hop of flows the change moved.
+    let vip: lb_user::api::VipRef = format!("{}:80/tcp", lab::VIP4).parse().expect("vip");
+    let named = (40000..40100u16)
+        .filter(|port| {
+            let v = c
+                .call(
+                    2,
+                    &Request::Explain {
+                        vip: vip.clone(),
+                        client: std::net::SocketAddr::new(
+                            lab::client4(1, 0).parse().unwrap(),
+                            *port,
+                        ),
+                    },
+                )
+                .expect("explain");
+            !v["second_hop"].is_null()
+        })
+        .count();
+    assert_eq!(
+        named > 0,
+        second_chance,
+        "lb explain names a second hop for {named} of 100 new clients"
+    );
     // Every connection still works (each node's table keeps its flows).
     for (ka, first) in conns.iter_mut() {
         assert_eq!(&ka.ask().expect("before the loss"), first);

@@ -210,6 +210,22 @@ impl State {
                 ),
             ),
         };
+        // The second chance: where the ring decides, the previous ring's
+        // backend of the same slot, if it is another live one.
+        let second_hop = match (table_backend, slot, cfg.second_chance_s > 0) {
+            (None, Some(s), true) => self
+                .dp
+                .prev_ring_slot(&key, s)?
+                .filter(|id| Some(*id) != self.dp.ring_slot(&key, s).ok())
+                .and_then(|id| {
+                    self.vips[vi]
+                        .backends
+                        .iter()
+                        .find(|b| b.id == id && b.health.up)
+                        .map(|b| b.cfg.address)
+                }),
+            _ => None,
+        };
         Ok(ExplainInfo {
             vip: r.clone(),
             client,
@@ -220,6 +236,7 @@ impl State {
             table_backend,
             backend,
             via,
+            second_hop,
         })
     }
 

@@ -161,6 +161,9 @@ pub(super) fn explain(e: &ExplainInfo) {
     }
     println!("  connection table {}", show(e.table_backend));
     println!("  goes to          {} (via {})", show(e.backend), e.via);
+    if let Some(h) = e.second_hop {
+        println!("  second hop       {h} (the previous ring's, for a packet that is not a SYN)");
+    }
 }
 
 /// `lb health`.

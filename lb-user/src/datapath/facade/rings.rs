@@ -188,6 +188,23 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         lookup_batch_u32(fd, base, n).ok()
     }
 
+    /// The backend id in slot `slot` of the VIP's previous ring (the other
+    /// half), if the datapath counts it now (`prev_until`).
+    pub fn prev_ring_slot(&mut self, key: &VipKey, slot: u32) -> Result<Option<u32>> {
+        let meta = self.vip(key)?;
+        let until = self.prev_until(meta.vip_id)?;
+        if until == 0 || (until != u32::MAX && until < coarse_monotonic_s()) {
+            return Ok(None);
+        }
+        let name = lb_common::MAP_RINGS;
+        let rings: Array<_, u32> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
+        let base = ring_base(meta.ring_offset, meta.ring_size, meta.active_half ^ 1);
+        rings
+            .get(&(base + slot), 0)
+            .map(Some)
+            .map_err(map_err(name))
+    }
+
     /// Until when ring `ring_id`'s other half counts as its previous ring
     /// (the datapath's clock, seconds; 0: it does not; `u32::MAX`: while
     /// the agent says so). 0 for an older object without the map.
