@@ -86,5 +86,8 @@ pub struct TraceRecord {
     /// 1: encapsulated (`ipip`), 2: in UDP (`gue`), 0: MACs rewritten
     /// (`dsr`) or not forwarded.
     pub ipip: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The second chance's second hop named in the GUE header (a backend
+    /// id), or 0.
+    pub second_hop_id: u32,
 }

@@ -208,9 +208,10 @@ pub(crate) struct Choice {
     /// Flags the new entry keeps from the one it replaces
     /// (`FLOW_F_SIGNALLED` for a SYN sent again).
     carry: u16,
-    /// The second chance's second hop (`sched::second_hop`): the flow may
-    /// be the previous ring's backend's, so it is not recorded.
-    second: Option<&'static Backend>,
+    /// The second chance's second hop (`sched::second_hop`), id and entry:
+    /// the flow may be the previous ring's backend's, so it is not
+    /// recorded.
+    second: Option<(u32, &'static Backend)>,
 }
 
 /// Keeps the flow's backend, unless the flow opens anew (a SYN without
@@ -465,6 +466,9 @@ fn rewrite<O: Observe>(
             return Err(log::dropped(pkt, verdict::TOO_BIG, id));
         }
         seen.ipip(gue);
+        if let Some((id, _)) = c.second {
+            seen.second_hop(id);
+        }
         // The outer source varies per flow with the table hash, so a
         // receiver's RSS spreads flows (of one client too) over its queues.
         let flow_hash = if found.use_table {
@@ -480,7 +484,7 @@ fn rewrite<O: Observe>(
             flow_hash,
             hop,
             gue,
-            c.second,
+            c.second.map(|s| s.1),
         )
         .is_err()
         {

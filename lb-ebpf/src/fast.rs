@@ -383,7 +383,7 @@ fn stateless(t: &Tuple) -> Option<Target> {
     // previous ring placed (the second chance); a SYN opens where the
     // ring says, and UDP has no connection to look for.
     let second = if t.proto == PROTO_TCP && t.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        second_hop(vip, &ring, h, id)
+        second_hop(vip, &ring, h, id).map(|s| s.1)
     } else {
         None
     };

@@ -261,6 +261,7 @@ pub struct SeenData {
     pub ring: u8,
     pub scheduler: u8,
     pub ipip: u8,
+    pub second_hop_id: u32,
 }
 
 /// Traced packets, read by `lb trace`.

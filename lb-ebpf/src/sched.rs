@@ -205,7 +205,7 @@ pub(crate) fn second_hop(
     ring: &Ring,
     h: u32,
     first: u32,
-) -> Option<&'static Backend> {
+) -> Option<(u32, &'static Backend)> {
     if vip.flags & VIP_F_SECOND_CHANCE == 0 || vip.scheduler != SCHED_MAGLEV || ring.size == 0 {
         return None;
     }
@@ -215,5 +215,5 @@ pub(crate) fn second_hop(
     }
     let base = ring_base(ring.offset, ring.size, ring.half ^ 1);
     let (id, b) = ring_entry(base, h % ring.size)?;
-    if id == first { None } else { Some(b) }
+    if id == first { None } else { Some((id, b)) }
 }

@@ -44,6 +44,7 @@ impl Seen {
             ring: trace_ring::NONE,
             scheduler: 0,
             ipip: 0,
+            second_hop_id: 0,
         };
         Some(Seen(d))
     }
@@ -62,6 +63,8 @@ pub trait Observe {
     fn backend(&mut self, id: u32);
     /// Encapsulated: IPIP, or GUE (`gue`).
     fn ipip(&mut self, gue: bool);
+    /// The second chance's second hop, named in the GUE header.
+    fn second_hop(&mut self, id: u32);
 }
 
 /// The untraced balancer.
@@ -78,6 +81,8 @@ impl Observe for Quiet {
     fn backend(&mut self, _: u32) {}
     #[inline(always)]
     fn ipip(&mut self, _gue: bool) {}
+    #[inline(always)]
+    fn second_hop(&mut self, _: u32) {}
 }
 
 impl Observe for Seen {
@@ -104,6 +109,10 @@ impl Observe for Seen {
     #[inline(always)]
     fn ipip(&mut self, gue: bool) {
         self.0.ipip = if gue { 2 } else { 1 };
+    }
+    #[inline(always)]
+    fn second_hop(&mut self, id: u32) {
+        self.0.second_hop_id = id;
     }
 }
 
@@ -178,7 +187,8 @@ pub fn emit(c: &TraceCfg, key: &FlowKey, seen: &SeenData, verdict: u32) {
         (*r).ring = seen.ring;
         (*r).scheduler = seen.scheduler;
         (*r).ipip = seen.ipip;
-        (*r)._pad = [0; 6];
+        (*r)._pad = [0; 2];
+        (*r).second_hop_id = seen.second_hop_id;
     }
     e.submit(0);
 }

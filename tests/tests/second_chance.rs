@@ -621,3 +621,57 @@ fn a_syn_flood_leaves_a_stateless_vips_connections_reachable() {
         "the control: the flood evicted flows the ring change then moved"
     );
 }
+
+/// `lb trace` names the second hop: the traced balancer records it, and the
+/// trace's explanation shows its address.
+#[test]
+fn a_trace_names_the_second_hop() {
+    let mut f = Fixture::new().expect("load");
+    let mut spec = vip(&mut f, AF_INET, 9200, 0, 0, false);
+    let (before, after) = add_fourth(&mut f, &mut spec);
+    let src = v4(CLIENT4);
+    let slot = |sport| (hash::hash_5tuple(&src, sport, 9200, PROTO_TCP) % RING) as usize;
+    let sport = (41000..42000u16)
+        .find(|p| before[slot(*p)] != after[slot(*p)])
+        .expect("a flow the change moved");
+    let mut cfg: aya::maps::Array<_, lb_common::TraceCfg> =
+        aya::maps::Array::try_from(f.ebpf.map_mut(lb_common::MAP_TRACE_CFG).expect("map"))
+            .expect("array");
+    cfg.set(
+        0,
+        lb_common::TraceCfg {
+            owner_pid: std::process::id(),
+            ..Default::default()
+        },
+        0,
+    )
+    .expect("tracing on");
+    f.run(&packet(AF_INET, sport, 9200, false)).expect("run");
+    let mut ring = aya::maps::RingBuf::try_from(f.ebpf.map_mut(lb_common::MAP_TRACE).expect("map"))
+        .expect("ring");
+    let item = ring.next().expect("a trace record");
+    assert!(item.len() >= std::mem::size_of::<lb_common::TraceRecord>());
+    // SAFETY: a record of the datapath's `TraceRecord` (plain integers),
+    // the length checked.
+    let r: lb_common::TraceRecord =
+        unsafe { std::ptr::read_unaligned(item.as_ptr() as *const lb_common::TraceRecord) };
+    drop(item);
+    let e = lb_user::datapath::trace::explain(&r, r.ts_ns, |id| {
+        spec.backends
+            .iter()
+            .find(|b| b.0 == id)
+            .map(|b| std::net::IpAddr::from(<[u8; 4]>::try_from(&b.1[..4]).unwrap()))
+    });
+    println!("{e}");
+    let prev = spec
+        .backends
+        .iter()
+        .find(|b| b.0 == before[slot(sport)])
+        .unwrap()
+        .1;
+    assert_eq!(e.rewrite, Some("gue"));
+    assert_eq!(
+        e.second_hop,
+        Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(&prev[..4]).unwrap()).to_string())
+    );
+}

@@ -168,6 +168,9 @@ pub struct Explained {
     /// `dsr` (MACs rewritten), `ipip` or `gue` (encapsulated), when
     /// forwarded.
     pub rewrite: Option<&'static str>,
+    /// The second chance's second hop named in the GUE header (its
+    /// address when the agent could name it, else its id).
+    pub second_hop: Option<String>,
     pub verdict: &'static str,
     pub action: &'static str,
 }
@@ -239,6 +242,11 @@ pub fn explain(
             2 => "gue",
             _ => "ipip",
         }),
+        second_hop: (r.second_hop_id != 0).then(|| {
+            backend_of(r.second_hop_id)
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| format!("backend id {}", r.second_hop_id))
+        }),
         verdict: lb_common::verdict::NAMES
             .get(r.verdict as usize)
             .copied()
@@ -290,6 +298,9 @@ impl std::fmt::Display for Explained {
         }
         if let Some(r) = self.rewrite {
             write!(f, "  {r}")?;
+        }
+        if let Some(h) = &self.second_hop {
+            write!(f, " second hop {h}")?;
         }
         write!(f, "  {} ({})", self.verdict, self.action)
     }
