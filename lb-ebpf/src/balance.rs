@@ -208,10 +208,11 @@ pub(crate) struct Choice {
     /// Flags the new entry keeps from the one it replaces
     /// (`FLOW_F_SIGNALLED` for a SYN sent again).
     carry: u16,
-    /// The second chance's second hop (`sched::second_hop`), id and entry:
-    /// the flow may be the previous ring's backend's, so it is not
-    /// recorded.
-    second: Option<(u32, &'static Backend)>,
+    /// The second chance's second hop (`sched::second_hop`), a backend id
+    /// (0: none; an id, not the entry, keeps this struct as small as
+    /// before: it lives through the whole general path): the flow may be
+    /// the previous ring's backend's, so it is not recorded.
+    second: u32,
 }
 
 /// Keeps the flow's backend, unless the flow opens anew (a SYN without
@@ -308,7 +309,7 @@ fn choose<O: Observe>(pkt: &Packet, found: &Found, seen: &mut O) -> Result<Choic
                 nat_refresh,
                 now,
                 carry: 0,
-                second: None,
+                second: 0,
             });
         }
         if fresh {
@@ -348,9 +349,9 @@ fn choose<O: Observe>(pkt: &Packet, found: &Found, seen: &mut O) -> Result<Choic
     // A TCP packet that opens no connection may be of one the previous
     // ring placed (see `fast::stateless`).
     let second = if pkt.key.proto == PROTO_TCP && !opening && !pkt.icmp_error {
-        second_hop(vip, &ring, h, id)
+        second_hop(vip, &ring, h, id).map_or(0, |s| s.0)
     } else {
-        None
+        0
     };
     Ok(Choice {
         id,
@@ -449,7 +450,7 @@ fn rewrite<O: Observe>(
         } else {
             40
         } + if gue {
-            forward::gue_overhead(pkt.family, c.second.is_some())
+            forward::gue_overhead(pkt.family, c.second != 0)
         } else {
             0
         };
@@ -466,8 +467,8 @@ fn rewrite<O: Observe>(
             return Err(log::dropped(pkt, verdict::TOO_BIG, id));
         }
         seen.ipip(gue);
-        if let Some((id, _)) = c.second {
-            seen.second_hop(id);
+        if c.second != 0 {
+            seen.second_hop(c.second);
         }
         // The outer source varies per flow with the table hash, so a
         // receiver's RSS spreads flows (of one client too) over its queues.
@@ -484,7 +485,11 @@ fn rewrite<O: Observe>(
             flow_hash,
             hop,
             gue,
-            c.second.map(|s| s.1),
+            if c.second != 0 {
+                backend(c.second)
+            } else {
+                None
+            },
         )
         .is_err()
         {
@@ -513,7 +518,7 @@ fn record(pkt: &Packet, found: &Found, c: &mut Choice, nat_src: (u16, u16)) {
     if !c.new_flow
         || !found.use_table
         || pkt.icmp_error
-        || c.second.is_some()
+        || c.second != 0
         || !(nat_vip || may_record_flow())
     {
         return;

@@ -32,7 +32,7 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{
     AF_INET, AF_INET6, Backend, FLOW_F_OPENING, FLOW_F_SIGNALLED, FlowKey, PROTO_TCP, PROTO_UDP,
     SETTINGS_F_FIB, VIP_F_GUE, VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NAT, VIP_F_NO_FLOW_TABLE,
-    flow_set_base, flow_tag_folded, hash, verdict,
+    VIP_F_SECOND_CHANCE, flow_set_base, flow_tag_folded, hash, verdict,
 };
 use network_types::{
     eth::EthHdr,
@@ -382,7 +382,10 @@ fn stateless(t: &Tuple) -> Option<Target> {
     // A TCP packet that does not open a connection may belong to one the
     // previous ring placed (the second chance); a SYN opens where the
     // ring says, and UDP has no connection to look for.
-    let second = if t.proto == PROTO_TCP && t.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+    let second = if vip.flags & VIP_F_SECOND_CHANCE != 0
+        && t.proto == PROTO_TCP
+        && t.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN
+    {
         second_hop(vip, &ring, h, id).map(|s| s.1)
     } else {
         None
