@@ -16,12 +16,16 @@
 //! through general stages, its key stored and read back around every map
 //! lookup (BPF calls leave four registers to keep values in).
 //!
+//! A TCP SYN (without ACK) to a VIP with a table is scheduled and
+//! recorded here too ([`opening`]), as the staged balancer does it.
+//!
 //! It takes a packet only where the answer is the staged balancer's own,
 //! and hands back (`None`, before touching the packet) everything else:
 //! not Ethernet + IPv4 without options / IPv6 without extension headers +
-//! TCP or UDP; for a VIP with a table, a TCP SYN, FIN or RST (they open,
-//! reschedule or close flows), no entry (a new flow, recorded there), or
-//! one still opening (`FLOW_F_OPENING`); no live backend; a VIP that
+//! TCP or UDP; for a VIP with a table, a FIN or RST (they close flows), a
+//! SYN to a least-connections VIP (its counts) or of a flow counted there,
+//! a non-SYN without an entry (a new flow, recorded there), or one still
+//! opening (`FLOW_F_OPENING`); no live backend; a VIP that
 //! moved, a full-NAT VIP, an idle flow past its timeout, a backend down or
 //! without a next-hop MAC, `next_hop = "fib"`, a packet too big to
 //! encapsulate. Every one of those is the staged balancer's, which then
@@ -30,9 +34,10 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    AF_INET, AF_INET6, Backend, FLOW_F_OPENING, FLOW_F_SIGNALLED, FlowKey, PROTO_TCP, PROTO_UDP,
-    SETTINGS_F_FIB, VIP_F_GUE, VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NAT, VIP_F_NO_FLOW_TABLE,
-    VIP_F_SECOND_CHANCE, flow_set_base, flow_tag_folded, hash, verdict,
+    AF_INET, AF_INET6, Backend, FLOW_F_COUNTED, FLOW_F_OPENING, FLOW_F_SIGNALLED, Flow, FlowKey,
+    PROTO_TCP, PROTO_UDP, SCHED_LEAST_CONN, SETTINGS_F_FIB, VIP_F_GUE, VIP_F_HASH_SRC_IP,
+    VIP_F_IPIP, VIP_F_NAT, VIP_F_NO_FLOW_TABLE, VIP_F_SECOND_CHANCE, flow_set_base,
+    flow_tag_folded, hash, verdict,
 };
 use network_types::{
     eth::EthHdr,
@@ -41,13 +46,13 @@ use network_types::{
 };
 
 use crate::{
-    flow::now_s,
+    flow::{may_record_flow, now_s},
     forward::{self, Hop, Inner},
     log,
     maps::{SETTINGS, flow_sets},
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
     sched::{backend, ring_for_src, schedule, second_hop, vip_ring},
-    send_or, stats, table,
+    send_or, signal, stats, table,
     vip::{lookup_vip_by, maybe_fast_vip, vip_by_id},
 };
 
@@ -79,6 +84,27 @@ impl Tuple {
     fn table_hash(&self) -> u32 {
         let fold = |a: &[u32; 4]| a[0] ^ a[1] ^ a[2] ^ a[3];
         hash::table_hash(fold(&self.src), self.ports as u16, self.dport(), self.proto)
+    }
+
+    /// Whether the 40-byte table key at `k` is this flow's (compared as
+    /// words, see `table::find`).
+    #[inline(always)]
+    fn is_key(&self, k: *const u32) -> bool {
+        let w = |i| {
+            // SAFETY: `k` is a slot's 40-byte key (see `table::find`).
+            unsafe { core::ptr::read_volatile(k.add(i)) }
+        };
+        (w(0) ^ self.src[0])
+            | (w(1) ^ self.src[1])
+            | (w(2) ^ self.src[2])
+            | (w(3) ^ self.src[3])
+            | (w(4) ^ self.dst[0])
+            | (w(5) ^ self.dst[1])
+            | (w(6) ^ self.dst[2])
+            | (w(7) ^ self.dst[3])
+            | (w(8) ^ self.ports)
+            | (w(9) ^ u32::from(self.proto))
+            == 0
     }
 
     /// The client address as `FlowKey` holds it.
@@ -275,6 +301,11 @@ fn forward_flow(ctx: &XdpContext, t: &Tuple, folded_dst: u32) -> Option<(u32, u3
         if let Some(e) = established(t, h, folded_dst) {
             return send_to(ctx, t, h, &e);
         }
+    } else if (table || table0)
+        && t.proto == PROTO_TCP
+        && t.tcp_flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST) == TCP_SYN
+    {
+        return opening(ctx, t, folded_dst);
     }
     // (Here a port VIP with a table may still share its address with an
     // every-port VIP without one.)
@@ -298,23 +329,7 @@ fn forward_flow(ctx: &XdpContext, t: &Tuple, folded_dst: u32) -> Option<(u32, u3
 #[inline(always)]
 fn established(t: &Tuple, h: u32, folded_dst: u32) -> Option<Target> {
     let tag = flow_tag_folded(h, folded_dst);
-    let (s, word) = table::find(flow_set_base(h, flow_sets()), tag, |k| {
-        let w = |i| {
-            // SAFETY: `k` is a slot's 40-byte key (see `table::find`).
-            unsafe { core::ptr::read_volatile(k.add(i)) }
-        };
-        (w(0) ^ t.src[0])
-            | (w(1) ^ t.src[1])
-            | (w(2) ^ t.src[2])
-            | (w(3) ^ t.src[3])
-            | (w(4) ^ t.dst[0])
-            | (w(5) ^ t.dst[1])
-            | (w(6) ^ t.dst[2])
-            | (w(7) ^ t.dst[3])
-            | (w(8) ^ t.ports)
-            | (w(9) ^ u32::from(t.proto))
-            == 0
-    })?;
+    let (s, word) = table::find(flow_set_base(h, flow_sets()), tag, |k| t.is_key(k))?;
     let f = table::flow_of(s);
     // SAFETY: a pointer into the slot's map value (see `table`).
     let (vip_id, flags, last) = unsafe { ((*f).vip_id, (*f).flags, (*f).last_seen_s) };
@@ -348,6 +363,123 @@ fn established(t: &Tuple, h: u32, folded_dst: u32) -> Option<Target> {
         new_flow: false,
         second: None,
     })
+}
+
+/// A `FlowKey` built on the stack a word at a time: built as a struct,
+/// LLVM merges its zero words into 8-byte stores at 4-aligned offsets
+/// (the objects allow misaligned access), which the verifier refuses on
+/// the stack.
+#[repr(C, align(8))]
+struct KeyWords([u32; 10]);
+
+impl KeyWords {
+    /// Writes `t`'s key into `k` in place, a word at a time (built and
+    /// returned, it is copied with merged stores again).
+    #[inline(always)]
+    fn fill<'a>(k: &'a mut core::mem::MaybeUninit<KeyWords>, t: &Tuple) -> &'a KeyWords {
+        let p = k.as_mut_ptr() as *mut u32;
+        let w = [
+            t.src[0],
+            t.src[1],
+            t.src[2],
+            t.src[3],
+            t.dst[0],
+            t.dst[1],
+            t.dst[2],
+            t.dst[3],
+            t.ports,
+            u32::from(t.proto),
+        ];
+        for (i, v) in w.into_iter().enumerate() {
+            // SAFETY: within the ten words; volatile so no two are merged.
+            unsafe { core::ptr::write_volatile(p.add(i), v) };
+        }
+        // SAFETY: every word written above.
+        unsafe { k.assume_init_ref() }
+    }
+
+    #[inline(always)]
+    fn key(&self) -> &FlowKey {
+        // SAFETY: `FlowKey` is `repr(C)`, 40 bytes of plain integers at
+        // these words' offsets (as `table` compares them), alignment 4.
+        unsafe { &*(self.0.as_ptr() as *const FlowKey) }
+    }
+}
+
+/// A TCP SYN (without ACK) to a VIP with a connection table: scheduled
+/// and recorded as the staged balancer does it (`balance::choose` and
+/// `record`: the VIP from the directory, its ring and scheduler; the entry
+/// written after the packet is rewritten, unless the flood guard says no;
+/// a SYN again for a flow still opening signalled once per attempt), or
+/// `None` (handed back, nothing written): full NAT, least connections (its
+/// counts), an entry that counts for least connections, and whatever
+/// [`send_to`] hands back.
+#[inline(always)]
+fn opening(ctx: &XdpContext, t: &Tuple, folded_dst: u32) -> Option<(u32, u32)> {
+    let vip = lookup_vip_by(&t.dst, t.dport(), t.proto, t.family)?;
+    if vip.flags & (VIP_F_NAT | VIP_F_NO_FLOW_TABLE) != 0 || vip.scheduler == SCHED_LEAST_CONN {
+        return None;
+    }
+    let th = t.table_hash();
+    let (base, tag) = (
+        flow_set_base(th, flow_sets()),
+        flow_tag_folded(th, folded_dst),
+    );
+    let mut carry = 0;
+    if let Some((s, word)) = table::find(base, tag, |k| t.is_key(k)) {
+        let f = table::flow_of(s);
+        // SAFETY: a pointer into the slot's map value (see `table`).
+        let flags = unsafe { (*f).flags };
+        if flags & FLOW_F_COUNTED != 0 {
+            return None;
+        }
+        if flags & FLOW_F_OPENING != 0 {
+            // The client's SYN again: no SYN-ACK reached it.
+            if flags & FLOW_F_SIGNALLED == 0 {
+                let mut key = core::mem::MaybeUninit::uninit();
+                let key = KeyWords::fill(&mut key, t);
+                signal::syn_again((word >> 32) as u32, t.family, key.key());
+            }
+            carry = FLOW_F_SIGNALLED;
+        }
+    }
+    let src = t.src_bytes();
+    let h = if vip.flags & VIP_F_HASH_SRC_IP != 0 {
+        hash::hash_src(&src)
+    } else {
+        hash::hash_5tuple(&src, t.ports as u16, t.dport(), t.proto)
+    };
+    let ring = ring_for_src(&src, vip);
+    let (id, b) = match schedule(vip, &ring, h) {
+        Some(c) => c,
+        None if ring.id != vip.vip_id => schedule(vip, &vip_ring(vip), h)?,
+        None => return None,
+    };
+    let (vip_id, idle) = (vip.vip_id, vip.idle_timeout_s);
+    let target = Target {
+        vip_id,
+        vip_flags: vip.flags,
+        id,
+        backend: b,
+        new_flow: true,
+        second: None,
+    };
+    let outer = if vip.flags & VIP_F_IPIP != 0 { th } else { 0 };
+    let sent = send_to(ctx, t, outer, &target)?;
+    if (sent.0 == verdict::TX || sent.0 == verdict::REDIRECT) && may_record_flow() {
+        let mut key = core::mem::MaybeUninit::uninit();
+        let key = KeyWords::fill(&mut key, t);
+        let flow = Flow {
+            backend_id: id,
+            vip_id: vip_id as u16,
+            flags: FLOW_F_OPENING | carry,
+            last_seen_s: if idle != 0 { now_s() } else { 0 },
+            nat_addr: 0,
+            nat_port: 0,
+        };
+        table::insert(base, tag, key.key(), &flow);
+    }
+    Some(sent)
 }
 
 /// The backend of a packet to a VIP without a connection table (not full

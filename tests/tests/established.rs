@@ -303,3 +303,81 @@ fn the_established_path_filter_is_rebuilt_from_the_vips() {
     f.dp().rebuild_fast_filter().expect("rebuild");
     assert_eq!(words(&mut f), written);
 }
+
+/// A SYN to a VIP with a table is scheduled and recorded on the
+/// established path (`fast::opening`) as the staged balancer does it: two
+/// fixtures take the same packets, one through `lb_xdp`, the other through
+/// the staged balancer alone; every answer, verdict and table entry (its
+/// clock aside) is the same, for a first SYN, the same SYN again (still
+/// opening: signalled once), and the handshake's ACK.
+#[test]
+fn a_syn_is_scheduled_and_recorded_as_the_staged_balancer_does_it() {
+    let (mut fast, mut staged) = (fixture(), fixture());
+    let syn6 = |sp, port| {
+        let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+            .ipv6(client6(), vip6(), 64)
+            .tcp(sp, port, 1000, 65535)
+            .syn();
+        let mut v = Vec::new();
+        b.write(&mut v, &[]).expect("write");
+        v
+    };
+    let payload = [7u8; 32];
+    for (desc, port, family) in [
+        ("IPv4 dsr", 80, AF_INET),
+        ("IPv4 ipip", 8080, AF_INET),
+        ("IPv4 gue", 8081, AF_INET),
+        ("IPv4 idle timeout", 81, AF_INET),
+        ("IPv6 dsr", 80, AF_INET6),
+        ("IPv6 ipip", 8080, AF_INET6),
+        ("IPv6 gue", 8081, AF_INET6),
+    ] {
+        for sp in (42001..).step_by(89).take(8) {
+            let (syn, ack) = if family == AF_INET {
+                (
+                    tcp4_syn(CLIENT4, VIP4, sp, port),
+                    tcp4(CLIENT4, VIP4, sp, port, &payload),
+                )
+            } else {
+                (syn6(sp, port), tcp6(client6(), vip6(), sp, port, &payload))
+            };
+            let k = lb_common::FlowKey {
+                src: if family == AF_INET {
+                    v4(CLIENT4)
+                } else {
+                    client6()
+                },
+                dst: key(family, port, TCP).addr,
+                sport: sp,
+                dport: port,
+                proto: TCP,
+                _pad: 0,
+                _pad2: 0,
+            };
+            for (step, pkt) in [
+                ("SYN", &syn),
+                ("SYN again", &syn),
+                ("SYN again", &syn),
+                ("ACK", &ack),
+            ] {
+                let a = answer(&mut fast, lb_common::PROG_BALANCER, pkt);
+                let b = answer(&mut staged, lb_common::PROG_BALANCER_TRACED, pkt);
+                assert_eq!(a, b, "{desc} {sp}, {step}: the answers differ");
+                assert_eq!(a.action, action::TX, "{desc}: forwarded");
+                let entry = |f: &mut Fixture| {
+                    f.dp()
+                        .flow(&k)
+                        .expect("table")
+                        .map(|e| VipMeta::default().vip_id + e.backend_id)
+                        .zip(f.dp().flow(&k).expect("table").map(|e| (e.flags, e.vip_id)))
+                };
+                assert_eq!(
+                    entry(&mut fast),
+                    entry(&mut staged),
+                    "{desc} {sp}, {step}: the entries differ"
+                );
+                assert!(entry(&mut fast).is_some(), "{desc}: recorded");
+            }
+        }
+    }
+}
