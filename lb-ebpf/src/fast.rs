@@ -51,7 +51,7 @@ use crate::{
     log,
     maps::{SETTINGS, flow_sets},
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
-    sched::{backend, ring_for_src, schedule, second_hop, vip_ring},
+    sched::{Ring, backend, ring_for_src, schedule, second_hop, vip_ring},
     send_or, signal, stats, table,
     vip::{lookup_vip_by, maybe_fast_vip, vip_by_id},
 };
@@ -365,6 +365,34 @@ fn established(t: &Tuple, h: u32, folded_dst: u32) -> Option<Target> {
     })
 }
 
+/// Schedules the packet's flow as `balance::choose` does: the scheduling
+/// hash (the client address alone for source-ip hashing), the VIP's or its
+/// client's region's ring, the VIP's scheduler; a region with no live
+/// backend falls back to the whole VIP. (The ring used, the hash, the
+/// backend.)
+#[inline(always)]
+fn schedule_flow(
+    t: &Tuple,
+    vip: &lb_common::VipMeta,
+) -> Option<(Ring, u32, (u32, &'static Backend))> {
+    let src = t.src_bytes();
+    let h = if vip.flags & VIP_F_HASH_SRC_IP != 0 {
+        hash::hash_src(&src)
+    } else {
+        hash::hash_5tuple(&src, t.ports as u16, t.dport(), t.proto)
+    };
+    let ring = ring_for_src(&src, vip);
+    match schedule(vip, &ring, h) {
+        Some(c) => Some((ring, h, c)),
+        None if ring.id != vip.vip_id => {
+            let whole = vip_ring(vip);
+            let c = schedule(vip, &whole, h)?;
+            Some((whole, h, c))
+        }
+        None => None,
+    }
+}
+
 /// A `FlowKey` built on the stack a word at a time: built as a struct,
 /// LLVM merges its zero words into 8-byte stores at 4-aligned offsets
 /// (the objects allow misaligned access), which the verifier refuses on
@@ -443,18 +471,7 @@ fn opening(ctx: &XdpContext, t: &Tuple, folded_dst: u32) -> Option<(u32, u32)> {
             carry = FLOW_F_SIGNALLED;
         }
     }
-    let src = t.src_bytes();
-    let h = if vip.flags & VIP_F_HASH_SRC_IP != 0 {
-        hash::hash_src(&src)
-    } else {
-        hash::hash_5tuple(&src, t.ports as u16, t.dport(), t.proto)
-    };
-    let ring = ring_for_src(&src, vip);
-    let (id, b) = match schedule(vip, &ring, h) {
-        Some(c) => c,
-        None if ring.id != vip.vip_id => schedule(vip, &vip_ring(vip), h)?,
-        None => return None,
-    };
+    let (_, _, (id, b)) = schedule_flow(t, vip)?;
     let (vip_id, idle) = (vip.vip_id, vip.idle_timeout_s);
     let target = Target {
         vip_id,
@@ -494,23 +511,7 @@ fn stateless(t: &Tuple) -> Option<Target> {
     if vip.flags & VIP_F_NAT != 0 || vip.flags & VIP_F_NO_FLOW_TABLE == 0 {
         return None;
     }
-    let src = t.src_bytes();
-    let h = if vip.flags & VIP_F_HASH_SRC_IP != 0 {
-        hash::hash_src(&src)
-    } else {
-        hash::hash_5tuple(&src, t.ports as u16, t.dport(), t.proto)
-    };
-    let ring = ring_for_src(&src, vip);
-    let (ring, (id, b)) = match schedule(vip, &ring, h) {
-        Some(c) => (ring, c),
-        // A region with no live backend: its clients use the whole VIP.
-        None if ring.id != vip.vip_id => {
-            let whole = vip_ring(vip);
-            let c = schedule(vip, &whole, h)?;
-            (whole, c)
-        }
-        None => return None,
-    };
+    let (ring, h, (id, b)) = schedule_flow(t, vip)?;
     // A TCP packet that does not open a connection may belong to one the
     // previous ring placed (the second chance); a SYN opens where the
     // ring says, and UDP has no connection to look for.
