@@ -278,6 +278,17 @@ pub fn tcp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]
     v
 }
 
+/// An Ethernet/IPv6/TCP SYN (no ACK): a connection opening.
+pub fn tcp6_syn(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv6(src, dst, 64)
+        .tcp(sport, dport, 1000, 65535)
+        .syn();
+    let mut v = Vec::with_capacity(b.size(0));
+    b.write(&mut v, &[]).expect("writing to a Vec cannot fail");
+    v
+}
+
 /// An Ethernet/IPv6/UDP datagram.
 pub fn udp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)

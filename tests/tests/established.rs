@@ -313,15 +313,6 @@ fn the_established_path_filter_is_rebuilt_from_the_vips() {
 #[test]
 fn a_syn_is_scheduled_and_recorded_as_the_staged_balancer_does_it() {
     let (mut fast, mut staged) = (fixture(), fixture());
-    let syn6 = |sp, port| {
-        let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
-            .ipv6(client6(), vip6(), 64)
-            .tcp(sp, port, 1000, 65535)
-            .syn();
-        let mut v = Vec::new();
-        b.write(&mut v, &[]).expect("write");
-        v
-    };
     let payload = [7u8; 32];
     for (desc, port, family) in [
         ("IPv4 dsr", 80, AF_INET),
@@ -339,7 +330,10 @@ fn a_syn_is_scheduled_and_recorded_as_the_staged_balancer_does_it() {
                     tcp4(CLIENT4, VIP4, sp, port, &payload),
                 )
             } else {
-                (syn6(sp, port), tcp6(client6(), vip6(), sp, port, &payload))
+                (
+                    lb_tests::tcp6_syn(client6(), vip6(), sp, port),
+                    tcp6(client6(), vip6(), sp, port, &payload),
+                )
             };
             let k = lb_common::FlowKey {
                 src: if family == AF_INET {

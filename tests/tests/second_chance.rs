@@ -130,15 +130,7 @@ fn packet(family: u8, sport: u16, port: u16, syn: bool) -> Vec<u8> {
         (true, false) => tcp4(CLIENT4, VIP4, sport, port, b"data"),
         (true, true) => tcp4_syn(CLIENT4, VIP4, sport, port),
         (false, false) => tcp6(client6(), vip6(), sport, port, b"data"),
-        (false, true) => {
-            let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
-                .ipv6(client6(), vip6(), 64)
-                .tcp(sport, port, 1000, 65535)
-                .syn();
-            let mut v = Vec::new();
-            b.write(&mut v, &[]).expect("write");
-            v
-        }
+        (false, true) => lb_tests::tcp6_syn(client6(), vip6(), sport, port),
     }
 }
 
