@@ -353,31 +353,50 @@ fn encap_v6<const GUE: usize, const HOP: usize>(
 
 /// The next hop towards backend `b` from the kernel's FIB and neighbour
 /// table (`bpf_fib_lookup`), or `None` when the kernel cannot say yet (no
-/// route, neighbour unresolved). The parameter block lives in a per-CPU
-/// scratch map: at 64 bytes it does not fit the 512-byte stack next to the
-/// rest of the balancer.
+/// route, neighbour unresolved).
 #[inline(always)]
 pub(crate) fn fib_next_hop(ctx: &XdpContext, pkt: &Packet, b: &Backend) -> Option<Hop> {
-    let p = FIB_SCRATCH.get_ptr_mut(0)?;
+    let a = &b.addr;
+    let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    fib_lookup(
+        ctx,
+        ctx.ingress_ifindex() as u32,
+        b.family == lb_common::AF_INET,
+        [w(0), w(4), w(8), w(12)],
+        pkt.ip_len,
+    )
+    .1
+}
+
+/// `bpf_fib_lookup` towards `dst` (network-order words; IPv4 in the first)
+/// for a packet of `tot_len` bytes received on `ifindex`: the helper's
+/// answer (`BPF_FIB_LKUP_RET_*`) and, when it is 0, the next hop. The
+/// parameter block lives in a per-CPU scratch map: at 64 bytes it does not
+/// fit the balancer's 512-byte stack, and the MACs in it sit at offsets
+/// the verifier refuses to read there in words.
+#[inline(always)]
+pub(crate) fn fib_lookup(
+    ctx: &XdpContext,
+    ifindex: u32,
+    v4: bool,
+    dst: [u32; 4],
+    tot_len: u16,
+) -> (i64, Option<Hop>) {
+    let Some(p) = FIB_SCRATCH.get_ptr_mut(0) else {
+        return (-1, None);
+    };
     // SAFETY: a per-CPU map value of the right type, exclusively ours while
     // this program runs on this CPU; the helper reads and writes only it.
     unsafe {
         core::ptr::write_bytes(p, 0, 1);
-        (*p).ifindex = ctx.ingress_ifindex() as u32;
-        (*p).__bindgen_anon_1.tot_len = pkt.ip_len;
-        if b.family == lb_common::AF_INET {
+        (*p).ifindex = ifindex;
+        (*p).__bindgen_anon_1.tot_len = tot_len;
+        if v4 {
             (*p).family = 2; // AF_INET
-            (*p).__bindgen_anon_4.ipv4_dst =
-                u32::from_ne_bytes([b.addr[0], b.addr[1], b.addr[2], b.addr[3]]);
+            (*p).__bindgen_anon_4.ipv4_dst = dst[0];
         } else {
             (*p).family = 10; // AF_INET6
-            let a = &b.addr;
-            (*p).__bindgen_anon_4.ipv6_dst = [
-                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-            ];
+            (*p).__bindgen_anon_4.ipv6_dst = dst;
         }
         let rc = bpf_fib_lookup(
             ctx.ctx.cast(),
@@ -385,13 +404,11 @@ pub(crate) fn fib_next_hop(ctx: &XdpContext, pkt: &Packet, b: &Backend) -> Optio
             core::mem::size_of::<FibParams>() as i32,
             0,
         );
-        if rc != 0 {
-            return None;
-        }
-        Some(Hop {
+        let hop = (rc == 0).then(|| Hop {
             dmac: (*p).dmac,
             smac: (*p).smac,
             ifindex: (*p).ifindex,
-        })
+        });
+        (rc, hop)
     }
 }

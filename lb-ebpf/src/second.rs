@@ -16,10 +16,10 @@
 //! balancer names no second hop for UDP.
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, bpf_sock, bpf_sock_tuple, tcphdr, xdp_action},
+    bindings::{bpf_sock, bpf_sock_tuple, tcphdr, xdp_action},
     cty::c_void,
     helpers::generated::{
-        bpf_fib_lookup, bpf_redirect, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie,
+        bpf_redirect, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie,
         bpf_xdp_adjust_head,
     },
     programs::XdpContext,
@@ -28,8 +28,7 @@ use lb_common::{GUE_HOP_V4, GUE_OVERHEAD};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
-    csum,
-    maps::FIB_SCRATCH,
+    csum, forward,
     parse::{IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_SYN, Tunnel, ptr_at},
 };
 
@@ -244,40 +243,18 @@ fn next_hop(
     dst: [u32; 4],
     tot_len: u16,
 ) -> Option<([u8; 6], [u8; 6], u32)> {
-    // In this CPU's scratch slot, not on the stack: the MACs sit at offsets
-    // the verifier refuses to read there in words.
-    let p = FIB_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: a per-CPU map value of the right type, ours while this
-    // program runs on this CPU; the helper reads and writes only it.
-    unsafe {
-        core::ptr::write_bytes(p, 0, 1);
-        (*p).ifindex = ingress;
-        (*p).__bindgen_anon_1.tot_len = tot_len;
-        if v4 {
-            (*p).family = 2; // AF_INET
-            (*p).__bindgen_anon_4.ipv4_dst = dst[0];
-        } else {
-            (*p).family = 10; // AF_INET6
-            (*p).__bindgen_anon_4.ipv6_dst = dst;
+    match forward::fib_lookup(ctx, ingress, v4, dst, tot_len) {
+        (0, Some(h)) => Some((h.dmac, h.smac, h.ifindex)),
+        (FIB_FWD_DISABLED | FIB_NO_NEIGH, _) => {
+            let e: *const [u8; 12] = ptr_at(ctx, 0).ok()?;
+            // SAFETY: ptr_at checked the bounds.
+            let e = unsafe { *e };
+            let (mut from, mut us) = ([0u8; 6], [0u8; 6]);
+            from.copy_from_slice(&e[6..12]);
+            us.copy_from_slice(&e[..6]);
+            Some((from, us, ingress))
         }
-        let rc = bpf_fib_lookup(
-            ctx.ctx.cast(),
-            p,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        );
-        match rc {
-            0 => Some(((*p).dmac, (*p).smac, (*p).ifindex)),
-            FIB_FWD_DISABLED | FIB_NO_NEIGH => {
-                let e: *const [u8; 12] = ptr_at(ctx, 0).ok()?;
-                let e = *e;
-                let (mut from, mut us) = ([0u8; 6], [0u8; 6]);
-                from.copy_from_slice(&e[6..12]);
-                us.copy_from_slice(&e[..6]);
-                Some((from, us, ingress))
-            }
-            _ => None,
-        }
+        _ => None,
     }
 }
 
