@@ -80,9 +80,14 @@ fn bench_rounds(f: &mut Fixture, tools: &mut aya::Ebpf, cases: &[Case]) -> Vec<R
 /// Index of the swap-MACs floor in [`cases`].
 const FLOOR_TX: usize = 1;
 
-/// Points `bench_ipip`'s tail call at `f`'s balancer.
-fn jump_to(tools: &mut aya::Ebpf, f: &mut Fixture) {
-    let fd = loader::xdp_program(&mut f.ebpf, lb_common::PROG_BALANCER)
+/// Points the wrappers' tail call at `f`'s balancer, or at the tools
+/// object's program `to`.
+fn jump_to(tools: &mut aya::Ebpf, f: &mut Fixture, to: Option<&str>) {
+    let prog = match to {
+        None => loader::xdp_program(&mut f.ebpf, lb_common::PROG_BALANCER),
+        Some(name) => loader::xdp_program(tools, name),
+    };
+    let fd = prog
         .expect("prog")
         .fd()
         .expect("fd")
@@ -105,7 +110,7 @@ fn time_case(f: &mut Fixture, tools: &mut aya::Ebpf, c: &Case, repeat: u32) -> f
         Obj::Lb => time_action(&mut f.ebpf, c.prog, &c.pkt, repeat),
         Obj::Tools => {
             if c.prog == lb_common::PROG_BENCH_IPIP || c.prog == lb_common::PROG_BENCH_RESTORE {
-                jump_to(tools, f);
+                jump_to(tools, f, c.jump);
             }
             if c.prog == lb_common::PROG_BENCH_RESTORE {
                 let mut frame: Array<_, [u8; lb_common::BENCH_FRAME_LEN]> =
@@ -369,6 +374,9 @@ struct Case {
     prog: &'static str,
     pkt: Vec<u8>,
     check: Check,
+    /// Where a wrapper (`bench_ipip`, `bench_restore`) tail-calls: the
+    /// balancer (`None`) or this tools program.
+    jump: Option<&'static str>,
 }
 
 impl Case {
@@ -379,6 +387,7 @@ impl Case {
             prog: lb_common::PROG_BALANCER,
             pkt,
             check: Check::Verdict(reason),
+            jump: None,
         }
     }
 
@@ -389,6 +398,20 @@ impl Case {
             prog,
             pkt,
             check: Check::Action(action),
+            jump: None,
+        }
+    }
+
+    /// A tools program timed through `bench_ipip`, as the balancer's ipip
+    /// rows are.
+    fn tools_via_ipip(name: &'static str, prog: &'static str, pkt: Vec<u8>) -> Self {
+        Self {
+            name,
+            obj: Obj::Tools,
+            prog: lb_common::PROG_BENCH_IPIP,
+            pkt,
+            check: Check::Action(lb_tests::action::TX),
+            jump: Some(prog),
         }
     }
 }
@@ -405,6 +428,7 @@ fn cases() -> Vec<Case> {
         prog: lb_common::PROG_BENCH_IPIP,
         pkt,
         check: Check::Verdict(verdict::TX),
+        jump: None,
     };
     // Paths that rewrite the packet in place, timed through `bench_restore`.
     let restored = |name, pkt, v| Case {
@@ -413,6 +437,7 @@ fn cases() -> Vec<Case> {
         prog: lb_common::PROG_BENCH_RESTORE,
         pkt,
         check: Check::Verdict(v),
+        jump: None,
     };
     vec![
         Case::tools("floor: XDP_DROP", "floor_drop", est.clone(), DROP),
@@ -564,6 +589,32 @@ fn cases() -> Vec<Case> {
         Case::tools(
             "cost: minimal balancer with a 16-byte IPv4 flow key",
             "cost_minimal_lb16",
+            est.clone(),
+            TX,
+        ),
+        Case::tools_via_ipip(
+            "cost: floor + IPv4 IPIP encapsulation (via bench_ipip)",
+            "cost_encap",
+            tcp4(client, vip4, 40000, 82, &[0; 10]),
+        ),
+        Case::tools_via_ipip(
+            "cost: floor + IP6IP6 encapsulation (via bench_ipip)",
+            "cost_encap",
+            tcp6(c6, v6(vip6), 40000, 82, &[0; 10]),
+        ),
+        Case::tools_via_ipip(
+            "cost: minimal balancer with IPv4 IPIP (via bench_ipip)",
+            "cost_minimal_lb_ipip",
+            tcp4(client, vip4, 40000, 82, &[0; 10]),
+        ),
+        Case::tools_via_ipip(
+            "cost: minimal balancer with IP6IP6 (via bench_ipip)",
+            "cost_minimal_lb_ipip",
+            tcp6(c6, v6(vip6), 40000, 82, &[0; 10]),
+        ),
+        Case::tools(
+            "cost: Maglev scheduling without a VIP lookup (parse, scheduling hash, slot, ring, backend, counter, MACs)",
+            "cost_sched",
             est,
             TX,
         ),
@@ -829,8 +880,9 @@ fn ab(path: &std::path::Path) {
     // Floors and cost programs are the tools object's, the same for A and B.
     for c in cases().into_iter().filter(|c| {
         c.obj == Obj::Lb
-            || c.prog == lb_common::PROG_BENCH_IPIP
-            || c.prog == lb_common::PROG_BENCH_RESTORE
+            || (c.jump.is_none()
+                && (c.prog == lb_common::PROG_BENCH_IPIP
+                    || c.prog == lb_common::PROG_BENCH_RESTORE))
     }) {
         let (mut a, mut b, mut r) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..pairs {

@@ -645,6 +645,13 @@ fn with_recorded_rows(md: &str, jsonl: &str) -> String {
     out.join("\n") + "\n"
 }
 
+/// The cost programs that bound the ipip and stateless targets.
+const ENCAP4: &str = "cost: floor + IPv4 IPIP encapsulation (via bench_ipip)";
+const ENCAP6: &str = "cost: floor + IP6IP6 encapsulation (via bench_ipip)";
+const MINIMAL_IPIP4: &str = "cost: minimal balancer with IPv4 IPIP (via bench_ipip)";
+const MINIMAL_IPIP6: &str = "cost: minimal balancer with IP6IP6 (via bench_ipip)";
+const SCHED: &str = "cost: Maglev scheduling without a VIP lookup (parse, scheduling hash, slot, ring, backend, counter, MACs)";
+
 fn met(ok: bool) -> &'static str {
     if ok { "met" } else { "**missed**" }
 }
@@ -695,39 +702,55 @@ fn targets(r: &Value) -> String {
     // The fast-path issue's targets: ratios to the minimal balancer
     // (`cost_minimal_lb`, parse + VIP hash + LRU + backend + counter + MACs)
     // in the same run, each the quotient of the two "× floor" figures.
+    // A missed one is shown beside the primitive that bounds it, where
+    // the run measured one: the cost program doing the same job's
+    // unavoidable part and nothing else ("What a packet costs").
     let minimal =
         ratio("cost: minimal balancer (parse, VIP hash, LRU, backend array, counter, MACs)");
-    for (what, case, limit) in [
+    for (what, case, limit, bound) in [
         (
             "established IPv4 TCP dsr ≤ 0.5× the minimal balancer",
             "established IPv4 TCP dsr",
             0.5,
+            None,
         ),
         (
             "IPv4 ipip ≤ 0.5× the minimal balancer",
             "IPv4 ipip (via bench_ipip)",
             0.5,
+            Some(("the bare encapsulation alone", ENCAP4)),
         ),
         (
             "IPv6 ipip ≤ 0.5× the minimal balancer",
             "IPv6 ipip (via bench_ipip)",
             0.5,
+            Some(("the bare encapsulation alone", ENCAP6)),
         ),
         (
             "new flow with a table write (SYN) ≤ 1.0× the minimal balancer",
             "new flow IPv4 TCP dsr, SYN with table write",
             1.0,
+            None,
         ),
         (
             "stateless VIP (table off) ≤ 0.4× the minimal balancer",
             "new flow IPv4 TCP dsr (table off)",
             0.4,
+            Some(("Maglev scheduling alone, no VIP lookup", SCHED)),
         ),
     ] {
         let v = ratio(case) / minimal;
-        if v.is_finite() {
-            o.push_str(&format!("| {what} | {v:.2}× | {} |\n", met(v <= limit)));
+        if !v.is_finite() {
+            continue;
         }
+        let b = bound.map(|(name, case)| (name, ratio(case) / minimal));
+        let verdict = match b {
+            Some((name, b)) if v > limit && b > limit => {
+                format!("**missed**: out of reach, {name} {b:.2}×")
+            }
+            _ => met(v <= limit).to_string(),
+        };
+        o.push_str(&format!("| {what} | {v:.2}× | {verdict} |\n"));
     }
     if let Some(w) = pps
         .iter()
@@ -843,6 +866,48 @@ The tools object's cost programs are the swap-MACs floor plus one \
     o.push_str(&format!(
         "- The clock: `bpf_ktime_get_ns` {clock:.2}×, `bpf_ktime_get_coarse_ns` {coarse:.2}×.\n"
     ));
+    let (e4, e6, m4, m6) = (
+        ratio(ENCAP4),
+        ratio(ENCAP6),
+        ratio(MINIMAL_IPIP4),
+        ratio(MINIMAL_IPIP6),
+    );
+    let (ipip4, ipip6) = (
+        ratio("IPv4 ipip (via bench_ipip)"),
+        ratio("IPv6 ipip (via bench_ipip)"),
+    );
+    if e4.is_finite() && e6.is_finite() {
+        o.push_str(&format!(
+            "- Encapsulating: the floor's packet wrapped in a bare outer header through the same \
+             `bench_ipip` wrapper (its strip and tail call, one `bpf_xdp_adjust_head`, the Ethernet \
+             header, the outer header from constants and the packet's length, IPv4's checksum): IPv4 \
+             {e4:.2}× the floor, {:.2}× the minimal balancer; IPv6 {e6:.2}×, {:.2}×. So the ≤ 0.5× \
+             ipip targets lie below the price of encapsulating alone, before any balancing. What our \
+             encapsulation path costs beyond that: IPv4 ipip minus established dsr {:.2} floors, the \
+             bare encapsulation minus the floor {:.2}. Like for like, the minimal balancer sending by \
+             IPIP through the same wrapper measured {m4:.2}× (IPv4) and {m6:.2}× (IPv6): our ipip \
+             {:.2}× and {:.2}× that.\n",
+            e4 / minimal,
+            e6 / minimal,
+            ipip4 - est,
+            e4 - 1.0,
+            ipip4 / m4,
+            ipip6 / m6,
+        ));
+    }
+    let (sched, stateless) = (ratio(SCHED), ratio("new flow IPv4 TCP dsr (table off)"));
+    if sched.is_finite() {
+        o.push_str(&format!(
+            "- Scheduling a packet with no table entry: parse, the scheduling hash (the one every node \
+             and `lb explain` share), the Maglev slot (`% 65537`), one ring and one backend read, a \
+             counter and the MACs, with no VIP lookup at all (`cost_sched`): {sched:.2}× the floor, \
+             {:.2}× the minimal balancer, so the ≤ 0.4× stateless target lies below it. Our stateless \
+             path measured {stateless:.2}×, {:.2} floors more (the VIP directory, the region and \
+             second-chance checks, the VIP's counters).\n",
+            sched / minimal,
+            stateless - sched,
+        ));
+    }
     // The packet-rate target at the largest flow count, read against the
     // minimal balancer run in the same rig (its table is as large as ours).
     let rows = r["packet_rate"]["rows"]
