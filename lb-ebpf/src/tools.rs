@@ -29,6 +29,18 @@ mod loadgen;
 #[allow(dead_code)]
 #[path = "parse.rs"]
 mod parse;
+// The datapath's connection table, its own code, over the tools' `FLOWS`
+// (`cost_set`).
+#[allow(dead_code)]
+#[path = "table.rs"]
+mod table;
+
+/// What `table.rs` takes from the datapath's scheduler: least-connections
+/// counts, which no tools program keeps.
+mod sched {
+    #[inline(always)]
+    pub(crate) fn active_add(_id: u32, _delta: u64) {}
+}
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -108,6 +120,19 @@ mod maps {
 
     #[map(name = "COST_BACKENDS")]
     pub static COST_BACKENDS: Array<Backend> = Array::with_max_entries(16, 0);
+
+    /// A connection table as the datapath's (`table.rs`), of the
+    /// packet-rate benchmark's size.
+    #[map(name = "FLOWS")]
+    pub static FLOWS: Array<lb_common::FlowSlot> = Array::with_max_entries(COST_FLOW_SLOTS, 0);
+
+    pub const COST_FLOW_SLOTS: u32 = 1 << 18;
+
+    /// The sets of `FLOWS` (a constant here; the datapath's is set at load).
+    #[inline(always)]
+    pub fn flow_sets() -> u32 {
+        lb_common::flow_sets(COST_FLOW_SLOTS)
+    }
 
     /// A Maglev ring of the balancer's usual size (`cost_sched`): every
     /// slot names backend 1.
@@ -398,6 +423,28 @@ pub fn cost_minimal_lb16(ctx: XdpContext) -> u32 {
         k[12] = p.key.proto;
         k
     })
+}
+
+/// Floor + the connection table's own lookup: the datapath's
+/// `table::find` (one set of `FLOW_WAYS` slots of a 262,144-slot table
+/// chosen by the table hash, the tag and then the key compared in full).
+/// Like [`cost_minimal_lb`], a flow it does not hold is recorded
+/// (`table::insert`) and forwarded, so it also runs in the packet-rate
+/// benchmark: what the table alone costs at 1, 1,000 and 100,000 flows.
+#[xdp]
+pub fn cost_set(ctx: XdpContext) -> u32 {
+    let Ok(p) = parse::parse(&ctx) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let pr = table::probe(&p.key);
+    if table::lookup(pr.base, pr.tag, &p.key).is_none() {
+        let f = Flow {
+            backend_id: 1,
+            ..Default::default()
+        };
+        table::insert(pr.base, pr.tag, &p.key, &f);
+    }
+    tx_if(&ctx, true)
 }
 
 /// [`cost_minimal_lb`] sending by IPIP / IP6IP6 ([`encapsulate`]) instead

@@ -197,6 +197,7 @@ fn bench_packet_rate() {
         let mut nat_runs = Vec::new();
         let mut minimal_runs = Vec::new();
         let mut minimal16_runs = Vec::new();
+        let mut set_runs = Vec::new();
         for _ in 0..3 {
             // The floor program in the LB's place, then the balancer, alternating.
             let mut floor = lb_tests::load_tools().expect("load");
@@ -209,10 +210,12 @@ fn bench_packet_rate() {
             // hash lookup, one LRU lookup or insert of a 262,144-entry table,
             // a backend read, a counter, the MACs): what the table alone
             // costs at this flow count; then the same with a compact 16-byte
-            // IPv4 flow key instead of the 40-byte one.
+            // IPv4 flow key instead of the 40-byte one; and the floor plus
+            // our own connection table's lookup (insert on a miss) alone.
             for (prog, runs) in [
                 ("cost_minimal_lb", &mut minimal_runs),
                 ("cost_minimal_lb16", &mut minimal16_runs),
+                ("cost_set", &mut set_runs),
             ] {
                 let mut minimal = lb_tests::load_tools().expect("load");
                 rig.attach(&mut minimal, prog);
@@ -236,9 +239,11 @@ fn bench_packet_rate() {
         let (f, l) = (median(floor_runs), median(lb_runs));
         let n = median(nat_runs);
         let (m, m16) = (median(minimal_runs), median(minimal16_runs));
+        let set = median(set_runs);
         println!(
             "{flows:>7} flows: floor {:.3} Mpps, lb {:.3} Mpps, ratio {:.2}, nat {:.3} Mpps, \
-             minimal balancer {:.3} Mpps ({:.2}), with a 16-byte key {:.3} Mpps ({:.2})",
+             minimal balancer {:.3} Mpps ({:.2}), with a 16-byte key {:.3} Mpps ({:.2}), \
+             floor + set lookup {:.3} Mpps ({:.2})",
             f / 1e6,
             l / 1e6,
             l / f,
@@ -246,13 +251,15 @@ fn bench_packet_rate() {
             m / 1e6,
             m / f,
             m16 / 1e6,
-            m16 / f
+            m16 / f,
+            set / 1e6,
+            set / f
         );
         // The offered rates say whether the generator, not the program,
         // set the pace: the ratio means something only if both were offered
         // about the same and each forwarded less than it was offered.
         rows.push(
-            json!({"flows": flows, "floor_pps": f, "lb_pps": l, "ratio": l / f, "nat_pps": n, "minimal_pps": m, "minimal16_pps": m16,
+            json!({"flows": flows, "floor_pps": f, "lb_pps": l, "ratio": l / f, "nat_pps": n, "minimal_pps": m, "minimal16_pps": m16, "set_pps": set,
             "offered_pps": median(sent_runs), "floor_offered_pps": median(floor_sent_runs)}),
         );
     }

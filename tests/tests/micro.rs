@@ -515,6 +515,12 @@ fn cases() -> Vec<Case> {
         Case::tools("cost: floor + parse", "cost_parse", est.clone(), TX),
         Case::tools("cost: floor + array lookup", "cost_array", est.clone(), TX),
         Case::tools(
+            "cost: floor + connection-table set lookup (table::find, hit)",
+            "cost_set",
+            est.clone(),
+            TX,
+        ),
+        Case::tools(
             "cost: floor + hash lookup (40-byte key)",
             "cost_hash",
             est.clone(),
