@@ -183,23 +183,18 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
                     (key, m)
                 })
                 .collect();
-            let nat_addrs = match self.map(lb_common::MAP_NAT_ADDRS) {
-                Ok(m) => Array::<_, [u8; 16]>::try_from(m)
-                    .map_err(map_err(lb_common::MAP_NAT_ADDRS))?
-                    .iter()
-                    .filter_map(|a| a.ok())
-                    .filter(|a| *a != [0; 16])
-                    .collect(),
-                // An older datapath object (the A/B base) has no NAT.
-                Err(_) => Vec::new(),
-            };
+            let nat_addrs = Array::<_, [u8; 16]>::try_from(self.map(lb_common::MAP_NAT_ADDRS)?)
+                .map_err(map_err(lb_common::MAP_NAT_ADDRS))?
+                .iter()
+                .filter_map(|a| a.ok())
+                .filter(|a| *a != [0; 16])
+                .collect();
             // The directory must point at every VIP of the record (an agent
             // stopped between writing a VIP and its slot left it without
             // one); from here on every change keeps them in step.
             let vips: std::collections::HashMap<VipKey, VipMeta> = vips;
             for (k, m) in &vips {
-                if self.map(lb_common::MAP_VIP_DIR).is_ok() && self.vip_dir_id(k)? != Some(m.vip_id)
-                {
+                if self.vip_dir_id(k)? != Some(m.vip_id) {
                     self.put_vip_dir(k, Some(m.vip_id))?;
                 }
             }
@@ -242,11 +237,8 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             .map_err(map_err(lb_common::MAP_BACKENDS))?;
         let rings: Array<_, u32> = Array::try_from(self.map(lb_common::MAP_RINGS)?)
             .map_err(map_err(lb_common::MAP_RINGS))?;
-        // Any map type: an older object (the A/B base) has an LRU table.
         let flows = match self.map(lb_common::MAP_FLOWS)? {
-            aya::maps::Map::Array(d) | aya::maps::Map::LruHashMap(d) => {
-                d.info().map(|i| i.max_entries()).unwrap_or(0)
-            }
+            aya::maps::Map::Array(d) => d.info().map(|i| i.max_entries()).unwrap_or(0),
             _ => 0,
         };
         Ok(Capacity {
@@ -327,22 +319,16 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
             (lb_common::MAP_VIP_ONLY_FILTER, w, vip_word),
             (lb_common::MAP_VIP_TABLE_FILTER, tw, table_word),
         ] {
-            let Ok(map) = self.map_mut(name) else {
-                // An older datapath object without the filter (the A/B
-                // benchmark loads one): nothing to keep.
-                continue;
-            };
-            let mut filter: Array<_, u32> = Array::try_from(map).map_err(map_err(name))?;
+            let mut filter: Array<_, u32> =
+                Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
             filter.set(w, word, 0).map_err(map_err(name))?;
         }
         // Both of the established path's bits of a slot in one 8-byte store.
         let name = lb_common::MAP_VIP_FAST_FILTER;
-        if let Ok(map) = self.map_mut(name) {
-            let mut filter: Array<_, u64> = Array::try_from(map).map_err(map_err(name))?;
-            let both = u64::from(fast_word) | (u64::from(stateless_word) << 32);
-            filter.set(tw, both, 0).map_err(map_err(name))?;
-        }
-        Ok(())
+        let mut filter: Array<_, u64> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let both = u64::from(fast_word) | (u64::from(stateless_word) << 32);
+        filter.set(tw, both, 0).map_err(map_err(name))
     }
 
     /// Writes every word of `VIP_FAST_FILTER` from the VIP record, in one
@@ -475,12 +461,8 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     /// still holds `key` (another VIP may have taken the id meanwhile).
     fn put_vip_by_id(&mut self, id: u32, key: &VipKey, meta: Option<VipMeta>) -> Result<()> {
         let name = lb_common::MAP_VIPS_BY_ID;
-        let Ok(map) = self.map_mut(name) else {
-            // An older datapath object without it (the A/B benchmark's
-            // base): its flows look their VIP up by address.
-            return Ok(());
-        };
-        let mut a: Array<_, VipById> = Array::try_from(map).map_err(map_err(name))?;
+        let mut a: Array<_, VipById> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         let e = match meta {
             Some(meta) => VipById { key: *key, meta },
             None if a.get(&id, 0).is_ok_and(|e| e.key == *key) => VipById::default(),

@@ -71,8 +71,7 @@ impl LoadOptions {
         }
     }
 
-    /// Sets every map's size and the constant that goes with them (an older
-    /// object without it, the A/B benchmark's base, goes without).
+    /// Sets every map's size and the constants that go with them.
     fn apply<'a>(&self, loader: &mut EbpfLoader<'a>, g: &'a Globals) {
         loader.override_global(lb_common::GLOBAL_FLOW_SETS, &g.flow_sets, false);
         loader.override_global(lb_common::GLOBAL_VIP_DIR_MASK, &g.vip_dir_mask, false);
@@ -112,7 +111,8 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
 }
 
 /// [`load`] of another build of the datapath object (the A/B benchmark
-/// loads an older revision's next to this one); `obj` must be 8-aligned.
+/// loads an older revision's next to this one: one with every program and
+/// map of this one's); `obj` must be 8-aligned.
 pub fn load_object(obj: &[u8], opts: &LoadOptions) -> Result<Ebpf> {
     let globals = opts.globals();
     let mut loader = EbpfLoader::new();
@@ -120,11 +120,8 @@ pub fn load_object(obj: &[u8], opts: &LoadOptions) -> Result<Ebpf> {
     let mut ebpf = loader.load(obj).context(
         "loading the datapath object into the kernel failed (are you root, with BPF enabled?)",
     )?;
-    // An older build (the A/B benchmark's base) may predate the traced copy.
-    if ebpf.program(lb_common::PROG_BALANCER_TRACED).is_some() {
-        load_program(&mut ebpf, lb_common::PROG_BALANCER_TRACED)?;
-    }
     for name in [
+        lb_common::PROG_BALANCER_TRACED,
         lb_common::PROG_BALANCER,
         lb_common::PROG_DECAP,
         lb_common::PROG_PASS,
@@ -260,15 +257,13 @@ fn install_tail_calls(ebpf: &mut Ebpf) -> Result<()> {
 }
 
 /// Loads program `prog` and puts it in slot `slot` of program array `map`,
-/// where the balancer tail-calls it (an older object without them is left
-/// alone).
+/// where the balancer tail-calls it.
 fn install_jump(ebpf: &mut Ebpf, prog: &str, map: &str, slot: u32) -> Result<()> {
-    if ebpf.program(prog).is_none() || ebpf.map(map).is_none() {
-        return Ok(());
-    }
     load_program(ebpf, prog)?;
     let fd = xdp_program(ebpf, prog)?.fd()?.try_clone()?;
-    let m = ebpf.map_mut(map).context("checked above")?;
+    let m = ebpf
+        .map_mut(map)
+        .with_context(|| format!("map `{map}` is missing from the object"))?;
     aya::maps::ProgramArray::try_from(m)?
         .set(slot, &fd, 0)
         .with_context(|| format!("installing `{prog}`"))?;
@@ -276,15 +271,14 @@ fn install_jump(ebpf: &mut Ebpf, prog: &str, map: &str, slot: u32) -> Result<()>
 }
 
 /// Puts the traced copy of the balancer where `lb_xdp` tail-calls it while
-/// `lb trace` runs (an object without it, an older build, is left alone).
+/// `lb trace` runs.
 fn install_tracer(ebpf: &mut Ebpf) -> Result<()> {
-    let fd = match ebpf.program(lb_common::PROG_BALANCER_TRACED) {
-        Some(p) => p.fd()?.try_clone()?,
-        None => return Ok(()),
-    };
-    let Some(map) = ebpf.map_mut(lb_common::MAP_TRACE_JUMP) else {
-        return Ok(());
-    };
+    let fd = xdp_program(ebpf, lb_common::PROG_BALANCER_TRACED)?
+        .fd()?
+        .try_clone()?;
+    let map = ebpf
+        .map_mut(lb_common::MAP_TRACE_JUMP)
+        .context("map `TRACE_JUMP` is missing from the object")?;
     aya::maps::ProgramArray::try_from(map)?
         .set(0, &fd, 0)
         .context("installing the traced balancer")?;

@@ -39,12 +39,8 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
     /// Points `key` at VIP id `id` in the directory, or (`None`) removes it.
     pub(super) fn put_vip_dir(&mut self, key: &VipKey, id: Option<u32>) -> Result<()> {
         let name = lb_common::MAP_VIP_DIR;
-        let Ok(map) = self.map_mut(name) else {
-            // An older datapath object without it (the A/B benchmark's
-            // base), which finds VIPs in `VIPS`.
-            return Ok(());
-        };
-        let mut dir: Array<_, VipDirBucket> = Array::try_from(map).map_err(map_err(name))?;
+        let mut dir: Array<_, VipDirBucket> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         let (b1, b2) = buckets_of(key, dir.len());
         let (first, second) = (
             dir.get(&b1, 0).map_err(map_err(name))?,

@@ -207,26 +207,20 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
 
     /// Until when ring `ring_id`'s other half counts as its previous ring
     /// (the datapath's clock, seconds; 0: it does not; `u32::MAX`: while
-    /// the agent says so). 0 for an older object without the map.
+    /// the agent says so).
     pub fn prev_until(&mut self, ring_id: u32) -> Result<u32> {
         let name = lb_common::MAP_PREV_RING_UNTIL;
-        let Ok(map) = self.map(name) else {
-            return Ok(0);
-        };
-        let until: Array<_, u32> = Array::try_from(map).map_err(map_err(name))?;
+        let until: Array<_, u32> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
         until.get(&ring_id, 0).map_err(map_err(name))
     }
 
     /// Says until when ring `ring_id`'s other half is its previous ring:
     /// `keep_s` seconds from now on the datapath's clock (0: it is not;
-    /// `u32::MAX`: until said otherwise). An older object without
-    /// `PREV_RING_UNTIL` goes without.
+    /// `u32::MAX`: until said otherwise).
     pub(super) fn set_prev_until(&mut self, ring_id: u32, keep_s: u32) -> Result<()> {
         let name = lb_common::MAP_PREV_RING_UNTIL;
-        let Ok(map) = self.map_mut(name) else {
-            return Ok(());
-        };
-        let mut until: Array<_, u32> = Array::try_from(map).map_err(map_err(name))?;
+        let mut until: Array<_, u32> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         let at = match keep_s {
             0 => 0,
             u32::MAX => u32::MAX,
