@@ -452,9 +452,20 @@ pub fn cost_set(ctx: XdpContext) -> u32 {
 /// rows, the like-for-like minimal balancer for them.
 #[xdp]
 pub fn cost_minimal_lb_ipip(ctx: XdpContext) -> u32 {
-    minimal_lb_sending(&ctx, &COST_LRU, |p| p.key, |p, b| {
-        encapsulate(&ctx, p.family == lb_common::AF_INET, &b.addr, &b.dst_mac, &b.src_mac)
-    })
+    minimal_lb_sending(
+        &ctx,
+        &COST_LRU,
+        |p| p.key,
+        |p, b| {
+            encapsulate(
+                &ctx,
+                p.family == lb_common::AF_INET,
+                &b.addr,
+                &b.dst_mac,
+                &b.src_mac,
+            )
+        },
+    )
 }
 
 /// Floor + the least an encapsulation does: room for the outer header
@@ -553,7 +564,11 @@ fn write_macs(ctx: &XdpContext, b: &Backend) -> u32 {
 /// when a bound does not hold.
 #[inline(always)]
 fn encapsulate(ctx: &XdpContext, v4: bool, dst: &[u8; 16], dmac: &[u8; 6], smac: &[u8; 6]) -> u32 {
-    let ok = if v4 { encap_v4(ctx, dst, dmac, smac) } else { encap_v6(ctx, dst, dmac, smac) };
+    let ok = if v4 {
+        encap_v4(ctx, dst, dmac, smac)
+    } else {
+        encap_v6(ctx, dst, dmac, smac)
+    };
     if ok.is_ok() {
         xdp_action::XDP_TX
     } else {

@@ -13,11 +13,21 @@ use std::{
 
 use lb_user::{
     api::{self, BackendInfo, BackendState, Request, StatsInfo, StatusInfo},
+    config::file::{File, Health},
     tools::lab::{self, Lab, Sample},
+    vocab::{Forwarding, HashInput},
 };
 
-/// The health block every node's VIPs use.
-pub const HEALTH: &str = "kind = \"tcp\"";
+/// Node `n`'s configuration with the lab's VIPs in `forwarding` mode,
+/// hashing `hash`, TCP-checked (every scenario's health check).
+pub fn node_file(lab: &Lab, n: usize, forwarding: Forwarding, hash: HashInput) -> File {
+    lab.node_file(n, forwarding, hash, Health::tcp())
+}
+
+/// Writes node `n`'s configuration file.
+fn write_node(path: &std::path::Path, n: usize, file: &File) {
+    std::fs::write(path, file.to_toml(&format!("lab agent, node {n}"))).expect("config");
+}
 
 pub fn vip4() -> IpAddr {
     lab::VIP4.parse().expect("literal")
@@ -41,16 +51,21 @@ impl Cluster {
     /// node; returns once every agent is ready and the router routes each
     /// VIP over every node.
     pub fn start(lab: Lab) -> Self {
-        Self::start_with(lab, |lab, n| lab.node_config(n, "dsr", "5-tuple", HEALTH))
+        Self::start_with(lab, |lab, n| {
+            node_file(lab, n, Forwarding::Dsr, HashInput::FiveTuple)
+        })
     }
 
     /// [`Cluster::start`] with node `n`'s configuration from `config`.
-    pub fn start_with(lab: Lab, config: impl Fn(&Lab, usize) -> String) -> Self {
+    pub fn start_with(lab: Lab, config: impl Fn(&Lab, usize) -> File) -> Self {
         let nodes = lab.nodes;
         lab.up().expect("lab up");
         for n in 1..=nodes {
-            std::fs::write(lab.run_dir().join(format!("lb{n}.toml")), config(&lab, n))
-                .expect("config");
+            write_node(
+                &lab.run_dir().join(format!("lb{n}.toml")),
+                n,
+                &config(&lab, n),
+            );
         }
         let c = Cluster {
             exe: lab.exe.clone(),
@@ -80,8 +95,11 @@ impl Cluster {
     pub fn spawn(&self, n: usize) {
         let config = self.config_path(n);
         if !config.exists() {
-            std::fs::write(&config, self.lab.node_config(n, "dsr", "5-tuple", HEALTH))
-                .expect("config");
+            write_node(
+                &config,
+                n,
+                &node_file(&self.lab, n, Forwarding::Dsr, HashInput::FiveTuple),
+            );
         }
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -154,14 +172,14 @@ impl Cluster {
     }
 
     /// Every node switches to `hash` (file rewritten, `lb reload`).
-    pub fn set_hash(&self, hash: &str) {
+    pub fn set_hash(&self, hash: HashInput) {
         let nodes = self.agents.lock().expect("agents").len();
         for n in 1..=nodes {
-            std::fs::write(
-                self.config_path(n),
-                self.lab.node_config(n, "dsr", hash, HEALTH),
-            )
-            .expect("config");
+            write_node(
+                &self.config_path(n),
+                n,
+                &node_file(&self.lab, n, Forwarding::Dsr, hash),
+            );
             self.call(n, &Request::Reload).expect("reload");
         }
     }
@@ -264,29 +282,21 @@ pub fn gue_config(
     change: RingChange,
     changed: bool,
     second_chance: bool,
-) -> String {
-    let mut s = lab.node_config(n, "gue", "5-tuple", HEALTH);
-    match (change, changed) {
-        (RingChange::Join, false) => {
-            for a in [lab::backend4(3), lab::backend6(3)] {
-                s = s.replace(&format!("\n[[vip.backend]]\naddress = \"{a}\"\n"), "");
-            }
+) -> File {
+    let mut f = node_file(lab, n, Forwarding::Gue, HashInput::FiveTuple);
+    for vip in &mut f.vips {
+        match (change, changed) {
+            // Backend 3 joins: before, the VIPs have backends 1 and 2.
+            (RingChange::Join, false) => vip.backends.truncate(2),
+            // Backend 1 drains.
+            (RingChange::Drain, true) => vip.backends[0].drain = true,
+            _ => {}
         }
-        (RingChange::Drain, true) => {
-            for a in [lab::backend4(1), lab::backend6(1)] {
-                let entry = format!("\n[[vip.backend]]\naddress = \"{a}\"\n");
-                s = s.replace(&entry, &format!("{entry}drain = true\n"));
-            }
+        if !second_chance {
+            vip.second_chance = Some(0);
         }
-        _ => {}
     }
-    if !second_chance {
-        s = s.replace(
-            "forwarding = \"gue\"\n",
-            "forwarding = \"gue\"\nsecond_chance = 0\n",
-        );
-    }
-    s
+    f
 }
 
 /// What [`ring_change_then_node_loss`] saw.
@@ -350,11 +360,11 @@ pub fn ring_change_then_node_loss(
     }
     assert_eq!(conns.len(), 64);
     for n in 1..=2 {
-        std::fs::write(
-            c.config_path(n),
-            gue_config(&c.lab, n, change, true, second_chance),
-        )
-        .expect("config");
+        write_node(
+            &c.config_path(n),
+            n,
+            &gue_config(&c.lab, n, change, true, second_chance),
+        );
         c.call(n, &Request::Reload).expect("reload");
     }
     match change {

@@ -18,7 +18,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_user::api::{self, Request, StatusInfo};
+use lb_user::{
+    api::{self, Request, StatusInfo},
+    config::file,
+    vocab::XdpMode,
+};
 
 use crate::{Dc, TestServer, dc};
 
@@ -118,29 +122,36 @@ fn config(
     ring: u32,
     skip: Option<u32>,
 ) -> String {
-    let mut s = format!(
-        "[agent]\ninterface = \"l0\"\nxdp_mode = \"native\"\nflow_table_size = 65536\ninstance = \"{instance}\"\n\
-         control_socket = \"{}\"\nnetns = \"{lb_ns}\"\nmax_vips = {}\nmax_backends = {}\n",
-        socket.display(),
-        vips.next_power_of_two().max(16),
-        (vips * per_vip + 1).next_power_of_two(),
-    );
-    for v in 0..vips {
-        s.push_str(&format!(
-            "\n[[vip]]\naddress = \"{}\"\nport = 8080\nring_size = {ring}\n[vip.health]\nkind = \"none\"\n",
-            vip_addr(v)
-        ));
-        for b in 0..per_vip {
-            if Some(b) == skip {
-                continue;
-            }
-            s.push_str(&format!(
-                "[[vip.backend]]\naddress = \"{}\"\n",
-                backend_addr(b)
-            ));
-        }
+    let vips = (0..vips)
+        .map(|v| file::Vip {
+            ring_size: Some(ring),
+            health: Some(file::Health::none()),
+            ..file::Vip::new(
+                vip_addr(v).to_string(),
+                8080,
+                (0..per_vip)
+                    .filter(|b| Some(*b) != skip)
+                    .map(|b| file::Backend::at(backend_addr(b).to_string()))
+                    .collect(),
+            )
+        })
+        .collect::<Vec<_>>();
+    file::File {
+        agent: file::Agent {
+            interface: "l0".into(),
+            xdp_mode: Some(XdpMode::Native),
+            flow_table_size: Some(65536),
+            instance: Some(instance.into()),
+            control_socket: Some(socket.display().to_string()),
+            netns: Some(lb_ns.into()),
+            max_vips: Some((vips.len() as u32).next_power_of_two().max(16)),
+            max_backends: Some((vips.len() as u32 * per_vip + 1).next_power_of_two()),
+            ..Default::default()
+        },
+        announce: None,
+        vips,
     }
-    s
+    .to_toml("scale test agent")
 }
 
 fn status(socket: &std::path::Path) -> Option<StatusInfo> {

@@ -13,7 +13,11 @@ use std::{
 mod support;
 
 use lb_tests::{Dc, TestServer, ask_vip, backend_addr, dc};
-use lb_user::api::{self, BackendInfo, BackendState, Request};
+use lb_user::{
+    api::{self, BackendInfo, BackendState, Request},
+    config::file,
+    vocab::{Forwarding, ProbeVia, Scheduler},
+};
 use support::{Agent, LB, servers};
 
 /// The entry for `key` in instance's pinned connection table, read the way
@@ -327,6 +331,14 @@ fn agent_kill_9_and_restart_loses_nothing_and_cli_changes_persist() {
     let d = dc("agr", 2).expect("dc");
     let _srv = servers(&d);
     let mut agent = Agent::start("agr", &d, 2);
+    // An operator's comment beside backend 1 (CLI edits read the file
+    // afresh and must keep it).
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        text.replacen("[[vip.backend]]\n", "[[vip.backend]] # backend 1\n", 1),
+    )
+    .unwrap();
 
     // A CLI change before the crash: a third (weight 0) backend entry.
     agent
@@ -1367,12 +1379,11 @@ fn nat_replies_arriving_on_other_interfaces_reach_the_client() {
     let d = dc("anr", 2).expect("dc");
     let _srv = servers(&d);
     let _pass = support::nat_two_armed(&d);
-    let agent = Agent::start_edited("anr", &d, 2, |t| {
-        t.replace(
-            "metrics_listen = \"127.0.0.1:9100\"\n",
-            "nat_source_v4 = [\"198.18.11.1\"]\nreply_interfaces = [\"l1\", \"l2\"]\n",
-        )
-        .replace("port = 8080\n", "port = 8080\nforwarding = \"nat\"\n")
+    let agent = Agent::start_edited("anr", &d, 2, |f| {
+        f.agent.metrics_listen = None;
+        f.agent.nat_source_v4 = vec!["198.18.11.1".into()];
+        f.agent.reply_interfaces = vec!["l1".into(), "l2".into()];
+        f.vips[0].forwarding = Some(Forwarding::Nat);
     });
     let mut seen = std::collections::BTreeSet::new();
     for k in 0..40u16 {
@@ -1453,18 +1464,13 @@ fn health_probes_go_where_lb_health_says() {
     let d = dc("ahp", 2).expect("dc");
     // Nothing listens on the VIP's port: a probe sent there would be refused.
     let counters: Vec<_> = d.backends.iter().map(|b| count_accepts(b, 9090)).collect();
-    let agent = Agent::start_edited("ahp", &d, 2, |t| {
-        let mut t = t
-            .replace(
-                "metrics_listen = \"127.0.0.1:9100\"\n",
-                "nat_source_v4 = [\"198.18.11.1\"]\n",
-            )
-            .replace("port = 8080\n", "port = 8080\nforwarding = \"nat\"\n");
-        for i in 1..=2 {
-            let a = format!("address = \"{}\"\n", backend_addr(i));
-            t = t.replace(&a, &format!("{a}port = 9090\n"));
+    let agent = Agent::start_edited("ahp", &d, 2, |f| {
+        f.agent.metrics_listen = None;
+        f.agent.nat_source_v4 = vec!["198.18.11.1".into()];
+        f.vips[0].forwarding = Some(Forwarding::Nat);
+        for b in f.backends_mut() {
+            b.port = Some(9090);
         }
-        t
     });
     // Well past `fall` probes (3 × 200 ms): a wrong target would be down.
     std::thread::sleep(Duration::from_millis(1500));
@@ -1520,21 +1526,26 @@ fn datapath_drops_reach_the_log_with_their_fields_and_a_rate_limit() {
     let d = dc("dlg", 1).expect("dc");
     let _srv = servers(&d);
     let b = backend_addr(1);
-    let agent = Agent::start_edited("dlg", &d, 1, |t| {
+    let agent = Agent::start_edited("dlg", &d, 1, |f| {
         // One NAT port for the whole host: with two CPUs each CPU's slice
         // is empty, with one the first flow takes it (see below).
-        t.replace(
-            "metrics_listen = \"127.0.0.1:9100\"\n",
-            "nat_source_v4 = [\"198.18.11.1\"]\nnat_ports = \"2000-2000\"\n",
-        ) + &format!(
+        f.agent.metrics_listen = None;
+        f.agent.nat_source_v4 = vec!["198.18.11.1".into()];
+        f.agent.nat_ports = Some("2000-2000".into());
+        f.vips.push(file::Vip {
+            forwarding: Some(Forwarding::Ipip),
             // The backend runs no lb_decap (the test only feeds the
             // program): its health is probed on its address.
-            "\n[[vip]]\naddress = \"198.18.0.101\"\nport = 8080\nforwarding = \"ipip\"\n\
-             health.via = \"address\"\n\n\
-             [[vip.backend]]\naddress = \"{b}\"\n\n\
-             [[vip]]\naddress = \"198.18.0.102\"\nport = 8080\nforwarding = \"nat\"\n\n\
-             [[vip.backend]]\naddress = \"{b}\"\n"
-        )
+            health: Some(file::Health {
+                via: Some(ProbeVia::Address),
+                ..Default::default()
+            }),
+            ..file::Vip::new("198.18.0.101", 8080, vec![file::Backend::at(&b)])
+        });
+        f.vips.push(file::Vip {
+            forwarding: Some(Forwarding::Nat),
+            ..file::Vip::new("198.18.0.102", 8080, vec![file::Backend::at(&b)])
+        });
     });
     agent.wait_ready(3);
     // One CPU for every run below: the rate limit and its `suppressed`
@@ -1663,7 +1674,7 @@ fn a_backend_takes_no_connection_before_its_first_probe_succeeds() {
         .enumerate()
         .map(|(i, ns)| TestServer::start(ns, &format!("b{}", i + 1)).expect("server"))
         .collect();
-    let agent = Agent::launch("unc", &d, 3, |t| t);
+    let agent = Agent::launch("unc", &d, 3, |_| {});
     let check = |what: &str, got: &[(Instant, Result<String, String>)]| {
         let reached_dead: Vec<_> = got
             .iter()
@@ -1729,11 +1740,8 @@ fn a_backend_takes_no_connection_before_its_first_probe_succeeds() {
 fn a_list_scheduler_with_every_backend_down_sends_nothing() {
     let d = dc("rrd", 2).expect("dc");
     let mut srv = servers(&d);
-    let agent = Agent::start_edited("rrd", &d, 2, |t| {
-        t.replace(
-            "port = 8080\n",
-            "port = 8080\nscheduler = \"round-robin\"\n",
-        )
+    let agent = Agent::start_edited("rrd", &d, 2, |f| {
+        f.vips[0].scheduler = Some(Scheduler::RoundRobin);
     });
     for s in &mut srv {
         s.stop();

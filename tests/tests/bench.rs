@@ -16,7 +16,9 @@ use lb_tests::{
 };
 use lb_user::{
     api::{self, BackendInfo, BackendState, Request},
+    config::file::{self, File, Health},
     tools::lab::{self, Lab},
+    vocab::{Forwarding, HashInput},
 };
 use serde_json::json;
 
@@ -431,35 +433,36 @@ struct LabRun {
 }
 
 impl LabRun {
-    fn start(prefix: &str, health: &str) -> Self {
-        Self::start_with(prefix, health, |_| {}, |t| t)
+    fn start(prefix: &str, health: Health) -> Self {
+        Self::start_with(prefix, health, |_| {}, |_| {})
     }
 
     /// [`LabRun::start`] with `prepare` run on the lab before the agent
     /// starts, and the agent's configuration text passed through `edit`.
     fn start_with(
         prefix: &str,
-        health: &str,
+        health: Health,
         prepare: impl FnOnce(&Lab),
-        edit: impl FnOnce(String) -> String,
+        edit: impl FnOnce(&mut File),
     ) -> Self {
-        Self::start_forwarding(prefix, "dsr", health, prepare, edit)
+        Self::start_forwarding(prefix, Forwarding::Dsr, health, prepare, edit)
     }
 
     /// [`LabRun::start_with`] with the lab's VIPs in `forwarding` mode.
     fn start_forwarding(
         prefix: &str,
-        forwarding: &str,
-        health: &str,
+        forwarding: Forwarding,
+        health: Health,
         prepare: impl FnOnce(&Lab),
-        edit: impl FnOnce(String) -> String,
+        edit: impl FnOnce(&mut File),
     ) -> Self {
         let lab = Lab::with_exe(prefix, std::path::Path::new(LB));
         lab.up().expect("lab up");
         prepare(&lab);
         let cfg = lab.run_dir().join("lb.toml");
-        std::fs::write(&cfg, edit(lab.agent_config(forwarding, "5-tuple", health)))
-            .expect("config");
+        let mut file = lab.agent_file(forwarding, HashInput::FiveTuple, health);
+        edit(&mut file);
+        std::fs::write(&cfg, file.to_toml("lab agent")).expect("config");
         let log = std::fs::File::create(lab.run_dir().join("agent.log")).expect("log");
         let agent = Command::new(LB)
             .args(["run", "--config"])
@@ -521,7 +524,7 @@ fn bench_http() {
     const NAT_SRC: [&str; 4] = ["198.18.0.50", "198.18.0.51", "198.18.0.52", "198.18.0.53"];
     let r = LabRun::start_with(
         "bh",
-        "kind = \"tcp\"",
+        Health::tcp(),
         |lab| {
             let lb_ns = lab.lb_ns();
             let mut cmds: Vec<(String, Vec<String>)> = NAT_SRC
@@ -552,30 +555,24 @@ fn bench_http() {
                 assert!(st.success(), "{cmd:?} failed");
             }
         },
-        |text| {
-            let srcs: Vec<String> = NAT_SRC.iter().map(|a| format!("\"{a}\"")).collect();
-            let mut t = text
-                .replacen(
-                    "[agent]\n",
-                    &format!(
-                        "[agent]\nnat_source_v4 = [{}]\nnat_ports = \"1024-65535\"\n",
-                        srcs.join(", ")
-                    ),
-                    1,
+        |f| {
+            f.agent.nat_source_v4 = NAT_SRC.iter().map(|a| a.to_string()).collect();
+            f.agent.nat_ports = Some("1024-65535".into());
+            // Every NAT flow stays in the tables for 60 s after it closes.
+            f.agent.flow_table_size = Some(1 << 20);
+            f.vips.push(file::Vip {
+                forwarding: Some(Forwarding::Nat),
+                ..file::Vip::new(
+                    lab::VIP4,
+                    8082,
+                    (1..=lab::BACKENDS)
+                        .map(|i| file::Backend {
+                            port: Some(80),
+                            ..file::Backend::at(lab::backend4(i))
+                        })
+                        .collect(),
                 )
-                // Every NAT flow stays in the tables for 60 s after it closes.
-                .replace("flow_table_size = 65536", "flow_table_size = 1048576");
-            t.push_str(&format!(
-                "\n[[vip]]\naddress = \"{}\"\nport = 8082\nforwarding = \"nat\"\n",
-                lab::VIP4
-            ));
-            for i in 1..=lab::BACKENDS {
-                t.push_str(&format!(
-                    "\n[[vip.backend]]\naddress = \"{}\"\nport = 80\n",
-                    lab::backend4(i)
-                ));
-            }
-            t
+            });
         },
     );
     let lb_ns = r.lab.lb_ns();
@@ -766,14 +763,16 @@ fn failover_reps(r: &LabRun, bench: &str, what: &str, fail: impl Fn(), heal: imp
     );
 }
 
-const HEALTHZ: &str = "kind = \"http\"\npath = \"/healthz\"";
+fn healthz() -> Health {
+    Health::http("/healthz")
+}
 
 /// Probes alone: a `dsr` backend's server is killed (its RSTs go to the
 /// clients directly, the datapath sees none).
 #[test]
 #[ignore = "benchmark: cargo xtask bench"]
 fn bench_failover() {
-    let r = LabRun::start("bf", HEALTHZ);
+    let r = LabRun::start("bf", healthz());
     failover_reps(
         &r,
         "failover",
@@ -790,8 +789,8 @@ fn bench_failover() {
 fn bench_failover_nat() {
     let r = LabRun::start_forwarding(
         "bfn",
-        "nat",
-        HEALTHZ,
+        Forwarding::Nat,
+        healthz(),
         |lab| {
             // NAT replies pass the LB's XDP: finished checksums, as on a wire.
             for i in 1..=lab::BACKENDS {
@@ -803,7 +802,7 @@ fn bench_failover_nat() {
                 assert!(st.success(), "ethtool in b{i}");
             }
         },
-        |t| t,
+        |_| {},
     );
     failover_reps(
         &r,
@@ -819,7 +818,7 @@ fn bench_failover_nat() {
 #[test]
 #[ignore = "benchmark: cargo xtask bench"]
 fn bench_failover_path() {
-    let r = LabRun::start("bfp", HEALTHZ);
+    let r = LabRun::start("bfp", healthz());
     let ns = r.lab.backend_ns(2);
     let ip = |verb: &str| {
         let st = Command::new("ip")
@@ -845,7 +844,7 @@ fn bench_failover_path() {
 #[test]
 #[ignore = "benchmark: cargo xtask bench"]
 fn bench_failover_hung() {
-    let r = LabRun::start("bfh", HEALTHZ);
+    let r = LabRun::start("bfh", healthz());
     let ns = r.lab.backend_ns(2);
     let nft = |args: &str| {
         let st = Command::new("ip")

@@ -15,7 +15,11 @@ use std::{
 };
 
 use lb_tests::{Netns, veth};
-use lb_user::api::{self, BackendInfo, BackendState, Edit, Request, VipRef};
+use lb_user::{
+    api::{self, BackendInfo, BackendState, Edit, Request, VipRef},
+    config::file,
+    vocab::{ProbeVia, XdpMode},
+};
 use serde_json::json;
 
 const LB: &str = env!("CARGO_BIN_EXE_lb");
@@ -124,26 +128,43 @@ impl Agent {
         let socket = PathBuf::from(format!("/run/lb/{instance}.sock"));
         let dir = std::env::temp_dir().join(&instance);
         std::fs::create_dir_all(&dir).expect("tmp dir");
-        let mut cfg = format!(
-            "[agent]\ninterface = \"l0\"\nxdp_mode = \"skb\"\ninstance = \"{instance}\"\n\
-             control_socket = \"{}\"\nnetns = \"{}\"\n",
-            socket.display(),
-            l.name
-        );
-        // The backends are probe counters on their own addresses, without
-        // the VIP: what is measured is the probes' schedule, not a path.
-        for (vip, backends) in vips {
-            cfg.push_str(&format!(
-                "\n[[vip]]\naddress = \"{}\"\nport = {}\n[vip.health]\nkind = \"http\"\nport = 8080\n\
-                 via = \"address\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = 150\n",
-                vip.address, vip.port
-            ));
-            for b in backends {
-                cfg.push_str(&format!("[[vip.backend]]\naddress = \"{b}\"\n"));
-            }
-        }
+        let cfg = file::File {
+            agent: file::Agent {
+                interface: "l0".into(),
+                xdp_mode: Some(XdpMode::Skb),
+                instance: Some(instance.clone()),
+                control_socket: Some(socket.display().to_string()),
+                netns: Some(l.name.clone()),
+                ..Default::default()
+            },
+            announce: None,
+            // The backends are probe counters on their own addresses,
+            // without the VIP: what is measured is the probes' schedule,
+            // not a path.
+            vips: vips
+                .iter()
+                .map(|(vip, backends)| file::Vip {
+                    health: Some(file::Health {
+                        kind: Some("http"),
+                        port: Some(8080),
+                        via: Some(ProbeVia::Address),
+                        interval_ms: Some(INTERVAL_MS),
+                        timeout_ms: Some(150),
+                        ..Default::default()
+                    }),
+                    ..file::Vip::new(
+                        vip.address.to_string(),
+                        vip.port,
+                        backends
+                            .iter()
+                            .map(|b| file::Backend::at(b.to_string()))
+                            .collect(),
+                    )
+                })
+                .collect(),
+        };
         let config = dir.join("lb.toml");
-        std::fs::write(&config, cfg).expect("config");
+        std::fs::write(&config, cfg.to_toml("probe benchmark agent")).expect("config");
         let log = std::fs::File::create(dir.join("agent.log")).expect("log");
         let child = Command::new(LB)
             .args(["run", "--config"])

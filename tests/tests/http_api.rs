@@ -151,14 +151,10 @@ fn every_route_answers_as_its_openapi_document_says_with_tokens_checked() {
         0o600,
     );
     let tfile = tokens.0.display().to_string();
-    let agent = Agent::start_edited("hapi", &d, 3, |t| {
-        t.replace(
-            "metrics_listen = \"127.0.0.1:9100\"\n",
-            &format!(
-                "metrics_listen = \"127.0.0.1:9100\"\napi_listen = \"127.0.0.1:9200\"\n\
-                 api_token_file = \"{tfile}\"\n"
-            ),
-        ) + "\n[announce]\ntable = 201\n"
+    let agent = Agent::start_edited("hapi", &d, 3, |f| {
+        f.agent.api_listen = Some("127.0.0.1:9200".into());
+        f.agent.api_token_file = Some(tfile.clone());
+        f.announce = Some(lb_user::config::file::Announce { table: 201 });
     });
     let c = Client {
         ns: &d.lb,

@@ -2,6 +2,8 @@
 //! lab's backend HTTP servers, HTTP from 16 client addresses. The tests in
 //! this file run one at a time (each builds its own lab, and the VM has two
 //! cores); each removes its lab, agent and pins, also when it fails.
+//! (Failover and drain run once, in `agent.rs`, on the data-center
+//! topology.)
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -13,7 +15,13 @@ use std::{
 
 use lb_user::{
     api::{self, BackendInfo, BackendState, Request},
+    config::file::{self, File, Health},
     tools::lab::{self, Lab, Sample},
+    vocab::{
+        Forwarding::{self, Dsr, Gue, Ipip, Nat},
+        HashInput::{self, FiveTuple, SourceIp},
+        Scheduler,
+    },
 };
 
 const LB: &str = env!("CARGO_BIN_EXE_lb");
@@ -27,8 +35,8 @@ struct Running {
 
 impl Running {
     /// Builds the lab `prefix` and starts the agent with the given VIP
-    /// settings and health block.
-    fn start(prefix: &str, forwarding: &str, hash: &str, health: &str) -> Self {
+    /// settings and health check.
+    fn start(prefix: &str, forwarding: Forwarding, hash: HashInput, health: Health) -> Self {
         Self::start_on(
             Lab::with_exe(prefix, std::path::Path::new(LB)),
             forwarding,
@@ -38,7 +46,7 @@ impl Running {
     }
 
     /// [`Running::start`] on a lab built as the caller chose.
-    fn start_on(lab: Lab, forwarding: &str, hash: &str, health: &str) -> Self {
+    fn start_on(lab: Lab, forwarding: Forwarding, hash: HashInput, health: Health) -> Self {
         lab.up().expect("lab up");
         let config = lab.run_dir().join("lb.toml");
         let mut r = Running {
@@ -50,22 +58,29 @@ impl Running {
         r
     }
 
-    fn agent_with(&mut self, forwarding: &str, hash: &str, health: &str) {
-        self.agent_sched(forwarding, hash, "maglev", health);
+    fn agent_with(&mut self, forwarding: Forwarding, hash: HashInput, health: Health) {
+        self.agent_sched(forwarding, hash, Scheduler::Maglev, health);
     }
 
-    fn agent_sched(&mut self, forwarding: &str, hash: &str, scheduler: &str, health: &str) {
-        let text = self
-            .lab
-            .agent_config_with(forwarding, hash, scheduler, health);
-        self.agent_from(&text);
+    fn agent_sched(
+        &mut self,
+        forwarding: Forwarding,
+        hash: HashInput,
+        scheduler: Scheduler,
+        health: Health,
+    ) {
+        let mut file = self.lab.agent_file(forwarding, hash, health);
+        for v in &mut file.vips {
+            v.scheduler = Some(scheduler);
+        }
+        self.agent_from(&file);
     }
 
-    /// Restarts the agent (detached first) with this configuration text and
+    /// Restarts the agent (detached first) with this configuration and
     /// waits until it is ready.
-    fn agent_from(&mut self, text: &str) {
+    fn agent_from(&mut self, file: &File) {
         self.stop_agent();
-        std::fs::write(&self.config, text).expect("config");
+        std::fs::write(&self.config, file.to_toml("lab agent")).expect("config");
         self.spawn_agent("agent.log");
         let t0 = Instant::now();
         loop {
@@ -199,7 +214,7 @@ fn per_backend(samples: &[Sample]) -> BTreeMap<String, usize> {
 #[test]
 fn five_tuple_spreads_evenly_and_source_ip_sticks() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut r = Running::start("lt-sp", "dsr", "5-tuple", "kind = \"tcp\"");
+    let mut r = Running::start("lt-sp", Dsr, FiveTuple, Health::tcp());
     let s = r.load(false, 400, 6.0, |_| {});
     let failed = s.iter().filter(|x| x.result.is_err()).count();
     let m = per_backend(&s);
@@ -218,7 +233,7 @@ fn five_tuple_spreads_evenly_and_source_ip_sticks() {
         );
     }
 
-    r.agent_with("dsr", "source-ip", "kind = \"tcp\"");
+    r.agent_with(Dsr, SourceIp, Health::tcp());
     let s = r.load(false, 300, 3.0, |_| {});
     let mut by_client: HashMap<std::net::IpAddr, BTreeMap<String, usize>> = HashMap::new();
     for x in &s {
@@ -249,64 +264,6 @@ fn five_tuple_spreads_evenly_and_source_ip_sticks() {
     );
 }
 
-#[test]
-fn failover_within_a_second_recovery_and_no_errors_elsewhere() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let r = Running::start(
-        "lt-fo",
-        "dsr",
-        "5-tuple",
-        "kind = \"http\"\npath = \"/healthz\"",
-    );
-    let mut kill_at = None;
-    let s = r.load(false, 200, 6.0, |start| {
-        std::thread::sleep(Duration::from_secs(2));
-        r.lab.stop_backend(2).expect("kill b2");
-        kill_at = Some(start.elapsed());
-    });
-    let kill_at = kill_at.unwrap();
-    let failed: Vec<Duration> = s
-        .iter()
-        .filter(|x| x.result.is_err())
-        .map(|x| x.at)
-        .collect();
-    let last = failed.iter().max().map(|t| t.saturating_sub(kill_at));
-    println!(
-        "kill at {kill_at:?}: {} failed connections, the last {last:?} after the kill",
-        failed.len()
-    );
-    // A request already in flight to b2 when its server dies fails too:
-    // allow those that started just before the kill.
-    let in_flight_margin = Duration::from_millis(200);
-    assert!(
-        failed.iter().all(|t| *t + in_flight_margin >= kill_at),
-        "no failure before the kill"
-    );
-    assert!(
-        last.is_none_or(|l| l <= Duration::from_secs(1)),
-        "new connections reached the dead backend {last:?} after the kill"
-    );
-    assert!(
-        s.iter()
-            .filter(|x| x.at > kill_at)
-            .all(|x| x.result.as_deref() != Ok("b2")),
-        "a dead server answers nothing"
-    );
-    assert_eq!(r.state(&lab::backend4(2)), "down");
-
-    // Recovery: the server returns and the backend rejoins after `rise`.
-    r.lab.start_backend(2).expect("restart b2");
-    let t0 = Instant::now();
-    while r.state(&lab::backend4(2)) != "up" {
-        assert!(t0.elapsed() < Duration::from_secs(3), "b2 did not rejoin");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    println!("b2 rejoined {:?} after its server came back", t0.elapsed());
-    let s = r.load(false, 200, 2.0, |_| {});
-    assert!(s.iter().all(|x| x.result.is_ok()));
-    assert!(per_backend(&s).contains_key("b2"), "b2 serves again");
-}
-
 /// `ipip` and then `gue` (IP in UDP), each over IPv4 and IPv6, through
 /// the backends' `lb backend-host` decap; the agent restarts in between
 /// and comes up only when every backend's path probe (encapsulated the
@@ -314,10 +271,10 @@ fn failover_within_a_second_recovery_and_no_errors_elsewhere() {
 #[test]
 fn ipip_and_gue_with_decap_carry_http_over_ipv4_and_ipv6() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut r = Running::start("lt-ip", "ipip", "5-tuple", "kind = \"tcp\"");
+    let mut r = Running::start("lt-ip", Ipip, FiveTuple, Health::tcp());
     for mode in ["ipip", "gue"] {
         if mode == "gue" {
-            r.agent_with("gue", "5-tuple", "kind = \"tcp\"");
+            r.agent_with(Gue, FiveTuple, Health::tcp());
         }
         for v6 in [false, true] {
             let s = r.load(v6, 200, 2.0, |_| {});
@@ -337,12 +294,7 @@ fn ipip_and_gue_with_decap_carry_http_over_ipv4_and_ipv6() {
 #[test]
 fn http_check_takes_out_a_503_backend_and_tcp_check_keeps_it() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut r = Running::start(
-        "lt-hc",
-        "dsr",
-        "5-tuple",
-        "kind = \"http\"\npath = \"/healthz\"",
-    );
+    let mut r = Running::start("lt-hc", Dsr, FiveTuple, Health::http("/healthz"));
     r.lab
         .backend_ctl(1, "/admin/fail-health")
         .expect("fail health");
@@ -373,7 +325,7 @@ fn http_check_takes_out_a_503_backend_and_tcp_check_keeps_it() {
     );
 
     // The same failure under a tcp check: the port still accepts, so b1 stays.
-    r.agent_with("dsr", "5-tuple", "kind = \"tcp\"");
+    r.agent_with(Dsr, FiveTuple, Health::tcp());
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
         r.state(&lab::backend4(1)),
@@ -427,10 +379,10 @@ fn inflight_spread(r: &Running) -> (f64, usize) {
 #[test]
 fn least_connections_keeps_backends_closer_than_round_robin() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut r = Running::start("lt-lc", "dsr", "5-tuple", "kind = \"tcp\"");
-    r.agent_sched("dsr", "5-tuple", "round-robin", "kind = \"tcp\"");
+    let mut r = Running::start("lt-lc", Dsr, FiveTuple, Health::tcp());
+    r.agent_sched(Dsr, FiveTuple, Scheduler::RoundRobin, Health::tcp());
     let (rr, rr_failed) = inflight_spread(&r);
-    r.agent_sched("dsr", "5-tuple", "least-connections", "kind = \"tcp\"");
+    r.agent_sched(Dsr, FiveTuple, Scheduler::LeastConnections, Health::tcp());
     let (lc, lc_failed) = inflight_spread(&r);
     println!(
         "mean spread of in-flight requests across backends (max - min): round-robin {rr:.2}, least-connections {lc:.2}"
@@ -449,22 +401,18 @@ fn least_connections_keeps_backends_closer_than_round_robin() {
 #[test]
 fn region_clients_stay_on_their_backend_and_fall_back_when_it_dies() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut r = Running::start("lt-rg", "dsr", "5-tuple", "kind = \"tcp\"");
+    let mut r = Running::start("lt-rg", Dsr, FiveTuple, Health::tcp());
     // Client 1's eight addresses form region "near", served by b1 alone.
     let prefixes: Vec<String> = (0..lab::ADDRS_PER_CLIENT)
-        .map(|k| format!("\"{}/32\"", lab::client4(1, k)))
+        .map(|k| format!("{}/32", lab::client4(1, k)))
         .collect();
-    let region = format!(
-        "\n[[vip.region]]\nname = \"near\"\nprefixes = [{}]\nbackends = [\"{}\"]\n",
-        prefixes.join(", "),
-        lab::backend4(1)
-    );
-    let base = r.lab.agent_config("dsr", "5-tuple", "kind = \"tcp\"");
-    let split = base
-        .find("\n[[vip]]\naddress = \"2001:2::100\"")
-        .expect("the IPv6 VIP block");
-    let text = format!("{}{}{}", &base[..split], region, &base[split..]);
-    r.agent_from(&text);
+    let mut file = r.lab.agent_file(Dsr, FiveTuple, Health::tcp());
+    file.vips[0].regions.push(file::Region {
+        name: "near".into(),
+        prefixes,
+        backends: vec![lab::backend4(1)],
+    });
+    r.agent_from(&file);
     let is_c1 =
         |s: &Sample| (0..lab::ADDRS_PER_CLIENT).any(|k| s.client.to_string() == lab::client4(1, k));
     let s = r.load(false, 200, 2.0, |_| {});
@@ -496,75 +444,9 @@ fn region_clients_stay_on_their_backend_and_fall_back_when_it_dies() {
 }
 
 #[test]
-fn drain_keeps_a_long_request_and_sends_new_ones_elsewhere() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let r = Running::start("lt-dr", "dsr", "5-tuple", "kind = \"tcp\"");
-    // A long request (3 s) from client 1; find the backend serving it.
-    let ns = r.lab.client_ns(1);
-    let long = std::thread::spawn(move || {
-        lab::in_netns(&ns, || {
-            lab::http_get(
-                &format!("{}:80", lab::VIP4).parse().unwrap(),
-                None,
-                "/sleep?ms=3000",
-            )
-        })
-        .expect("setns")
-    });
-    let t0 = Instant::now();
-    let serving = loop {
-        let busy: Vec<usize> = (1..=lab::BACKENDS)
-            .filter(|&i| {
-                r.lab
-                    .backend_ctl(i, "/admin/inflight")
-                    .is_ok_and(|v| v.trim() == "1")
-            })
-            .collect();
-        if let [i] = busy[..] {
-            break i;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(2),
-            "the long request did not arrive"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = Command::new(LB)
-        .args([
-            "backend",
-            "drain",
-            &format!("{}:80", lab::VIP4),
-            &lab::backend4(serving),
-            "--socket",
-        ])
-        .arg(r.lab.socket())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let s = r.load(false, 200, 1.5, |_| {});
-    let m = per_backend(&s);
-    println!("b{serving} drained with a long request in flight; new requests: {m:?}");
-    assert!(s.iter().all(|x| x.result.is_ok()));
-    assert!(
-        !m.contains_key(&format!("b{serving}")),
-        "no new flow to the drained backend"
-    );
-    let answer = long.join().unwrap().expect("the long request completes");
-    assert_eq!(
-        answer,
-        format!("b{serving}"),
-        "the drained backend finished its long request"
-    );
-}
-
-#[test]
 fn agent_kill_9_and_restart_under_steady_traffic_fails_nothing() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut r = Running::start("lt-rs", "dsr", "5-tuple", "kind = \"tcp\"");
+    let mut r = Running::start("lt-rs", Dsr, FiveTuple, Health::tcp());
     let s = r.load_across_kill_9();
     let failed = s.iter().filter(|x| x.result.is_err()).count();
     // The new agent loads (and the kernel verifies) the datapath while the
@@ -592,7 +474,7 @@ fn agent_kill_9_and_restart_under_steady_traffic_fails_nothing() {
 fn nat_carries_http_to_bare_backends_and_survives_kill_9() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::with_exe("lt-nat", std::path::Path::new(LB)).with_bare_backends();
-    let mut r = Running::start_on(lab, "nat", "5-tuple", "kind = \"tcp\"");
+    let mut r = Running::start_on(lab, Nat, FiveTuple, Health::tcp());
     // A DSR VIP could not work here: the backends do not own the VIP.
     for v6 in [false, true] {
         let s = r.load(v6, 200, 2.0, |_| {});
@@ -703,7 +585,7 @@ fn nat_carries_http_to_bare_backends_and_survives_kill_9() {
 #[test]
 fn path_probes_take_out_a_backend_the_vip_no_longer_reaches() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut r = Running::start("lt-pp", "dsr", "5-tuple", "kind = \"tcp\"");
+    let mut r = Running::start("lt-pp", Dsr, FiveTuple, Health::tcp());
     let b2 = lab::backend4(2);
     let ns = r.lab.backend_ns(2);
     let ip = |args: &[&str]| {
@@ -759,7 +641,7 @@ fn path_probes_take_out_a_backend_the_vip_no_longer_reaches() {
     println!("dsr, VIP back → b2 up in {back:?}");
 
     // ipip: b2's lb_decap is detached.
-    r.agent_with("ipip", "5-tuple", "kind = \"tcp\"");
+    r.agent_with(Ipip, FiveTuple, Health::tcp());
     let (_, probe) = last_result(&r);
     assert!(probe.contains("via the path (ipip)"), "{probe}");
     lb_user::backend_host::down(&r.lab.backend_host_instance(2)).expect("detach");

@@ -378,7 +378,7 @@ fn sessions_survive_only_outside_the_servers() {
     c.wait_state_everywhere(&lab::backend4(3), BackendState::Up);
 
     // Local sessions with source-ip hashing: kept while the backend lives.
-    c.set_hash("source-ip");
+    c.set_hash(lb_user::vocab::HashInput::SourceIp);
     let mut sticky = Session::new(&c.lab, 2, 0, Store::Local).expect("session");
     let r = session_run(&mut sticky, 20, gap);
     let b = backends_of(&r);

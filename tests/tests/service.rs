@@ -12,7 +12,11 @@ use std::{
 };
 
 use lb_tests::{TestServer, ask_vip, backend_addr, dc};
-use lb_user::api::{self, BackendInfo, BackendState, Request};
+use lb_user::{
+    api::{self, BackendInfo, BackendState, Request},
+    config::file::{self, File},
+    vocab::XdpMode,
+};
 
 const LB: &str = env!("CARGO_BIN_EXE_lb");
 
@@ -66,13 +70,24 @@ fn the_systemd_unit_checks_starts_reloads_and_stops_the_agent() {
     let dir = std::env::temp_dir().join(&instance);
     std::fs::create_dir_all(&dir).expect("dir");
     let config = dir.join("lb.toml");
-    let good = format!(
-        "[agent]\ninterface = \"l0\"\nxdp_mode = \"native\"\nflow_table_size = 65536\ninstance = \"{instance}\"\n\
-         control_socket = \"{socket}\"\nnetns = \"{}\"\n\n[[vip]]\naddress = \"198.18.0.100\"\nport = 8080\n\
-         [[vip.backend]]\naddress = \"{}\"\n",
-        d.lb.name,
-        backend_addr(1)
-    );
+    let mut file = File {
+        agent: file::Agent {
+            interface: "l0".into(),
+            xdp_mode: Some(XdpMode::Native),
+            flow_table_size: Some(65536),
+            instance: Some(instance.clone()),
+            control_socket: Some(socket.clone()),
+            netns: Some(d.lb.name.clone()),
+            ..Default::default()
+        },
+        announce: None,
+        vips: vec![file::Vip::new(
+            "198.18.0.100",
+            8080,
+            vec![file::Backend::at(backend_addr(1))],
+        )],
+    };
+    let good = file.to_toml("service test agent");
     // Removes the agent and its pins however the test ends.
     struct Down(String, String, std::path::PathBuf);
     impl Drop for Down {
@@ -88,6 +103,7 @@ fn the_systemd_unit_checks_starts_reloads_and_stops_the_agent() {
     let _down = Down(instance.clone(), socket.clone(), dir.clone());
 
     // ExecStartPre refuses a bad file, saying where, and passes a good one.
+    // (A port out of range: only text can say it.)
     std::fs::write(&config, good.replace("port = 8080", "port = 80800")).expect("write");
     let pre = command(key(&keys, "ExecStartPre"), &config, None)
         .output()
@@ -142,14 +158,8 @@ fn the_systemd_unit_checks_starts_reloads_and_stops_the_agent() {
     assert_eq!(ask().expect("through the VIP"), "b1");
 
     // ExecReload: an edited file is applied.
-    std::fs::write(
-        &config,
-        good.replace(
-            &format!("address = \"{}\"\n", backend_addr(1)),
-            &format!("address = \"{}\"\nweight = 3\n", backend_addr(1)),
-        ),
-    )
-    .expect("write");
+    file.vips[0].backends[0].weight = Some(3);
+    std::fs::write(&config, file.to_toml("service test agent")).expect("write");
     let st = command(key(&keys, "ExecReload"), &config, Some(agent.id()))
         .status()
         .expect("ExecReload");

@@ -18,12 +18,17 @@ use std::{
 };
 
 use lb_tests::{Dc, Netns, ask_vip, backend_addr, dc};
-use lb_user::api::BackendState;
+use lb_user::{api::BackendState, config::file};
 use support::{Agent, servers};
 
 /// A probe interval under which probes alone take at least 3 × 2 s to
 /// take a backend out.
-const SLOW_PROBES: &str = "health.interval_ms = 2000\n";
+fn slow_probes() -> Option<file::Health> {
+    Some(file::Health {
+        interval_ms: Some(2000),
+        ..Default::default()
+    })
+}
 
 /// `lb_backend_signals_total` of `backend` for `signal`, from the agent's
 /// `/metrics` (0 when the series does not exist yet).
@@ -71,16 +76,11 @@ fn a_nat_backend_refusing_new_connections_is_out_at_once() {
     let d = dc("sgr", 2).expect("dc");
     let mut srv = servers(&d);
     let _pass = support::nat_two_armed(&d);
-    let agent = Agent::start_edited("sgr", &d, 2, |t| {
-        t.replace(
-            "metrics_listen = \"127.0.0.1:9100\"\n",
-            "metrics_listen = \"127.0.0.1:9100\"\nnat_source_v4 = [\"198.18.11.1\"]\n\
-             reply_interfaces = [\"l1\", \"l2\"]\n",
-        )
-        .replace(
-            "port = 8080\n",
-            &format!("port = 8080\nforwarding = \"nat\"\n{SLOW_PROBES}"),
-        )
+    let agent = Agent::start_edited("sgr", &d, 2, |f| {
+        f.agent.nat_source_v4 = vec!["198.18.11.1".into()];
+        f.agent.reply_interfaces = vec!["l1".into(), "l2".into()];
+        f.vips[0].forwarding = Some(lb_user::vocab::Forwarding::Nat);
+        f.vips[0].health = slow_probes();
     });
     let b2 = backend_addr(2);
     assert_eq!(signals(&d, &b2, "rst_on_syn"), 0);
@@ -141,8 +141,8 @@ fn a_nat_backend_refusing_new_connections_is_out_at_once() {
 fn a_syn_sent_again_costs_probes_that_succeed_never_a_failover() {
     let d = dc("sgs", 1).expect("dc");
     let _srv = servers(&d);
-    let agent = Agent::start_edited("sgs", &d, 1, |t| {
-        t.replace("port = 8080\n", &format!("port = 8080\n{SLOW_PROBES}"))
+    let agent = Agent::start_edited("sgs", &d, 1, |f| {
+        f.vips[0].health = slow_probes();
     });
     let b1 = backend_addr(1);
     let prog = aya::programs::Xdp::from_pin(

@@ -705,7 +705,8 @@ fn targets(r: &Value) -> String {
     o.push_str(&format!(
         "| forwarded pps ≥ 0.85× the floor program | {worst_pps:.2}× (worst flow count) | {} |\n",
         match set_bound {
-            Some(b) => format!("**missed**: out of reach, the floor plus our table lookup alone {b:.2}×"),
+            Some(b) =>
+                format!("**missed**: out of reach, the floor plus our table lookup alone {b:.2}×"),
             None => met(worst_pps >= 0.85).to_string(),
         }
     ));
@@ -774,7 +775,9 @@ fn targets(r: &Value) -> String {
             .map(|s| f(s) / f(&w["minimal_pps"]))
             .filter(|b| v < 1.3 && *b < 1.3);
         let verdict = match bound {
-            Some(b) => format!("**missed**: out of reach, the floor plus our table lookup alone {b:.2}×"),
+            Some(b) => {
+                format!("**missed**: out of reach, the floor plus our table lookup alone {b:.2}×")
+            }
             None => met(v >= 1.3).to_string(),
         };
         o.push_str(&format!(

@@ -7,9 +7,11 @@
 //! Rooms: `raw` (the file as written: serde types and the defaults of
 //! omitted keys), this file (the validated model, its errors and limits),
 //! `validate` (raw → model: every check), `edit` (CLI edits written back to
-//! the file), `tests`.
+//! the file), `file` (a file built in code, for the lab, the demo and the
+//! tests), `tests`.
 
 pub mod edit;
+pub mod file;
 mod raw;
 #[cfg(test)]
 mod tests;

@@ -335,3 +335,118 @@ fn second_chance_defaults_to_gue_maglev_vips_and_is_refused_elsewhere() {
         "{e}"
     );
 }
+
+#[test]
+fn a_file_built_in_code_reads_back_as_built() {
+    use crate::vocab::{ProbeVia, Scheduler};
+    use file::{Announce, Backend, File, Health, Region, Vip};
+    let mut drained = Backend::at("2001:2::12");
+    drained.drain = true;
+    let f = File {
+        agent: file::Agent {
+            interface: "eth1".into(),
+            xdp_mode: Some(XdpMode::Skb),
+            flow_table_size: Some(4096),
+            instance: Some("t".into()),
+            control_socket: Some("/run/lb/t.sock".into()),
+            metrics_listen: Some("127.0.0.1:9100".into()),
+            max_vips: Some(32),
+            nat_source_v4: vec!["198.18.11.1".into()],
+            nat_ports: Some("2000-2999".into()),
+            reply_interfaces: vec!["eth2".into()],
+            ipip_mtu: Some(1400),
+            ..Default::default()
+        },
+        announce: Some(Announce { table: 201 }),
+        vips: vec![
+            Vip {
+                forwarding: Some(Forwarding::Nat),
+                scheduler: Some(Scheduler::RoundRobin),
+                idle_timeout: Some(30),
+                health: Some(Health {
+                    interval_ms: Some(500),
+                    fall: Some(5),
+                    via: Some(ProbeVia::Address),
+                    ..Health::http("/healthz")
+                }),
+                ..Vip::new(
+                    "198.18.0.100",
+                    80,
+                    vec![
+                        Backend {
+                            port: Some(8080),
+                            weight: Some(3),
+                            ..Backend::at("198.18.2.1")
+                        },
+                        Backend::at("198.18.2.2"),
+                    ],
+                )
+            },
+            Vip {
+                forwarding: Some(Forwarding::Gue),
+                hash: Some(HashInput::SourceIp),
+                second_chance: Some(0),
+                health: Some(Health::none()),
+                regions: vec![Region {
+                    name: "west".into(),
+                    prefixes: vec!["2001:2:1::/48".into()],
+                    backends: vec!["2001:2::11".into()],
+                }],
+                ..Vip::new("2001:2::100", 443, vec![Backend::at("2001:2::11"), drained])
+            },
+        ],
+    };
+    let text = f.to_toml("built in code");
+    let c = parse(&text, "built").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert!(text.starts_with("# built in code\n"));
+    assert_eq!(c.agent.interface, "eth1");
+    assert_eq!(c.agent.xdp_mode, XdpMode::Skb);
+    assert_eq!(c.agent.flow_table_size, 4096);
+    assert_eq!(c.agent.instance, "t");
+    assert_eq!(
+        c.agent.metrics_listen,
+        Some("127.0.0.1:9100".parse().unwrap())
+    );
+    assert_eq!(c.agent.max_vips, 32);
+    assert_eq!(
+        c.agent.nat_source_v4,
+        vec!["198.18.11.1".parse::<std::net::Ipv4Addr>().unwrap()]
+    );
+    assert_eq!(c.agent.nat_ports, (2000, 2999));
+    assert_eq!(c.agent.reply_interfaces, vec!["eth2".to_string()]);
+    assert_eq!(c.agent.ipip_mtu, 1400);
+    assert_eq!(c.announce, Some(super::Announce { table: 201 }));
+    let (a, b) = (&c.vips[0], &c.vips[1]);
+    assert_eq!((a.forwarding, a.idle_timeout_s), (Forwarding::Nat, 30));
+    assert_eq!(a.scheduler, Scheduler::RoundRobin);
+    assert_eq!(
+        (a.health.interval_ms, a.health.fall, a.health.via),
+        (500, 5, ProbeVia::Address)
+    );
+    assert!(matches!(&a.health.kind, CheckKind::Http { path, .. } if path == "/healthz"));
+    assert_eq!(
+        (
+            a.backends[0].port,
+            a.backends[0].weight,
+            a.backends[1].weight
+        ),
+        (Some(8080), 3, 1)
+    );
+    assert_eq!(
+        (b.forwarding, b.hash, b.second_chance_s),
+        (Forwarding::Gue, HashInput::SourceIp, 0)
+    );
+    assert_eq!(b.health.kind, CheckKind::None);
+    assert!(!b.backends[0].drain && b.backends[1].drain);
+    assert_eq!(b.regions[0].name, "west");
+    // What the builder leaves out, the file leaves out: the defaults apply.
+    let bare = File {
+        agent: file::Agent {
+            interface: "eth1".into(),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .to_toml("bare");
+    assert_eq!(bare, "# bare\n[agent]\ninterface = \"eth1\"\n");
+}

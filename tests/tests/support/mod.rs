@@ -11,7 +11,11 @@ use std::{
 };
 
 use lb_tests::{Dc, TestServer, backend_addr};
-use lb_user::api::{self, BackendInfo, BackendState, Request};
+use lb_user::{
+    api::{self, BackendInfo, BackendState, Request},
+    config::file::{self, File},
+    vocab::XdpMode,
+};
 
 pub const LB: &str = env!("CARGO_BIN_EXE_lb");
 
@@ -25,27 +29,37 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn config_text(instance: &str, socket: &std::path::Path, lb_ns: &str, n: usize) -> String {
-        let mut s = format!(
-            "# test agent\n[agent]\ninterface = \"l0\"\nxdp_mode = \"native\"\nflow_table_size = 65536\n\
-             instance = \"{instance}\"\ncontrol_socket = \"{}\"\nnetns = \"{lb_ns}\"\nmetrics_listen = \"127.0.0.1:9100\"\n\n[[vip]]\naddress = \"198.18.0.100\"\nport = 8080\n",
-            socket.display()
-        );
-        for i in 1..=n {
-            s.push_str(&format!(
-                "\n[[vip.backend]] # backend {i}\naddress = \"{}\"\n",
-                backend_addr(i)
-            ));
+    /// The test agent's configuration: VIP 198.18.0.100:8080 over the data
+    /// center's first `n` backends, metrics on 127.0.0.1:9100.
+    pub fn config_file(instance: &str, socket: &std::path::Path, lb_ns: &str, n: usize) -> File {
+        File {
+            agent: file::Agent {
+                interface: "l0".into(),
+                xdp_mode: Some(XdpMode::Native),
+                flow_table_size: Some(65536),
+                instance: Some(instance.into()),
+                control_socket: Some(socket.display().to_string()),
+                netns: Some(lb_ns.into()),
+                metrics_listen: Some("127.0.0.1:9100".into()),
+                ..Default::default()
+            },
+            announce: None,
+            vips: vec![file::Vip::new(
+                "198.18.0.100",
+                8080,
+                (1..=n)
+                    .map(|i| file::Backend::at(backend_addr(i)))
+                    .collect(),
+            )],
         }
-        s
     }
 
     pub fn start(tag: &str, d: &Dc, n: usize) -> Self {
-        Self::start_edited(tag, d, n, |t| t)
+        Self::start_edited(tag, d, n, |_| {})
     }
 
-    /// [`Agent::start`] with the configuration text passed through `edit`.
-    pub fn start_edited(tag: &str, d: &Dc, n: usize, edit: impl FnOnce(String) -> String) -> Self {
+    /// [`Agent::start`] with the configuration changed by `edit`.
+    pub fn start_edited(tag: &str, d: &Dc, n: usize, edit: impl FnOnce(&mut File)) -> Self {
         let a = Self::launch(tag, d, n, edit);
         a.wait_ready(n);
         a
@@ -54,17 +68,15 @@ impl Agent {
     /// Starts the agent with `n` backends, edited by `edit`, and returns
     /// once its control socket answers (its datapath attached), without
     /// waiting for any backend.
-    pub fn launch(tag: &str, d: &Dc, n: usize, edit: impl FnOnce(String) -> String) -> Self {
+    pub fn launch(tag: &str, d: &Dc, n: usize, edit: impl FnOnce(&mut File)) -> Self {
         let instance = format!("t-{tag}-{}", std::process::id());
         let socket = PathBuf::from(format!("/run/lb/{instance}.sock"));
         let dir = std::env::temp_dir().join(&instance);
         std::fs::create_dir_all(&dir).expect("tmp dir");
         let config = dir.join("lb.toml");
-        std::fs::write(
-            &config,
-            edit(Self::config_text(&instance, &socket, &d.lb.name, n)),
-        )
-        .expect("config");
+        let mut file = Self::config_file(&instance, &socket, &d.lb.name, n);
+        edit(&mut file);
+        std::fs::write(&config, file.to_toml("test agent")).expect("config");
         let mut a = Agent {
             child: None,
             instance,

@@ -16,7 +16,9 @@ pub mod nodes;
 
 use crate::{
     api::{self, BackendInfo, BackendState, Request, StatsInfo},
+    config::file::Health,
     tools::lab::{self, Lab, Sample},
+    vocab::{Forwarding, HashInput},
 };
 
 const RATE: u32 = 200;
@@ -68,7 +70,12 @@ pub fn run() -> Result<()> {
     let cfg_path = lab.run_dir().join("lb.toml");
     std::fs::write(
         &cfg_path,
-        lab.agent_config("dsr", "5-tuple", "kind = \"http\"\npath = \"/healthz\""),
+        lab.agent_file(
+            Forwarding::Dsr,
+            HashInput::FiveTuple,
+            Health::http("/healthz"),
+        )
+        .to_toml("lab agent"),
     )?;
     let log = std::fs::File::create(lab.run_dir().join("agent.log"))?;
     println!(

@@ -17,10 +17,12 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     api::{self, BackendInfo, BackendState, Request, StatsInfo},
+    config::file::Health,
     tools::lab::{
         self, KeepAlive, Lab, Sample,
         sessions::{Session, Store},
     },
+    vocab::{Forwarding, HashInput},
 };
 
 const RATE: u32 = 200;
@@ -28,7 +30,6 @@ const KILL_AT: f64 = 5.0;
 const BACK_AT: f64 = 10.0;
 const DRAIN_AT: f64 = 15.0;
 const END_AT: f64 = 20.0;
-const HEALTH: &str = "kind = \"http\"\npath = \"/healthz\"";
 
 struct Cluster {
     lab: Lab,
@@ -39,7 +40,13 @@ struct Cluster {
 impl Cluster {
     fn spawn(&mut self, n: usize) -> Result<()> {
         let cfg = self.lab.run_dir().join(format!("lb{n}.toml"));
-        std::fs::write(&cfg, self.lab.node_config(n, "dsr", "5-tuple", HEALTH))?;
+        let file = self.lab.node_file(
+            n,
+            Forwarding::Dsr,
+            HashInput::FiveTuple,
+            Health::http("/healthz"),
+        );
+        std::fs::write(&cfg, file.to_toml(&format!("lab agent, node {n}")))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

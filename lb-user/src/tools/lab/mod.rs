@@ -41,7 +41,12 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{datapath::Dataplane, datapath::loader};
+use crate::{
+    config::file::{self, File, Health},
+    datapath::Dataplane,
+    datapath::loader,
+    vocab::{Forwarding, HashInput, XdpMode},
+};
 
 pub const VIP4: &str = "198.18.0.100";
 pub const VIP6: &str = "2001:2::100";
@@ -497,45 +502,60 @@ impl Lab {
     }
 
     /// An agent configuration for the lab: one VIP (IPv4 and IPv6) over the
-    /// three backends. `forwarding` is "dsr", "ipip" or "nat", `hash` "5-tuple" or
-    /// "source-ip".
-    pub fn agent_config(&self, forwarding: &str, hash: &str, health: &str) -> String {
-        self.agent_config_with(forwarding, hash, "maglev", health)
+    /// three backends, with this forwarding, hash input and health check
+    /// (write it with `File::to_toml`; change what else a caller needs in
+    /// the returned file).
+    pub fn agent_file(&self, forwarding: Forwarding, hash: HashInput, health: Health) -> File {
+        let mut agent = self.agent_section(&self.prefix, &self.socket(), &self.lb_ns());
+        if forwarding == Forwarding::Nat {
+            // The LB's own addresses on the segment: backends reply there.
+            agent.nat_source_v4 = vec![LB4.into()];
+            agent.nat_source_v6 = vec![LB6.into()];
+        }
+        File {
+            agent,
+            announce: None,
+            vips: lab_vips(forwarding, hash, health),
+        }
     }
 
-    /// [`Lab::agent_config`] with a scheduler.
-    pub fn agent_config_with(
+    /// The `[agent]` section of the lab's agents (and routed nodes').
+    pub(super) fn agent_section(
         &self,
-        forwarding: &str,
-        hash: &str,
-        scheduler: &str,
-        health: &str,
-    ) -> String {
-        let mut s = format!(
-            "# lab agent\n[agent]\ninterface = \"eth0\"\nxdp_mode = \"native\"\nflow_table_size = 65536\n\
-             instance = \"{p}\"\ncontrol_socket = \"{sock}\"\nnetns = \"{ns}\"\n",
-            p = self.prefix,
-            sock = self.socket().display(),
-            ns = self.lb_ns()
-        );
-        if forwarding == "nat" {
-            // The LB's own addresses on the segment: backends reply there.
-            s.push_str(&format!(
-                "nat_source_v4 = [\"{LB4}\"]\nnat_source_v6 = [\"{LB6}\"]\n"
-            ));
+        instance: &str,
+        socket: &std::path::Path,
+        netns: &str,
+    ) -> file::Agent {
+        file::Agent {
+            interface: "eth0".into(),
+            xdp_mode: Some(XdpMode::Native),
+            flow_table_size: Some(65536),
+            instance: Some(instance.into()),
+            control_socket: Some(socket.display().to_string()),
+            netns: Some(netns.into()),
+            ..Default::default()
         }
-        for (vip, f) in [(VIP4, backend4 as fn(usize) -> String), (VIP6, backend6)] {
-            s.push_str(&format!(
-                "\n[[vip]]\naddress = \"{vip}\"\nport = 80\nforwarding = \"{forwarding}\"\nhash = \"{hash}\"\nscheduler = \"{scheduler}\"\n\n[vip.health]\n{health}\n"
-            ));
-            for i in 1..=BACKENDS {
-                s.push_str(&format!("\n[[vip.backend]]\naddress = \"{}\"\n", f(i)));
-            }
-        }
-        s
     }
 
     pub fn socket(&self) -> PathBuf {
         self.run_dir().join("lb.sock")
     }
+}
+
+/// The lab's two VIPs (IPv4 and IPv6, port 80), each over the three
+/// backends of its family.
+pub(super) fn lab_vips(forwarding: Forwarding, hash: HashInput, health: Health) -> Vec<file::Vip> {
+    [(VIP4, backend4 as fn(usize) -> String), (VIP6, backend6)]
+        .into_iter()
+        .map(|(vip, addr)| file::Vip {
+            forwarding: Some(forwarding),
+            hash: Some(hash),
+            health: Some(health.clone()),
+            ..file::Vip::new(
+                vip,
+                80,
+                (1..=BACKENDS).map(|i| file::Backend::at(addr(i))).collect(),
+            )
+        })
+        .collect()
 }

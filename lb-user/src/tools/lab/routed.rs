@@ -17,7 +17,11 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{BACKENDS, Lab, VIP4, VIP6, backend4, backend6, run_ok};
+use super::{Lab, lab_vips, run_ok};
+use crate::{
+    config::file::{Announce, File, Health},
+    vocab::{Forwarding, HashInput},
+};
 
 pub const MAX_NODES: usize = 3;
 pub const RT4: &str = "198.18.0.1";
@@ -338,22 +342,19 @@ impl Lab {
 
     /// Node `n`'s agent configuration: the lab's VIPs (IPv4 and IPv6) over
     /// the three backends, announced through table [`ANNOUNCE_TABLE`].
-    pub fn node_config(&self, n: usize, forwarding: &str, hash: &str, health: &str) -> String {
-        let mut s = format!(
-            "# lab agent, node {n}\n[agent]\ninterface = \"eth0\"\nxdp_mode = \"native\"\nflow_table_size = 65536\n\
-             instance = \"{}\"\ncontrol_socket = \"{}\"\nnetns = \"{}\"\n\n[announce]\ntable = {ANNOUNCE_TABLE}\n",
-            self.instance_of(n),
-            self.socket_of(n).display(),
-            self.lb_ns_of(n)
-        );
-        for (vip, f) in [(VIP4, backend4 as fn(usize) -> String), (VIP6, backend6)] {
-            s.push_str(&format!(
-                "\n[[vip]]\naddress = \"{vip}\"\nport = 80\nforwarding = \"{forwarding}\"\nhash = \"{hash}\"\n\n[vip.health]\n{health}\n"
-            ));
-            for i in 1..=BACKENDS {
-                s.push_str(&format!("\n[[vip.backend]]\naddress = \"{}\"\n", f(i)));
-            }
+    pub fn node_file(
+        &self,
+        n: usize,
+        forwarding: Forwarding,
+        hash: HashInput,
+        health: Health,
+    ) -> File {
+        File {
+            agent: self.agent_section(&self.instance_of(n), &self.socket_of(n), &self.lb_ns_of(n)),
+            announce: Some(Announce {
+                table: ANNOUNCE_TABLE,
+            }),
+            vips: lab_vips(forwarding, hash, health),
         }
-        s
     }
 }
