@@ -21,7 +21,6 @@ use std::{
 use lb_user::{
     api::{self, Request, StatusInfo},
     config::file,
-    vocab::XdpMode,
 };
 
 use crate::{Dc, TestServer, dc};
@@ -138,15 +137,9 @@ fn config(
         .collect::<Vec<_>>();
     file::File {
         agent: file::Agent {
-            interface: "l0".into(),
-            xdp_mode: Some(XdpMode::Native),
-            flow_table_size: Some(65536),
-            instance: Some(instance.into()),
-            control_socket: Some(socket.display().to_string()),
-            netns: Some(lb_ns.into()),
             max_vips: Some((vips.len() as u32).next_power_of_two().max(16)),
             max_backends: Some((vips.len() as u32 * per_vip + 1).next_power_of_two()),
-            ..Default::default()
+            ..file::Agent::instance("l0", instance, socket, lb_ns)
         },
         announce: None,
         vips,

@@ -15,7 +15,6 @@ use lb_tests::{TestServer, ask_vip, backend_addr, dc};
 use lb_user::{
     api::{self, BackendInfo, BackendState, Request},
     config::file::{self, File},
-    vocab::XdpMode,
 };
 
 const LB: &str = env!("CARGO_BIN_EXE_lb");
@@ -71,15 +70,7 @@ fn the_systemd_unit_checks_starts_reloads_and_stops_the_agent() {
     std::fs::create_dir_all(&dir).expect("dir");
     let config = dir.join("lb.toml");
     let mut file = File {
-        agent: file::Agent {
-            interface: "l0".into(),
-            xdp_mode: Some(XdpMode::Native),
-            flow_table_size: Some(65536),
-            instance: Some(instance.clone()),
-            control_socket: Some(socket.clone()),
-            netns: Some(d.lb.name.clone()),
-            ..Default::default()
-        },
+        agent: file::Agent::instance("l0", &instance, std::path::Path::new(&socket), &d.lb.name),
         announce: None,
         vips: vec![file::Vip::new(
             "198.18.0.100",

@@ -77,6 +77,28 @@ pub struct Agent {
     pub gue_port: Option<u16>,
 }
 
+impl Agent {
+    /// An agent instance of the lab's or a test's, in network namespace
+    /// `netns` on `interface`: native XDP, a 65,536-flow table, its own
+    /// instance name and control socket.
+    pub fn instance(
+        interface: &str,
+        instance: &str,
+        socket: &std::path::Path,
+        netns: &str,
+    ) -> Self {
+        Self {
+            interface: interface.into(),
+            xdp_mode: Some(XdpMode::Native),
+            flow_table_size: Some(65536),
+            instance: Some(instance.into()),
+            control_socket: Some(socket.display().to_string()),
+            netns: Some(netns.into()),
+            ..Default::default()
+        }
+    }
+}
+
 /// `[announce]`.
 #[derive(Clone, Debug, Serialize)]
 pub struct Announce {

@@ -14,7 +14,6 @@ use lb_tests::{Dc, TestServer, backend_addr};
 use lb_user::{
     api::{self, BackendInfo, BackendState, Request},
     config::file::{self, File},
-    vocab::XdpMode,
 };
 
 pub const LB: &str = env!("CARGO_BIN_EXE_lb");
@@ -34,14 +33,8 @@ impl Agent {
     pub fn config_file(instance: &str, socket: &std::path::Path, lb_ns: &str, n: usize) -> File {
         File {
             agent: file::Agent {
-                interface: "l0".into(),
-                xdp_mode: Some(XdpMode::Native),
-                flow_table_size: Some(65536),
-                instance: Some(instance.into()),
-                control_socket: Some(socket.display().to_string()),
-                netns: Some(lb_ns.into()),
                 metrics_listen: Some("127.0.0.1:9100".into()),
-                ..Default::default()
+                ..file::Agent::instance("l0", instance, socket, lb_ns)
             },
             announce: None,
             vips: vec![file::Vip::new(

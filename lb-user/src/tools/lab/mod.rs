@@ -45,7 +45,7 @@ use crate::{
     config::file::{self, File, Health},
     datapath::Dataplane,
     datapath::loader,
-    vocab::{Forwarding, HashInput, XdpMode},
+    vocab::{Forwarding, HashInput},
 };
 
 pub const VIP4: &str = "198.18.0.100";
@@ -526,15 +526,7 @@ impl Lab {
         socket: &std::path::Path,
         netns: &str,
     ) -> file::Agent {
-        file::Agent {
-            interface: "eth0".into(),
-            xdp_mode: Some(XdpMode::Native),
-            flow_table_size: Some(65536),
-            instance: Some(instance.into()),
-            control_socket: Some(socket.display().to_string()),
-            netns: Some(netns.into()),
-            ..Default::default()
-        }
+        file::Agent::instance("eth0", instance, socket, netns)
     }
 
     pub fn socket(&self) -> PathBuf {
