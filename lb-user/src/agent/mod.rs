@@ -35,6 +35,7 @@ pub mod logging;
 mod metrics;
 mod nexthop;
 mod node;
+mod placement;
 mod plan;
 mod reconcile;
 mod rings;
