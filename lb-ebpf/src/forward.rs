@@ -253,6 +253,51 @@ fn write_gue<const HOP: usize>(
     Ok(())
 }
 
+/// An IPv4 header without options, written whole by a rewrite (an outer
+/// header, a forwarded packet's, an ICMP answer's): no id, not a fragment.
+pub(crate) struct Ipv4Out {
+    pub(crate) tos: u8,
+    pub(crate) tot_len: u16,
+    pub(crate) ttl: u8,
+    pub(crate) proto: u8,
+    pub(crate) src: [u8; 4],
+    pub(crate) dst: [u8; 4],
+}
+
+/// Writes `h` at offset `off`, with its checksum.
+#[inline(always)]
+pub(crate) fn write_ipv4(ctx: &XdpContext, off: usize, h: &Ipv4Out) -> Result<(), ()> {
+    let (src, dst) = (h.src, h.dst);
+    let words: [u16; 10] = [
+        0x4500 | h.tos as u16,
+        h.tot_len,
+        0,
+        0,
+        ((h.ttl as u16) << 8) | h.proto as u16,
+        0,
+        u16::from_be_bytes([src[0], src[1]]),
+        u16::from_be_bytes([src[2], src[3]]),
+        u16::from_be_bytes([dst[0], dst[1]]),
+        u16::from_be_bytes([dst[2], dst[3]]),
+    ];
+    let check = csum::ipv4_header(&words);
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, off)?;
+    // SAFETY: ptr_at checked the bounds.
+    unsafe {
+        (*ip).vihl = 0x45;
+        (*ip).tos = h.tos;
+        (*ip).tot_len = h.tot_len.to_be_bytes();
+        (*ip).id = [0, 0];
+        (*ip).frags = [0, 0];
+        (*ip).ttl = h.ttl;
+        (*ip).proto = h.proto;
+        (*ip).check = check.to_be_bytes();
+        (*ip).src_addr = src;
+        (*ip).dst_addr = dst;
+    }
+    Ok(())
+}
+
 #[inline(always)]
 pub(crate) fn grow(ctx: &XdpContext, by: usize) -> Result<(), ()> {
     // SAFETY: the helper only moves ctx->data; every pointer is re-derived
@@ -298,33 +343,18 @@ fn encap_v4<const GUE: usize, const HOP: usize>(
         hash as u8,
     ];
     let dst = [b.addr[0], b.addr[1], b.addr[2], b.addr[3]];
-    let words: [u16; 10] = [
-        0x4500 | tos as u16,
-        tot_len,
-        0,
-        0,
-        ((ENCAP_TTL as u16) << 8) | proto as u16,
-        0,
-        u16::from_be_bytes([src[0], src[1]]),
-        u16::from_be_bytes([src[2], src[3]]),
-        u16::from_be_bytes([dst[0], dst[1]]),
-        u16::from_be_bytes([dst[2], dst[3]]),
-    ];
-    let check = csum::ipv4_header(&words);
-    let outer: *mut Ipv4Hdr = ptr_at(ctx, l3_off)?;
-    // SAFETY: ptr_at checked the bounds (after adjust_head).
-    unsafe {
-        (*outer).vihl = 0x45;
-        (*outer).tos = tos;
-        (*outer).tot_len = tot_len.to_be_bytes();
-        (*outer).id = [0, 0];
-        (*outer).frags = [0, 0];
-        (*outer).ttl = ENCAP_TTL;
-        (*outer).proto = proto;
-        (*outer).check = check.to_be_bytes();
-        (*outer).src_addr = src;
-        (*outer).dst_addr = dst;
-    }
+    write_ipv4(
+        ctx,
+        l3_off,
+        &Ipv4Out {
+            tos,
+            tot_len,
+            ttl: ENCAP_TTL,
+            proto,
+            src,
+            dst,
+        },
+    )?;
     if GUE > 0 {
         write_gue::<HOP>(
             ctx,

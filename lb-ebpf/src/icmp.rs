@@ -16,7 +16,7 @@ use network_types::{
 
 use crate::{
     csum,
-    forward::{grow, move_l2, write_macs},
+    forward::{Ipv4Out, grow, move_l2, write_ipv4, write_macs},
     parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, Packet, field, ptr_at},
 };
 
@@ -52,34 +52,18 @@ pub(crate) fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<u32, (
         shape(ctx, l3_off, QUOTE_V4, Ipv4Hdr::LEN + ICMP_HDR)?;
         write_macs(ctx, &client_mac, &our_mac)?;
         let (src, dst) = (&pkt.key.dst, &pkt.key.src);
-        let tot_len = (Ipv4Hdr::LEN + ICMP_HDR + QUOTE_V4) as u16;
-        let words: [u16; 10] = [
-            0x4500,
-            tot_len,
-            0,
-            0,
-            ((TTL as u16) << 8) | IPPROTO_ICMP as u16,
-            0,
-            u16::from_be_bytes([src[0], src[1]]),
-            u16::from_be_bytes([src[2], src[3]]),
-            u16::from_be_bytes([dst[0], dst[1]]),
-            u16::from_be_bytes([dst[2], dst[3]]),
-        ];
-        let check = csum::ipv4_header(&words);
-        let ip: *mut Ipv4Hdr = ptr_at(ctx, l3_off)?;
-        // SAFETY: ptr_at checked the bounds (after the head moved).
-        unsafe {
-            (*ip).vihl = 0x45;
-            (*ip).tos = 0;
-            (*ip).tot_len = tot_len.to_be_bytes();
-            (*ip).id = [0, 0];
-            (*ip).frags = [0, 0];
-            (*ip).ttl = TTL;
-            (*ip).proto = IPPROTO_ICMP;
-            (*ip).check = check.to_be_bytes();
-            (*ip).src_addr = [src[0], src[1], src[2], src[3]];
-            (*ip).dst_addr = [dst[0], dst[1], dst[2], dst[3]];
-        }
+        write_ipv4(
+            ctx,
+            l3_off,
+            &Ipv4Out {
+                tos: 0,
+                tot_len: (Ipv4Hdr::LEN + ICMP_HDR + QUOTE_V4) as u16,
+                ttl: TTL,
+                proto: IPPROTO_ICMP,
+                src: [src[0], src[1], src[2], src[3]],
+                dst: [dst[0], dst[1], dst[2], dst[3]],
+            },
+        )?;
         // Destination unreachable (3), fragmentation needed (4).
         let icmp_off = l3_off + Ipv4Hdr::LEN;
         let mut sum = (3u32 << 8 | 4) + mtu as u32;

@@ -28,7 +28,7 @@ use lb_common::{GUE_HOP_V4, GUE_OVERHEAD};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
-    csum, forward,
+    forward::{self, Ipv4Out, write_ipv4},
     parse::{IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_SYN, Tunnel, ptr_at},
 };
 
@@ -352,34 +352,18 @@ fn forward_v4(ctx: &XdpContext, ingress: u32, l3: usize, l2: [u8; 6]) -> Result<
     };
     shrink(ctx, GUE_HOP_V4)?;
     write_l2(ctx, l3, dmac, smac, l2)?;
-    let ttl = ttl - 1;
-    let words: [u16; 10] = [
-        0x4500 | tos as u16,
-        tot_len,
-        0,
-        0,
-        ((ttl as u16) << 8) | IPPROTO_UDP as u16,
-        0,
-        u16::from_be_bytes([src[0], src[1]]),
-        u16::from_be_bytes([src[2], src[3]]),
-        u16::from_be_bytes([hop[0], hop[1]]),
-        u16::from_be_bytes([hop[2], hop[3]]),
-    ];
-    let check = csum::ipv4_header(&words);
-    let out: *mut Ipv4Hdr = ptr_at(ctx, l3)?;
-    // SAFETY: ptr_at checked the bounds (after adjust_head).
-    unsafe {
-        (*out).vihl = 0x45;
-        (*out).tos = tos;
-        (*out).tot_len = tot_len.to_be_bytes();
-        (*out).id = [0, 0];
-        (*out).frags = [0, 0];
-        (*out).ttl = ttl;
-        (*out).proto = IPPROTO_UDP;
-        (*out).check = check.to_be_bytes();
-        (*out).src_addr = src;
-        (*out).dst_addr = hop;
-    }
+    write_ipv4(
+        ctx,
+        l3,
+        &Ipv4Out {
+            tos,
+            tot_len,
+            ttl: ttl - 1,
+            proto: IPPROTO_UDP,
+            src,
+            dst: hop,
+        },
+    )?;
     write_udp_gue(
         ctx,
         l3 + Ipv4Hdr::LEN,
