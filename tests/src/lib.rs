@@ -494,16 +494,6 @@ impl Fixture {
     }
 }
 
-/// Three namespaces joined by two veth pairs (see `tests/forward_netns.rs`):
-/// client `c0` 198.18.10.2 ── `l0` 198.18.10.1 LB `l1` 198.18.11.1 ── `b0`
-/// 198.18.11.2 backend (VIPs 198.18.0.100 and 2001:2::100 on its loopback),
-/// with IPv6 alongside (2001:2:10::/64, 2001:2:11::/64).
-pub struct Topo {
-    pub client: Netns,
-    pub lb: Netns,
-    pub backend: Netns,
-}
-
 pub fn mac_of(ns: &Netns, dev: &str) -> [u8; 6] {
     let s = ns
         .exec("cat", &[&format!("/sys/class/net/{dev}/address")])
@@ -523,141 +513,6 @@ pub fn ifindex_of(ns: &Netns, dev: &str) -> u32 {
         .expect("num")
 }
 
-pub fn topo(tag: &str) -> Topo {
-    Netns::sweep(tag);
-    let t = Topo {
-        client: Netns::new(&format!("{tag}-c")).expect("ns"),
-        lb: Netns::new(&format!("{tag}-l")).expect("ns"),
-        backend: Netns::new(&format!("{tag}-b")).expect("ns"),
-    };
-    veth(&t.client, "c0", &t.lb, "l0").expect("veth");
-    veth(&t.lb, "l1", &t.backend, "b0").expect("veth");
-    let cmds: &[(&Netns, &[&str])] = &[
-        (
-            &t.client,
-            &["ip", "addr", "add", "198.18.10.2/24", "dev", "c0"],
-        ),
-        (
-            &t.client,
-            &[
-                "ip",
-                "-6",
-                "addr",
-                "add",
-                "2001:2:10::2/64",
-                "dev",
-                "c0",
-                "nodad",
-            ],
-        ),
-        (&t.client, &["ip", "link", "set", "c0", "up"]),
-        (
-            &t.client,
-            &["ip", "route", "add", "198.18.0.0/24", "via", "198.18.10.1"],
-        ),
-        (
-            &t.client,
-            &[
-                "ip",
-                "-6",
-                "route",
-                "add",
-                "2001:2::/64",
-                "via",
-                "2001:2:10::1",
-            ],
-        ),
-        (&t.lb, &["ip", "addr", "add", "198.18.10.1/24", "dev", "l0"]),
-        (
-            &t.lb,
-            &[
-                "ip",
-                "-6",
-                "addr",
-                "add",
-                "2001:2:10::1/64",
-                "dev",
-                "l0",
-                "nodad",
-            ],
-        ),
-        (&t.lb, &["ip", "addr", "add", "198.18.11.1/24", "dev", "l1"]),
-        (
-            &t.lb,
-            &[
-                "ip",
-                "-6",
-                "addr",
-                "add",
-                "2001:2:11::1/64",
-                "dev",
-                "l1",
-                "nodad",
-            ],
-        ),
-        (&t.lb, &["ip", "link", "set", "l0", "up"]),
-        (&t.lb, &["ip", "link", "set", "l1", "up"]),
-        (&t.lb, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]),
-        (&t.lb, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]),
-        (
-            &t.backend,
-            &["ip", "addr", "add", "198.18.11.2/24", "dev", "b0"],
-        ),
-        (
-            &t.backend,
-            &[
-                "ip",
-                "-6",
-                "addr",
-                "add",
-                "2001:2:11::2/64",
-                "dev",
-                "b0",
-                "nodad",
-            ],
-        ),
-        (
-            &t.backend,
-            &["ip", "addr", "add", "198.18.0.100/32", "dev", "lo"],
-        ),
-        (
-            &t.backend,
-            &["ip", "-6", "addr", "add", "2001:2::100/128", "dev", "lo"],
-        ),
-        (&t.backend, &["ip", "link", "set", "b0", "up"]),
-        (
-            &t.backend,
-            &["ip", "route", "add", "default", "via", "198.18.11.1"],
-        ),
-        (
-            &t.backend,
-            &["ip", "-6", "route", "add", "default", "via", "2001:2:11::1"],
-        ),
-        // Packets the XDP program forwards must carry finished checksums: a
-        // veth would otherwise hand over a partial one (TX offload).
-        (&t.client, &["ethtool", "-K", "c0", "tx", "off"]),
-    ];
-    for (ns, cmd) in cmds {
-        ns.exec(cmd[0], &cmd[1..])
-            .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    }
-    // Let the LB learn the backend's neighbour entries the normal way.
-    t.lb.exec(
-        "ip",
-        &[
-            "neigh",
-            "replace",
-            "198.18.11.2",
-            "lladdr",
-            &fmt_mac(mac_of(&t.backend, "b0")),
-            "dev",
-            "l1",
-        ],
-    )
-    .expect("neigh");
-    t
-}
-
 pub fn fmt_mac(m: [u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
@@ -665,12 +520,14 @@ pub fn fmt_mac(m: [u8; 6]) -> String {
         .join(":")
 }
 
-/// A small data center for agent tests: a client, the LB, and `n` backends,
-/// each backend in its own namespace behind its own veth from the LB:
-/// client `c0` 198.18.10.2 ── `l0` LB; LB `l<i>` 198.18.1<i>.1 ── `b0`
-/// 198.18.1<i>.2 in backend i (1-based), which owns VIP 198.18.0.100 on
-/// loopback and has the `lb_pass` XDP program on `b0` (native redirect into
-/// a veth needs a program on the receiving side).
+/// The tests' one topology: a client, the LB, and `n` backends, each
+/// backend in its own namespace behind its own veth from the LB: client
+/// `c0` 198.18.10.2 / 2001:2:10::2 ── `l0` LB (198.18.10.1, 2001:2:10::1);
+/// LB `l<i>` 198.18.1<i>.1 / 2001:2:1<i>::1 ── `b0` 198.18.1<i>.2 /
+/// 2001:2:1<i>::2 in backend i (1-based), which owns VIPs 198.18.0.100 and
+/// 2001:2::100 on loopback and has the `lb_pass` XDP program on `b0`
+/// (native redirect into a veth needs a program on the receiving side;
+/// [`dc_bare`] leaves `b0` free for a test's own program).
 pub struct Dc {
     pub client: Netns,
     pub lb: Netns,
@@ -684,34 +541,104 @@ pub fn backend_addr(i: usize) -> String {
 }
 
 pub fn dc(tag: &str, n: usize) -> Result<Dc> {
+    dc_with(tag, n, true)
+}
+
+/// [`dc`] without the backends' `lb_pass` programs.
+pub fn dc_bare(tag: &str, n: usize) -> Result<Dc> {
+    dc_with(tag, n, false)
+}
+
+fn dc_with(tag: &str, n: usize, pass_programs: bool) -> Result<Dc> {
     Netns::sweep(tag);
     let client = Netns::new(&format!("{tag}-c"))?;
     let lb = Netns::new(&format!("{tag}-l"))?;
     veth(&client, "c0", &lb, "l0")?;
-    client.exec("ip", &["addr", "add", "198.18.10.2/24", "dev", "c0"])?;
-    client.exec("ip", &["link", "set", "c0", "up"])?;
-    client.exec(
-        "ip",
-        &["route", "add", "198.18.0.0/24", "via", "198.18.10.1"],
+    let run = |ns: &Netns, cmd: &[&str]| ns.exec(cmd[0], &cmd[1..]).map(|_| ());
+    run(
+        &client,
+        &["ip", "addr", "add", "198.18.10.2/24", "dev", "c0"],
     )?;
-    client.exec("ethtool", &["-K", "c0", "tx", "off"])?;
-    lb.exec("ip", &["addr", "add", "198.18.10.1/24", "dev", "l0"])?;
-    lb.exec("ip", &["link", "set", "l0", "up"])?;
-    lb.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    run(
+        &client,
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "2001:2:10::2/64",
+            "dev",
+            "c0",
+            "nodad",
+        ],
+    )?;
+    run(&client, &["ip", "link", "set", "c0", "up"])?;
+    run(
+        &client,
+        &["ip", "route", "add", "198.18.0.0/24", "via", "198.18.10.1"],
+    )?;
+    run(
+        &client,
+        &[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "2001:2::/64",
+            "via",
+            "2001:2:10::1",
+        ],
+    )?;
+    // Packets the XDP program forwards must carry finished checksums: a
+    // veth would otherwise hand over a partial one (TX offload).
+    run(&client, &["ethtool", "-K", "c0", "tx", "off"])?;
+    run(&lb, &["ip", "addr", "add", "198.18.10.1/24", "dev", "l0"])?;
+    run(
+        &lb,
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "2001:2:10::1/64",
+            "dev",
+            "l0",
+            "nodad",
+        ],
+    )?;
+    run(&lb, &["ip", "link", "set", "l0", "up"])?;
+    run(&lb, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    run(&lb, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
     let mut backends = Vec::new();
     let mut pass = Vec::new();
     for i in 1..=n {
         let b = Netns::new(&format!("{tag}-b{i}"))?;
         let l = format!("l{i}");
         veth(&lb, &l, &b, "b0")?;
-        lb.exec(
-            "ip",
-            &["addr", "add", &format!("198.18.{}.1/24", 10 + i), "dev", &l],
-        )?;
-        lb.exec("ip", &["link", "set", &l, "up"])?;
-        b.exec(
-            "ip",
+        let (lb4, lb6) = (
+            format!("198.18.{}.1", 10 + i),
+            format!("2001:2:{}::1", 10 + i),
+        );
+        run(&lb, &["ip", "addr", "add", &format!("{lb4}/24"), "dev", &l])?;
+        run(
+            &lb,
             &[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{lb6}/64"),
+                "dev",
+                &l,
+                "nodad",
+            ],
+        )?;
+        run(&lb, &["ip", "link", "set", &l, "up"])?;
+        let b6 = format!("2001:2:{}::2/64", 10 + i);
+        run(
+            &b,
+            &[
+                "ip",
                 "addr",
                 "add",
                 &format!("{}/24", backend_addr(i)),
@@ -719,28 +646,27 @@ pub fn dc(tag: &str, n: usize) -> Result<Dc> {
                 "b0",
             ],
         )?;
-        b.exec("ip", &["addr", "add", "198.18.0.100/32", "dev", "lo"])?;
-        b.exec("ip", &["link", "set", "b0", "up"])?;
-        b.exec(
-            "ip",
-            &[
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("198.18.{}.1", 10 + i),
-            ],
+        run(&b, &["ip", "-6", "addr", "add", &b6, "dev", "b0", "nodad"])?;
+        run(&b, &["ip", "addr", "add", "198.18.0.100/32", "dev", "lo"])?;
+        run(
+            &b,
+            &["ip", "-6", "addr", "add", "2001:2::100/128", "dev", "lo"],
         )?;
-        let mut e = load()?;
-        b.enter(|| {
-            loader::attach(
-                &mut e,
-                lb_common::PROG_PASS,
-                "b0",
-                lb_user::vocab::XdpMode::Native,
-            )
-        })??;
-        pass.push(e);
+        run(&b, &["ip", "link", "set", "b0", "up"])?;
+        run(&b, &["ip", "route", "add", "default", "via", &lb4])?;
+        run(&b, &["ip", "-6", "route", "add", "default", "via", &lb6])?;
+        if pass_programs {
+            let mut e = load()?;
+            b.enter(|| {
+                loader::attach(
+                    &mut e,
+                    lb_common::PROG_PASS,
+                    "b0",
+                    lb_user::vocab::XdpMode::Native,
+                )
+            })??;
+            pass.push(e);
+        }
         backends.push(b);
     }
     Ok(Dc {

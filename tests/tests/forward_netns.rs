@@ -18,7 +18,7 @@ use std::{
 use lb_common::{
     AF_INET, AF_INET6, Backend, PROTO_TCP, PROTO_UDP, VIP_F_IPIP, VipKey, VipMeta, verdict,
 };
-use lb_tests::{Dataplane, Netns, fmt_mac, ifindex_of, load, loader, mac_of, topo, v4, v6};
+use lb_tests::{Dataplane, Netns, dc_bare, fmt_mac, ifindex_of, load, loader, mac_of, v4, v6};
 
 /// Starts a TCP server (answers "backend\n" per connection) and a UDP echo
 /// server bound to the VIP, inside the backend namespace. Both stop on their
@@ -56,7 +56,22 @@ fn servers(ns: &Netns, vip: &str, tcp_conns: usize, udp_msgs: usize) {
 fn run_case(tag: &str, family: u8, ipip: bool) {
     const CONNS: usize = 10;
     const DGRAMS: usize = 10;
-    let t = topo(tag);
+    let t = dc_bare(tag, 1).expect("dc");
+    let backend = &t.backends[0];
+    // Let the LB learn the backend's neighbour entries the normal way.
+    t.lb.exec(
+        "ip",
+        &[
+            "neigh",
+            "replace",
+            "198.18.11.2",
+            "lladdr",
+            &fmt_mac(mac_of(backend, "b0")),
+            "dev",
+            "l1",
+        ],
+    )
+    .expect("neigh");
     let (vip_s, vip_addr, backend_addr) = if family == AF_INET {
         ("198.18.0.100", v4([198, 18, 0, 100]), v4([198, 18, 11, 2]))
     } else {
@@ -75,7 +90,7 @@ fn run_case(tag: &str, family: u8, ipip: bool) {
                 "replace",
                 "2001:2:11::2",
                 "lladdr",
-                &fmt_mac(mac_of(&t.backend, "b0")),
+                &fmt_mac(mac_of(backend, "b0")),
                 "dev",
                 "l1",
             ],
@@ -117,7 +132,7 @@ fn run_case(tag: &str, family: u8, ipip: bool) {
             1,
             &Backend {
                 addr: backend_addr,
-                dst_mac: mac_of(&t.backend, "b0"),
+                dst_mac: mac_of(backend, "b0"),
                 src_mac: mac_of(&t.lb, "l1"),
                 ifindex: l1,
                 family,
@@ -171,13 +186,13 @@ fn run_case(tag: &str, family: u8, ipip: bool) {
     } else {
         lb_common::PROG_PASS
     };
-    t.backend
+    backend
         .enter(|| {
             loader::attach(&mut be, prog, "b0", lb_user::vocab::XdpMode::Native)
                 .expect("attach backend")
         })
         .expect("setns");
-    servers(&t.backend, vip_s, CONNS, DGRAMS);
+    servers(backend, vip_s, CONNS, DGRAMS);
 
     let vip_tcp: SocketAddr = SocketAddr::new(vip_s.parse().unwrap(), 8080);
     let vip_udp: SocketAddr = SocketAddr::new(vip_s.parse().unwrap(), 5353);
