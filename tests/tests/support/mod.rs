@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{Dc, TestServer, backend_addr};
+use lb_tests::{Dc, TestServer, ask_vip, backend_addr};
 use lb_user::{
     api::{self, BackendInfo, BackendState, Request},
     config::file::{self, File},
@@ -227,4 +227,22 @@ pub fn nat_two_armed(d: &Dc) -> aya::Ebpf {
         .expect("setns")
         .expect("pass on c0");
     pass
+}
+/// Sends `n` requests, `gap` apart, from the client namespace; returns
+/// (send time, backend name or error) for each.
+pub fn traffic(d: &Dc, n: usize, gap: Duration) -> Vec<(Instant, Result<String, String>)> {
+    d.client
+        .enter(|| {
+            (0..n)
+                .map(|_| {
+                    let t = Instant::now();
+                    let r = ask_vip(Duration::from_millis(500)).map_err(|e| e.to_string());
+                    if let Some(rest) = gap.checked_sub(t.elapsed()) {
+                        std::thread::sleep(rest);
+                    }
+                    (t, r)
+                })
+                .collect()
+        })
+        .expect("setns")
 }
