@@ -3,8 +3,8 @@
 //! (`balance`) would forward it, without its general machinery. Most of a
 //! balancer's packets are these.
 //!
-//! It reads the headers it needs straight into registers (no `Packet`, no
-//! key on the stack); finds the flow's slot comparing the slot's words with
+//! It reads the headers it needs straight into registers (`tuple`: no
+//! `Packet`, no key on the stack); finds the flow's slot comparing the slot's words with
 //! them ([`established`]), or schedules a table-less VIP's packet on its
 //! ring ([`stateless`]); and rewrites (L2 DSR, IPIP or GUE). A filter says
 //! where to look (`VIP_FAST_FILTER`: per address and port, a bit for each
@@ -34,16 +34,11 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    AF_INET, AF_INET6, Backend, FLOW_F_COUNTED, FLOW_F_OPENING, FLOW_F_SIGNALLED, Flow, FlowKey,
-    PROTO_TCP, PROTO_UDP, SCHED_LEAST_CONN, SETTINGS_F_FIB, VIP_F_GUE, VIP_F_HASH_SRC_IP,
-    VIP_F_IPIP, VIP_F_NAT, VIP_F_NO_FLOW_TABLE, VIP_F_SECOND_CHANCE, flow_set_base,
-    flow_tag_folded, hash, verdict,
+    AF_INET, Backend, FLOW_F_COUNTED, FLOW_F_OPENING, FLOW_F_SIGNALLED, Flow, PROTO_TCP,
+    SCHED_LEAST_CONN, SETTINGS_F_FIB, VIP_F_GUE, VIP_F_HASH_SRC_IP, VIP_F_IPIP, VIP_F_NAT,
+    VIP_F_NO_FLOW_TABLE, VIP_F_SECOND_CHANCE, flow_set_base, flow_tag_folded, hash, verdict,
 };
-use network_types::{
-    eth::EthHdr,
-    ip::{Ipv4Hdr, Ipv6Hdr},
-    tcp::TcpHdr,
-};
+use network_types::eth::EthHdr;
 
 use crate::{
     flow::{may_record_flow, now_s},
@@ -53,87 +48,9 @@ use crate::{
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
     sched::{Ring, backend, ring_for_src, schedule, second_hop, vip_ring},
     send_or, signal, stats, table,
+    tuple::{KeyWords, Tuple, V4_MIN, read_v4, read_v6},
     vip::{lookup_vip_by, maybe_fast_vip, vip_by_id},
 };
-
-/// A flow as its headers name it, in the connection table's words: the
-/// addresses as four words each (an IPv4 address in the first, the others
-/// zero, as `FlowKey` holds it), the ports as `FlowKey`'s ninth word
-/// (source port in the low half, both in host order).
-struct Tuple {
-    family: u8,
-    proto: u8,
-    src: [u32; 4],
-    dst: [u32; 4],
-    ports: u32,
-    /// TCP flags (0 for UDP).
-    tcp_flags: u8,
-    /// Bytes from the IP header to the end of the IP packet.
-    ip_len: u16,
-}
-
-impl Tuple {
-    #[inline(always)]
-    fn dport(&self) -> u16 {
-        (self.ports >> 16) as u16
-    }
-
-    /// The staged balancer's table hash (`table::probe`) of the same key:
-    /// the table's set and tag, and the outer source of an encapsulation.
-    #[inline(always)]
-    fn table_hash(&self) -> u32 {
-        let fold = |a: &[u32; 4]| a[0] ^ a[1] ^ a[2] ^ a[3];
-        hash::table_hash(fold(&self.src), self.ports as u16, self.dport(), self.proto)
-    }
-
-    /// Whether the 40-byte table key at `k` is this flow's (compared as
-    /// words, see `table::find`).
-    #[inline(always)]
-    fn is_key(&self, k: *const u32) -> bool {
-        let w = |i| {
-            // SAFETY: `k` is a slot's 40-byte key (see `table::find`).
-            unsafe { core::ptr::read_volatile(k.add(i)) }
-        };
-        (w(0) ^ self.src[0])
-            | (w(1) ^ self.src[1])
-            | (w(2) ^ self.src[2])
-            | (w(3) ^ self.src[3])
-            | (w(4) ^ self.dst[0])
-            | (w(5) ^ self.dst[1])
-            | (w(6) ^ self.dst[2])
-            | (w(7) ^ self.dst[3])
-            | (w(8) ^ self.ports)
-            | (w(9) ^ u32::from(self.proto))
-            == 0
-    }
-
-    /// The client address as `FlowKey` holds it.
-    #[inline(always)]
-    fn src_bytes(&self) -> [u8; 16] {
-        // SAFETY: [u32; 4] and [u8; 16] have the same size, every bit
-        // pattern valid for both (the words were read from these bytes).
-        unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(self.src) }
-    }
-
-    /// The key as `FlowKey` (for the drop log only).
-    #[inline(always)]
-    fn key(&self) -> FlowKey {
-        let a = |w: &[u32; 4]| {
-            // SAFETY: [u32; 4] and [u8; 16] have the same size, every bit
-            // pattern valid for both.
-            unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(*w) }
-        };
-        FlowKey {
-            src: a(&self.src),
-            dst: a(&self.dst),
-            sport: self.ports as u16,
-            dport: self.dport(),
-            proto: self.proto,
-            _pad: 0,
-            _pad2: 0,
-        }
-    }
-}
 
 /// The verdict reason and XDP action of an established packet forwarded
 /// here, or `None`: the staged balancer's (see the module).
@@ -154,114 +71,6 @@ pub(crate) fn forward(ctx: &XdpContext, folded_dst: u32) -> Option<(u32, u32)> {
     } else {
         None
     }
-}
-
-/// Ethernet + IPv4 + 20 bytes (a TCP header; a UDP datagram's header and
-/// 12 bytes): the shortest packet taken here. (A shorter UDP packet is the
-/// staged balancer's.)
-const V4_MIN: usize = EthHdr::LEN + Ipv4Hdr::LEN + TcpHdr::LEN;
-/// The same for IPv6.
-const V6_MIN: usize = EthHdr::LEN + Ipv6Hdr::LEN + TcpHdr::LEN;
-
-/// The two ports of the TCP or UDP header at `l4` (20 bytes there, checked
-/// by the caller) as `Tuple::ports`, and the TCP flags (0 for UDP).
-#[inline(always)]
-fn ports(l4: *const u8, proto: u8) -> Option<(u32, u8)> {
-    let flags = if proto == PROTO_TCP {
-        // SAFETY: the caller checked the bounds; byte 13 holds the flags.
-        unsafe { *l4.add(13) }
-    } else if proto == PROTO_UDP {
-        0
-    } else {
-        return None;
-    };
-    // SAFETY: as above.
-    let raw = unsafe { (l4 as *const u32).read_unaligned() };
-    // Each 16-bit half from network to host order.
-    Some((
-        ((raw & 0x00ff_00ff) << 8) | ((raw >> 8) & 0x00ff_00ff),
-        flags,
-    ))
-}
-
-#[inline(always)]
-fn read_v4(ctx: &XdpContext, p: *const u8) -> Option<Tuple> {
-    // SAFETY: within the bounds the caller checked (`V4_MIN`).
-    let ip = unsafe { p.add(EthHdr::LEN) as *const Ipv4Hdr };
-    // SAFETY (each read below): ptr_at checked the bounds of the header.
-    let (vihl, frags, tot_len, proto) = unsafe {
-        (
-            (*ip).vihl,
-            u16::from_be_bytes((*ip).frags),
-            u16::from_be_bytes((*ip).tot_len),
-            (*ip).proto,
-        )
-    };
-    // No options, not a fragment, the whole packet there.
-    if vihl != 0x45
-        || frags & 0x3fff != 0
-        || (tot_len as usize) < Ipv4Hdr::LEN
-        || ctx.data() + EthHdr::LEN + tot_len as usize > ctx.data_end()
-    {
-        return None;
-    }
-    // SAFETY: within the bounds checked.
-    let (ports, tcp_flags) = ports(unsafe { p.add(EthHdr::LEN + Ipv4Hdr::LEN) }, proto)?;
-    // SAFETY: as above.
-    let (src, dst) = unsafe {
-        (
-            u32::from_ne_bytes((*ip).src_addr),
-            u32::from_ne_bytes((*ip).dst_addr),
-        )
-    };
-    Some(Tuple {
-        family: AF_INET,
-        proto,
-        src: [src, 0, 0, 0],
-        dst: [dst, 0, 0, 0],
-        ports,
-        tcp_flags,
-        ip_len: tot_len,
-    })
-}
-
-#[inline(always)]
-fn read_v6(ctx: &XdpContext) -> Option<Tuple> {
-    let p: *const [u8; V6_MIN] = ptr_at(ctx, 0).ok()?;
-    // SAFETY: within the bounds checked.
-    let ip = unsafe { (p as *const u8).add(EthHdr::LEN) as *const Ipv6Hdr };
-    // SAFETY (each read below): ptr_at checked the bounds of the header.
-    let (version, payload_len, proto) = unsafe {
-        (
-            (*ip).vcf[0] >> 4,
-            u16::from_be_bytes((*ip).payload_len),
-            (*ip).next_hdr,
-        )
-    };
-    if version != 6
-        || ctx.data() + EthHdr::LEN + Ipv6Hdr::LEN + payload_len as usize > ctx.data_end()
-    {
-        return None;
-    }
-    // SAFETY: within the bounds checked.
-    let (ports, tcp_flags) = ports(
-        unsafe { (p as *const u8).add(EthHdr::LEN + Ipv6Hdr::LEN) },
-        proto,
-    )?;
-    // SAFETY: as above; the addresses are read a word at a time.
-    let (src, dst) = unsafe {
-        let w = |a: &[u8; 16]| (a.as_ptr() as *const [u32; 4]).read_unaligned();
-        (w(&(*ip).src_addr), w(&(*ip).dst_addr))
-    };
-    Some(Tuple {
-        family: AF_INET6,
-        proto,
-        src,
-        dst,
-        ports,
-        tcp_flags,
-        ip_len: payload_len + Ipv6Hdr::LEN as u16,
-    })
 }
 
 /// The backend a packet goes to, as [`established`] or [`stateless`] found
@@ -390,47 +199,6 @@ fn schedule_flow(
             Some((whole, h, c))
         }
         None => None,
-    }
-}
-
-/// A `FlowKey` built on the stack a word at a time: built as a struct,
-/// LLVM merges its zero words into 8-byte stores at 4-aligned offsets
-/// (the objects allow misaligned access), which the verifier refuses on
-/// the stack.
-#[repr(C, align(8))]
-struct KeyWords([u32; 10]);
-
-impl KeyWords {
-    /// Writes `t`'s key into `k` in place, a word at a time (built and
-    /// returned, it is copied with merged stores again).
-    #[inline(always)]
-    fn fill<'a>(k: &'a mut core::mem::MaybeUninit<KeyWords>, t: &Tuple) -> &'a KeyWords {
-        let p = k.as_mut_ptr() as *mut u32;
-        let w = [
-            t.src[0],
-            t.src[1],
-            t.src[2],
-            t.src[3],
-            t.dst[0],
-            t.dst[1],
-            t.dst[2],
-            t.dst[3],
-            t.ports,
-            u32::from(t.proto),
-        ];
-        for (i, v) in w.into_iter().enumerate() {
-            // SAFETY: within the ten words; volatile so no two are merged.
-            unsafe { core::ptr::write_volatile(p.add(i), v) };
-        }
-        // SAFETY: every word written above.
-        unsafe { k.assume_init_ref() }
-    }
-
-    #[inline(always)]
-    fn key(&self) -> &FlowKey {
-        // SAFETY: `FlowKey` is `repr(C)`, 40 bytes of plain integers at
-        // these words' offsets (as `table` compares them), alignment 4.
-        unsafe { &*(self.0.as_ptr() as *const FlowKey) }
     }
 }
 

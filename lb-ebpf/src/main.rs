@@ -49,6 +49,7 @@ mod signal;
 mod stats;
 mod table;
 mod trace;
+mod tuple;
 mod vip;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
