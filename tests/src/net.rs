@@ -141,23 +141,14 @@ fn dc_with(tag: &str, n: usize, pass_programs: bool) -> Result<Dc> {
     let lb = Netns::new(&format!("{tag}-l"))?;
     veth(&client, "c0", &lb, "l0")?;
     let run = |ns: &Netns, cmd: &[&str]| ns.exec(cmd[0], &cmd[1..]).map(|_| ());
+    let add6 = |ns: &Netns, addr: &str, dev: &str| {
+        run(ns, &["ip", "-6", "addr", "add", addr, "dev", dev, "nodad"])
+    };
     run(
         &client,
         &["ip", "addr", "add", "198.18.10.2/24", "dev", "c0"],
     )?;
-    run(
-        &client,
-        &[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            "2001:2:10::2/64",
-            "dev",
-            "c0",
-            "nodad",
-        ],
-    )?;
+    add6(&client, "2001:2:10::2/64", "c0")?;
     run(&client, &["ip", "link", "set", "c0", "up"])?;
     run(
         &client,
@@ -179,19 +170,7 @@ fn dc_with(tag: &str, n: usize, pass_programs: bool) -> Result<Dc> {
     // veth would otherwise hand over a partial one (TX offload).
     run(&client, &["ethtool", "-K", "c0", "tx", "off"])?;
     run(&lb, &["ip", "addr", "add", "198.18.10.1/24", "dev", "l0"])?;
-    run(
-        &lb,
-        &[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            "2001:2:10::1/64",
-            "dev",
-            "l0",
-            "nodad",
-        ],
-    )?;
+    add6(&lb, "2001:2:10::1/64", "l0")?;
     run(&lb, &["ip", "link", "set", "l0", "up"])?;
     run(&lb, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
     run(&lb, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
@@ -206,19 +185,7 @@ fn dc_with(tag: &str, n: usize, pass_programs: bool) -> Result<Dc> {
             format!("2001:2:{}::1", 10 + i),
         );
         run(&lb, &["ip", "addr", "add", &format!("{lb4}/24"), "dev", &l])?;
-        run(
-            &lb,
-            &[
-                "ip",
-                "-6",
-                "addr",
-                "add",
-                &format!("{lb6}/64"),
-                "dev",
-                &l,
-                "nodad",
-            ],
-        )?;
+        add6(&lb, &format!("{lb6}/64"), &l)?;
         run(&lb, &["ip", "link", "set", &l, "up"])?;
         let b6 = format!("2001:2:{}::2/64", 10 + i);
         run(
@@ -232,7 +199,7 @@ fn dc_with(tag: &str, n: usize, pass_programs: bool) -> Result<Dc> {
                 "b0",
             ],
         )?;
-        run(&b, &["ip", "-6", "addr", "add", &b6, "dev", "b0", "nodad"])?;
+        add6(&b, &b6, "b0")?;
         run(&b, &["ip", "addr", "add", "198.18.0.100/32", "dev", "lo"])?;
         run(
             &b,
