@@ -92,6 +92,19 @@ impl Cluster {
         self.lab.run_dir().join(format!("lb{n}.toml"))
     }
 
+    /// Brings node `n` back (link, BIRD, its agent) and waits until the
+    /// agent is ready and the router routes the IPv4 VIP over every node
+    /// again; how long the router took after the agent was ready.
+    pub fn revive(&self, n: usize) -> Duration {
+        self.lab.revive_node(n).expect("revive the node");
+        self.spawn(n);
+        self.wait_ready(n);
+        let nodes = self.agents.lock().expect("agents").len();
+        self.lab
+            .wait_next_hops(vip4(), nodes, Duration::from_secs(10))
+            .expect("the router takes the node back")
+    }
+
     pub fn spawn(&self, n: usize) {
         let config = self.config_path(n);
         if !config.exists() {
@@ -438,12 +451,7 @@ pub fn ring_change_then_node_loss(
         .arg(c.lab.socket_of(1))
         .stdout(Stdio::null())
         .status();
-    c.lab.revive_node(1).expect("revive node 1");
-    c.spawn(1);
-    c.wait_ready(1);
-    c.lab
-        .wait_next_hops(vip4(), 2, Duration::from_secs(10))
-        .expect("the router takes node 1 back");
+    c.revive(1);
     let fresh = ask_all(&mut conns);
     // The fresh node took its previous ring from its memory on disk (a
     // drained backend's ring needs none: it follows from the config).

@@ -19,7 +19,7 @@ use lb_user::{
     api::{self, BackendState, Request},
     vocab::Scheduler,
 };
-use support::{Agent, servers, traffic};
+use support::{Agent, greeting, servers, traffic};
 
 /// The entry for `key` in instance's pinned connection table, read the way
 /// another process would (from bpffs), not through the agent.
@@ -81,13 +81,7 @@ fn open_long_lived(d: &Dc) -> (TcpStream, String) {
     d.client
         .enter(|| {
             let vip = "198.18.0.100:8080".parse().unwrap();
-            let c = TcpStream::connect_timeout(&vip, Duration::from_secs(1)).expect("connect");
-            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            let mut line = String::new();
-            BufReader::new(c.try_clone().unwrap())
-                .read_line(&mut line)
-                .expect("name");
-            (c, line.trim().to_string())
+            greeting(TcpStream::connect_timeout(&vip, Duration::from_secs(1)).expect("connect"))
         })
         .expect("setns")
 }

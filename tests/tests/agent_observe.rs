@@ -3,7 +3,6 @@
 //! the status page in a browser. Same harness as `agent.rs`.
 
 use std::{
-    io::{BufRead as _, BufReader},
     net::TcpStream,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -17,7 +16,7 @@ use lb_user::{
     config::file,
     vocab::{Forwarding, ProbeVia},
 };
-use support::{Agent, LB, servers};
+use support::{Agent, LB, greeting, servers};
 
 /// `lb explain VIP CLIENT:PORT` names, from the live maps, the backend that
 /// then really answers a connection from that address and port: by ring
@@ -62,13 +61,7 @@ fn explain_names_the_backend_that_answers() {
                 let vip: std::net::SocketAddr = "198.18.0.100:8080".parse().unwrap();
                 sock.connect_timeout(&vip.into(), Duration::from_secs(1))
                     .expect("connect");
-                let c: TcpStream = sock.into();
-                c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                let mut line = String::new();
-                BufReader::new(c.try_clone().unwrap())
-                    .read_line(&mut line)
-                    .expect("name");
-                (c, line.trim().to_string())
+                greeting(sock.into())
             })
             .expect("setns");
         let answered = backend_addr(name.trim_start_matches('b').parse().expect("bN"));

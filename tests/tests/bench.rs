@@ -954,12 +954,7 @@ fn bench_node_failover() {
         last_delayed.extend(last_slow);
         long_failed += bad;
         long_total += n;
-        c.lab.revive_node(1).expect("revive");
-        c.spawn(1);
-        c.wait_ready(1);
-        c.lab
-            .wait_next_hops(vip4(), 2, Duration::from_secs(10))
-            .expect("node 1 back");
+        c.revive(1);
     }
     let mut w = withdrawn.clone();
     w.sort_by(f64::total_cmp);

@@ -187,13 +187,7 @@ fn node_loss_and_return_break_no_connection() {
             .expect("the router withdraws node 1");
         std::thread::sleep(Duration::from_secs(2));
         // (e) It comes back: link, BIRD, agent (adopting its pinned datapath).
-        c.lab.revive_node(1).expect("revive node 1");
-        c.spawn(1);
-        c.wait_ready(1);
-        let t = c
-            .lab
-            .wait_next_hops(vip4(), 2, Duration::from_secs(10))
-            .expect("the router takes node 1 back");
+        let t = c.revive(1);
         back_at = start.elapsed();
         println!("node 1 back in the router's route {t:?} after its revival");
         flows_node1_back = c.new_flows(1);

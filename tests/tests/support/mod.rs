@@ -246,3 +246,15 @@ pub fn traffic(d: &Dc, n: usize, gap: Duration) -> Vec<(Instant, Result<String, 
         })
         .expect("setns")
 }
+
+/// A connection to a test server with its greeting read: the stream (2 s
+/// read timeout) and the name of the backend that answered.
+pub fn greeting(c: std::net::TcpStream) -> (std::net::TcpStream, String) {
+    use std::io::BufRead as _;
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(c.try_clone().unwrap())
+        .read_line(&mut line)
+        .expect("name");
+    (c, line.trim().to_string())
+}
