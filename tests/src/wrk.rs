@@ -112,5 +112,9 @@ pub fn wrk(ns: &str, url: &str, secs: u32) -> WrkRun {
         rps.is_finite() && rps > 0.0 && requests > 0.0 && p50.is_finite() && p99.is_finite(),
         "wrk against {url} measured nothing: {text}"
     );
+    if errors > 0.0 {
+        // Which kind, for whoever reads a failed test's output.
+        println!("wrk against {url} counted {errors} errors:\n{text}");
+    }
     (rps, p50, p99, cpu * 1e6 / requests, errors)
 }
