@@ -41,6 +41,7 @@ use lb_common::{
 use network_types::eth::EthHdr;
 
 use crate::{
+    dir::{lookup_vip_by, vip_by_id},
     flow::{may_record_flow, now_s},
     forward::{self, Hop, Inner},
     log,
@@ -49,7 +50,7 @@ use crate::{
     sched::{Ring, backend, ring_for_src, schedule, second_hop, vip_ring},
     send_or, signal, stats, table,
     tuple::{KeyWords, Tuple, V4_MIN, read_v4, read_v6},
-    vip::{lookup_vip_by, maybe_fast_vip, vip_by_id},
+    vip::maybe_fast_vip,
 };
 
 /// The verdict reason and XDP action of an established packet forwarded

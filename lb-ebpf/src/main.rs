@@ -35,6 +35,7 @@
 mod balance;
 mod csum;
 mod decap;
+mod dir;
 mod fast;
 mod flow;
 mod forward;

@@ -32,6 +32,11 @@ mod parse;
 // The cost programs.
 #[path = "tools/cost.rs"]
 mod cost;
+// The datapath's VIP directory lookup, its own code, over the tools'
+// `VIP_DIR` and `VIPS_BY_ID` (`cost_dir`).
+#[allow(dead_code)]
+#[path = "dir.rs"]
+mod dir;
 // The datapath's connection table, its own code, over the tools' `FLOWS`
 // (`cost_set`).
 #[allow(dead_code)]
@@ -132,6 +137,23 @@ mod maps {
 
     /// A Maglev ring of the balancer's usual size (`cost_sched`): every
     /// slot names backend 1.
+    /// The VIP directory as the datapath's (`dir.rs`), of its default
+    /// size, and the VIPs by id it points into (`cost_dir`).
+    #[map(name = "VIP_DIR")]
+    pub static VIP_DIR: Array<lb_common::VipDirBucket> =
+        Array::with_max_entries(lb_common::vip_dir_buckets(lb_common::MAX_VIPS), 0);
+
+    #[map(name = "VIPS_BY_ID")]
+    pub static VIPS_BY_ID: Array<lb_common::VipById> =
+        Array::with_max_entries(lb_common::MAX_VIPS, 0);
+
+    /// Buckets of `VIP_DIR` − 1 (a constant here; the datapath's is set at
+    /// load).
+    #[inline(always)]
+    pub fn vip_dir_mask() -> u32 {
+        lb_common::vip_dir_buckets(lb_common::MAX_VIPS) - 1
+    }
+
     #[map(name = "COST_RING")]
     pub static COST_RING: Array<u32> = Array::with_max_entries(65537, 0);
 }

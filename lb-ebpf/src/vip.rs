@@ -3,7 +3,8 @@
 //! see copied): the address filters (one array lookup that
 //! turns non-VIP traffic away; one that says whether an established flow
 //! may name its VIP), the VIP of an established flow by its id, the exact
-//! and every-port VIP lookups in the VIP directory (arrays only), and the
+//! and every-port VIP lookups in the VIP directory (arrays only, in
+//! `dir.rs`), and the
 //! address check fragments need (the one hash lookup left, for fragments,
 //! which are dropped).
 
@@ -11,10 +12,8 @@ use aya_ebpf::maps::Array;
 use lb_common::{VipKey, VipMeta, hash};
 
 use crate::{
-    maps::{
-        VIP_ADDRS, VIP_DIR, VIP_FAST_FILTER, VIP_FILTER, VIP_ONLY_FILTER, VIP_TABLE_FILTER,
-        VIPS_BY_ID, vip_dir_mask,
-    },
+    dir::{lookup_vip_by, vip_by_id},
+    maps::{VIP_ADDRS, VIP_FAST_FILTER, VIP_FILTER, VIP_ONLY_FILTER, VIP_TABLE_FILTER},
     parse::Packet,
 };
 
@@ -28,32 +27,6 @@ pub(crate) fn vip_of_flow(pkt: &Packet, id: u32) -> Option<&'static VipMeta> {
     // SAFETY: `FlowKey` is `align(4)` with `dst` at offset 16.
     let dst = unsafe { &*(pkt.key.dst.as_ptr() as *const [u32; 4]) };
     vip_by_id(id, pkt.family, pkt.key.proto, pkt.key.dport, dst)
-}
-
-/// VIP `id`, if its key is (`family`, `proto`, `port` or every port, the
-/// address `dst` as four words): [`vip_of_flow`] for a flow known by its
-/// header fields (the established path, `fast`).
-#[inline(always)]
-pub(crate) fn vip_by_id(
-    id: u32,
-    family: u8,
-    proto: u8,
-    port: u16,
-    dst: &[u32; 4],
-) -> Option<&'static VipMeta> {
-    let e = VIPS_BY_ID.get(id)?;
-    let k = &e.key;
-    // SAFETY: `VipById` starts with its key and is 4-aligned; the address
-    // is its first 16 bytes (a byte-array comparison is a call of `bcmp`).
-    let a = unsafe { &*(k.addr.as_ptr() as *const [u32; 4]) };
-    if k.family != family
-        || k.proto != proto
-        || (k.port != port && k.port != 0)
-        || (a[0] ^ dst[0]) | (a[1] ^ dst[1]) | (a[2] ^ dst[2]) | (a[3] ^ dst[3]) != 0
-    {
-        return None;
-    }
-    Some(&e.meta)
 }
 
 /// False when no VIP lives on the address (its bit in `VIP_ONLY_FILTER`
@@ -106,60 +79,6 @@ pub(crate) fn lookup_vip(pkt: &Packet) -> Option<&'static VipMeta> {
     // SAFETY: `FlowKey` is `align(4)` with `dst` at offset 16.
     let dst = unsafe { &*(pkt.key.dst.as_ptr() as *const [u32; 4]) };
     lookup_vip_by(dst, pkt.key.dport, pkt.key.proto, pkt.family)
-}
-
-/// [`lookup_vip`] of a destination (four words), port, protocol and
-/// family (the established path's, `fast`, which has no `Packet`).
-#[inline(always)]
-pub(crate) fn lookup_vip_by(
-    dst: &[u32; 4],
-    port: u16,
-    proto: u8,
-    family: u8,
-) -> Option<&'static VipMeta> {
-    let folded = dst[0] ^ dst[1] ^ dst[2] ^ dst[3];
-    let mut id = dir_find(dst, folded, port, proto, family);
-    if id == NO_VIP {
-        id = dir_find(dst, folded, 0, proto, family);
-    }
-    vip_by_id(id, family, proto, port, dst)
-}
-
-/// What [`dir_find`] answers for a key the directory does not hold: no
-/// index of `VIPS_BY_ID`, whose lookup then fails.
-const NO_VIP: u32 = u32::MAX;
-
-/// The id of the VIP (destination `dst`, `port`, the packet's protocol and
-/// family) in `VIP_DIR`, or [`NO_VIP`]. A scalar, not a reference: every
-/// slot it may come from leaves the verifier one state to follow.
-#[inline(always)]
-fn dir_find(dst: &[u32; 4], folded: u32, port: u16, proto: u8, family: u8) -> u32 {
-    let tail = hash::vip_key_tail(port, proto, family);
-    let (first, second) = hash::vip_dir_buckets(folded, tail, vip_dir_mask());
-    let found = in_bucket(first, dst, tail);
-    if found != NO_VIP {
-        return found;
-    }
-    in_bucket(second, dst, tail)
-}
-
-/// The id in bucket `b` of the key (`dst`, `tail`), or [`NO_VIP`].
-#[inline(always)]
-fn in_bucket(b: u32, dst: &[u32; 4], tail: u32) -> u32 {
-    let Some(bucket) = VIP_DIR.get(b) else {
-        return NO_VIP;
-    };
-    for s in &bucket.slots {
-        // SAFETY: `VipKey` is 20 bytes, 4-aligned (`repr(C)`, `VipDirSlot`
-        // starts with it): five little-endian words, the last `tail`.
-        let k = unsafe { &*(s.key.addr.as_ptr() as *const [u32; 5]) };
-        if k[4] == tail
-            && (k[0] ^ dst[0]) | (k[1] ^ dst[1]) | (k[2] ^ dst[2]) | (k[3] ^ dst[3]) == 0
-        {
-            return s.vip_id;
-        }
-    }
-    NO_VIP
 }
 
 /// False when no VIP can live on the packet's destination address: its

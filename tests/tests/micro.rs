@@ -519,6 +519,12 @@ fn cases() -> Vec<Case> {
             TX,
         ),
         Case::tools(
+            "cost: floor + VIP directory lookup (dir::lookup_vip_by, first bucket)",
+            "cost_dir",
+            est.clone(),
+            TX,
+        ),
+        Case::tools(
             "cost: floor + hash lookup (40-byte key)",
             "cost_hash",
             est.clone(),

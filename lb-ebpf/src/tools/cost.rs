@@ -16,10 +16,10 @@ use lb_common::{Backend, Flow, FlowKey, Traffic, VipKey};
 use network_types::eth::EthHdr;
 
 use crate::{
-    csum,
+    csum, dir,
     maps::{
         COST_ARRAY, COST_BACKENDS, COST_HASH, COST_HASH16, COST_LRU, COST_LRU_PCPU, COST_LRU16,
-        COST_PERCPU, COST_RING, COST_VIPS,
+        COST_PERCPU, COST_RING, COST_VIPS, VIP_DIR, VIPS_BY_ID, vip_dir_mask,
     },
     parse, swap_macs, table,
 };
@@ -246,6 +246,45 @@ pub fn cost_set(ctx: XdpContext) -> u32 {
         table::insert(pr.base, pr.tag, &p.key, &f);
     }
     tx_if(&ctx, true)
+}
+
+/// Floor + the datapath's VIP directory lookup (`dir::lookup_vip_by`, the
+/// code a SYN and a packet of a VIP without a table find their VIP with:
+/// the key's first bucket of `VIP_DIR` read and its slots compared, then
+/// the VIP's entry in `VIPS_BY_ID` read and its key compared). The first
+/// repetition writes the packet's VIP into slot 0 of that bucket (as the
+/// agent would with one VIP) and aborts.
+#[xdp]
+pub fn cost_dir(ctx: XdpContext) -> u32 {
+    let Ok(p) = parse::parse(&ctx) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: `FlowKey` is `align(4)` with `dst` at offset 16.
+    let dst = unsafe { &*(p.key.dst.as_ptr() as *const [u32; 4]) };
+    if dir::lookup_vip_by(dst, p.key.dport, p.key.proto, p.family).is_some() {
+        return tx_if(&ctx, true);
+    }
+    let key = VipKey {
+        addr: p.key.dst,
+        port: p.key.dport,
+        proto: p.key.proto,
+        family: p.family,
+    };
+    let tail = lb_common::hash::vip_key_tail(key.port, key.proto, key.family);
+    let (first, _) = lb_common::hash::vip_dir_buckets(
+        lb_common::hash::fold_addr(&key.addr),
+        tail,
+        vip_dir_mask(),
+    );
+    const ID: u32 = 7;
+    if let (Some(b), Some(v)) = (VIP_DIR.get_ptr_mut(first), VIPS_BY_ID.get_ptr_mut(ID)) {
+        // SAFETY: map value pointers.
+        unsafe {
+            (*b).slots[0] = lb_common::VipDirSlot { key, vip_id: ID };
+            (*v).key = key;
+        }
+    }
+    xdp_action::XDP_ABORTED
 }
 
 /// [`cost_minimal_lb`] sending by IPIP / IP6IP6 ([`encapsulate`]) instead
