@@ -118,6 +118,28 @@ impl RateRig {
     }
 }
 
+/// Program `prog` of `ebpf`'s own run time per packet by the kernel's
+/// accounting (`BPF_ENABLE_STATS`, on only for this), during a further
+/// `secs` of traffic at `flows` flows: where the time goes inside the
+/// forwarded rate, which also counts the generator, the veth and the sink.
+/// The accounting reads the clock around every run, so every figure
+/// carries that same overhead; compare them with each other.
+fn program_ns(rig: &RateRig, ebpf: &aya::Ebpf, prog: &str, flows: u32, secs: f64) -> f64 {
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+    let info = || {
+        let i = ebpf
+            .program(prog)
+            .and_then(|p| p.info().ok())
+            .unwrap_or_else(|| panic!("{prog}: no program info"));
+        (i.run_time().as_nanos() as f64, i.run_count())
+    };
+    let (t0, n0) = info();
+    rig.blast("198.18.20.100:9", false, flows, secs);
+    let (t1, n1) = info();
+    assert!(n1 > n0, "{prog} did not run");
+    (t1 - t0) / (n1 - n0) as f64
+}
+
 /// A balancer programmed with one VIP over three (fake-MAC) backends that all
 /// lead back to the generator's veth.
 fn balancer(rig: &RateRig, vip: VipKey, table_size: u32) -> aya::Ebpf {
@@ -200,6 +222,13 @@ fn bench_packet_rate() {
         let mut minimal_runs = Vec::new();
         let mut minimal16_runs = Vec::new();
         let mut set_runs = Vec::new();
+        // Each program's own time per packet (`program_ns`), by name.
+        let mut ns: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+        let mut time = |name, ebpf: &aya::Ebpf, prog| {
+            ns.entry(name)
+                .or_default()
+                .push(program_ns(&rig, ebpf, prog, flows, 1.0));
+        };
         for _ in 0..3 {
             // The floor program in the LB's place, then the balancer, alternating.
             let mut floor = lb_tests::load_tools().expect("load");
@@ -207,6 +236,7 @@ fn bench_packet_rate() {
             let (floor_sent, floor_fwd) = rig.blast("198.18.20.100:9", false, flows, 2.0);
             floor_sent_runs.push(floor_sent);
             floor_runs.push(floor_fwd);
+            time("floor", &floor, lb_common::PROG_FLOOR_TX);
             drop(floor);
             // The least any balancer with a connection table does (one VIP
             // hash lookup, one LRU lookup or insert of a 262,144-entry table,
@@ -214,21 +244,23 @@ fn bench_packet_rate() {
             // costs at this flow count; then the same with a compact 16-byte
             // IPv4 flow key instead of the 40-byte one; and the floor plus
             // our own connection table's lookup (insert on a miss) alone.
-            for (prog, runs) in [
-                ("cost_minimal_lb", &mut minimal_runs),
-                ("cost_minimal_lb16", &mut minimal16_runs),
-                ("cost_set", &mut set_runs),
+            for (name, prog, runs) in [
+                ("minimal", "cost_minimal_lb", &mut minimal_runs),
+                ("minimal16", "cost_minimal_lb16", &mut minimal16_runs),
+                ("set", "cost_set", &mut set_runs),
             ] {
                 let mut minimal = lb_tests::load_tools().expect("load");
                 rig.attach(&mut minimal, prog);
                 let (_, fwd) = rig.blast("198.18.20.100:9", false, flows, 2.0);
                 runs.push(fwd);
+                time(name, &minimal, prog);
             }
             let mut lb = balancer(&rig, vip, 1 << 18);
             rig.attach(&mut lb, lb_common::PROG_BALANCER);
             let (sent, fwd) = rig.blast("198.18.20.100:9", false, flows, 2.0);
             sent_runs.push(sent);
             lb_runs.push(fwd);
+            time("lb", &lb, lb_common::PROG_BALANCER);
             drop(lb);
             // The same VIP in full NAT (one-way UDP: every flow keeps its
             // port for the run).
@@ -236,8 +268,13 @@ fn bench_packet_rate() {
             rig.attach(&mut nat, lb_common::PROG_BALANCER);
             let (_, fwd) = rig.blast("198.18.20.100:9", false, flows, 2.0);
             nat_runs.push(fwd);
+            time("nat", &nat, lb_common::PROG_BALANCER);
             drop(nat);
         }
+        let ns: serde_json::Map<String, serde_json::Value> = ns
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), json!(median(v))))
+            .collect();
         let (f, l) = (median(floor_runs), median(lb_runs));
         let n = median(nat_runs);
         let (m, m16) = (median(minimal_runs), median(minimal16_runs));
@@ -257,12 +294,13 @@ fn bench_packet_rate() {
             set / 1e6,
             set / f
         );
+        println!("{flows:>7} flows: program time per packet (ns): {ns:?}");
         // The offered rates say whether the generator, not the program,
         // set the pace: the ratio means something only if both were offered
         // about the same and each forwarded less than it was offered.
         rows.push(
             json!({"flows": flows, "floor_pps": f, "lb_pps": l, "ratio": l / f, "nat_pps": n, "minimal_pps": m, "minimal16_pps": m16, "set_pps": set,
-            "offered_pps": median(sent_runs), "floor_offered_pps": median(floor_sent_runs)}),
+            "offered_pps": median(sent_runs), "floor_offered_pps": median(floor_sent_runs), "program_ns": ns}),
         );
     }
     emit(json!({"bench": "packet_rate", "frame": 60, "runs": 3, "seconds": 2, "rows": rows}));

@@ -109,6 +109,7 @@ pub(super) fn markdown(r: &Value) -> String {
         "\nThe generator shares the VM's two vCPUs with the program it measures: the offered columns show whether it \
          offered both programs the same rate (if it offered the balancer less, part of the gap is the generator's).\n",
     );
+    o.push_str(&program_times(&r["packet_rate"]["rows"]));
     let s = &r["syn_flood"];
     o.push_str(&format!(
         "\n**SYN flood** ({} s per run, median of {} runs per row; sources: {}). {} established flows, {}; {}. Flows the guard \
@@ -551,6 +552,48 @@ fn targets(r: &Value) -> String {
     o
 }
 
+/// The packet-rate rows' program times (`program_ns`: each program's own
+/// time per packet by the kernel's accounting), as a table; empty for a run
+/// that did not measure them.
+fn program_times(rows: &Value) -> String {
+    let rows: Vec<&Value> = rows
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r.get("program_ns").is_some())
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut o = String::from(
+        "\n**Where the time goes**: each program's own run time per packet by the kernel's accounting \
+         (`BPF_ENABLE_STATS`, on for a further 1 s of the same traffic after each rate run; median of 3). The \
+         accounting reads the clock around every run, so each figure carries the same few tens of ns: compare \
+         them with each other.\n\n\
+         | flows | floor ns | floor + our set lookup ns | minimal balancer ns | minimal, 16-byte key ns | lb ns | lb full NAT ns |\n\
+         |---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for row in rows {
+        let ns = |k: &str| {
+            row["program_ns"]
+                .get(k)
+                .map(|v| format!("{:.0}", f(v)))
+                .unwrap_or_else(|| "not run".into())
+        };
+        o.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            row["flows"],
+            ns("floor"),
+            ns("set"),
+            ns("minimal"),
+            ns("minimal16"),
+            ns("lb"),
+            ns("nat"),
+        ));
+    }
+    o
+}
+
 /// "What a packet costs": the cost programs of the tools object (the floor
 /// plus one primitive each) read against the per-packet targets, so a
 /// target below what its path's unavoidable primitives cost shows as such,
@@ -702,6 +745,25 @@ The tools object's cost programs are the swap-MACs floor plus one \
                 w["flows"],
                 set / m,
                 lb / set,
+            ));
+        }
+        let ns = |row: &Value, k: &str| row.get("program_ns").map_or(f64::NAN, |n| f(&n[k]));
+        let (set_hi, set_lo, lb_hi, floor_hi) =
+            (ns(w, "set"), ns(first, "set"), ns(w, "lb"), ns(w, "floor"));
+        if set_hi.is_finite() && set_lo.is_finite() {
+            o.push_str(&format!(
+                "- By the programs' own times (\"Where the time goes\" above): at {} flows the table alone \
+                 took {set_hi:.0} ns a packet against {set_lo:.0} ns at {} flow{}, so the one set lookup \
+                 that misses the caches costs about {:.0} ns, {:.1}× the whole floor program ({floor_hi:.0} \
+                 ns); ours took {lb_hi:.0} ns, {:.0} ns more than the table alone. Laying the table out \
+                 in small arrays of kmalloc'd (huge-page) memory, to spare the TLB, measured no faster \
+                 (A/B history).\n",
+                w["flows"],
+                first["flows"],
+                if first["flows"].as_u64() == Some(1) { "" } else { "s" },
+                set_hi - set_lo,
+                (set_hi - set_lo) / floor_hi,
+                lb_hi - set_hi,
             ));
         }
     }
