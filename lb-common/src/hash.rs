@@ -1,9 +1,14 @@
-//! The flow hash: one definition, used by the datapath to pick a ring slot and
-//! by userspace and the tests to predict that choice.
+//! The flow hashes: one definition each, used by the datapath to pick a ring
+//! slot and a connection-table set, and by userspace and the tests to
+//! predict those choices.
 //!
-//! MurmurHash3 (x86, 32-bit) over a fixed number of 32-bit words: cheap in BPF
-//! (no loops the verifier must bound, no tables), well mixed, and identical on
-//! every little- and big-endian host because words are read little-endian.
+//! A flow's hash ([`hash_5tuple`] = [`table_hash`]) is the client address
+//! folded to one word, then two rounds of MurmurHash3's finalizer over it,
+//! the protocol and the ports. The client-address hash of source-ip
+//! stickiness and the Maglev permutation's backend hash are MurmurHash3 (x86,
+//! 32-bit) over the address's four words. All are cheap in BPF (no loops the
+//! verifier must bound, no tables), well mixed, and identical on every
+//! little- and big-endian host because words are read little-endian.
 
 const SEED: u32 = 0x6c62_7831; // "lbx1"
 
@@ -52,29 +57,27 @@ pub const fn hash_src(src: &[u8; 16]) -> u32 {
     finish(h, 16)
 }
 
-/// Hash of a flow's 5-tuple. The destination address is left out: within one
-/// VIP's ring it is the same for every flow (ports are host order).
+/// The scheduling hash of a flow's 5-tuple: the ring slot of a new flow
+/// (`% ring_size`), which every node, `lb explain` and `lb what-if` compute
+/// alike. It is the connection table's hash ([`table_hash`]), so a new flow
+/// hashes once for both. (Until 2026-12-05 it was MurmurHash3 over six
+/// words, twenty multiplications where this has four; a change here moves
+/// every flow without a table entry, on every node, so it is deliberate and
+/// pinned by a test.) The destination address is left out: within one VIP's
+/// ring it is the same for every flow (ports are host order).
 #[inline(always)]
 pub const fn hash_5tuple(src: &[u8; 16], sport: u16, dport: u16, proto: u8) -> u32 {
-    let mut h = SEED;
-    h = mix(h, word(src, 0));
-    h = mix(h, word(src, 4));
-    h = mix(h, word(src, 8));
-    h = mix(h, word(src, 12));
-    h = mix(h, ((sport as u32) << 16) | dport as u32);
-    h = mix(h, proto as u32);
-    finish(h, 24)
+    table_hash(fold_addr(src), sport, dport, proto)
 }
 
 /// The connection table's hash of a flow (its set, and with the
-/// destination its tag; see `lb_common::flow_set_base`): the client address
-/// folded to 32 bits ([`fold_addr`], passed in so the datapath can fold
-/// aligned words), the protocol and the ports, through two rounds of
-/// [`fmix`]. Not the scheduling hash ([`hash_5tuple`], which the rings,
-/// `lb explain` and every node depend on): the table needs only spread,
-/// since it compares the key in full, and this costs four multiplications
-/// where the scheduling hash costs twenty (BENCHMARKS.md: hashing was a
-/// fifth of an established packet's time).
+/// destination its tag; see `lb_common::flow_set_base`), also the
+/// scheduling hash ([`hash_5tuple`]): the client address folded to 32 bits
+/// ([`fold_addr`], passed in so the datapath can fold aligned words), the
+/// protocol and the ports, through two rounds of [`fmix`] (a bijection of
+/// 32-bit words that mixes every input bit into every output bit): four
+/// multiplications (BENCHMARKS.md: hashing was a fifth of an established
+/// packet's time).
 #[inline(always)]
 pub const fn table_hash(src_folded: u32, sport: u16, dport: u16, proto: u8) -> u32 {
     let a = fmix(src_folded ^ proto as u32);
@@ -232,7 +235,7 @@ mod tests {
         // Pins the function: a change here changes every LB node's choices,
         // so it must be deliberate.
         let client = [198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        assert_eq!(hash_5tuple(&client, 40000, 80, 6), 614508554);
+        assert_eq!(hash_5tuple(&client, 40000, 80, 6), 4086582105);
         assert_eq!(hash_src(&client), 3358244290);
     }
 
@@ -297,14 +300,18 @@ mod tests {
     }
 
     #[test]
-    fn the_table_hash_spreads_the_shapes_traffic_comes_in() {
-        // 10,000 flows into 65,536 sets: a random function fills about
-        // 9,264 distinct sets. Shapes: one client's ports, many clients of
-        // one port, IPv6 clients differing in one word.
+    fn the_flow_hash_spreads_the_shapes_traffic_comes_in() {
+        // 10,000 flows into 65,536 table sets (the hash's high bits) and
+        // into the 65,537 slots of a ring (`% 65537`, all bits): a random
+        // function fills about 9,264 distinct ones. Shapes: one client's
+        // ports, many clients of one port, IPv6 clients differing in one
+        // word.
         let sets = 65536u32;
         for shape in 0..3 {
             let mut seen = [0u32; 65536 / 32];
             let mut distinct = 0;
+            let mut seen_slot = [0u32; 65537 / 32 + 1];
+            let mut distinct_slots = 0;
             for i in 0..10_000u32 {
                 let (src, sport) = match shape {
                     0 => (
@@ -326,6 +333,13 @@ mod tests {
                     }
                 };
                 let h = table_hash(fold_addr(&src), sport, 80, 6);
+                assert_eq!(h, hash_5tuple(&src, sport, 80, 6));
+                let slot = h % 65537;
+                let (w, m) = ((slot / 32) as usize, 1u32 << (slot % 32));
+                if seen_slot[w] & m == 0 {
+                    seen_slot[w] |= m;
+                    distinct_slots += 1;
+                }
                 let set = crate::flow_set_base(h, sets) / crate::FLOW_WAYS;
                 let (w, m) = ((set / 32) as usize, 1u32 << (set % 32));
                 if seen[w] & m == 0 {
@@ -336,6 +350,10 @@ mod tests {
             assert!(
                 distinct > 9000,
                 "shape {shape}: {distinct} distinct sets of 10,000 flows"
+            );
+            assert!(
+                distinct_slots > 9000,
+                "shape {shape}: {distinct_slots} distinct ring slots of 10,000 flows"
             );
         }
     }

@@ -123,10 +123,11 @@ fn forward_flow(ctx: &XdpContext, t: &Tuple, folded_dst: u32) -> Option<(u32, u3
     if !no_table {
         return None;
     }
-    let target = stateless(t)?;
+    let th = t.table_hash();
+    let target = stateless(t, th)?;
     // The outer source of an encapsulation varies with the same hash.
     let h = if target.vip_flags & VIP_F_IPIP != 0 {
-        t.table_hash()
+        th
     } else {
         0
     };
@@ -176,20 +177,22 @@ fn established(t: &Tuple, h: u32, folded_dst: u32) -> Option<Target> {
 }
 
 /// Schedules the packet's flow as `balance::choose` does: the scheduling
-/// hash (the client address alone for source-ip hashing), the VIP's or its
+/// hash (the client address alone for source-ip hashing; else the flow's
+/// hash, `th`: `hash::hash_5tuple` is the table hash), the VIP's or its
 /// client's region's ring, the VIP's scheduler; a region with no live
 /// backend falls back to the whole VIP. (The ring used, the hash, the
 /// backend.)
 #[inline(always)]
 fn schedule_flow(
     t: &Tuple,
+    th: u32,
     vip: &lb_common::VipMeta,
 ) -> Option<(Ring, u32, (u32, &'static Backend))> {
     let src = t.src_bytes();
     let h = if vip.flags & VIP_F_HASH_SRC_IP != 0 {
         hash::hash_src(&src)
     } else {
-        hash::hash_5tuple(&src, t.ports as u16, t.dport(), t.proto)
+        th
     };
     let ring = ring_for_src(&src, vip);
     match schedule(vip, &ring, h) {
@@ -240,7 +243,7 @@ fn opening(ctx: &XdpContext, t: &Tuple, folded_dst: u32) -> Option<(u32, u32)> {
             carry = FLOW_F_SIGNALLED;
         }
     }
-    let (_, _, (id, b)) = schedule_flow(t, vip)?;
+    let (_, _, (id, b)) = schedule_flow(t, th, vip)?;
     let (vip_id, idle) = (vip.vip_id, vip.idle_timeout_s);
     let target = Target {
         vip_id,
@@ -271,16 +274,17 @@ fn opening(ctx: &XdpContext, t: &Tuple, folded_dst: u32) -> Option<(u32, u32)> {
 /// The backend of a packet to a VIP without a connection table (not full
 /// NAT): its VIP from the directory, its backend from the VIP's (or its
 /// client's region's) ring, with the VIP's scheduler, as
-/// `balance::choose` schedules it. (A round-robin VIP's packet that
+/// `balance::choose` schedules it (`th`: the flow's hash). (A round-robin
+/// VIP's packet that
 /// [`send_to`] then hands back, e.g. for want of a next-hop MAC, moves this
 /// CPU's position twice: the general balancer schedules it again.)
 #[inline(always)]
-fn stateless(t: &Tuple) -> Option<Target> {
+fn stateless(t: &Tuple, th: u32) -> Option<Target> {
     let vip = lookup_vip_by(&t.dst, t.dport(), t.proto, t.family)?;
     if vip.flags & VIP_F_NAT != 0 || vip.flags & VIP_F_NO_FLOW_TABLE == 0 {
         return None;
     }
-    let (ring, h, (id, b)) = schedule_flow(t, vip)?;
+    let (ring, h, (id, b)) = schedule_flow(t, th, vip)?;
     // A TCP packet that does not open a connection may belong to one the
     // previous ring placed (the second chance); a SYN opens where the
     // ring says, and UDP has no connection to look for.
