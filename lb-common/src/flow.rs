@@ -117,7 +117,8 @@ pub struct Flow {
 /// `tag` and `flow.backend_id` are the 8-byte word at offset 40, written
 /// last (0 first) by the datapath: a reader that sees the same word before
 /// and after reading the rest read one writer's entry. `tag == 0`: empty.
-/// 64 bytes: one cache line.
+/// 64 bytes (a kernel array's values begin 56 bytes into a cache line, so a
+/// slot spans two; page-aligning them measured no faster: A/B history).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
