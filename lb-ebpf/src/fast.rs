@@ -275,9 +275,9 @@ fn opening(ctx: &XdpContext, t: &Tuple, folded_dst: u32) -> Option<(u32, u32)> {
 /// NAT): its VIP from the directory, its backend from the VIP's (or its
 /// client's region's) ring, with the VIP's scheduler, as
 /// `balance::choose` schedules it (`th`: the flow's hash). (A round-robin
-/// VIP's packet that
-/// [`send_to`] then hands back, e.g. for want of a next-hop MAC, moves this
-/// CPU's position twice: the general balancer schedules it again.)
+/// VIP's packet that [`send_to`] then hands back, e.g. for want of a
+/// next-hop MAC, moves this CPU's position twice: the general balancer
+/// schedules it again.)
 #[inline(always)]
 fn stateless(t: &Tuple, th: u32) -> Option<Target> {
     let vip = lookup_vip_by(&t.dst, t.dport(), t.proto, t.family)?;

@@ -135,8 +135,6 @@ mod maps {
         lb_common::flow_sets(COST_FLOW_SLOTS)
     }
 
-    /// A Maglev ring of the balancer's usual size (`cost_sched`): every
-    /// slot names backend 1.
     /// The VIP directory as the datapath's (`dir.rs`), of its default
     /// size, and the VIPs by id it points into (`cost_dir`).
     #[map(name = "VIP_DIR")]
@@ -154,6 +152,8 @@ mod maps {
         lb_common::vip_dir_buckets(lb_common::MAX_VIPS) - 1
     }
 
+    /// A Maglev ring of the balancer's usual size (`cost_sched`): every
+    /// slot names backend 1.
     #[map(name = "COST_RING")]
     pub static COST_RING: Array<u32> = Array::with_max_entries(65537, 0);
 }

@@ -647,7 +647,13 @@ The tools object's cost programs are the swap-MACs floor plus one \
     );
     if dir.is_finite() && set.is_finite() {
         o.push_str(&format!(
-            "- The two array structures that replaced hash maps, each run as the datapath's own code              over the tools object's maps: the VIP directory lookup (`dir::lookup_vip_by`: the key's              first bucket and the VIP's entry by id) {dir:.2}× the floor, the connection table's set              lookup (`table::find`, a hit) {set:.2}×; a hash-map lookup {hash:.2}×. An established              packet of a VIP with a table makes the set lookup and no directory lookup (the flow's              entry names its VIP); a SYN and a packet of a VIP without a table make the directory              lookup.\n"
+            "- The two array structures that replaced hash maps, each run as the datapath's own code \
+             over the tools object's maps: the VIP directory lookup (`dir::lookup_vip_by`: the key's \
+             first bucket and the VIP's entry by id) {dir:.2}× the floor, the connection table's set \
+             lookup (`table::find`, a hit) {set:.2}×; a hash-map lookup {hash:.2}×. An established \
+             packet of a VIP with a table makes the set lookup and no directory lookup (the flow's \
+             entry names its VIP); a SYN and a packet of a VIP without a table make the directory \
+             lookup.\n"
         ));
     }
     o.push_str(&format!(
