@@ -214,16 +214,14 @@ fn write_gue<const HOP: usize>(
     if HOP > 0 {
         let d: *mut [u8; HOP] = ptr_at(ctx, off + GUE_OVERHEAD)?;
         let d = d as *mut u8;
-        // SAFETY: ptr_at checked `HOP` bytes at `d`; `HOP - 4` is 4 or 16,
-        // within `second`.
-        unsafe {
-            (d as *mut [u8; 4]).write_unaligned(GUE_HOP_TAG);
-            if HOP == GUE_HOP_V4 {
-                (d.add(4) as *mut [u8; 4])
-                    .write_unaligned((second.as_ptr() as *const [u8; 4]).read_unaligned());
-            } else {
-                (d.add(4) as *mut [u8; 16]).write_unaligned(*second);
-            }
+        let a = addr_words(second);
+        let tag = u32::from_ne_bytes(GUE_HOP_TAG);
+        // `HOP` is 8 or 20 bytes (checked at `d`): the tag and an IPv4 or
+        // IPv6 address.
+        if HOP == GUE_HOP_V4 {
+            put_words(d, &[tag, a[0]]);
+        } else {
+            put_words(d, &[tag, a[0], a[1], a[2], a[3]]);
         }
     }
     let h: *mut [u8; GUE_OVERHEAD] = ptr_at(ctx, off)?;
@@ -233,23 +231,15 @@ fn write_gue<const HOP: usize>(
         s.gue_port.to_be_bytes(),
         udp_len.to_be_bytes(),
     );
-    // SAFETY: ptr_at checked the bounds.
-    unsafe {
-        *h = [
-            sp[0],
-            sp[1],
-            dp[0],
-            dp[1],
-            len[0],
-            len[1],
-            0,
-            0,
-            (HOP / 4) as u8,
-            inner,
-            0,
-            0,
-        ];
-    }
+    put_words(
+        h as *mut u8,
+        &[
+            u32::from_ne_bytes([sp[0], sp[1], dp[0], dp[1]]),
+            // No UDP checksum.
+            u32::from_ne_bytes([len[0], len[1], 0, 0]),
+            u32::from_ne_bytes([(HOP / 4) as u8, inner, 0, 0]),
+        ],
+    );
     Ok(())
 }
 
@@ -280,22 +270,47 @@ pub(crate) fn write_ipv4(ctx: &XdpContext, off: usize, h: &Ipv4Out) -> Result<()
         u16::from_be_bytes([dst[0], dst[1]]),
         u16::from_be_bytes([dst[2], dst[3]]),
     ];
-    let check = csum::ipv4_header(&words);
+    let check = csum::ipv4_header(&words).to_be_bytes();
+    let len = h.tot_len.to_be_bytes();
     let ip: *mut Ipv4Hdr = ptr_at(ctx, off)?;
-    // SAFETY: ptr_at checked the bounds.
-    unsafe {
-        (*ip).vihl = 0x45;
-        (*ip).tos = h.tos;
-        (*ip).tot_len = h.tot_len.to_be_bytes();
-        (*ip).id = [0, 0];
-        (*ip).frags = [0, 0];
-        (*ip).ttl = h.ttl;
-        (*ip).proto = h.proto;
-        (*ip).check = check.to_be_bytes();
-        (*ip).src_addr = src;
-        (*ip).dst_addr = dst;
-    }
+    put_words(
+        ip as *mut u8,
+        &[
+            u32::from_ne_bytes([0x45, h.tos, len[0], len[1]]),
+            0, // id, not a fragment
+            u32::from_ne_bytes([h.ttl, h.proto, check[0], check[1]]),
+            u32::from_ne_bytes(src),
+            u32::from_ne_bytes(dst),
+        ],
+    );
     Ok(())
+}
+
+/// Writes `words` at `dst`, a header that `ptr_at` checked, four bytes at
+/// a time (the objects allow misaligned access, see `build.rs`): a
+/// header's fields assigned one by one, or an address array assigned
+/// whole, compile to a load and a store per byte.
+#[inline(always)]
+fn put_words<const N: usize>(dst: *mut u8, words: &[u32; N]) {
+    for (i, w) in words.iter().enumerate() {
+        // SAFETY: the caller's header is at least `4 * N` bytes.
+        unsafe { (dst.add(4 * i) as *mut u32).write_unaligned(*w) };
+    }
+}
+
+/// The four words of an address, read four bytes at a time.
+#[inline(always)]
+fn addr_words(a: &[u8; 16]) -> [u32; 4] {
+    let p = a.as_ptr() as *const u32;
+    // SAFETY: 16 bytes; misaligned reads are allowed (see `put_words`).
+    unsafe {
+        [
+            p.read_unaligned(),
+            p.add(1).read_unaligned(),
+            p.add(2).read_unaligned(),
+            p.add(3).read_unaligned(),
+        ]
+    }
 }
 
 #[inline(always)]
@@ -394,29 +409,34 @@ fn encap_v6<const GUE: usize, const HOP: usize>(
     set_macs(ctx, hop)?;
     l2.write(ctx)?;
 
-    let mut src = s.ipip_src_v6;
-    let hb = hash.to_be_bytes();
-    src[12] = hb[0];
-    src[13] = hb[1];
-    src[14] = hb[2];
-    src[15] = hb[3];
+    // The source: the configured address with the flow hash in its last
+    // word.
+    let src = addr_words(&s.ipip_src_v6);
+    let dst = addr_words(&b.addr);
     let label = hash & 0x000f_ffff;
-    let vcf = [
-        tc_bytes[0],
-        (tc_bytes[1] & 0xf0) | (label >> 16) as u8,
-        (label >> 8) as u8,
-        label as u8,
-    ];
+    let len = (pkt.ip_len + GUE as u16).to_be_bytes();
+    let next = if GUE > 0 { IPPROTO_UDP } else { IPPROTO_IPV6 };
     let outer: *mut Ipv6Hdr = ptr_at(ctx, l3_off)?;
-    // SAFETY: ptr_at checked the bounds (after adjust_head).
-    unsafe {
-        (*outer).vcf = vcf;
-        (*outer).payload_len = (pkt.ip_len + GUE as u16).to_be_bytes();
-        (*outer).next_hdr = if GUE > 0 { IPPROTO_UDP } else { IPPROTO_IPV6 };
-        (*outer).hop_limit = ENCAP_TTL;
-        (*outer).src_addr = src;
-        (*outer).dst_addr = b.addr;
-    }
+    put_words(
+        outer as *mut u8,
+        &[
+            u32::from_ne_bytes([
+                tc_bytes[0],
+                (tc_bytes[1] & 0xf0) | (label >> 16) as u8,
+                (label >> 8) as u8,
+                label as u8,
+            ]),
+            u32::from_ne_bytes([len[0], len[1], next, ENCAP_TTL]),
+            src[0],
+            src[1],
+            src[2],
+            u32::from_ne_bytes(hash.to_be_bytes()),
+            dst[0],
+            dst[1],
+            dst[2],
+            dst[3],
+        ],
+    );
     if GUE > 0 {
         write_gue::<HOP>(
             ctx,
