@@ -218,10 +218,13 @@ fn write_gue<const HOP: usize>(
         let tag = u32::from_ne_bytes(GUE_HOP_TAG);
         // `HOP` is 8 or 20 bytes (checked at `d`): the tag and an IPv4 or
         // IPv6 address.
-        if HOP == GUE_HOP_V4 {
-            put_words(d, &[tag, a[0]]);
-        } else {
-            put_words(d, &[tag, a[0], a[1], a[2], a[3]]);
+        // SAFETY: ptr_at checked `HOP` bytes at `d`.
+        unsafe {
+            if HOP == GUE_HOP_V4 {
+                put_words(d, &[tag, a[0]]);
+            } else {
+                put_words(d, &[tag, a[0], a[1], a[2], a[3]]);
+            }
         }
     }
     let h: *mut [u8; GUE_OVERHEAD] = ptr_at(ctx, off)?;
@@ -231,15 +234,18 @@ fn write_gue<const HOP: usize>(
         s.gue_port.to_be_bytes(),
         udp_len.to_be_bytes(),
     );
-    put_words(
-        h as *mut u8,
-        &[
-            u32::from_ne_bytes([sp[0], sp[1], dp[0], dp[1]]),
-            // No UDP checksum.
-            u32::from_ne_bytes([len[0], len[1], 0, 0]),
-            u32::from_ne_bytes([(HOP / 4) as u8, inner, 0, 0]),
-        ],
-    );
+    // SAFETY: ptr_at checked the header's bounds.
+    unsafe {
+        put_words(
+            h as *mut u8,
+            &[
+                u32::from_ne_bytes([sp[0], sp[1], dp[0], dp[1]]),
+                // No UDP checksum.
+                u32::from_ne_bytes([len[0], len[1], 0, 0]),
+                u32::from_ne_bytes([(HOP / 4) as u8, inner, 0, 0]),
+            ],
+        )
+    };
     Ok(())
 }
 
@@ -273,27 +279,33 @@ pub(crate) fn write_ipv4(ctx: &XdpContext, off: usize, h: &Ipv4Out) -> Result<()
     let check = csum::ipv4_header(&words).to_be_bytes();
     let len = h.tot_len.to_be_bytes();
     let ip: *mut Ipv4Hdr = ptr_at(ctx, off)?;
-    put_words(
-        ip as *mut u8,
-        &[
-            u32::from_ne_bytes([0x45, h.tos, len[0], len[1]]),
-            0, // id, not a fragment
-            u32::from_ne_bytes([h.ttl, h.proto, check[0], check[1]]),
-            u32::from_ne_bytes(src),
-            u32::from_ne_bytes(dst),
-        ],
-    );
+    // SAFETY: ptr_at checked the header's 20 bytes.
+    unsafe {
+        put_words(
+            ip as *mut u8,
+            &[
+                u32::from_ne_bytes([0x45, h.tos, len[0], len[1]]),
+                0, // id, not a fragment
+                u32::from_ne_bytes([h.ttl, h.proto, check[0], check[1]]),
+                u32::from_ne_bytes(src),
+                u32::from_ne_bytes(dst),
+            ],
+        )
+    };
     Ok(())
 }
 
-/// Writes `words` at `dst`, a header that `ptr_at` checked, four bytes at
-/// a time (the objects allow misaligned access, see `build.rs`): a
-/// header's fields assigned one by one, or an address array assigned
-/// whole, compile to a load and a store per byte.
+/// Writes `words` at `dst` four bytes at a time (the objects allow
+/// misaligned access, see `build.rs`): a header's fields assigned one by
+/// one, or an address array assigned whole, compile to a load and a store
+/// per byte.
+///
+/// # Safety
+/// `dst` points at `4 * N` writable bytes (a header `ptr_at` checked).
 #[inline(always)]
-fn put_words<const N: usize>(dst: *mut u8, words: &[u32; N]) {
+unsafe fn put_words<const N: usize>(dst: *mut u8, words: &[u32; N]) {
     for (i, w) in words.iter().enumerate() {
-        // SAFETY: the caller's header is at least `4 * N` bytes.
+        // SAFETY: within the caller's `4 * N` bytes.
         unsafe { (dst.add(4 * i) as *mut u32).write_unaligned(*w) };
     }
 }
@@ -417,26 +429,29 @@ fn encap_v6<const GUE: usize, const HOP: usize>(
     let len = (pkt.ip_len + GUE as u16).to_be_bytes();
     let next = if GUE > 0 { IPPROTO_UDP } else { IPPROTO_IPV6 };
     let outer: *mut Ipv6Hdr = ptr_at(ctx, l3_off)?;
-    put_words(
-        outer as *mut u8,
-        &[
-            u32::from_ne_bytes([
-                tc_bytes[0],
-                (tc_bytes[1] & 0xf0) | (label >> 16) as u8,
-                (label >> 8) as u8,
-                label as u8,
-            ]),
-            u32::from_ne_bytes([len[0], len[1], next, ENCAP_TTL]),
-            src[0],
-            src[1],
-            src[2],
-            u32::from_ne_bytes(hash.to_be_bytes()),
-            dst[0],
-            dst[1],
-            dst[2],
-            dst[3],
-        ],
-    );
+    // SAFETY: ptr_at checked the header's 40 bytes (after adjust_head).
+    unsafe {
+        put_words(
+            outer as *mut u8,
+            &[
+                u32::from_ne_bytes([
+                    tc_bytes[0],
+                    (tc_bytes[1] & 0xf0) | (label >> 16) as u8,
+                    (label >> 8) as u8,
+                    label as u8,
+                ]),
+                u32::from_ne_bytes([len[0], len[1], next, ENCAP_TTL]),
+                src[0],
+                src[1],
+                src[2],
+                u32::from_ne_bytes(hash.to_be_bytes()),
+                dst[0],
+                dst[1],
+                dst[2],
+                dst[3],
+            ],
+        )
+    };
     if GUE > 0 {
         write_gue::<HOP>(
             ctx,
