@@ -7,7 +7,8 @@
 //! read, a head adjustment), and `cost_minimal_lb`, the least work any
 //! balancer with a connection table does per established packet. They
 //! price what the balancer's per-packet budget is made of (BENCHMARKS.md,
-//! "What a packet costs"; they live in `tools/cost.rs`).
+//! "What a packet costs"; one primitive each in `tools/cost.rs`, the
+//! bounds of whole paths in `tools/bound.rs`).
 //!
 //! Every cost program returns `XDP_TX` only when its primitive took the
 //! path being priced (a lookup hit); a missing entry is inserted and the
@@ -29,7 +30,9 @@ mod loadgen;
 #[allow(dead_code)]
 #[path = "parse.rs"]
 mod parse;
-// The cost programs.
+// The cost programs: one primitive each, and the bounds of whole paths.
+#[path = "tools/bound.rs"]
+mod bound;
 #[path = "tools/cost.rs"]
 mod cost;
 // The datapath's VIP directory lookup, its own code, over the tools'

@@ -23,16 +23,13 @@ fn build_micro(dir: &Path, target: &Path) -> Result<PathBuf> {
     let out = Command::new("cargo")
         .current_dir(dir)
         .env("CARGO_TARGET_DIR", target)
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "lb-tests",
-            "--test",
-            "micro",
-            "--no-run",
-            "--message-format=json",
-        ])
+        .args(
+            crate::bench::MICRO_ARGS
+                .split(|a| *a == "--")
+                .next()
+                .unwrap_or_default(),
+        )
+        .args(["--no-run", "--message-format=json"])
         .stderr(Stdio::inherit())
         .output()
         .context("building the micro-benchmark")?;

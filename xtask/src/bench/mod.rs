@@ -91,8 +91,9 @@ pub fn bench(root: &Path, suite: &str, json_out: bool) -> Result<()> {
     }
 }
 
-/// The micro-benchmark's cargo command line.
-const MICRO_ARGS: &[&str] = &[
+/// The micro-benchmark's cargo command line (`ab.rs` builds its part
+/// before `--`).
+pub(crate) const MICRO_ARGS: &[&str] = &[
     "test",
     "--release",
     "-p",
