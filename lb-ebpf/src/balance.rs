@@ -19,6 +19,7 @@ use lb_common::{
 };
 
 use crate::{
+    encap,
     flow::{may_record_flow, now_s},
     forward::{self, Hop, fib_next_hop},
     log, maps,
@@ -450,7 +451,7 @@ fn rewrite<O: Observe>(
         } else {
             40
         } + if gue {
-            forward::gue_overhead(pkt.family, c.second != 0)
+            encap::gue_overhead(pkt.family, c.second != 0)
         } else {
             0
         };
@@ -477,9 +478,9 @@ fn rewrite<O: Observe>(
         } else {
             table::probe(&pkt.key).hash
         };
-        if forward::encap(
+        if encap::encap(
             ctx,
-            &forward::Inner::of(pkt),
+            &encap::Inner::of(pkt),
             b,
             settings,
             flow_hash,

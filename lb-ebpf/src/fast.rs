@@ -42,8 +42,9 @@ use network_types::eth::EthHdr;
 
 use crate::{
     dir::{lookup_vip_by, vip_by_id},
+    encap::{self, Inner},
     flow::{may_record_flow, now_s},
-    forward::{self, Hop, Inner},
+    forward::{self, Hop},
     log,
     maps::{SETTINGS, flow_sets},
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
@@ -322,7 +323,7 @@ fn send_to(ctx: &XdpContext, t: &Tuple, h: u32, to: &Target) -> Option<(u32, u32
     if ipip && settings.ipip_mtu != 0 {
         let outer = if t.family == AF_INET { 20 } else { 40 }
             + if gue {
-                forward::gue_overhead(t.family, to.second.is_some())
+                encap::gue_overhead(t.family, to.second.is_some())
             } else {
                 0
             };
@@ -343,7 +344,7 @@ fn send_to(ctx: &XdpContext, t: &Tuple, h: u32, to: &Target) -> Option<(u32, u32
             smac: b.src_mac,
             ifindex: b.ifindex,
         };
-        if forward::encap(ctx, &inner, b, settings, h, &hop, gue, to.second).is_err() {
+        if encap::encap(ctx, &inner, b, settings, h, &hop, gue, to.second).is_err() {
             return Some(fail(verdict::ENCAP_FAILED));
         }
     } else if forward::write_macs(ctx, &b.dst_mac, &b.src_mac).is_err() {

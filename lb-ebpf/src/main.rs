@@ -36,6 +36,7 @@ mod balance;
 mod csum;
 mod decap;
 mod dir;
+mod encap;
 mod fast;
 mod flow;
 mod forward;
