@@ -413,6 +413,28 @@ fn agent_kill_9_and_restart_loses_nothing_and_cli_changes_persist() {
         text.contains("# backend 1") && text.contains("198.18.0.77"),
         "comments kept, change saved:\n{text}"
     );
+
+    // A backend removed from the configuration while no agent ran: the
+    // agent that adopts the datapath forgets it (its entry zeroed), so a
+    // flow that still names it reschedules instead of reaching it.
+    let gone = ids_after
+        .iter()
+        .find(|(a, _)| a == "198.18.0.77")
+        .expect("the added backend's id")
+        .1;
+    let family = |agent: &Agent| pinned_backend(&agent.instance, gone).map(|b| b.family);
+    assert_eq!(family(&agent), Some(lb_common::AF_INET), "live before");
+    agent.kill9();
+    let file = Agent::config_file(&agent.instance, &agent.socket, &d.lb.name, 2);
+    std::fs::write(&agent.config, file.to_toml("test agent")).expect("config");
+    agent.spawn();
+    agent.wait_ready(2);
+    assert_eq!(
+        family(&agent),
+        Some(0),
+        "a backend gone from the configuration is zeroed on adoption:\n{}",
+        agent.log_text()
+    );
 }
 
 /// Least-connections counts are recounted from the connection table every

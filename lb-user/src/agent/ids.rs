@@ -55,6 +55,33 @@ impl State {
         Ok(id)
     }
 
+    /// Forgets every backend an adopted datapath holds that the agent does
+    /// not run (its VIP, or the backend itself, left the configuration
+    /// while no agent ran): its entry zeroed and its id released, so its
+    /// flows reschedule instead of reaching a backend no longer configured
+    /// (a VIP the adopting agent removes is gone from the directory, but
+    /// a removed backend of a VIP that stays would otherwise stay live).
+    pub(super) fn forget_stale_backends(&mut self) -> Result<()> {
+        let running: HashSet<(VipKey, [u8; 16], u32)> = self
+            .vips
+            .iter()
+            .flat_map(|v| {
+                v.backends
+                    .iter()
+                    .map(move |b| (v.key, addr16(b.cfg.address).0, b.id))
+            })
+            .collect();
+        for (k, id) in self.dp.backend_id_entries()? {
+            if k == HIGH_WATER || running.contains(&(k.vip, k.addr, id)) {
+                continue;
+            }
+            self.dp.remove_backend_id(&k)?;
+            self.dp.set_backend(id, &Backend::default())?;
+            tracing::info!(id, "backend no longer configured: forgotten");
+        }
+        Ok(())
+    }
+
     pub(super) fn forget_backend(&mut self, key: &VipKey, addr: IpAddr, id: u32) -> Result<()> {
         let k = BackendIdKey {
             vip: *key,

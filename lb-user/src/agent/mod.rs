@@ -259,6 +259,9 @@ pub async fn run_until(
         state.dp.rebuild_fast_filter()?;
     }
     let spawns = state.reconcile(cfg.clone())?;
+    if adopted {
+        state.forget_stale_backends()?;
+    }
     let mode = cfg.agent.xdp_mode;
     if cfg.agent.next_hop_fib {
         // bpf_fib_lookup refuses ("forwarding disabled") on a host that does

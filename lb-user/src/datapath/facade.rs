@@ -499,6 +499,11 @@ impl<E: BorrowMut<Ebpf>> Dataplane<E> {
         }
     }
 
+    /// Every (key, id) of `BACKEND_IDS`.
+    pub fn backend_id_entries(&mut self) -> Result<Vec<(BackendIdKey, u32)>> {
+        Ok(self.backend_ids()?.iter().filter_map(|r| r.ok()).collect())
+    }
+
     /// Every id some key holds.
     pub fn backend_ids_held(&mut self) -> Result<HashSet<u32>> {
         Ok(self
