@@ -45,6 +45,10 @@ mod dir;
 #[allow(dead_code)]
 #[path = "table.rs"]
 mod table;
+// The established path's header reading, its own code (`cost_est`).
+#[allow(dead_code)]
+#[path = "tuple.rs"]
+mod tuple;
 
 /// What `table.rs` takes from the datapath's scheduler: least-connections
 /// counts, which no tools program keeps.

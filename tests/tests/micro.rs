@@ -625,6 +625,12 @@ fn cases() -> Vec<Case> {
         Case::tools(
             "cost: Maglev scheduling without a VIP lookup (parse, scheduling hash, slot, ring, backend, counter, MACs)",
             "cost_sched",
+            est.clone(),
+            TX,
+        ),
+        Case::tools(
+            "cost: our connection table's part of an established packet (headers, set lookup, backend, counter, MACs)",
+            "cost_est",
             est,
             TX,
         ),

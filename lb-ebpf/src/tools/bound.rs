@@ -1,7 +1,8 @@
 //! The cost programs that bound a whole path rather than price one
 //! primitive: the minimal balancers (`cost_minimal_lb` and its variants),
 //! the least work any balancer with a connection table does per
-//! established packet; a bare encapsulation (`cost_encap`); Maglev
+//! established packet; our connection table's part of an established
+//! packet (`cost_est`); a bare encapsulation (`cost_encap`); Maglev
 //! scheduling without a VIP lookup (`cost_sched`). BENCHMARKS.md's targets
 //! table names them beside a target that lies below them.
 
@@ -9,13 +10,13 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_xdp_adjust_head, macros::xdp, maps::LruHashMap,
     programs::XdpContext,
 };
-use lb_common::{Backend, Flow, Traffic, VipKey};
+use lb_common::{Backend, Flow, Traffic, VipKey, flow_set_base, flow_tag_folded};
 use network_types::eth::EthHdr;
 
 use crate::{
     csum,
-    maps::{COST_BACKENDS, COST_LRU, COST_LRU16, COST_PERCPU, COST_RING, COST_VIPS},
-    parse,
+    maps::{COST_BACKENDS, COST_LRU, COST_LRU16, COST_PERCPU, COST_RING, COST_VIPS, flow_sets},
+    parse, table, tuple,
 };
 
 /// The least a balancer with a connection table does for an established
@@ -127,6 +128,53 @@ pub fn cost_sched(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     }
     count(id, p.ip_len);
+    write_macs(&ctx, b)
+}
+
+/// What an established IPv4 packet costs through our connection table and
+/// nothing else, done the established path's way (`fast.rs`, with its own
+/// code): the headers read into registers (`tuple::read_v4`), the table
+/// hash, the set lookup comparing the slot's words with them
+/// (`table::find`, a hit), the backend its entry names read and checked
+/// live, one per-CPU counter, the backend's MACs, `XDP_TX`. No VIP filter,
+/// no VIP read, no trace check, no settings: a lower bound for our
+/// established path (the established target's). The first repetition
+/// records the flow on backend 1, primes it, and aborts.
+#[xdp]
+pub fn cost_est(ctx: XdpContext) -> u32 {
+    let Ok(p) = parse::ptr_at::<[u8; tuple::V4_MIN]>(&ctx, 0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let Some(t) = tuple::read_v4(&ctx, p as *const u8) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let h = t.table_hash();
+    let base = flow_set_base(h, flow_sets());
+    // (IPv4: the destination folds to its one word.)
+    let tag = flow_tag_folded(h, t.dst[0]);
+    let Some((_, word)) = table::find(base, tag, |k| t.is_key(k)) else {
+        let mut key = core::mem::MaybeUninit::uninit();
+        let key = tuple::KeyWords::fill(&mut key, &t);
+        let f = Flow {
+            backend_id: 1,
+            ..Default::default()
+        };
+        table::insert(base, tag, key.key(), &f);
+        if let Some(x) = COST_BACKENDS.get_ptr_mut(1) {
+            // SAFETY: a map value pointer.
+            unsafe { (*x).family = lb_common::AF_INET };
+        }
+        return xdp_action::XDP_ABORTED;
+    };
+    let id = (word >> 32) as u32;
+    let Some(b) = COST_BACKENDS.get(id & 15) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let b: &Backend = b;
+    if b.family == 0 || b.state == lb_common::BACKEND_DOWN {
+        return xdp_action::XDP_ABORTED;
+    }
+    count(id, t.ip_len);
     write_macs(&ctx, b)
 }
 
