@@ -10,7 +10,7 @@ use network_types::{
 };
 
 use crate::{
-    forward::{Hop, Ipv4Out, grow, put_words, set_macs, write_ipv4},
+    forward::{Hop, Ipv4Out, addr_words, grow, put_words, set_macs, write_ipv4},
     parse::{IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, Packet, ptr_at},
 };
 
@@ -182,21 +182,6 @@ fn write_gue<const HOP: usize>(
         )
     };
     Ok(())
-}
-
-/// The four words of an address, read four bytes at a time.
-#[inline(always)]
-fn addr_words(a: &[u8; 16]) -> [u32; 4] {
-    let p = a.as_ptr() as *const u32;
-    // SAFETY: 16 bytes; misaligned reads are allowed (see `put_words`).
-    unsafe {
-        [
-            p.read_unaligned(),
-            p.add(1).read_unaligned(),
-            p.add(2).read_unaligned(),
-            p.add(3).read_unaligned(),
-        ]
-    }
 }
 
 /// IPv4 in IPv4, followed by `GUE` bytes of UDP and GUE header (0, or

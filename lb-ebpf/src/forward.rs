@@ -139,6 +139,36 @@ pub(crate) unsafe fn put_words<const N: usize>(dst: *mut u8, words: &[u32; N]) {
     }
 }
 
+/// The four words of an address, read four bytes at a time.
+#[inline(always)]
+pub(crate) fn addr_words(a: &[u8; 16]) -> [u32; 4] {
+    let p = a.as_ptr() as *const u32;
+    // SAFETY: 16 bytes; misaligned reads are allowed (see `put_words`).
+    unsafe {
+        [
+            p.read_unaligned(),
+            p.add(1).read_unaligned(),
+            p.add(2).read_unaligned(),
+            p.add(3).read_unaligned(),
+        ]
+    }
+}
+
+/// Writes address `a` over an address field of `N` words at `dst` (1: an
+/// IPv4 field, from `a`'s first four bytes; 4: IPv6), four bytes at a
+/// time: assigned as an array, an address is a load and a store per byte.
+///
+/// # Safety
+/// As [`put_words`], for `4 * N` bytes.
+#[inline(always)]
+pub(crate) unsafe fn put_addr<const N: usize>(dst: *mut u8, a: &[u8; 16]) {
+    let w = addr_words(a);
+    for (i, w) in w.iter().take(N).enumerate() {
+        // SAFETY: within the caller's `4 * N` bytes.
+        unsafe { (dst.add(4 * i) as *mut u32).write_unaligned(*w) };
+    }
+}
+
 #[inline(always)]
 pub(crate) fn grow(ctx: &XdpContext, by: usize) -> Result<(), ()> {
     // SAFETY: the helper only moves ctx->data; every pointer is re-derived

@@ -16,7 +16,7 @@ use network_types::{
 
 use crate::{
     csum,
-    forward::{Ipv4Out, grow, move_l2, write_ipv4, write_macs},
+    forward::{Ipv4Out, grow, move_l2, put_addr, write_ipv4, write_macs},
     parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, Packet, field, ptr_at},
 };
 
@@ -85,8 +85,8 @@ pub(crate) fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<u32, (
             (*ip).payload_len = payload.to_be_bytes();
             (*ip).next_hdr = IPPROTO_ICMPV6;
             (*ip).hop_limit = TTL;
-            (*ip).src_addr = *src;
-            (*ip).dst_addr = *dst;
+            put_addr::<4>((&raw mut (*ip).src_addr).cast(), src);
+            put_addr::<4>((&raw mut (*ip).dst_addr).cast(), dst);
         }
         // Packet too big (2), code 0; the checksum covers the pseudo-header
         // (addresses, length, next header) as well.

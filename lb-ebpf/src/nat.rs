@@ -32,6 +32,7 @@ use network_types::{
 use crate::{
     csum::{apply, delta, delta_ports, delta4},
     flow::now_s,
+    forward::put_addr,
     maps::{NAT, NAT_ADDRS, NAT_CURSOR, NAT_SCRATCH},
     parse::{IPPROTO_TCP, IPPROTO_UDP, Packet, TCP_FIN, TCP_RST, field, ptr_at},
     signal,
@@ -280,8 +281,8 @@ pub(crate) fn rewrite(
         // SAFETY: ptr_at checked the bounds of the whole header.
         unsafe {
             let ihl = (((*ip).vihl & 0x0f) as usize) * 4;
-            (*ip).src_addr = [src[0], src[1], src[2], src[3]];
-            (*ip).dst_addr = [dst[0], dst[1], dst[2], dst[3]];
+            put_addr::<1>((&raw mut (*ip).src_addr).cast(), src);
+            put_addr::<1>((&raw mut (*ip).dst_addr).cast(), dst);
             (*ip).check = apply((*ip).check, d_addr);
             l3_off + ihl
         }
@@ -289,8 +290,8 @@ pub(crate) fn rewrite(
         let ip: *mut Ipv6Hdr = ptr_at(ctx, l3_off)?;
         // SAFETY: as above.
         unsafe {
-            (*ip).src_addr = *src;
-            (*ip).dst_addr = *dst;
+            put_addr::<4>((&raw mut (*ip).src_addr).cast(), src);
+            put_addr::<4>((&raw mut (*ip).dst_addr).cast(), dst);
         }
         l3_off + Ipv6Hdr::LEN
     };
@@ -423,12 +424,12 @@ fn translate_icmp(
                 return Err(());
             }
             let d_outer = delta4((*ip).src_addr, outer.0) + delta4((*ip).dst_addr, outer.1);
-            (*ip).src_addr = [outer.0[0], outer.0[1], outer.0[2], outer.0[3]];
-            (*ip).dst_addr = [outer.1[0], outer.1[1], outer.1[2], outer.1[3]];
+            put_addr::<1>((&raw mut (*ip).src_addr).cast(), outer.0);
+            put_addr::<1>((&raw mut (*ip).dst_addr).cast(), outer.1);
             (*ip).check = apply((*ip).check, d_outer);
             let d_inner = delta4((*inner).src_addr, from.0) + delta4((*inner).dst_addr, to.0);
-            (*inner).src_addr = [from.0[0], from.0[1], from.0[2], from.0[3]];
-            (*inner).dst_addr = [to.0[0], to.0[1], to.0[2], to.0[3]];
+            put_addr::<1>((&raw mut (*inner).src_addr).cast(), from.0);
+            put_addr::<1>((&raw mut (*inner).dst_addr).cast(), to.0);
             let old_check = u16::from_be_bytes((*inner).check);
             (*inner).check = apply((*inner).check, d_inner);
             let new_check = u16::from_be_bytes((*inner).check);

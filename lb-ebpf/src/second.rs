@@ -410,8 +410,8 @@ fn forward_v6(ctx: &XdpContext, ingress: u32, l3: usize, l2: [u8; 6]) -> Result<
         (*out).payload_len = payload.to_be_bytes();
         (*out).next_hdr = IPPROTO_UDP;
         (*out).hop_limit = hops - 1;
-        (*out).src_addr = src;
-        (*out).dst_addr = hop;
+        forward::put_addr::<4>((&raw mut (*out).src_addr).cast(), &src);
+        forward::put_addr::<4>((&raw mut (*out).dst_addr).cast(), &hop);
     }
     write_udp_gue(ctx, l3 + Ipv6Hdr::LEN, udp, payload)?;
     Ok(Some(send(ingress, ifindex)))
