@@ -290,12 +290,14 @@ fn setup(f: &mut Fixture) {
             nat_port_lo: NAT_PORT,
             nat_port_hi: NAT_PORT,
             nat_v4_count: 1,
+            nat_v6_count: 1,
             nat_cpus: 1,
             gue_port: lb_common::DEFAULT_GUE_PORT,
             ..Default::default()
         })
         .expect("settings");
-        dp.set_nat_addrs(&[v4(NAT_ADDR)], &[]).expect("NAT address");
+        dp.set_nat_addrs(&[v4(NAT_ADDR)], &[nat6_addr()])
+            .expect("NAT addresses");
     }
     f.add_vip(&VipSpec {
         key: k4(87),
@@ -305,10 +307,20 @@ fn setup(f: &mut Fixture) {
         backends: b4(1),
     })
     .expect("NAT VIP");
+    f.add_vip(&VipSpec {
+        key: k6(87),
+        vip_id: 12,
+        flags: lb_common::VIP_F_NAT,
+        ring_size: 65537,
+        backends: b6(1),
+    })
+    .expect("IPv6 NAT VIP");
     // Prime the connection table so the established cases are established.
     f.run(&established()).expect("prime");
     let r = f.run(&nat_established()).expect("prime NAT");
     assert_eq!(r.action, lb_tests::action::TX, "the NAT flow starts");
+    let r = f.run(&nat6_established()).expect("prime IPv6 NAT");
+    assert_eq!(r.action, lb_tests::action::TX, "the IPv6 NAT flow starts");
     f.run(&tcp4(CLIENT, VIP4, 40000, 86, &[0; 10]))
         .expect("prime");
 }
@@ -333,6 +345,33 @@ fn nat_established() -> Vec<u8> {
 /// NAT source).
 fn nat_reply() -> Vec<u8> {
     tcp4([198, 18, 2, 1], NAT_ADDR, 87, NAT_PORT, &[0; 10])
+}
+
+/// The IPv6 NAT VIP's NAT source address (port: `NAT_PORT`).
+fn nat6_addr() -> [u8; 16] {
+    v6("2001:2:20::2".parse().unwrap())
+}
+
+/// A packet of an established flow of the IPv6 NAT VIP ([2001:2::100]:87).
+fn nat6_established() -> Vec<u8> {
+    tcp6(
+        v6("2001:2:1::1".parse().unwrap()),
+        v6("2001:2::100".parse().unwrap()),
+        40000,
+        87,
+        &[0; 10],
+    )
+}
+
+/// Its backend's reply ([2001:2:2::1]:87, to the flow's NAT source).
+fn nat6_reply() -> Vec<u8> {
+    tcp6(
+        v6("2001:2:2::1".parse().unwrap()),
+        nat6_addr(),
+        87,
+        NAT_PORT,
+        &[0; 10],
+    )
 }
 
 /// The datapath-cost issue's target for a case, as a multiple of the
@@ -487,6 +526,16 @@ fn cases() -> Vec<Case> {
         restored(
             "NAT reply IPv4 TCP (via bench_restore)",
             nat_reply(),
+            verdict::NAT_REPLY,
+        ),
+        restored(
+            "established IPv6 TCP full NAT (via bench_restore)",
+            nat6_established(),
+            verdict::TX,
+        ),
+        restored(
+            "NAT reply IPv6 TCP (via bench_restore)",
+            nat6_reply(),
             verdict::NAT_REPLY,
         ),
         Case::lb(
