@@ -11,7 +11,7 @@ use network_types::{
 
 use crate::{
     forward::{Hop, Ipv4Out, addr_words, grow, put_words, set_macs, write_ipv4},
-    parse::{IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, Packet, ptr_at},
+    parse::{IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, Packet, fixed_l3_off, ptr_at},
 };
 
 const ENCAP_TTL: u8 = 64;
@@ -184,6 +184,17 @@ fn write_gue<const HOP: usize>(
     Ok(())
 }
 
+/// Room for an outer header of `by` bytes between the Ethernet header and
+/// the packet at `l3_off`: the L2 tail read (see [`L2Tail`]), the head
+/// grown, the next hop's MACs and the tail written in front of it.
+#[inline(always)]
+fn open_outer(ctx: &XdpContext, l3_off: usize, by: usize, hop: &Hop) -> Result<(), ()> {
+    let l2 = L2Tail::read(ctx, l3_off)?;
+    grow(ctx, by)?;
+    set_macs(ctx, hop)?;
+    l2.write(ctx)
+}
+
 /// IPv4 in IPv4, followed by `GUE` bytes of UDP and GUE header (0, or
 /// `GUE_OVERHEAD` and `HOP` bytes naming `second`).
 #[inline(always)]
@@ -196,21 +207,12 @@ fn encap_v4<const GUE: usize, const HOP: usize>(
     hop: &Hop,
     second: &[u8; 16],
 ) -> Result<(), ()> {
-    // Same value as pkt.l3_off, spelled as one of two constants so the
-    // verifier sees fixed offsets after adjust_head.
-    let l3_off = if pkt.l3_off > EthHdr::LEN {
-        18
-    } else {
-        EthHdr::LEN
-    };
+    let l3_off = fixed_l3_off(pkt.l3_off);
     // The inner TOS is copied to the outer header (before the head moves).
     let inner: *const Ipv4Hdr = ptr_at(ctx, l3_off)?;
     // SAFETY: ptr_at checked the bounds.
     let tos = unsafe { (*inner).tos };
-    let l2 = L2Tail::read(ctx, l3_off)?;
-    grow(ctx, Ipv4Hdr::LEN + GUE)?;
-    set_macs(ctx, hop)?;
-    l2.write(ctx)?;
+    open_outer(ctx, l3_off, Ipv4Hdr::LEN + GUE, hop)?;
 
     let tot_len = pkt.ip_len + (Ipv4Hdr::LEN + GUE) as u16;
     let proto = if GUE > 0 { IPPROTO_UDP } else { IPPROTO_IPIP };
@@ -259,18 +261,11 @@ fn encap_v6<const GUE: usize, const HOP: usize>(
     hop: &Hop,
     second: &[u8; 16],
 ) -> Result<(), ()> {
-    let l3_off = if pkt.l3_off > EthHdr::LEN {
-        18
-    } else {
-        EthHdr::LEN
-    };
+    let l3_off = fixed_l3_off(pkt.l3_off);
     let inner: *const [u8; 2] = ptr_at(ctx, l3_off)?;
     // SAFETY: ptr_at checked the bounds. Traffic class spans both bytes.
     let tc_bytes = unsafe { *inner };
-    let l2 = L2Tail::read(ctx, l3_off)?;
-    grow(ctx, Ipv6Hdr::LEN + GUE)?;
-    set_macs(ctx, hop)?;
-    l2.write(ctx)?;
+    open_outer(ctx, l3_off, Ipv6Hdr::LEN + GUE, hop)?;
 
     // The source: the configured address with the flow hash in its last
     // word.

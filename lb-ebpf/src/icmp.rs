@@ -17,7 +17,7 @@ use network_types::{
 use crate::{
     csum,
     forward::{Ipv4Out, grow, move_l2, put_addr, write_ipv4, write_macs},
-    parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, Packet, field, ptr_at},
+    parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, Packet, field, fixed_l3_off, ptr_at},
 };
 
 /// An ICMP error's own header.
@@ -33,12 +33,7 @@ const TTL: u8 = 64;
 /// measure (the path MTU less the outer header).
 #[inline(always)]
 pub(crate) fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<u32, ()> {
-    // One of two constants, so offsets stay fixed after the head moves.
-    let l3_off = if pkt.l3_off > EthHdr::LEN {
-        18
-    } else {
-        EthHdr::LEN
-    };
+    let l3_off = fixed_l3_off(pkt.l3_off);
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: ptr_at checked the bounds.
     let (client_mac, our_mac) = unsafe { ((*eth).src_addr, (*eth).dst_addr) };

@@ -34,7 +34,7 @@ use crate::{
     flow::now_s,
     forward::put_addr,
     maps::{NAT, NAT_ADDRS, NAT_CURSOR, NAT_SCRATCH},
-    parse::{IPPROTO_TCP, IPPROTO_UDP, Packet, TCP_FIN, TCP_RST, field, ptr_at},
+    parse::{IPPROTO_TCP, IPPROTO_UDP, Packet, TCP_FIN, TCP_RST, field, fixed_l3_off, ptr_at},
     signal,
 };
 
@@ -406,11 +406,7 @@ fn translate_icmp(
     from: (&[u8; 16], u16),
     to: (&[u8; 16], u16),
 ) -> Result<(), ()> {
-    let l3 = if pkt.l3_off > EthHdr::LEN {
-        18
-    } else {
-        EthHdr::LEN
-    };
+    let l3 = fixed_l3_off(pkt.l3_off);
     if pkt.family == AF_INET {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, l3)?;
         let icmp = l3 + Ipv4Hdr::LEN;

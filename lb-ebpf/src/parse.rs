@@ -381,6 +381,18 @@ pub struct Tunnel {
     pub hop_len: usize,
 }
 
+/// The L3 offset (14, or 18 behind a VLAN tag) spelled as one of its two
+/// constants, so that the verifier sees fixed offsets after the head moves
+/// (`bpf_xdp_adjust_head`) or the value went through the stack.
+#[inline(always)]
+pub(crate) fn fixed_l3_off(l3_off: usize) -> usize {
+    if l3_off > EthHdr::LEN {
+        18
+    } else {
+        EthHdr::LEN
+    }
+}
+
 /// Recognises a tunnelled packet: outer IPv4 without options, not a
 /// fragment, carrying protocol 4 (or GUE), or outer IPv6 whose next header
 /// is 41 (or GUE). `Ok(None)` for
@@ -388,11 +400,7 @@ pub struct Tunnel {
 #[inline(always)]
 pub fn tunnel(ctx: &XdpContext, gue_port: u16) -> Result<Option<Tunnel>, ()> {
     let (ether_type, l3_off) = parse_l2(ctx).map_err(|_| ())?;
-    let l3 = if l3_off > EthHdr::LEN {
-        18
-    } else {
-        EthHdr::LEN
-    };
+    let l3 = fixed_l3_off(l3_off);
     match ether_type {
         ETH_P_IP => {
             let ip: *const Ipv4Hdr = ptr_at(ctx, l3)?;
