@@ -90,9 +90,6 @@ pub struct Record {
     pub kept: String,
 }
 
-/// The A/B history the tool writes: one JSON object per line.
-pub const HISTORY_JSONL: &str = "report/ab-history.jsonl";
-
 /// The short commit `rev` names (and "+changes" for a dirty working tree
 /// when `rev` is `HEAD` of the tree B is).
 fn short(root: &Path, rev: &str, dirty_mark: bool) -> String {
@@ -111,7 +108,7 @@ fn short(root: &Path, rev: &str, dirty_mark: bool) -> String {
     if dirty { format!("{c}+changes") } else { c }
 }
 
-/// Appends a run to the history (see [`HISTORY_JSONL`]).
+/// Appends a run to the history (see `bench::HISTORY_JSONL`).
 fn append_history(
     root: &Path,
     rev: &str,
@@ -134,7 +131,7 @@ fn append_history(
         "kept": rec.kept,
         "cases": rows,
     });
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(HISTORY_JSONL);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(crate::bench::HISTORY_JSONL);
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -146,36 +143,6 @@ fn append_history(
         path.display()
     ));
     Ok(())
-}
-
-/// A history row (Markdown) for one recorded run: every case's B/A, the
-/// median of its per-pair ratios with their range.
-pub fn history_row(e: &Value) -> String {
-    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
-    let cases: Vec<String> = e["cases"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|c| {
-            format!(
-                "{} {:.2} ({:.2}–{:.2})",
-                c["case"].as_str().unwrap_or("?"),
-                f(&c["pair_median"]),
-                f(&c["pair_min"]),
-                f(&c["pair_max"])
-            )
-        })
-        .collect();
-    format!(
-        "| {} | {} | {} | recorded by the tool: B = {} against A = {} ({} pairs): {} |",
-        e["date"].as_str().unwrap_or("?"),
-        e["change"].as_str().unwrap_or("?").replace('|', "\\|"),
-        e["kept"].as_str().unwrap_or("?"),
-        e["b"].as_str().unwrap_or("?"),
-        e["a"].as_str().unwrap_or("?"),
-        e["pairs"],
-        cases.join("; ")
-    )
 }
 
 pub fn against(

@@ -16,6 +16,8 @@ use crate::{apt_install, have, run, step};
 mod chart;
 mod report;
 
+pub(crate) use report::HISTORY_JSONL;
+
 use chart::chart;
 use report::{markdown, micro_table};
 

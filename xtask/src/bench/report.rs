@@ -337,10 +337,9 @@ pub(super) fn markdown(r: &Value) -> String {
     if let Ok(h) =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("report/ab-history.md"))
     {
-        let recorded = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join(crate::ab::HISTORY_JSONL),
-        )
-        .unwrap_or_default();
+        let recorded =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(HISTORY_JSONL))
+                .unwrap_or_default();
         o.push('\n');
         o.push_str(&with_recorded_rows(&h, &recorded));
     }
@@ -354,7 +353,7 @@ pub(super) fn with_recorded_rows(md: &str, jsonl: &str) -> String {
     let rows: Vec<String> = jsonl
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .map(|e| crate::ab::history_row(&e))
+        .map(|e| history_row(&e))
         .collect();
     let lines: Vec<&str> = md.lines().collect();
     let Some(last) = lines.iter().rposition(|l| l.starts_with('|')) else {
@@ -859,4 +858,38 @@ fn ring_change_row(r: &Value, second_chance: bool) -> Option<&Value> {
         .as_array()?
         .iter()
         .find(|row| row["second_chance"].as_bool() == Some(second_chance))
+}
+
+/// The A/B history `cargo xtask bench micro --against --record` writes:
+/// one JSON object per line (here, where its rows are rendered).
+pub(crate) const HISTORY_JSONL: &str = "report/ab-history.jsonl";
+
+/// A history row (Markdown) for one recorded run: every case's B/A, the
+/// median of its per-pair ratios with their range.
+pub(crate) fn history_row(e: &Value) -> String {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let cases: Vec<String> = e["cases"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            format!(
+                "{} {:.2} ({:.2}–{:.2})",
+                c["case"].as_str().unwrap_or("?"),
+                f(&c["pair_median"]),
+                f(&c["pair_min"]),
+                f(&c["pair_max"])
+            )
+        })
+        .collect();
+    format!(
+        "| {} | {} | {} | recorded by the tool: B = {} against A = {} ({} pairs): {} |",
+        e["date"].as_str().unwrap_or("?"),
+        e["change"].as_str().unwrap_or("?").replace('|', "\\|"),
+        e["kept"].as_str().unwrap_or("?"),
+        e["b"].as_str().unwrap_or("?"),
+        e["a"].as_str().unwrap_or("?"),
+        e["pairs"],
+        cases.join("; ")
+    )
 }
